@@ -1,0 +1,155 @@
+"""torch.export of model + loss -> core ATen graph -> edgetune IR (the forward graph).
+
+Parameters, buffers, inputs and targets become `input` nodes (attrs["kind"] says which).
+The graph's outputs are the loss (`"loss"`) and the new value of every buffer the step
+mutates (`"buffer:<name>"`, e.g. BatchNorm running statistics in train mode).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+
+from edgetune.ir.builder import Builder
+from edgetune.ir.graph import Graph, Node
+from edgetune.ir.ops import ATEN
+
+_PREFIX = "model."
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An ATen op (or a variant of one) that edgetune cannot compile."""
+
+
+@dataclass
+class ForwardGraph:
+    graph: Graph
+    params: dict[str, Node]  # parameter name (as model.named_parameters) -> input node
+    buffers: dict[str, Node]
+    inputs: list[Node]
+    targets: list[Node]
+
+
+class _WithLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.n_inputs = model, loss_fn, n_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(*args[: self.n_inputs]), *args[self.n_inputs:])
+
+
+def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> ForwardGraph:
+    """Trace model + loss once, in the module's current train()/eval() mode."""
+    wrapped = _WithLoss(model, loss_fn, len(inputs))
+    program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
+    program = program.run_decompositions()
+    return _Converter(program, len(inputs), _device_of(inputs)).run()
+
+
+def _device_of(inputs: tuple) -> torch.device:
+    return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+class _Converter:
+    def __init__(self, program: Any, n_inputs: int, device: torch.device) -> None:
+        self.program, self.n_inputs = program, n_inputs
+        self.b = Builder()
+        self.b.device = device
+        self.env: dict[Any, Any] = {}
+        self.params: dict[str, Node] = {}
+        self.buffers: dict[str, Node] = {}
+        self.user: list[Node] = []
+
+    def run(self) -> ForwardGraph:
+        outputs: dict[str, Node] = {}
+        for fx in self.program.graph.nodes:
+            if fx.op == "placeholder":
+                self.env[fx] = self._placeholder(fx)
+            elif fx.op == "call_function":
+                self.env[fx] = self._call(fx)
+            elif fx.op == "output":
+                outputs = self._outputs(fx)
+        ins = self.user[: self.n_inputs]
+        graph = self.b.graph(outputs)
+        return ForwardGraph(graph, self.params, self.buffers, ins, self.user[self.n_inputs:])
+
+    def _placeholder(self, fx: Any) -> Node:
+        spec = next(s for s in self.program.graph_signature.input_specs if s.arg.name == fx.name)
+        val = fx.meta["val"]
+        target = (spec.target or fx.name).removeprefix(_PREFIX)
+        if spec.kind == InputKind.PARAMETER:
+            node = self.params[target] = self.b.input(target, val.shape, val.dtype, kind="param", target=target)
+        elif spec.kind == InputKind.BUFFER:
+            node = self.buffers[target] = self.b.input(target, val.shape, val.dtype, kind="buffer", target=target)
+        elif spec.kind == InputKind.USER_INPUT:
+            kind = "input" if len(self.user) < self.n_inputs else "target"
+            node = self.b.input(fx.name, val.shape, val.dtype, kind=kind, index=len(self.user))
+            self.user.append(node)
+        else:
+            raise UnsupportedOpError(f"model input {fx.name!r} of kind {spec.kind.name}: constants and "
+                                     "lifted tensors are not supported; register them as buffers")
+        return node
+
+    def _call(self, fx: Any) -> Any:
+        args = _map(fx.args, self.env)
+        if fx.target is operator.getitem:
+            value = args[0][args[1]]
+            if value is None:
+                raise UnsupportedOpError(f"output {args[1]} of {fx.args[0].target} {self._where(fx)} is not supported")
+            return value
+        convert = ATEN.get(fx.target)
+        if convert is None:
+            raise UnsupportedOpError(f"unsupported op {fx.target} {self._where(fx)}; edgetune compiles the ops "
+                                     "registered in edgetune/ir/ops")
+        self.b.meta = self._module_meta(fx)
+        try:
+            return convert(self.b, *args, **_map(fx.kwargs, self.env))
+        except NotImplementedError as err:
+            raise UnsupportedOpError(f"unsupported: {err} in op {fx.target} {self._where(fx)}") from err
+
+    def _module_meta(self, fx: Any) -> dict:
+        stack = fx.meta.get("nn_module_stack") or {}
+        if not stack:
+            return {}
+        path, cls = list(stack.values())[-1]
+        module = {"": "<loss>", "model": "<model>"}.get(path, path.removeprefix(_PREFIX))
+        return {"module": module, "module_type": getattr(cls, "__name__", str(cls).split(".")[-1].strip("'>"))}
+
+    def _where(self, fx: Any) -> str:
+        meta = self._module_meta(fx)
+        if not meta:
+            return "(in the loss function)"
+        return f"(from module '{meta['module']}' ({meta['module_type']}))"
+
+    def _outputs(self, fx: Any) -> dict[str, Node]:
+        outputs: dict[str, Node] = {}
+        for spec, arg in zip(self.program.graph_signature.output_specs, fx.args[0]):
+            value = self.env[arg]
+            if spec.kind == OutputKind.USER_OUTPUT:
+                outputs["loss"] = _check_loss(value)
+            elif spec.kind == OutputKind.BUFFER_MUTATION:
+                outputs["buffer:" + spec.target.removeprefix(_PREFIX)] = value
+            else:
+                raise UnsupportedOpError(f"model output of kind {spec.kind.name} is not supported")
+        return outputs
+
+
+def _check_loss(value: Any) -> Node:
+    if not isinstance(value, Node) or value.shape != () or not value.is_float:
+        raise ValueError(f"loss_fn must return a scalar floating-point tensor, got {value!r}"
+                         f" of shape {getattr(value, 'shape', None)}")
+    return value
+
+
+def _map(obj: Any, env: dict) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(o, env) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, env) for k, v in obj.items()}
+    if isinstance(obj, torch.fx.Node):
+        return env[obj]
+    return obj

@@ -1,0 +1,143 @@
+"""The IR: one Node type, a Graph of them in SSA order, a printer and a verifier.
+
+Every value in edgetune -- a forward activation, a gradient, an optimizer update -- is a
+Node. A Node produces at most one tensor; ops with side effects (parameter updates) produce
+none and are kept alive by the `effect` flag of their op. Passes never mutate a Graph's
+node list in place: they build and return a new Graph.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(eq=False)
+class Node:
+    """One SSA value: `op` applied to `inputs` with `attrs`, of a known shape and dtype."""
+
+    op: str
+    inputs: tuple["Node", ...]
+    attrs: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)  # source module, role, ...
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * _itemsize(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Graph:
+    """Nodes in a valid execution order, plus the named values the step returns."""
+
+    nodes: list[Node]
+    outputs: dict[str, Node]
+
+    @property
+    def inputs(self) -> list[Node]:
+        return [n for n in self.nodes if n.op == "input"]
+
+    def users(self) -> dict[Node, list[Node]]:
+        users: dict[Node, list[Node]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i].append(n)
+        return users
+
+    def __str__(self) -> str:
+        return format_graph(self)
+
+
+def format_graph(graph: Graph, mark: Node | None = None) -> str:
+    """Readable text, one node a line: `%y = conv2d(%x, %w) stride=(1, 1) :: f32[8,16,4,4]`."""
+    lines = []
+    for n in graph.nodes:
+        lines.append(("-> " if n is mark else "   ") + format_node(n))
+    lines.append("   return " + ", ".join(f"{k}={v!r}" for k, v in graph.outputs.items()))
+    return "\n".join(lines)
+
+
+def format_node(n: Node) -> str:
+    args = ", ".join(repr(i) for i in n.inputs)
+    attrs = " ".join(f"{k}={_short(v)}" for k, v in n.attrs.items())
+    dtype = str(n.dtype).replace("torch.", "")
+    where = f"  # {n.meta['module']}" if n.meta.get("module") else ""
+    lhs = f"{n!r} = " if n.shape is not None else ""
+    return f"{lhs}{n.op}({args}) {attrs} :: {dtype}{list(n.shape)}{where}".replace(" ) ", ") ")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return repr(v.item()) if v.numel() == 1 else f"tensor{list(v.shape)}"
+    return repr(v)
+
+
+class GraphError(Exception):
+    """A broken graph invariant; the message shows the graph around the faulty node."""
+
+
+def checks_enabled() -> bool:
+    return os.environ.get("EDGETUNE_CHECK", "0") not in ("", "0")
+
+
+def verify(graph: Graph, where: str = "") -> Graph:
+    """Check SSA order, unique names, effect ordering; raise GraphError showing the fault."""
+    seen: set[Node] = set()
+    names: set[str] = set()
+    for n in graph.nodes:
+        for i in n.inputs:
+            if i not in seen:
+                _fail(graph, n, f"input {i!r} is used before it is defined", where)
+        if n.name in names:
+            _fail(graph, n, f"name {n.name!r} is defined twice", where)
+        seen.add(n)
+        names.add(n.name)
+    for key, out in graph.outputs.items():
+        if out not in seen:
+            _fail(graph, None, f"output {key!r} is not a node of the graph", where)
+    _verify_updates_last(graph, where)
+    return graph
+
+
+def _verify_updates_last(graph: Graph, where: str) -> None:
+    """An in-place update must come after every other reader of the tensor it mutates."""
+    from edgetune.ir.ops import mutated_inputs
+
+    updated_at: dict[Node, int] = {}
+    for pos, n in enumerate(graph.nodes):
+        for i in n.inputs:
+            if i in updated_at and updated_at[i] < pos:
+                _fail(graph, n, f"reads {i!r} after its in-place update", where)
+        for k in mutated_inputs(n):
+            updated_at[n.inputs[k]] = pos
+
+
+def _fail(graph: Graph, node: Node | None, msg: str, where: str) -> None:
+    at = f" after pass '{where}'" if where else ""
+    text = format_graph(graph, mark=node)
+    raise GraphError(f"invalid graph{at}: {node!r}: {msg}\n{_around(text, node)}")
+
+
+def _around(text: str, node: Node | None, radius: int = 8) -> str:
+    lines = text.splitlines()
+    idx = next((k for k, line in enumerate(lines) if line.startswith("->")), len(lines) - 1)
+    return "\n".join(lines[max(0, idx - radius): idx + radius + 1])

@@ -1,0 +1,369 @@
+"""Elementwise arithmetic, activations, comparisons, reductions, softmax, creation ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.ir.ops import aten, register
+
+A = torch.ops.aten
+
+
+def _scalar(b, x, value):
+    """A Python scalar operand becomes a 0-d const, which broadcasts without promoting."""
+    return value if not isinstance(value, (int, float, bool)) else b.const(value)
+
+
+# -- binary arithmetic ----------------------------------------------------------------------
+
+def _add_vjp(b, n, g, want):
+    x, y = n.inputs
+    return (b.sum_to(g, x.shape) if want[0] else None, b.sum_to(g, y.shape) if want[1] else None)
+
+
+def _sub_vjp(b, n, g, want):
+    x, y = n.inputs
+    gy = b.sum_to(b.emit("neg", g), y.shape) if want[1] else None
+    return (b.sum_to(g, x.shape) if want[0] else None, gy)
+
+
+def _mul_vjp(b, n, g, want):
+    x, y = n.inputs
+    gx = b.sum_to(b.emit("mul", g, y), x.shape) if want[0] else None
+    gy = b.sum_to(b.emit("mul", g, x), y.shape) if want[1] else None
+    return gx, gy
+
+
+def _div_vjp(b, n, g, want):
+    x, y = n.inputs
+    gx = b.sum_to(b.emit("div", g, y), x.shape) if want[0] else None
+    gy = b.sum_to(b.emit("div_grad_rhs", g, x, y), y.shape) if want[1] else None
+    return gx, gy
+
+
+register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,))
+register("add", torch.add, _add_vjp)
+register("sub", torch.sub, _sub_vjp)
+register("mul", torch.mul, _mul_vjp)
+register("div", torch.div, _div_vjp)
+register("div_grad_rhs", lambda g, x, y: -g * x / (y * y))
+
+
+@aten(A.add.Tensor, A.add.Scalar)
+def _(b, x, y, alpha=1):
+    y = _scalar(b, x, y)
+    if alpha != 1:
+        y = b.emit("mul", y, b.const(alpha))
+    return b.emit("add", x, y)
+
+
+@aten(A.sub.Tensor, A.sub.Scalar)
+def _(b, x, y, alpha=1):
+    y = _scalar(b, x, y)
+    if alpha != 1:
+        y = b.emit("mul", y, b.const(alpha))
+    return b.emit("sub", x, y)
+
+
+@aten(A.rsub.Scalar, A.rsub.Tensor)
+def _(b, x, y, alpha=1):
+    return b.emit("sub", _scalar(b, x, y), x if alpha == 1 else b.emit("mul", x, b.const(alpha)))
+
+
+@aten(A.mul.Tensor, A.mul.Scalar)
+def _(b, x, y):
+    return b.emit("mul", x, _scalar(b, x, y))
+
+
+@aten(A.div.Tensor, A.div.Scalar)
+def _(b, x, y):
+    return b.emit("div", x, _scalar(b, x, y))
+
+
+# -- unary math -----------------------------------------------------------------------------
+
+def _unary(name, kernel, grad_kernel=None, uses="x"):
+    """An elementwise op whose gradient is `grad_kernel(g, x or y)`, registered as `name_grad`."""
+
+    def vjp(b, n, g, want):
+        saved = n.inputs[0] if uses == "x" else n
+        return (b.emit(f"{name}_grad", g, saved, **n.attrs) if want[0] else None,)
+
+    register(name, kernel, vjp if grad_kernel else None)
+    if grad_kernel:
+        register(f"{name}_grad", grad_kernel)
+
+
+_unary("exp", torch.exp, lambda g, y: g * y, uses="y")
+_unary("log", torch.log, lambda g, x: g / x)
+_unary("sqrt", torch.sqrt, lambda g, y: g / (2 * y), uses="y")
+_unary("rsqrt", torch.rsqrt, lambda g, y: -0.5 * g * y * y * y, uses="y")
+_unary("reciprocal", torch.reciprocal, lambda g, y: -g * y * y, uses="y")
+_unary("abs", torch.abs, lambda g, x: g * torch.sgn(x))
+_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y")
+_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y")
+_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y")
+_unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x))
+_unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x))
+_unary("gelu", lambda x, approximate: A.gelu(x, approximate=approximate),
+       lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate))
+_unary("pow", lambda x, exponent: torch.pow(x, exponent),
+       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1))
+# hardtanh's gradient vanishes at the bounds; the output carries the same information.
+_unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
+       lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y")
+_unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
+       lambda g, x, min, max: g * _inside(x, min, max))
+
+
+def _inside(x, lo, hi):
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep = keep if lo is None else keep & (x >= lo)
+    return keep if hi is None else keep & (x <= hi)
+
+
+OPS_SIMPLE = {A.neg.default: "neg", A.exp.default: "exp", A.log.default: "log", A.sqrt.default: "sqrt",
+              A.rsqrt.default: "rsqrt", A.reciprocal.default: "reciprocal", A.abs.default: "abs",
+              A.relu.default: "relu", A.sigmoid.default: "sigmoid", A.tanh.default: "tanh",
+              A.silu.default: "silu", A.hardswish.default: "hardswish"}
+for _ov, _name in OPS_SIMPLE.items():
+    aten(_ov)(lambda b, x, _name=_name: b.emit(_name, x))
+
+
+@aten(A.gelu.default)
+def _(b, x, approximate="none"):
+    return b.emit("gelu", x, approximate=approximate)
+
+
+@aten(A.pow.Tensor_Scalar)
+def _(b, x, exponent):
+    return b.emit("pow", x, exponent=exponent)
+
+
+@aten(A.hardtanh.default)
+def _(b, x, min_val=-1.0, max_val=1.0):
+    return b.emit("hardtanh", x, min=min_val, max=max_val)
+
+
+@aten(A.clamp.default)
+def _(b, x, min=None, max=None):
+    return b.emit("clamp", x, min=min, max=max)
+
+
+# -- comparisons and selection (no gradient through the condition) ------------------------
+
+for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
+    register(_cmp, getattr(torch, _cmp))
+    for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
+        aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, x, _scalar(b, x, y)))
+register("logical_not", torch.logical_not)
+register("logical_and", torch.logical_and)
+register("logical_or", torch.logical_or)
+aten(A.logical_not.default)(lambda b, x: b.emit("logical_not", x))
+aten(A.logical_and.default)(lambda b, x, y: b.emit("logical_and", x, y))
+aten(A.logical_or.default)(lambda b, x, y: b.emit("logical_or", x, y))
+register("bitwise_not", torch.bitwise_not)
+aten(A.bitwise_not.default)(lambda b, x: b.emit("bitwise_not", x))
+
+
+def _where_vjp(b, n, g, want):
+    cond, x, y = n.inputs
+    zero = b.const(0.0, dtype=g.dtype)
+    gx = b.sum_to(b.emit("where", cond, g, zero), x.shape) if want[1] else None
+    gy = b.sum_to(b.emit("where", cond, zero, g), y.shape) if want[2] else None
+    return None, gx, gy
+
+
+register("where", torch.where, _where_vjp)
+
+
+@aten(A.where.self, A.where.ScalarSelf, A.where.ScalarOther, A.where.Scalar)
+def _(b, cond, x, y):
+    return b.emit("where", cond, _scalar(b, None, x), _scalar(b, None, y))
+
+
+@aten(A.masked_fill.Scalar, A.masked_fill.Tensor)
+def _(b, x, mask, value):
+    return b.emit("where", mask, _scalar(b, None, value), x)
+
+
+def _cast_vjp(b, n, g, want):
+    x = n.inputs[0]
+    return (b.emit("cast", g, dtype=x.dtype) if want[0] and x.is_float else None,)
+
+
+register("cast", lambda x, dtype: x.to(dtype), _cast_vjp)
+
+
+@aten(A._to_copy.default)
+def _(b, x, dtype=None, **_):
+    return x if dtype is None or dtype == x.dtype else b.emit("cast", x, dtype=dtype)
+
+
+aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default, A.detach.default)(lambda b, x, **_: x)
+
+
+# -- reductions -----------------------------------------------------------------------------
+
+def _dims(shape, dims):
+    if dims is None or len(dims) == 0:
+        return tuple(range(len(shape)))
+    return tuple(sorted(d % len(shape) for d in dims))
+
+
+def _kept_shape(shape, dims):
+    return tuple(1 if i in dims else s for i, s in enumerate(shape))
+
+
+def _expand_back(b, g, x, dims, keepdim):
+    """Gradient of a reduction over `dims`: reshape with unit dims, broadcast to x."""
+    if not keepdim:
+        g = b.emit("reshape", g, shape=_kept_shape(x.shape, dims))
+    return b.emit("expand", g, size=tuple(x.shape))
+
+
+def _sum_vjp(b, n, g, want):
+    x = n.inputs[0]
+    return (_expand_back(b, g, x, n.attrs["dims"], n.attrs["keepdim"]) if want[0] else None,)
+
+
+def _mean_vjp(b, n, g, want):
+    if not want[0]:
+        return (None,)
+    x, dims = n.inputs[0], n.attrs["dims"]
+    count = math.prod(x.shape[d] for d in dims)
+    return (_expand_back(b, b.emit("div", g, b.const(float(count))), x, dims, n.attrs["keepdim"]),)
+
+
+def _var_vjp(b, n, g, want):
+    if not want[0]:
+        return (None,)
+    x = n.inputs[0]
+    if not n.attrs["keepdim"]:
+        g = b.emit("reshape", g, shape=_kept_shape(x.shape, n.attrs["dims"]))
+    return (b.emit("var_grad", g, x, dims=n.attrs["dims"], correction=n.attrs["correction"]),)
+
+
+def _var_grad(g, x, dims, correction):
+    count = math.prod(x.shape[d] for d in dims)
+    return g * (2.0 / (count - correction)) * (x - x.mean(dims, keepdim=True))
+
+
+def _sum_kernel(x, dims, keepdim, dtype=None):
+    return torch.sum(x, dims, keepdim=keepdim, dtype=dtype)
+
+
+register("sum", _sum_kernel, _sum_vjp)
+register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp)
+register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp)
+register("var_grad", _var_grad)
+register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim))
+register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x))
+
+
+def _sum_to_kernel(g, shape):
+    lead = g.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1)
+    return g.sum(dims, keepdim=True).reshape(shape) if dims else g.reshape(shape)
+
+
+register("sum_to", _sum_to_kernel,
+         lambda b, n, g, want: (b.emit("expand", g, size=tuple(n.inputs[0].shape)) if want[0] else None,))
+
+
+@aten(A.sum.dim_IntList, A.sum.default)
+def _(b, x, dims=None, keepdim=False, dtype=None):
+    return b.emit("sum", x, dims=_dims(x.shape, dims), keepdim=keepdim, dtype=dtype)
+
+
+@aten(A.mean.dim, A.mean.default)
+def _(b, x, dims=None, keepdim=False, dtype=None):
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("mean", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+@aten(A.var.correction, A.var.dim)
+def _(b, x, dims=None, unbiased=None, keepdim=False, correction=None):
+    corr = correction if correction is not None else (1 if unbiased in (None, True) else 0)
+    return b.emit("var", x, dims=_dims(x.shape, dims), correction=corr, keepdim=keepdim)
+
+
+@aten(A.amax.default)
+def _(b, x, dims=(), keepdim=False):
+    return b.emit("amax", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+@aten(A.any.dim, A.any.dims, A.any.default)
+def _(b, x, dims=None, keepdim=False):
+    dims = [dims] if isinstance(dims, int) else dims
+    return b.emit("any", x, dims=_dims(x.shape, dims) if dims is not None else (), keepdim=keepdim)
+
+
+# -- softmax --------------------------------------------------------------------------------
+
+register("softmax", lambda x, dim: torch.softmax(x, dim),
+         lambda b, n, g, want: (b.emit("softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
+register("softmax_grad", lambda g, y, dim: A._softmax_backward_data(g, y, dim, y.dtype))
+register("log_softmax", lambda x, dim: torch.log_softmax(x, dim),
+         lambda b, n, g, want: (b.emit("log_softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
+register("log_softmax_grad", lambda g, y, dim: A._log_softmax_backward_data(g, y, dim, y.dtype))
+aten(A._softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("softmax", x, dim=dim % len(x.shape)))
+aten(A._log_softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("log_softmax", x, dim=dim % len(x.shape)))
+
+
+# -- creation ops: no inputs, shape known from attrs ---------------------------------------
+
+def _created(shape_key):
+    return lambda **attrs: (tuple(attrs[shape_key]), attrs.get("dtype") or torch.get_default_dtype())
+
+
+register("full", lambda size, value, dtype, device: torch.full(size, value, dtype=dtype, device=device),
+         shape=_created("size"))
+register("arange", lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=dtype, device=device),
+         shape=lambda **a: ((len(range(a["start"], a["end"], a["step"])),), a["dtype"] or torch.int64))
+
+
+@aten(A.full.default)
+def _(b, size, value, dtype=None, device=None, **_):
+    dtype = dtype or (torch.int64 if isinstance(value, bool) is False and isinstance(value, int) else None)
+    return b.emit("full", size=tuple(size), value=value, dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+@aten(A.full_like.default)
+def _(b, x, value, dtype=None, device=None, **_):
+    return b.emit("full", size=tuple(x.shape), value=value, dtype=dtype or x.dtype, device=device or b.device)
+
+
+@aten(A.scalar_tensor.default)
+def _(b, value, dtype=None, device=None, **_):
+    return b.const(value, dtype=dtype or torch.get_default_dtype())
+
+
+@aten(A.arange.start_step, A.arange.default, A.arange.start)
+def _(b, *args, dtype=None, device=None, **_):
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (args + (1,))[:3]
+    return b.emit("arange", start=start, end=end, step=step, dtype=dtype or torch.int64, device=device or b.device)
+
+
+# -- dropout: a random mask (no gradient) times the input -----------------------------------
+
+register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p))
+
+
+@aten(A.native_dropout.default)
+def _(b, x, p, train=True):
+    if not train or p == 0:
+        return x, None
+    return b.emit("mul", x, b.emit("dropout_mask", x, p=p)), None
+
+
+# -- graph leaves: bound by the runtime (inputs) or baked in at compile time (consts) ------
+
+def _bound_at_run_time(**_):
+    raise AssertionError("input nodes are bound by the runtime, not computed")
+
+
+register("input", _bound_at_run_time)
+register("const", lambda value: value)

@@ -1,0 +1,321 @@
+"""Neural-network ops: convolution, normalization, pooling, embedding, gather."""
+from __future__ import annotations
+
+import torch
+
+from edgetune.ir.ops import ChannelSlice, aten, register
+
+A = torch.ops.aten
+
+
+# -- convolution (1-D and 2-D, any stride/padding/dilation/groups) --------------------------
+
+def _conv(x, w, b=None, *, stride, padding, dilation, groups):
+    return A.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
+    # Only the input's shape is needed: a zero-stride stand-in avoids keeping the input alive.
+    fake_x = g.new_empty(1).expand(input_shape)
+    return A.convolution_backward(g, fake_x, w, None, stride, padding, dilation, False,
+                                  [0] * len(stride), groups, [True, False, False])[0]
+
+
+def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
+    fake_w = g.new_empty(1).expand(weight_shape)
+    return A.convolution_backward(g, x, fake_w, None, stride, padding, dilation, False,
+                                  [0] * len(stride), groups, [False, True, False])[1]
+
+
+def _conv_vjp(b, n, g, want):
+    x, w = n.inputs[:2]
+    conv = {k: n.attrs[k] for k in ("stride", "padding", "dilation", "groups")}
+    gx = b.emit("conv_grad_input", g, w, input_shape=tuple(x.shape), **conv) if want[0] else None
+    gw = _conv_weight_grad(b, n, g, want[1], conv) if want[1] else None
+    gb = None
+    if len(n.inputs) == 3 and want[2]:
+        gb = b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False)
+    return (gx, gw, gb)[: len(n.inputs)]
+
+
+def _conv_weight_grad(b, n, g, want, conv):
+    x, w = n.inputs[:2]
+    if not isinstance(want, ChannelSlice):
+        return b.emit("conv_grad_weight", x, g, weight_shape=tuple(w.shape), **conv)
+    if conv["groups"] == 1 and want.axis == 1:
+        # Only the k chosen input channels of x are needed for those k weight slices.
+        shape = (w.shape[0], want.k) + tuple(w.shape[2:])
+        return b.emit("conv_grad_weight", take_channels(b, x, want, dim=1), g, weight_shape=shape, **conv)
+    if conv["groups"] == x.shape[1] == w.shape[0] and want.axis == 0:
+        # Depthwise: channel c of the weight sees only channel c of x and of g.
+        shape = (want.k,) + tuple(w.shape[1:])
+        xs, gs = take_channels(b, x, want, dim=1), take_channels(b, g, want, dim=1)
+        return b.emit("conv_grad_weight", xs, gs, weight_shape=shape, **{**conv, "groups": want.k})
+    raise NotImplementedError(f"partial-channel update of a grouped conv weight {w.name} (groups={conv['groups']})")
+
+
+def take_channels(b, x, part: ChannelSlice, dim: int):
+    """x restricted to the chosen channels along `dim`: a view for 0..k-1, else a gather."""
+    if part.first:
+        return b.emit("slice", x, dim=dim, start=0, end=part.k, step=1)
+    return b.emit("index_select", x, part.index, dim=dim)
+
+
+register("conv", _conv, _conv_vjp)
+register("conv_grad_input", _conv_grad_input)
+register("conv_grad_weight", _conv_grad_weight)
+
+
+@aten(A.convolution.default)
+def _(b, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
+    if transposed:
+        raise NotImplementedError("transposed convolution")
+    inputs = (x, w) if bias is None else (x, w, bias)
+    return b.emit("conv", *inputs, stride=tuple(stride), padding=tuple(padding),
+                  dilation=tuple(dilation), groups=groups)
+
+
+# -- batch norm: y = (x - mean) * rsqrt(var + eps) * weight + bias ---------------------------
+# mean/var are the batch statistics (train) or the running buffers (eval). In train mode they
+# are `mean`/`var` nodes of x, so x's gradient through the statistics comes from their VJPs.
+
+def _bn_shape(x):
+    return (1, -1) + (1,) * (len(x.shape) - 2)
+
+
+def _bn(x, mean, var, w, bias, *, eps):
+    s = _bn_shape(x)
+    return (x - mean.view(s)) * torch.rsqrt(var.view(s) + eps) * w.view(s) + bias.view(s)
+
+
+def _bn_grad_input(g, w, var, *, eps):
+    s = _bn_shape(g)
+    return g * (w * torch.rsqrt(var + eps)).view(s)
+
+
+def _bn_grad_weight(g, x, mean, var, *, eps):
+    s, dims = _bn_shape(x), _bn_dims(x.dim())
+    return (g * (x - mean.view(s))).sum(dims) * torch.rsqrt(var + eps)
+
+
+def _bn_grad_mean(g, w, var, *, eps):
+    return -g.sum(_bn_dims(g.dim())) * w * torch.rsqrt(var + eps)
+
+
+def _bn_grad_var(g, x, mean, w, var, *, eps):
+    s = _bn_shape(x)
+    return (g * (x - mean.view(s))).sum(_bn_dims(x.dim())) * w * -0.5 * torch.rsqrt(var + eps) ** 3
+
+
+def _bn_dims(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+def _bn_vjp(b, n, g, want):
+    x, mean, var, w, _ = n.inputs
+    eps = n.attrs["eps"]
+    return (
+        b.emit("bn_grad_input", g, w, var, eps=eps) if want[0] else None,
+        b.emit("bn_grad_mean", g, w, var, eps=eps) if want[1] else None,
+        b.emit("bn_grad_var", g, x, mean, w, var, eps=eps) if want[2] else None,
+        b.emit("bn_grad_weight", g, x, mean, var, eps=eps) if want[3] else None,
+        b.emit("sum", g, dims=_bn_dims(len(g.shape)), keepdim=False) if want[4] else None,
+    )
+
+
+register("batch_norm", _bn, _bn_vjp)
+register("bn_grad_input", _bn_grad_input)
+register("bn_grad_weight", _bn_grad_weight)
+register("bn_grad_mean", _bn_grad_mean)
+register("bn_grad_var", _bn_grad_var)
+
+
+def _affine_or_default(b, t, x, fill):
+    return t if t is not None else b.const(torch.full((x.shape[1],), fill, dtype=x.dtype))
+
+
+@aten(A._native_batch_norm_legit_no_training.default)
+def _(b, x, w, bias, running_mean, running_var, momentum, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps), None, None
+
+
+@aten(A._native_batch_norm_legit_functional.default)
+def _(b, x, w, bias, running_mean, running_var, training, momentum, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    if not training:
+        y = b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps)
+        return y, None, None, running_mean, running_var
+    dims = _bn_dims(len(x.shape))
+    mean = b.emit("mean", x, dims=dims, keepdim=False)
+    var = b.emit("var", x, dims=dims, correction=0, keepdim=False)
+    y = b.emit("batch_norm", x, mean, var, w, bias, eps=eps)
+    count = x.shape[0] * _prod(x.shape[2:])
+    new_mean = _lerp(b, running_mean, mean, momentum)
+    new_var = _lerp(b, running_var, b.emit("mul", var, b.const(count / max(count - 1, 1))), momentum)
+    return y, None, None, new_mean, new_var
+
+
+def _prod(xs):
+    out = 1
+    for v in xs:
+        out *= v
+    return out
+
+
+def _lerp(b, old, new, momentum):
+    """old * (1 - m) + new * m, as PyTorch updates running statistics."""
+    new = b.emit("cast", new, dtype=old.dtype) if new.dtype != old.dtype else new
+    return b.emit("add", b.emit("mul", old, b.const(1.0 - momentum)), b.emit("mul", new, b.const(momentum)))
+
+
+# -- layer norm over the trailing `normalized_shape` dims -----------------------------------
+
+def _ln(x, w, bias, *, normalized_shape, eps):
+    return torch.nn.functional.layer_norm(x, normalized_shape, w, bias, eps)
+
+
+def _ln_stats(x, normalized_shape, eps):
+    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    return mean, rstd
+
+
+def _ln_grad_input(g, x, w, *, normalized_shape, eps):
+    mean, rstd = _ln_stats(x, normalized_shape, eps)
+    return A.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, w, None, [True, False, False])[0]
+
+
+def _ln_grad_weight(g, x, *, normalized_shape, eps):
+    mean, rstd = _ln_stats(x, normalized_shape, eps)
+    lead = tuple(range(x.dim() - len(normalized_shape)))
+    return (g * (x - mean) * rstd).sum(lead)
+
+
+def _ln_vjp(b, n, g, want):
+    x, w, _ = n.inputs
+    ln = dict(n.attrs)
+    lead = tuple(range(len(x.shape) - len(ln["normalized_shape"])))
+    return (
+        b.emit("ln_grad_input", g, x, w, **ln) if want[0] else None,
+        b.emit("ln_grad_weight", g, x, **ln) if want[1] else None,
+        b.emit("sum", g, dims=lead, keepdim=False) if want[2] else None,
+    )
+
+
+register("layer_norm", _ln, _ln_vjp)
+register("ln_grad_input", _ln_grad_input)
+register("ln_grad_weight", _ln_grad_weight)
+
+
+@aten(A.native_layer_norm.default)
+def _(b, x, normalized_shape, w, bias, eps):
+    shape = tuple(normalized_shape)
+    w = w if w is not None else b.const(torch.ones(shape, dtype=x.dtype))
+    bias = bias if bias is not None else b.const(torch.zeros(shape, dtype=x.dtype))
+    return b.emit("layer_norm", x, w, bias, normalized_shape=shape, eps=eps), None, None
+
+
+# -- pooling --------------------------------------------------------------------------------
+
+def _max_pool(x, *, kernel_size, stride, padding, dilation, ceil_mode):
+    return A.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
+def _max_pool_grad(g, x, *, kernel_size, stride, padding, dilation, ceil_mode):
+    # The argmax indices are recomputed from x rather than kept as an int64 tensor.
+    idx = A.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)[1]
+    return A.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode, idx)
+
+
+register("max_pool2d", _max_pool,
+         lambda b, n, g, want: (b.emit("max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
+register("max_pool2d_grad", _max_pool_grad)
+
+
+@aten(A.max_pool2d_with_indices.default)
+def _(b, x, kernel_size, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    stride = tuple(stride) or tuple(kernel_size)
+    return b.emit("max_pool2d", x, kernel_size=tuple(kernel_size), stride=stride, padding=tuple(padding),
+                  dilation=tuple(dilation), ceil_mode=ceil_mode), None
+
+
+def _avg_pool(x, **a):
+    return A.avg_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                        a["count_include_pad"], a["divisor_override"])
+
+
+def _avg_pool_grad(g, *, input_shape, **a):
+    fake_x = g.new_empty(1).expand(input_shape)
+    return A.avg_pool2d_backward(g, fake_x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                 a["count_include_pad"], a["divisor_override"])
+
+
+register("avg_pool2d", _avg_pool, lambda b, n, g, want: (
+    b.emit("avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
+register("avg_pool2d_grad", _avg_pool_grad)
+
+
+@aten(A.avg_pool2d.default)
+def _(b, x, kernel_size, stride=(), padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None):
+    return b.emit("avg_pool2d", x, kernel_size=tuple(kernel_size), stride=tuple(stride) or tuple(kernel_size),
+                  padding=tuple(padding), ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                  divisor_override=divisor_override)
+
+
+def _adaptive_avg_pool_grad(g, *, input_shape):
+    return A._adaptive_avg_pool2d_backward(g, g.new_empty(1).expand(input_shape))
+
+
+register("adaptive_avg_pool2d", lambda x, output_size: A._adaptive_avg_pool2d(x, output_size),
+         lambda b, n, g, want: (
+             b.emit("adaptive_avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
+register("adaptive_avg_pool2d_grad", _adaptive_avg_pool_grad)
+aten(A._adaptive_avg_pool2d.default)(
+    lambda b, x, output_size: b.emit("adaptive_avg_pool2d", x, output_size=tuple(output_size)))
+
+
+# -- embedding, gather, index_select --------------------------------------------------------
+
+def _embedding_vjp(b, n, g, want):
+    w, idx = n.inputs
+    if not want[0]:
+        return None, None
+    if isinstance(want[0], ChannelSlice):
+        raise NotImplementedError(f"partial-channel update of embedding {w.name}")
+    return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=n.attrs["padding_idx"]), None
+
+
+register("embedding", lambda w, idx, padding_idx: A.embedding(w, idx, padding_idx), _embedding_vjp)
+register("embedding_grad", lambda g, idx, num_weights, padding_idx:
+         A.embedding_dense_backward(g, idx, num_weights, padding_idx, False))
+
+
+@aten(A.embedding.default)
+def _(b, w, idx, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if scale_grad_by_freq:
+        raise NotImplementedError("embedding with scale_grad_by_freq")
+    return b.emit("embedding", w, idx, padding_idx=padding_idx)
+
+
+def _gather_grad(g, idx, *, dim, input_shape):
+    return g.new_zeros(input_shape).scatter_add_(dim, idx, g)
+
+
+register("gather", lambda x, idx, dim: torch.gather(x, dim, idx), lambda b, n, g, want: (
+    b.emit("gather_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
+    if want[0] else None, None))
+register("gather_grad", _gather_grad)
+aten(A.gather.default)(lambda b, x, dim, idx, sparse_grad=False: b.emit("gather", x, idx, dim=dim % len(x.shape)))
+
+
+def _index_select_grad(g, idx, *, dim, input_shape):
+    return g.new_zeros(input_shape).index_add_(dim, idx, g)
+
+
+register("index_select", lambda x, idx, dim: torch.index_select(x, dim, idx), lambda b, n, g, want: (
+    b.emit("index_select_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
+    if want[0] else None, None))
+register("index_select_grad", _index_select_grad)
+aten(A.index_select.default)(lambda b, x, dim, idx: b.emit("index_select", x, idx, dim=dim % len(x.shape)))

@@ -1,0 +1,109 @@
+"""The per-layer report of a compiled step: update mode, saved bytes, FLOPs, live memory."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from edgetune.ir.graph import Node
+from edgetune.memory import allocates, storage_of
+
+
+@dataclass
+class LayerRow:
+    module: str
+    mode: str
+    trainable: int = 0
+    saved_bytes: int = 0  # forward values kept alive for the backward
+    flops: int = 0  # forward + backward multiply-adds x2 of conv/linear/matmul
+    live_bytes: int = 0  # most transient memory live while this layer's ops run
+
+
+@dataclass
+class Report:
+    trainable_params: int
+    total_params: int
+    predicted_peak_bytes: int
+    state_bytes: int
+    layers: list[LayerRow] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<34} {'mode':<14} {'trainable':>10} {'saved MB':>9} {'MFLOPs':>9} {'live MB':>8}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            rows.append(f"{r.module[:34]:<34} {r.mode:<14} {r.trainable:>10,} {r.saved_bytes / 2**20:>9.2f} "
+                        f"{r.flops / 1e6:>9.1f} {r.live_bytes / 2**20:>8.2f}")
+        rows.append("-" * len(head))
+        rows.append(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
+                    f"({100 * self.trainable_params / max(self.total_params, 1):.2f}%)")
+        rows.append(f"optimizer state: {self.state_bytes / 2**20:.2f} MB")
+        rows.append(f"predicted peak of one step: {self.predicted_peak_bytes / 2**20:.2f} MB "
+                    "(activations, gradients and optimizer state; parameters and the batch excluded)")
+        return "\n".join(rows)
+
+
+def build_report(trainer) -> Report:
+    plan, graph = trainer.plan, trainer.graph
+    rows: dict[str, LayerRow] = {}
+
+    def row(module: str) -> LayerRow:
+        if module not in rows:
+            rows[module] = LayerRow(module, _mode(trainer, module))
+        return rows[module]
+
+    for u in trainer.updates:
+        row(u.name.rpartition(".")[0]).trainable += u.trained_entries
+    for pos, n in enumerate(graph.nodes):
+        module = n.meta.get("module")
+        if module is None or n.op in ("input", "const"):
+            continue
+        r = row(module)
+        r.flops += flops(n)
+        r.live_bytes = max(r.live_bytes, plan.live_bytes[pos])
+    for n in _saved_for_backward(graph.nodes):
+        if n.meta.get("module"):
+            row(n.meta["module"]).saved_bytes += n.nbytes
+    total = sum(p.numel() for p in trainer.model.parameters())
+    return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()))
+
+
+def _mode(trainer, module: str) -> str:
+    prefix = module + "."
+    rules = {n.removeprefix(prefix): r for n, r in trainer.rules.items()
+             if n.startswith(prefix) and "." not in n.removeprefix(prefix)}
+    if not rules:
+        return "frozen"
+    parts = []
+    for leaf, rule in rules.items():
+        parts.append(leaf if not rule.partial else f"{leaf}@{rule.ratio:g}")
+    return "+".join(parts)
+
+
+def _saved_for_backward(nodes: list[Node]) -> set[Node]:
+    """Forward allocations that a backward node reads (directly or through a view)."""
+    saved = set()
+    for n in nodes:
+        if "grad_of" not in n.meta:
+            continue
+        for i in n.inputs:
+            base = storage_of(i)
+            if "grad_of" not in base.meta and allocates(base):
+                saved.add(base)
+    return saved
+
+
+def flops(n: Node) -> int:
+    """Multiply-add FLOPs (x2) of the compute-heavy ops; elementwise work is not counted."""
+    if n.op == "conv":
+        w = n.inputs[1].shape
+        return 2 * math.prod(n.shape) * math.prod(w[1:])
+    if n.op in ("conv_grad_input",):
+        return 2 * math.prod(n.inputs[0].shape) * math.prod(n.inputs[1].shape[1:])
+    if n.op == "conv_grad_weight":
+        return 2 * math.prod(n.inputs[1].shape) * math.prod(n.shape[1:])
+    if n.op in ("linear", "linear_grad_input"):
+        return 2 * math.prod(n.shape) * n.inputs[1].shape[-1 if n.op == "linear" else 0]
+    if n.op == "linear_grad_weight":
+        return 2 * math.prod(n.inputs[0].shape) * n.shape[-1]
+    if n.op in ("mm", "bmm"):
+        return 2 * math.prod(n.shape) * n.inputs[0].shape[-1]
+    return 0

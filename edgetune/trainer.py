@@ -1,0 +1,228 @@
+"""compile() and the Trainer: one compiled training step, run on the user's own tensors.
+
+compile: export -> resolve the scheme -> autodiff (pruned) -> optimizer updates -> passes ->
+memory plan -> torch code. The Trainer binds the model's parameters and buffers (updated in
+place), owns the optimizer state, and checks each batch against the examples before it runs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from edgetune import scheme as schemes
+from edgetune.autodiff import differentiate
+from edgetune.backends.torch import CompiledStep
+from edgetune.frontend.torch import ForwardGraph, export
+from edgetune.ir.builder import Builder
+from edgetune.ir.graph import Graph, Node, checks_enabled, verify
+from edgetune.ir.ops import ChannelSlice
+from edgetune.memory import MemoryPlan, plan
+from edgetune.optim import SGD, AdamW
+from edgetune.passes import run_pipeline
+from edgetune.report import Report, build_report
+
+
+@dataclass
+class Update:
+    """One trained parameter: its slice (None = whole), its gradient and optimizer state."""
+
+    name: str
+    node: Node
+    part: ChannelSlice | None
+    state: list[Node]
+
+    @property
+    def trained_entries(self) -> int:
+        n = _numel(self.node.shape)
+        return n if self.part is None else n // self.node.shape[self.part.axis] * self.part.k
+
+
+def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None) -> "Trainer":
+    """Compile one training step of `model` under `scheme` (default: full) with `optimizer`."""
+    return Trainer(model, loss_fn, example_inputs, example_targets,
+                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01))
+
+
+class Trainer:
+    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer) -> None:
+        self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
+        self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
+        self.rules = schemes.resolve(scheme, model)
+        forward = export(model, loss_fn, *self.examples)
+        self.graph, self.updates = _training_graph(forward, self.rules, dict(model.named_parameters()), optimizer)
+        self.plan: MemoryPlan = plan(self.graph)
+        self.device = _device_of(model, self.examples[0])
+        self.compiled = CompiledStep(self.graph, self.device)
+        self.state = {n.name: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
+                      for u in self.updates for n in u.state}
+        self.steps = 0
+
+    # -- running --------------------------------------------------------------------------
+
+    def step(self, inputs: tuple, targets: tuple) -> float:
+        """One training step on a batch shaped like the examples; returns the loss."""
+        batch = self._check_batch(_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
+        out = self.compiled(*self._arguments(batch, step=self.steps + 1))
+        self.steps += 1
+        return float(out["loss"])
+
+    def _arguments(self, batch: list[torch.Tensor], step: int) -> list[Any]:
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers())
+        hyper = {"lr": float(self.lr), "step": step}
+        args = []
+        for n in self.compiled.inputs:
+            kind = n.attrs["kind"]
+            if kind == "param":
+                args.append(params[n.attrs["target"]].detach())
+            elif kind == "buffer":
+                args.append(buffers[n.attrs["target"]])
+            elif kind == "state":
+                args.append(self.state[n.name])
+            elif kind == "hyper":
+                args.append(hyper[n.name])
+            else:
+                args.append(batch[n.attrs["index"]])
+        return args
+
+    def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
+        batch, examples = list(inputs) + list(targets), list(self.examples[0]) + list(self.examples[1])
+        if len(inputs) != len(self.examples[0]) or len(targets) != len(self.examples[1]):
+            raise ValueError(f"step() got {len(inputs)} inputs and {len(targets)} targets; the examples had "
+                             f"{len(self.examples[0])} and {len(self.examples[1])}")
+        for k, (t, e) in enumerate(zip(batch, examples)):
+            what = f"input {k}" if k < len(inputs) else f"target {k - len(inputs)}"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+            if t.shape != e.shape or t.dtype != e.dtype or t.device != e.device:
+                raise ValueError(f"{what} is {_describe(t)} but the step was compiled for {_describe(e)}; "
+                                 "recompile with an example batch of this shape (or drop the last partial batch)")
+        return batch
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(u.trained_entries for u in self.updates)
+
+    def report(self) -> Report:
+        return build_report(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.steps, "lr": self.lr, "model": self.model.state_dict(),
+                "optimizer": {k: v.clone() for k, v in self.state.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore model weights, optimizer state, step count and lr; checked before anything changes."""
+        opt = state["optimizer"]
+        if set(opt) != set(self.state):
+            raise ValueError(f"optimizer state does not match this trainer: missing {sorted(set(self.state) - set(opt))},"
+                             f" unexpected {sorted(set(opt) - set(self.state))}")
+        for k, v in opt.items():
+            if v.shape != self.state[k].shape:
+                raise ValueError(f"optimizer state {k!r} has shape {tuple(v.shape)}, expected {tuple(self.state[k].shape)}")
+        self.model.load_state_dict(state["model"])
+        for k, v in opt.items():
+            self.state[k].copy_(v)
+        self.steps, self.lr = int(state["step"]), float(state["lr"])
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint atomically: a crash leaves the old file or the new, never half of one."""
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".edgetune-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+
+# -- building the training graph ------------------------------------------------------------
+
+def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer) -> tuple[Graph, list[Update]]:
+    b = Builder(forward.graph.nodes)
+    loss = forward.graph.outputs["loss"]
+    parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
+             if name in forward.params}
+    grads = differentiate(forward.graph, loss, {n: (p if p else True) for n, p in parts.items()}, b)
+    lr = b.input("lr", (), torch.float64, kind="hyper")
+    step = b.input("step", (), torch.int64, kind="hyper")
+    updates = []
+    for node, grad in grads.items():
+        part = parts[node]
+        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state") for s in optimizer.state_names]
+        index = [part.index] if part and not part.first else []
+        b.meta = {"module": node.attrs["target"].rpartition(".")[0], "update_of": node.attrs["target"]}
+        b.emit(optimizer.op, node, grad, lr, step, *state, *index, part=(part.axis, part.k) if part else None,
+               n_state=len(state), **optimizer.attrs())
+        updates.append(Update(node.attrs["target"], node, part, state))
+    b.meta = {}
+    for key, value in forward.graph.outputs.items():
+        if key.startswith("buffer:"):
+            b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value)
+    graph = b.graph({"loss": loss})
+    if checks_enabled():
+        verify(graph, where="autodiff")
+    return run_pipeline(graph), updates
+
+
+def _part(b: Builder, forward: ForwardGraph, name: str, rule: schemes.Rule, weight: torch.Tensor):
+    if not rule.partial:
+        return None
+    axis = _channel_axis(forward, name)
+    index = schemes.choose_channels(weight, axis, rule)
+    first = bool(torch.equal(index, torch.arange(len(index))))
+    return ChannelSlice(axis, b.const(index), first)
+
+
+def _channel_axis(forward: ForwardGraph, name: str) -> int:
+    """Input channels: axis 1 of a conv/linear weight, axis 0 of a depthwise conv's."""
+    node = forward.params[name]
+    users = [n for n in forward.graph.nodes if node in n.inputs]
+    axes = set()
+    for u in users:
+        if u.op == "conv" and u.inputs[1] is node:
+            depthwise = u.attrs["groups"] > 1 and u.attrs["groups"] == u.inputs[0].shape[1]
+            axes.add(0 if depthwise else 1)
+        elif u.op == "linear" and u.inputs[1] is node:
+            axes.add(1)
+        else:
+            raise schemes.SchemeError(f"a ratio rule needs the weight of a conv or linear layer, but {name!r} is used "
+                                      f"by op '{u.op}' (module '{u.meta.get('module', '?')}')")
+    if len(axes) != 1:
+        raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
+    return axes.pop()
+
+
+def _as_tuple(x: Any, what: str) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if not isinstance(x, (tuple, list)):
+        raise TypeError(f"{what} must be a tuple of tensors, got {type(x).__name__}")
+    return tuple(x)
+
+
+def _device_of(model: torch.nn.Module, inputs: tuple) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else (inputs[0].device if inputs else torch.device("cpu"))
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
