@@ -110,6 +110,20 @@ class Trainer:
     def trainable_params(self) -> int:
         return sum(u.trained_entries for u in self.updates)
 
+    def trained_masks(self) -> dict[str, torch.Tensor]:
+        """{parameter name: bool mask of the entries a step updates}, for every trained parameter."""
+        params = dict(self.model.named_parameters())
+        masks = {}
+        for u in self.updates:
+            mask = torch.zeros_like(params[u.name], dtype=torch.bool)
+            if u.part is None:
+                mask.fill_(True)
+            else:
+                index = u.part.index.attrs["value"].to(mask.device)
+                mask.index_fill_(u.part.axis, index, True)
+            masks[u.name] = mask
+        return masks
+
     def report(self) -> Report:
         return build_report(self)
 

@@ -1,0 +1,163 @@
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import edgetune as et
+from edgetune.frontend.torch import UnsupportedOpError
+from edgetune.scheme import SchemeError
+from tests.reference import assert_models_match, train_eager
+from tests.unit.nets import ConvNet, batch
+
+SCHEME = {"pw.weight": 0.5, "dw.weight": {"ratio": 0.25, "select": "first"}, "*.bias": "full", "head.*": "full"}
+
+
+def snapshot(model, trainer):
+    return copy.deepcopy(model.state_dict()), {k: v.clone() for k, v in trainer.state.items()}
+
+
+def test_partial_channels_match_eager_with_gradient_masks():
+    model = ConvNet().eval()
+    ref = copy.deepcopy(model)
+    batches = [batch(seed=s) for s in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    before = copy.deepcopy(model.state_dict())
+    losses = [trainer.step(*b) for b in batches]
+    masks = trainer.trained_masks()
+    ref_losses = train_eager(ref, F.cross_entropy, batches, masks,
+                             lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_models_match(model, ref)
+    for name, p in model.named_parameters():
+        untrained = ~masks[name] if name in masks else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[untrained], before[name][untrained]), f"{name} changed outside its scheme"
+    assert masks["pw.weight"].any(dim=(0, 2, 3)).sum() == 4  # ceil(0.5 * 8) input channels
+    assert masks["dw.weight"].any(dim=(1, 2, 3)).tolist() == [True, True] + [False] * 6
+    assert trainer.report().trainable_params == sum(int(m.sum()) for m in masks.values())
+
+
+def test_lr_changes_between_steps_without_recompiling():
+    model = ConvNet()
+    ref = copy.deepcopy(model)
+    batches = [batch(seed=s) for s in range(3)]
+    lrs = [0.1, 0.01, 0.05]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=et.schemes.full(),
+                         optimizer=et.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3))
+    compiled = trainer.compiled
+    for b, lr in zip(batches, lrs):
+        trainer.lr = lr
+        trainer.step(*b)
+    assert trainer.compiled is compiled
+    train_eager(ref, F.cross_entropy, batches, trainer.trained_masks(),
+                lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3), lrs)
+    assert_models_match(model, ref)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda x, y: ((x[:2],), (y[:2],)), r"input 0 is float32\[2, 3, 8, 8\] .* compiled for float32\[4, 3, 8, 8\]"),
+    (lambda x, y: ((x.double(),), (y,)), "input 0 is float64"),
+    (lambda x, y: ((x,), (y.int(),)), "target 0 is int32"),
+    (lambda x, y: ((x, x), (y,)), "got 2 inputs and 1 targets"),
+])
+def test_rejected_batch_mutates_nothing(bad, message):
+    model = ConvNet().train()
+    (x,), (y,) = batch()
+    trainer = et.compile(model, F.cross_entropy, (x,), (y,), scheme=SCHEME, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    trainer.step((x,), (y,))
+    params, state = snapshot(model, trainer)
+    with pytest.raises(ValueError, match=message):
+        trainer.step(*bad(x, y))
+    after_params, after_state = snapshot(model, trainer)
+    assert all(torch.equal(params[k], after_params[k]) for k in params)
+    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert trainer.steps == 1
+
+
+class Cumulative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cumsum(self.fc(x), dim=1)
+
+
+def test_unsupported_op_names_op_and_module():
+    model = nn.Sequential(nn.Linear(4, 4), Cumulative())
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cumsum.*module '1' \(Cumulative\)"):
+        et.compile(model, lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
+
+
+def test_ratio_on_a_non_conv_weight_is_an_error():
+    with pytest.raises(SchemeError, match="'bn.weight' is used by op 'batch_norm'"):
+        et.compile(ConvNet(), F.cross_entropy, *batch(), scheme={"bn.weight": 0.5})
+
+
+def test_state_dict_round_trip_resumes_identically(tmp_path):
+    batches = [batch(seed=s) for s in range(4)]
+    model = ConvNet().train()
+    twin = copy.deepcopy(model)
+    opt = et.AdamW(lr=0.01)
+    a = et.compile(model, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=opt)
+    for b in batches[:2]:
+        a.step(*b)
+    path = tmp_path / "ckpt.pt"
+    a.save(str(path))
+    b_trainer = et.compile(twin, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=opt)
+    b_trainer.load(str(path))
+    assert b_trainer.steps == 2
+    for b in batches[2:]:
+        assert a.step(*b) == b_trainer.step(*b)
+    assert_models_match(twin, model, rtol=0, atol=0)
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    trainer = et.compile(ConvNet(), F.cross_entropy, *batch(), optimizer=et.SGD(lr=0.1, momentum=0.9))
+    path = tmp_path / "ckpt.pt"
+    trainer.save(str(path))
+    old = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(str(path))
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_load_state_dict_rejects_foreign_state_before_changing_anything():
+    model = ConvNet()
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    other = et.compile(ConvNet(), F.cross_entropy, *batch(), scheme=et.schemes.full(),
+                       optimizer=et.SGD(lr=0.1, momentum=0.9))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="optimizer state does not match"):
+        trainer.load_state_dict(other.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_train_mode_batch_norm_updates_running_stats_like_eager():
+    model = ConvNet().train()
+    ref = copy.deepcopy(model)
+    batches = [batch(seed=s) for s in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=et.schemes.bias_only(),
+                         optimizer=et.SGD(lr=0.1, momentum=0.9))
+    for b in batches:
+        trainer.step(*b)
+    train_eager(ref, F.cross_entropy, batches, trainer.trained_masks(),
+                lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert_models_match(model, ref)
+    assert int(model.bn.num_batches_tracked) == 3
+
+
+def test_frozen_weights_grow_no_weight_gradient():
+    trainer = et.compile(ConvNet().eval(), F.cross_entropy, *batch(), scheme=et.schemes.bias_only())
+    ops = [n.op for n in trainer.graph.nodes]
+    assert "conv_grad_weight" not in ops and "linear_grad_weight" not in ops
+    assert ops.count("conv_grad_input") == 2  # back through pw and dw to reach bn's bias; never into stem
