@@ -85,6 +85,8 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
+    is_language_model = True  # callers feed token ids [B, T], not images, and get [B, T, V]
+
     def __init__(self, vocab_size: int = 256, dim: int = 64, n_layers: int = 2,
                  n_heads: int = 4, n_kv_heads: int = 2, hidden_dim: int = 128,
                  max_seq_len: int = 128, rope_theta: float = 10000.0, eps: float = 1e-6):

@@ -14,6 +14,7 @@ def test_forward_and_names():
                  "layers.1.input_layernorm.weight", "layers.1.post_attention_layernorm.weight"]:
         assert name in names
     assert model(torch.randint(0, 100, (2, 16))).shape == (2, 16, 100)
+    assert model.is_language_model and not getattr(build("vit"), "is_language_model", False)
 
 
 def test_lm_head_is_tied_to_embedding():
