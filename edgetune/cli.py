@@ -31,20 +31,21 @@ def _parser() -> argparse.ArgumentParser:
     _common(plan, batch=8, size=128)
     plan.set_defaults(run=run_plan)
     demo = sub.add_parser("demo", help="fine-tune MobileNetV2 sparsely on the bundled digits data")
-    demo.add_argument("--epochs", type=int, default=4)
-    demo.add_argument("--lr", type=float, default=0.05)
-    _common(demo, batch=32, size=32, scheme="mbv2-99kb")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--lr", type=float, default=0.01)
+    _common(demo, batch=32, size=32, scheme="mbv2-99kb", optimizer="adamw")
     demo.set_defaults(run=run_demo)
     return parser
 
 
-def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bias_only") -> None:
+def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bias_only",
+            optimizer: str = "sgd") -> None:
     p.add_argument("--scheme", default=scheme,
                    help="full | bias_only | last:K | a published TTE scheme (mbv2-49kb ... mbv2-138kb) | a JSON file")
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--size", type=int, default=size, help="image side in pixels")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=optimizer)
     p.add_argument("--train-mode", action="store_true", help="batch statistics in BatchNorm (default: eval mode)")
 
 
@@ -79,7 +80,8 @@ def _optimizer(name: str, lr: float) -> et.SGD | et.AdamW:
 def run_plan(args: argparse.Namespace) -> int:
     from edgetune.models import build
 
-    model = build(args.model, num_classes=args.classes)
+    extra = {"image_size": args.size} if args.model == "vit" else {}
+    model = build(args.model, num_classes=args.classes, **extra)
     model.train(args.train_mode)
     inputs, targets = _example(model, args)
     start = time.perf_counter()

@@ -43,27 +43,36 @@ class Report:
 
 def build_report(trainer) -> Report:
     plan, graph = trainer.plan, trainer.graph
-    rows: dict[str, LayerRow] = {}
-
-    def row(module: str) -> LayerRow:
-        if module not in rows:
-            rows[module] = LayerRow(module, _mode(trainer, module))
-        return rows[module]
-
+    owners = {name.rpartition(".")[0] for name, _ in trainer.model.named_parameters(remove_duplicate=False)}
+    row_of = _rows_by_layer(graph.nodes, owners)
+    rows = {layer: LayerRow(layer, _mode(trainer, layer)) for layer in dict.fromkeys(row_of.values())}
     for u in trainer.updates:
-        row(u.name.rpartition(".")[0]).trainable += u.trained_entries
+        rows[row_of.get(u.name.rpartition(".")[0], u.name.rpartition(".")[0])].trainable += u.trained_entries
     for pos, n in enumerate(graph.nodes):
-        module = n.meta.get("module")
-        if module is None or n.op in ("input", "const"):
-            continue
-        r = row(module)
-        r.flops += flops(n)
-        r.live_bytes = max(r.live_bytes, plan.live_bytes[pos])
+        if n.meta.get("module") in row_of and n.op not in ("input", "const"):
+            r = rows[row_of[n.meta["module"]]]
+            r.flops += flops(n)
+            r.live_bytes = max(r.live_bytes, plan.live_bytes[pos])
     for n in _saved_for_backward(graph.nodes):
-        if n.meta.get("module"):
-            row(n.meta["module"]).saved_bytes += n.nbytes
+        if n.meta.get("module") in row_of:
+            rows[row_of[n.meta["module"]]].saved_bytes += n.nbytes
     total = sum(p.numel() for p in trainer.model.parameters())
     return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()))
+
+
+def _rows_by_layer(nodes: list[Node], layers: set[str]) -> dict[str, str]:
+    """Module -> report row: a layer (a module owning parameters) gathers the parameter-free
+    modules that follow it in forward order (its activation, pooling, residual add)."""
+    row_of: dict[str, str] = {}
+    current = None
+    for n in nodes:
+        module = n.meta.get("module")
+        if module is None or "grad_of" in n.meta or module in row_of:
+            continue
+        if module in layers or current is None or module.startswith("<"):
+            current = module
+        row_of[module] = current
+    return row_of
 
 
 def _mode(trainer, module: str) -> str:

@@ -130,7 +130,8 @@ def last(k: int) -> Scheme:
         raise SchemeError(f"last(k) needs k >= 1, got {k}")
 
     def build(model: torch.nn.Module) -> dict[str, Any]:
-        layers = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        # Layers as named_parameters lists them: a tied weight counts once, where it first appears.
+        layers = list(dict.fromkeys(name.rpartition(".")[0] for name, _ in model.named_parameters()))
         return {(f"{layer}.*" if layer else "*"): "full" for layer in layers[-k:]}
 
     return Scheme(build, f"last({k})")
@@ -168,6 +169,30 @@ def tte(n_bias_update: int | str = 0, manual_weight_idx: Any = None, weight_upda
         return mapping
 
     return Scheme(build, f"tte(n_bias_update={n_bias_update}, manual_weight_idx={idx}, weight_update_ratio={ratios})")
+
+
+# The Tiny Training Engine's published MobileNetV2 schemes (§2 of its config), named by the
+# analytic extra memory they were searched under. Conv indices count torchvision's
+# MobileNetV2 convs in order, so every index that is a multiple of 3 is a block's first pointwise conv.
+PUBLISHED_TTE = {
+    "mbv2-49kb": dict(n_bias_update=16, manual_weight_idx=[36, 39, 40, 41, 42, 45, 48, 49],
+                      weight_update_ratio=[1, 1, 0, 0.25, 0.125, 0.125, 0.125, 0.125]),
+    "mbv2-73kb": dict(n_bias_update=20, manual_weight_idx=[32, 33, 36, 39, 41, 42, 45, 48],
+                      weight_update_ratio=[0.125, 0.5, 0.5, 1, 0.25, 0.125, 0.125, 1]),
+    "mbv2-99kb": dict(n_bias_update=25, manual_weight_idx=[27, 30, 33, 36, 39, 42, 45, 48],
+                      weight_update_ratio=[1, 1, 1, 1, 1, 0.125, 0.5, 1]),
+    "mbv2-123kb": dict(n_bias_update=31, manual_weight_idx=[27, 30, 33, 36, 39, 42, 45, 48],
+                       weight_update_ratio=[1, 1, 1, 1, 1, 0.5, 1, 1]),
+    "mbv2-138kb": dict(n_bias_update=34, manual_weight_idx=[27, 30, 33, 36, 39, 42, 45, 48],
+                       weight_update_ratio=[1] * 8),
+}
+
+
+def published(name: str) -> Scheme:
+    """One of the Tiny Training Engine's published schemes, e.g. published("mbv2-99kb")."""
+    if name not in PUBLISHED_TTE:
+        raise SchemeError(f"unknown published scheme {name!r}; known: {sorted(PUBLISHED_TTE)}")
+    return tte(**PUBLISHED_TTE[name])
 
 
 def _tte_layers(model: torch.nn.Module) -> tuple[list[str], dict[str, str], str | None]:

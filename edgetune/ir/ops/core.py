@@ -5,14 +5,27 @@ import math
 
 import torch
 
+from edgetune.ir.graph import Node
 from edgetune.ir.ops import aten, register
 
 A = torch.ops.aten
 
 
-def _scalar(b, x, value):
-    """A Python scalar operand becomes a 0-d const, which broadcasts without promoting."""
-    return value if not isinstance(value, (int, float, bool)) else b.const(value)
+def scalar(b, value, like=None):
+    """A Python scalar operand becomes a 0-d const, which broadcasts without promoting.
+
+    Next to a float tensor `like` it takes that dtype: torch computes `x * 0.1` in x's
+    precision, and a float32 0.1 would be off by 1e-8 in a float64 step."""
+    if not isinstance(value, (int, float, bool)):
+        return value
+    if isinstance(like, Node) and like.is_float and not isinstance(value, bool):
+        return b.const(value, dtype=like.dtype)
+    return b.const(value)
+
+
+def _operands(b, x, y):
+    """Both operands of a binary op as nodes (ATen puts a Python scalar on either side)."""
+    return scalar(b, x, like=y), scalar(b, y, like=x)
 
 
 # -- binary arithmetic ----------------------------------------------------------------------
@@ -50,35 +63,36 @@ register("div", torch.div, _div_vjp)
 register("div_grad_rhs", lambda g, x, y: -g * x / (y * y))
 
 
+def _scaled(b, y, alpha):
+    return y if alpha == 1 else b.emit("mul", y, scalar(b, alpha, like=y))
+
+
 @aten(A.add.Tensor, A.add.Scalar)
 def _(b, x, y, alpha=1):
-    y = _scalar(b, x, y)
-    if alpha != 1:
-        y = b.emit("mul", y, b.const(alpha))
-    return b.emit("add", x, y)
+    x, y = _operands(b, x, y)
+    return b.emit("add", x, _scaled(b, y, alpha))
 
 
 @aten(A.sub.Tensor, A.sub.Scalar)
 def _(b, x, y, alpha=1):
-    y = _scalar(b, x, y)
-    if alpha != 1:
-        y = b.emit("mul", y, b.const(alpha))
-    return b.emit("sub", x, y)
+    x, y = _operands(b, x, y)
+    return b.emit("sub", x, _scaled(b, y, alpha))
 
 
 @aten(A.rsub.Scalar, A.rsub.Tensor)
 def _(b, x, y, alpha=1):
-    return b.emit("sub", _scalar(b, x, y), x if alpha == 1 else b.emit("mul", x, b.const(alpha)))
+    x, y = _operands(b, x, y)
+    return b.emit("sub", y, _scaled(b, x, alpha))
 
 
 @aten(A.mul.Tensor, A.mul.Scalar)
 def _(b, x, y):
-    return b.emit("mul", x, _scalar(b, x, y))
+    return b.emit("mul", *_operands(b, x, y))
 
 
 @aten(A.div.Tensor, A.div.Scalar)
 def _(b, x, y):
-    return b.emit("div", x, _scalar(b, x, y))
+    return b.emit("div", *_operands(b, x, y))
 
 
 # -- unary math -----------------------------------------------------------------------------
@@ -156,7 +170,7 @@ def _(b, x, min=None, max=None):
 for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
     register(_cmp, getattr(torch, _cmp))
     for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
-        aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, x, _scalar(b, x, y)))
+        aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, *_operands(b, x, y)))
 register("logical_not", torch.logical_not)
 register("logical_and", torch.logical_and)
 register("logical_or", torch.logical_or)
@@ -165,6 +179,10 @@ aten(A.logical_and.default)(lambda b, x, y: b.emit("logical_and", x, y))
 aten(A.logical_or.default)(lambda b, x, y: b.emit("logical_or", x, y))
 register("bitwise_not", torch.bitwise_not)
 aten(A.bitwise_not.default)(lambda b, x: b.emit("bitwise_not", x))
+for _bit in ("bitwise_and", "bitwise_or", "bitwise_xor"):  # `m1 | m2` on bool masks
+    register(_bit, getattr(torch, _bit))
+    for _ov in (getattr(A, _bit).Tensor, getattr(A, _bit).Scalar):
+        aten(_ov)(lambda b, x, y, _bit=_bit: b.emit(_bit, *_operands(b, x, y)))
 
 
 def _where_vjp(b, n, g, want):
@@ -180,12 +198,12 @@ register("where", torch.where, _where_vjp)
 
 @aten(A.where.self, A.where.ScalarSelf, A.where.ScalarOther, A.where.Scalar)
 def _(b, cond, x, y):
-    return b.emit("where", cond, _scalar(b, None, x), _scalar(b, None, y))
+    return b.emit("where", cond, *_operands(b, x, y))
 
 
 @aten(A.masked_fill.Scalar, A.masked_fill.Tensor)
 def _(b, x, mask, value):
-    return b.emit("where", mask, _scalar(b, None, value), x)
+    return b.emit("where", mask, scalar(b, value, like=x), x)
 
 
 def _cast_vjp(b, n, g, want):
@@ -201,6 +219,8 @@ def _(b, x, dtype=None, **_):
     return x if dtype is None or dtype == x.dtype else b.emit("cast", x, dtype=dtype)
 
 
+# `x.to(dtype)` leaves a metadata assertion behind; there is nothing to compute.
+aten(A._assert_tensor_metadata.default)(lambda b, *args, **kwargs: None)
 aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default, A.detach.default)(lambda b, x, **_: x)
 
 
@@ -349,7 +369,9 @@ def _(b, *args, dtype=None, device=None, **_):
 
 # -- dropout: a random mask (no gradient) times the input -----------------------------------
 
-register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p))
+# The mask reads x only for its shape: no gradient flows into x through it.
+register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p),
+         lambda b, n, g, want: (None,))
 
 
 @aten(A.native_dropout.default)
