@@ -58,7 +58,8 @@ class Trainer:
         self.plan: MemoryPlan = plan(self.graph)
         self.device = _device_of(model, self.examples[0])
         self.compiled = CompiledStep(self.graph, self.device)
-        self.state = {n.name: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
+        # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
+        self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
         self.steps = 0
 
@@ -83,7 +84,7 @@ class Trainer:
             elif kind == "buffer":
                 args.append(buffers[n.attrs["target"]])
             elif kind == "state":
-                args.append(self.state[n.name])
+                args.append(self.state[n.attrs["target"]])
             elif kind == "hyper":
                 args.append(hyper[n.name])
             else:
@@ -174,7 +175,8 @@ def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer)
     updates = []
     for node, grad in grads.items():
         part = parts[node]
-        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state") for s in optimizer.state_names]
+        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state", target=f"{node.attrs['target']}:{s}")
+                 for s in optimizer.state_names]
         index = [part.index] if part and not part.first else []
         b.meta = {"module": node.attrs["target"].rpartition(".")[0], "update_of": node.attrs["target"]}
         b.emit(optimizer.op, node, grad, lr, step, *state, *index, part=(part.axis, part.k) if part else None,

@@ -119,16 +119,17 @@ def verify(graph: Graph, where: str = "") -> Graph:
 
 
 def _verify_updates_last(graph: Graph, where: str) -> None:
-    """An in-place update must come after every other reader of the tensor it mutates."""
+    """An in-place update must come after every other reader of the tensor it mutates,
+    including readers of a view of it (a view sees the update)."""
     from edgetune.ir.ops import mutated_inputs
+    from edgetune.memory import storage_of
 
-    updated_at: dict[Node, int] = {}
-    for pos, n in enumerate(graph.nodes):
+    updated: set[Node] = set()
+    for n in graph.nodes:
         for i in n.inputs:
-            if i in updated_at and updated_at[i] < pos:
-                _fail(graph, n, f"reads {i!r} after its in-place update", where)
-        for k in mutated_inputs(n):
-            updated_at[n.inputs[k]] = pos
+            if storage_of(i) in updated:
+                _fail(graph, n, f"reads {i!r} after an in-place update of its storage", where)
+        updated.update(storage_of(n.inputs[k]) for k in mutated_inputs(n))
 
 
 def _fail(graph: Graph, node: Node | None, msg: str, where: str) -> None:

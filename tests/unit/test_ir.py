@@ -45,7 +45,19 @@ def test_verifier_rejects_read_after_in_place_update():
     b.emit("sgd_update", w, g, lr, step, part=None, n_state=0, momentum=0.0, dampening=0.0,
            weight_decay=0.0, nesterov=False)
     b.emit("linear", x, w)  # reads w after it was updated
-    with pytest.raises(GraphError, match="after its in-place update"):
+    with pytest.raises(GraphError, match="after an in-place update"):
+        verify(b.graph({"loss": loss}))
+
+
+def test_verifier_rejects_reading_a_view_of_an_updated_tensor():
+    b, x, w, y, _, loss = small_graph()
+    w_t = b.emit("permute", w, dims=(1, 0))  # a view: it would see the new weights
+    lr = b.input("lr", (), torch.float64, kind="hyper")
+    step = b.input("step", (), torch.int64, kind="hyper")
+    b.emit("sgd_update", w, b.emit("linear_grad_weight", y, x), lr, step, part=None, n_state=0,
+           momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)
+    b.emit("mm", x, w_t)
+    with pytest.raises(GraphError, match="reads %permute after an in-place update"):
         verify(b.graph({"loss": loss}))
 
 
