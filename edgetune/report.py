@@ -27,9 +27,14 @@ class Report:
     layers: list[LayerRow] = field(default_factory=list)
 
     def __str__(self) -> str:
+        return self.format()
+
+    def format(self, trained_only: bool = False) -> str:
+        """The table; `trained_only` keeps just the layers that have trained parameters."""
+        layers = [r for r in self.layers if r.trainable] if trained_only else self.layers
         head = f"{'layer':<34} {'mode':<14} {'trainable':>10} {'saved MB':>9} {'MFLOPs':>9} {'live MB':>8}"
         rows = [head, "-" * len(head)]
-        for r in self.layers:
+        for r in layers:
             rows.append(f"{r.module[:34]:<34} {r.mode:<14} {r.trainable:>10,} {r.saved_bytes / 2**20:>9.2f} "
                         f"{r.flops / 1e6:>9.1f} {r.live_bytes / 2**20:>8.2f}")
         rows.append("-" * len(head))
