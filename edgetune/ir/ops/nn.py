@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from edgetune.ir.ops import ChannelSlice, aten, register
+from edgetune.ir.ops.core import scalar
 
 A = torch.ops.aten
 
@@ -84,8 +85,8 @@ def _bn_shape(x):
 
 
 def _bn(x, mean, var, w, bias, *, eps):
-    s = _bn_shape(x)
-    return (x - mean.view(s)) * torch.rsqrt(var.view(s) + eps) * w.view(s) + bias.view(s)
+    # The fused kernel, normalizing with the statistics given (batch or running).
+    return torch.nn.functional.batch_norm(x, mean, var, w, bias, training=False, eps=eps)
 
 
 def _bn_grad_input(g, w, var, *, eps):
@@ -146,14 +147,25 @@ def _(b, x, w, bias, running_mean, running_var, training, momentum, eps):
     if not training:
         y = b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps)
         return y, None, None, running_mean, running_var
+    y, mean, var = _bn_batch_stats(b, x, w, bias, eps)
+    count = x.shape[0] * _prod(x.shape[2:])
+    new_mean = _lerp(b, running_mean, mean, momentum)
+    unbiased = b.emit("mul", var, scalar(b, count / max(count - 1, 1), like=var))
+    return y, None, None, new_mean, _lerp(b, running_var, unbiased, momentum)
+
+
+@aten(A._native_batch_norm_legit.no_stats)
+def _(b, x, w, bias, training, momentum, eps):
+    # F.batch_norm(training=True) without running statistics: batch statistics, nothing to update.
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return _bn_batch_stats(b, x, w, bias, eps)[0], None, None
+
+
+def _bn_batch_stats(b, x, w, bias, eps):
     dims = _bn_dims(len(x.shape))
     mean = b.emit("mean", x, dims=dims, keepdim=False)
     var = b.emit("var", x, dims=dims, correction=0, keepdim=False)
-    y = b.emit("batch_norm", x, mean, var, w, bias, eps=eps)
-    count = x.shape[0] * _prod(x.shape[2:])
-    new_mean = _lerp(b, running_mean, mean, momentum)
-    new_var = _lerp(b, running_var, b.emit("mul", var, b.const(count / max(count - 1, 1))), momentum)
-    return y, None, None, new_mean, new_var
+    return b.emit("batch_norm", x, mean, var, w, bias, eps=eps), mean, var
 
 
 def _prod(xs):
@@ -166,7 +178,8 @@ def _prod(xs):
 def _lerp(b, old, new, momentum):
     """old * (1 - m) + new * m, as PyTorch updates running statistics."""
     new = b.emit("cast", new, dtype=old.dtype) if new.dtype != old.dtype else new
-    return b.emit("add", b.emit("mul", old, b.const(1.0 - momentum)), b.emit("mul", new, b.const(momentum)))
+    keep, take = scalar(b, 1.0 - momentum, like=old), scalar(b, momentum, like=old)
+    return b.emit("add", b.emit("mul", old, keep), b.emit("mul", new, take))
 
 
 # -- layer norm over the trailing `normalized_shape` dims -----------------------------------
