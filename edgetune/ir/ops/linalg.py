@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from edgetune.ir.ops import ChannelSlice, aten, register
+from edgetune.ir.ops.core import scalar
 from edgetune.ir.ops.nn import take_channels
 
 A = torch.ops.aten
@@ -63,10 +64,12 @@ def _(b, bias, x, y, beta=1, alpha=1):
     if beta == 1 and alpha == 1 and w is not None and len(bias.shape) == 1:
         return b.emit("linear", x, w, bias)
     prod = b.emit("mm", x, y)
+    if beta == 0:  # torch ignores the bias then, NaNs included
+        return prod if alpha == 1 else b.emit("mul", prod, scalar(b, alpha, like=prod))
     if alpha != 1:
-        prod = b.emit("mul", prod, b.const(alpha))
+        prod = b.emit("mul", prod, scalar(b, alpha, like=prod))
     if beta != 1:
-        bias = b.emit("mul", bias, b.const(beta))
+        bias = b.emit("mul", bias, scalar(b, beta, like=bias))
     return b.emit("add", bias, prod)
 
 

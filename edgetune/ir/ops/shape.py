@@ -1,4 +1,4 @@
-"""The view family: reshape, permute, expand, slice, select, cat. Gradients route back."""
+"""The view family: reshape, permute, expand, slice, select, cat, pad. Gradients route back."""
 from __future__ import annotations
 
 import math
@@ -56,6 +56,14 @@ register("select", lambda x, dim, index: x.select(dim, index), _select_vjp, view
 register("cat", lambda *xs, dim: torch.cat(xs, dim), _cat_vjp)
 register("slice_grad", _slice_grad)
 register("select_grad", _select_grad)
+
+
+def _pad_vjp(b, n, g, want):
+    # Padding and cropping undo each other: the gradient is g padded by the negated amounts.
+    return (b.emit("pad", g, pad=tuple(-p for p in n.attrs["pad"]), value=0.0) if want[0] else None,)
+
+
+register("pad", lambda x, pad, value: A.constant_pad_nd(x, pad, value), _pad_vjp)
 
 
 def _resolve_shape(x, shape):
@@ -142,3 +150,8 @@ def _(b, x, sizes, dim=0):
         outs.append(b.emit("slice", x, dim=dim, start=start, end=start + size, step=1))
         start += size
     return tuple(outs)
+
+
+@aten(A.constant_pad_nd.default)
+def _(b, x, pad, value=0):
+    return b.emit("pad", x, pad=tuple(pad), value=value)

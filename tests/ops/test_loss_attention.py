@@ -1,0 +1,147 @@
+"""Softmax, losses and attention: gradients vs torch.autograd."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.ops.harness import check_grads, few, t
+
+# -- softmax / log_softmax ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [F.softmax, F.log_softmax], ids=["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((5,), 0), ((3, 4), 0), ((3, 4), 1), ((2, 3, 4), -1), ((2, 3, 4), 1),
+                                       ((2, 3, 4), -3)], ids=str)
+def test_softmax(fn, shape, dim):
+    check_grads(lambda x: fn(x * 3, dim=dim), t(*shape))
+
+
+def test_softmax_of_transposed_input_with_dtype():
+    check_grads(lambda x: F.softmax(x.t(), dim=-1, dtype=torch.float64) + F.log_softmax(x.t(), 0), t(4, 3))
+
+
+# -- losses -----------------------------------------------------------------------------------
+
+def _targets(shape, classes, ignored=()):
+    y = torch.randint(0, classes, shape)
+    y.view(-1)[list(ignored)] = -100
+    return y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_with_ignored_entries(reduction):
+    y = _targets((6,), 5, ignored=(1, 4))
+    check_grads(lambda x, y: F.cross_entropy(x, y, reduction=reduction), t(6, 5), y)
+
+
+def test_cross_entropy_nothing_ignored():
+    check_grads(F.cross_entropy, t(4, 7), _targets((4,), 7))
+
+
+def test_cross_entropy_spatial_and_sequence():
+    # (N, C, d) targets (N, d): a segmentation-style or a (B, vocab, T) language-model loss.
+    check_grads(F.cross_entropy, t(2, 5, 3), _targets((2, 3), 5, ignored=(2,)))
+    check_grads(lambda x, y: F.cross_entropy(x.transpose(1, 2), y), t(2, 3, 5), _targets((2, 3), 5, ignored=(0,)))
+
+
+def test_cross_entropy_language_model_flattened():
+    def loss(logits, y):
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+
+    check_grads(loss, t(2, 4, 6), _targets((2, 4), 6, ignored=(3, 7)))
+
+
+def test_cross_entropy_other_options():
+    y = _targets((6,), 5)
+    y[2] = 3
+    check_grads(lambda x, y: F.cross_entropy(x, y, ignore_index=3), t(6, 5), y)
+    check_grads(lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), t(6, 5), _targets((6,), 5, ignored=(0,)))
+
+
+def test_cross_entropy_of_linear_head():
+    check_grads(lambda x, w, b, y: F.cross_entropy(F.linear(x, w, b), y), t(6, 4), t(5, 4), t(5),
+                _targets((6,), 5, ignored=(5,)))
+
+
+def test_nll_and_mse_losses():
+    y = _targets((6,), 5, ignored=(2,))
+    check_grads(lambda x, y: F.nll_loss(F.log_softmax(x, -1), y), t(6, 5), y)
+    check_grads(F.mse_loss, t(3, 4), t(3, 4, grad=False))
+
+
+# -- scaled_dot_product_attention -------------------------------------------------------------
+
+def _qkv(b=2, h=2, t_q=4, t_k=4, d=8, h_kv=None):
+    return t(b, h, t_q, d), t(b, h_kv or h, t_k, d), t(b, h_kv or h, t_k, d)
+
+
+def test_sdpa_plain():
+    check_grads(F.scaled_dot_product_attention, *_qkv())
+    check_grads(F.scaled_dot_product_attention, *_qkv(t_q=3, t_k=5))  # cross-attention lengths
+
+
+def test_sdpa_causal():
+    check_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), *_qkv(t_q=5, t_k=5))
+
+
+def test_sdpa_scale():
+    check_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3), *_qkv(d=4))
+
+
+@pytest.mark.parametrize("mask_shape", [(4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
+def test_sdpa_bool_mask(mask_shape):
+    mask = torch.rand(mask_shape) > 0.4
+    mask[..., 0] = True  # every query sees at least one key
+    q, k, v = _qkv(t_q=4, t_k=6)
+    check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), q, k, v, mask)
+
+
+def test_sdpa_float_mask():
+    bias = torch.randn(4, 4, dtype=torch.float64)
+    check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(), bias)
+
+
+def test_sdpa_gqa_by_expand():
+    # Llama-style grouped-query attention: 4 query heads share 2 kv heads, repeated by expand.
+    def attend(q, k, v):
+        b, h_kv, s, d = k.shape
+        rep = q.shape[1] // h_kv
+        k = k[:, :, None].expand(b, h_kv, rep, s, d).reshape(b, h_kv * rep, s, d)
+        v = v[:, :, None].expand(b, h_kv, rep, s, d).reshape(b, h_kv * rep, s, d)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    check_grads(attend, *_qkv(h=4, h_kv=2))
+
+
+def test_sdpa_gqa_builtin():
+    check_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), *_qkv(h=4, h_kv=2))
+
+
+def test_attention_block_from_projections():
+    # One attention layer as a model writes it: fused qkv projection, heads split by view/transpose.
+    def block(x, w_qkv, w_o):
+        b, s, e = x.shape
+        q, k, v = F.linear(x, w_qkv).split(e, dim=-1)
+        q, k, v = (z.view(b, s, 2, e // 2).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.linear(y.transpose(1, 2).reshape(b, s, e), w_o)
+
+    check_grads(block, t(2, 5, 8), t(24, 8), t(8, 8))
+
+
+@few(4)
+@given(t_q=st.integers(1, 5), t_k=st.integers(1, 5), d=st.integers(1, 6), causal=st.booleans())
+def test_manual_attention_with_arange_mask(t_q, t_k, d, causal):
+    # The hand-written form: masks from arange comparisons, masked_fill with -inf, softmax.
+    def attend(q, k, v):
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if causal:
+            future = torch.arange(k.shape[-2])[None, :] > torch.arange(q.shape[-2])[:, None] + (t_k - t_q)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(-1) @ v
+
+    t_k = max(t_k, t_q) if causal else t_k
+    check_grads(attend, *_qkv(b=1, t_q=t_q, t_k=t_k, d=d))

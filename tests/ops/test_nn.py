@@ -1,0 +1,189 @@
+"""Convolution, normalization, pooling, embedding: gradients vs torch.autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.ops.harness import Buffer, check_grads, few, t
+
+# -- convolution ----------------------------------------------------------------------------
+
+
+@st.composite
+def conv_case(draw, dims):
+    groups = draw(st.sampled_from(["one", "two", "depthwise"]))
+    per_group = draw(st.integers(1, 2))
+    cin = {"one": per_group, "two": 2 * per_group, "depthwise": draw(st.integers(1, 4))}[groups]
+    g = {"one": 1, "two": 2, "depthwise": cin}[groups]
+    cout = g * draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(dims))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(dims))
+    reach = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
+    size = tuple(draw(st.integers(max(1, r - 2 * p), r + 4)) for r, p in zip(reach, padding))
+    batch, bias = draw(st.integers(1, 2)), draw(st.booleans())
+    x, w = t(batch, cin, *size), t(cout, cin // g, *kernel)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=g)
+    return x, w, (t(cout) if bias else None), conv
+
+
+@few(8)
+@given(case=conv_case(2))
+def test_conv2d(case):
+    x, w, b, conv = case
+    if b is None:
+        check_grads(lambda x, w: F.conv2d(x, w, **conv), x, w)
+    else:
+        check_grads(lambda x, w, b: F.conv2d(x, w, b, **conv), x, w, b)
+
+
+@few(5)
+@given(case=conv_case(1))
+def test_conv1d(case):
+    x, w, b, conv = case
+    conv = {k: v[0] if isinstance(v, tuple) else v for k, v in conv.items()}
+    if b is None:
+        check_grads(lambda x, w: F.conv1d(x, w, **conv), x, w)
+    else:
+        check_grads(lambda x, w, b: F.conv1d(x, w, b, **conv), x, w, b)
+
+
+def test_depthwise_with_channel_multiplier():
+    check_grads(lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=3), t(2, 3, 7, 6), t(6, 1, 3, 3), t(6))
+
+
+@pytest.mark.parametrize("trained", ["input", "weight", "bias"])
+def test_conv_one_operand_trained(trained):
+    args = [t(2, 4, 6, 6, grad=trained == "input"), t(5, 4, 3, 3, grad=trained == "weight"),
+            t(5, grad=trained == "bias")]
+    check_grads(lambda x, w, b: F.conv2d(x, w, b, padding=1), *args)
+
+
+def test_conv_of_channels_last_view():
+    # The input arrives NHWC and is permuted inside fn: a non-contiguous conv input.
+    check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w, padding=1), t(2, 5, 6, 3), t(4, 3, 3, 3))
+
+
+def test_conv_padding_same():
+    check_grads(lambda x, w: F.conv2d(x, w, padding="same"), t(1, 2, 6, 5), t(3, 2, 3, 3))
+    check_grads(lambda x, w: F.conv1d(x, w, padding="same", dilation=2), t(2, 2, 7), t(3, 2, 4))
+    check_grads(lambda x, w: F.conv1d(x, w, padding="same"), t(2, 2, 7), t(3, 2, 4))  # asymmetric: a pad op
+
+
+def test_conv1d_unbatched_input():
+    check_grads(lambda x, w, b: F.conv1d(x, w, b, padding=1), t(3, 8), t(2, 3, 3), t(2))
+
+
+def test_conv_stack_with_relu6():
+    def block(x, w1, b1, w2):
+        return F.conv2d(F.relu6(F.conv2d(x, w1, b1, stride=2, padding=1)), w2, groups=4, padding=1)
+
+    check_grads(block, t(2, 3, 8, 8), t(4, 3, 3, 3), t(4), t(4, 1, 3, 3))
+
+
+# -- batch norm -----------------------------------------------------------------------------
+
+BN_SHAPES = [(4, 3), (3, 3, 5), (2, 3, 4, 5)]
+
+
+def _stats(c):
+    return torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batch_norm_eval(shape):
+    rm, rv = _stats(shape[1])
+    check_grads(lambda x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3),
+                t(*shape), rm, rv, t(3), t(3))
+
+
+def test_batch_norm_eval_running_stats_as_buffers_and_no_affine():
+    rm, rv = _stats(3)
+    check_grads(lambda x, rm, rv: F.batch_norm(x, rm, rv, training=False), t(2, 3, 4, 4), Buffer(rm), Buffer(rv))
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batch_norm_train_batch_statistics(shape):
+    check_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), t(*shape), t(3), t(3))
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=str)
+def test_batch_norm_train_updates_running_stats(shape):
+    rm, rv = _stats(shape[1])
+    check_grads(lambda x, rm, rv, w, b: F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.3),
+                t(*shape), Buffer(rm), Buffer(rv), t(3), t(3), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_train_no_affine_of_transposed_input():
+    check_grads(lambda x: F.batch_norm(x.transpose(0, 1), None, None, training=True), t(3, 4, 5))
+
+
+def test_batch_norm_train_only_affine_trained():
+    check_grads(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), t(4, 3, 5, grad=False), t(3), t(3))
+
+
+# -- layer norm -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("shape,normalized", [((2, 3, 5), (5,)), ((2, 3, 4), (3, 4))], ids=str)
+def test_layer_norm(affine, shape, normalized):
+    w = t(*normalized) if affine != "none" else None
+    b = t(*normalized) if affine == "both" else None
+    check_grads(lambda x, w, b: F.layer_norm(x, normalized, w, b, eps=1e-5), t(*shape), w, b)
+
+
+def test_layer_norm_of_transposed_input():
+    check_grads(lambda x, w, b: F.layer_norm(x.transpose(1, 2), (3,), w, b), t(2, 3, 4), t(3), t(3))
+
+
+# -- pooling --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0)),
+    dict(kernel_size=3, stride=2, ceil_mode=True),
+    dict(kernel_size=2, dilation=2),
+], ids=str)
+def test_max_pool2d(kw):
+    check_grads(lambda x: F.max_pool2d(x, **kw), t(2, 3, 7, 8))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=2),
+    dict(kernel_size=3, stride=2, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+    dict(kernel_size=(2, 3), stride=(2, 1), ceil_mode=True),
+    dict(kernel_size=3, padding=1, divisor_override=4),
+], ids=str)
+def test_avg_pool2d(kw):
+    check_grads(lambda x: F.avg_pool2d(x, **kw), t(2, 3, 7, 8))
+
+
+@pytest.mark.parametrize("size", [1, (1, 1), 2, (3, 2), (5, 4), (7, 8)], ids=str)
+def test_adaptive_avg_pool2d(size):
+    check_grads(lambda x: F.adaptive_avg_pool2d(x, size), t(2, 3, 7, 8))
+
+
+def test_pool_of_permuted_input():
+    check_grads(lambda x: F.max_pool2d(x.permute(0, 3, 1, 2), 2) + F.avg_pool2d(x.permute(0, 3, 1, 2), 2),
+                t(2, 6, 6, 3))
+
+
+# -- embedding ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding_idx", [None, 3, -1])
+@pytest.mark.parametrize("idx_shape", [(5,), (2, 4)], ids=str)
+def test_embedding(padding_idx, idx_shape):
+    idx = torch.randint(0, 6, idx_shape)
+    idx.view(-1)[:3] = torch.tensor([0, 3, 5])  # the padding rows and a repeat are present
+    idx.view(-1)[-1] = 3
+    check_grads(lambda w, idx: F.embedding(idx, w, padding_idx=padding_idx), t(6, 4), idx)
+
+
+def test_embedding_looked_up_twice():
+    idx = torch.tensor([[1, 2, 1], [0, 2, 2]])
+    check_grads(lambda w, idx: F.embedding(idx, w) * F.embedding(idx[:, 1:], w).sum((1, 2))[:, None, None],
+                t(4, 3), idx)

@@ -1,0 +1,119 @@
+"""The view family (view, reshape, permute, transpose, expand, slicing, select, cat, split, ...):
+gradients route back to the right entries, also through chains of non-contiguous views."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes
+
+from tests.ops.harness import check_grads, few, t
+
+VIEWS = {
+    "view": lambda x: x.view(4, 15),
+    "view_-1": lambda x: x.view(-1, 3),
+    "reshape": lambda x: x.reshape(2, 2, 15),
+    "flatten": lambda x: x.flatten(1),
+    "unflatten": lambda x: x.unflatten(2, (1, 5, 1)),
+    "permute": lambda x: x.permute(2, 0, 1),
+    "permute_neg": lambda x: x.permute(-1, -3, -2),
+    "transpose": lambda x: x.transpose(0, 2),
+    "transpose_neg": lambda x: x.transpose(-1, -2),
+    "mT": lambda x: x.mT,
+    "expand": lambda x: x[:, :1].expand(4, 3, 5),
+    "expand_new_dims": lambda x: x.expand(2, 4, 3, 5),
+    "expand_as": lambda x: x[:1, :, :1].expand_as(x),
+    "slice": lambda x: x[1:3],
+    "slice_step": lambda x: x[:, ::2, 1::3],
+    "slice_neg": lambda x: x[-3:-1, :, :-2],
+    "slice_past_end": lambda x: x[:, 1:100],
+    "slice_empty": lambda x: torch.cat([x[2:2], x[:1]]),
+    "narrow": lambda x: x.narrow(2, 1, 3),
+    "select": lambda x: x[1],
+    "select_neg": lambda x: x[:, -1],
+    "select_index_mix": lambda x: x[2, 1:, None, ::2],
+    "unsqueeze": lambda x: x.unsqueeze(1),
+    "unsqueeze_neg": lambda x: x.unsqueeze(-1),
+    "none_index": lambda x: x[None, :, None],
+    "squeeze": lambda x: x[:, :1].squeeze(),
+    "squeeze_dim": lambda x: x[:, :1].squeeze(1),
+    "squeeze_noop": lambda x: x.squeeze(0),
+    "clone": lambda x: x.clone(),
+    "contiguous": lambda x: x.transpose(0, 1).contiguous(),
+    "unbind": lambda x: x.unbind(1)[2],
+    "chunk": lambda x: x.chunk(2, dim=2)[1],
+    "split": lambda x: x.split(2, dim=0)[1],
+    "split_sizes": lambda x: x.split([1, 3, 1], dim=2)[1],
+    "stack": lambda x: torch.stack([x, x * 2], 1),
+    "cat": lambda x: torch.cat([x, x[:, :1] * 3], 1),
+    "cat_neg_dim": lambda x: torch.cat([x[..., :2], x], -1),
+}
+
+
+@pytest.mark.parametrize("name", VIEWS)
+def test_view(name):
+    check_grads(VIEWS[name], t(4, 3, 5))
+
+
+def test_chain_of_noncontiguous_views():
+    def fn(x):
+        y = x.transpose(0, 2)[1:, ::2].permute(2, 0, 1)  # non-contiguous at every step
+        return y.reshape(y.shape[0], -1).t()[::2] * 2
+
+    check_grads(fn, t(4, 3, 5))
+
+
+def test_noncontiguous_input_reshaped():
+    # A transposed input tensor arrives at the step; reshape must copy, not reinterpret.
+    x = t(5, 4, grad=False).t()
+    check_grads(lambda x, w: (x * w).reshape(-1) + x.reshape(2, 10).t().reshape(-1), x, t(4, 5))
+
+
+def test_split_all_pieces_and_cat_back():
+    def fn(x):
+        a, b, c = x.split([1, 2, 2], dim=1)
+        return torch.cat([c * 2, a, b.exp()], dim=1)
+
+    check_grads(fn, t(3, 5))
+
+
+def test_chunk_qkv():
+    def fn(x, w):
+        q, k, v = F.linear(x, w).chunk(3, dim=-1)
+        return q * k + v
+
+    check_grads(fn, t(2, 3, 4), t(12, 4))
+
+
+def test_views_on_a_parameter_used_twice():
+    check_grads(lambda w: w[:2] * w[2:] + w.t()[:, :2].t(), t(4, 3))
+
+
+@few(5)
+@given(shape=array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=4), data=st.data())
+def test_permute_and_slice(shape, data):
+    perm = data.draw(st.permutations(range(len(shape))))
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    start = data.draw(st.integers(0, shape[dim] - 1))
+    step = data.draw(st.integers(1, 3))
+
+    def fn(x):
+        sliced = x[(slice(None),) * dim + (slice(start, None, step),)]
+        return x.permute(*perm) * 2 + sliced.sum() + x.select(dim, start).sum()
+
+    check_grads(fn, t(*shape))
+
+
+@few(5)
+@given(shape=array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=4), data=st.data())
+def test_expand_broadcast(shape, data):
+    # Keep some dims, broadcast the unit ones, and prepend new leading dims.
+    unit = tuple(s if data.draw(st.booleans()) else 1 for s in shape)
+    lead = tuple(data.draw(st.lists(st.integers(1, 3), max_size=2)))
+    check_grads(lambda x: x.expand(*lead, *shape) * 1.5, t(*unit))
+
+
+def test_pad():
+    check_grads(lambda x: F.pad(x, (1, 2)), t(3, 4))
+    check_grads(lambda x: F.pad(x, (0, 1, 2, 0), value=0.5), t(2, 3, 4))
+    check_grads(lambda x: F.pad(x, (-1, 1, 1, -2)), t(2, 3, 4))
