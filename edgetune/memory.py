@@ -67,3 +67,16 @@ def plan(graph: Graph) -> MemoryPlan:
         live -= sum(m.nbytes for m in frees.get(pos, []) if allocates(m))
     state = sum(n.nbytes for n in graph.nodes if n.op == "input" and n.attrs.get("kind") == "state")
     return MemoryPlan(list(graph.nodes), last, live_bytes, state)
+
+
+def saved_for_backward(nodes: list[Node]) -> set[Node]:
+    """Forward allocations that a backward node reads (directly or through a view)."""
+    saved = set()
+    for n in nodes:
+        if "grad_of" not in n.meta:
+            continue
+        for i in n.inputs:
+            base = storage_of(i)
+            if "grad_of" not in base.meta and allocates(base):
+                saved.add(base)
+    return saved

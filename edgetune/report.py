@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgetune.ir.graph import Node
-from edgetune.memory import allocates, storage_of
+from edgetune.memory import saved_for_backward
 
 
 @dataclass
@@ -58,7 +58,7 @@ def build_report(trainer) -> Report:
             r = rows[row_of[n.meta["module"]]]
             r.flops += flops(n)
             r.live_bytes = max(r.live_bytes, plan.live_bytes[pos])
-    for n in _saved_for_backward(graph.nodes):
+    for n in saved_for_backward(graph.nodes):
         if n.meta.get("module") in row_of:
             rows[row_of[n.meta["module"]]].saved_bytes += n.nbytes
     total = sum(p.numel() for p in trainer.model.parameters())
@@ -90,19 +90,6 @@ def _mode(trainer, module: str) -> str:
     for leaf, rule in rules.items():
         parts.append(leaf if not rule.partial else f"{leaf}@{rule.ratio:g}")
     return "+".join(parts)
-
-
-def _saved_for_backward(nodes: list[Node]) -> set[Node]:
-    """Forward allocations that a backward node reads (directly or through a view)."""
-    saved = set()
-    for n in nodes:
-        if "grad_of" not in n.meta:
-            continue
-        for i in n.inputs:
-            base = storage_of(i)
-            if "grad_of" not in base.meta and allocates(base):
-                saved.add(base)
-    return saved
 
 
 def flops(n: Node) -> int:

@@ -18,11 +18,11 @@ from edgetune.autodiff import differentiate
 from edgetune.backends.torch import CompiledStep
 from edgetune.frontend.torch import ForwardGraph, export
 from edgetune.ir.builder import Builder
-from edgetune.ir.graph import Graph, Node, checks_enabled, verify
+from edgetune.ir.graph import Graph, Node, checks_enabled, leaves_first, verify
 from edgetune.ir.ops import ChannelSlice
 from edgetune.memory import MemoryPlan, plan
 from edgetune.optim import SGD, AdamW
-from edgetune.passes import run_pipeline
+from edgetune.passes import PIPELINE, run_pipeline
 from edgetune.report import Report, build_report
 
 
@@ -42,19 +42,24 @@ class Update:
 
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
-            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None) -> "Trainer":
-    """Compile one training step of `model` under `scheme` (default: full) with `optimizer`."""
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
+            *, passes: list | None = None) -> "Trainer":
+    """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
+
+    `passes` replaces the optimization pipeline (default: edgetune.passes.PIPELINE).
+    """
     return Trainer(model, loss_fn, example_inputs, example_targets,
-                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01))
+                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes)
 
 
 class Trainer:
-    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer) -> None:
+    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None) -> None:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
         forward = export(model, loss_fn, *self.examples)
-        self.graph, self.updates = _training_graph(forward, self.rules, dict(model.named_parameters()), optimizer)
+        self.graph, self.updates = _training_graph(forward, self.rules, dict(model.named_parameters()), optimizer,
+                                                   PIPELINE if passes is None else passes)
         self.plan: MemoryPlan = plan(self.graph)
         self.device = _device_of(model, self.examples[0])
         self.compiled = CompiledStep(self.graph, self.device)
@@ -164,7 +169,7 @@ class Trainer:
 
 # -- building the training graph ------------------------------------------------------------
 
-def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer) -> tuple[Graph, list[Update]]:
+def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer, passes) -> tuple[Graph, list[Update]]:
     b = Builder(forward.graph.nodes)
     loss = forward.graph.outputs["loss"]
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
@@ -186,10 +191,10 @@ def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer)
     for key, value in forward.graph.outputs.items():
         if key.startswith("buffer:"):
             b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value)
-    graph = b.graph({"loss": loss})
+    graph = leaves_first(b.graph({"loss": loss}))
     if checks_enabled():
         verify(graph, where="autodiff")
-    return run_pipeline(graph), updates
+    return run_pipeline(graph, passes), updates
 
 
 def _part(b: Builder, forward: ForwardGraph, name: str, rule: schemes.Rule, weight: torch.Tensor):

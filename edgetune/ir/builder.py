@@ -30,6 +30,14 @@ class Builder:
         self.nodes.append(node)
         return node
 
+    def append(self, node: Node) -> Node:
+        """Add an existing node (a pass copying a graph); its name must still be free."""
+        if node.name in self._names:
+            raise ValueError(f"name {node.name!r} is already used")
+        self._names.add(node.name)
+        self.nodes.append(node)
+        return node
+
     def input(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, **attrs: Any) -> Node:
         node = Node("input", (), attrs, tuple(shape), dtype, self._fresh(name), {})
         self.nodes.append(node)

@@ -67,6 +67,13 @@ class Graph:
         return format_graph(self)
 
 
+def leaves_first(graph: Graph) -> Graph:
+    """Inputs and constants first (they exist before the step runs), the rest in order."""
+    leaves = [n for n in graph.nodes if not n.inputs and n.op in ("input", "const")]
+    rest = [n for n in graph.nodes if n.inputs or n.op not in ("input", "const")]
+    return Graph(leaves + rest, dict(graph.outputs))
+
+
 def format_graph(graph: Graph, mark: Node | None = None) -> str:
     """Readable text, one node a line: `%y = conv2d(%x, %w) stride=(1, 1) :: f32[8,16,4,4]`."""
     lines = []

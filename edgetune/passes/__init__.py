@@ -10,30 +10,43 @@ from typing import Callable
 
 from edgetune.ir.graph import Graph, checks_enabled, verify
 from edgetune.passes.dce import dce
+from edgetune.passes.masks import bitmask_activations
+from edgetune.passes.reorder import update_early
+from edgetune.passes.slices import save_channel_slices
 
 Pass = Callable[[Graph], Graph]
 
 PIPELINE: list[tuple[str, Pass, str]] = [
     ("dce", dce, "drop values that neither the loss nor an update needs (the pruned backward's leftovers)"),
+    ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
+    ("slices", save_channel_slices, "a partially trained weight's gradient keeps only its k input channels"),
+    ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
 ]
 
 
 def run_pipeline(graph: Graph, pipeline: list[tuple[str, Pass, str]] = PIPELINE) -> Graph:
-    from edgetune.memory import plan
-
     level = int(os.environ.get("EDGETUNE_DEBUG", "0") or 0)
     for name, fn, _why in pipeline:
-        before = plan(graph) if level else None
+        before = _summary(graph) if level else None
         graph = fn(graph)
         if checks_enabled():
             verify(graph, where=name)
         if level:
-            after = plan(graph)
-            print(f"[edgetune] {name:<12} nodes {len(before.order)} -> {len(after.order)}, "
-                  f"predicted peak {_mb(before.peak_bytes)} -> {_mb(after.peak_bytes)}")
+            print(_line(name, before, _summary(graph)))
         if level >= 2:
             print(graph)
     return graph
+
+
+def _summary(graph: Graph) -> dict[str, str]:
+    from edgetune.memory import plan, saved_for_backward
+
+    saved = sum(n.nbytes for n in saved_for_backward(graph.nodes))
+    return {"nodes": str(len(graph.nodes)), "saved for backward": _mb(saved), "predicted peak": _mb(plan(graph).peak_bytes)}
+
+
+def _line(name: str, before: dict[str, str], after: dict[str, str]) -> str:
+    return f"[edgetune] {name:<8} " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before)
 
 
 def _mb(n: int) -> str:

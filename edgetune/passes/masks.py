@@ -1,0 +1,49 @@
+"""Bit-packed activation masks: a ReLU/ReLU6 backward needs 1 bit per element, not a float.
+
+Where an activation's output is kept only for its own backward, the forward packs
+"did the gradient pass here" into ceil(n/8) bytes right after the activation, and the
+float output can die as soon as the forward is done with it (32x less for float32).
+"""
+from __future__ import annotations
+
+from edgetune.ir.graph import Graph, Node
+from edgetune.memory import storage_of
+from edgetune.passes.rewrite import is_backward, keep, rewrite
+from edgetune.passes.slices import channel_takes, read_whole
+
+# activation-gradient op -> the open interval (lo, hi) of its saved output where g passes
+PASS_INTERVAL = {
+    "relu_grad": lambda attrs: (0.0, None),
+    "hardtanh_grad": lambda attrs: (attrs["min"], attrs["max"]),
+}
+
+
+def bitmask_activations(graph: Graph) -> Graph:
+    grads = _maskable(graph)
+    interval = {y: PASS_INTERVAL[g.op](g.attrs) for g, y in grads.items()}
+    packs: dict[Node, Node] = {}
+
+    def visit(b, n, inputs):
+        if n in interval:
+            y = keep(b, n, inputs)
+            lo, hi = interval[n]
+            packs[n] = b.emit("pack_mask", y, lo=lo, hi=hi, name=f"{n.name}_mask")
+            return y
+        if n in grads:
+            return b.emit("masked_grad", inputs[0], packs[grads[n]], name=f"{n.name}_bits")
+        return None
+
+    return rewrite(graph, visit) if grads else graph
+
+
+def _maskable(graph: Graph) -> dict[Node, Node]:
+    """Activation-grad node -> its saved output, where nothing else in backward reads it whole.
+
+    A channel take of it (a partial weight's input) does not count: the slices pass that
+    follows saves just those channels, so the bits plus the slice replace the output."""
+    grads = {n: n.inputs[1] for n in graph.nodes if n.op in PASS_INTERVAL and is_backward(n)}
+    whole = read_whole(graph, set(grads) | set(channel_takes(graph)))
+    same_rule = {}
+    for g, y in grads.items():
+        same_rule.setdefault(y, set()).add((g.op, tuple(g.attrs.items())))
+    return {g: y for g, y in grads.items() if storage_of(y) is y and y not in whole and len(same_rule[y]) == 1}

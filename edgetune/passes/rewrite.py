@@ -1,0 +1,40 @@
+"""A graph copy with local rewrites, the one tool the passes share.
+
+`rewrite(graph, visit)` walks the nodes in order with their inputs already remapped;
+`visit(b, node, inputs)` may emit nodes through `b` and return the node that stands for
+`node` from then on, or None to keep it (copied only if its inputs changed); `keep` does
+the same from inside `visit`, to emit nodes right after the original.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from edgetune.ir.builder import Builder
+from edgetune.ir.graph import Graph, Node
+
+Visit = Callable[[Builder, Node, tuple[Node, ...]], "Node | None"]
+
+
+def rewrite(graph: Graph, visit: Visit) -> Graph:
+    b = Builder()
+    b._names.update(n.name for n in graph.nodes)  # new nodes get names no original has
+    mapping: dict[Node, Node] = {}
+    for n in graph.nodes:
+        inputs = tuple(mapping[i] for i in n.inputs)
+        b.meta = dict(n.meta)
+        new = visit(b, n, inputs)
+        mapping[n] = keep(b, n, inputs) if new is None else new
+    b.meta = {}
+    return Graph(b.nodes, {k: mapping[v] for k, v in graph.outputs.items()})
+
+
+def keep(b: Builder, n: Node, inputs: tuple[Node, ...]) -> Node:
+    """Append `n` unchanged (or a copy on the remapped inputs) and return it."""
+    new = n if inputs == n.inputs else replace(n, inputs=inputs)
+    b.nodes.append(new)
+    return new
+
+
+def is_backward(n: Node) -> bool:
+    return "grad_of" in n.meta
