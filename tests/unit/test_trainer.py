@@ -161,3 +161,16 @@ def test_frozen_weights_grow_no_weight_gradient():
     ops = [n.op for n in trainer.graph.nodes]
     assert "conv_grad_weight" not in ops and "linear_grad_weight" not in ops
     assert ops.count("conv_grad_input") == 2  # back through pw and dw to reach bn's bias; never into stem
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_when_model_and_batch_are_there():
+    model = ConvNet().cuda().train()
+    ref = copy.deepcopy(model)
+    batches = [tuple(tuple(t.cuda() for t in part) for part in batch(seed=s)) for s in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    losses = [trainer.step(*b) for b in batches]
+    ref_losses = train_eager(ref, F.cross_entropy, batches, trainer.trained_masks(),
+                             lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01))
+    assert losses == pytest.approx(ref_losses, rel=1e-4)
+    assert_models_match(model, ref)
