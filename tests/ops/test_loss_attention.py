@@ -99,6 +99,15 @@ def test_sdpa_bool_mask(mask_shape):
     check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), q, k, v, mask)
 
 
+def test_sdpa_fully_masked_rows():
+    # Left padding with a causal mask leaves the padded queries no key at all: torch outputs 0
+    # for such rows and passes no gradient through them (not NaN).
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    keys = torch.tensor([[False, True, True, True], [True, True, True, True]])
+    mask = causal & keys[:, None, None, :]
+    check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(), mask)
+
+
 def test_sdpa_float_mask():
     bias = torch.randn(4, 4, dtype=torch.float64)
     check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(), bias)

@@ -77,6 +77,10 @@ def test_split_all_pieces_and_cat_back():
     check_grads(fn, t(3, 5))
 
 
+def test_cat_of_mixed_precision():
+    check_grads(lambda x, y: torch.cat([x, y], 1) * 2, t(2, 3).float().detach().requires_grad_(True), t(2, 2))
+
+
 def test_chunk_qkv():
     def fn(x, w):
         q, k, v = F.linear(x, w).chunk(3, dim=-1)

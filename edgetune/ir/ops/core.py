@@ -28,30 +28,36 @@ def _operands(b, x, y):
     return scalar(b, x, like=y), scalar(b, y, like=x)
 
 
+def grad_like(b, g, x):
+    """g as the gradient of x: summed over broadcast dims, cast back from a promoted dtype."""
+    g = b.sum_to(g, x.shape)
+    return g if g.dtype == x.dtype else b.emit("cast", g, dtype=x.dtype)
+
+
 # -- binary arithmetic ----------------------------------------------------------------------
 
 def _add_vjp(b, n, g, want):
     x, y = n.inputs
-    return (b.sum_to(g, x.shape) if want[0] else None, b.sum_to(g, y.shape) if want[1] else None)
+    return (grad_like(b, g, x) if want[0] else None, grad_like(b, g, y) if want[1] else None)
 
 
 def _sub_vjp(b, n, g, want):
     x, y = n.inputs
-    gy = b.sum_to(b.emit("neg", g), y.shape) if want[1] else None
-    return (b.sum_to(g, x.shape) if want[0] else None, gy)
+    gy = grad_like(b, b.emit("neg", g), y) if want[1] else None
+    return (grad_like(b, g, x) if want[0] else None, gy)
 
 
 def _mul_vjp(b, n, g, want):
     x, y = n.inputs
-    gx = b.sum_to(b.emit("mul", g, y), x.shape) if want[0] else None
-    gy = b.sum_to(b.emit("mul", g, x), y.shape) if want[1] else None
+    gx = grad_like(b, b.emit("mul", g, y), x) if want[0] else None
+    gy = grad_like(b, b.emit("mul", g, x), y) if want[1] else None
     return gx, gy
 
 
 def _div_vjp(b, n, g, want):
     x, y = n.inputs
-    gx = b.sum_to(b.emit("div", g, y), x.shape) if want[0] else None
-    gy = b.sum_to(b.emit("div_grad_rhs", g, x, y), y.shape) if want[1] else None
+    gx = grad_like(b, b.emit("div", g, y), x) if want[0] else None
+    gy = grad_like(b, b.emit("div_grad_rhs", g, x, y), y) if want[1] else None
     return gx, gy
 
 
@@ -188,8 +194,8 @@ for _bit in ("bitwise_and", "bitwise_or", "bitwise_xor"):  # `m1 | m2` on bool m
 def _where_vjp(b, n, g, want):
     cond, x, y = n.inputs
     zero = b.const(0.0, dtype=g.dtype)
-    gx = b.sum_to(b.emit("where", cond, g, zero), x.shape) if want[1] else None
-    gy = b.sum_to(b.emit("where", cond, zero, g), y.shape) if want[2] else None
+    gx = grad_like(b, b.emit("where", cond, g, zero), x) if want[1] else None
+    gy = grad_like(b, b.emit("where", cond, zero, g), y) if want[2] else None
     return None, gx, gy
 
 
@@ -221,7 +227,11 @@ def _(b, x, dtype=None, **_):
 
 # `x.to(dtype)` leaves a metadata assertion behind; there is nothing to compute.
 aten(A._assert_tensor_metadata.default)(lambda b, *args, **kwargs: None)
-aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default, A.detach.default)(lambda b, x, **_: x)
+aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default)(lambda b, x, **_: x)
+
+# `x.detach()`: the value passes, its gradient does not.
+register("detach", torch.Tensor.detach, lambda b, n, g, want: (None,), view=True)
+aten(A.detach.default)(lambda b, x: b.emit("detach", x))
 
 
 # -- reductions -----------------------------------------------------------------------------
@@ -245,7 +255,11 @@ def _expand_back(b, g, x, dims, keepdim):
 
 def _sum_vjp(b, n, g, want):
     x = n.inputs[0]
-    return (_expand_back(b, g, x, n.attrs["dims"], n.attrs["keepdim"]) if want[0] else None,)
+    if not want[0]:
+        return (None,)
+    if g.dtype != x.dtype:  # sum(dtype=...) accumulated in another precision
+        g = b.emit("cast", g, dtype=x.dtype)
+    return (_expand_back(b, g, x, n.attrs["dims"], n.attrs["keepdim"]),)
 
 
 def _mean_vjp(b, n, g, want):
@@ -278,7 +292,22 @@ register("sum", _sum_kernel, _sum_vjp)
 register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp)
 register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp)
 register("var_grad", _var_grad)
-register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim))
+def _extremum_vjp(b, n, g, want):
+    return (b.emit("extremum_grad", g, n.inputs[0], n, dims=n.attrs["dims"], keepdim=n.attrs["keepdim"])
+            if want[0] else None,)
+
+
+def _extremum_grad(g, x, y, dims, keepdim):
+    # As torch: the gradient is shared evenly among the entries that tie for the extremum.
+    if not keepdim:
+        g, y = g.reshape(_kept_shape(x.shape, dims)), y.reshape(_kept_shape(x.shape, dims))
+    hit = x == y
+    return hit * (g / hit.sum(dims, keepdim=True))
+
+
+register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), _extremum_vjp)
+register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp)
+register("extremum_grad", _extremum_grad)
 register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x))
 
 
@@ -315,6 +344,24 @@ def _(b, x, dims=(), keepdim=False):
     return b.emit("amax", x, dims=_dims(x.shape, dims), keepdim=keepdim)
 
 
+@aten(A.amin.default)
+def _(b, x, dims=(), keepdim=False):
+    return b.emit("amin", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+# x.max() / x.min() over everything share the gradient among ties, like amax.
+aten(A.max.default)(lambda b, x: b.emit("amax", x, dims=_dims(x.shape, None), keepdim=False))
+aten(A.min.default)(lambda b, x: b.emit("amin", x, dims=_dims(x.shape, None), keepdim=False))
+
+
+@aten(A.var_mean.correction)
+def _(b, x, dims=None, correction=None, keepdim=False):
+    corr = 1 if correction is None else correction
+    dims = _dims(x.shape, dims)
+    return (b.emit("var", x, dims=dims, correction=corr, keepdim=keepdim),
+            b.emit("mean", x, dims=dims, keepdim=keepdim))
+
+
 @aten(A.any.dim, A.any.dims, A.any.default)
 def _(b, x, dims=None, keepdim=False):
     dims = [dims] if isinstance(dims, int) else dims
@@ -325,7 +372,10 @@ def _(b, x, dims=None, keepdim=False):
 
 register("softmax", lambda x, dim: torch.softmax(x, dim),
          lambda b, n, g, want: (b.emit("softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
-register("softmax_grad", lambda g, y, dim: A._softmax_backward_data(g, y, dim, y.dtype))
+# A row masked entirely (-inf everywhere) has a NaN softmax; attention zeroes such rows after
+# the softmax (`where`), so their gradient arrives as 0 and the true answer is 0, not NaN.
+register("softmax_grad", lambda g, y, dim: A._softmax_backward_data(g, y, dim, y.dtype).nan_to_num_(
+    nan=0.0, posinf=math.inf, neginf=-math.inf))
 register("log_softmax", lambda x, dim: torch.log_softmax(x, dim),
          lambda b, n, g, want: (b.emit("log_softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
 register("log_softmax_grad", lambda g, y, dim: A._log_softmax_backward_data(g, y, dim, y.dtype))
@@ -342,13 +392,19 @@ def _created(shape_key):
 register("full", lambda size, value, dtype, device: torch.full(size, value, dtype=dtype, device=device),
          shape=_created("size"))
 register("arange", lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=dtype, device=device),
-         shape=lambda **a: ((len(range(a["start"], a["end"], a["step"])),), a["dtype"] or torch.int64))
+         shape=lambda **a: ((max(0, math.ceil((a["end"] - a["start"]) / a["step"])),), a["dtype"]))
+
+
+def _dtype_of(*values):
+    """The dtype torch infers for a tensor made from Python scalars: bool, int64, or the default float."""
+    if all(isinstance(v, bool) for v in values):
+        return torch.bool
+    return torch.int64 if all(isinstance(v, int) for v in values) else torch.get_default_dtype()
 
 
 @aten(A.full.default)
 def _(b, size, value, dtype=None, device=None, **_):
-    dtype = dtype or (torch.int64 if isinstance(value, bool) is False and isinstance(value, int) else None)
-    return b.emit("full", size=tuple(size), value=value, dtype=dtype or torch.get_default_dtype(), device=device)
+    return b.emit("full", size=tuple(size), value=value, dtype=dtype or _dtype_of(value), device=device or b.device)
 
 
 @aten(A.full_like.default)
@@ -364,7 +420,8 @@ def _(b, value, dtype=None, device=None, **_):
 @aten(A.arange.start_step, A.arange.default, A.arange.start)
 def _(b, *args, dtype=None, device=None, **_):
     start, end, step = (0, args[0], 1) if len(args) == 1 else (args + (1,))[:3]
-    return b.emit("arange", start=start, end=end, step=step, dtype=dtype or torch.int64, device=device or b.device)
+    dtype = dtype or _dtype_of(start, end, step)
+    return b.emit("arange", start=start, end=end, step=step, dtype=dtype, device=device or b.device)
 
 
 # -- dropout: a random mask (no gradient) times the input -----------------------------------

@@ -6,6 +6,7 @@ import math
 import torch
 
 from edgetune.ir.ops import aten, register
+from edgetune.ir.ops.core import grad_like
 
 A = torch.ops.aten
 
@@ -35,7 +36,7 @@ def _cat_vjp(b, n, g, want):
     dim, start, grads = n.attrs["dim"], 0, []
     for x, w in zip(n.inputs, want):
         end = start + x.shape[dim]
-        grads.append(b.emit("slice", g, dim=dim, start=start, end=end, step=1) if w else None)
+        grads.append(grad_like(b, b.emit("slice", g, dim=dim, start=start, end=end, step=1), x) if w else None)
         start = end
     return tuple(grads)
 
