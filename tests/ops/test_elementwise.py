@@ -29,6 +29,18 @@ ACTIVATIONS = {
     "square": lambda x: x**2,
     "cube": lambda x: x.pow(3),
     "pow_-1": lambda x: x.pow(-1),
+    "leaky_relu": lambda x: F.leaky_relu(x, 0.2),
+    "elu": F.elu,
+    "selu": F.selu,
+    "softplus": F.softplus,
+    "mish": F.mish,
+    "logsigmoid": F.logsigmoid,
+    "hardsigmoid": F.hardsigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "erf": torch.erf,
+    "expm1": torch.expm1,
+    "2**x": lambda x: 2**x,
 }
 POSITIVE = {
     "log": torch.log,
@@ -38,6 +50,7 @@ POSITIVE = {
     "pow_0.5": lambda x: x**0.5,
     "pow_2.5": lambda x: x**2.5,
     "pow_-1.5": lambda x: x ** -1.5,
+    "log1p": torch.log1p,
 }
 
 
@@ -75,6 +88,10 @@ def test_kinks_match_torch(name):
 
 def test_unary_of_transposed_view():
     check_grads(lambda x: F.gelu(x.t()[1:, ::2]) * torch.sigmoid(x.t()[1:, ::2]), t(6, 5))
+
+
+def test_step_functions_pass_no_gradient():
+    check_grads(lambda x: x * x.floor() + x.sign() + x.round() * x.ceil() + x.trunc(), t(3, 4) * 3)
 
 
 def test_activation_of_noncontiguous_input():
@@ -253,3 +270,43 @@ def test_extrema(fn):
 
 def test_var_mean():
     check_grads(lambda x: torch.var_mean(x, 1)[0] * torch.var_mean(x, 1, correction=0)[1], t(3, 4))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.max(1).values, lambda x: x.min(0, keepdim=True)[0], lambda x: x.max(-1)[0] * x.argmax(-1),
+], ids=["max_dim", "min_dim_keepdim", "max_and_argmax"])
+def test_max_min_along_a_dim(fn):
+    # Unlike amax, max(dim) routes the gradient to the one entry it picked (the first, on ties).
+    x = t(3, 4, 2)
+    x.data[:, 1] = x.data[:, 0]
+    check_grads(fn, x)
+
+
+def test_maximum_minimum_with_ties_and_broadcasting():
+    x = t(3, 4)
+    y = torch.cat([x.detach()[:1], t(2, 4, grad=False)]).requires_grad_(True)  # row 0 ties
+    check_grads(lambda x, y: torch.maximum(x, y) + torch.minimum(x, 2 * y), x, y)
+    check_grads(lambda x, y: torch.maximum(x, y) * torch.minimum(y, x), t(3, 4), t(4))
+
+
+def test_clamp_with_tensor_bounds():
+    # The bounds overlap: where lo > hi, torch returns hi and hi takes the gradient.
+    check_grads(lambda x, lo, hi: torch.clamp(x, lo, hi), t(3, 4), t(4) - 0.5, t(3, 1) + 0.5)
+    check_grads(lambda x, lo: x.clamp(min=lo), t(3, 4), t(4))
+
+
+def test_fmod_remainder():
+    check_grads(lambda x, y: torch.fmod(x, y) + torch.remainder(x, 0.7), t(3, 4) * 3, t(4, low=0.5))
+
+
+def test_cumsum():
+    check_grads(lambda x: x.cumsum(1) * x.cumsum(-3), t(2, 3, 4))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.norm(dim=-1), lambda x: torch.linalg.vector_norm(x, 1, dim=(0, 2), keepdim=True),
+    lambda x: torch.linalg.vector_norm(x, 3), lambda x: F.normalize(x, dim=1),
+    lambda x: F.cosine_similarity(x[0], x[1], dim=-1),
+], ids=["l2", "l1_keepdim", "l3", "normalize", "cosine_similarity"])
+def test_norms(fn):
+    check_grads(fn, t(2, 3, 4))

@@ -72,6 +72,24 @@ def test_nll_and_mse_losses():
     check_grads(F.mse_loss, t(3, 4), t(3, 4, grad=False))
 
 
+@pytest.mark.parametrize("loss", [F.l1_loss, F.smooth_l1_loss, F.huber_loss], ids=["l1", "smooth_l1", "huber"])
+def test_regression_losses(loss):
+    check_grads(loss, t(3, 4) * 2, t(3, 4, grad=False))
+
+
+def test_binary_cross_entropy():
+    y = torch.rand(3, 4, dtype=torch.float64)
+    check_grads(F.binary_cross_entropy_with_logits, t(3, 4) * 3, y)
+    check_grads(lambda x, y, w: F.binary_cross_entropy_with_logits(x, y, pos_weight=w), t(3, 4), y,
+                t(4, low=1, grad=False))
+    check_grads(lambda x, y: F.binary_cross_entropy(torch.sigmoid(x), y), t(3, 4), y)
+
+
+def test_kl_divergence():
+    target = torch.softmax(torch.randn(3, 4, dtype=torch.float64), -1)
+    check_grads(lambda x, p: F.kl_div(F.log_softmax(x, -1), p, reduction="batchmean"), t(3, 4), target)
+
+
 # -- scaled_dot_product_attention -------------------------------------------------------------
 
 def _qkv(b=2, h=2, t_q=4, t_k=4, d=8, h_kv=None):

@@ -138,6 +138,18 @@ def test_layer_norm_of_transposed_input():
     check_grads(lambda x, w, b: F.layer_norm(x.transpose(1, 2), (3,), w, b), t(2, 3, 4), t(3), t(3))
 
 
+# -- group / instance norm ------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_norm(groups):
+    check_grads(lambda x, w, b: F.group_norm(x, groups, w, b, eps=1e-4), t(2, 4, 3, 3), t(4), t(4))
+
+
+def test_group_norm_no_affine_and_instance_norm():
+    check_grads(lambda x: F.group_norm(x, 2), t(2, 4, 5))
+    check_grads(lambda x, w, b: F.instance_norm(x, weight=w, bias=b), t(2, 3, 4, 4), t(3), t(3))
+
+
 # -- pooling --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw", [
@@ -170,6 +182,16 @@ def test_adaptive_avg_pool2d(size):
 def test_pool_of_permuted_input():
     check_grads(lambda x: F.max_pool2d(x.permute(0, 3, 1, 2), 2) + F.avg_pool2d(x.permute(0, 3, 1, 2), 2),
                 t(2, 6, 6, 3))
+
+
+# -- upsampling -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [
+    dict(scale_factor=2), dict(size=(5, 7)), dict(scale_factor=2, mode="bilinear"),
+    dict(size=(5, 6), mode="bilinear", align_corners=True), dict(scale_factor=1.5, mode="bilinear"),
+], ids=str)
+def test_interpolate(kw):
+    check_grads(lambda x: F.interpolate(x, **kw), t(2, 2, 3, 4))
 
 
 # -- embedding ------------------------------------------------------------------------------

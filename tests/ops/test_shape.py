@@ -47,6 +47,13 @@ VIEWS = {
     "stack": lambda x: torch.stack([x, x * 2], 1),
     "cat": lambda x: torch.cat([x, x[:, :1] * 3], 1),
     "cat_neg_dim": lambda x: torch.cat([x[..., :2], x], -1),
+    "flip": lambda x: x.flip(0, -1),
+    "repeat": lambda x: x.repeat(2, 1, 1, 3),
+    "repeat_interleave": lambda x: x.repeat_interleave(2, dim=1),
+    "roll": lambda x: x.roll(1, 0) + x.roll(-2, 2),
+    "movedim": lambda x: x.movedim(0, -1),
+    "tril_triu": lambda x: x.tril() + x.triu(1),
+    "pixel_shuffle": lambda x: F.pixel_shuffle(x[None, :, :2, :2], 2),
 }
 
 
@@ -121,3 +128,13 @@ def test_pad():
     check_grads(lambda x: F.pad(x, (1, 2)), t(3, 4))
     check_grads(lambda x: F.pad(x, (0, 1, 2, 0), value=0.5), t(2, 3, 4))
     check_grads(lambda x: F.pad(x, (-1, 1, 1, -2)), t(2, 3, 4))
+
+
+@pytest.mark.parametrize("fn,idx", [
+    (lambda x, i: x[i], torch.tensor([2, 0, 2, -1])),            # repeated and negative rows
+    (lambda x, i: x[:, i], torch.tensor([[3, 0], [1, -4]])),      # a 2-D index on a middle dim
+    (lambda x, i: x[torch.arange(3), i], torch.tensor([1, 3, 0])),  # logits[range(B), targets]
+    (lambda x, i: x[..., i, :], torch.tensor([0, 0])),
+], ids=["rows", "middle_2d", "pairs", "ellipsis"])
+def test_integer_tensor_indexing(fn, idx):
+    check_grads(fn, t(3, 4, 5), idx)

@@ -129,12 +129,24 @@ _unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_back
 _unary("gelu", lambda x, approximate: A.gelu(x, approximate=approximate),
        lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate))
 _unary("pow", lambda x, exponent: torch.pow(x, exponent),
-       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1))
+       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1) if exponent != 0 else torch.zeros_like(g))
 # hardtanh's gradient vanishes at the bounds; the output carries the same information.
 _unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
        lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y")
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max))
+_unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
+_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y")
+_unary("sin", torch.sin, lambda g, x: g * torch.cos(x))
+_unary("cos", torch.cos, lambda g, x: -g * torch.sin(x))
+_unary("erf", torch.erf, lambda g, x: g * (2 / math.sqrt(math.pi)) * torch.exp(-x * x))
+_unary("leaky_relu", lambda x, slope: A.leaky_relu(x, slope),
+       lambda g, x, slope: A.leaky_relu_backward(g, x, slope, False))
+_unary("elu", lambda x, alpha, scale, input_scale: A.elu(x, alpha, scale, input_scale),
+       lambda g, x, alpha, scale, input_scale: A.elu_backward(g, alpha, scale, input_scale, False, x))
+# Piecewise constant: the gradient is zero everywhere (None, not a zero tensor).
+for _step in ("sign", "floor", "ceil", "round", "trunc"):
+    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,))
 
 
 def _inside(x, lo, hi):
@@ -146,7 +158,10 @@ def _inside(x, lo, hi):
 OPS_SIMPLE = {A.neg.default: "neg", A.exp.default: "exp", A.log.default: "log", A.sqrt.default: "sqrt",
               A.rsqrt.default: "rsqrt", A.reciprocal.default: "reciprocal", A.abs.default: "abs",
               A.relu.default: "relu", A.sigmoid.default: "sigmoid", A.tanh.default: "tanh",
-              A.silu.default: "silu", A.hardswish.default: "hardswish"}
+              A.silu.default: "silu", A.hardswish.default: "hardswish", A.log1p.default: "log1p",
+              A.expm1.default: "expm1", A.sin.default: "sin", A.cos.default: "cos", A.erf.default: "erf",
+              A.sign.default: "sign", A.floor.default: "floor", A.ceil.default: "ceil",
+              A.round.default: "round", A.trunc.default: "trunc"}
 for _ov, _name in OPS_SIMPLE.items():
     aten(_ov)(lambda b, x, _name=_name: b.emit(_name, x))
 
@@ -169,6 +184,83 @@ def _(b, x, min_val=-1.0, max_val=1.0):
 @aten(A.clamp.default)
 def _(b, x, min=None, max=None):
     return b.emit("clamp", x, min=min, max=max)
+
+
+# clamp with tensor bounds: x's gradient passes inside [lo, hi], a bound's where it binds.
+def _clamp_t_vjp(b, n, g, want):
+    return tuple(grad_like(b, b.emit("clamp_t_grad", g, *n.inputs, part=part), i) if w else None
+                 for i, w, part in zip(n.inputs, want, ("x", "lo", "hi")))
+
+
+def _clamp_t_grad(g, x, lo, hi, part):
+    # Where lo > hi torch's clamp returns hi, and hi takes the gradient.
+    passes = {"x": (x >= lo) & (x <= hi), "lo": (x < lo) & (lo < hi), "hi": (x > hi) | (hi < lo)}[part]
+    return torch.where(passes, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+register("clamp_t", lambda x, lo, hi: torch.clamp(x, lo, hi), _clamp_t_vjp)
+register("clamp_t_grad", _clamp_t_grad)
+
+
+@aten(A.clamp.Tensor)
+def _(b, x, min=None, max=None):
+    lo = min if min is not None else b.const(-math.inf, dtype=x.dtype)
+    hi = max if max is not None else b.const(math.inf, dtype=x.dtype)
+    return b.emit("clamp_t", x, lo, hi)
+
+
+# base ** x for a Python number base
+_unary("scalar_pow", lambda x, base: torch.pow(base, x), lambda g, y, base: g * y * math.log(base), uses="y")
+aten(A.pow.Scalar)(lambda b, base, x: b.emit("scalar_pow", x, base=base))
+
+
+# fmod / remainder: x's gradient is 1; the divisor's is -trunc(x/y) (fmod) or -floor(x/y).
+def _mod_vjp(b, n, g, want):
+    x, y = n.inputs
+    gy = grad_like(b, b.emit("mod_grad_rhs", g, x, y, kind=n.op), y) if want[1] else None
+    return (grad_like(b, g, x) if want[0] else None, gy)
+
+
+register("fmod", torch.fmod, _mod_vjp)
+register("remainder", torch.remainder, _mod_vjp)
+register("mod_grad_rhs", lambda g, x, y, kind: -g * (torch.trunc(x / y) if kind == "fmod" else torch.floor(x / y)))
+for _mod in ("fmod", "remainder"):
+    for _ov in (getattr(A, _mod).Tensor, getattr(A, _mod).Scalar):
+        aten(_ov)(lambda b, x, y, _mod=_mod: b.emit(_mod, *_operands(b, x, y)))
+register("isnan", torch.isnan)
+aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
+
+
+@aten(A.leaky_relu.default)
+def _(b, x, negative_slope=0.01):
+    return b.emit("leaky_relu", x, slope=negative_slope)
+
+
+@aten(A.elu.default)
+def _(b, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return b.emit("elu", x, alpha=alpha, scale=scale, input_scale=input_scale)
+
+
+# -- maximum / minimum: the larger (smaller) operand gets the gradient; ties split it ------
+
+def _choose_vjp(b, n, g, want):
+    x, y = n.inputs
+    # An operand's share of g: 1 where it wins, 0.5 where they tie, 0 where it loses.
+    gx = grad_like(b, b.emit("mul", g, b.emit("choice_share", x, y, pick=n.op)), x) if want[0] else None
+    gy = grad_like(b, b.emit("mul", g, b.emit("choice_share", y, x, pick=n.op)), y) if want[1] else None
+    return gx, gy
+
+
+def _choice_share(x, y, pick):
+    wins = x > y if pick == "maximum" else x < y
+    return wins.to(torch.promote_types(x.dtype, y.dtype)) + 0.5 * (x == y)
+
+
+register("maximum", torch.maximum, _choose_vjp)
+register("minimum", torch.minimum, _choose_vjp)
+register("choice_share", _choice_share)
+aten(A.maximum.default)(lambda b, x, y: b.emit("maximum", x, y))
+aten(A.minimum.default)(lambda b, x, y: b.emit("minimum", x, y))
 
 
 # -- comparisons and selection (no gradient through the condition) ------------------------
@@ -352,6 +444,66 @@ def _(b, x, dims=(), keepdim=False):
 # x.max() / x.min() over everything share the gradient among ties, like amax.
 aten(A.max.default)(lambda b, x: b.emit("amax", x, dims=_dims(x.shape, None), keepdim=False))
 aten(A.min.default)(lambda b, x: b.emit("amin", x, dims=_dims(x.shape, None), keepdim=False))
+
+
+# max(dim)/min(dim) pick one entry (the first extremum) and route the gradient to it alone.
+register("argmax", lambda x, dim, keepdim: torch.argmax(x, dim, keepdim))
+register("argmin", lambda x, dim, keepdim: torch.argmin(x, dim, keepdim))
+aten(A.argmax.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmax", x, dim=dim, keepdim=keepdim))
+aten(A.argmin.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmin", x, dim=dim, keepdim=keepdim))
+
+
+def _picked(b, x, dim, keepdim, arg):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit(arg, x, dim=dim, keepdim=True)
+    value = b.emit("gather", x, idx, dim=dim)
+    if keepdim or not x.shape:
+        return value, idx
+    shape = tuple(s for i, s in enumerate(x.shape) if i != dim)
+    return b.emit("reshape", value, shape=shape), b.emit("reshape", idx, shape=shape)
+
+
+aten(A.max.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmax"))
+aten(A.min.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmin"))
+
+
+# -- cumsum, vector norms ---------------------------------------------------------------------
+
+register("cumsum", lambda x, dim: torch.cumsum(x, dim),
+         lambda b, n, g, want: (b.emit("cumsum_grad", g, dim=n.attrs["dim"]) if want[0] else None,))
+register("cumsum_grad", lambda g, dim: g.flip(dim).cumsum(dim).flip(dim))  # a sum over the later entries
+
+
+@aten(A.cumsum.default)
+def _(b, x, dim, dtype=None):
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("cumsum", x, dim=dim % max(len(x.shape), 1))
+
+
+def _norm_grad(g, x, y, ord, dims, keepdim):
+    if not keepdim:
+        g, y = g.reshape(_kept_shape(x.shape, dims)), y.reshape(_kept_shape(x.shape, dims))
+    if ord == 1:
+        return g * torch.sgn(x)
+    # d|x|_p / dx = x |x|^(p-2) / |x|_p^(p-1); torch takes 0 where the norm is 0.
+    scale = (g / y.pow(ord - 1)).masked_fill(y == 0, 0)
+    return x * x.abs().pow(ord - 2) * scale
+
+
+register("vector_norm", lambda x, ord, dims, keepdim: torch.linalg.vector_norm(x, ord, dims, keepdim),
+         lambda b, n, g, want: (b.emit("vector_norm_grad", g, n.inputs[0], n, **n.attrs) if want[0] else None,))
+register("vector_norm_grad", _norm_grad)
+
+
+@aten(A.linalg_vector_norm.default)
+def _(b, x, ord=2, dim=None, keepdim=False, dtype=None):
+    if not 1 <= ord < math.inf:
+        raise NotImplementedError(f"vector norm of order {ord}")
+    dims = _dims(x.shape, [dim] if isinstance(dim, int) else dim)
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("vector_norm", x, ord=ord, dims=dims, keepdim=keepdim)
 
 
 @aten(A.var_mean.correction)

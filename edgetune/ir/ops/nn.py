@@ -1,5 +1,7 @@
-"""Neural-network ops: convolution, normalization, pooling, embedding, gather."""
+"""Neural-network ops: convolution, normalization, pooling, upsampling, embedding, gather."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -230,6 +232,41 @@ def _(b, x, normalized_shape, w, bias, eps):
     return b.emit("layer_norm", x, w, bias, normalized_shape=shape, eps=eps), None, None
 
 
+# -- group norm: statistics per (sample, group of channels) ---------------------------------
+
+def _gn(x, w, bias, *, groups, eps):
+    return torch.nn.functional.group_norm(x, groups, w, bias, eps)
+
+
+def _gn_backward(g, x, w, groups, eps, mask):
+    # mean/rstd are recomputed from x rather than kept from the forward.
+    n, c = x.shape[:2]
+    flat = x.reshape(n, groups, -1)
+    mean, rstd = flat.mean(-1), torch.rsqrt(flat.var(-1, correction=0) + eps)
+    return A.native_group_norm_backward(g, x, mean, rstd, w, n, c, flat.shape[-1] * groups // c, groups, mask)
+
+
+def _gn_vjp(b, n, g, want):
+    x, w, _ = n.inputs
+    gn = dict(n.attrs)
+    return (
+        b.emit("gn_grad_input", g, x, w, **gn) if want[0] else None,
+        b.emit("gn_grad_weight", g, x, w, **gn) if want[1] else None,
+        b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False) if want[2] else None,
+    )
+
+
+register("group_norm", _gn, _gn_vjp)
+register("gn_grad_input", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [True, False, False])[0])
+register("gn_grad_weight", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [False, True, False])[1])
+
+
+@aten(A.native_group_norm.default)
+def _(b, x, w, bias, n, c, hw, groups, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return b.emit("group_norm", x, w, bias, groups=groups, eps=eps), None, None
+
+
 # -- pooling --------------------------------------------------------------------------------
 
 def _max_pool(x, *, kernel_size, stride, padding, dilation, ceil_mode):
@@ -287,6 +324,38 @@ register("adaptive_avg_pool2d", lambda x, output_size: A._adaptive_avg_pool2d(x,
 register("adaptive_avg_pool2d_grad", _adaptive_avg_pool_grad)
 aten(A._adaptive_avg_pool2d.default)(
     lambda b, x, output_size: b.emit("adaptive_avg_pool2d", x, output_size=tuple(output_size)))
+
+
+# -- upsampling (F.interpolate): nearest and bilinear, 2-D ----------------------------------
+
+def _upsample(x, *, mode, output_size, scales, align_corners):
+    if mode == "nearest":
+        return A.upsample_nearest2d(x, output_size, *scales)
+    return A.upsample_bilinear2d(x, output_size, align_corners, *scales)
+
+
+def _upsample_grad(g, *, mode, output_size, scales, align_corners, input_shape):
+    if mode == "nearest":
+        return A.upsample_nearest2d_backward(g, output_size, input_shape, *scales)
+    return A.upsample_bilinear2d_backward(g, output_size, input_shape, align_corners, *scales)
+
+
+register("upsample2d", _upsample, lambda b, n, g, want: (
+    b.emit("upsample2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
+register("upsample2d_grad", _upsample_grad)
+
+
+def _upsample_attrs(x, output_size, scale_factors):
+    # Given scale factors, torch maps output to input pixels with them, not with the size ratio.
+    if output_size is None:
+        output_size = [math.floor(s * f) for s, f in zip(x.shape[2:], scale_factors)]
+    return dict(output_size=tuple(output_size), scales=tuple(scale_factors or (None, None)))
+
+
+aten(A.upsample_nearest2d.vec)(lambda b, x, output_size, scale_factors: b.emit(
+    "upsample2d", x, mode="nearest", align_corners=False, **_upsample_attrs(x, output_size, scale_factors)))
+aten(A.upsample_bilinear2d.vec)(lambda b, x, output_size, align_corners, scale_factors: b.emit(
+    "upsample2d", x, mode="bilinear", align_corners=align_corners, **_upsample_attrs(x, output_size, scale_factors)))
 
 
 # -- embedding, gather, index_select --------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The view family: reshape, permute, expand, slice, select, cat, pad. Gradients route back."""
+"""The view family and its kin: reshape, permute, expand, slice, select, cat, pad, flip, repeat,
+integer indexing. Gradients route back to the entries they came from."""
 from __future__ import annotations
 
 import math
@@ -65,6 +66,29 @@ def _pad_vjp(b, n, g, want):
 
 
 register("pad", lambda x, pad, value: A.constant_pad_nd(x, pad, value), _pad_vjp)
+
+
+def _repeat_grad(g, *, repeats, input_shape):
+    # The output tiles x's (padded) shape: split each dim into (tile, size) and sum the tiles.
+    shape = (1,) * (len(repeats) - len(input_shape)) + tuple(input_shape)
+    tiled = g.reshape([n for r, s in zip(repeats, shape) for n in (r, s)])
+    return tiled.sum(tuple(range(0, 2 * len(shape), 2))).reshape(input_shape)
+
+
+def _flat_index(*idx, sizes):
+    """Row-major position in the flattened indexed dims of the entries picked (negatives wrap)."""
+    flat = torch.zeros((), dtype=torch.int64, device=idx[0].device)
+    for i, size in zip(torch.broadcast_tensors(*idx), sizes):
+        flat = flat * size + i.remainder(size)
+    return flat.reshape(-1)
+
+
+register("flip", lambda x, dims: x.flip(dims),
+         lambda b, n, g, want: (b.emit("flip", g, dims=n.attrs["dims"]) if want[0] else None,))
+register("repeat", lambda x, repeats: x.repeat(repeats), lambda b, n, g, want: (
+    b.emit("repeat_grad", g, repeats=n.attrs["repeats"], input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
+register("repeat_grad", _repeat_grad)
+register("flat_index", _flat_index)
 
 
 def _resolve_shape(x, shape):
@@ -156,3 +180,22 @@ def _(b, x, sizes, dim=0):
 @aten(A.constant_pad_nd.default)
 def _(b, x, pad, value=0):
     return b.emit("pad", x, pad=tuple(pad), value=value)
+
+
+aten(A.flip.default)(lambda b, x, dims: b.emit("flip", x, dims=tuple(d % len(x.shape) for d in dims)))
+aten(A.repeat.default)(lambda b, x, repeats: b.emit("repeat", x, repeats=tuple(repeats)))
+
+
+@aten(A.index.Tensor)
+def _(b, x, indices):
+    """x[..., i, j, ...] with integer index tensors on adjacent dims: one index_select."""
+    at = [k for k, i in enumerate(indices) if i is not None]
+    if at != list(range(at[0], at[-1] + 1)) or any(indices[k].dtype == torch.bool for k in at):
+        raise NotImplementedError("indexing with a bool mask, or with index tensors not on adjacent dims")
+    d, k, idx = at[0], len(at), [indices[i] for i in at]
+    picked = tuple(torch.broadcast_shapes(*(tuple(i.shape) for i in idx)))
+    flat_x = x if k == 1 else b.emit("reshape", x, shape=tuple(x.shape[:d]) + (math.prod(x.shape[d:d + k]),)
+                                     + tuple(x.shape[d + k:]))
+    flat_i = b.emit("flat_index", *idx, sizes=tuple(x.shape[d:d + k]))
+    out = b.emit("index_select", flat_x, flat_i, dim=d)
+    return b.emit("reshape", out, shape=tuple(x.shape[:d]) + picked + tuple(x.shape[d + k:]))
