@@ -47,7 +47,14 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
     wrapped = _WithLoss(model, loss_fn, len(inputs))
     program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
     program = program.run_decompositions()
-    return _Converter(program, len(inputs), _device_of(inputs)).run()
+    return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
+
+
+def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{every parameter name: the name named_parameters() gives it}. torch.export lists a tied
+    parameter once per name (and may read it under either), so all names must share one node."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _device_of(inputs: tuple) -> torch.device:
@@ -55,8 +62,8 @@ def _device_of(inputs: tuple) -> torch.device:
 
 
 class _Converter:
-    def __init__(self, program: Any, n_inputs: int, device: torch.device) -> None:
-        self.program, self.n_inputs = program, n_inputs
+    def __init__(self, program: Any, n_inputs: int, device: torch.device, aliases: dict[str, str]) -> None:
+        self.program, self.n_inputs, self.aliases = program, n_inputs, aliases
         self.b = Builder()
         self.b.device = device
         self.env: dict[Any, Any] = {}
@@ -82,7 +89,10 @@ class _Converter:
         val = fx.meta["val"]
         target = (spec.target or fx.name).removeprefix(_PREFIX)
         if spec.kind == InputKind.PARAMETER:
-            node = self.params[target] = self.b.input(target, val.shape, val.dtype, kind="param", target=target)
+            target = self.aliases.get(target, target)
+            if target not in self.params:
+                self.params[target] = self.b.input(target, val.shape, val.dtype, kind="param", target=target)
+            node = self.params[target]
         elif spec.kind == InputKind.BUFFER:
             node = self.buffers[target] = self.b.input(target, val.shape, val.dtype, kind="buffer", target=target)
         elif spec.kind == InputKind.USER_INPUT:
