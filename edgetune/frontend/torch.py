@@ -16,6 +16,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node
 from edgetune.ir.ops import ATEN
+from edgetune.passes.dce import dce
 
 _PREFIX = "model."
 
@@ -81,7 +82,9 @@ class _Converter:
             elif fx.op == "output":
                 outputs = self._outputs(fx)
         ins = self.user[: self.n_inputs]
-        graph = self.b.graph(outputs)
+        # Conversions leave dead nodes (the transpose that mm -> linear folds away): without
+        # them, a parameter's users are its real uses, as a partial-channel rule needs.
+        graph = dce(self.b.graph(outputs))
         return ForwardGraph(graph, self.params, self.buffers, ins, self.user[self.n_inputs:])
 
     def _placeholder(self, fx: Any) -> Node:
