@@ -11,23 +11,19 @@ from edgetune.memory import storage_of
 from edgetune.passes.rewrite import is_backward, keep, rewrite
 from edgetune.passes.slices import channel_takes, read_whole
 
-# activation-gradient op -> the open interval (lo, hi) of its saved output where g passes
-PASS_INTERVAL = {
-    "relu_grad": lambda attrs: (0.0, None),
-    "hardtanh_grad": lambda attrs: (attrs["min"], attrs["max"]),
-}
+# Activation gradients of the form g * (0 or 1, a function of the saved output).
+MASK_GRADS = ("relu_grad", "hardtanh_grad")
 
 
 def bitmask_activations(graph: Graph) -> Graph:
     grads = _maskable(graph)
-    interval = {y: PASS_INTERVAL[g.op](g.attrs) for g, y in grads.items()}
+    rule = {y: g for g, y in grads.items()}
     packs: dict[Node, Node] = {}
 
     def visit(b, n, inputs):
-        if n in interval:
+        if n in rule:
             y = keep(b, n, inputs)
-            lo, hi = interval[n]
-            packs[n] = b.emit("pack_mask", y, lo=lo, hi=hi, name=f"{n.name}_mask")
+            packs[n] = b.emit("pack_mask", y, rule=rule[n].op, rule_attrs=dict(rule[n].attrs), name=f"{n.name}_mask")
             return y
         if n in grads:
             return b.emit("masked_grad", inputs[0], packs[grads[n]], name=f"{n.name}_bits")
@@ -41,7 +37,7 @@ def _maskable(graph: Graph) -> dict[Node, Node]:
 
     A channel take of it (a partial weight's input) does not count: the slices pass that
     follows saves just those channels, so the bits plus the slice replace the output."""
-    grads = {n: n.inputs[1] for n in graph.nodes if n.op in PASS_INTERVAL and is_backward(n)}
+    grads = {n: n.inputs[1] for n in graph.nodes if n.op in MASK_GRADS and is_backward(n)}
     whole = read_whole(graph, set(grads) | set(channel_takes(graph)))
     same_rule = {}
     for g, y in grads.items():

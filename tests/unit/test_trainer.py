@@ -82,7 +82,7 @@ class Cumulative(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        return torch.cumsum(self.fc(x), dim=1)
+        return torch.cumprod(self.fc(x), dim=1)
 
 
 def test_unsupported_op_names_op_and_module():

@@ -18,14 +18,15 @@ def _conv(x, w, b=None, *, stride, padding, dilation, groups):
 
 
 def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
-    # Only the input's shape is needed: a zero-stride stand-in avoids keeping the input alive.
-    fake_x = g.new_empty(1).expand(input_shape)
+    # Only the input's shape is needed. An uninitialized stand-in is never read, so its pages
+    # are never touched; a zero-stride expand would be copied to contiguous memory in full.
+    fake_x = g.new_empty(input_shape)
     return A.convolution_backward(g, fake_x, w, None, stride, padding, dilation, False,
                                   [0] * len(stride), groups, [True, False, False])[0]
 
 
 def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
-    fake_w = g.new_empty(1).expand(weight_shape)
+    fake_w = g.new_empty(weight_shape)  # shape only, as above
     return A.convolution_backward(g, x, fake_w, None, stride, padding, dilation, False,
                                   [0] * len(stride), groups, [False, True, False])[1]
 
@@ -297,7 +298,7 @@ def _avg_pool(x, **a):
 
 
 def _avg_pool_grad(g, *, input_shape, **a):
-    fake_x = g.new_empty(1).expand(input_shape)
+    fake_x = g.new_empty(input_shape)  # shape only, never read
     return A.avg_pool2d_backward(g, fake_x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                                  a["count_include_pad"], a["divisor_override"])
 
@@ -315,7 +316,7 @@ def _(b, x, kernel_size, stride=(), padding=(0, 0), ceil_mode=False, count_inclu
 
 
 def _adaptive_avg_pool_grad(g, *, input_shape):
-    return A._adaptive_avg_pool2d_backward(g, g.new_empty(1).expand(input_shape))
+    return A._adaptive_avg_pool2d_backward(g, g.new_empty(input_shape))  # shape only, never read
 
 
 register("adaptive_avg_pool2d", lambda x, output_size: A._adaptive_avg_pool2d(x, output_size),
