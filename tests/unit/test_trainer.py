@@ -87,7 +87,7 @@ class Cumulative(nn.Module):
 
 def test_unsupported_op_names_op_and_module():
     model = nn.Sequential(nn.Linear(4, 4), Cumulative())
-    with pytest.raises(UnsupportedOpError, match=r"aten\.cumsum.*module '1' \(Cumulative\)"):
+    with pytest.raises(UnsupportedOpError, match=r"aten\.cumprod.*module '1' \(Cumulative\)"):
         et.compile(model, lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
 
 
