@@ -68,10 +68,10 @@ class Graph:
 
 
 def leaves_first(graph: Graph) -> Graph:
-    """Inputs and constants first (they exist before the step runs), the rest in order."""
-    leaves = [n for n in graph.nodes if not n.inputs and n.op in ("input", "const")]
-    rest = [n for n in graph.nodes if n.inputs or n.op not in ("input", "const")]
-    return Graph(leaves + rest, dict(graph.outputs))
+    """Constants, then inputs (both exist before the step runs), then the rest in order, so
+    a pass may use a constant right after any input (e.g. to cut channels of the batch)."""
+    rank = {"const": 0, "input": 1}
+    return Graph(sorted(graph.nodes, key=lambda n: rank.get(n.op, 2)), dict(graph.outputs))
 
 
 def format_graph(graph: Graph, mark: Node | None = None) -> str:

@@ -4,7 +4,7 @@ where the input is made, and the full input can die with the forward.
 """
 from __future__ import annotations
 
-from edgetune.ir.graph import Graph, Node
+from edgetune.ir.graph import Graph, Node, leaves_first
 from edgetune.memory import storage_of
 from edgetune.passes.rewrite import is_backward, keep, rewrite
 
@@ -28,13 +28,7 @@ def save_channel_slices(graph: Graph) -> Graph:
             return x
         return saved.get(n)
 
-    # The channel indices (consts) must precede every cut, also one of a graph input (a
-    # partial first layer), so constants go first, then inputs, then the rest in order.
-    return rewrite(Graph(sorted(graph.nodes, key=_leaf_rank), dict(graph.outputs)), visit)
-
-
-def _leaf_rank(n: Node) -> int:
-    return 0 if n.op == "const" and not n.inputs else 1 if n.op == "input" else 2
+    return rewrite(leaves_first(graph), visit)  # the channel indices (consts) must precede every cut
 
 
 def channel_takes(graph: Graph) -> list[Node]:
