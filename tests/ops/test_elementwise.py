@@ -154,11 +154,13 @@ def test_mixed_with_integer_tensor():
 
 # -- comparisons and boolean masks ----------------------------------------------------------
 
-@pytest.mark.parametrize("cmp", ["eq", "ne", "lt", "le", "gt", "ge"])
-def test_comparison_masks(cmp):
+def test_comparison_masks():
     def fn(x, y):
-        mask = getattr(torch, cmp)(x, 0.0) | getattr(torch, cmp)(y, x.detach() * 0 + 0.5)
-        return x * mask + y * ~mask
+        out = x
+        for cmp in (torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge):
+            mask = cmp(x, 0.0) | cmp(y, x[0])  # the Scalar and the Tensor overloads
+            out = out + x * mask + y * ~mask
+        return out
 
     check_grads(fn, t(3, 4).round(decimals=0), t(4))
 
@@ -280,6 +282,19 @@ def test_max_min_along_a_dim(fn):
     x = t(3, 4, 2)
     x.data[:, 1] = x.data[:, 0]
     check_grads(fn, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.sort(1).values, lambda x: torch.sort(x, 0, descending=True)[0] * torch.sort(x, 0)[1],
+    lambda x: x.topk(2, -1).values, lambda x: x.topk(1, 0, largest=False)[0],
+], ids=["sort", "sort_descending", "topk", "topk_smallest"])
+def test_sort_topk(fn):
+    check_grads(fn, t(3, 4))
+
+
+def test_one_hot_and_new_empty():
+    check_grads(lambda x, y: (x * F.one_hot(y, 4)).sum(-1) + x.new_empty(3, 4).fill_(2.0)[:, 0], t(3, 4),
+                torch.tensor([0, 3, 1]))
 
 
 def test_maximum_minimum_with_ties_and_broadcasting():

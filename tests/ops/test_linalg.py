@@ -18,8 +18,8 @@ def test_mm_of_transposed_operands():
     check_grads(lambda x, y: x.t() @ y.t(), t(4, 3), t(5, 4))
 
 
-@pytest.mark.parametrize("bias_shape", [(5,), (1, 5), (3, 1), (3, 5)], ids=str)
-@pytest.mark.parametrize("beta,alpha", [(1, 1), (0.5, 2.0), (0, 1.5)])
+@pytest.mark.parametrize("bias_shape,beta,alpha", [((5,), 1, 1), ((5,), 0.5, 2.0), ((1, 5), 1, 1), ((3, 1), 0, 1.5),
+                                                   ((3, 5), 1, 1), ((3, 5), 0.1, 0.3)], ids=str)
 def test_addmm(bias_shape, beta, alpha):
     check_grads(lambda c, x, y: torch.addmm(c, x, y, beta=beta, alpha=alpha), t(*bias_shape), t(3, 4), t(4, 5))
 

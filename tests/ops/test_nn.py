@@ -83,6 +83,16 @@ def test_conv_stack_with_relu6():
     check_grads(block, t(2, 3, 8, 8), t(4, 3, 3, 3), t(4), t(4, 1, 3, 3))
 
 
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1, output_padding=1), dict(groups=2, dilation=2),
+                                dict(stride=(2, 1), padding=(0, 1))], ids=str)
+def test_conv_transpose2d(kw):
+    check_grads(lambda x, w, b: F.conv_transpose2d(x, w, b, **kw), t(2, 4, 4, 3), t(4, 3, 3, 2), t(3 * kw.get("groups", 1)))
+
+
+def test_conv_transpose1d():
+    check_grads(lambda x, w: F.conv_transpose1d(x, w, stride=3, padding=1), t(2, 3, 5), t(3, 2, 4))
+
+
 # -- batch norm -----------------------------------------------------------------------------
 
 BN_SHAPES = [(4, 3), (3, 3, 5), (2, 3, 4, 5)]
@@ -174,9 +184,14 @@ def test_avg_pool2d(kw):
     check_grads(lambda x: F.avg_pool2d(x, **kw), t(2, 3, 7, 8))
 
 
-@pytest.mark.parametrize("size", [1, (1, 1), 2, (3, 2), (5, 4), (7, 8)], ids=str)
+@pytest.mark.parametrize("size", [1, (3, 2), (5, 4), (7, 8)], ids=str)
 def test_adaptive_avg_pool2d(size):
     check_grads(lambda x: F.adaptive_avg_pool2d(x, size), t(2, 3, 7, 8))
+
+
+@pytest.mark.parametrize("size", [1, (2, 3)], ids=str)
+def test_adaptive_max_pool2d(size):
+    check_grads(lambda x: F.adaptive_max_pool2d(x, size), t(2, 3, 5, 6))
 
 
 def test_pool_of_permuted_input():

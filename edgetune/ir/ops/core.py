@@ -464,6 +464,26 @@ def _picked(b, x, dim, keepdim, arg):
 
 
 aten(A.max.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmax"))
+
+
+# sort / topk: the order is computed without gradient; the values are a gather along it.
+register("sort_indices", lambda x, dim, descending, stable: torch.sort(x, dim=dim, descending=descending,
+                                                                       stable=stable).indices)
+register("topk_indices", lambda x, k, dim, largest, sorted: torch.topk(x, k, dim, largest, sorted).indices)
+
+
+@aten(A.sort.default, A.sort.stable)
+def _(b, x, dim=-1, descending=False, stable=False):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit("sort_indices", x, dim=dim, descending=descending, stable=bool(stable))
+    return b.emit("gather", x, idx, dim=dim), idx
+
+
+@aten(A.topk.default)
+def _(b, x, k, dim=-1, largest=True, sorted=True):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit("topk_indices", x, k=k, dim=dim, largest=largest, sorted=sorted)
+    return b.emit("gather", x, idx, dim=dim), idx
 aten(A.min.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmin"))
 
 
@@ -562,6 +582,16 @@ def _(b, size, value, dtype=None, device=None, **_):
 @aten(A.full_like.default)
 def _(b, x, value, dtype=None, device=None, **_):
     return b.emit("full", size=tuple(x.shape), value=value, dtype=dtype or x.dtype, device=device or b.device)
+
+
+@aten(A.empty.memory_format)
+def _(b, size, dtype=None, device=None, **_):
+    # Its values are never read before being written: zeros, deterministic.
+    return b.emit("full", size=tuple(size), value=0, dtype=dtype or torch.get_default_dtype(), device=device or b.device)
+
+
+# Checks torch inserts (e.g. one_hot's index range): nothing to compute at run time.
+aten(A._assert_async.msg, A._assert_async.default)(lambda b, *args, **kwargs: None)
 
 
 @aten(A.scalar_tensor.default)

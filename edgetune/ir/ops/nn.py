@@ -72,11 +72,41 @@ register("conv_grad_weight", _conv_grad_weight)
 
 @aten(A.convolution.default)
 def _(b, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
-    if transposed:
-        raise NotImplementedError("transposed convolution")
     inputs = (x, w) if bias is None else (x, w, bias)
-    return b.emit("conv", *inputs, stride=tuple(stride), padding=tuple(padding),
-                  dilation=tuple(dilation), groups=groups)
+    conv = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+    if transposed:
+        return b.emit("conv_transpose", *inputs, output_padding=tuple(output_padding), **conv)
+    return b.emit("conv", *inputs, **conv)
+
+
+# -- transposed convolution (decoders, upsampling): the same ATen kernels, transposed=True ----
+
+def _convt(x, w, b=None, **a):
+    return A.convolution(x, w, b, a["stride"], a["padding"], a["dilation"], True, a["output_padding"], a["groups"])
+
+
+def _convt_backward(g, x, w, mask, a):
+    return A.convolution_backward(g, x, w, None, a["stride"], a["padding"], a["dilation"], True,
+                                  a["output_padding"], a["groups"], mask)
+
+
+def _convt_vjp(b, n, g, want):
+    x, w = n.inputs[:2]
+    if isinstance(want[1], ChannelSlice):
+        raise NotImplementedError(f"partial-channel update of a transposed conv weight {w.name}")
+    gx = b.emit("conv_transpose_grad_input", g, w, input_shape=tuple(x.shape), **n.attrs) if want[0] else None
+    gw = b.emit("conv_transpose_grad_weight", x, g, weight_shape=tuple(w.shape), **n.attrs) if want[1] else None
+    gb = None
+    if len(n.inputs) == 3 and want[2]:
+        gb = b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False)
+    return (gx, gw, gb)[: len(n.inputs)]
+
+
+register("conv_transpose", _convt, _convt_vjp)
+register("conv_transpose_grad_input", lambda g, w, input_shape, **a: _convt_backward(
+    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0])
+register("conv_transpose_grad_weight", lambda x, g, weight_shape, **a: _convt_backward(
+    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1])
 
 
 # -- batch norm: y = (x - mean) * rsqrt(var + eps) * weight + bias ---------------------------
@@ -327,6 +357,18 @@ aten(A._adaptive_avg_pool2d.default)(
     lambda b, x, output_size: b.emit("adaptive_avg_pool2d", x, output_size=tuple(output_size)))
 
 
+def _adaptive_max_pool_grad(g, x, *, output_size):
+    # The argmax indices are recomputed from x rather than kept as an int64 tensor.
+    return A.adaptive_max_pool2d_backward(g, x, A.adaptive_max_pool2d(x, output_size)[1])
+
+
+register("adaptive_max_pool2d", lambda x, output_size: A.adaptive_max_pool2d(x, output_size)[0],
+         lambda b, n, g, want: (b.emit("adaptive_max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
+register("adaptive_max_pool2d_grad", _adaptive_max_pool_grad)
+aten(A.adaptive_max_pool2d.default)(
+    lambda b, x, output_size: (b.emit("adaptive_max_pool2d", x, output_size=tuple(output_size)), None))
+
+
 # -- upsampling (F.interpolate): nearest and bilinear, 2-D ----------------------------------
 
 def _upsample(x, *, mode, output_size, scales, align_corners):
@@ -391,6 +433,29 @@ register("gather", lambda x, idx, dim: torch.gather(x, dim, idx), lambda b, n, g
     if want[0] else None, None))
 register("gather_grad", _gather_grad)
 aten(A.gather.default)(lambda b, x, dim, idx, sparse_grad=False: b.emit("gather", x, idx, dim=dim % len(x.shape)))
+
+
+# scatter writes src's entries into x (scatter_add adds them): the gather of g is src's gradient.
+def _scatter_vjp(b, n, g, want):
+    x, idx = n.inputs[:2]
+    added, dim = n.attrs["add"], n.attrs["dim"]
+    gx = (g if added else b.emit("scatter_grad_input", g, idx, dim=dim)) if want[0] else None
+    gs = b.emit("gather", g, idx, dim=dim) if len(n.inputs) == 3 and want[2] else None
+    return (gx, None, gs)[: len(n.inputs)]
+
+
+def _scatter(x, idx, src=None, *, dim, add, value=None):
+    if add:
+        return x.scatter_add(dim, idx, src)
+    return x.scatter(dim, idx, src) if src is not None else x.scatter(dim, idx, value)
+
+
+register("scatter", _scatter, _scatter_vjp)
+register("scatter_grad_input", lambda g, idx, dim: g.scatter(dim, idx, 0.0))
+aten(A.scatter.src)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=False))
+aten(A.scatter.value)(lambda b, x, dim, idx, value: b.emit("scatter", x, idx, dim=dim % len(x.shape), add=False,
+                                                           value=value))
+aten(A.scatter_add.default)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=True))
 
 
 def _index_select_grad(g, idx, *, dim, input_shape):

@@ -186,9 +186,9 @@ aten(A.flip.default)(lambda b, x, dims: b.emit("flip", x, dims=tuple(d % len(x.s
 aten(A.repeat.default)(lambda b, x, repeats: b.emit("repeat", x, repeats=tuple(repeats)))
 
 
-@aten(A.index.Tensor)
-def _(b, x, indices):
-    """x[..., i, j, ...] with integer index tensors on adjacent dims: one index_select."""
+def _flattened(b, x, indices):
+    """For x[..., i, j, ...] (index tensors on adjacent dims): x with those dims merged into one,
+    the flat index into it, that dim, and the indexing's output shape."""
     at = [k for k, i in enumerate(indices) if i is not None]
     if at != list(range(at[0], at[-1] + 1)) or any(indices[k].dtype == torch.bool for k in at):
         raise NotImplementedError("indexing with a bool mask, or with index tensors not on adjacent dims")
@@ -197,5 +197,88 @@ def _(b, x, indices):
     flat_x = x if k == 1 else b.emit("reshape", x, shape=tuple(x.shape[:d]) + (math.prod(x.shape[d:d + k]),)
                                      + tuple(x.shape[d + k:]))
     flat_i = b.emit("flat_index", *idx, sizes=tuple(x.shape[d:d + k]))
-    out = b.emit("index_select", flat_x, flat_i, dim=d)
-    return b.emit("reshape", out, shape=tuple(x.shape[:d]) + picked + tuple(x.shape[d + k:]))
+    return flat_x, flat_i, d, tuple(x.shape[:d]) + picked + tuple(x.shape[d + k:])
+
+
+@aten(A.index.Tensor)
+def _(b, x, indices):
+    """x[..., i, j, ...]: one index_select on the merged dims."""
+    flat_x, flat_i, d, shape = _flattened(b, x, indices)
+    return b.emit("reshape", b.emit("index_select", flat_x, flat_i, dim=d), shape=shape)
+
+
+# -- writes into a tensor (`y[:, 1:3] = v`, `y[i] = v`), as functionalization spells them -------
+
+def _scatter_vjp(b, n, g, want):
+    """x's gradient is g with the written region zeroed; the written value's is that region of g."""
+    x, src = n.inputs
+    gx = b.emit(f"{n.op}_grad_input", g, **n.attrs) if want[0] else None
+    gs = grad_like(b, b.emit(n.op.removesuffix("_scatter"), g, **n.attrs), src) if want[1] else None
+    return gx, gs
+
+
+def _zeroed(region):
+    """A kernel returning a copy of g whose `region(g, **attrs)` view is zero."""
+    def kernel(g, **attrs):
+        out = g.clone()
+        region(out, **attrs).zero_()
+        return out
+    return kernel
+
+
+register("slice_scatter", lambda x, src, dim, start, end, step: A.slice_scatter(x, src, dim, start, end, step),
+         _scatter_vjp)
+register("slice_scatter_grad_input", _zeroed(lambda t, dim, start, end, step: A.slice(t, dim, start, end, step)))
+register("select_scatter", lambda x, src, dim, index: A.select_scatter(x, src, dim, index), _scatter_vjp)
+register("select_scatter_grad_input", _zeroed(lambda t, dim, index: t.select(dim, index)))
+
+
+def _index_put_vjp(b, n, g, want):
+    x, src, idx = n.inputs
+    dim, added = n.attrs["dim"], n.attrs["accumulate"]  # added to, x's entries keep their gradient
+    gx = (g if added else b.emit("index_put_grad_input", g, idx, dim=dim)) if want[0] else None
+    gs = grad_like(b, b.emit("index_select", g, idx, dim=dim), src) if want[1] else None
+    return gx, gs, None
+
+
+register("index_put", lambda x, src, idx, dim, accumulate: (x.index_add if accumulate else x.index_copy)(dim, idx, src),
+         _index_put_vjp)
+register("index_put_grad_input", lambda g, idx, dim: g.index_fill(dim, idx, 0))
+
+
+@aten(A.copy.default)
+def _(b, dst, src, non_blocking=False):
+    # The value written into dst: src, broadcast to dst's shape, in dst's dtype.
+    if src.dtype != dst.dtype:
+        src = b.emit("cast", src, dtype=dst.dtype)
+    return src if tuple(src.shape) == tuple(dst.shape) else b.emit("expand", src, size=tuple(dst.shape))
+
+
+@aten(A.slice_scatter.default)
+def _(b, x, src, dim=0, start=None, end=None, step=1):
+    dim = dim % len(x.shape)
+    start, end, _ = slice(start, end, step).indices(x.shape[dim])
+    return b.emit("slice_scatter", x, src, dim=dim, start=start, end=max(end, start), step=step)
+
+
+@aten(A.select_scatter.default)
+def _(b, x, src, dim, index):
+    dim = dim % len(x.shape)
+    return b.emit("select_scatter", x, src, dim=dim, index=index % x.shape[dim])
+
+
+@aten(A.index_put.default)
+def _(b, x, indices, values, accumulate=False):
+    """x[i, j] = v: one index_copy (index_add to accumulate) on the merged dims."""
+    if values.dtype != x.dtype:
+        values = b.emit("cast", values, dtype=x.dtype)
+    if len(indices) == 1 and indices[0].dtype == torch.bool and math.prod(values.shape) == 1 and not accumulate:
+        mask = indices[0]  # y[mask] = scalar
+        mask = b.emit("reshape", mask, shape=tuple(mask.shape) + (1,) * (len(x.shape) - len(mask.shape)))
+        return b.emit("where", mask, b.emit("reshape", values, shape=()) if values.shape else values, x)
+    flat_x, flat_i, d, shape = _flattened(b, x, indices)
+    if tuple(values.shape) != shape:
+        values = b.emit("expand", values, size=shape)
+    flat_v = b.emit("reshape", values, shape=tuple(flat_x.shape[:d]) + flat_i.shape + tuple(flat_x.shape[d + 1:]))
+    out = b.emit("index_put", flat_x, flat_v, flat_i, dim=d, accumulate=accumulate)
+    return out if out.shape == tuple(x.shape) else b.emit("reshape", out, shape=tuple(x.shape))
