@@ -9,21 +9,24 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from edgetune import scheme as schemes
 from edgetune.autodiff import differentiate
 from edgetune.backends.torch import CompiledStep
-from edgetune.frontend.torch import ForwardGraph, export
 from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node, checks_enabled, leaves_first, verify
 from edgetune.ir.ops import ChannelSlice
+from edgetune.isolate import run_isolated
 from edgetune.memory import MemoryPlan, plan
 from edgetune.optim import SGD, AdamW
 from edgetune.passes import PIPELINE, run_pipeline
 from edgetune.report import Report, build_report
+
+if TYPE_CHECKING:
+    from edgetune.frontend.torch import ForwardGraph
 
 
 @dataclass
@@ -57,11 +60,10 @@ class Trainer:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
-        forward = export(model, loss_fn, *self.examples)
-        self.graph, self.updates = _training_graph(forward, self.rules, dict(model.named_parameters()), optimizer,
-                                                   PIPELINE if passes is None else passes)
-        self.plan: MemoryPlan = plan(self.graph)
         self.device = _device_of(model, self.examples[0])
+        self.graph, self.updates = run_isolated(
+            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes), self.device)
+        self.plan: MemoryPlan = plan(self.graph)
         self.compiled = CompiledStep(self.graph, self.device)
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
@@ -169,7 +171,12 @@ class Trainer:
 
 # -- building the training graph ------------------------------------------------------------
 
-def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer, passes) -> tuple[Graph, list[Update]]:
+def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes) -> tuple[Graph, list[Update]]:
+    """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
+    from edgetune.frontend.torch import export  # loads torch.export: only where the compile runs
+
+    forward = export(model, loss_fn, *examples)
+    params = dict(model.named_parameters())
     b = Builder(forward.graph.nodes)
     loss = forward.graph.outputs["loss"]
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
@@ -194,10 +201,10 @@ def _training_graph(forward: ForwardGraph, rules: dict, params: dict, optimizer,
     graph = leaves_first(b.graph({"loss": loss}))
     if checks_enabled():
         verify(graph, where="autodiff")
-    return run_pipeline(graph, passes), updates
+    return run_pipeline(graph, PIPELINE if passes is None else passes), updates
 
 
-def _part(b: Builder, forward: ForwardGraph, name: str, rule: schemes.Rule, weight: torch.Tensor):
+def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor):
     if not rule.partial:
         return None
     axis = _channel_axis(forward, name)
@@ -206,7 +213,7 @@ def _part(b: Builder, forward: ForwardGraph, name: str, rule: schemes.Rule, weig
     return ChannelSlice(axis, b.const(index), first)
 
 
-def _channel_axis(forward: ForwardGraph, name: str) -> int:
+def _channel_axis(forward: "ForwardGraph", name: str) -> int:
     """Input channels: axis 1 of a conv/linear weight, axis 0 of a depthwise conv's."""
     node = forward.params[name]
     users = [n for n in forward.graph.nodes if node in n.inputs]

@@ -174,3 +174,17 @@ def test_runs_on_cuda_when_model_and_batch_are_there():
                              lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01))
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     assert_models_match(model, ref)
+
+
+def test_forked_and_in_process_compiles_agree(monkeypatch):
+    def run():
+        torch.manual_seed(0)
+        model = ConvNet()
+        trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.SGD(lr=0.1, momentum=0.9))
+        return trainer.compiled.source, [trainer.step(*batch(seed=s)) for s in range(2)], model.state_dict()
+
+    forked = run()
+    monkeypatch.setenv("EDGETUNE_COMPILE_IN_PROCESS", "1")
+    local = run()
+    assert forked[0] == local[0] and forked[1] == local[1]
+    assert all(torch.equal(a, b) for a, b in zip(forked[2].values(), local[2].values()))
