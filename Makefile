@@ -19,7 +19,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(VENV)/.installed
-	@if [ -d bench ]; then $(BIN)/python -m bench; else echo "no bench/ yet"; fi
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis runs

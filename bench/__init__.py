@@ -1,0 +1,1 @@
+"""Benchmarks: edgetune against PyTorch eager, torch.compile and a forward-only floor."""

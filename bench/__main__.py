@@ -1,0 +1,384 @@
+"""Side-by-side benchmark of edgetune against PyTorch eager, torch.compile and a forward floor.
+
+    python -m bench                  # quick: MobileNetV2 at batch 8 (+ batch 1 for two schemes)
+    python -m bench --models resnet  # the same quick selection for other models
+    python -m bench --full           # every model x scheme x batch x engine
+    python -m bench --full --models vit --schemes tte,bias-only --batches 8
+
+Each engine x configuration runs twice, each time in a fresh subprocess (bench/run_one.py):
+once for peak memory (with MALLOC_MMAP_THRESHOLD_=65536), once for step time (without it).
+Writes a markdown report (--out, default BENCHMARKS.md) and the raw results (--json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench import configs
+from bench.configs import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+MB = 2 ** 20
+
+
+# -- running ------------------------------------------------------------------------------------
+
+def run_config(config: Config, mode: str, args, env: dict) -> dict:
+    """One subprocess; its JSON result, or {"ok": False, "error": ...} if it failed or hung."""
+    cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", mode, "--steps", str(args.steps),
+           "--threads", str(args.threads)]
+    env = dict(env)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if mode == "memory":
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    # Its own process group, so that a timeout also ends Inductor's compile workers.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"ok": False, "error": f"did not finish within {args.timeout} s"}
+    try:
+        return json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return {"ok": False, "error": tail[0][:300]}
+
+
+def run_all(selected: list[Config], args) -> list[dict]:
+    # A fresh Inductor cache per invocation: torch.compile's setup time is then a cold compile
+    # in the memory run (which runs first) and a cache hit in the time run, whatever ran before.
+    cache = tempfile.mkdtemp(prefix="edgetune-bench-inductor-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(args.threads)}
+    results = []
+    try:
+        for i, config in enumerate(selected, 1):
+            t0 = time.perf_counter()
+            row = {"config": vars(config),
+                   "memory": run_config(config, "memory", args, env),
+                   "time": run_config(config, "time", args, env)}
+            results.append(row)
+            print(f"[{i}/{len(selected)}] {progress_line(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return results
+
+
+def progress_line(row: dict) -> str:
+    c, m, t = row["config"], row["memory"], row["time"]
+    mem = f"{m['peak_bytes'] / MB:.1f} MB" if m["ok"] else f"memory n/a ({m['error']})"
+    ms = f"{t['median_s'] * 1e3:.1f} ms" if t["ok"] else f"time n/a ({t['error']})"
+    return f"{c['model']} b{c['batch']} {c['scheme']} {c['engine']}: {mem}, {ms}"
+
+
+# -- selecting ------------------------------------------------------------------------------------
+
+def select(args) -> list[Config]:
+    chosen = (configs.expand(list(configs.MODELS), configs.SCHEMES, configs.BATCHES, configs.ENGINES)
+              if args.full else configs.quick(args.models or ["mobilenetv2"]))
+    keep = lambda value, allowed: allowed is None or value in allowed  # noqa: E731
+    return [c for c in chosen
+            if keep(c.model, args.models) and keep(c.batch, args.batches) and keep(c.engine, args.engines)
+            and (c.scheme == "-" or keep(c.scheme, args.schemes))]
+
+
+def csv(kind=str):
+    return lambda text: [kind(v) for v in text.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--full", action="store_true", help="every model, scheme, batch and engine")
+    p.add_argument("--models", type=csv(), help=f"comma-separated subset of {list(configs.MODELS)}")
+    p.add_argument("--schemes", type=csv(), help=f"comma-separated subset of {configs.SCHEMES}")
+    p.add_argument("--batches", type=csv(int), help=f"comma-separated subset of {configs.BATCHES}")
+    p.add_argument("--engines", type=csv(), help=f"comma-separated subset of {configs.ENGINES}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
+    # One thread by default: on a 2-core machine shared with other jobs, torch's default of 2
+    # OpenMP threads sometimes stalled a 7 ms step to ~440 ms, waiting on a busy core.
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every engine")
+    p.add_argument("--timeout", type=int, default=600, help="seconds before a subprocess counts as n/a")
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="raw results")
+    args = p.parse_args(argv)
+    for name, known in [("models", configs.MODELS), ("schemes", configs.SCHEMES), ("engines", configs.ENGINES)]:
+        bad = set(getattr(args, name) or []) - set(known)
+        if bad:
+            p.error(f"unknown {name}: {sorted(bad)}; known: {list(known)}")
+    return args
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(started: float, load_start: tuple, args) -> dict:
+    return {"command": " ".join(["python -m bench", *sys.argv[1:]]),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+            "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
+            "default_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "runtime_s": time.perf_counter() - started,
+            "load_start": load_start, "load_end": os.getloadavg()}
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+class Cells:
+    """Looks up results by (model, scheme, batch, engine) and formats them, collecting n/a reasons."""
+
+    def __init__(self, results: list[dict]):
+        self.by_key = {}
+        for r in results:
+            c = r["config"]
+            self.by_key[(c["model"], c["scheme"], c["batch"], c["engine"])] = r
+        self.notes: list[str] = []
+
+    def get(self, model, scheme, batch, engine, mode):
+        r = self.by_key.get((model, "-" if engine in configs.SCHEME_FREE else scheme, batch, engine))
+        return None if r is None else r[mode]
+
+    def value(self, model, scheme, batch, engine, mode, key):
+        r = self.get(model, scheme, batch, engine, mode)
+        return r[key] if r and r["ok"] else None
+
+    def text(self, model, scheme, batch, engine, mode, key, scale, fmt="{:.1f}"):
+        r = self.get(model, scheme, batch, engine, mode)
+        if r is None:
+            return "—"
+        if not r["ok"]:
+            return self.na(f"{engine}, {model} {scheme} b{batch}: {r['error']}")
+        return fmt.format(r[key] * scale)
+
+    def na(self, reason: str) -> str:
+        if reason not in self.notes:
+            self.notes.append(reason)
+        return f"n/a[^{self.notes.index(reason) + 1}]"
+
+
+def mb(n) -> str:
+    return "—" if n is None else f"{n / MB:.1f}"
+
+
+def ratio(a, b) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def rows(cells: Cells, model: str):
+    """(scheme, batch) pairs that have any scheme-dependent result, batch-major; ("-", batch)
+    where only scheme-free engines ran at that batch."""
+    for batch in configs.BATCHES:
+        schemes = [s for s in configs.SCHEMES if any((model, s, batch, e) in cells.by_key for e in configs.ENGINES)]
+        if not schemes and any((model, "-", batch, e) in cells.by_key for e in configs.SCHEME_FREE):
+            schemes = ["-"]
+        yield from ((s, batch) for s in schemes)
+
+
+def memory_table(cells: Cells, model: str) -> list[str]:
+    engines = configs.ENGINES
+    head = (["scheme", "batch"] + engines
+            + ["edgetune / eager", "edgetune / eager-full", "predicted", "measured / predicted"])
+    out = [table_row(head), table_row(["---"] * len(head))]
+    for scheme, batch in rows(cells, model):
+        v = lambda e, k="peak_bytes": cells.value(model, scheme, batch, e, "memory", k)  # noqa: E731
+        predicted = v("edgetune", "predicted_peak_bytes")
+        out.append(table_row(
+            [scheme, str(batch)]
+            + [cells.text(model, scheme, batch, e, "memory", "peak_bytes", 1 / MB) for e in engines]
+            + [ratio(v("edgetune"), v("eager")), ratio(v("edgetune"), v("eager-full")),
+               mb(predicted), ratio(v("edgetune"), predicted)]))
+    return out
+
+
+def step_memory_table(cells: Cells, model: str) -> list[str]:
+    """Steps-only peak above the RSS that setup left, with that RSS in parentheses."""
+    engines = configs.ENGINES
+    head = ["scheme", "batch"] + engines + ["predicted", "edgetune / predicted"]
+    out = [table_row(head), table_row(["---"] * len(head))]
+    for scheme, batch in rows(cells, model):
+        predicted = cells.value(model, scheme, batch, "edgetune", "memory", "predicted_peak_bytes")
+        above = _above(cells.get(model, scheme, batch, "edgetune", "memory"))
+        out.append(table_row(
+            [scheme, str(batch)] + [step_memory_cell(cells, model, scheme, batch, e) for e in engines]
+            + [mb(predicted), ratio(above, predicted)]))
+    return out
+
+
+def step_memory_cell(cells: Cells, model, scheme, batch, engine) -> str:
+    r = cells.get(model, scheme, batch, engine, "memory")
+    if r is None or not r["ok"]:  # "—" or the same n/a note as the first table
+        return cells.text(model, scheme, batch, engine, "memory", "peak_bytes", 1 / MB)
+    return f"{mb(_above(r))} ({mb(r['warm_rss_bytes'])})"
+
+
+def _above(r: dict | None) -> int | None:
+    return r["steps_peak_bytes"] - r["warm_rss_bytes"] if r and r["ok"] else None
+
+
+def time_table(cells: Cells, model: str) -> list[str]:
+    engines = configs.ENGINES
+    head = (["scheme", "batch"] + engines
+            + ["edgetune / eager (CPU)", "edgetune / eager-full (CPU)", "setup s: edgetune", "setup s: compile"])
+    out = [table_row(head), table_row(["---"] * len(head))]
+    for scheme, batch in rows(cells, model):
+        v = lambda e: cells.value(model, scheme, batch, e, "time", "cpu_median_s")  # noqa: E731
+        setup = lambda e: cells.text(model, scheme, batch, e, "memory", "setup_s", 1)  # noqa: E731
+        out.append(table_row(
+            [scheme, str(batch)] + [time_cell(cells, model, scheme, batch, e) for e in engines]
+            + [ratio(v("edgetune"), v("eager")), ratio(v("edgetune"), v("eager-full")),
+               setup("edgetune"), setup("compile")]))
+    return out
+
+
+def time_cell(cells: Cells, model, scheme, batch, engine) -> str:
+    """'wall (CPU)' in ms."""
+    wall = cells.text(model, scheme, batch, engine, "time", "median_s", 1e3)
+    cpu = cells.value(model, scheme, batch, engine, "time", "cpu_median_s")
+    return wall if cpu is None else f"{wall} ({cpu * 1e3:.1f})"
+
+
+def table_row(cols: list[str]) -> str:
+    return "| " + " | ".join(cols) + " |"
+
+
+def loads(results: list[dict]) -> list[float]:
+    return [t[k] for r in results if (t := r["time"])["ok"] for k in ("load_before", "load_after")]
+
+
+def modules_summary(results: list[dict]) -> str:
+    """'eager 818, edgetune 2, ...': modules each engine's setup and first step imported."""
+    counts: dict[str, set] = {}
+    for r in results:
+        if r["memory"]["ok"]:
+            counts.setdefault(r["config"]["engine"], set()).add(r["memory"]["modules_imported"])
+    text = ", ".join(f"{e} {min(c)}" + (f"–{max(c)}" if len(c) > 1 else "") for e, c in counts.items())
+    return (f"setup and the first step imported {text} modules (torch.optim's first step loads "
+            "torch._dynamo; torch.compile loads Inductor)")
+
+
+def method(env: dict, results: list[dict], args) -> list[str]:
+    ls = loads(results)
+    load = (f"{min(ls):.1f}–{max(ls):.1f} (1-minute load average around the timed runs; "
+            f"{env['load_start'][0]:.1f} at the start, {env['load_end'][0]:.1f} at the end)") if ls else "?"
+    return [
+        "## Method", "",
+        f"- Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}; Python {env['python']}. "
+        f"{env['threads']} intra-op thread(s) in every engine (`--threads`; torch's default here is "
+        f"{env['default_threads']}, but on this shared machine its OpenMP threads sometimes stalled a "
+        "few-millisecond step by hundreds of milliseconds while waiting on a busy core). "
+        f"Run on {env['date']}; the whole run took {env['runtime_s'] / 60:.1f} min.",
+        f"- Load: {load}. Other jobs shared the machine, so step times are noisier than the memory "
+        "figures; the raw per-step times are in `bench/results.json`.",
+        "- Every engine x configuration runs in its own subprocess (`bench/run_one.py`), twice: "
+        "**peak memory** with `MALLOC_MMAP_THRESHOLD_=65536` (freed activations go back to the OS, so the "
+        "high-water mark follows live memory): build the model and batch, reset VmHWM (`5` to "
+        "`/proc/self/clear_refs`), read it, then setup (compile / optimizer) + 1 warm-up + 5 steps, read "
+        "VmHWM again; the table shows the difference. Python modules that an engine imports on its first "
+        f"use count like any other memory: {modules_summary(results)}. **Step time** in a second "
+        f"subprocess without that variable: setup, 2 warm-ups, then the median of {args.steps} steps, as wall "
+        "time and, in parentheses, CPU time of the process. With one thread the CPU time is the step's own "
+        "work while the wall time also holds the waits for a core other jobs took, so the time ratios "
+        "use CPU time.",
+        "- Engines: **edgetune** = `edgetune.compile` with the scheme; **eager** = PyTorch eager on the same "
+        "scheme (`requires_grad` only on trained parameters; partially trained weights get their gradient "
+        "multiplied by a channel mask after backward, channels chosen by edgetune's own rule); "
+        "**eager-full** = eager full backprop; **compile** = the eager step with `torch.compile` "
+        "(Inductor) over forward + loss, whose backward AOTAutograd compiles too, optimizer eager; "
+        "**forward** = forward + loss under `torch.no_grad()`, the floor for any step. All training uses "
+        f"SGD lr {configs.LR}, momentum {configs.MOMENTUM}.",
+        f"- Inputs: random normal {configs.IMAGE_SIZE}x{configs.IMAGE_SIZE} images, random integer targets "
+        f"({configs.NUM_CLASSES} classes), models in eval mode (running BN statistics, no dropout), "
+        "cross-entropy loss.",
+        "- **predicted** is edgetune's `report().predicted_peak_bytes` (activations, gradients and optimizer "
+        "state of one step; parameters, buffers and the batch excluded); **measured / predicted** divides "
+        "the measured edgetune peak by it.",
+        "- The second memory table splits that peak: RSS above the baseline once setup and the warm-up "
+        "are done (in parentheses: imported modules, what a compiler keeps, optimizer state, touched "
+        "library pages), and how far the 5 steps then rose above it (first figure: the memory of a "
+        "step itself, the part comparable with the prediction).",
+        "- **setup s** is the time from the start of setup through the first step in the memory run, "
+        "which for torch.compile is a cold Inductor compile (a fresh cache per `python -m bench` run).",
+        "- MB = 2^20 bytes. Ratios < 1 mean edgetune uses less. `—` = not run in this selection"
+        + ("." if args.full else "; the quick default leaves torch.compile out at batch 1, where each "
+           "configuration would cost another cold Inductor compile of minutes (`--full` runs it)."),
+    ]
+
+
+def schemes_section() -> list[str]:
+    return ["## Schemes", ""] + [f"- **{name}**: {text}" for name, text in configs.SCHEME_NOTES.items()]
+
+
+def same_entries(results: list[dict]) -> str:
+    """Whether edgetune and eager/compile trained the same number of entries in each configuration."""
+    counts: dict[tuple, set] = {}
+    for r in results:
+        c, m = r["config"], r["memory"]
+        if c["engine"] in ("edgetune", "eager", "compile") and m["ok"]:
+            counts.setdefault((c["model"], c["scheme"], c["batch"]), set()).add(m["trainable_params"])
+    if not counts:
+        return "No edgetune, eager or compile configuration completed, so nothing to compare."
+    differ = [f"{k[0]} {k[1]} b{k[2]}: {sorted(v)}" for k, v in counts.items() if len(v) > 1]
+    if differ:
+        return "Trainable entries DIFFER between engines in: " + "; ".join(differ) + "."
+    return (f"edgetune, eager and compile train the same number of parameter entries in all {len(counts)} "
+            "configurations that ran (edgetune's `trainable_params`; for eager, the sum of the trained masks).")
+
+
+def report(results: list[dict], env: dict, args) -> str:
+    cells = Cells(results)
+    lines = ["# Benchmarks", "",
+             f"Generated by `{env['command']}` (see `bench/`). "
+             "Every number below was measured in that run.", ""]
+    lines += method(env, results, args) + [""] + schemes_section() + [""]
+    for model in configs.MODELS:
+        if not any(k[0] == model for k in cells.by_key):
+            continue
+        lines += [f"## {model}", "", "Peak memory above the loaded model (MB):", ""]
+        lines += memory_table(cells, model) + [""]
+        lines += ["Peak of the 5 steps above the RSS left after setup + warm-up (that RSS in parentheses), MB:", ""]
+        lines += step_memory_table(cells, model) + [""]
+        lines += ["Median step time, ms: wall (CPU):", ""] + time_table(cells, model) + [""]
+    lines += ["## Checks", "", same_entries(results), ""]
+    if cells.notes:
+        lines += ["## Not measured", ""] + [f"[^{i}]: {n}" for i, n in enumerate(cells.notes, 1)] + [""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started, load_start = time.perf_counter(), os.getloadavg()
+    selected = select(args)
+    if not selected:
+        sys.exit("nothing selected: check --models/--schemes/--batches/--engines (or add --full)")
+    print(f"{len(selected)} configurations, 2 subprocesses each", file=sys.stderr)
+    results = run_all(selected, args)
+    env = environment(started, load_start, args)
+    Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")
+    Path(args.out).write_text(report(results, env, args))
+    print(f"wrote {args.out} and {args.json} in {env['runtime_s'] / 60:.1f} min", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

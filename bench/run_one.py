@@ -1,0 +1,213 @@
+"""One engine x one configuration, in a process of its own; prints one JSON line on stdout.
+
+    python -m bench.run_one --model mobilenetv2 --scheme bias-only --batch 8 \
+        --engine eager --mode memory
+
+--mode memory: VmHWM above the built model and batch over setup + 1 warm-up + 5 steps. Run it
+with MALLOC_MMAP_THRESHOLD_=65536 (the parent does) so that freed activations go back to the
+OS instead of staying in glibc's heap, and the high-water mark tracks live memory.
+--mode time: median wall time of --steps steps after 2 warm-ups.
+A process of its own per measurement, because VmHWM only ever grows and caches (allocator,
+Dynamo, Inductor) outlive the configuration that filled them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import edgetune
+from edgetune import scheme as schemes
+
+from bench import configs
+
+MEMORY_STEPS = 5
+Step = Callable[[], float]
+
+
+# -- engines: each returns a step closure and facts about what it built -----------------------
+
+def setup_edgetune(model, x, y, scheme) -> tuple[Step, dict]:
+    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
+                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
+    info = {"predicted_peak_bytes": trainer.report().predicted_peak_bytes,
+            "trainable_params": trainer.trainable_params}
+    return (lambda: trainer.step((x,), (y,))), info
+
+
+def setup_eager(model, x, y, scheme, compiled: bool = False) -> tuple[Step, dict]:
+    masks = freeze_to(model, scheme)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trained, lr=configs.LR, momentum=configs.MOMENTUM)
+    # torch.compile covers forward + loss; AOTAutograd compiles the matching backward too.
+    # The optimizer stays eager: its update is the same few foreach kernels either way.
+    forward = lambda x, y: F.cross_entropy(model(x), y)  # noqa: E731
+    if compiled:
+        forward = torch.compile(forward)
+
+    def step() -> float:
+        loss = forward(x, y)
+        loss.backward()
+        for p, mask in masks:
+            p.grad.mul_(mask)  # untrained channels get zero gradient, so SGD leaves them bitwise unchanged
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    count = sum(p.numel() if m is None else int(m.expand_as(p).sum()) for p, m in _with_masks(trained, masks))
+    return step, {"trainable_params": count}
+
+
+def setup_forward(model, x, y, scheme) -> tuple[Step, dict]:
+    def step() -> float:
+        with torch.no_grad():
+            return F.cross_entropy(model(x), y).item()
+
+    return step, {}
+
+
+ENGINES = {
+    "edgetune": setup_edgetune,
+    "eager": setup_eager,
+    "eager-full": lambda m, x, y, s: setup_eager(m, x, y, schemes.full()),
+    "compile": lambda m, x, y, s: setup_eager(m, x, y, s, compiled=True),
+    "forward": setup_forward,
+}
+
+
+def freeze_to(model: torch.nn.Module, scheme) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """requires_grad only on trained parameters; (param, 0/1 mask) for partially trained ones.
+
+    The channels are chosen by edgetune's own rule (schemes.choose_channels) so that both
+    engines train exactly the same entries."""
+    rules = schemes.resolve(scheme, model)
+    masks = []
+    for name, p in model.named_parameters():
+        rule = rules.get(name)
+        p.requires_grad_(rule is not None)
+        if rule is not None and rule.partial:
+            masks.append((p, channel_mask(model, name, p, rule)))
+    return masks
+
+
+def channel_mask(model, name: str, p: torch.Tensor, rule) -> torch.Tensor:
+    """A mask broadcastable to `p`: 1 on the chosen input channels, 0 elsewhere."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    depthwise = isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels
+    axis = 0 if depthwise else 1  # the same axis rule as edgetune's partial-channel slicing
+    shape = [1] * p.dim()
+    shape[axis] = p.shape[axis]
+    mask = torch.zeros(shape, dtype=p.dtype)
+    mask.view(-1)[schemes.choose_channels(p, axis, rule)] = 1
+    return mask
+
+
+def _with_masks(params, masks):
+    by_id = {id(p): m for p, m in masks}
+    return [(p, by_id.get(id(p))) for p in params]
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+def vm_hwm_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def reset_hwm() -> None:
+    """Reset VmHWM to the current RSS (Linux: '5' to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(setup, model, x, y, scheme) -> dict:
+    """Peak over setup + warm-up + steps (the design's definition), and over the steps alone.
+
+    The steps-only peak starts from the RSS left after setup and the warm-up, so it still
+    counts what setup keeps alive (compiled code, optimizer state); `warm_rss_bytes` is that."""
+    reset_hwm()
+    base, modules = vm_hwm_bytes(), len(sys.modules)
+    t0 = time.perf_counter()
+    step, info = setup(model, x, y, scheme)
+    step()
+    setup_s = time.perf_counter() - t0
+    # Python modules that setup and the first step import count in the peak like any other
+    # memory (torch.optim's first step loads torch._dynamo); the count says how much of it.
+    info["modules_imported"] = len(sys.modules) - modules
+    setup_peak, warm_rss = vm_hwm_bytes(), vm_rss_bytes()
+    reset_hwm()
+    for _ in range(MEMORY_STEPS):
+        step()
+    steps_peak = vm_hwm_bytes()
+    return {**info, "base_bytes": base, "peak_bytes": max(setup_peak, steps_peak) - base,
+            "steps_peak_bytes": steps_peak - base, "warm_rss_bytes": warm_rss - base, "setup_s": setup_s}
+
+
+def measure_time(setup, model, x, y, scheme, steps: int) -> dict:
+    """Wall and CPU time per step. CPU time counts only this process's work, so on a machine
+    shared with other jobs it stays put while the wall time stretches with the load."""
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    step, info = setup(model, x, y, scheme)
+    step()
+    setup_s = time.perf_counter() - t0
+    step()
+    wall, cpu = [], []
+    for _ in range(steps):
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {**info, "median_s": statistics.median(wall), "cpu_median_s": statistics.median(cpu),
+            "times_s": wall, "cpu_times_s": cpu, "setup_s": setup_s,
+            "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def run(args) -> dict:
+    model, (x, y) = configs.build_model(args.model), configs.build_batch(args.batch)
+    scheme = configs.scheme(args.model, args.scheme) if args.scheme != "-" else schemes.full()
+    setup = ENGINES[args.engine]
+    if args.mode == "memory":
+        return measure_memory(setup, model, x, y, scheme)
+    return measure_time(setup, model, x, y, scheme, args.steps)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(configs.MODELS), required=True)
+    p.add_argument("--scheme", choices=configs.SCHEMES + ["-"], required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--engine", choices=list(ENGINES), required=True)
+    p.add_argument("--mode", choices=["memory", "time"], required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        result = {"ok": True, **run(args)}
+    except Exception as e:  # reported as "n/a" with its reason, not as a crash of the whole bench
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    sys.stdout.flush()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
