@@ -135,9 +135,17 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def edgetune_revision() -> str:
+    """The commit the numbers belong to, marked when edgetune/ has uncommitted changes."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + (" with uncommitted changes in edgetune/" if git("status", "--porcelain", "edgetune") else "")
+
+
 def environment(started: float, load_start: tuple, args) -> dict:
     return {"command": " ".join(["python -m bench", *sys.argv[1:]]),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "revision": edgetune_revision(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
             "default_threads": torch.get_num_threads(),
             "python": platform.python_version(), "runtime_s": time.perf_counter() - started,
@@ -199,7 +207,8 @@ def rows(cells: Cells, model: str):
 def memory_table(cells: Cells, model: str) -> list[str]:
     engines = configs.ENGINES
     head = (["scheme", "batch"] + engines
-            + ["edgetune / eager", "edgetune / eager-full", "predicted", "measured / predicted"])
+            + ["edgetune / eager", "edgetune / eager-full", "predicted", "measured / predicted",
+               "edgetune's compile child"])
     out = [table_row(head), table_row(["---"] * len(head))]
     for scheme, batch in rows(cells, model):
         v = lambda e, k="peak_bytes": cells.value(model, scheme, batch, e, "memory", k)  # noqa: E731
@@ -208,7 +217,7 @@ def memory_table(cells: Cells, model: str) -> list[str]:
             [scheme, str(batch)]
             + [cells.text(model, scheme, batch, e, "memory", "peak_bytes", 1 / MB) for e in engines]
             + [ratio(v("edgetune"), v("eager")), ratio(v("edgetune"), v("eager-full")),
-               mb(predicted), ratio(v("edgetune"), predicted)]))
+               mb(predicted), ratio(v("edgetune"), predicted), mb(v("edgetune", "child_peak_bytes"))]))
     return out
 
 
@@ -288,7 +297,7 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         f"{env['threads']} intra-op thread(s) in every engine (`--threads`; torch's default here is "
         f"{env['default_threads']}, but on this shared machine its OpenMP threads sometimes stalled a "
         "few-millisecond step by hundreds of milliseconds while waiting on a busy core). "
-        f"Run on {env['date']}; the whole run took {env['runtime_s'] / 60:.1f} min.",
+        f"Run on {env['date']} at commit {env['revision']}; the whole run took {env['runtime_s'] / 60:.1f} min.",
         f"- Load: {load}. Other jobs shared the machine, so step times are noisier than the memory "
         "figures; the raw per-step times are in `bench/results.json`.",
         "- Every engine x configuration runs in its own subprocess (`bench/run_one.py`), twice: "
@@ -313,7 +322,13 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         "cross-entropy loss.",
         "- **predicted** is edgetune's `report().predicted_peak_bytes` (activations, gradients and optimizer "
         "state of one step; parameters, buffers and the batch excluded); **measured / predicted** divides "
-        "the measured edgetune peak by it.",
+        "the measured edgetune peak by it. **edgetune's compile child**: edgetune compiles in a forked "
+        "child process (unless `EDGETUNE_COMPILE_IN_PROCESS=1`), whose memory VmHWM of the training "
+        "process does not see; this column is that child's peak RSS (`getrusage(RUSAGE_CHILDREN)`) minus "
+        "the same baseline. The fork starts out sharing the parent's pages, so this approximates what "
+        "the machine held above the loaded model while compiling; the larger of it and the edgetune "
+        "column is edgetune's peak over the whole run. torch.compile's Inductor compile workers are "
+        "separate processes too and are not counted anywhere here.",
         "- The second memory table splits that peak: RSS above the baseline once setup and the warm-up "
         "are done (in parentheses: imported modules, what a compiler keeps, optimizer state, touched "
         "library pages), and how far the 5 steps then rose above it (first figure: the memory of a "
