@@ -80,7 +80,8 @@ def compiled_grads(fn, *args):
     return out["loss"], grads, cot, {int(k[len("buffer:b"):]): v for k, v in out.items() if k.startswith("buffer:")}
 
 
-def check_grads(fn, *args, rtol=1e-7, atol=1e-9):
+def check_grads(fn, *args, rtol=1e-7, atol=1e-9, names=None):
+    """`names[k]`, if given, names argument k in failure messages."""
     loss, grads, cot, buffers = compiled_grads(fn, *args)
     wanted = [k for k, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     ref_args = [a.detach().clone().requires_grad_(True) if k in wanted else a for k, a in enumerate(_eager(args))]
@@ -90,11 +91,20 @@ def check_grads(fn, *args, rtol=1e-7, atol=1e-9):
     for k, ref in zip(wanted, ref_grads):
         ref = torch.zeros_like(args[k]) if ref is None else ref
         got = grads.get(k, torch.zeros_like(ref))
-        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"gradient of argument {k}: {m}")
+        what = names[k] if names else f"argument {k}"
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"gradient of {what}: {m}")
     for k, a in enumerate(args):
         if isinstance(a, Buffer):
             got = buffers.get(k, a.value)  # not in the outputs: the step leaves it unchanged
             torch.testing.assert_close(got, ref_args[k], rtol=rtol, atol=atol, msg=lambda m: f"buffer {k}: {m}")
+
+
+def check_each(fns, make_arg, **kw):
+    """check_grads for many one-input ops at once: op `name` gets its own parameter `make_arg()`,
+    so each gradient still checks one op, but the whole set costs one torch.export."""
+    names = list(fns)
+    args = [make_arg() for _ in names]
+    check_grads(lambda *xs: torch.cat([fns[n](x).reshape(-1) for n, x in zip(names, xs)]), *args, names=names, **kw)
 
 
 # -- helpers shared by the op tests -----------------------------------------------------------

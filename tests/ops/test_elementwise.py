@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, mutually_broadcastable_shapes
 
-from tests.ops.harness import check_grads, few, t
+from tests.ops.harness import check_each, check_grads, few, t
 
 shapes = array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5)
 
@@ -55,14 +55,12 @@ POSITIVE = {
 
 
 # An elementwise VJP does not care about shape: one 3-D shape each, plus one shape sweep.
-@pytest.mark.parametrize("name", ACTIVATIONS)
-def test_unary(name):
-    check_grads(ACTIVATIONS[name], t(2, 3, 4) * 3)
+def test_unary():
+    check_each(ACTIVATIONS, lambda: t(2, 3, 4) * 3)
 
 
-@pytest.mark.parametrize("name", POSITIVE)
-def test_unary_positive_domain(name):
-    check_grads(POSITIVE[name], t(2, 3, 4, low=0.5))
+def test_unary_positive_domain():
+    check_each(POSITIVE, lambda: t(2, 3, 4, low=0.5))
 
 
 @few(5)
@@ -76,14 +74,19 @@ def test_unary_chains_any_shape(shape, names):
     check_grads(chain, t(*shape) * 2)
 
 
-@pytest.mark.parametrize("name", ["relu", "relu6", "hardtanh", "hardtanh_-2_0.5", "clamp", "clamp_min",
-                                  pytest.param("hardswish", marks=pytest.mark.xfail(reason=(
-                                      "run_decompositions() turns hardswish into x*clamp(x+3,0,6)/6, whose "
-                                      "gradient at x=+-3 is that of clamp (inclusive), not hardswish's")))])
-def test_kinks_match_torch(name):
+KINKS = torch.tensor([-3.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0, 6.0, 7.0], dtype=torch.float64)
+
+
+def test_kinks_match_torch():
     # Exactly at a kink torch picks a side (hardtanh: 0 at its bounds; clamp: 1); so must we.
-    kinks = torch.tensor([-3.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0, 6.0, 7.0], dtype=torch.float64)
-    check_grads(ACTIVATIONS[name], kinks.clone().requires_grad_(True))
+    kinked = ["relu", "relu6", "hardtanh", "hardtanh_-2_0.5", "clamp", "clamp_min", "leaky_relu", "abs"]
+    check_each({n: ACTIVATIONS[n] for n in kinked}, lambda: KINKS.clone().requires_grad_(True))
+
+
+@pytest.mark.xfail(reason="run_decompositions() turns hardswish into x*clamp(x+3,0,6)/6, whose gradient at "
+                          "x=+-3 is clamp's (inclusive bounds), not hardswish's (exclusive)")
+def test_hardswish_kinks_match_torch():
+    check_grads(F.hardswish, KINKS.clone().requires_grad_(True))
 
 
 def test_unary_of_transposed_view():
@@ -129,10 +132,9 @@ SCALAR = {
 }
 
 
-@pytest.mark.parametrize("name", SCALAR)
-def test_python_scalars(name):
+def test_python_scalars():
     # Tight tolerance: a scalar rounded to float32 would be off by ~1e-8 relative.
-    check_grads(SCALAR[name], t(3, 4).detach().abs().add(0.5).requires_grad_(True), rtol=1e-14, atol=1e-14)
+    check_each(SCALAR, lambda: t(3, 4).detach().abs().add(0.5).requires_grad_(True), rtol=1e-14, atol=1e-14)
 
 
 def test_zero_dim_tensor_operand():
@@ -237,10 +239,9 @@ def test_sum_mean_dims(case):
     check_grads(lambda x: x.sum(dims, keepdim=keepdim) * 2 + x.mean(dims, keepdim=keepdim), t(*shape))
 
 
-@pytest.mark.parametrize("fn", [torch.sum, torch.mean, lambda x: x.var(), lambda x: x.std(unbiased=False)],
-                         ids=["sum", "mean", "var", "std"])
-def test_full_reductions(fn):
-    check_grads(fn, t(3, 4, 2))
+def test_full_reductions():
+    fns = {"sum": torch.sum, "mean": torch.mean, "var": lambda x: x.var(), "std": lambda x: x.std(unbiased=False)}
+    check_each(fns, lambda: t(3, 4, 2))
 
 
 @few(5)
@@ -259,37 +260,37 @@ def test_reductions_of_views():
     check_grads(lambda x: x.t().sum(0) + x[:, 1::2].mean(-1, keepdim=True).t() + x.t().var(0), t(5, 4))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: x.amax(-1), lambda x: x.amin((0, 2), keepdim=True), lambda x: x.max(), lambda x: x.min(),
-    lambda x: torch.logsumexp(x, 1), lambda x: x.relu().amax(0),
-], ids=["amax", "amin_keepdim", "max", "min", "logsumexp", "amax_ties"])
-def test_extrema(fn):
-    # relu's zeros make ties: torch shares the gradient evenly among them, and so must we.
-    x = t(3, 4, 2)
-    x.data[:, :, 1] = x.data[:, :, 0]
-    check_grads(fn, x)
+def _tied(*shape, dim):
+    """t(*shape) whose entries 0 and 1 along `dim` are equal: ties for max/min to resolve."""
+    x = t(*shape)
+    x.data.select(dim, 1).copy_(x.data.select(dim, 0))
+    return x
+
+
+def test_extrema():
+    # Ties (and relu's zeros) share the gradient evenly among the tied entries, as in torch.
+    fns = {"amax": lambda x: x.amax(-1), "amin_keepdim": lambda x: x.amin((0, 2), keepdim=True),
+           "max": lambda x: x.max(), "min": lambda x: x.min(), "logsumexp": lambda x: torch.logsumexp(x, 1),
+           "amax_of_relu": lambda x: x.relu().amax(0)}
+    check_each(fns, lambda: _tied(3, 4, 2, dim=2))
 
 
 def test_var_mean():
     check_grads(lambda x: torch.var_mean(x, 1)[0] * torch.var_mean(x, 1, correction=0)[1], t(3, 4))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: x.max(1).values, lambda x: x.min(0, keepdim=True)[0], lambda x: x.max(-1)[0] * x.argmax(-1),
-], ids=["max_dim", "min_dim_keepdim", "max_and_argmax"])
-def test_max_min_along_a_dim(fn):
+def test_max_min_along_a_dim():
     # Unlike amax, max(dim) routes the gradient to the one entry it picked (the first, on ties).
-    x = t(3, 4, 2)
-    x.data[:, 1] = x.data[:, 0]
-    check_grads(fn, x)
+    fns = {"max_dim": lambda x: x.max(1).values, "min_dim_keepdim": lambda x: x.min(0, keepdim=True)[0],
+           "max_and_argmax": lambda x: x.max(-1)[0] * x.argmax(-1)}
+    check_each(fns, lambda: _tied(3, 4, 2, dim=1))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: x.sort(1).values, lambda x: torch.sort(x, 0, descending=True)[0] * torch.sort(x, 0)[1],
-    lambda x: x.topk(2, -1).values, lambda x: x.topk(1, 0, largest=False)[0],
-], ids=["sort", "sort_descending", "topk", "topk_smallest"])
-def test_sort_topk(fn):
-    check_grads(fn, t(3, 4))
+def test_sort_topk():
+    fns = {"sort": lambda x: x.sort(1).values,
+           "sort_descending": lambda x: torch.sort(x, 0, descending=True)[0] * torch.sort(x, 0)[1],
+           "topk": lambda x: x.topk(2, -1).values, "topk_smallest": lambda x: x.topk(1, 0, largest=False)[0]}
+    check_each(fns, lambda: t(3, 4))
 
 
 def test_one_hot_and_new_empty():
@@ -318,10 +319,8 @@ def test_cumsum():
     check_grads(lambda x: x.cumsum(1) * x.cumsum(-3), t(2, 3, 4))
 
 
-@pytest.mark.parametrize("fn", [
-    lambda x: x.norm(dim=-1), lambda x: torch.linalg.vector_norm(x, 1, dim=(0, 2), keepdim=True),
-    lambda x: torch.linalg.vector_norm(x, 3), lambda x: F.normalize(x, dim=1),
-    lambda x: F.cosine_similarity(x[0], x[1], dim=-1),
-], ids=["l2", "l1_keepdim", "l3", "normalize", "cosine_similarity"])
-def test_norms(fn):
-    check_grads(fn, t(2, 3, 4))
+def test_norms():
+    fns = {"l2": lambda x: x.norm(dim=-1), "l1_keepdim": lambda x: torch.linalg.vector_norm(x, 1, (0, 2), True),
+           "l3": lambda x: torch.linalg.vector_norm(x, 3), "normalize": lambda x: F.normalize(x, dim=1),
+           "cosine_similarity": lambda x: F.cosine_similarity(x[0], x[1], dim=-1)}
+    check_each(fns, lambda: t(2, 3, 4))

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.ops.harness import Buffer, check_grads, few, t
+from tests.ops.harness import Buffer, check_each, check_grads, few, t
 
 # -- convolution ----------------------------------------------------------------------------
 
@@ -162,36 +162,30 @@ def test_group_norm_no_affine_and_instance_norm():
 
 # -- pooling --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [
-    dict(kernel_size=2),
-    dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0)),
-    dict(kernel_size=3, stride=2, ceil_mode=True),
-    dict(kernel_size=2, dilation=2),
-], ids=str)
-def test_max_pool2d(kw):
-    check_grads(lambda x: F.max_pool2d(x, **kw), t(2, 3, 7, 8))
+def _variants(fn, *kws):
+    """{description: x -> fn(x, **kw)} for check_each."""
+    return {f"{fn.__name__}({kw})": (lambda x, kw=kw: fn(x, **kw)) for kw in kws}
 
 
-@pytest.mark.parametrize("kw", [
-    dict(kernel_size=2),
-    dict(kernel_size=3, stride=2, padding=1),
-    dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
-    dict(kernel_size=(2, 3), stride=(2, 1), ceil_mode=True),
-    dict(kernel_size=3, padding=1, divisor_override=4),
-], ids=str)
-def test_avg_pool2d(kw):
-    check_grads(lambda x: F.avg_pool2d(x, **kw), t(2, 3, 7, 8))
+def test_max_pool2d():
+    check_each(_variants(F.max_pool2d, dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                         dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0)),
+                         dict(kernel_size=3, stride=2, ceil_mode=True), dict(kernel_size=2, dilation=2)),
+               lambda: t(2, 3, 7, 8))
 
 
-@pytest.mark.parametrize("size", [1, (3, 2), (5, 4), (7, 8)], ids=str)
-def test_adaptive_avg_pool2d(size):
-    check_grads(lambda x: F.adaptive_avg_pool2d(x, size), t(2, 3, 7, 8))
+def test_avg_pool2d():
+    check_each(_variants(F.avg_pool2d, dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
+                         dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
+                         dict(kernel_size=(2, 3), stride=(2, 1), ceil_mode=True),
+                         dict(kernel_size=3, padding=1, divisor_override=4)),
+               lambda: t(2, 3, 7, 8))
 
 
-@pytest.mark.parametrize("size", [1, (2, 3)], ids=str)
-def test_adaptive_max_pool2d(size):
-    check_grads(lambda x: F.adaptive_max_pool2d(x, size), t(2, 3, 5, 6))
+def test_adaptive_pool2d():
+    sizes = [dict(output_size=s) for s in (1, (3, 2), (5, 4), (7, 8))]
+    check_each({**_variants(F.adaptive_avg_pool2d, *sizes), **_variants(F.adaptive_max_pool2d, *sizes[:2])},
+               lambda: t(2, 3, 7, 8))
 
 
 def test_pool_of_permuted_input():
@@ -201,12 +195,11 @@ def test_pool_of_permuted_input():
 
 # -- upsampling -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [
-    dict(scale_factor=2), dict(size=(5, 7)), dict(scale_factor=2, mode="bilinear"),
-    dict(size=(5, 6), mode="bilinear", align_corners=True), dict(scale_factor=1.5, mode="bilinear"),
-], ids=str)
-def test_interpolate(kw):
-    check_grads(lambda x: F.interpolate(x, **kw), t(2, 2, 3, 4))
+def test_interpolate():
+    check_each(_variants(F.interpolate, dict(scale_factor=2), dict(size=(5, 7)), dict(scale_factor=2, mode="bilinear"),
+                         dict(size=(5, 6), mode="bilinear", align_corners=True),
+                         dict(scale_factor=1.5, mode="bilinear")),
+               lambda: t(2, 2, 3, 4))
 
 
 # -- embedding ------------------------------------------------------------------------------
