@@ -211,7 +211,13 @@ def _(b, x, min=None, max=None):
 
 # base ** x for a Python number base
 _unary("scalar_pow", lambda x, base: torch.pow(base, x), lambda g, y, base: g * y * math.log(base), uses="y")
-aten(A.pow.Scalar)(lambda b, base, x: b.emit("scalar_pow", x, base=base))
+
+
+@aten(A.pow.Scalar)
+def _(b, base, x):
+    if base <= 0:
+        raise NotImplementedError(f"{base} ** tensor (only a positive base has a gradient)")
+    return b.emit("scalar_pow", x, base=base)
 
 
 # fmod / remainder: x's gradient is 1; the divisor's is -trunc(x/y) (fmod) or -floor(x/y).
@@ -227,8 +233,6 @@ register("mod_grad_rhs", lambda g, x, y, kind: -g * (torch.trunc(x / y) if kind 
 for _mod in ("fmod", "remainder"):
     for _ov in (getattr(A, _mod).Tensor, getattr(A, _mod).Scalar):
         aten(_ov)(lambda b, x, y, _mod=_mod: b.emit(_mod, *_operands(b, x, y)))
-register("isnan", torch.isnan)
-aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
 
 
 @aten(A.leaky_relu.default)
@@ -269,6 +273,8 @@ for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
     register(_cmp, getattr(torch, _cmp))
     for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
         aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, *_operands(b, x, y)))
+register("isnan", torch.isnan)
+aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
 register("logical_not", torch.logical_not)
 register("logical_and", torch.logical_and)
 register("logical_or", torch.logical_or)
