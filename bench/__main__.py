@@ -136,15 +136,19 @@ def cpu_model() -> str:
 
 
 def edgetune_revision() -> str:
-    """The commit the numbers belong to, marked when edgetune/ has uncommitted changes."""
+    """The last commit that touched edgetune/, marked when edgetune/ has uncommitted changes.
+
+    Others commit while a run goes on; what matters is the engine code that was measured."""
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + (" with uncommitted changes in edgetune/" if git("status", "--porcelain", "edgetune") else "")
+    rev = git("log", "-1", "--format=%h", "--", "edgetune") or "unknown"
+    return rev + (" with uncommitted changes" if git("status", "--porcelain", "edgetune") else "")
 
 
-def environment(started: float, load_start: tuple, args) -> dict:
+def environment(started: float, load_start: tuple, revision: str, args) -> dict:
+    end = edgetune_revision()
     return {"command": " ".join(["python -m bench", *sys.argv[1:]]),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "revision": edgetune_revision(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "revision": revision if end == revision else f"{revision}, changed to {end} during the run",
             "cpu": cpu_model(),
             "cores": os.cpu_count(), "torch": torch.__version__, "threads": args.threads,
             "default_threads": torch.get_num_threads(),
@@ -297,7 +301,8 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         f"{env['threads']} intra-op thread(s) in every engine (`--threads`; torch's default here is "
         f"{env['default_threads']}, but on this shared machine its OpenMP threads sometimes stalled a "
         "few-millisecond step by hundreds of milliseconds while waiting on a busy core). "
-        f"Run on {env['date']} at commit {env['revision']}; the whole run took {env['runtime_s'] / 60:.1f} min.",
+        f"Run on {env['date']}, edgetune/ as of commit {env['revision']}; the whole run took "
+        f"{env['runtime_s'] / 60:.1f} min.",
         f"- Load: {load}. Other jobs shared the machine, so step times are noisier than the memory "
         "figures; the raw per-step times are in `bench/results.json`.",
         "- Every engine x configuration runs in its own subprocess (`bench/run_one.py`), twice: "
@@ -309,7 +314,7 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         f"subprocess without that variable: setup, 2 warm-ups, then the median of {args.steps} steps, as wall "
         "time and, in parentheses, CPU time of the process. With one thread the CPU time is the step's own "
         "work while the wall time also holds the waits for a core other jobs took, so the time ratios "
-        "use CPU time.",
+        "use CPU time (shared caches still let the load through, by a few percent).",
         "- Engines: **edgetune** = `edgetune.compile` with the scheme; **eager** = PyTorch eager on the same "
         "scheme (`requires_grad` only on trained parameters; partially trained weights get their gradient "
         "multiplied by a channel mask after backward, channels chosen by edgetune's own rule); "
@@ -383,13 +388,13 @@ def report(results: list[dict], env: dict, args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    started, load_start = time.perf_counter(), os.getloadavg()
+    started, load_start, revision = time.perf_counter(), os.getloadavg(), edgetune_revision()
     selected = select(args)
     if not selected:
         sys.exit("nothing selected: check --models/--schemes/--batches/--engines (or add --full)")
     print(f"{len(selected)} configurations, 2 subprocesses each", file=sys.stderr)
     results = run_all(selected, args)
-    env = environment(started, load_start, args)
+    env = environment(started, load_start, revision, args)
     Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")
     Path(args.out).write_text(report(results, env, args))
     print(f"wrote {args.out} and {args.json} in {env['runtime_s'] / 60:.1f} min", file=sys.stderr)
