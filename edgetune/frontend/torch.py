@@ -47,7 +47,7 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
     """Trace model + loss once, in the module's current train()/eval() mode."""
     wrapped = _WithLoss(model, loss_fn, len(inputs))
     program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
-    program = program.run_decompositions()
+    program = program.run_decompositions(_decompositions())
     return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
 
 
@@ -56,6 +56,16 @@ def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
     parameter once per name (and may read it under either), so all names must share one node."""
     first: dict[int, str] = {}
     return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _decompositions() -> dict:
+    """Core ATen, except ops whose decomposition changes their meaning for training:
+    detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
+    whose gradient at the kinks (x = -3, 3) differs from hardswish's own."""
+    table = torch.export.default_decompositions()
+    for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default):
+        table.pop(op, None)
+    return table
 
 
 def _device_of(inputs: tuple) -> torch.device:
@@ -102,9 +112,11 @@ class _Converter:
             kind = "input" if len(self.user) < self.n_inputs else "target"
             node = self.b.input(fx.name, val.shape, val.dtype, kind=kind, index=len(self.user))
             self.user.append(node)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            node = self.b.const(self.program.constants[spec.target])  # e.g. torch.tensor(2.0) in forward
         else:
-            raise UnsupportedOpError(f"model input {fx.name!r} of kind {spec.kind.name}: constants and "
-                                     "lifted tensors are not supported; register them as buffers")
+            raise UnsupportedOpError(f"model input {fx.name!r} of kind {spec.kind.name} is not supported; "
+                                     "register it as a buffer")
         return node
 
     def _call(self, fx: Any) -> Any:

@@ -83,8 +83,6 @@ def test_kinks_match_torch():
     check_each({n: ACTIVATIONS[n] for n in kinked}, lambda: KINKS.clone().requires_grad_(True))
 
 
-@pytest.mark.xfail(reason="run_decompositions() turns hardswish into x*clamp(x+3,0,6)/6, whose gradient at "
-                          "x=+-3 is clamp's (inclusive bounds), not hardswish's (exclusive)")
 def test_hardswish_kinks_match_torch():
     check_grads(F.hardswish, KINKS.clone().requires_grad_(True))
 
@@ -207,8 +205,6 @@ def test_mixed_precision_gradients_keep_the_parameters_dtype():
     check_grads(lambda x: x.sum(-1, dtype=torch.float64), x32)
 
 
-@pytest.mark.xfail(reason="run_decompositions() turns detach into alias, which edgetune must treat as an "
-                          "identity (x[...] is an alias too); the frontend should keep aten.detach")
 def test_detach_stops_the_gradient():
     check_grads(lambda x: x * x.detach() + x.detach().exp(), t(3, 4))
 
@@ -324,3 +320,7 @@ def test_norms():
            "l3": lambda x: torch.linalg.vector_norm(x, 3), "normalize": lambda x: F.normalize(x, dim=1),
            "cosine_similarity": lambda x: F.cosine_similarity(x[0], x[1], dim=-1)}
     check_each(fns, lambda: t(2, 3, 4))
+
+
+def test_constant_tensors_made_in_forward_are_constants():
+    check_grads(lambda x: x * torch.tensor(2.0, dtype=torch.float64) + x[[0, 2, 2]].sum(), t(3))
