@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -114,6 +115,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=int, default=600, help="seconds before a subprocess counts as n/a")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="raw results")
+    p.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from the results in --json")
     args = p.parse_args(argv)
     for name, known in [("models", configs.MODELS), ("schemes", configs.SCHEMES), ("engines", configs.ENGINES)]:
         bad = set(getattr(args, name) or []) - set(known)
@@ -146,7 +148,7 @@ def edgetune_revision() -> str:
 
 def environment(started: float, load_start: tuple, revision: str, args) -> dict:
     end = edgetune_revision()
-    return {"command": " ".join(["python -m bench", *sys.argv[1:]]),
+    return {"command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "revision": revision if end == revision else f"{revision}, changed to {end} during the run",
             "cpu": cpu_model(),
@@ -314,7 +316,7 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         f"subprocess without that variable: setup, 2 warm-ups, then the median of {args.steps} steps, as wall "
         "time and, in parentheses, CPU time of the process. With one thread the CPU time is the step's own "
         "work while the wall time also holds the waits for a core other jobs took, so the time ratios "
-        "use CPU time (shared caches still let the load through, by a few percent).",
+        "use CPU time (shared caches still let some of the load through).",
         "- Engines: **edgetune** = `edgetune.compile` with the scheme; **eager** = PyTorch eager on the same "
         "scheme (`requires_grad` only on trained parameters; partially trained weights get their gradient "
         "multiplied by a channel mask after backward, channels chosen by edgetune's own rule); "
@@ -388,6 +390,12 @@ def report(results: list[dict], env: dict, args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.render:
+        saved = json.loads(Path(args.json).read_text())
+        # The options of the run that measured them, not of this call, describe the results.
+        measured = parse_args(shlex.split(saved["environment"]["command"])[3:])
+        Path(args.out).write_text(report(saved["results"], saved["environment"], measured))
+        return
     started, load_start, revision = time.perf_counter(), os.getloadavg(), edgetune_revision()
     selected = select(args)
     if not selected:
