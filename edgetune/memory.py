@@ -2,7 +2,8 @@
 
 Parameters, buffers and the batch belong to the caller and are not counted; optimizer
 state is persistent for the trainer's life and is. A view costs nothing but keeps the
-value it views alive (as the runtime does, through references).
+value it views alive (as the runtime does, through references). A kernel's own scratch
+memory (where measured, e.g. depthwise input gradients) counts while it runs.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def plan(graph: Graph) -> MemoryPlan:
     for pos, n in enumerate(graph.nodes):
         if allocates(n):
             live += n.nbytes
-        live_bytes.append(live)
+        scratch = OPS[n.op].scratch
+        live_bytes.append(live + (scratch(n) if scratch else 0))
         live -= sum(m.nbytes for m in frees.get(pos, []) if allocates(m))
     state = sum(n.nbytes for n in graph.nodes if n.op == "input" and n.attrs.get("kind") == "state")
     return MemoryPlan(list(graph.nodes), last, live_bytes, state)

@@ -81,3 +81,17 @@ def test_memory_plan_frees_at_last_use_and_views_cost_nothing():
     p = plan(b.graph({"loss": loss}))
     assert max(p.live_bytes) == 2 * 1024
     assert p.live_bytes[-1] == 1024 + 4  # the sum reads c while it writes the loss
+
+
+def test_memory_plan_counts_kernel_scratch_while_it_runs():
+    b = Builder()
+    g = b.input("g", (2, 8, 16, 16), torch.float32, kind="input", index=0)
+    w = b.input("w", (8, 1, 3, 3), torch.float32, kind="param", target="w")
+    conv = dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    dx = b.emit("conv_grad_input", g, w, input_shape=(2, 8, 16, 16), groups=8, **conv)
+    dense = b.emit("conv_grad_input", g, b.input("w2", (8, 8, 3, 3), torch.float32, kind="param", target="w2"),
+                   input_shape=(2, 8, 16, 16), groups=1, **conv)
+    loss = b.emit("sum", b.emit("add", dx, dense), dims=(0, 1, 2, 3), keepdim=False)
+    p = plan(b.graph({"loss": loss}))
+    assert p.live_bytes[b.nodes.index(dx)] == 2 * dx.nbytes  # depthwise: output + a same-size buffer
+    assert p.live_bytes[b.nodes.index(dense)] == dx.nbytes + dense.nbytes

@@ -8,6 +8,7 @@
 - `mutates`: indices of inputs updated in place, or a function of the node giving them
   (optimizer updates, buffer writes; such ops are effects and produce no value);
 - `view`: the output aliases input 0's memory (costs nothing in the memory plan);
+- `scratch`: bytes the torch kernel allocates while it runs, beyond its output (measured);
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.
 
 The families live in sibling modules, imported at the bottom so they all register.
@@ -32,6 +33,7 @@ class OpDef:
     shape: Callable[..., tuple] | None = None
     mutates: tuple[int, ...] | Callable[[Node], tuple[int, ...]] = ()
     view: bool = False
+    scratch: Callable[[Node], int] | None = None  # bytes the kernel allocates besides its output
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:
