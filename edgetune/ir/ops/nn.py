@@ -431,14 +431,16 @@ def _(b, w, idx, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return b.emit("embedding", w, idx, padding_idx=padding_idx)
 
 
-def _gather_grad(g, idx, *, dim, input_shape):
-    return g.new_zeros(input_shape).scatter_add_(dim, idx, g)
+def _register_indexing(name, read, accumulate):
+    """An op reading x's entries at idx along dim; its gradient adds g back there into zeros."""
+    register(name, lambda x, idx, dim: read(x, dim, idx), lambda b, n, g, want: (
+        b.emit(f"{name}_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
+        if want[0] else None, None))
+    register(f"{name}_grad", lambda g, idx, dim, input_shape: accumulate(g.new_zeros(input_shape), dim, idx, g))
 
 
-register("gather", lambda x, idx, dim: torch.gather(x, dim, idx), lambda b, n, g, want: (
-    b.emit("gather_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
-    if want[0] else None, None))
-register("gather_grad", _gather_grad)
+_register_indexing("gather", torch.gather, torch.Tensor.scatter_add_)
+_register_indexing("index_select", torch.index_select, torch.Tensor.index_add_)
 aten(A.gather.default)(lambda b, x, dim, idx, sparse_grad=False: b.emit("gather", x, idx, dim=dim % len(x.shape)))
 
 
@@ -465,12 +467,4 @@ aten(A.scatter.value)(lambda b, x, dim, idx, value: b.emit("scatter", x, idx, di
 aten(A.scatter_add.default)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=True))
 
 
-def _index_select_grad(g, idx, *, dim, input_shape):
-    return g.new_zeros(input_shape).index_add_(dim, idx, g)
-
-
-register("index_select", lambda x, idx, dim: torch.index_select(x, dim, idx), lambda b, n, g, want: (
-    b.emit("index_select_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
-    if want[0] else None, None))
-register("index_select_grad", _index_select_grad)
 aten(A.index_select.default)(lambda b, x, dim, idx: b.emit("index_select", x, idx, dim=dim % len(x.shape)))
