@@ -13,9 +13,10 @@ def update_early(graph: Graph) -> Graph:
     effects = [n for n in graph.nodes if is_effect(n)]
     order = [n for n in graph.nodes if not is_effect(n)]
     position = {n: k for k, n in enumerate(order)}
+    last_read = {storage_of(i): k for k, n in enumerate(order) for i in n.inputs}
     after: dict[int, list[Node]] = {}
     for e in effects:
-        after.setdefault(_earliest(e, order, position), []).append(e)
+        after.setdefault(_earliest(e, position, last_read), []).append(e)
     nodes = list(after.get(-1, []))
     for k, n in enumerate(order):
         nodes.append(n)
@@ -23,10 +24,8 @@ def update_early(graph: Graph) -> Graph:
     return Graph(nodes, graph.outputs)
 
 
-def _earliest(effect: Node, order: list[Node], position: dict[Node, int]) -> int:
+def _earliest(effect: Node, position: dict[Node, int], last_read: dict[Node, int]) -> int:
     """Position after which `effect` may run: its inputs exist and no later node reads what it mutates."""
-    mutated = {storage_of(effect.inputs[k]) for k in mutated_inputs(effect)}
     ready = max((position[i] for i in effect.inputs if i in position), default=-1)
-    last_reader = max((k for k, n in enumerate(order) if any(storage_of(i) in mutated for i in n.inputs)),
-                      default=-1)
-    return max(ready, last_reader)
+    readers = (last_read.get(storage_of(effect.inputs[k]), -1) for k in mutated_inputs(effect))
+    return max(ready, *readers)
