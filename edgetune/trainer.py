@@ -68,6 +68,7 @@ class Trainer:
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
+        self._bindings = self._bind()
         self.steps = 0
 
     # -- running --------------------------------------------------------------------------
@@ -80,23 +81,30 @@ class Trainer:
         return float(out["loss"])
 
     def _arguments(self, batch: list[torch.Tensor], step: int) -> list[Any]:
+        hyper = {"lr": float(self.lr), "step": step}
+        return [batch[key] if kind == "batch" else hyper[key] if kind == "hyper" else key
+                for kind, key in self._bindings]
+
+    def _bind(self) -> list[tuple[str, Any]]:
+        """What each step input is: a tensor bound once (parameters, buffers and optimizer
+        state are updated in place, so they stay the same objects, as with torch.optim), a
+        hyperparameter name, or a batch index."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers())
-        hyper = {"lr": float(self.lr), "step": step}
-        args = []
+        bindings = []
         for n in self.compiled.inputs:
-            kind = n.attrs["kind"]
+            kind, target = n.attrs["kind"], n.attrs.get("target")
             if kind == "param":
-                args.append(params[n.attrs["target"]].detach())
+                bindings.append(("tensor", params[target].detach()))
             elif kind == "buffer":
-                args.append(buffers[n.attrs["target"]])
+                bindings.append(("tensor", buffers[target]))
             elif kind == "state":
-                args.append(self.state[n.attrs["target"]])
+                bindings.append(("tensor", self.state[target]))
             elif kind == "hyper":
-                args.append(hyper[n.name])
+                bindings.append(("hyper", n.name))
             else:
-                args.append(batch[n.attrs["index"]])
-        return args
+                bindings.append(("batch", n.attrs["index"]))
+        return bindings
 
     def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
         batch, examples = list(inputs) + list(targets), list(self.examples[0]) + list(self.examples[1])
