@@ -1,6 +1,5 @@
 """MobileNetV2 with torchvision's module layout, so its state_dict keys (and pretrained
 weights) are interchangeable with `torchvision.models.mobilenet_v2`."""
-import torch
 from torch import nn
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper and torchvision.

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edgetune.ir.builder import Builder
-from edgetune.ir.graph import Graph, GraphError, Node, format_graph, verify
+from edgetune.ir.graph import Graph, GraphError, format_graph, verify
 from edgetune.memory import plan
 from edgetune.passes.dce import dce
 

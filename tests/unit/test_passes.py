@@ -1,6 +1,4 @@
 """Each pass: the graph changes as intended, the numbers do not."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
