@@ -188,3 +188,18 @@ def test_forked_and_in_process_compiles_agree(monkeypatch):
     local = run()
     assert forked[0] == local[0] and forked[1] == local[1]
     assert all(torch.equal(a, b) for a, b in zip(forked[2].values(), local[2].values()))
+
+
+def test_a_loss_that_is_not_a_scalar_is_an_error():
+    with pytest.raises(ValueError, match="loss_fn must return a scalar floating-point tensor"):
+        et.compile(ConvNet(), lambda out, y: F.cross_entropy(out, y, reduction="none"), *batch())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: et.SGD(lr=-0.1), "SGD lr must be >= 0"),
+    (lambda: et.SGD(lr=0.1, nesterov=True), "nesterov needs momentum > 0"),
+    (lambda: et.AdamW(lr=1e-3, betas=(0.9, 1.0)), "betas must be in"),
+])
+def test_bad_optimizer_settings_are_errors(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
