@@ -43,25 +43,48 @@ def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return words.view(torch.uint8)[: math.prod(shape)].view(shape)
 
 
+# Packing and unpacking go chunk by chunk so their temporaries (the rule's float output, the
+# 0/1 bytes, the widened words) stay small next to the activation itself. A multiple of 8,
+# so chunks start on byte boundaries of the packed mask.
+_CHUNK = 1 << 18
+
+
 def _pack_mask(y, *, rule, rule_attrs):
     """Bits of "the gradient passes here": the activation's own gradient rule applied to ones,
     so the mask agrees with it exactly, bounds included."""
     from edgetune.ir.ops import OPS
 
-    passes = OPS[rule].kernel(torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape), y, **rule_attrs)
-    return _pack(passes.to(torch.uint8))
+    flat, one = y.reshape(-1), torch.ones((), dtype=y.dtype, device=y.device)
+    packed = torch.empty(math.ceil(flat.numel() / 8), dtype=torch.uint8, device=y.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start: start + _CHUNK]
+        passes = OPS[rule].kernel(one.expand(part.shape), part, **rule_attrs)
+        packed[start // 8: start // 8 + math.ceil(part.numel() / 8)] = _pack(passes.to(torch.uint8))
+    return packed
 
 
 def _masked_grad(g, packed):
-    return g * _unpack(packed, tuple(g.shape))
+    flat = g.reshape(-1)
+    out = torch.empty_like(flat)
+    for start in range(0, flat.numel(), _CHUNK):
+        stop = min(start + _CHUNK, flat.numel())
+        bits = _unpack(packed[start // 8: math.ceil(stop / 8)], (stop - start,))
+        torch.mul(flat[start:stop], bits, out=out[start:stop])
+    return out.view(g.shape)
 
 
 def _packed_shape(y, rule, rule_attrs):
     return (math.ceil(math.prod(y.shape) / 8),), torch.uint8
 
 
-register("pack_mask", _pack_mask, shape=_packed_shape)
-register("masked_grad", _masked_grad)
+def _chunk_scratch(n) -> int:
+    """One chunk's temporaries: the rule's output or the widened product, plus bytes and words."""
+    size = min(math.prod(n.inputs[0].shape), _CHUNK)
+    return size * (n.inputs[0].dtype.itemsize + 2)
+
+
+register("pack_mask", _pack_mask, shape=_packed_shape, scratch=_chunk_scratch)
+register("masked_grad", _masked_grad, scratch=_chunk_scratch)
 
 
 # A fresh contiguous copy: a saved slice must not keep the whole tensor it was cut from alive.
