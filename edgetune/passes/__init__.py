@@ -18,8 +18,8 @@ Pass = Callable[[Graph], Graph]
 
 PIPELINE: list[tuple[str, Pass, str]] = [
     ("dce", dce, "drop values that neither the loss nor an update needs (the pruned backward's leftovers)"),
-    ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
     ("slices", save_channel_slices, "a partially trained weight's gradient keeps only its k input channels"),
+    ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
     ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
 ]
 

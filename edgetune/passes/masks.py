@@ -3,13 +3,14 @@
 Where an activation's output is kept only for its own backward, the forward packs
 "did the gradient pass here" into ceil(n/8) bytes right after the activation, and the
 float output can die as soon as the forward is done with it (32x less for float32).
+Skipped where it would raise the predicted peak.
 """
 from __future__ import annotations
 
 from edgetune.ir.graph import Graph, Node
-from edgetune.memory import storage_of
+from edgetune.memory import plan, storage_of
 from edgetune.passes.rewrite import is_backward, keep, rewrite
-from edgetune.passes.slices import channel_takes, read_whole
+from edgetune.passes.slices import read_whole
 
 # Activation gradients of the form g * (0 or 1, a function of the saved output).
 MASK_GRADS = ("relu_grad", "hardtanh_grad")
@@ -29,16 +30,17 @@ def bitmask_activations(graph: Graph) -> Graph:
             return b.emit("masked_grad", inputs[0], packs[grads[n]], name=f"{n.name}_bits")
         return None
 
-    return rewrite(graph, visit) if grads else graph
+    if not grads:
+        return graph
+    # Packing has scratch of its own: on tiny activations it can cost more than it frees.
+    masked = rewrite(graph, visit)
+    return masked if plan(masked).peak_bytes <= plan(graph).peak_bytes else graph
 
 
 def _maskable(graph: Graph) -> dict[Node, Node]:
-    """Activation-grad node -> its saved output, where nothing else in backward reads it whole.
-
-    A channel take of it (a partial weight's input) does not count: the slices pass that
-    follows saves just those channels, so the bits plus the slice replace the output."""
+    """Activation-grad node -> its saved output, where nothing else in backward reads it."""
     grads = {n: n.inputs[1] for n in graph.nodes if n.op in MASK_GRADS and is_backward(n)}
-    whole = read_whole(graph, set(grads) | set(channel_takes(graph)))
+    whole = read_whole(graph, set(grads))
     same_rule = {}
     for g, y in grads.items():
         same_rule.setdefault(y, set()).add((g.op, tuple(g.attrs.items())))

@@ -47,8 +47,12 @@ def read_whole(graph: Graph, skip: set[Node]) -> set[Node]:
 
 
 def _hoistable(graph: Graph) -> list[Node]:
+    """Takes of an input that nothing else in backward reads whole. An activation gradient
+    reading it does not count: the bitmask pass that follows turns that read into bits."""
+    from edgetune.passes.masks import MASK_GRADS
+
     takes = channel_takes(graph)
-    whole = read_whole(graph, set(takes))
+    whole = read_whole(graph, set(takes) | {n for n in graph.nodes if n.op in MASK_GRADS})
     return [t for t in takes if t.inputs[0] not in whole]
 
 
