@@ -24,12 +24,6 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         return self.state_bytes + max(self.live_bytes, default=0)
 
-    @property
-    def peak_at(self) -> Node | None:
-        if not self.live_bytes:
-            return None
-        return self.order[max(range(len(self.live_bytes)), key=self.live_bytes.__getitem__)]
-
 
 def storage_of(node: Node) -> Node:
     """The node whose allocation `node` lives in (itself unless it is a view)."""

@@ -6,6 +6,7 @@ place), owns the optimizer state, and checks each batch against the examples bef
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Update:
 
     @property
     def trained_entries(self) -> int:
-        n = _numel(self.node.shape)
+        n = math.prod(self.node.shape)
         return n if self.part is None else n // self.node.shape[self.part.axis] * self.part.k
 
 
@@ -255,10 +256,3 @@ def _device_of(model: torch.nn.Module, inputs: tuple) -> torch.device:
 
 def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

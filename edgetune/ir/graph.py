@@ -7,6 +7,7 @@ node list in place: they build and return a new Graph.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,7 @@ class Node:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
@@ -39,10 +37,6 @@ class Node:
 
     def __repr__(self) -> str:
         return f"%{self.name}"
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass

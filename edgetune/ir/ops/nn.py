@@ -188,7 +188,7 @@ def _(b, x, w, bias, running_mean, running_var, training, momentum, eps):
         y = b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps)
         return y, None, None, running_mean, running_var
     y, mean, var = _bn_batch_stats(b, x, w, bias, eps)
-    count = x.shape[0] * _prod(x.shape[2:])
+    count = x.shape[0] * math.prod(x.shape[2:])
     new_mean = _lerp(b, running_mean, mean, momentum)
     unbiased = b.emit("mul", var, scalar(b, count / max(count - 1, 1), like=var))
     return y, None, None, new_mean, _lerp(b, running_var, unbiased, momentum)
@@ -206,13 +206,6 @@ def _bn_batch_stats(b, x, w, bias, eps):
     mean = b.emit("mean", x, dims=dims, keepdim=False)
     var = b.emit("var", x, dims=dims, correction=0, keepdim=False)
     return b.emit("batch_norm", x, mean, var, w, bias, eps=eps), mean, var
-
-
-def _prod(xs):
-    out = 1
-    for v in xs:
-        out *= v
-    return out
 
 
 def _lerp(b, old, new, momentum):
