@@ -7,6 +7,7 @@ mutates (`"buffer:<name>"`, e.g. BatchNorm running statistics in train mode).
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,8 +47,11 @@ class _WithLoss(torch.nn.Module):
 def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> ForwardGraph:
     """Trace model + loss once, in the module's current train()/eval() mode."""
     wrapped = _WithLoss(model, loss_fn, len(inputs))
-    program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
-    program = program.run_decompositions(_decompositions())
+    with warnings.catch_warnings():
+        # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
+        program = program.run_decompositions(_decompositions())
     return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
 
 
