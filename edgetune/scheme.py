@@ -171,6 +171,17 @@ def tte(n_bias_update: int | str = 0, manual_weight_idx: Any = None, weight_upda
     return Scheme(build, f"tte(n_bias_update={n_bias_update}, manual_weight_idx={idx}, weight_update_ratio={ratios})")
 
 
+def with_head(scheme: SchemeLike, head: str) -> Scheme:
+    """`scheme`, plus the new classifier `head` (a module name) trained fully, whatever the
+    scheme says about it: a freshly initialised head must learn."""
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        mapping = scheme.mapping(model) if isinstance(scheme, Scheme) else scheme
+        return {f"{head}.*": "full", **{p: r for p, r in mapping.items() if p != f"{head}.*"}}
+
+    return Scheme(build, f"{getattr(scheme, 'name', 'scheme')} + head {head}")
+
+
 # The Tiny Training Engine's published MobileNetV2 schemes (§2 of its config), named by the
 # analytic extra memory they were searched under. Conv indices count torchvision's
 # MobileNetV2 convs in order, so every index that is a multiple of 3 is a block's first pointwise conv.
