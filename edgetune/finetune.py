@@ -117,15 +117,17 @@ class History:
 
 def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: int, lr: float,
              schedule: str = "cosine", warmup: int = 0, seed: int = 0, progress: bool = True,
-             evaluate_before: bool = True, log: Callable[[str], None] = print) -> History:
-    """Train `epochs` passes over `train`, evaluating on `val` before (optional) and after each."""
+             evaluate_before: bool = True, log: Callable[[str], None] | None = None) -> History:
+    """Train `epochs` passes over `train`, evaluating on `val` before (optional) and after each.
+    `log` receives one line per evaluation (default: printed above the progress bar)."""
     total = epochs * (len(train) // batch_size)
     if total == 0:
         raise ValueError(f"{len(train)} training items cannot fill one batch of {batch_size}; use a smaller --batch")
     history, start = History(), time.perf_counter()
+    bar = _progress(total, progress)
+    log = log or bar.write
     if evaluate_before:
         _record(history, trainer.model, val, prepare, step=0, epoch=0, log=log)
-    bar = _progress(total, progress)
     for epoch in range(1, epochs + 1):
         for items, labels in train.batches(batch_size, shuffle=True, seed=seed + epoch):
             trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
@@ -137,7 +139,7 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
             history.lrs.append(trainer.lr)
             bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
             bar.update()
-        _record(history, trainer.model, val, prepare, step=len(history.losses), epoch=epoch, log=bar.write)
+        _record(history, trainer.model, val, prepare, step=len(history.losses), epoch=epoch, log=log)
     bar.close()
     history.seconds = time.perf_counter() - start
     return history
