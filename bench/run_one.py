@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import statistics
 import sys
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 import edgetune
 from edgetune import scheme as schemes
+from edgetune.measure import reset_hwm, vm_hwm_bytes, vm_rss_bytes
 
 from bench import configs
 
@@ -118,25 +118,6 @@ def _with_masks(params, masks):
 
 
 # -- measurements -------------------------------------------------------------------------------
-
-def vm_hwm_bytes() -> int:
-    return _status_bytes("VmHWM")
-
-
-def vm_rss_bytes() -> int:
-    return _status_bytes("VmRSS")
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
-
-
-def reset_hwm() -> None:
-    """Reset VmHWM to the current RSS (Linux: '5' to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def measure_memory(setup, model, x, y, scheme) -> dict:
     """Peak over setup + warm-up + steps (the design's definition), and over the steps alone.

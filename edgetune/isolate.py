@@ -26,8 +26,12 @@ def can_fork(device: torch.device) -> bool:
 
 def run_isolated(fn: Callable[[], T], device: torch.device) -> T:
     """fn() -- in a forked child when that is safe; its exceptions are re-raised here."""
-    if not can_fork(device):
-        return fn()
+    return in_child(fn) if can_fork(device) else fn()
+
+
+def in_child(fn: Callable[[], T]) -> T:
+    """fn() in a forked child (always; the caller checked that forking is safe); its result
+    comes back pickled, its exceptions are re-raised here."""
     sys.stdout.flush()
     sys.stderr.flush()
     read, write = os.pipe()
@@ -37,9 +41,10 @@ def run_isolated(fn: Callable[[], T], device: torch.device) -> T:
     os.close(write)
     with os.fdopen(read, "rb") as f:
         data = f.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     if not data:
-        raise RuntimeError("the compiling process died; run with EDGETUNE_COMPILE_IN_PROCESS=1 to see why")
+        raise RuntimeError(f"the forked process died (wait status {status}); for a compile, run with "
+                           "EDGETUNE_COMPILE_IN_PROCESS=1 to see why")
     ok, value = pickle.loads(data)
     if not ok:
         raise value

@@ -1,0 +1,112 @@
+"""The measured peak memory of a training step: proof that a scheme fits a budget.
+
+Budget semantics (the same everywhere in edgetune): a memory budget is what the training step
+needs ON TOP of the loaded model weights and the batch -- activations kept for backward,
+gradients, optimizer state, kernel scratch, and what compiling the step leaves allocated
+(generated code, library caches). `Trainer.report().predicted_peak_bytes` predicts it for
+tensors; bench/ and BENCHMARKS.md measure it as "peak above the model".
+
+How: a forked child (it works on a copy-on-write copy of the model, so the caller's weights
+never change) tells glibc to serve every allocation of 64 KiB or more with its own mmap, so a
+freed tensor leaves the resident set at once instead of staying in the heap; it then resets the
+kernel's high-water mark, reads its resident set as the baseline, compiles the step and runs a
+few steps, and sends back the high-water mark minus the baseline. edgetune compiles in a
+grandchild (edgetune.isolate), so torch.export's memory is not counted, as in the benchmarks.
+
+One difference from BENCHMARKS.md: shared library code that the step runs for the first time
+(file-backed, clean, shared with every process using torch) is not counted here, because a
+forked child would count it even where the parent has it resident. A fresh process, as in the
+benchmarks, adds about 20 MB of it for MobileNetV2 on CPU.
+
+Linux only (/proc/self/status, clear_refs); elsewhere, and for a model not on the CPU,
+measure_peak raises NotImplementedError. Without glibc's mallopt the number is an upper bound
+(freed memory may stay resident).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import sys
+from typing import Callable
+
+import torch
+
+from edgetune.isolate import in_child
+from edgetune.trainer import compile as compile_step
+
+MMAP_THRESHOLD = 65536  # bytes; the benchmarks' MALLOC_MMAP_THRESHOLD_=65536
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, scheme,
+                 optimizer, steps: int = 3) -> int:
+    """Bytes above the loaded model that compiling `scheme` and running `steps` steps peaked at.
+
+    `inputs`/`targets` are one batch (tuples of tensors, as for edgetune.compile); the model and
+    the optimizer object of the caller are left untouched."""
+    _check_supported(model)
+    return in_child(lambda: _peak_in_this_process(model, loss_fn, inputs, targets, scheme, optimizer, steps))
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        raise NotImplementedError(f"measure_peak reads Linux's /proc/self/status in a forked process; "
+                                  f"not available on {sys.platform}")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type != "cpu":
+        raise NotImplementedError(f"measure_peak measures CPU memory in a forked process; the model is on {device} "
+                                  "(CUDA does not survive a fork)")
+
+
+def _peak_in_this_process(model, loss_fn, inputs, targets, scheme, optimizer, steps: int) -> int:
+    set_mmap_threshold(MMAP_THRESHOLD)
+    reset_hwm()
+    baseline, library_pages = vm_rss_bytes(), rss_file_bytes()
+    trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
+    for _ in range(steps):
+        trainer.step(inputs, targets)
+    # A fork does not copy the page tables of file mappings, so every page of library code the
+    # step runs faults into this child's RSS again, though the parent has it resident (about
+    # 16 MB more than a fresh process for MobileNetV2). Such pages are shared and clean, not
+    # memory the step needs: leave them out. File RSS only grows, and the first step faults
+    # them in, so subtracting the final growth is exact for the peak of any later step.
+    return vm_hwm_bytes() - baseline - (rss_file_bytes() - library_pages)
+
+
+# -- /proc and glibc helpers (bench/run_one.py uses them too) ---------------------------------
+
+def vm_hwm_bytes() -> int:
+    """Peak resident set since the process started or since reset_hwm()."""
+    return _status_bytes("VmHWM")
+
+
+def vm_rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def rss_file_bytes() -> int:
+    """Resident pages of file mappings (library code, mapped files)."""
+    return _status_bytes("RssFile")
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def reset_hwm() -> None:
+    """Reset VmHWM to the current RSS (Linux: '5' to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc's M_MMAP_THRESHOLD for this process (as MALLOC_MMAP_THRESHOLD_ would set it at
+    start-up); False where there is no glibc mallopt."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False

@@ -1,0 +1,41 @@
+import copy
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import edgetune as et
+from edgetune.measure import measure_peak
+from tests.unit.nets import ConvNet, batch
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures through Linux's /proc")
+MB = 2 ** 20
+
+
+def peak(model, scheme, data):
+    return measure_peak(model, F.cross_entropy, *data, scheme, et.SGD(lr=0.01, momentum=0.9), steps=2)
+
+
+def test_full_backprop_measures_more_than_bias_only_and_both_are_plausible():
+    model, data = ConvNet().eval(), batch(n=32, size=64)  # activations of a few MB, above the noise
+    bias_only, full = peak(model, et.schemes.bias_only(), data), peak(model, et.schemes.full(), data)
+    predicted_full = et.compile(model, F.cross_entropy, *data, scheme=et.schemes.full(),
+                                optimizer=et.SGD(lr=0.01, momentum=0.9)).report().predicted_peak_bytes
+    assert 0 < bias_only < full < 200 * MB
+    # The extra memory of full backprop is the saved activations the plan predicts, give or take
+    # the allocator's rounding and kernel scratch.
+    assert full - bias_only > 0.5 * predicted_full
+
+
+def test_the_callers_model_is_left_untouched():
+    model, data = ConvNet().eval(), batch()
+    before = copy.deepcopy(model.state_dict())
+    peak(model, et.schemes.full(), data)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_errors_in_the_child_reach_the_caller():
+    with pytest.raises(et.scheme.SchemeError, match="nothing.here"):
+        peak(ConvNet().eval(), {"nothing.here": "full"}, batch())
