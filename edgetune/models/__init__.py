@@ -9,6 +9,8 @@ from typing import Callable
 
 from torch import nn
 
+from .bert import BertClassifier, bert_minilm_l6, bert_tiny
+from .efficientnet_lite import EfficientNetLite, efficientnet_lite0
 from .llama import Llama, llama_tiny
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet10, resnet18
@@ -21,6 +23,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "vit": vit_tiny,
     "llama": llama_tiny,
+    "efficientnet-lite0": efficientnet_lite0,
+    # Text classifiers: forward(input_ids, attention_mask=None); `num_classes` is the label count.
+    "bert-tiny": bert_tiny,
+    "bert-minilm-l6": bert_minilm_l6,
 }
 
 
@@ -34,4 +40,5 @@ def build(name: str, num_classes: int | None = None, **kw) -> nn.Module:
 
 
 __all__ = ["MODELS", "build", "MobileNetV2", "ResNet", "VisionTransformer", "Llama",
-           "mobilenet_v2", "resnet10", "resnet18", "vit_tiny", "llama_tiny"]
+           "EfficientNetLite", "BertClassifier", "mobilenet_v2", "resnet10", "resnet18", "vit_tiny",
+           "llama_tiny", "efficientnet_lite0", "bert_tiny", "bert_minilm_l6"]
