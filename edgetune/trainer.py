@@ -184,7 +184,13 @@ def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes) ->
     """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
     from edgetune.frontend.torch import export  # loads torch.export: only where the compile runs
 
-    forward = export(model, loss_fn, *examples)
+    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes)
+
+
+def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None) -> tuple[Graph, list[Update]]:
+    """Everything after the trace: differentiate under `rules`, add the updates, optimize.
+
+    `forward` is only read, so one export serves many schemes (edgetune.search does that)."""
     params = dict(model.named_parameters())
     b = Builder(forward.graph.nodes)
     loss = forward.graph.outputs["loss"]
