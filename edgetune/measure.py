@@ -29,7 +29,7 @@ import ctypes.util
 import os
 import re
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -46,27 +46,38 @@ def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targe
 
     `inputs`/`targets` are one batch (tuples of tensors, as for edgetune.compile); the model and
     the optimizer object of the caller are left untouched."""
+    def setup() -> Callable[[], Any]:
+        trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
+        return lambda: trainer.step(inputs, targets)
+
+    return peak_of(model, setup, steps)
+
+
+def peak_of(model: torch.nn.Module, setup: Callable[[], Callable[[], Any]], steps: int = 3) -> int:
+    """Bytes above the current process that `step = setup()` and `steps` calls of `step()` peaked
+    at, measured in a forked child (any training step: edgetune's, or PyTorch's for comparison).
+    `model` is only checked to be on the CPU."""
     _check_supported(model)
-    return in_child(lambda: _peak_in_this_process(model, loss_fn, inputs, targets, scheme, optimizer, steps))
+    return in_child(lambda: _peak_in_this_process(setup, steps))
 
 
 def _check_supported(model: torch.nn.Module) -> None:
     if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
-        raise NotImplementedError(f"measure_peak reads Linux's /proc/self/status in a forked process; "
+        raise NotImplementedError(f"measuring a peak reads Linux's /proc/self/status in a forked process; "
                                   f"not available on {sys.platform}")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type != "cpu":
-        raise NotImplementedError(f"measure_peak measures CPU memory in a forked process; the model is on {device} "
+        raise NotImplementedError(f"peaks are measured as CPU memory in a forked process; the model is on {device} "
                                   "(CUDA does not survive a fork)")
 
 
-def _peak_in_this_process(model, loss_fn, inputs, targets, scheme, optimizer, steps: int) -> int:
+def _peak_in_this_process(setup: Callable[[], Callable[[], Any]], steps: int) -> int:
     set_mmap_threshold(MMAP_THRESHOLD)
     reset_hwm()
     baseline, library_pages = vm_rss_bytes(), rss_file_bytes()
-    trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
+    step = setup()
     for _ in range(steps):
-        trainer.step(inputs, targets)
+        step()
     # A fork does not copy the page tables of file mappings, so every page of library code the
     # step runs faults into this child's RSS again, though the parent has it resident (about
     # 16 MB more than a fresh process for MobileNetV2). Such pages are shared and clean, not

@@ -39,3 +39,12 @@ def test_the_callers_model_is_left_untouched():
 def test_errors_in_the_child_reach_the_caller():
     with pytest.raises(et.scheme.SchemeError, match="nothing.here"):
         peak(ConvNet().eval(), {"nothing.here": "full"}, batch())
+
+
+def test_peak_of_any_step_counts_what_it_allocates_and_frees():
+    from edgetune.measure import peak_of
+
+    def setup():
+        return lambda: torch.ones(5 * MB).sum()  # 20 MB, freed at once
+
+    assert 19 * MB < peak_of(ConvNet(), setup, steps=2) < 40 * MB
