@@ -1,4 +1,5 @@
-"""The `edgetune` command: `plan` prints a compiled step's report, `demo` fine-tunes a model."""
+"""The `edgetune` command: `plan` prints a compiled step's report, `finetune` fine-tunes a model
+on a dataset, `search` finds a scheme under a memory budget, `demo` shows it all."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,26 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default="mobilenetv2", help="built-in model: " + ", ".join(_models()))
     _common(plan, batch=8, size=128)
     plan.set_defaults(run=run_plan)
-    demo = sub.add_parser("demo", help="fine-tune MobileNetV2 sparsely on the bundled digits data")
-    demo.add_argument("--epochs", type=int, default=12)
-    demo.add_argument("--lr", type=float, default=0.01)
-    _common(demo, batch=32, size=32, scheme="mbv2-99kb", optimizer="adamw")
-    demo.set_defaults(run=run_demo)
+    ft = sub.add_parser("finetune", help="fine-tune a (pretrained) model on a dataset under a scheme")
+    _job_args(ft)
+    ft.add_argument("--budget", help="with --scheme auto: memory for training on top of the weights, e.g. 40MB")
+    ft.add_argument("--out", help="folder for the checkpoint, history and plot (default: runs/<model>-<data>-<time>)")
+    ft.add_argument("--scheme", default="bias_only", help="full | bias_only | last:K | mbv2-49kb ... mbv2-138kb | "
+                    "a JSON file | auto (search under --budget); the new head is always trained")
+    _search_args(ft)
+    ft.set_defaults(run=run_finetune)
+    se = sub.add_parser("search", help="find the best scheme whose measured peak fits a memory budget")
+    _job_args(se)
+    se.add_argument("--budget", required=True, help="memory for training on top of the weights, e.g. 40MB")
+    se.add_argument("--out", default="scheme.json", help="where to write the scheme (default: scheme.json)")
+    _search_args(se)
+    se.set_defaults(run=run_search)
+    demo = sub.add_parser("demo", help="fine-tune ImageNet MobileNetV2 sparsely on Fashion-MNIST, "
+                          "with the memory PyTorch needs for the same job")
+    from edgetune import demo as demo_job
+
+    demo_job.add_arguments(demo)
+    demo.set_defaults(run=demo_job.run)
     return parser
 
 
@@ -47,6 +63,38 @@ def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bi
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=optimizer)
     p.add_argument("--train-mode", action="store_true", help="batch statistics in BatchNorm (default: eval mode)")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mobilenetv2-imagenet",
+                   help="pretrained: mobilenetv2-imagenet, efficientnet-lite0-imagenet, minilm-l6; or a built-in model")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist | digits | rotten-tomatoes | an image folder (class sub-folders) | .npz | .csv")
+    p.add_argument("--val-data", help="held-out data (default: the dataset's test split, else --val-fraction of it)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--train-limit", type=int, help="use only this many training items (stratified)")
+    p.add_argument("--val-limit", type=int, help="evaluate on only this many held-out items (stratified)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.003 for sgd, 3e-4 for adamw)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
+    p.add_argument("--max-len", type=int, help="tokens per text (default: the model's)")
+    p.add_argument("--no-augment", action="store_true", help="no random crops/flips of training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search-steps", type=int, default=50,
+                   help="training steps of each contribution run (with --lr, --batch, --optimizer)")
+    p.add_argument("--search-ratios", default="0,0.125,0.25,0.5,1",
+                   help="channel ratios a weight may train at (0 = frozen), comma-separated")
+    p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
+                   help="contributions measured once, reused by later searches with other budgets")
 
 
 def _models() -> list[str]:
@@ -73,8 +121,24 @@ def parse_scheme(spec: str) -> et.schemes.SchemeLike:
                       f"{sorted(et.schemes.PUBLISHED_TTE)}, or a JSON file")
 
 
-def _optimizer(name: str, lr: float) -> et.SGD | et.AdamW:
-    return et.SGD(lr=lr, momentum=0.9) if name == "sgd" else et.AdamW(lr=lr)
+def _optimizer(name: str, lr: float, weight_decay: float = 0.0) -> et.SGD | et.AdamW:
+    if name == "sgd":
+        return et.SGD(lr=lr, momentum=0.9, weight_decay=weight_decay)
+    return et.AdamW(lr=lr, weight_decay=weight_decay)
+
+
+def parse_bytes(text: str) -> int:
+    """'40MB' -> bytes. MB means 2**20 bytes, as in every report edgetune prints."""
+    units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIGKM") or "x"
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read the budget {text!r}: write it like 40MB, 512KB or 1.5GB") from None
+    if value <= 0:
+        raise ValueError(f"the budget must be positive, got {text!r}")
+    return int(value)
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -106,44 +170,100 @@ def _loss_for(name: str):
     return F.cross_entropy
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def run_finetune(args: argparse.Namespace) -> int:
+    from edgetune.finetune import finetune
+    from edgetune.jobs import build_job
 
-    from edgetune.data import batches, load_digits_images
-    from edgetune.models import build
-
-    torch.manual_seed(0)
-    x_train, y_train, x_test, y_test = load_digits_images(size=args.size)
-    model = build("mobilenetv2", num_classes=10).train()
-    print(f"edgetune demo: MobileNetV2 on scikit-learn's handwritten digits ({len(x_train)} train / "
-          f"{len(x_test)} held-out images, upsampled to {args.size}x{args.size}), scheme {args.scheme}")
-    before = accuracy(model, x_test, y_test)
-    trainer = et.compile(model, F.cross_entropy, (x_train[: args.batch],), (y_train[: args.batch],),
-                         scheme=parse_scheme(args.scheme), optimizer=_optimizer(args.optimizer, args.lr))
-    total = args.epochs * (len(x_train) // args.batch)
-    with tqdm(total=total, desc="fine-tuning", unit="step") as bar:
-        for epoch in range(args.epochs):
-            trainer.lr = args.lr * 0.5 * (1 + torch.cos(torch.tensor(epoch / args.epochs * torch.pi)).item())
-            for xb, yb in batches(x_train, y_train, args.batch, shuffle=True, seed=epoch):
-                loss = trainer.step((xb,), (yb,))
-                bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
-                bar.update()
-    after = accuracy(model, x_test, y_test)
-    print(f"\nheld-out accuracy: {100 * before:.1f}% before -> {100 * after:.1f}% after\n")
-    print(trainer.report().format(trained_only=True))
-    print("(the full per-layer table: edgetune plan --model mobilenetv2 --size 32 --batch 32 "
-          f"--train-mode --scheme {args.scheme})")
+    _default_lr(args)
+    torch.manual_seed(args.seed)
+    job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
+                    val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
+                    seed=args.seed, augment=not args.no_augment)
+    scheme = _job_scheme(args, job)
+    trainer = _compile_job(job, scheme, args)
+    print(f"{args.model} on {args.data} ({len(job.train)} train / {len(job.val)} held-out, {job.describe_input}), "
+          f"scheme {args.scheme}: {trainer.trainable_params:,} trainable parameters, predicted peak "
+          f"{trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
+    history = finetune(trainer, job.train, job.val, job.prepare, epochs=args.epochs, batch_size=args.batch,
+                       lr=args.lr, schedule=args.schedule, warmup=args.warmup, seed=args.seed,
+                       progress=not args.no_progress)
+    out = _save_run(args, job, trainer, history)
+    print(f"\nheld-out accuracy {100 * history.evals[0]['accuracy']:.2f}% -> {100 * history.final['accuracy']:.2f}% "
+          f"in {history.seconds:.0f}s; checkpoint, history and plot in {out}/")
     return 0
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    """Plain PyTorch evaluation (eval mode) of the weights the trainer updated in place."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
-    model.train(was_training)
-    return correct / len(x)
+def _job_scheme(args: argparse.Namespace, job) -> et.schemes.SchemeLike:
+    if args.scheme != "auto":
+        if args.budget:
+            raise ValueError("--budget only applies to --scheme auto")
+        return parse_scheme(args.scheme)
+    if not args.budget:
+        raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
+    from edgetune.jobs import search_job
+
+    return search_job(job, parse_bytes(args.budget), _search_settings(args)).scheme
+
+
+def _search_settings(args: argparse.Namespace):
+    from edgetune.jobs import SearchSettings
+
+    return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
+                          seed=args.seed, cache=args.search_cache,
+                          ratios=tuple(float(r) for r in args.search_ratios.split(",")))
+
+
+def _default_lr(args: argparse.Namespace) -> None:
+    # Measured on ImageNet MobileNetV2 -> Fashion-MNIST with frozen BN statistics: SGD with
+    # momentum at 0.01 already diverges for full fine-tuning; 0.003 trains every scheme tried.
+    if args.lr is None:
+        args.lr = 0.003 if args.optimizer == "sgd" else 3e-4
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from edgetune.jobs import build_job, search_job
+
+    _default_lr(args)
+    job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
+                    val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
+                    seed=args.seed, augment=not args.no_augment)
+    result = search_job(job, parse_bytes(args.budget), _search_settings(args))
+    side = result.save(args.out)
+    trained = ", ".join(f"{k}={v}" for k, v in result.scheme.items())
+    print(f"\nscheme for {args.budget}: {trained}\npredicted gain {100 * result.predicted_gain:+.2f} points over "
+          f"the head alone; peak {result.measured_peak_bytes / 2**20:.1f} MB measured "
+          f"({result.predicted_peak_bytes / 2**20:.1f} MB predicted)\nwritten to {args.out} (details: {side}); "
+          f"use it with: edgetune finetune --scheme {args.out} ...")
+    return 0
+
+
+def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
+    inputs, targets = job.example(args.batch)
+    return et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
+                      optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay))
+
+
+def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:
+    from edgetune.finetune import save_weights
+
+    out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(args.data.rstrip('/'))}-"
+                                           f"{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    save_weights(job.model, os.path.join(out, "model.safetensors"),
+                 metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
+    history.save(os.path.join(out, "history.json"))
+    history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
+    with open(os.path.join(out, "scheme.json"), "w") as f:
+        json.dump(trained_rules(trainer), f, indent=1)
+    with open(os.path.join(out, "report.txt"), "w") as f:
+        f.write(str(trainer.report()) + "\n")
+    return out
+
+
+def trained_rules(trainer: et.Trainer) -> dict:
+    """The resolved scheme, one entry per trained parameter: reloadable with --scheme FILE."""
+    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
+            for name, rule in trainer.rules.items()}
 
 
 if __name__ == "__main__":

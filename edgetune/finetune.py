@@ -32,7 +32,7 @@ def image_task(size: int, mean, std, augment: bool = True) -> Prepare:
 
     train = ImagePreprocess(size, mean, std, augment=augment)
     test = ImagePreprocess(size, mean, std, augment=False)
-    return lambda items, training: (train if training else test)(items),
+    return lambda items, training: ((train if training else test)(items),)
 
 
 def text_task(tokenizer: Callable[[list[str]], tuple]) -> Prepare:

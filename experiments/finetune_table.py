@@ -1,0 +1,176 @@
+"""The fine-tuning table of RESULTS.md: one pretrained model on one real dataset under several
+schemes, each with its learning rate tuned the same way, its accuracy on the test split and
+its measured peak memory.
+
+    python -m experiments.finetune_table vision            # MobileNetV2-ImageNet -> Fashion-MNIST
+    python -m experiments.finetune_table text              # MiniLM-L6 -> Rotten Tomatoes
+    python -m experiments.finetune_table vision --rows full,bias_only --quick
+
+Protocol, the same for every row of a task: the learning rate is chosen from the task's grid
+by a short run (1 epoch) on 80% of the training subset, scored on the other 20% (never on the
+test split); then the row trains `epochs` epochs on the whole training subset with that rate
+and is scored on the test split. Peak = memory of a training step above the weights, measured
+in a forked process (edgetune.measure). Results go to experiments/results/<task>.json, one
+entry per row, re-run rows replace old ones; `python -m experiments.report` writes RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+import edgetune as et
+from edgetune.cli import parse_scheme
+from edgetune.finetune import evaluate, finetune
+from edgetune.jobs import build_job
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+@dataclass
+class Task:
+    model: str
+    data: str
+    optimizer: str
+    lrs: list[float]
+    rows: list[str]  # scheme specs; "auto:<fraction of full's peak>" is a searched scheme
+    epochs: int = 3
+    batch: int = 32
+    size: int | None = None
+    max_len: int | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+TASKS = {
+    "vision": Task("mobilenetv2-imagenet", "fashion-mnist", "sgd", [0.01, 0.03, 0.1],
+                   ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.25", "auto:0.15", "auto:0.08"],
+                   size=96, train_limit=6000, test_limit=5000),
+    "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
+                 ["full", "last:8", "bias_only", "auto:0.25", "auto:0.15", "auto:0.08"],
+                 max_len=32, train_limit=4000, test_limit=2500),
+}
+
+
+def job_for(task: Task, seed: int = 0):
+    return build_job(task.model, task.data, size=task.size, max_len=task.max_len, train_limit=task.train_limit,
+                     val_limit=task.test_limit, seed=seed)
+
+
+def optimizer_for(task: Task, lr: float):
+    return et.SGD(lr=lr, momentum=0.9) if task.optimizer == "sgd" else et.AdamW(lr=lr, weight_decay=0.01)
+
+
+def scheme_for(task: Task, spec: str, full_peak: int | None, args):
+    """A scheme spec: a preset or file (see `edgetune finetune --scheme`), or auto:<fraction>."""
+    if not spec.startswith("auto:"):
+        return parse_scheme(spec), {}
+    if full_peak is None:
+        raise ValueError("a searched row needs the full row's measured peak first: run the 'full' row")
+    from edgetune.jobs import search_job
+
+    budget = int(float(spec.split(":")[1]) * full_peak)
+    job = job_for(task)
+    found = search_job(job, budget, argparse.Namespace(batch=task.batch, optimizer=task.optimizer,
+                                                       lr=task.lrs[len(task.lrs) // 2], weight_decay=0.0,
+                                                       seed=0, quick=args.quick))
+    return found.scheme, {"budget_bytes": budget, "search_predicted_peak_bytes": found.predicted_peak_bytes}
+
+
+def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
+    """Fresh pretrained weights, one run; returns (job, trainer, history)."""
+    torch.manual_seed(0)
+    job = job_for(task)
+    if tuning:  # choose the rate on part of the training data, never on the test split
+        job.train, job.val = job.train.split(0.2, seed=1)
+    inputs, targets = job.example(task.batch)
+    trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
+                         optimizer=optimizer_for(task, lr))
+    history = finetune(trainer, job.train, job.val, job.prepare, epochs=epochs, batch_size=task.batch, lr=lr,
+                       evaluate_before=False, log=lambda line: None, progress=False)
+    return job, trainer, history
+
+
+def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
+    from edgetune.measure import measure_peak
+
+    start = time.perf_counter()
+    scheme, info = scheme_for(task, spec, full_peak, args)
+    tuning = {}
+    for lr in task.lrs:
+        try:
+            tuning[lr] = train_once(task, scheme, lr, epochs=1, tuning=True)[2].final["accuracy"]
+        except FloatingPointError:
+            tuning[lr] = float("nan")
+        print(f"  {spec}: lr {lr:g} -> {100 * tuning[lr]:.2f}% (tuning split)", flush=True)
+    lr = max((a, lr) for lr, a in tuning.items() if a == a)[1]
+    job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False)
+    inputs, targets = job.example(task.batch)
+    peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
+                        optimizer_for(task, lr))
+    report = trainer.report()
+    return {"scheme": spec, "lr": lr, "tuning": {str(k): v for k, v in tuning.items()},
+            "accuracy": evaluate(job.model, job.val, job.prepare).accuracy,
+            "per_epoch": [e["accuracy"] for e in history.evals], "measured_peak_bytes": peak,
+            "predicted_peak_bytes": report.predicted_peak_bytes, "trainable_params": trainer.trainable_params,
+            "total_params": sum(p.numel() for p in job.model.parameters()), "train_seconds": history.seconds,
+            "row_seconds": time.perf_counter() - start, "rules": _rules(trainer), **info}
+
+
+def _rules(trainer) -> dict:
+    return {n: "full" if not r.partial else r.ratio for n, r in trainer.rules.items()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--rows", help="comma-separated scheme specs (default: the task's rows)")
+    p.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks the pipeline, not a result")
+    args = p.parse_args(argv)
+    task = TASKS[args.task]
+    if args.quick:
+        task.train_limit, task.test_limit, task.epochs, task.lrs = 320, 200, 1, task.lrs[1:2]
+    path = os.path.join(RESULTS, f"{args.task}{'-quick' if args.quick else ''}.json")
+    results = _load(path)
+    meta = {"task": vars(task), "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(),
+            "threads": torch.get_num_threads()}
+    for spec in (args.rows.split(",") if args.rows else task.rows):
+        full_peak = results.get("full", {}).get("measured_peak_bytes")
+        print(f"{args.task}: {spec}", flush=True)
+        results[spec] = run_row(task, spec, full_peak, args)
+        r = results[spec]
+        print(f"  -> {100 * r['accuracy']:.2f}% at lr {r['lr']:g}, peak {r['measured_peak_bytes'] / 2**20:.1f} MB "
+              f"(predicted {r['predicted_peak_bytes'] / 2**20:.1f}), {r['row_seconds']:.0f}s", flush=True)
+        _save(path, {"meta": meta, "rows": results})
+    return 0
+
+
+def _load(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def _save(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
