@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
     scheme = et.schemes.with_head(parse_scheme(args.scheme), job.head)
     optimizer = et.SGD(lr=args.lr, momentum=0.9)
     inputs, targets = job.example(args.batch)
+    # Measured before anything trains here: each peak is taken in a fork of this process, and
+    # a heap that training has used would blur the figures.
+    peaks = None if args.no_compare else _measure_peaks(job, scheme, optimizer, inputs, targets)
     trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
     total = sum(p.numel() for p in job.model.parameters())
     print(f"edgetune demo: MobileNetV2 (ImageNet weights, new {len(job.train.classes)}-class head) on {data}: "
@@ -49,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     history.plot(os.path.join(args.out, "curves.png"), title=f"MobileNetV2 on {data}, scheme {args.scheme}")
     print(f"\nheld-out accuracy: {100 * history.evals[0]['accuracy']:.1f}% before -> "
           f"{100 * history.final['accuracy']:.1f}% after {args.epochs} epochs ({history.seconds:.0f}s)")
-    if not args.no_compare:
-        _compare_memory(job, scheme, optimizer, inputs, targets)
+    if peaks:
+        _print_peaks(*peaks)
     print(f"checkpoint: {args.out}/model.safetensors   plot: {args.out}/curves.png")
     return 0
 
@@ -66,14 +69,19 @@ def _dataset() -> str:
         return "digits"
 
 
-def _compare_memory(job, scheme, optimizer, inputs, targets) -> None:
-    """Peak memory of a training step above the weights, each measured in a forked process."""
+def _measure_peaks(job, scheme, optimizer, inputs, targets) -> tuple[int, int, int]:
+    """Peak memory of one training step above the weights: edgetune, then PyTorch eager on the
+    same scheme and on full fine-tuning, each in a forked process."""
     from edgetune.baseline import measure_eager_peak
     from edgetune.measure import measure_peak
 
     ours = measure_peak(job.model, job.loss_fn, inputs, targets, scheme, optimizer)
     eager = measure_eager_peak(job.model, job.loss_fn, inputs, targets, scheme, optimizer)
     full = measure_eager_peak(job.model, job.loss_fn, inputs, targets, et.schemes.full(), optimizer)
+    return ours, eager, full
+
+
+def _print_peaks(ours: int, eager: int, full: int) -> None:
     mb = 2**20
     print(f"peak memory of one training step, above the weights (measured, VmHWM):\n"
           f"  edgetune, this scheme            {ours / mb:7.1f} MB\n"

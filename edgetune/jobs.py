@@ -120,23 +120,37 @@ class SearchSettings:
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
-    """The best scheme for `job` whose measured peak fits `budget_bytes` (above the weights)."""
+    """The best scheme for `job` whose measured peak fits `budget_bytes` (above the weights).
+
+    The fit is measured in a fork of this process. After the contribution runs have trained
+    here, that measurement errs high (their freed heap is handed back to the OS, and what the
+    step allocates lands scattered over it): the scheme fits, maybe with room to spare. Run
+    the contributions in another process first (measure_contributions; cached) for an exact
+    figure."""
     from edgetune.isolate import run_isolated
-    from edgetune.search import PeakPredictor, SearchSpace, contributions, search_verified
+    from edgetune.search import PeakPredictor, search_verified
 
     s = settings or SearchSettings()
-    space = SearchSpace.from_model(job.model, head=job.head, ratios=s.ratios,
-                                   weight_filter="pw1" if _has_depthwise(job.model) else None)
-    log(f"search space: biases of the last k of {len(space.bias_units)} layers (k in {list(space.bias_choices)}), "
-        f"{len(space.weight_units)} weights at ratios {list(space.ratios)}")
-    gains = contributions(space, _short_run(job, s), cache=s.cache, context=_context(job, s),
-                          progress=lambda line: log(f"  {line}"))
+    space, gains = measure_contributions(job, s, log)
     optimizer = _optimizer(s.optimizer, s.lr)
     inputs, targets = job.example(s.batch)
     # The predictor loads torch.export; a forked child keeps it out of the training process.
     return run_isolated(lambda: search_verified(space, gains, PeakPredictor(job.model, job.loss_fn, inputs, targets,
                                                                             optimizer), budget_bytes),
                         torch.device("cpu"))
+
+
+def measure_contributions(job: Job, settings: SearchSettings, log=print):
+    """(search space, contributions) of `job`: one short run per candidate, or the cache's."""
+    from edgetune.search import SearchSpace, contributions
+
+    space = SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
+                                   weight_filter="pw1" if _has_depthwise(job.model) else None)
+    log(f"search space: biases of the last k of {len(space.bias_units)} layers (k in {list(space.bias_choices)}), "
+        f"{len(space.weight_units)} weights at ratios {list(space.ratios)}")
+    gains = contributions(space, _short_run(job, settings), cache=settings.cache, context=_context(job, settings),
+                          progress=lambda line: log(f"  {line}"))
+    return space, gains
 
 
 def _short_run(job: Job, s: SearchSettings) -> Callable[[dict], float]:

@@ -73,6 +73,9 @@ def _check_supported(model: torch.nn.Module) -> None:
 
 def _peak_in_this_process(setup: Callable[[], Callable[[], Any]], steps: int) -> int:
     set_mmap_threshold(MMAP_THRESHOLD)
+    # Free heap memory the parent left resident (its earlier steps) would be reused here without
+    # raising the resident set, hiding what this step needs: hand it back to the OS first.
+    release_free_heap()
     reset_hwm()
     baseline, library_pages = vm_rss_bytes(), rss_file_bytes()
     step = setup()
@@ -113,11 +116,22 @@ def reset_hwm() -> None:
         f.write("5")
 
 
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): free pages of every arena go back to the OS; False without glibc."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def set_mmap_threshold(nbytes: int) -> bool:
     """glibc's M_MMAP_THRESHOLD for this process (as MALLOC_MMAP_THRESHOLD_ would set it at
     start-up); False where there is no glibc mallopt."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):
         return False

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -44,15 +46,16 @@ class Task:
     max_len: int | None = None
     train_limit: int | None = None
     test_limit: int | None = None
+    search_ratios: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)
 
 
 TASKS = {
-    "vision": Task("mobilenetv2-imagenet", "fashion-mnist", "sgd", [0.01, 0.03, 0.1],
+    "vision": Task("mobilenetv2-imagenet", "fashion-mnist", "sgd", [0.001, 0.003, 0.01],
                    ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.25", "auto:0.15", "auto:0.08"],
-                   size=96, train_limit=6000, test_limit=5000),
+                   size=96, train_limit=6000, test_limit=3000),
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "last:8", "bias_only", "auto:0.25", "auto:0.15", "auto:0.08"],
-                 max_len=32, train_limit=4000, test_limit=2500),
+                 max_len=32, train_limit=4000, test_limit=2500, search_ratios=(0.0, 0.25, 1.0)),
 }
 
 
@@ -74,11 +77,18 @@ def scheme_for(task: Task, spec: str, full_peak: int | None, args):
     from edgetune.jobs import search_job
 
     budget = int(float(spec.split(":")[1]) * full_peak)
-    job = job_for(task)
-    found = search_job(job, budget, argparse.Namespace(batch=task.batch, optimizer=task.optimizer,
-                                                       lr=task.lrs[len(task.lrs) // 2], weight_decay=0.0,
-                                                       seed=0, quick=args.quick))
-    return found.scheme, {"budget_bytes": budget, "search_predicted_peak_bytes": found.predicted_peak_bytes}
+    found = search_job(job_for(task), budget, search_settings(task, args))
+    return found.scheme, {"budget_bytes": budget, "search_predicted_peak_bytes": found.predicted_peak_bytes,
+                          "search_measured_peak_bytes": found.measured_peak_bytes,
+                          "search_predicted_gain": found.predicted_gain}
+
+
+def search_settings(task: Task, args):
+    from edgetune.jobs import SearchSettings
+
+    return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
+                          steps=20 if args.quick else 50, ratios=task.search_ratios,
+                          cache=os.path.join(RESULTS, "search-cache.json"))
 
 
 def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
@@ -96,10 +106,16 @@ def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
 
 
 def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
+    """One row, in a process of its own (see main): the peak is measured first, by a fork of a
+    process whose heap no training has fragmented yet."""
     from edgetune.measure import measure_peak
 
     start = time.perf_counter()
     scheme, info = scheme_for(task, spec, full_peak, args)
+    job = job_for(task)
+    inputs, targets = job.example(task.batch)
+    peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
+                        optimizer_for(task, task.lrs[0]))
     tuning = {}
     for lr in task.lrs:
         try:
@@ -109,9 +125,6 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
         print(f"  {spec}: lr {lr:g} -> {100 * tuning[lr]:.2f}% (tuning split)", flush=True)
     lr = max((a, lr) for lr, a in tuning.items() if a == a)[1]
     job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False)
-    inputs, targets = job.example(task.batch)
-    peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
-                        optimizer_for(task, lr))
     report = trainer.report()
     return {"scheme": spec, "lr": lr, "tuning": {str(k): v for k, v in tuning.items()},
             "accuracy": evaluate(job.model, job.val, job.prepare).accuracy,
@@ -130,23 +143,54 @@ def main(argv=None) -> int:
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--rows", help="comma-separated scheme specs (default: the task's rows)")
     p.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks the pipeline, not a result")
+    p.add_argument("--row-process", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--contributions-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     task = TASKS[args.task]
     if args.quick:
         task.train_limit, task.test_limit, task.epochs, task.lrs = 320, 200, 1, task.lrs[1:2]
+    if args.contributions_only:
+        from edgetune.jobs import measure_contributions
+
+        measure_contributions(job_for(task), search_settings(task, args))
+        return 0
     path = os.path.join(RESULTS, f"{args.task}{'-quick' if args.quick else ''}.json")
     results = _load(path)
     meta = {"task": vars(task), "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(),
             "threads": torch.get_num_threads()}
-    for spec in (args.rows.split(",") if args.rows else task.rows):
+    specs = args.rows.split(",") if args.rows else task.rows
+    if args.row_process:  # the child of the loop below: one row, result as JSON on the last line
+        (spec,) = specs
         full_peak = results.get("full", {}).get("measured_peak_bytes")
+        if spec.startswith("auto:"):
+            _fill_contribution_cache(args)
+        print(json.dumps(run_row(task, spec, full_peak, args)))
+        return 0
+    for spec in specs:
         print(f"{args.task}: {spec}", flush=True)
-        results[spec] = run_row(task, spec, full_peak, args)
+        results[spec] = _in_fresh_process(args, spec)
         r = results[spec]
         print(f"  -> {100 * r['accuracy']:.2f}% at lr {r['lr']:g}, peak {r['measured_peak_bytes'] / 2**20:.1f} MB "
               f"(predicted {r['predicted_peak_bytes'] / 2**20:.1f}), {r['row_seconds']:.0f}s", flush=True)
         _save(path, {"meta": meta, "rows": results})
     return 0
+
+
+def _in_fresh_process(args, spec: str) -> dict:
+    """run_row in a new interpreter: nothing an earlier row allocated can hide in (or inflate)
+    the next row's measured peak."""
+    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--rows", spec, "--row-process"]
+    out = subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=subprocess.PIPE, text=True)
+    lines = out.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)
+    return json.loads(lines[-1])
+
+
+def _fill_contribution_cache(args) -> None:
+    """Contribution runs train (and fragment the heap) for minutes; do them in another process
+    so that this one, which measures, only reads their cached results."""
+    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--contributions-only"]
+    subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=sys.stderr)
 
 
 def _load(path: str) -> dict:
