@@ -9,6 +9,7 @@ same data, preprocessing and head.
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,7 @@ class SearchSettings:
     ratios: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)
     cache: str = os.path.join("runs", "search-cache.json")
     seed: int = 0
+    weights: str | None = None  # fnmatch over module names of weight candidates (default: see search_space)
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
@@ -145,7 +147,7 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     from edgetune.search import SearchSpace, contributions
 
     space = SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
-                                   weight_filter="pw1" if _has_depthwise(job.model) else None)
+                                   weight_filter=_weight_filter(job.model, settings.weights))
     log(f"search space: biases of the last k of {len(space.bias_units)} layers (k in {list(space.bias_choices)}), "
         f"{len(space.weight_units)} weights at ratios {list(space.ratios)}")
     gains = contributions(space, _short_run(job, settings), cache=settings.cache, context=_context(job, settings),
@@ -187,6 +189,14 @@ def _optimizer(name: str, lr: float):
     from edgetune.optim import SGD, AdamW
 
     return SGD(lr=lr, momentum=0.9) if name == "sgd" else AdamW(lr=lr, weight_decay=0.01)
+
+
+def _weight_filter(model: torch.nn.Module, pattern: str | None):
+    """Weight candidates: those matching `pattern`; by default, in a net with depthwise convs,
+    the first pointwise conv of each block (the paper's finding); else every conv/linear."""
+    if pattern:
+        return lambda name, module: fnmatch.fnmatchcase(name, pattern)
+    return "pw1" if _has_depthwise(model) else None
 
 
 def _has_depthwise(model: torch.nn.Module) -> bool:

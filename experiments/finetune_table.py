@@ -47,15 +47,17 @@ class Task:
     train_limit: int | None = None
     test_limit: int | None = None
     search_ratios: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)
+    search_weights: str | None = None  # module-name pattern of weight candidates (default: edgetune's)
 
 
 TASKS = {
     "vision": Task("mobilenetv2-imagenet", "fashion-mnist", "sgd", [0.001, 0.003, 0.01],
-                   ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.25", "auto:0.15", "auto:0.08"],
+                   ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.25", "auto:0.3", "auto:0.5"],
                    size=96, train_limit=6000, test_limit=3000),
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
-                 ["full", "last:8", "bias_only", "auto:0.25", "auto:0.15", "auto:0.08"],
-                 max_len=32, train_limit=4000, test_limit=2500, search_ratios=(0.0, 0.25, 1.0)),
+                 ["full", "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25", "auto:0.3",
+                  "auto:0.5"], max_len=32, train_limit=4000, test_limit=2500, search_ratios=(0.0, 0.25, 1.0),
+                 search_weights="encoder.layer.*.[qvi]*"),
 }
 
 
@@ -87,7 +89,7 @@ def search_settings(task: Task, args):
     from edgetune.jobs import SearchSettings
 
     return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
-                          steps=20 if args.quick else 50, ratios=task.search_ratios,
+                          steps=20 if args.quick else 50, ratios=task.search_ratios, weights=task.search_weights,
                           cache=os.path.join(RESULTS, "search-cache.json"))
 
 
@@ -168,7 +170,13 @@ def main(argv=None) -> int:
         return 0
     for spec in specs:
         print(f"{args.task}: {spec}", flush=True)
-        results[spec] = _in_fresh_process(args, spec)
+        try:
+            results[spec] = _in_fresh_process(args, spec)
+        except RowFailed as err:  # recorded, and the other rows still run
+            print(f"  {spec} failed: {err}", flush=True)
+            results[spec] = {"scheme": spec, "error": str(err)}
+            _save(path, {"meta": meta, "rows": results})
+            continue
         r = results[spec]
         print(f"  -> {100 * r['accuracy']:.2f}% at lr {r['lr']:g}, peak {r['measured_peak_bytes'] / 2**20:.1f} MB "
               f"(predicted {r['predicted_peak_bytes'] / 2**20:.1f}), {r['row_seconds']:.0f}s", flush=True)
@@ -176,11 +184,18 @@ def main(argv=None) -> int:
     return 0
 
 
+class RowFailed(RuntimeError):
+    """A row's process exited with an error (its last line of stderr is the message)."""
+
+
 def _in_fresh_process(args, spec: str) -> dict:
     """run_row in a new interpreter: nothing an earlier row allocated can hide in (or inflate)
     the next row's measured peak."""
     cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--rows", spec, "--row-process"]
-    out = subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd + (["--quick"] if args.quick else []), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    if out.returncode:
+        raise RowFailed((out.stderr.strip().splitlines() or ["no message"])[-1])
     lines = out.stdout.strip().splitlines()
     print("\n".join(lines[:-1]), flush=True)
     return json.loads(lines[-1])
