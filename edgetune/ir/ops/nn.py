@@ -65,7 +65,16 @@ def take_channels(b, x, part: ChannelSlice, dim: int):
     return b.emit("index_select", x, part.index, dim=dim)
 
 
-register("conv", _conv, _conv_vjp)
+def _conv_scratch(n) -> int:
+    # Measured on CPU (oneDNN): a convolution on plain NCHW tensors reorders into its blocked
+    # layout, holding a second buffer the size of its largest operand (input, output or, for
+    # wide 1x1 convs, the weight) while it runs. In a sparse step's forward this sets the peak.
+    return max(v.nbytes for v in (n, *n.inputs[:2]))
+
+
+register("conv", _conv, _conv_vjp, scratch=_conv_scratch)
+
+
 def _depthwise_backward_scratch(n) -> int:
     # Measured on CPU (oneDNN): a depthwise conv's input gradient allocates a second buffer
     # of the gradient's size while it runs; other convolutions allocate next to nothing.
