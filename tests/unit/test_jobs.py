@@ -1,0 +1,46 @@
+"""Jobs: model + data + preprocessing, as `edgetune finetune` and `search` build them."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgetune.jobs import SearchSettings, _short_run, build_job
+
+
+def _image_folder(root, layout_split: bool):
+    for split in (["train", "val"] if layout_split else [""]):
+        for cls, value in (("cats", 40), ("dogs", 200)):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(np.full((12, 12, 3), value + i, np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_a_folder_with_train_and_val_holds_out_val(tmp_path):
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=True)), size=16)
+    assert len(job.train) == 12 and len(job.val) == 12 and job.train.classes == ["cats", "dogs"]
+    assert job.head == "fc" and job.model.fc.out_features == 2 and not job.model.training
+    (x,), (y,) = job.example(4)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.shape == (4,)
+
+
+def test_a_flat_folder_is_split_stratified(tmp_path):
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=False)), size=16, val_fraction=0.5)
+    assert len(job.train) == len(job.val) == 6
+    assert job.val.labels.bincount().tolist() == [3, 3]
+
+
+def test_unknown_model_names_the_choices():
+    with pytest.raises(ValueError, match="pretrained: .*mobilenetv2-imagenet"):
+        build_job("alexnet", "digits")
+
+
+def test_a_short_run_restores_the_weights_it_trained(tmp_path):
+    job = build_job("resnet", "digits", size=16, train_limit=200)
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    run = _short_run(job, SearchSettings(batch=16, steps=3, score_items=50, lr=0.05))
+    accuracy = run({"fc.*": "full", "*.bias": "full"})
+    assert 0.0 <= accuracy <= 1.0
+    for k, v in job.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
