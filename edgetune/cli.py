@@ -59,7 +59,7 @@ def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bi
     p.add_argument("--scheme", default=scheme,
                    help="full | bias_only | last:K | a published TTE scheme (mbv2-49kb ... mbv2-138kb) | a JSON file")
     p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--size", type=int, default=size, help="image side in pixels")
+    p.add_argument("--size", type=int, default=size, help="image side in pixels (tokens for a text model)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default=optimizer)
     p.add_argument("--train-mode", action="store_true", help="batch statistics in BatchNorm (default: eval mode)")
@@ -161,6 +161,9 @@ def _example(model: torch.nn.Module, args: argparse.Namespace) -> tuple[tuple, t
     if getattr(model, "is_language_model", False):
         ids = torch.randint(0, args.classes, (args.batch, args.size))
         return (ids,), (ids,)
+    if getattr(model, "is_text_classifier", False):  # --size is the number of tokens
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.size))
+        return (ids, torch.ones_like(ids)), (torch.randint(0, args.classes, (args.batch,)),)
     return (torch.randn(args.batch, 3, args.size, args.size),), (torch.randint(0, args.classes, (args.batch,)),)
 
 

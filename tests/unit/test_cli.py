@@ -63,3 +63,9 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
         meta = json.loads((tmp_path / f"{name}.search.json").read_text())
         assert meta["measured_peak_bytes"] <= meta["budget_bytes"]
         assert json.loads((tmp_path / f"{name}.json").read_text())["fc.*"] == "full"  # the head always trains
+
+
+def test_plan_builds_token_inputs_for_a_text_classifier(capsys):
+    assert main(["plan", "--model", "bert-tiny", "--size", "12", "--batch", "2", "--classes", "2",
+                 "--scheme", "last:2"]) == 0
+    assert "classifier" in capsys.readouterr().out
