@@ -48,6 +48,7 @@ class Task:
     test_limit: int | None = None
     search_ratios: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)
     search_weights: str | None = None  # module-name pattern of weight candidates (default: edgetune's)
+    search_steps: int = 50  # training steps of each contribution run
 
 
 TASKS = {
@@ -56,8 +57,8 @@ TASKS = {
                    size=96, train_limit=6000, test_limit=3000),
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25", "auto:0.3",
-                  "auto:0.5"], max_len=32, train_limit=4000, test_limit=2500, search_ratios=(0.0, 0.25, 1.0),
-                 search_weights="encoder.layer.*.[qvi]*"),
+                  "auto:0.5"], epochs=2, max_len=32, train_limit=2000, test_limit=2000,
+                 search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*", search_steps=30),
 }
 
 
@@ -89,7 +90,8 @@ def search_settings(task: Task, args):
     from edgetune.jobs import SearchSettings
 
     return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
-                          steps=20 if args.quick else 50, ratios=task.search_ratios, weights=task.search_weights,
+                          steps=20 if args.quick else task.search_steps, ratios=task.search_ratios,
+                          weights=task.search_weights,
                           cache=os.path.join(RESULTS, "search-cache.json"))
 
 
