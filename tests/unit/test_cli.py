@@ -63,6 +63,11 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
         meta = json.loads((tmp_path / f"{name}.search.json").read_text())
         assert meta["measured_peak_bytes"] <= meta["budget_bytes"]
         assert json.loads((tmp_path / f"{name}.json").read_text())["fc.*"] == "full"  # the head always trains
+    # finetune --scheme auto searches the same way, from the same cache, then trains
+    assert main(["finetune", *common, "--scheme", "auto", "--budget", "64MB", "--epochs", "1", "--val-limit", "40",
+                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.count("(cached)") == first.count("accuracy")
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_plan_builds_token_inputs_for_a_text_classifier(capsys):
