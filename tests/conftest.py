@@ -6,6 +6,11 @@ os.environ.setdefault("EDGETUNE_CHECK", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist every worker would otherwise spin one thread per core, and the
+# oversubscribed OpenMP pools make small kernels tens of times slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _seed_torch():
