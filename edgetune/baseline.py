@@ -73,6 +73,6 @@ def channel_mask(model: torch.nn.Module, name: str, p: torch.Tensor, rule: schem
 def measure_eager_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, scheme,
                        optimizer: SGD | AdamW, steps: int = 3) -> int:
     """Like edgetune.measure.measure_peak, for the PyTorch step: bytes above the loaded model."""
-    from edgetune.measure import peak_of
+    from edgetune.measure import measure_peak
 
-    return peak_of(model, lambda: eager_step(model, loss_fn, inputs, targets, scheme, optimizer), steps)
+    return measure_peak(model, loss_fn, inputs, targets, scheme, optimizer, steps, engine="eager")

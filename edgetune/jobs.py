@@ -122,13 +122,8 @@ class SearchSettings:
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
-    """The best scheme for `job` whose measured peak fits `budget_bytes` (above the weights).
-
-    The fit is measured in a fork of this process. After the contribution runs have trained
-    here, that measurement errs high (their freed heap is handed back to the OS, and what the
-    step allocates lands scattered over it): the scheme fits, maybe with room to spare. Run
-    the contributions in another process first (measure_contributions; cached) for an exact
-    figure."""
+    """The best scheme for `job` whose measured peak (edgetune.measure) fits `budget_bytes`
+    above the weights; contributions come from short runs, or from the cache."""
     from edgetune.isolate import run_isolated
     from edgetune.search import PeakPredictor, search_verified
 

@@ -6,17 +6,18 @@ gradients, optimizer state, kernel scratch, and what compiling the step leaves a
 (generated code, library caches). `Trainer.report().predicted_peak_bytes` predicts it for
 tensors; bench/ and BENCHMARKS.md measure it as "peak above the model".
 
-How: a forked child (it works on a copy-on-write copy of the model, so the caller's weights
-never change) tells glibc to serve every allocation of 64 KiB or more with its own mmap, so a
-freed tensor leaves the resident set at once instead of staying in the heap; it then resets the
-kernel's high-water mark, reads its resident set as the baseline, compiles the step and runs a
-few steps, and sends back the high-water mark minus the baseline. edgetune compiles in a
-grandchild (edgetune.isolate), so torch.export's memory is not counted, as in the benchmarks.
+How: the job (model, loss, batch, scheme, optimizer) is pickled to a fresh Python process --
+the caller's weights never change -- started with glibc told to serve every allocation of
+64 KiB or more with its own mmap, so a freed tensor leaves the resident set at once instead of
+staying in the heap. It resets the kernel's high-water mark, reads its resident set as the
+baseline, compiles the step and runs a few steps, and prints the high-water mark minus the
+baseline. edgetune compiles in a forked grandchild (edgetune.isolate), so torch.export's
+memory is not counted, as in the benchmarks. A job that does not pickle is measured in a fork
+of the calling process instead, which is exact only while that process has not trained yet.
 
 One difference from BENCHMARKS.md: shared library code that the step runs for the first time
-(file-backed, clean, shared with every process using torch) is not counted here, because a
-forked child would count it even where the parent has it resident. A fresh process, as in the
-benchmarks, adds about 20 MB of it for MobileNetV2 on CPU.
+(file-backed, clean, shared with every process using torch; about 20 MB for MobileNetV2 on
+CPU) is left out, since any other torch process on the machine has it resident already.
 
 Linux only (/proc/self/status, clear_refs); elsewhere, and for a model not on the CPU,
 measure_peak raises NotImplementedError. Without glibc's mallopt the number is an upper bound
@@ -27,8 +28,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import pickle
 import re
+import subprocess
 import sys
+import tempfile
 from typing import Any, Callable
 
 import torch
@@ -41,16 +45,63 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, scheme,
-                 optimizer, steps: int = 3) -> int:
+                 optimizer, steps: int = 3, engine: str = "edgetune") -> int:
     """Bytes above the loaded model that compiling `scheme` and running `steps` steps peaked at.
 
     `inputs`/`targets` are one batch (tuples of tensors, as for edgetune.compile); the model and
-    the optimizer object of the caller are left untouched."""
-    def setup() -> Callable[[], Any]:
-        trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
-        return lambda: trainer.step(inputs, targets)
+    the optimizer object of the caller are left untouched. `engine="eager"` measures the same
+    job in plain PyTorch (edgetune.baseline) instead.
 
-    return peak_of(model, setup, steps)
+    Measured in a fresh Python process (the job is pickled over): a fork of a process that has
+    trained already inherits its fragmented heap, and what the step allocates then lands
+    scattered over freed pages, which in tests inflated a peak up to 3x. Where the job does not
+    pickle (a model class defined in an interactive session, a lambda loss), a fork of this
+    process measures instead."""
+    _check_supported(model)
+    job = (engine, model, loss_fn, tuple(inputs), tuple(targets), _plain_scheme(scheme, model), optimizer, steps)
+    try:
+        payload = pickle.dumps(job)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return peak_of(model, lambda: _setup(*job[:-1]), steps)
+    return _in_fresh_process(payload)
+
+
+def _plain_scheme(scheme, model: torch.nn.Module) -> dict:
+    """The scheme as a plain mapping of parameter names (a Scheme object holds a closure)."""
+    from edgetune import scheme as schemes
+
+    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
+            for name, rule in schemes.resolve(scheme, model).items()}
+
+
+def _setup(engine: str, model, loss_fn, inputs, targets, scheme, optimizer) -> Callable[[], Any]:
+    if engine == "eager":
+        from edgetune.baseline import eager_step
+
+        return eager_step(model, loss_fn, inputs, targets, scheme, optimizer)
+    trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
+    return lambda: trainer.step(inputs, targets)
+
+
+def _in_fresh_process(payload: bytes) -> int:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # whatever imports here imports there
+    with tempfile.TemporaryDirectory(prefix="edgetune-measure-") as folder:
+        job_file = os.path.join(folder, "job.pkl")
+        with open(job_file, "wb") as f:
+            f.write(payload)
+        done = subprocess.run([sys.executable, "-m", "edgetune.measure", job_file], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(f"measuring the peak failed:\n{done.stderr.strip()[-2000:]}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def _main(job_file: str) -> None:
+    """The fresh process: load the job, then measure it as the fork would."""
+    with open(job_file, "rb") as f:
+        engine, model, loss_fn, inputs, targets, scheme, optimizer, steps = pickle.load(f)
+    print(_peak_in_this_process(lambda: _setup(engine, model, loss_fn, inputs, targets, scheme, optimizer), steps))
 
 
 def peak_of(model: torch.nn.Module, setup: Callable[[], Callable[[], Any]], steps: int = 3) -> int:
@@ -135,3 +186,7 @@ def set_mmap_threshold(nbytes: int) -> bool:
         return bool(_libc().mallopt(_M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):
         return False
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

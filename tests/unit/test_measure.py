@@ -48,3 +48,30 @@ def test_peak_of_any_step_counts_what_it_allocates_and_frees():
         return lambda: torch.ones(5 * MB).sum()  # 20 MB, freed at once
 
     assert 19 * MB < peak_of(ConvNet(), setup, steps=2) < 40 * MB
+
+
+def test_a_trained_heap_does_not_change_the_measurement():
+    # A fork of a process that has trained inherits its fragmented heap; the fresh process
+    # that measures does not, so training here first must not move the figure.
+    model, data = ConvNet().eval(), batch(n=32, size=64)
+    before = peak(model, et.schemes.full(), data)
+    trainer = et.compile(model, F.cross_entropy, *data, scheme=et.schemes.full(), optimizer=et.SGD(lr=0.0))
+    for _ in range(3):
+        trainer.step(*data)
+    del trainer
+    assert abs(peak(model, et.schemes.full(), data) - before) < 0.15 * before
+
+
+def test_a_job_that_does_not_pickle_is_measured_in_a_fork():
+    model, data = ConvNet().eval(), batch(n=32, size=64)
+    unpicklable_loss = lambda out, y: F.cross_entropy(out, y)  # noqa: E731
+    measured = measure_peak(model, unpicklable_loss, *data, et.schemes.full(), et.SGD(lr=0.01), steps=2)
+    assert 0.5 * peak(model, et.schemes.full(), data) < measured < 200 * MB
+
+
+def test_the_pytorch_baseline_is_measured_the_same_way():
+    from edgetune.baseline import measure_eager_peak
+
+    model, data = ConvNet().eval(), batch(n=32, size=64)
+    eager = measure_eager_peak(model, F.cross_entropy, *data, et.schemes.bias_only(), et.SGD(lr=0.01))
+    assert peak(model, et.schemes.bias_only(), data) < eager < 200 * MB
