@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.data import LabeledData
-from edgetune.finetune import History, evaluate, finetune, learning_rate, load_weights, save_weights
+from edgetune.finetune import evaluate, finetune, learning_rate, load_weights, save_weights
 from edgetune.models import build
 
 
