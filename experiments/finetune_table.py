@@ -147,12 +147,16 @@ def main(argv=None) -> int:
     p.add_argument("task", choices=sorted(TASKS))
     p.add_argument("--rows", help="comma-separated scheme specs (default: the task's rows)")
     p.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks the pipeline, not a result")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure the peak of every stored row again (its resolved scheme), nothing else")
     p.add_argument("--row-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--contributions-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     task = TASKS[args.task]
     if args.quick:
         task.train_limit, task.test_limit, task.epochs, task.lrs = 320, 200, 1, task.lrs[1:2]
+    if args.remeasure:
+        return remeasure(args)
     if args.contributions_only:
         from edgetune.jobs import measure_contributions
 
@@ -208,6 +212,27 @@ def _fill_contribution_cache(args) -> None:
     so that this one, which measures, only reads their cached results."""
     cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--contributions-only"]
     subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=sys.stderr)
+
+
+def remeasure(args) -> int:
+    """Measure each stored row's peak again with the current edgetune.measure, so that every
+    row of a table comes from the same method."""
+    from edgetune.measure import measure_peak
+
+    task, path = TASKS[args.task], os.path.join(RESULTS, f"{args.task}.json")
+    with open(path) as f:
+        data = json.load(f)
+    job = job_for(task)
+    inputs, targets = job.example(task.batch)
+    for spec, row in data["rows"].items():
+        if "error" in row:
+            continue
+        scheme = {name: rule for name, rule in row["rules"].items()}  # resolved: names, "full" or a ratio
+        row["measured_peak_bytes"] = measure_peak(job.model, job.loss_fn, inputs, targets, scheme,
+                                                  optimizer_for(task, row["lr"]))
+        print(f"{spec}: {row['measured_peak_bytes'] / 2**20:.1f} MB", flush=True)
+        _save(path, data)
+    return 0
 
 
 def _load(path: str) -> dict:
