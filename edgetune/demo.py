@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> int:
     scheme = et.schemes.with_head(parse_scheme(args.scheme), job.head)
     optimizer = et.SGD(lr=args.lr, momentum=0.9)
     inputs, targets = job.example(args.batch)
-    # Measured before anything trains here: each peak is taken in a fork of this process, and
-    # a heap that training has used would blur the figures.
+    # Each peak is measured in a fresh process the job is pickled to (edgetune.measure).
     peaks = None if args.no_compare else _measure_peaks(job, scheme, optimizer, inputs, targets)
     trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
     total = sum(p.numel() for p in job.model.parameters())
@@ -71,7 +70,7 @@ def _dataset() -> str:
 
 def _measure_peaks(job, scheme, optimizer, inputs, targets) -> tuple[int, int, int]:
     """Peak memory of one training step above the weights: edgetune, then PyTorch eager on the
-    same scheme and on full fine-tuning, each in a forked process."""
+    same scheme and on full fine-tuning, each in a fresh process."""
     from edgetune.baseline import measure_eager_peak
     from edgetune.measure import measure_peak
 
