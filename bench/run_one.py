@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune
+from edgetune.baseline import freeze_to
 from edgetune import scheme as schemes
 from edgetune.measure import reset_hwm, vm_hwm_bytes, vm_rss_bytes
 
@@ -83,33 +84,6 @@ ENGINES = {
     "compile": lambda m, x, y, s: setup_eager(m, x, y, s, compiled=True),
     "forward": setup_forward,
 }
-
-
-def freeze_to(model: torch.nn.Module, scheme) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """requires_grad only on trained parameters; (param, 0/1 mask) for partially trained ones.
-
-    The channels are chosen by edgetune's own rule (schemes.choose_channels) so that both
-    engines train exactly the same entries."""
-    rules = schemes.resolve(scheme, model)
-    masks = []
-    for name, p in model.named_parameters():
-        rule = rules.get(name)
-        p.requires_grad_(rule is not None)
-        if rule is not None and rule.partial:
-            masks.append((p, channel_mask(model, name, p, rule)))
-    return masks
-
-
-def channel_mask(model, name: str, p: torch.Tensor, rule) -> torch.Tensor:
-    """A mask broadcastable to `p`: 1 on the chosen input channels, 0 elsewhere."""
-    module = model.get_submodule(name.rpartition(".")[0])
-    depthwise = isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels
-    axis = 0 if depthwise else 1  # the same axis rule as edgetune's partial-channel slicing
-    shape = [1] * p.dim()
-    shape[axis] = p.shape[axis]
-    mask = torch.zeros(shape, dtype=p.dtype)
-    mask.view(-1)[schemes.choose_channels(p, axis, rule)] = 1
-    return mask
 
 
 def _with_masks(params, masks):

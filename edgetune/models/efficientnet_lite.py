@@ -10,6 +10,8 @@ loads with `strict=True`. Differences from that port, on purpose:
 import torch.nn.functional as F
 from torch import nn
 
+from .mobilenetv2 import init_weights  # the same torchvision-style initialisation
+
 # (repeats, kernel, first stride, expand ratio, input channels, output channels) per stage,
 # from TensorFlow's efficientnet_lite_builder for Lite0 (width 1.0, depth 1.0, 224 px).
 LITE0_STAGES = [(1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
@@ -103,19 +105,6 @@ class EfficientNetLite(nn.Module):
     def forward(self, x):
         # mean over H, W is the global average pool, with a simpler graph than adaptive pooling.
         return self._fc(self._dropout(self.features(x).mean((2, 3))))
-
-
-def init_weights(model: nn.Module) -> None:
-    """Random init for training from scratch, as torchvision does for MobileNets."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)
 
 
 def efficientnet_lite0(num_classes: int = 10, dropout: float = 0.2) -> EfficientNetLite:
