@@ -9,7 +9,7 @@ for dir in /usr/share/datasets/fashion-mnist "$dest"; do
   if [ -f "$dir/t10k-labels-idx1-ubyte.gz" ]; then exit 0; fi
 done
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-if ! command -v apt-get >/dev/null || ! (cd "$tmp" && apt-get download -q dataset-fashion-mnist >/dev/null 2>&1); then
+if ! command -v apt-get >/dev/null || ! (cd "$tmp" && timeout 300 apt-get download -q dataset-fashion-mnist >/dev/null 2>&1); then
   echo "note: could not fetch Debian's dataset-fashion-mnist; edgetune will use scikit-learn's digits instead" >&2
   exit 0
 fi
