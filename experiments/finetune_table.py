@@ -53,7 +53,8 @@ class Task:
 
 TASKS = {
     "vision": Task("mobilenetv2-imagenet", "fashion-mnist", "sgd", [0.001, 0.003, 0.01],
-                   ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.25", "auto:0.3", "auto:0.5"],
+                   ["full", "last:6", "bias_only", "mbv2-99kb", "auto:0.205", "auto:0.215", "auto:0.25", "auto:0.3",
+                    "auto:0.5"],
                    size=96, train_limit=6000, test_limit=3000),
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25", "auto:0.3",
