@@ -257,16 +257,10 @@ def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> st
     history.save(os.path.join(out, "history.json"))
     history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
     with open(os.path.join(out, "scheme.json"), "w") as f:
-        json.dump(trained_rules(trainer), f, indent=1)
+        json.dump(et.schemes.as_mapping(trainer.rules), f, indent=1)  # reloadable with --scheme FILE
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write(str(trainer.report()) + "\n")
     return out
-
-
-def trained_rules(trainer: et.Trainer) -> dict:
-    """The resolved scheme, one entry per trained parameter: reloadable with --scheme FILE."""
-    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
-            for name, rule in trainer.rules.items()}
 
 
 if __name__ == "__main__":

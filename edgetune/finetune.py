@@ -201,9 +201,3 @@ def _atomic_write(path: str, write: Callable[[str], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def first_batch(data, batch_size: int, prepare: Prepare) -> tuple[tuple, tuple]:
-    """An example batch (inputs, targets) to compile the step for."""
-    items, labels = next(iter(data.batches(batch_size, shuffle=False)))
-    return prepare(items, True), (labels,)

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import torch
 
+from edgetune import scheme as schemes
 from edgetune.isolate import in_child
 from edgetune.trainer import compile as compile_step
 
@@ -58,20 +59,13 @@ def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targe
     pickle (a model class defined in an interactive session, a lambda loss), a fork of this
     process measures instead."""
     _check_supported(model)
-    job = (engine, model, loss_fn, tuple(inputs), tuple(targets), _plain_scheme(scheme, model), optimizer, steps)
+    plain = schemes.as_mapping(schemes.resolve(scheme, model))  # a Scheme object holds a closure
+    job = (engine, model, loss_fn, tuple(inputs), tuple(targets), plain, optimizer, steps)
     try:
         payload = pickle.dumps(job)
     except (pickle.PicklingError, AttributeError, TypeError):
         return peak_of(model, lambda: _setup(*job[:-1]), steps)
     return _in_fresh_process(payload)
-
-
-def _plain_scheme(scheme, model: torch.nn.Module) -> dict:
-    """The scheme as a plain mapping of parameter names (a Scheme object holds a closure)."""
-    from edgetune import scheme as schemes
-
-    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
-            for name, rule in schemes.resolve(scheme, model).items()}
 
 
 def _setup(engine: str, model, loss_fn, inputs, targets, scheme, optimizer) -> Callable[[], Any]:

@@ -101,6 +101,13 @@ def _select(pattern: str, select: Any) -> str:
     return select
 
 
+def as_mapping(rules: Mapping[str, Rule]) -> dict[str, Any]:
+    """Resolved rules as a plain scheme, one exact name per trained parameter: it pickles, saves
+    as JSON, and resolves to the same rules again."""
+    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
+            for name, rule in rules.items()}
+
+
 def choose_channels(weight: torch.Tensor, axis: int, rule: Rule) -> torch.Tensor:
     """Sorted indices of the ceil(r*C) channels along `axis` that train, chosen once."""
     size = weight.shape[axis]
