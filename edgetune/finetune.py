@@ -96,7 +96,7 @@ class History:
         _atomic_write(path, lambda tmp: _write_text(tmp, text))
 
     def plot(self, path: str, title: str = "") -> None:
-        """A PNG with the training loss per step and held-out accuracy per evaluation."""
+        """A PNG with the training loss per step and held-out accuracy (or loss) per evaluation."""
         import matplotlib
 
         matplotlib.use("Agg")  # files only: no display on a board or in CI
@@ -107,8 +107,12 @@ class History:
         left.plot(_smooth(self.losses), lw=1.5, label="moving mean")
         left.set(xlabel="step", ylabel="training loss", title="loss")
         left.legend()
-        right.plot([e["step"] for e in self.evals], [100 * e["accuracy"] for e in self.evals], "o-")
-        right.set(xlabel="step", ylabel="held-out accuracy (%)", title="accuracy")
+        if self.evals and "accuracy" not in self.evals[0]:  # language models: held-out loss instead
+            right.plot([e["step"] for e in self.evals], [e["loss"] for e in self.evals], "o-")
+            right.set(xlabel="step", ylabel="held-out loss", title="held-out loss")
+        else:
+            right.plot([e["step"] for e in self.evals], [100 * e["accuracy"] for e in self.evals], "o-")
+            right.set(xlabel="step", ylabel="held-out accuracy (%)", title="accuracy")
         fig.suptitle(title)
         fig.tight_layout()
         _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
