@@ -18,6 +18,7 @@ from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node
 from edgetune.ir.ops import ATEN
 from edgetune.passes.dce import dce
+from edgetune.passes.vocab_loss import fuse_vocab_log_prob
 
 _PREFIX = "model."
 
@@ -98,7 +99,7 @@ class _Converter:
         ins = self.user[: self.n_inputs]
         # Conversions leave dead nodes (the transpose that mm -> linear folds away): without
         # them, a parameter's users are its real uses, as a partial-channel rule needs.
-        graph = dce(self.b.graph(outputs))
+        graph = fuse_vocab_log_prob(dce(self.b.graph(outputs)))
         return ForwardGraph(graph, self.params, self.buffers, ins, self.user[self.n_inputs:])
 
     def _placeholder(self, fx: Any) -> Node:

@@ -1,0 +1,106 @@
+"""Hugging Face transformers models, compiled straight from `transformers`, three steps under
+full, last-block and partial-channel schemes against PyTorch eager (tests/reference.py).
+
+The loss receives the model's output object (`outputs.logits`); attention masks with
+padding are part of the inputs, and padded positions are left out of the loss."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import edgetune as et
+from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
+from tests.reference import assert_models_match, train_eager
+
+pytest.importorskip("transformers")
+
+
+def lm_batches(vocab=128, n=2, t=12):
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, vocab, (n, t), generator=g)
+        mask = torch.ones(n, t, dtype=torch.int64)
+        mask[1, t - 4:] = 0  # the second sequence is padded
+        labels = ids.masked_fill(mask == 0, -100)
+        batches.append(((ids, mask), (labels,)))
+    return batches
+
+
+def classifier_batches(vocab=100, n=3, t=10, labels=3):
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(n, t, dtype=torch.int64)
+        mask[0, 6:] = 0
+        batches.append(((torch.randint(0, vocab, (n, t), generator=g), mask),
+                        (torch.randint(0, labels, (n,), generator=g),)))
+    return batches
+
+
+def classifier_loss(outputs, labels):
+    return F.cross_entropy(outputs.logits, labels)
+
+
+DECODER_SCHEMES = {
+    "full": None,
+    "last-block": {"model.layers.1.*": "full", "model.norm.weight": "full"},
+    "partial": {"model.layers.1.self_attn.q_proj.weight": 0.5, "model.layers.1.mlp.up_proj.weight": 0.25,
+                "model.layers.1.self_attn.v_proj.weight": "full", "model.layers.1.*norm.weight": "full"},
+}
+
+OPTIMIZERS = {
+    "sgd": (et.SGD(lr=0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    # eps=1e-4: see tests/e2e/test_models.py (Adam's step on gradients that are zero up to rounding).
+    "adamw": (et.AdamW(lr=1e-2, eps=1e-4, weight_decay=0.01),
+              lambda ps: torch.optim.AdamW(ps, lr=1e-2, eps=1e-4, weight_decay=0.01)),
+}
+
+
+def check_against_eager(model, loss_fn, batches, scheme, optimizer, rtol=1e-7):
+    model = model.double()
+    reference = copy.deepcopy(model)
+    ours, theirs = OPTIMIZERS[optimizer]
+    trainer = et.compile(model, loss_fn, *batches[0], scheme=scheme, optimizer=ours)
+    masks = trainer.trained_masks()
+    losses = [trainer.step(*batch) for batch in batches]
+    want = train_eager(reference, loss_fn, batches, masks, theirs)
+    assert losses == pytest.approx(want, rel=rtol)
+    assert_models_match(model, reference, rtol=rtol, atol=rtol / 10)
+    trained = dict(model.named_parameters())
+    for name, ref in reference.named_parameters():
+        if name not in masks:
+            assert torch.equal(trained[name], ref), f"{name} is frozen but changed"
+    return trainer
+
+
+# transformers' decoders compute RMSNorm and the rotary tables in float32 even in a float64
+# model, so both engines round to float32 there, in different orders: 1e-7 relative.
+DECODER_RTOL = 1e-5
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheme", DECODER_SCHEMES)
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_decoder_language_models(kind, scheme, optimizer):
+    trainer = check_against_eager(tiny_causal_lm(kind), causal_lm_loss, lm_batches(), DECODER_SCHEMES[scheme],
+                                  optimizer, rtol=DECODER_RTOL)
+    ops = {n.op for n in trainer.graph.nodes}
+    assert "vocab_log_prob" in ops and "log_softmax" not in ops  # the logits never exist whole
+
+
+def test_tied_embedding_gets_both_gradients():
+    # The embedding is also the LM head: a full scheme trains it through both uses.
+    model = tiny_causal_lm("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    check_against_eager(model, causal_lm_loss, lm_batches(), {"model.embed_tokens.weight": "full"}, "sgd",
+                        rtol=DECODER_RTOL)
+
+
+@pytest.mark.parametrize("scheme", [
+    None,
+    {"classifier.*": "full", "bert.encoder.layer.1.attention.self.query.weight": 0.5, "*.bias": "full"},
+], ids=["full", "partial-and-biases"])
+def test_bert_sequence_classifier(scheme):
+    check_against_eager(tiny_sequence_classifier(), classifier_loss, classifier_batches(), scheme, "adamw")
