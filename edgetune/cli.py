@@ -1,5 +1,6 @@
 """The `edgetune` command: `plan` prints a compiled step's report, `finetune` fine-tunes a model
-on a dataset, `search` finds a scheme under a memory budget, `demo` shows it all."""
+on a dataset, `search` finds a scheme under a memory budget, `demo` shows it all;
+`finetune-lm` fine-tunes a language model on chats or text and `generate` tries it."""
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,51 @@ def _parser() -> argparse.ArgumentParser:
 
     demo_job.add_arguments(demo)
     demo.set_defaults(run=demo_job.run)
+    _lm_parsers(sub)
     return parser
+
+
+def _lm_parsers(sub) -> None:
+    from edgetune.lm import lm_names
+
+    lm = sub.add_parser("finetune-lm", help="fine-tune a language model on chats or plain text under a scheme")
+    lm.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()) + " (tiny-*: random, for tests)")
+    lm.add_argument("--data", default="sharegpt", help="sharegpt (English two-turn subset) | FILE.jsonl "
+                    "({messages: [...]}, {conversations: [...]} or {text: ...} a line) | FILE.json (a list) | FILE.txt")
+    lm.add_argument("--scheme", help=f"{DEFAULT_LM_SCHEME} (default) | lm-last:K | norms | lora:R | full | last:K | "
+                    "a JSON file of patterns")
+    length = lm.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps (default 100)")
+    length.add_argument("--epochs", type=int, help="passes over the training examples instead of --steps")
+    lm.add_argument("--batch", type=int, default=4)
+    lm.add_argument("--seq-len", type=int, default=128, help="tokens per example: longer ones are cut, shorter padded")
+    lm.add_argument("--lr", type=float, default=1e-4)
+    lm.add_argument("--weight-decay", type=float, default=0.0)
+    lm.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    lm.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
+    held = lm.add_mutually_exclusive_group()
+    held.add_argument("--val-fraction", type=float, help="share of the examples held out (default 0.05)")
+    held.add_argument("--val-count", type=int, help="number of examples held out")
+    lm.add_argument("--eval-every", type=int, help="steps between evaluations (default: before and after only)")
+    lm.add_argument("--limit", type=int, help="use only the first N records (windows of a .txt)")
+    lm.add_argument("--max-chars", type=int, help="sharegpt: skip conversations longer than this (default 4 x --seq-len)")
+    lm.add_argument("--save", choices=["trained", "whole"], default="trained",
+                    help="trained: only the parameters the scheme trains (default); whole: every weight")
+    lm.add_argument("--out", help="folder for weights or adapter, history, plot, report (default: runs/lm-<model>-<time>)")
+    lm.add_argument("--seed", type=int, default=0)
+    lm.add_argument("--no-progress", action="store_true")
+    lm.set_defaults(run=run_finetune_lm)
+    gen = sub.add_parser("generate", help="answer a prompt with a language model (optionally fine-tuned)")
+    gen.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()))
+    trained = gen.add_mutually_exclusive_group()
+    trained.add_argument("--weights", help="a .safetensors file from finetune-lm (trained parameters or whole model)")
+    trained.add_argument("--adapter", help="a PEFT adapter folder from finetune-lm with a LoRA scheme")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", help="a system message before the prompt (default: the template's)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 samples")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=run_generate)
 
 
 def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bias_only",
@@ -261,6 +306,111 @@ def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> st
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write(str(trainer.report()) + "\n")
     return out
+
+
+# -- language models -------------------------------------------------------------------------
+
+DEFAULT_LM_SCHEME = "lm-sparse:6"  # PockEngine's LLM scheme on the last 6 blocks
+
+
+def parse_lm_scheme(spec: str | None) -> et.schemes.SchemeLike:
+    """A JSON file, a string edgetune.scheme.from_string reads (the LM presets, LoRA), or
+    what parse_scheme reads (full, bias_only, last:K)."""
+    spec = spec or DEFAULT_LM_SCHEME
+    if os.path.exists(spec):
+        return parse_scheme(spec)
+    from_string = getattr(et.schemes, "from_string", None)
+    if from_string is None:
+        if spec.startswith(("lm-", "lora", "norms")):
+            raise SchemeError(f"scheme {spec!r} needs the language-model presets (edgetune.scheme.from_string), "
+                              "which this build lacks; pass --scheme full, last:K, or a JSON file of patterns, "
+                              "e.g. {\"model.layers.1.*\": \"full\", \"*.q_proj.weight\": {\"lora\": 8}}")
+        return parse_scheme(spec)
+    try:
+        return from_string(spec)
+    except SchemeError as err:
+        try:
+            return parse_scheme(spec)
+        except SchemeError:
+            raise err from None
+
+
+def run_finetune_lm(args: argparse.Namespace) -> int:
+    from edgetune.lm import compile_lm, finetune_lm
+
+    torch.manual_seed(args.seed)
+    scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
+    train, val, lm = _lm_data(args)
+    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, _optimizer("adamw", args.lr, args.weight_decay))
+    print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
+          f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
+    history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
+                          batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
+                          eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
+    out, saved = _save_lm_run(args, trainer, history)
+    first, last = history.evals[0], history.final
+    print(f"\ntraining loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, held-out loss {first['loss']:.4f} "
+          f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
+          f"plot and report in {out}/")
+    return 0
+
+
+def _lm_data(args: argparse.Namespace):
+    from edgetune.data.chat import load_lm_data
+    from edgetune.lm import load_lm
+
+    lm = load_lm(args.model, seq_len=args.seq_len)
+    max_chars = args.max_chars or 4 * args.seq_len
+    data = load_lm_data(args.data, lm.tokenizer, args.seq_len, limit=args.limit, max_chars=max_chars)
+    train, val = data.split(args.val_fraction, args.val_count, seed=args.seed)
+    print(f"{args.data}: {data.describe()}; {len(train)} for training, {len(val)} held out")
+    return train, val, lm
+
+
+def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tuple[str, str]:
+    from edgetune.lm import save_trained, trained_names, uses_lora
+
+    out = args.out or os.path.join("runs", f"lm-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(out, exist_ok=True)
+    meta = {"model": args.model, "data": args.data, "scheme": args.scheme or DEFAULT_LM_SCHEME}
+    saved = []
+    if uses_lora(trainer):
+        from edgetune.lora import save_peft_adapter
+
+        save_peft_adapter(trainer, os.path.join(out, "adapter"))
+        saved.append(f"adapter in {out}/adapter (edgetune generate --adapter)")
+    if args.save == "whole" or trained_names(trainer):
+        path = os.path.join(out, "model.safetensors" if args.save == "whole" else "trained.safetensors")
+        size = save_trained(trainer, path, whole=args.save == "whole", metadata=meta)
+        saved.append(f"weights in {path} ({size / 2**20:.1f} MB; edgetune generate --weights)")
+    history.save(os.path.join(out, "history.json"))
+    history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {meta['scheme']}")
+    with open(os.path.join(out, "report.txt"), "w") as f:
+        f.write(str(trainer.report()) + "\n")
+    return out, "; ".join(saved)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from edgetune.lm import generate, load_lm, load_trained
+
+    lm = load_lm(args.model)
+    model = lm.model
+    if args.weights:
+        trained_on = load_trained(model, args.weights).get("model")
+        if trained_on and trained_on != args.model:
+            raise ValueError(f"{args.weights} was trained from {trained_on}, not {args.model}; pass --model {trained_on}")
+    if args.adapter:
+        model = _with_adapter(model, args.adapter)
+    print(generate(model, lm.tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.system, args.seed))
+    return 0
+
+
+def _with_adapter(model: torch.nn.Module, folder: str) -> torch.nn.Module:
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise FileNotFoundError(f"{folder} holds no adapter_config.json: give the adapter folder finetune-lm wrote")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, folder).eval()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ whole=True)` writes the whole model. LoRA runs save a PEFT adapter (edgetune.lor
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -74,7 +75,10 @@ def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, op
     """A compiled step for batches of [batch_size, seq_len] token ids, mask and labels. The
     example's values do not matter, only its shapes (padding masks are honoured either way)."""
     ids = torch.zeros(batch_size, seq_len, dtype=torch.int64)
-    return et.compile(model, causal_lm_loss, (ids, torch.ones_like(ids)), (ids,), scheme=scheme, optimizer=optimizer)
+    # Labels must be their own tensor: one object passed as both an input and a target is
+    # traced as one graph input, and the step then embeds the labels (-100 is out of range).
+    return et.compile(model, causal_lm_loss, (ids, torch.ones_like(ids)), (torch.zeros_like(ids),),
+                      scheme=scheme, optimizer=optimizer)
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
     train_sample = train.subset(range(min(train_eval_size, len(train))))
     history, start, bar = History(), time.perf_counter(), _progress(total, progress)
     log = log or bar.write
-    _record(history, trainer.model, train_sample, val, batch_size, log)
+    _record(history, trainer, train_sample, val, batch_size, log)
     for ids, mask, labels in _endless(train, batch_size, seed, total):
         trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
         loss = trainer.step((ids, mask), (labels,))
@@ -126,7 +130,7 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update()
         if len(history.losses) == total or (eval_every and len(history.losses) % eval_every == 0):
-            _record(history, trainer.model, train_sample, val, batch_size, log)
+            _record(history, trainer, train_sample, val, batch_size, log)
     bar.close()
     history.seconds = time.perf_counter() - start
     return history
@@ -156,12 +160,37 @@ def _endless(data: LMData, batch_size: int, seed: int, total: int) -> Iterable[B
             yield batch
 
 
-def _record(history: History, model, train_sample: LMData, val: LMData, batch_size: int, log) -> None:
+def _record(history: History, trainer: et.Trainer, train_sample: LMData, val: LMData, batch_size: int, log) -> None:
     step = len(history.losses)
-    held_out, fitted = evaluate_lm(model, val, batch_size), evaluate_lm(model, train_sample, batch_size)
+    with adapters_merged(trainer) as model:
+        held_out, fitted = evaluate_lm(model, val, batch_size), evaluate_lm(model, train_sample, batch_size)
     history.evals.append({"step": step, "loss": held_out, "train_loss": fitted})
     log(f"step {step}: held-out loss {held_out:.4f}, training loss {fitted:.4f} "
         f"(on {len(train_sample)} training examples)")
+
+
+@contextlib.contextmanager
+def adapters_merged(trainer: et.Trainer):
+    """The trainer's model with its LoRA adapters folded in, for evaluation. The adapters live
+    in the trainer, not the model, and the compiled step adds them to the frozen weights
+    itself, so the frozen weights are put back, bitwise, afterwards."""
+    if not getattr(trainer, "adapters", None):
+        yield trainer.model
+        return
+    from edgetune.lora import merged_state
+
+    params = dict(trainer.model.named_parameters())
+    merged = merged_state(trainer)
+    frozen = {n: params[n].detach().clone() for n in merged}
+    try:
+        with torch.no_grad():
+            for n, w in merged.items():
+                params[n].copy_(w)
+        yield trainer.model
+    finally:
+        with torch.no_grad():
+            for n, w in frozen.items():
+                params[n].copy_(w)
 
 
 # -- generation ------------------------------------------------------------------------------
@@ -194,19 +223,26 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
 # -- saving ----------------------------------------------------------------------------------
 
 def trained_names(trainer: et.Trainer) -> list[str]:
-    return [u.name for u in trainer.updates]
+    """The model's parameters a step changes (a LoRA weight stays frozen: its adapters train)."""
+    return [n for n, rule in trainer.rules.items() if not getattr(rule, "lora", 0)]
+
+
+def uses_lora(trainer: et.Trainer) -> bool:
+    return any(getattr(rule, "lora", 0) for rule in trainer.rules.values())
 
 
 def save_trained(trainer: et.Trainer, path: str, whole: bool = False, metadata: dict[str, str] | None = None) -> int:
     """The trained parameters (or, with whole=True, every weight) as safetensors, written
-    atomically; returns the bytes written. Tied weights are stored once."""
+    atomically; returns the bytes written. Tied weights are stored once. LoRA adapters are
+    not parameters of the model: save them with edgetune.lora.save_peft_adapter."""
     from safetensors.torch import save_file, save_model
 
-    model, metadata = trainer.model, dict(metadata or {}, contents="whole" if whole else "trained")
-    if whole:
-        _atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+    metadata = dict(metadata or {}, contents="whole" if whole else "trained")
+    if whole:  # LoRA adapters folded in: the file is a plain model
+        with adapters_merged(trainer) as model:
+            _atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
     else:
-        params = dict(model.named_parameters())
+        params = dict(trainer.model.named_parameters())
         tensors = {n: params[n].detach().contiguous() for n in trained_names(trainer)}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return os.path.getsize(path)
