@@ -52,7 +52,7 @@ def build_report(trainer) -> Report:
     row_of = _rows_by_layer(graph.nodes, owners)
     rows = {layer: LayerRow(layer, _mode(trainer, layer)) for layer in dict.fromkeys(row_of.values())}
     for u in trainer.updates:
-        rows[row_of.get(u.name.rpartition(".")[0], u.name.rpartition(".")[0])].trainable += u.trained_entries
+        rows[row_of.get(u.module, u.module)].trainable += u.trained_entries
     for pos, n in enumerate(graph.nodes):
         if n.meta.get("module") in row_of and n.op not in ("input", "const"):
             r = rows[row_of[n.meta["module"]]]
@@ -61,7 +61,8 @@ def build_report(trainer) -> Report:
     for n in saved_for_backward(graph.nodes):
         if n.meta.get("module") in row_of:
             rows[row_of[n.meta["module"]]].saved_bytes += n.nbytes
-    total = sum(p.numel() for p in trainer.model.parameters())
+    # LoRA adapters count as parameters, as PEFT's print_trainable_parameters counts them.
+    total = sum(p.numel() for p in trainer.model.parameters()) + sum(a.numel() for a in trainer.adapters.values())
     return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()))
 
 
@@ -88,7 +89,10 @@ def _mode(trainer, module: str) -> str:
         return "frozen"
     parts = []
     for leaf, rule in rules.items():
-        parts.append(leaf if not rule.partial else f"{leaf}@{rule.ratio:g}")
+        if rule.lora:
+            parts.append(f"lora r={rule.lora}" if leaf == "weight" else f"{leaf} lora r={rule.lora}")
+        else:
+            parts.append(leaf if not rule.partial else f"{leaf}@{rule.ratio:g}")
     return "+".join(parts)
 
 

@@ -2,9 +2,11 @@
 
 A scheme is an ordered mapping from fnmatch patterns over `model.named_parameters()` names
 to a rule; the first matching pattern decides and unmatched parameters are frozen. Rules:
-"full", "frozen", a ratio r in (0, 1] (ceil(r*C) channels chosen by weight magnitude), or
-{"ratio": r, "select": "magnitude" | "first"}. Presets build such mappings; those that need
-the model's structure (`last`, `tte`) return a `Scheme` that resolves against the model.
+"full", "frozen", a ratio r in (0, 1] (ceil(r*C) channels chosen by weight magnitude),
+{"ratio": r, "select": "magnitude" | "first"}, or {"lora": r, "alpha": a} on a linear weight
+(the weight stays frozen; two trainer-owned adapters train, see edgetune.lora). Presets build
+such mappings; those that need the model's structure (`last`, `tte`, the language-model
+presets) return a `Scheme` that resolves against the model.
 """
 from __future__ import annotations
 
@@ -16,18 +18,28 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 SELECTIONS = ("magnitude", "first")
+# PEFT's LoraConfig default (lora_alpha=8, whatever r is): scale = alpha / r, so 1.0 at r = 8
+# and 0.5 at r = 16. Kept so an adapter behaves the same here and in PEFT with defaults.
+LORA_ALPHA = 8.0
 
 
 @dataclass(frozen=True)
 class Rule:
-    """The resolved rule of one parameter: trained fully, or on a ratio of its channels."""
+    """The resolved rule of one parameter: trained fully, on a ratio of its channels, or
+    through a rank-`lora` adapter (the parameter itself then stays frozen)."""
 
     ratio: float = 1.0
     select: str = "magnitude"
+    lora: int = 0  # LoRA rank; 0 = the parameter itself trains
+    alpha: float = LORA_ALPHA  # LoRA only: the adapter's output is scaled by alpha / lora
 
     @property
     def partial(self) -> bool:
         return self.ratio < 1.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.lora
 
     def channels(self, size: int) -> int:
         return math.ceil(self.ratio * size)
@@ -64,12 +76,22 @@ def resolve(scheme: SchemeLike, model: torch.nn.Module) -> dict[str, Rule]:
         if not fnmatch.filter(names, pattern):
             raise SchemeError(f"scheme pattern {pattern!r} matches no parameter of the model "
                               f"(names look like {names[:3]})")
+    params = dict(model.named_parameters())
     resolved = {}
     for name in names:
-        rule = next((r for p, r in rules.items() if fnmatch.fnmatchcase(name, p)), None)
-        if rule is not None:
-            resolved[name] = rule
+        pattern = next((p for p in rules if fnmatch.fnmatchcase(name, p)), None)
+        if pattern is not None and rules[pattern] is not None:
+            if rules[pattern].lora:
+                _check_lora_target(pattern, name, params[name])
+            resolved[name] = rules[pattern]
     return resolved
+
+
+def _check_lora_target(pattern: str, name: str, p: torch.Tensor) -> None:
+    """A LoRA adapter is named after its layer (`<layer>.lora_A.weight`), as PEFT names it."""
+    if p.dim() != 2 or name.rpartition(".")[2] != "weight":
+        raise SchemeError(f"a LoRA rule needs the weight of a linear layer, but {pattern!r} matches {name!r} "
+                          f"(shape {list(p.shape)}); narrow the pattern to linear weights, e.g. '*.q_proj.weight'")
 
 
 def parse_rule(pattern: str, rule: Any) -> Rule | None:
@@ -78,6 +100,8 @@ def parse_rule(pattern: str, rule: Any) -> Rule | None:
         return None
     if rule == "full":
         return Rule()
+    if isinstance(rule, Mapping) and "lora" in rule:
+        return _lora_rule(pattern, rule)
     if isinstance(rule, Mapping):
         unknown = set(rule) - {"ratio", "select"}
         if unknown or "ratio" not in rule:
@@ -86,7 +110,23 @@ def parse_rule(pattern: str, rule: Any) -> Rule | None:
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
         return Rule(_ratio(pattern, rule))
     raise SchemeError(f"unknown rule {rule!r} for {pattern!r}: use 'full', 'frozen', a ratio in (0, 1], "
-                      "or {'ratio': r, 'select': 'magnitude'|'first'}")
+                      "{'ratio': r, 'select': 'magnitude'|'first'}, or {'lora': rank, 'alpha': a}")
+
+
+def _lora_rule(pattern: str, rule: Mapping) -> Rule:
+    unknown = set(rule) - {"lora", "alpha", "dropout"}
+    if unknown:
+        raise SchemeError(f"LoRA rule for {pattern!r}: unknown keys {sorted(unknown)}; "
+                          "expected {'lora': rank, 'alpha': a, 'dropout': 0}")
+    r, alpha = rule["lora"], rule.get("alpha", LORA_ALPHA)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise SchemeError(f"LoRA rank for {pattern!r} must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise SchemeError(f"LoRA alpha for {pattern!r} must be a number > 0, got {alpha!r}")
+    if rule.get("dropout", 0) != 0:
+        raise SchemeError(f"LoRA dropout {rule['dropout']!r} for {pattern!r}: only dropout 0 is supported; "
+                          "drop the 'dropout' key")
+    return Rule(lora=r, alpha=float(alpha))
 
 
 def _ratio(pattern: str, r: Any) -> float:
@@ -104,8 +144,13 @@ def _select(pattern: str, select: Any) -> str:
 def as_mapping(rules: Mapping[str, Rule]) -> dict[str, Any]:
     """Resolved rules as a plain scheme, one exact name per trained parameter: it pickles, saves
     as JSON, and resolves to the same rules again."""
-    return {name: "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
-            for name, rule in rules.items()}
+    return {name: _as_plain(rule) for name, rule in rules.items()}
+
+
+def _as_plain(rule: Rule) -> Any:
+    if rule.lora:
+        return {"lora": rule.lora, "alpha": rule.alpha}
+    return "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
 
 
 def choose_channels(weight: torch.Tensor, axis: int, rule: Rule) -> torch.Tensor:

@@ -258,7 +258,7 @@ class PeakPredictor:
 
     def predict(self, scheme: schemes.SchemeLike) -> int:
         rules = schemes.resolve(scheme, self.model)
-        key = tuple((name, rule.ratio, rule.select) for name, rule in rules.items())
+        key = tuple(rules.items())  # Rule is hashable: ratio, selection and LoRA rank all count
         if key not in self._peaks:
             graph, _ = training_graph(self.forward, self.model, rules, self.optimizer, self.passes)
             self._peaks[key] = plan(graph).peak_bytes

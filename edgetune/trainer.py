@@ -2,7 +2,8 @@
 
 compile: export -> resolve the scheme -> autodiff (pruned) -> optimizer updates -> passes ->
 memory plan -> torch code. The Trainer binds the model's parameters and buffers (updated in
-place), owns the optimizer state, and checks each batch against the examples before it runs.
+place), owns the optimizer state and any LoRA adapters (edgetune.lora), and checks each batch
+against the examples before it runs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from edgetune import lora
 from edgetune import scheme as schemes
 from edgetune.autodiff import differentiate
 from edgetune.backends.torch import CompiledStep
@@ -32,12 +34,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class Update:
-    """One trained parameter: its slice (None = whole), its gradient and optimizer state."""
+    """One trained parameter (or LoRA adapter): its slice (None = whole), its input node and
+    optimizer state, and the layer it belongs to (an adapter's is the layer it adapts)."""
 
     name: str
     node: Node
     part: ChannelSlice | None
     state: list[Node]
+    module: str = ""
 
     @property
     def trained_entries(self) -> int:
@@ -61,6 +65,8 @@ class Trainer:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
+        # LoRA adapters by name ("<layer>.lora_A.weight"); updated in place like parameters.
+        self.adapters = lora.init_adapters(model, self.rules)
         self.device = _device_of(model, self.examples[0])
         self.graph, self.updates = run_isolated(
             lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes), self.device)
@@ -101,6 +107,8 @@ class Trainer:
                 bindings.append(("tensor", buffers[target]))
             elif kind == "state":
                 bindings.append(("tensor", self.state[target]))
+            elif kind == "adapter":
+                bindings.append(("tensor", self.adapters[target]))
             elif kind == "hyper":
                 bindings.append(("hyper", n.name))
             else:
@@ -128,10 +136,13 @@ class Trainer:
         return sum(u.trained_entries for u in self.updates)
 
     def trained_masks(self) -> dict[str, torch.Tensor]:
-        """{parameter name: bool mask of the entries a step updates}, for every trained parameter."""
+        """{parameter name: bool mask of the entries a step updates}, for every trained parameter
+        of the model (LoRA adapters are not the model's, and a LoRA weight does not change)."""
         params = dict(self.model.named_parameters())
         masks = {}
         for u in self.updates:
+            if u.name in self.adapters:
+                continue
             mask = torch.zeros_like(params[u.name], dtype=torch.bool)
             if u.part is None:
                 mask.fill_(True)
@@ -146,20 +157,19 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.steps, "lr": self.lr, "model": self.model.state_dict(),
-                "optimizer": {k: v.clone() for k, v in self.state.items()}}
+                "optimizer": {k: v.clone() for k, v in self.state.items()},
+                "adapters": {k: v.clone() for k, v in self.adapters.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore model weights, optimizer state, step count and lr; checked before anything changes."""
-        opt = state["optimizer"]
-        if set(opt) != set(self.state):
-            raise ValueError(f"optimizer state does not match this trainer: missing {sorted(set(self.state) - set(opt))},"
-                             f" unexpected {sorted(set(opt) - set(self.state))}")
-        for k, v in opt.items():
-            if v.shape != self.state[k].shape:
-                raise ValueError(f"optimizer state {k!r} has shape {tuple(v.shape)}, expected {tuple(self.state[k].shape)}")
+        """Restore model weights, optimizer state, LoRA adapters, step count and lr; checked
+        before anything changes."""
+        opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
+        _check_same("optimizer state", opt, self.state)
+        _check_same("LoRA adapters", adapters, self.adapters)
         self.model.load_state_dict(state["model"])
-        for k, v in opt.items():
-            self.state[k].copy_(v)
+        for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
+            for k, v in theirs.items():
+                mine[k].copy_(v)
         self.steps, self.lr = int(state["step"]), float(state["lr"])
 
     def save(self, path: str) -> None:
@@ -178,6 +188,15 @@ class Trainer:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
 
+def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    if set(got) != set(want):
+        raise ValueError(f"{what} does not match this trainer: missing {sorted(set(want) - set(got))}, "
+                         f"unexpected {sorted(set(got) - set(want))}")
+    for k, v in got.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{what} {k!r} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+
+
 # -- building the training graph ------------------------------------------------------------
 
 def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes) -> tuple[Graph, list[Update]]:
@@ -190,27 +209,31 @@ def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes) ->
 def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None) -> tuple[Graph, list[Update]]:
     """Everything after the trace: differentiate under `rules`, add the updates, optimize.
 
-    `forward` is only read, so one export serves many schemes (edgetune.search does that)."""
+    `forward` is only read, so one export serves many schemes (edgetune.search does that).
+    LoRA rules first rewrite their linears to run the adapters, which then train instead."""
     params = dict(model.named_parameters())
-    b = Builder(forward.graph.nodes)
-    loss = forward.graph.outputs["loss"]
+    graph, adapters = lora.attach(forward.graph, forward.params, rules)
+    b = Builder(graph.nodes)
+    loss = graph.outputs["loss"]
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
-             if name in forward.params}
-    grads = differentiate(forward.graph, loss, {n: (p if p else True) for n, p in parts.items()}, b)
+             if name in forward.params and not rule.lora}
+    trainable = {**{n: (p if p else True) for n, p in parts.items()}, **{a: True for a in adapters.values()}}
+    grads = differentiate(graph, loss, trainable, b)
     lr = b.input("lr", (), torch.float64, kind="hyper")
     step = b.input("step", (), torch.int64, kind="hyper")
     updates = []
     for node, grad in grads.items():
-        part = parts[node]
-        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state", target=f"{node.attrs['target']}:{s}")
+        part, target = parts.get(node), node.attrs["target"]
+        module = lora.layer_of(target) if node.attrs["kind"] == "adapter" else target.rpartition(".")[0]
+        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state", target=f"{target}:{s}")
                  for s in optimizer.state_names]
         index = [part.index] if part and not part.first else []
-        b.meta = {"module": node.attrs["target"].rpartition(".")[0], "update_of": node.attrs["target"]}
+        b.meta = {"module": module, "update_of": target}
         b.emit(optimizer.op, node, grad, lr, step, *state, *index, part=(part.axis, part.k) if part else None,
                n_state=len(state), **optimizer.attrs())
-        updates.append(Update(node.attrs["target"], node, part, state))
+        updates.append(Update(target, node, part, state, module))
     b.meta = {}
-    for key, value in forward.graph.outputs.items():
+    for key, value in graph.outputs.items():
         if key.startswith("buffer:"):
             b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value)
     graph = leaves_first(b.graph({"loss": loss}))
