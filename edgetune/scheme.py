@@ -6,11 +6,13 @@ to a rule; the first matching pattern decides and unmatched parameters are froze
 {"ratio": r, "select": "magnitude" | "first"}, or {"lora": r, "alpha": a} on a linear weight
 (the weight stays frozen; two trainer-owned adapters train, see edgetune.lora). Presets build
 such mappings; those that need the model's structure (`last`, `tte`, the language-model
-presets) return a `Scheme` that resolves against the model.
+presets `lm_last`, `lm_sparse`, `norms_only`, `lora`) return a `Scheme` that resolves against
+the model. `from_string` reads the short spellings the CLI takes ("lm-sparse:6", "lora:8").
 """
 from __future__ import annotations
 
 import fnmatch
+import re
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
@@ -40,6 +42,11 @@ class Rule:
     @property
     def scale(self) -> float:
         return self.alpha / self.lora
+
+    def __repr__(self) -> str:
+        if self.lora:
+            return f"Rule(lora={self.lora}, alpha={self.alpha:g})"
+        return f"Rule(ratio={self.ratio:g}, select={self.select!r})"
 
     def channels(self, size: int) -> int:
         return math.ceil(self.ratio * size)
@@ -295,3 +302,211 @@ def _float_list(v: Any, n: int) -> list[float]:
     if len(values) != n:
         raise SchemeError(f"weight_update_ratio has {len(values)} entries for {n} manual_weight_idx layers")
     return values
+
+
+# -- language-model presets -------------------------------------------------------------------
+# Transformer blocks are found by name: `<prefix>.layers.N.` (HF decoders: Llama, Qwen2, Gemma,
+# Mistral), `<prefix>.layer.N.` (BERT), `h.N.` (GPT-2), `blocks.N.` (ViT-style).
+
+_BLOCK = re.compile(r"^((?:.*\.)?(?:layers|layer|h|blocks))\.(\d+)\.")
+_BLOCK_NAMES = "'model.layers.N.' (HF decoders), 'encoder.layer.N.' (BERT), 'h.N.' or 'blocks.N.'"
+
+# Where a block's projections live, relative to the block: a plain alias is a module's last
+# name (q_proj), a dotted one its whole path in the block (BERT's output.dense is the FFN's
+# second projection, attention.output.dense the attention's output).
+PROJECTIONS = {
+    "q": ("q_proj", "attention.self.query"), "k": ("k_proj", "attention.self.key"),
+    "v": ("v_proj", "attention.self.value"), "o": ("o_proj", "attention.output.dense"),
+    "gate": ("gate_proj",), "up": ("up_proj", "intermediate.dense"), "down": ("down_proj", "output.dense"),
+}
+# The issue's benchmark scheme (PockEngine's finding for LLMs): in the last blocks, q on half
+# its input channels, v fully, the FFN's first projection on a quarter, and the blocks' norms.
+LM_SPARSE_ATTENTION = {"q": 0.5, "v": 1.0}
+LM_SPARSE_FFN = {"up": 0.25}
+
+
+def lm_last(k: int) -> Scheme:
+    """The last k transformer blocks fully, plus the final norm after them (if the model has one)."""
+    _check_k("lm_last", k)
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        blocks = _last_blocks(model, k, "lm_last")
+        return {**{f"{b}.*": "full" for b in blocks}, **{f"{n}.*": "full" for n in _final_norms(model)}}
+
+    return Scheme(build, f"lm_last({k})")
+
+
+def lm_sparse(k: int, attention: Mapping[str, float] | None = None, ffn: Mapping[str, float] | None = None,
+              norms: bool = True, select: str = "magnitude") -> Scheme:
+    """PockEngine's sparse scheme for language models: in the last k blocks, the attention
+    projections and the FFN's first projection at channel ratios ({"q": 0.5, "v": 1.0} and
+    {"up": 0.25} by default; keys from PROJECTIONS, 1 = full, 0 = frozen), and the blocks'
+    norms. A trained projection's bias (Qwen2's q/k/v, BERT's) trains fully: it saves nothing."""
+    _check_k("lm_sparse", k)
+    ratios = {**(LM_SPARSE_ATTENTION if attention is None else attention), **(LM_SPARSE_FFN if ffn is None else ffn)}
+    for role, r in ratios.items():
+        if role not in PROJECTIONS:
+            raise SchemeError(f"lm_sparse: unknown projection {role!r}; known: {sorted(PROJECTIONS)}")
+        if r != 0:
+            _ratio(f"lm_sparse {role}", r)
+    _select("lm_sparse", select)
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        params = dict(model.named_parameters())
+        mapping: dict[str, Any] = {}
+        for block in _last_blocks(model, k, "lm_sparse"):
+            for role, r in ratios.items():
+                if r == 0:
+                    continue
+                layer = _projection(model, block, role)
+                mapping[f"{layer}.weight"] = "full" if r == 1 else {"ratio": float(r), "select": select}
+                if f"{layer}.bias" in params:
+                    mapping[f"{layer}.bias"] = "full"
+            if norms:
+                mapping.update({f"{n}.*": "full" for n in _norm_modules(model) if n.startswith(block + ".")})
+        return mapping
+
+    return Scheme(build, f"lm_sparse({k}, {ratios}, norms={norms})")
+
+
+def norms_only() -> Scheme:
+    """Every normalization layer's parameters (modules whose class name says Norm), nothing else."""
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        norms = _norm_modules(model)
+        if not norms:
+            raise SchemeError("norms_only: the model has no module whose class name contains 'Norm' "
+                              "(LayerNorm, RMSNorm, BatchNorm...) with parameters")
+        return {f"{n}.*" if n else "*": "full" for n in norms}
+
+    return Scheme(build, "norms_only()")
+
+
+def lora(r: int, targets: tuple[str, ...] = ("q_proj", "v_proj"), alpha: float = LORA_ALPHA,
+         blocks: int | None = None) -> Scheme:
+    """LoRA of rank r on every linear layer whose name is, or ends in '.', one of `targets` (as
+    PEFT's target_modules matches), optionally only in the last `blocks` blocks. alpha defaults
+    to PEFT's 8, whatever r is (scale = alpha / r)."""
+    rule = {"lora": r, "alpha": alpha}
+    _lora_rule("lora()", rule)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if blocks is not None:
+        _check_k("lora(blocks=...)", blocks)
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        within = _last_blocks(model, blocks, "lora") if blocks is not None else None
+        linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)
+                  and (within is None or any(n.startswith(b + ".") for b in within))]
+        if not chosen:
+            leaves = sorted({n.rpartition(".")[2] for n in linears})
+            raise SchemeError(f"lora: no linear layer is named like {list(targets)}"
+                              f"{' in the last %d blocks' % blocks if blocks else ''}; its linear layers are "
+                              f"named {leaves[:12]}")
+        return {f"{n}.weight": dict(rule) for n in chosen}
+
+    return Scheme(build, f"lora({r}, targets={list(targets)}, alpha={alpha:g})")
+
+
+def _check_k(what: str, k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise SchemeError(f"{what} needs a number of blocks >= 1, got {k!r}")
+
+
+def _blocks(model: torch.nn.Module, what: str) -> list[str]:
+    """The transformer blocks' module paths in order, e.g. ['model.layers.0', ...]. Where names
+    match in several containers (encoder and decoder), the one with the most blocks wins."""
+    found: dict[str, set[int]] = {}
+    for name, _ in model.named_parameters():
+        m = _BLOCK.match(name)
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not found:
+        raise SchemeError(f"{what}: found no transformer blocks in {type(model).__name__}: looked for parameters "
+                          f"under {_BLOCK_NAMES}; write the scheme as name patterns instead")
+    container = max(found, key=lambda c: len(found[c]))
+    return [f"{container}.{i}" for i in sorted(found[container])]
+
+
+def _last_blocks(model: torch.nn.Module, k: int, what: str) -> list[str]:
+    blocks = _blocks(model, what)
+    if k > len(blocks):
+        raise SchemeError(f"{what}: asked for the last {k} blocks, but the model has {len(blocks)} "
+                          f"({blocks[0]} .. {blocks[-1]})")
+    return blocks[-k:]
+
+
+def _projection(model: torch.nn.Module, block: str, role: str) -> str:
+    """The module path of projection `role` (a PROJECTIONS key) in `block`."""
+    for name, m in model.named_modules():
+        rel = name.removeprefix(block + ".")
+        if rel == name or not isinstance(m, torch.nn.Linear):
+            continue
+        if any(rel == a if "." in a else rel.rpartition(".")[2] == a for a in PROJECTIONS[role]):
+            return name
+    raise SchemeError(f"lm_sparse: block {block!r} has no '{role}' projection (a linear layer named "
+                      f"{' or '.join(PROJECTIONS[role])}); leave {role!r} out of the ratios")
+
+
+def _norm_modules(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(recurse=False))]
+
+
+def _final_norms(model: torch.nn.Module) -> list[str]:
+    """Norm modules after the last block (Llama's model.norm, GPT-2's ln_f); BERT has none."""
+    names = [n for n, _ in model.named_modules()]
+    last = _blocks(model, "lm_last")[-1]
+    end = max(i for i, n in enumerate(names) if n == last or n.startswith(last + "."))
+    norms = set(_norm_modules(model))
+    return [n for n in names[end + 1:] if n in norms]
+
+
+# -- schemes as strings (the CLI's --scheme) -------------------------------------------------
+
+STRING_FORMS = ("full", "bias_only", "last:K", "lm-last:K", "lm-sparse:K[:q=0.5,v=1,up=0.25]", "norms",
+                "lora:R[:q_proj,v_proj,alpha=A,blocks=K]", "a published TTE name")
+
+
+def from_string(spec: str) -> SchemeLike:
+    """A scheme from its short spelling, e.g. "lm-sparse:6", "lora:8", "lora:16:q_proj,k_proj,v_proj,alpha=32",
+    "lm-sparse:4:q=0.25,v=1,gate=0,up=0.5", "norms", "lm-last:2", "last:3", "full"."""
+    kind, _, rest = spec.partition(":")
+    head, _, options = rest.partition(":")
+    try:
+        if spec in ("full", "bias_only", "bias-only", "norms"):
+            return {"full": full, "norms": norms_only}.get(spec, bias_only)()
+        if spec in PUBLISHED_TTE:
+            return published(spec)
+        if kind in ("last", "lm-last") and head.isdigit() and not options:
+            return (last if kind == "last" else lm_last)(int(head))
+        if kind == "lm-sparse" and head.isdigit():
+            ratios = _options(options, float)
+            return lm_sparse(int(head), attention={}, ffn=ratios) if options else lm_sparse(int(head))
+        if kind == "lora" and head.isdigit():
+            return _lora_from_options(int(head), options)
+    except ValueError as err:
+        raise SchemeError(f"scheme {spec!r}: {err}") from None
+    raise SchemeError(f"unknown scheme {spec!r}: use one of {', '.join(STRING_FORMS)}")
+
+
+def _lora_from_options(r: int, options: str) -> Scheme:
+    items = [x for x in options.split(",") if x]
+    kw = _options(",".join(x for x in items if "=" in x), float)
+    unknown = set(kw) - {"alpha", "blocks"}
+    if unknown:
+        raise SchemeError(f"lora: unknown options {sorted(unknown)}; known: alpha=A, blocks=K")
+    targets = tuple(x for x in items if "=" not in x) or ("q_proj", "v_proj")
+    blocks = int(kw["blocks"]) if "blocks" in kw else None
+    return lora(r, targets, kw.get("alpha", LORA_ALPHA), blocks)
+
+
+def _options(text: str, convert: Callable[[str], Any]) -> dict[str, Any]:
+    """'a=1,b=2' -> {'a': convert('1'), ...}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = convert(value)
+    return out
