@@ -48,12 +48,20 @@ class _WithLoss(torch.nn.Module):
 def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> ForwardGraph:
     """Trace model + loss once, in the module's current train()/eval() mode."""
     wrapped = _WithLoss(model, loss_fn, len(inputs))
+    targets = _unaliased(inputs, targets)
     with warnings.catch_warnings():
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
         program = program.run_decompositions(_decompositions())
     return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
+
+
+def _unaliased(inputs: tuple, targets: tuple) -> tuple:
+    """torch.export makes one placeholder of a tensor passed twice (labels = input_ids), but
+    the step binds each argument by position: give each target its own tensor."""
+    seen = {id(t) for t in inputs}
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and id(t) in seen else t for t in targets)
 
 
 def _param_aliases(model: torch.nn.Module) -> dict[str, str]:

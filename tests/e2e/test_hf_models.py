@@ -104,3 +104,14 @@ def test_tied_embedding_gets_both_gradients():
 ], ids=["full", "partial-and-biases"])
 def test_bert_sequence_classifier(scheme):
     check_against_eager(tiny_sequence_classifier(), classifier_loss, classifier_batches(), scheme, "adamw")
+
+
+def test_labels_may_be_the_input_ids_tensor_itself():
+    # transformers' idiom `labels = input_ids`: one tensor passed as an input and as a target.
+    # The step must still bind them apart: later batches bring labels that differ from the ids.
+    model = tiny_causal_lm("llama")
+    (ids, mask), (labels,) = lm_batches()[0]
+    trainer = et.compile(model, causal_lm_loss, (ids, mask), (ids,), scheme={"model.norm.weight": "full"})
+    with torch.no_grad():
+        want = causal_lm_loss(model(ids, mask), labels).item()
+    assert trainer.step((ids, mask), (labels,)) == pytest.approx(want, rel=1e-5)
