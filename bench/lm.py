@@ -167,9 +167,9 @@ def row(cols: list[str]) -> str:
 
 
 def compile_child(results: dict) -> str:
-    peaks = [f"{e} {v / MB:.0f} MB" for e in results
+    peaks = [f"{e} {max(v, 0) / MB:.0f} MB" for e in results
              if e.startswith("edgetune") and (v := value(results, e, "memory", "child_peak_bytes")) is not None]
-    return ", ".join(peaks) if peaks else "not measured"
+    return ", ".join(peaks) if peaks else "not seen (no child peaked above the earlier ones)"
 
 
 def loads(results: dict) -> str:

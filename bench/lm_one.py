@@ -149,16 +149,22 @@ def measure_memory(setup, model, batch, scheme, steps: int) -> dict:
     """Peak RSS above the loaded model and batch over setup + warm-ups + steps (one VmHWM window)."""
     release_free_heap()  # what loading freed must not hide what the step allocates
     reset_hwm()
-    base, modules = vm_hwm_bytes(), len(sys.modules)
+    base, modules, children = vm_hwm_bytes(), len(sys.modules), _children_peak_kb()
     t0 = time.perf_counter()
     step, info = setup(model, batch, scheme)
     losses = [step()]
     setup_s = time.perf_counter() - t0
     losses += [step() for _ in range(WARMUP - 1 + steps)]
-    kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # edgetune compiles in a forked child
+    kb = _children_peak_kb()  # edgetune compiles in a forked child, which VmHWM does not see
     return {**info, "peak_bytes": vm_hwm_bytes() - base, "end_rss_bytes": vm_rss_bytes() - base,
-            "base_bytes": base, "child_peak_bytes": kb * 1024 - base if kb else None,
+            "base_bytes": base, "child_peak_bytes": kb * 1024 - base if kb > children else None,
             "modules_imported": len(sys.modules) - modules, "setup_s": setup_s, "losses": losses}
+
+
+def _children_peak_kb() -> int:
+    """Peak RSS of the largest finished child process. A fork starts with this process's resident
+    pages, so a compile child's peak minus our baseline is about what compiling added."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
 def measure_time(setup, model, batch, scheme, steps: int) -> dict:
@@ -182,6 +188,9 @@ def measure_time(setup, model, batch, scheme, steps: int) -> dict:
 
 
 def run(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: int) -> dict:
+    # The first heap trim looks glibc up, which forks: do it while this process is small, so that
+    # no child as large as the loaded model hides edgetune's compile child.
+    release_free_heap()
     model = load_model(tiny)
     data = make_batch(model, batch, seq)
     setup, scheme_of = ENGINES[engine]

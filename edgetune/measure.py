@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import pickle
 import re
@@ -169,6 +170,7 @@ def release_free_heap() -> bool:
         return False
 
 
+@functools.cache  # find_library forks ldconfig: a child as large as this process, seen by RUSAGE_CHILDREN
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 
