@@ -36,6 +36,17 @@ MB = 2 ** 20
 
 # -- running ------------------------------------------------------------------------------------
 
+def write_report(path: Path, text: str) -> None:
+    """The vision report replaces the file, but keeps the LM benchmark's marked section
+    (bench/lm.py writes that one)."""
+    from bench.lm import BEGIN, END
+
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):old.index(END) + len(END)] + "\n"
+    path.write_text(text)
+
+
 def run_config(config: Config, mode: str, args, env: dict) -> dict:
     """One subprocess; its JSON result, or {"ok": False, "error": ...} if it failed or hung."""
     cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", mode, "--steps", str(args.steps),
@@ -394,7 +405,7 @@ def main(argv=None) -> None:
         saved = json.loads(Path(args.json).read_text())
         # The options of the run that measured them, not of this call, describe the results.
         measured = parse_args(shlex.split(saved["environment"]["command"])[3:])
-        Path(args.out).write_text(report(saved["results"], saved["environment"], measured))
+        write_report(Path(args.out), report(saved["results"], saved["environment"], measured))
         return
     started, load_start, revision = time.perf_counter(), os.getloadavg(), edgetune_revision()
     selected = select(args)
@@ -404,7 +415,7 @@ def main(argv=None) -> None:
     results = run_all(selected, args)
     env = environment(started, load_start, revision, args)
     Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")
-    Path(args.out).write_text(report(results, env, args))
+    write_report(Path(args.out), report(results, env, args))
     print(f"wrote {args.out} and {args.json} in {env['runtime_s'] / 60:.1f} min", file=sys.stderr)
 
 

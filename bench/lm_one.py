@@ -38,8 +38,9 @@ WARMUP = 2
 SEED = 0
 LORA_RANK, LORA_ALPHA, LORA_TARGETS = 8, 16, ["q_proj", "v_proj"]
 SPARSE_BLOCKS = 6  # the issue's scheme: the last 6 of SmolLM2's 30 blocks
-EDGETUNE_LORA = {"model.layers.*.self_attn.q_proj.weight": {"lora": LORA_RANK},
-                 "model.layers.*.self_attn.v_proj.weight": {"lora": LORA_RANK}}
+# The same adapters as the PEFT engine: rank, alpha (scale alpha/r) and layers.
+EDGETUNE_LORA = {"model.layers.*.self_attn.q_proj.weight": {"lora": LORA_RANK, "alpha": LORA_ALPHA},
+                 "model.layers.*.self_attn.v_proj.weight": {"lora": LORA_RANK, "alpha": LORA_ALPHA}}
 
 Step = Callable[[], float]
 
