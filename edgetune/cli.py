@@ -72,6 +72,8 @@ def _lm_parsers(sub) -> None:
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per example: longer ones are cut, shorter padded")
     lm.add_argument("--lr", type=float, default=1e-4)
     lm.add_argument("--weight-decay", type=float, default=0.0)
+    lm.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8 (a quarter of their "
+                    "memory; the step uses them dequantized, so the numbers change by the rounding)")
     lm.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     lm.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
     held = lm.add_mutually_exclusive_group()
@@ -341,7 +343,8 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
-    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, _optimizer("adamw", args.lr, args.weight_decay))
+    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, _optimizer("adamw", args.lr, args.weight_decay),
+                         frozen_weights="int8" if args.int8 else "float")
     print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,

@@ -71,14 +71,14 @@ def tiny_chat_tokenizer():
     return tok
 
 
-def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, optimizer) -> et.Trainer:
+def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, optimizer,
+               frozen_weights: str = "float") -> et.Trainer:
     """A compiled step for batches of [batch_size, seq_len] token ids, mask and labels. The
-    example's values do not matter, only its shapes (padding masks are honoured either way)."""
+    example's values do not matter, only its shapes (padding masks are honoured either way).
+    `frozen_weights="int8"`: see et.compile."""
     ids = torch.zeros(batch_size, seq_len, dtype=torch.int64)
-    # Labels must be their own tensor: one object passed as both an input and a target is
-    # traced as one graph input, and the step then embeds the labels (-100 is out of range).
     return et.compile(model, causal_lm_loss, (ids, torch.ones_like(ids)), (torch.zeros_like(ids),),
-                      scheme=scheme, optimizer=optimizer)
+                      scheme=scheme, optimizer=optimizer, frozen_weights=frozen_weights)
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -171,12 +171,21 @@ def _record(history: History, trainer: et.Trainer, train_sample: LMData, val: LM
 
 @contextlib.contextmanager
 def adapters_merged(trainer: et.Trainer):
-    """The trainer's model with its LoRA adapters folded in, for evaluation. The adapters live
-    in the trainer, not the model, and the compiled step adds them to the frozen weights
-    itself, so the frozen weights are put back, bitwise, afterwards."""
-    if not getattr(trainer, "adapters", None):
-        yield trainer.model
-        return
+    """The trainer's model as plain PyTorch should see the trained step, for evaluation:
+    weights the step holds as int8 lent back as floats (Trainer.dequantized), and LoRA
+    adapters folded in. The adapters live in the trainer, not the model, and the compiled
+    step adds them to the frozen weights itself, so the frozen weights are put back, bitwise,
+    afterwards."""
+    with trainer.dequantized():
+        if not getattr(trainer, "adapters", None):
+            yield trainer.model
+            return
+        with _lora_folded_in(trainer):
+            yield trainer.model
+
+
+@contextlib.contextmanager
+def _lora_folded_in(trainer: et.Trainer):
     from edgetune.lora import merged_state
 
     params = dict(trainer.model.named_parameters())
@@ -186,7 +195,7 @@ def adapters_merged(trainer: et.Trainer):
         with torch.no_grad():
             for n, w in merged.items():
                 params[n].copy_(w)
-        yield trainer.model
+        yield
     finally:
         with torch.no_grad():
             for n, w in frozen.items():

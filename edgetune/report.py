@@ -25,6 +25,9 @@ class Report:
     predicted_peak_bytes: int
     state_bytes: int
     layers: list[LayerRow] = field(default_factory=list)
+    weight_bytes: int = 0        # the model's weights as the step holds them (int8 where chosen)
+    int8_bytes: int = 0          # of which int8 values and scales of frozen linears
+    int8_float_bytes: int = 0    # what those weights would take as floats
 
     def __str__(self) -> str:
         return self.format()
@@ -41,6 +44,9 @@ class Report:
         rows.append(f"trainable parameters: {self.trainable_params:,} of {self.total_params:,} "
                     f"({100 * self.trainable_params / max(self.total_params, 1):.2f}%)")
         rows.append(f"optimizer state: {self.state_bytes / 2**20:.2f} MB")
+        rows.append(f"weights held: {self.weight_bytes / 2**20:.2f} MB" + (
+            f" (frozen linears as int8: {self.int8_bytes / 2**20:.2f} MB instead of "
+            f"{self.int8_float_bytes / 2**20:.2f} MB)" if self.int8_bytes else ""))
         rows.append(f"predicted peak of one step: {self.predicted_peak_bytes / 2**20:.2f} MB "
                     "(activations, gradients and optimizer state; parameters and the batch excluded)")
         return "\n".join(rows)
@@ -62,8 +68,15 @@ def build_report(trainer) -> Report:
         if n.meta.get("module") in row_of:
             rows[row_of[n.meta["module"]]].saved_bytes += n.nbytes
     # LoRA adapters count as parameters, as PEFT's print_trainable_parameters counts them.
-    total = sum(p.numel() for p in trainer.model.parameters()) + sum(a.numel() for a in trainer.adapters.values())
-    return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()))
+    # Weights held as int8 have released their float storage: count them by their int8 copy.
+    int8 = trainer.int8.values()
+    total = (sum(p.numel() for p in trainer.model.parameters()) + sum(q.numel() for q, _ in int8)
+             + sum(a.numel() for a in trainer.adapters.values()))
+    int8_bytes = sum(q.nbytes + scale.nbytes for q, scale in int8)
+    floats = sum(p.nbytes for p in trainer.model.parameters())
+    return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()),
+                  weight_bytes=floats + int8_bytes, int8_bytes=int8_bytes,
+                  int8_float_bytes=sum(q.numel() * scale.element_size() for q, scale in int8))
 
 
 def _rows_by_layer(nodes: list[Node], layers: set[str]) -> dict[str, str]:

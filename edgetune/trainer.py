@@ -7,6 +7,7 @@ against the examples before it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -22,10 +23,12 @@ from edgetune.backends.torch import CompiledStep
 from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node, checks_enabled, leaves_first, verify
 from edgetune.ir.ops import ChannelSlice
+from edgetune.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.isolate import run_isolated
 from edgetune.memory import MemoryPlan, plan
 from edgetune.optim import SGD, AdamW
 from edgetune.passes import PIPELINE, run_pipeline
+from edgetune.passes.int8 import int8_frozen_linears
 from edgetune.report import Report, build_report
 
 if TYPE_CHECKING:
@@ -51,17 +54,24 @@ class Update:
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
             scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
-            *, passes: list | None = None) -> "Trainer":
+            *, passes: list | None = None, frozen_weights: str = "float") -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
     `passes` replaces the optimization pipeline (default: edgetune.passes.PIPELINE).
+    `frozen_weights="int8"` holds every frozen linear weight as int8 (per output channel) and
+    releases its float storage; `with trainer.dequantized():` lends the model float weights
+    back for plain PyTorch use (evaluation, generation).
     """
+    if frozen_weights not in ("float", "int8"):
+        raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
     return Trainer(model, loss_fn, example_inputs, example_targets,
-                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes)
+                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
+                   int8=frozen_weights == "int8")
 
 
 class Trainer:
-    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None) -> None:
+    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
+                 int8: bool = False) -> None:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
@@ -69,13 +79,16 @@ class Trainer:
         self.adapters = lora.init_adapters(model, self.rules)
         self.device = _device_of(model, self.examples[0])
         self.graph, self.updates = run_isolated(
-            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes), self.device)
+            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8), self.device)
         self.plan: MemoryPlan = plan(self.graph)
         self.compiled = CompiledStep(self.graph, self.device)
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
+        # Frozen linear weights held as int8: {parameter name: (int8 values, per-row scales)}.
+        self.int8 = _quantize_inputs(self.graph, model)
         self._bindings = self._bind()
+        self._release_int8_floats()
         self.steps = 0
 
     # -- running --------------------------------------------------------------------------
@@ -109,6 +122,8 @@ class Trainer:
                 bindings.append(("tensor", self.state[target]))
             elif kind == "adapter":
                 bindings.append(("tensor", self.adapters[target]))
+            elif kind in ("int8", "int8_scale"):
+                bindings.append(("tensor", self.int8[target][kind == "int8_scale"]))
             elif kind == "hyper":
                 bindings.append(("hyper", n.name))
             else:
@@ -128,6 +143,26 @@ class Trainer:
                 raise ValueError(f"{what} is {_describe(t)} but the step was compiled for {_describe(e)}; "
                                  "recompile with an example batch of this shape (or drop the last partial batch)")
         return batch
+
+    # -- int8 frozen weights ----------------------------------------------------------------
+
+    def _release_int8_floats(self) -> None:
+        """Free the float storage of the weights the step holds as int8 (the point of int8)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name in self.int8:
+            params[name].data = params[name].data.new_empty(0)
+
+    @contextlib.contextmanager
+    def dequantized(self):
+        """The model with float weights (dequantized from the int8 the step uses) while inside,
+        for plain PyTorch forward passes; released again on exit. A no-op without int8."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, (q, scale) in self.int8.items():
+            params[name].data = dequantize(q, scale)
+        try:
+            yield self.model
+        finally:
+            self._release_int8_floats()
 
     # -- state ------------------------------------------------------------------------------
 
@@ -156,7 +191,10 @@ class Trainer:
         return build_report(self)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.steps, "lr": self.lr, "model": self.model.state_dict(),
+        # Weights held as int8 are left out: they never change, and a trainer compiled with
+        # int8 quantizes the same pretrained weights again.
+        model = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+        return {"step": self.steps, "lr": self.lr, "model": model,
                 "optimizer": {k: v.clone() for k, v in self.state.items()},
                 "adapters": {k: v.clone() for k, v in self.adapters.items()}}
 
@@ -166,11 +204,18 @@ class Trainer:
         opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
         _check_same("optimizer state", opt, self.state)
         _check_same("LoRA adapters", adapters, self.adapters)
-        self.model.load_state_dict(state["model"])
+        self._load_model_state(state["model"])
         for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
             for k, v in theirs.items():
                 mine[k].copy_(v)
         self.steps, self.lr = int(state["step"]), float(state["lr"])
+
+    def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.int8:
+            self.model.load_state_dict(state)
+            return
+        result = self.model.load_state_dict(state, strict=False)
+        _check_same_keys(result.missing_keys, result.unexpected_keys, self.int8)
 
     def save(self, path: str) -> None:
         """Write a checkpoint atomically: a crash leaves the old file or the new, never half of one."""
@@ -188,6 +233,12 @@ class Trainer:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
 
+def _check_same_keys(missing: list[str], unexpected: list[str], held_as_int8: dict) -> None:
+    missing = [k for k in missing if k not in held_as_int8]
+    if missing or unexpected:
+        raise ValueError(f"model weights do not match this model: missing {missing}, unexpected {unexpected}")
+
+
 def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     if set(got) != set(want):
         raise ValueError(f"{what} does not match this trainer: missing {sorted(set(want) - set(got))}, "
@@ -199,20 +250,24 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
 
 # -- building the training graph ------------------------------------------------------------
 
-def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes) -> tuple[Graph, list[Update]]:
+def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False) -> tuple[Graph, list[Update]]:
     """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
     from edgetune.frontend.torch import export  # loads torch.export: only where the compile runs
 
-    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes)
+    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes, int8)
 
 
-def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None) -> tuple[Graph, list[Update]]:
+def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None,
+                   int8: bool = False) -> tuple[Graph, list[Update]]:
     """Everything after the trace: differentiate under `rules`, add the updates, optimize.
 
     `forward` is only read, so one export serves many schemes (edgetune.search does that).
     LoRA rules first rewrite their linears to run the adapters, which then train instead."""
     params = dict(model.named_parameters())
     graph, adapters = lora.attach(forward.graph, forward.params, rules)
+    if int8:
+        trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
+        graph = int8_frozen_linears(graph, trained)
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
@@ -268,6 +323,12 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
     if len(axes) != 1:
         raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
     return axes.pop()
+
+
+def _quantize_inputs(graph: Graph, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = [n.attrs["target"] for n in graph.inputs if n.attrs.get("kind") == "int8"]
+    return {name: quantize_per_channel(params[name]) for name in names}
 
 
 def _as_tuple(x: Any, what: str) -> tuple:
