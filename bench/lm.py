@@ -203,8 +203,8 @@ def section(results: dict, env: dict) -> str:
         f"{'/'.join(LORA_TARGETS)}, AdamW on the adapters; **eager-sparse** = PyTorch with the sparse scheme "
         "(`requires_grad` only on its parameters, partial weights' gradients multiplied by edgetune's channel "
         "mask before AdamW, so the same entries change); **edgetune-sparse** = `edgetune.compile` with the "
-        f"sparse scheme; **edgetune-lora** = `edgetune.compile` with `{json.dumps(EDGETUNE_LORA)}` (edgetune's "
-        "default alpha); **forward** = forward + loss under `torch.no_grad()`, the floor. Sparse scheme: in "
+        f"sparse scheme; **edgetune-lora** = `edgetune.compile` with `{json.dumps(EDGETUNE_LORA)}` (the "
+        "same adapters as PEFT's); **forward** = forward + loss under `torch.no_grad()`, the floor. Sparse scheme: in "
         f"each of the last {SPARSE_BLOCKS} blocks (24–29 of SmolLM2's 30), `self_attn.q_proj.weight` at 1/2 of its input "
         "channels (chosen by magnitude), `self_attn.v_proj.weight` full, `mlp.up_proj.weight` at 1/4, "
         "`input_layernorm.weight` and `post_attention_layernorm.weight` full.", "",
