@@ -86,9 +86,8 @@ class Trainer:
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
         # Frozen linear weights held as int8: {parameter name: (int8 values, per-row scales)}.
-        self.int8 = _quantize_inputs(self.graph, model)
+        self.int8 = self._quantize_and_release()
         self._bindings = self._bind()
-        self._release_int8_floats()
         self.steps = 0
 
     # -- running --------------------------------------------------------------------------
@@ -145,6 +144,18 @@ class Trainer:
         return batch
 
     # -- int8 frozen weights ----------------------------------------------------------------
+
+    def _quantize_and_release(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Quantize each weight the step takes as int8 and free its float storage at once, so
+        memory never holds both copies of the whole model."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        int8 = {}
+        for n in self.graph.inputs:
+            if n.attrs.get("kind") == "int8":
+                name = n.attrs["target"]
+                int8[name] = quantize_per_channel(params[name])
+                params[name].data = params[name].data.new_empty(0)
+        return int8
 
     def _release_int8_floats(self) -> None:
         """Free the float storage of the weights the step holds as int8 (the point of int8)."""
@@ -323,12 +334,6 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
     if len(axes) != 1:
         raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
     return axes.pop()
-
-
-def _quantize_inputs(graph: Graph, model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    names = [n.attrs["target"] for n in graph.inputs if n.attrs.get("kind") == "int8"]
-    return {name: quantize_per_channel(params[name]) for name in names}
 
 
 def _as_tuple(x: Any, what: str) -> tuple:
