@@ -80,6 +80,28 @@ def test_linear_frozen_input_and_noncontiguous_input():
     check_grads(lambda x, w: F.linear(x, w.t()), t(3, 4), t(4, 6))
 
 
+def test_linear_of_a_noncontiguous_batch_stays_a_linear():
+    # torch.matmul spells it bmm(x, expand(W.t())); edgetune reads it back as linear(x, W), so
+    # that ratio rules, LoRA and int8 find the weight (attention's o_proj at real shapes).
+    from edgetune.frontend.torch import export
+
+    def fn(x, w):
+        return F.linear(x.transpose(0, 1), w)
+
+    check_grads(fn, t(5, 3, 4), t(6, 4))
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):
+            return fn(x, self.w)
+
+    forward = export(M(), lambda y: y.sum(), (torch.randn(5, 3, 4),), ())
+    assert [n.op for n in forward.graph.nodes if forward.params["w"] in n.inputs] == ["linear"]
+
+
 def test_linear_stack_with_gelu():
     def mlp(x, w1, b1, w2, b2):
         return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)

@@ -73,4 +73,10 @@ def _(b, bias, x, y, beta=1, alpha=1):
     return b.emit("add", bias, prod)
 
 
-aten(A.bmm.default)(lambda b, x, y: b.emit("bmm", x, y))
+@aten(A.bmm.default)
+def _(b, x, y):
+    # matmul of a non-contiguous [B, T, I] input (attention's output after its transpose) by
+    # a Linear's weight reaches us as bmm(x, expand(W.T)): it is linear(x, W), whose weight
+    # the schemes, LoRA and int8 recognise.
+    w = _transposed_weight(y.inputs[0]) if y.op == "expand" and len(y.inputs[0].shape) == 2 else None
+    return b.emit("linear", x, w) if w is not None else b.emit("bmm", x, y)
