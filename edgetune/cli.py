@@ -321,15 +321,8 @@ def parse_lm_scheme(spec: str | None) -> et.schemes.SchemeLike:
     spec = spec or DEFAULT_LM_SCHEME
     if os.path.exists(spec):
         return parse_scheme(spec)
-    from_string = getattr(et.schemes, "from_string", None)
-    if from_string is None:
-        if spec.startswith(("lm-", "lora", "norms")):
-            raise SchemeError(f"scheme {spec!r} needs the language-model presets (edgetune.scheme.from_string), "
-                              "which this build lacks; pass --scheme full, last:K, or a JSON file of patterns, "
-                              "e.g. {\"model.layers.1.*\": \"full\", \"*.q_proj.weight\": {\"lora\": 8}}")
-        return parse_scheme(spec)
     try:
-        return from_string(spec)
+        return et.schemes.from_string(spec)
     except SchemeError as err:
         try:
             return parse_scheme(spec)
