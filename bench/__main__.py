@@ -18,7 +18,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench import configs
+from bench.child import run_child
 from bench.configs import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,24 +51,7 @@ def run_config(config: Config, mode: str, args, env: dict) -> dict:
     """One subprocess; its JSON result, or {"ok": False, "error": ...} if it failed or hung."""
     cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", mode, "--steps", str(args.steps),
            "--threads", str(args.threads)]
-    env = dict(env)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if mode == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    # Its own process group, so that a timeout also ends Inductor's compile workers.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"ok": False, "error": f"did not finish within {args.timeout} s"}
-    try:
-        return json.loads(stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        return {"ok": False, "error": tail[0][:300]}
+    return run_child(cmd, mode, env, args.timeout)
 
 
 def run_all(selected: list[Config], args) -> list[dict]:

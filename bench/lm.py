@@ -20,14 +20,13 @@ import json
 import os
 import platform
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
+from bench.child import run_child
 from bench.lm_one import ENGINES, EDGETUNE_LORA, LORA_ALPHA, LORA_RANK, LORA_TARGETS, LR, SPARSE_BLOCKS, WARMUP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,23 +44,7 @@ def run_engine(engine: str, mode: str, args) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
     cmd += ["--tiny"] if args.tiny else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if mode == "memory":
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    # Its own process group, so that a timeout also ends edgetune's compile child.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"ok": False, "error": f"did not finish within {args.timeout} s"}
-    try:
-        return json.loads(stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        return {"ok": False, "error": tail[0][:300]}
+    return run_child(cmd, mode, env, args.timeout)
 
 
 def run_all(args) -> dict[str, dict]:
