@@ -8,7 +8,7 @@ SmolLM2-135M-Instruct on English two-turn ShareGPT conversations (the built-in s
 every run. The data are split once into train / validation / test: the learning rate of each
 scheme is the one with the lowest validation loss, and its test loss is the reported one.
 Each run is a fresh process; results go to experiments/results/lm.json (finished runs are
-kept, so an interrupted sweep resumes) and to a marked section of RESULTS.md.
+kept, so an interrupted sweep resumes), and RESULTS.md is rewritten (experiments.report).
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm.json")
-BEGIN, END = "<!-- lm-quality:begin -->", "<!-- lm-quality:end -->"
 
 # scheme spelling (edgetune.scheme.from_string) -> learning rates tried. LoRA as PEFT's usual
 # setting (r=8 on q and v in every block, alpha 16); the sparse scheme is the benchmark's.
@@ -78,7 +77,7 @@ def test_loss_before(settings: dict) -> float:
 
 
 def sweep(settings: dict) -> dict:
-    results = _load()
+    results = load()
     results.setdefault("meta", {}).update(settings=settings, cpu=platform.processor() or platform.machine())
     runs = results.setdefault("runs", {})
     if "test_before" not in results:
@@ -102,7 +101,7 @@ def _child(args: list[str]):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _load() -> dict:
+def load() -> dict:
     if not os.path.exists(RESULTS_JSON):
         return {}
     with open(RESULTS_JSON) as f:
@@ -130,20 +129,20 @@ def best_runs(results: dict) -> dict[str, dict]:
 def section(results: dict) -> str:
     s, best = results["meta"]["settings"], best_runs(results)
     lora = next((r for name, r in best.items() if name.startswith("lora")), None)
-    lines = [BEGIN, "## SmolLM2-135M-Instruct -> ShareGPT (English, two turns): LoRA vs sparse backprop", "",
+    lines = ["## SmolLM2-135M-Instruct -> ShareGPT (English, two turns): LoRA vs sparse backprop", "",
              f"`python -m experiments.lm_quality` — {s['steps']} steps of batch {s['batch']} x {s['seq_len']} tokens, "
              f"AdamW, cosine schedule after {s['warmup']} warm-up steps; {_examples(best)}; learning rate per "
              f"scheme chosen on the validation split from the values listed; loss = mean cross-entropy over the "
              f"answer tokens; {results['meta'].get('date', '?')}, {results['meta']['cpu']}. "
              f"Test loss before fine-tuning: {results['test_before']:.4f}.", "",
              "| scheme | test loss | vs LoRA | validation loss | lr (tried) | trainable params | predicted peak | "
-             "training time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "time (training + evaluations) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in best.items():
         tried = ", ".join(f"{r['lr']:g}" for r in results["runs"].values() if r["scheme"] == name)
         vs = f"{100 * (run['test'] / lora['test'] - 1):+.2f}%" if lora else "-"
         lines.append(f"| `{name}` | {run['test']:.4f} | {vs} | {run['val']:.4f} | {run['lr']:g} ({tried}) | "
                      f"{run['trainable']:,} | {run['predicted_peak'] / 2**20:.0f} MB | {run['seconds']:.0f} s |")
-    lines += ["", _verdict(best, lora), END]
+    lines += ["", _verdict(best, lora)]
     return "\n".join(lines)
 
 
@@ -161,33 +160,22 @@ def _verdict(best: dict, lora: dict | None) -> str:
     return f"Goal (sparse backprop's held-out loss within 2% of LoRA's after the same steps): {met} ({gap:+.2f}%)."
 
 
-def write_section(results: dict) -> None:
-    path = os.path.join(ROOT, "RESULTS.md")
-    text = open(path).read() if os.path.exists(path) else ""
-    new = section(results)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from lm.json")
+    p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from lm.json")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.lr, SETTINGS)))
     elif args.before:
         print(json.dumps(test_loss_before(SETTINGS)))
     else:
-        results = _load() if args.report else sweep(SETTINGS)
-        write_section(results)
+        results = load() if args.report else sweep(SETTINGS)
+        from experiments import report
+
+        report.main()  # RESULTS.md, this section included
         print(section(results))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 
+from experiments import lm_quality
 from experiments.finetune_table import RESULTS, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,9 @@ def main() -> int:
     if os.path.exists(notes):
         with open(notes) as f:
             lines += [f.read().rstrip(), ""]
+    lm = lm_quality.load()
+    if lm.get("runs"):
+        lines += [lm_quality.section(lm), ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
