@@ -25,10 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm.json")
 
 # scheme spelling (edgetune.scheme.from_string) -> learning rates tried. LoRA as PEFT's usual
-# setting (r=8 on q and v in every block, alpha 16); the sparse scheme is the benchmark's.
+# setting (r=8 on q and v in every block, alpha 16); lm-sparse:6 is the benchmark's scheme,
+# :12 and :30 the same rule on more blocks. Grids were widened where the best rate was an edge.
 SCHEMES = {
-    "lora:8:q_proj,v_proj,alpha=16": [3e-4, 1e-3],
-    "lm-sparse:6": [3e-5, 1e-4],
+    "lora:8:q_proj,v_proj,alpha=16": [3e-4, 1e-3, 3e-3, 1e-2],
+    "lm-sparse:6": [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    "lm-sparse:12": [3e-3, 1e-2],
+    "lm-sparse:30": [3e-3],
 }
 SETTINGS = dict(model="smollm2-135m", data="sharegpt", max_chars=1024, seq_len=128, batch=4, steps=150,
                 test=100, val=50, warmup=10, seed=0)
@@ -143,6 +146,9 @@ def section(results: dict) -> str:
         lines.append(f"| `{name}` | {run['test']:.4f} | {vs} | {run['val']:.4f} | {run['lr']:g} ({tried}) | "
                      f"{run['trainable']:,} | {run['predicted_peak'] / 2**20:.0f} MB | {run['seconds']:.0f} s |")
     lines += ["", _verdict(best, lora)]
+    notes = os.path.join(ROOT, "experiments", "lm_notes.md")
+    if os.path.exists(notes):
+        lines += ["", open(notes).read().rstrip()]
     return "\n".join(lines)
 
 
@@ -152,12 +158,15 @@ def _examples(best: dict) -> str:
 
 
 def _verdict(best: dict, lora: dict | None) -> str:
-    sparse = best.get("lm-sparse:6")
+    sparse = {name: run for name, run in best.items() if name.startswith("lm-sparse")}
     if not (lora and sparse):
         return "Goal (sparse within 2% of LoRA's held-out loss): not measured."
-    gap = 100 * (sparse["test"] / lora["test"] - 1)
-    met = "met" if gap <= 2 else "missed"
-    return f"Goal (sparse backprop's held-out loss within 2% of LoRA's after the same steps): {met} ({gap:+.2f}%)."
+    gaps = []
+    for name, run in sparse.items():
+        gap = 100 * (run["test"] / lora["test"] - 1)
+        note = " (the benchmark's scheme)" if name == "lm-sparse:6" else ""
+        gaps.append(f"`{name}`{note} {gap:+.2f}% — {'met' if gap <= 2 else 'missed'}")
+    return "Goal (sparse backprop's test loss within 2% of LoRA's after the same steps): " + "; ".join(gaps) + "."
 
 
 def main(argv: list[str] | None = None) -> None:
