@@ -46,3 +46,17 @@ def assert_models_match(got, want, rtol=1e-4, atol=1e-6):
         scale = ref.abs().max().clamp_min(1.0)
         torch.testing.assert_close(value, ref, rtol=rtol, atol=atol * float(scale),
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+def padded_lm_batches(n: int = 3, rows: int = 2, length: int = 12, vocab: int = 128, padded_row: int = 1,
+                      padding: int = 4) -> list:
+    """`n` seeded ((input_ids, attention_mask), (labels,)) batches for a causal LM: the last
+    `padding` tokens of row `padded_row` are padding, masked out and labelled -100."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (rows, length), generator=g)
+        mask = torch.ones(rows, length, dtype=torch.int64)
+        mask[padded_row, length - padding:] = 0
+        batches.append(((ids, mask), (ids.masked_fill(mask == 0, -100),)))
+    return batches

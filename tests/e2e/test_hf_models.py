@@ -11,21 +11,13 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
-from tests.reference import assert_models_match, train_eager
+from tests.reference import assert_models_match, padded_lm_batches, train_eager
 
 pytest.importorskip("transformers")
 
 
-def lm_batches(vocab=128, n=2, t=12):
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(3):
-        ids = torch.randint(0, vocab, (n, t), generator=g)
-        mask = torch.ones(n, t, dtype=torch.int64)
-        mask[1, t - 4:] = 0  # the second sequence is padded
-        labels = ids.masked_fill(mask == 0, -100)
-        batches.append(((ids, mask), (labels,)))
-    return batches
+def lm_batches():
+    return padded_lm_batches()  # the second sequence padded
 
 
 def classifier_batches(vocab=100, n=3, t=10, labels=3):

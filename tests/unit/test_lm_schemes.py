@@ -7,6 +7,7 @@ from edgetune import schemes
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
 from edgetune.scheme import Rule, SchemeError, resolve
 from tests.e2e.test_models import OPTIMIZERS, run_and_compare
+from tests.reference import padded_lm_batches
 from tests.unit.nets import ConvNet
 
 pytest.importorskip("transformers")
@@ -150,17 +151,8 @@ def test_bad_preset_arguments(k, bad, message):
         schemes.lm_sparse(k, **bad)
 
 
-def token_batches(n=3, b=2, t=12, vocab=128):
-    import torch
-
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (b, t), generator=g)
-        mask = torch.ones(b, t, dtype=torch.long)
-        mask[0, -2:] = 0
-        out.append(((ids, mask), (ids.masked_fill(mask == 0, -100),)))
-    return out
+def token_batches(n=3):
+    return padded_lm_batches(n, padded_row=0, padding=2)
 
 
 @pytest.mark.parametrize("opt_name", ["sgd-nesterov-wd", "adamw"])

@@ -17,7 +17,7 @@ import edgetune as et
 from edgetune.lora import init_adapters, merged_state, save_peft_adapter
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm
 from edgetune.scheme import Rule, SchemeError, resolve
-from tests.reference import train_eager
+from tests.reference import padded_lm_batches, train_eager
 
 peft = pytest.importorskip("peft")
 
@@ -25,16 +25,8 @@ QV = {"*.q_proj.weight": {"lora": 4, "alpha": 8}, "*.v_proj.weight": {"lora": 4,
 LR = 1e-2
 
 
-def batches(n=3, b=2, t=12, vocab=128):
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (b, t), generator=g)
-        mask = torch.ones(b, t, dtype=torch.long)
-        mask[1, -3:] = 0  # right padding, left out of the loss
-        labels = ids.masked_fill(mask == 0, -100)
-        out.append(((ids, mask), (labels,)))
-    return out
+def batches(n=3):
+    return padded_lm_batches(n, padding=3)  # right padding, left out of the loss
 
 
 def llama():
