@@ -200,6 +200,7 @@ def _atomic_write(path: str, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users of the folder
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

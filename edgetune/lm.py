@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.data.chat import IGNORE, LMData
-from edgetune.finetune import History, _atomic_write, _progress, learning_rate
+from edgetune.finetune import History, _atomic_write, _progress, learning_rate, save_weights
 from edgetune.models.hf import CAUSAL_LMS, CausalLM, causal_lm_loss, load_causal_lm, tiny_causal_lm
 
 TINY_LMS = {"tiny-llama": "llama", "tiny-qwen2": "qwen2"}  # random weights + a character tokenizer
@@ -244,12 +244,12 @@ def save_trained(trainer: et.Trainer, path: str, whole: bool = False, metadata: 
     """The trained parameters (or, with whole=True, every weight) as safetensors, written
     atomically; returns the bytes written. Tied weights are stored once. LoRA adapters are
     not parameters of the model: save them with edgetune.lora.save_peft_adapter."""
-    from safetensors.torch import save_file, save_model
+    from safetensors.torch import save_file
 
     metadata = dict(metadata or {}, contents="whole" if whole else "trained")
     if whole:  # LoRA adapters folded in: the file is a plain model
         with adapters_merged(trainer) as model:
-            _atomic_write(path, lambda tmp: save_model(model, tmp, metadata=metadata))
+            save_weights(model, path, metadata)
     else:
         params = dict(trainer.model.named_parameters())
         tensors = {n: params[n].detach().contiguous() for n in trained_names(trainer)}

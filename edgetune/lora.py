@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -140,15 +139,18 @@ def save_peft_adapter(trainer: "Trainer", out_dir: str, base_model_name: str | N
     atomically (the config last, so a directory with a config has its weights)."""
     from safetensors.torch import save_file
 
+    from edgetune.finetune import _atomic_write
+
     rules = lora_rules(trainer.rules)
     if not rules:
         raise ValueError("this trainer has no LoRA rule, so there is no adapter to save; "
                          "compile with a scheme such as {'*.q_proj.weight': {'lora': 8}}")
     os.makedirs(out_dir, exist_ok=True)
     state = peft_state(trainer)
-    _atomic_write(out_dir, "adapter_model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
+    _atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                  lambda path: save_file(state, path, metadata={"format": "pt"}))
     config = peft_config(trainer.model, rules, base_model_name, task_type)
-    _atomic_write(out_dir, "adapter_config.json", lambda path: _write_json(path, config))
+    _atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda path: _write_json(path, config))
 
 
 def peft_config(model: torch.nn.Module, rules: dict[str, Rule], base_model_name: str | None = None,
@@ -200,15 +202,3 @@ def _number(x: float) -> int | float:
 def _write_json(path: str, data: dict) -> None:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
-
-
-def _atomic_write(folder: str, filename: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the adapter from other users of the folder
-        os.replace(tmp, os.path.join(folder, filename))
-    except BaseException:
-        os.unlink(tmp)
-        raise
