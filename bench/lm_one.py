@@ -45,16 +45,12 @@ EDGETUNE_LORA = {"model.layers.*.self_attn.q_proj.weight": {"lora": LORA_RANK, "
 Step = Callable[[], float]
 
 
-def sparse_scheme(n_layers: int, blocks: int = SPARSE_BLOCKS) -> dict[str, object]:
-    """The issue's sparse scheme: in each of the last `blocks` blocks, q_proj at 1/2 of its input
-    channels, v_proj fully, up_proj at 1/4, both RMSNorm weights fully."""
-    mapping: dict[str, object] = {}
-    for i in range(max(0, n_layers - blocks), n_layers):
-        block = f"model.layers.{i}."
-        mapping.update({block + "self_attn.q_proj.weight": 0.5, block + "self_attn.v_proj.weight": "full",
-                        block + "mlp.up_proj.weight": 0.25, block + "input_layernorm.weight": "full",
-                        block + "post_attention_layernorm.weight": "full"})
-    return mapping
+def sparse_scheme(n_layers: int) -> schemes.Scheme:
+    """The issue's sparse scheme, edgetune's preset for it: in each of the last `SPARSE_BLOCKS`
+    blocks (all of a smaller --tiny model's), q_proj at 1/2 of its input channels, v_proj fully,
+    up_proj at 1/4, both RMSNorm weights fully. The eager engine resolves the same object, so
+    both train the same entries."""
+    return schemes.lm_sparse(min(SPARSE_BLOCKS, n_layers))
 
 
 def adamw() -> edgetune.AdamW:

@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from bench import lm, lm_one  # noqa: E402
+from edgetune.models.hf import tiny_causal_lm  # noqa: E402
+from edgetune.scheme import as_mapping, resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(tiny=True, batch=2, seq=16)
@@ -51,10 +53,11 @@ def test_sparse_engines_train_the_same_entries_the_same_way(timed):
 
 
 def test_sparse_scheme_is_the_issues():
-    scheme = lm_one.sparse_scheme(30)
+    model = tiny_causal_lm("llama", num_hidden_layers=30)
+    scheme = as_mapping(resolve(lm_one.sparse_scheme(30), model))
     assert len(scheme) == 6 * 5
-    assert scheme["model.layers.24.self_attn.q_proj.weight"] == 0.5
-    assert scheme["model.layers.29.mlp.up_proj.weight"] == 0.25
+    assert scheme["model.layers.24.self_attn.q_proj.weight"] == {"ratio": 0.5, "select": "magnitude"}
+    assert scheme["model.layers.29.mlp.up_proj.weight"] == {"ratio": 0.25, "select": "magnitude"}
     assert scheme["model.layers.29.post_attention_layernorm.weight"] == "full"
     assert "model.layers.23.self_attn.v_proj.weight" not in scheme
 
