@@ -27,7 +27,7 @@ from edgetune.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.isolate import run_isolated
 from edgetune.memory import MemoryPlan, plan
 from edgetune.optim import SGD, AdamW
-from edgetune.passes import PIPELINE, run_pipeline
+from edgetune.passes import run_forward_pipeline, run_pipeline, split_passes
 from edgetune.passes.int8 import int8_frozen_linears
 from edgetune.report import Report, build_report
 
@@ -57,7 +57,8 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
             *, passes: list | None = None, frozen_weights: str = "float") -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
-    `passes` replaces the optimization pipeline (default: edgetune.passes.PIPELINE).
+    `passes` replaces the optimization passes (default: edgetune.passes.FORWARD_PIPELINE, run
+    before autodiff, then PIPELINE); a list may take entries of both.
     `frozen_weights="int8"` holds every frozen linear weight as int8 (per output channel) and
     releases its float storage; `with trainer.dequantized():` lends the model float weights
     back for plain PyTorch use (evaluation, generation).
@@ -275,10 +276,12 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     `forward` is only read, so one export serves many schemes (edgetune.search does that).
     LoRA rules first rewrite their linears to run the adapters, which then train instead."""
     params = dict(model.named_parameters())
+    before_autodiff, after_autodiff = split_passes(passes)
     graph, adapters = lora.attach(forward.graph, forward.params, rules)
+    trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
     if int8:
-        trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
         graph = int8_frozen_linears(graph, trained)
+    graph = run_forward_pipeline(graph, trained, before_autodiff)
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
@@ -305,7 +308,7 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     graph = leaves_first(b.graph({"loss": loss}))
     if checks_enabled():
         verify(graph, where="autodiff")
-    return run_pipeline(graph, PIPELINE if passes is None else passes), updates
+    return run_pipeline(graph, after_autodiff), updates
 
 
 def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor):

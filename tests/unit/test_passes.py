@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.memory import plan, saved_for_backward
-from edgetune.passes import PIPELINE
+from edgetune.passes import FORWARD_PIPELINE, PIPELINE
 from edgetune.passes.masks import _maskable, _with_masks, bitmask_activations
 from tests.unit.nets import ConvNet, batch
 
@@ -13,7 +13,7 @@ PARTIAL = {"pw.weight": 0.5, "dw.weight": {"ratio": 0.25, "select": "first"}, "h
 
 
 def without(name):
-    return [p for p in PIPELINE if p[0] != name]
+    return [p for p in FORWARD_PIPELINE + PIPELINE if p[0] != name]
 
 
 def trained(passes, scheme, mode="eval", steps=2, size=16):
@@ -33,6 +33,7 @@ def ops_of(graph):
     return [n.op for n in graph.nodes]
 
 
+# Folding BN into a conv's weight rounds differently: it has its own test below.
 @pytest.mark.parametrize("name", [p[0] for p in PIPELINE])
 @pytest.mark.parametrize("scheme", [et.schemes.full(), et.schemes.bias_only(), PARTIAL])
 @pytest.mark.parametrize("mode", ["eval", "train"])
@@ -102,3 +103,42 @@ def test_reorder_updates_each_parameter_right_after_its_gradient():
             assert between <= {"sgd_update"}, f"update of {n.inputs[0]} waits behind {between}"
     before, _, _ = trained(without("reorder"), et.schemes.full())
     assert [n.op for n in before.graph.nodes][-1] == "sgd_update"
+
+
+def float64_run(passes, scheme, steps=3):
+    torch.manual_seed(0)
+    model = ConvNet().double().eval()
+    (x,), (y,) = batch(size=16)
+    trainer = et.compile(model, F.cross_entropy, (x.double(),), (y,), scheme=scheme,
+                         optimizer=et.SGD(lr=0.1, momentum=0.9), passes=passes)
+    losses = [trainer.step((xs.double(),), ys) for (xs,), ys in (batch(size=16, seed=s) for s in range(steps))]
+    return trainer, model, losses
+
+
+@pytest.mark.parametrize("scheme", [et.schemes.bias_only(), {"head.*": "full", "bn2.bias": "full"}])
+def test_fold_bn_merges_eval_bn_into_the_frozen_conv_and_changes_only_rounding(scheme):
+    folded, folded_model, folded_losses = float64_run(None, scheme)
+    plain, plain_model, plain_losses = float64_run(without("fold_bn"), scheme)
+    assert ops(plain).count("batch_norm") == 2
+    assert ops(folded).count("batch_norm") == 0 and ops(folded).count("fold_bn_weight") == 2
+    assert folded_losses == pytest.approx(plain_losses, rel=1e-12)
+    for (k, a), b in zip(folded_model.state_dict().items(), plain_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_fold_bn_leaves_trained_convs_trained_scales_and_train_mode_alone():
+    full, _, _ = trained(None, et.schemes.full())
+    gamma, _, _ = trained(None, {"bn.weight": "full", "bn2.bias": "full"})
+    train_mode, _, _ = trained(None, et.schemes.bias_only(), mode="train")
+    assert "fold_bn_weight" not in ops(full) + ops(train_mode)
+    assert ops(gamma).count("fold_bn_weight") == 1  # bn's scale trains; bn2 still folds
+
+
+@pytest.mark.parametrize("size, folds", [(16, True), (1, False)])
+def test_fold_bn_only_where_the_weight_is_no_larger_than_the_activation(size, folds):
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 1, bias=False), torch.nn.BatchNorm2d(64),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(4)).eval()
+    x = torch.randn(1, 64, size, size)
+    model(x)  # materialize the lazy head
+    trainer = et.compile(model, F.cross_entropy, (x,), (torch.tensor([1]),), scheme=et.schemes.bias_only())
+    assert ("fold_bn_weight" in ops(trainer)) == folds

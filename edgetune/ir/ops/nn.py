@@ -180,6 +180,33 @@ register("bn_grad_mean", _bn_grad_mean)
 register("bn_grad_var", _bn_grad_var)
 
 
+# -- an eval-mode BN folded into the frozen conv before it (passes/fold_bn.py) ----------------
+# conv(x, w) then BN = conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the
+# BN's pass over the activation becomes a pass over the (often much smaller) weight.
+
+def _bn_scale(gamma, var, eps):
+    return gamma * torch.rsqrt(var + eps)
+
+
+def _fold_bn_weight(w, gamma, var, *, eps):
+    return w * _bn_scale(gamma, var, eps).view((-1,) + (1,) * (w.dim() - 1))
+
+
+def _fold_bn_bias(beta, mean, gamma, var, *, eps):
+    return beta - mean * _bn_scale(gamma, var, eps)
+
+
+def _fold_bn_bias_vjp(b, n, g, want):
+    # The pass folds only frozen scales and statistics: the BN bias alone can train through it.
+    if any(want[1:]):
+        raise AssertionError(f"{n.name}: a folded BN's scale or statistics cannot train")
+    return (g if want[0] else None, None, None, None)
+
+
+register("fold_bn_weight", _fold_bn_weight)
+register("fold_bn_bias", _fold_bn_bias, _fold_bn_bias_vjp)
+
+
 def _affine_or_default(b, t, x, fill):
     return t if t is not None else b.const(torch.full((x.shape[1],), fill, dtype=x.dtype))
 

@@ -1,0 +1,61 @@
+"""Fold eval-mode batch norm into the frozen conv before it (on the forward graph, before autodiff).
+
+An eval-mode BN is a per-channel affine map. After a conv whose weight the scheme does not
+train, with the BN's scale and running statistics frozen too, conv + BN is one conv with
+weight w * s and bias beta - mean * s (s = gamma / sqrt(var + eps)); beta may still train,
+through that bias. The BN's pass over the activation (and, in the backward, its multiply of
+the gradient) becomes one pass over the weight, so the fold is made where the weight is no
+larger than the conv's output. The folded weight is computed in the step from the frozen
+tensors, never cached: no memory is added and a loaded checkpoint takes effect at once.
+Numbers change by rounding only.
+"""
+from __future__ import annotations
+
+import math
+
+from edgetune.ir.graph import Graph, Node
+from edgetune.passes.rewrite import rewrite
+
+
+def fold_frozen_batchnorm(graph: Graph, trained: set[Node]) -> Graph:
+    users = graph.users()
+    convs = {bn.inputs[0]: bn for bn in graph.nodes if _foldable(bn, users, trained)}
+    conv_inputs: dict[Node, tuple[Node, ...]] = {}
+
+    def visit(b, n, inputs):
+        if n in convs:
+            conv_inputs[n] = inputs
+            return n  # emitted as the folded conv at its BN, its only reader
+        if n in convs.values():
+            conv = n.inputs[0]
+            x, w = conv_inputs[conv]
+            _, mean, var, gamma, beta = inputs
+            eps = n.attrs["eps"]
+            b.meta = dict(conv.meta)
+            weight = b.emit("fold_bn_weight", w, gamma, var, eps=eps, name=f"{w.name}_folded")
+            bias = b.emit("fold_bn_bias", beta, mean, gamma, var, eps=eps, name=f"{beta.name}_folded")
+            return b.emit("conv", x, weight, bias, **conv.attrs)
+        return None
+
+    return rewrite(graph, visit) if convs else graph
+
+
+def _foldable(bn: Node, users: dict[Node, list[Node]], trained: set[Node]) -> bool:
+    if bn.op != "batch_norm" or bn.inputs[0].op != "conv":
+        return False
+    conv, (mean, var, gamma) = bn.inputs[0], bn.inputs[1:4]
+    weight = conv.inputs[1]
+    return (len(conv.inputs) == 2 and users[conv] == [bn]
+            and all(_frozen_leaf(t, trained) for t in (weight, gamma))
+            and all(_running_statistic(t) for t in (mean, var))
+            and math.prod(weight.shape) <= math.prod(conv.shape))
+
+
+def _frozen_leaf(n: Node, trained: set[Node]) -> bool:
+    return n.op == "const" or (n.op == "input" and n.attrs.get("kind") == "param" and n not in trained)
+
+
+def _running_statistic(n: Node) -> bool:
+    # Eval mode reads the buffers as they are; train mode computes batch statistics instead.
+    return n.op == "input" and n.attrs.get("kind") == "buffer"
+
