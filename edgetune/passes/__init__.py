@@ -15,6 +15,7 @@ from typing import Callable
 from edgetune.ir.graph import Graph, checks_enabled, verify
 from edgetune.passes.dce import dce
 from edgetune.passes.fold_bn import fold_frozen_batchnorm
+from edgetune.passes.inplace import inplace_elementwise
 from edgetune.passes.masks import bitmask_activations
 from edgetune.passes.reorder import update_early
 from edgetune.passes.slices import save_channel_slices
@@ -29,6 +30,7 @@ PIPELINE: list[tuple[str, Pass, str]] = [
     ("slices", save_channel_slices, "a partially trained weight's gradient keeps only its k input channels"),
     ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
     ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
+    ("inplace", inplace_elementwise, "an elementwise op writes over an input that dies with it: one buffer, not two"),
 ]
 
 

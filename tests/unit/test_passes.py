@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.memory import plan, saved_for_backward
+from edgetune.memory import allocates, plan, saved_for_backward, storage_of
 from edgetune.passes import FORWARD_PIPELINE, PIPELINE
 from edgetune.passes.masks import _maskable, _with_masks, bitmask_activations
 from tests.unit.nets import ConvNet, batch
@@ -38,7 +38,7 @@ def ops_of(graph):
 @pytest.mark.parametrize("scheme", [et.schemes.full(), et.schemes.bias_only(), PARTIAL])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_every_pass_changes_no_number(name, scheme, mode):
-    _, with_model, with_losses = trained(PIPELINE, scheme, mode)
+    _, with_model, with_losses = trained(None, scheme, mode)
     _, ref_model, ref_losses = trained(without(name), scheme, mode)
     assert with_losses == ref_losses
     for (k, a), b in zip(with_model.state_dict().items(), ref_model.state_dict().values()):
@@ -47,7 +47,7 @@ def test_every_pass_changes_no_number(name, scheme, mode):
 
 def test_bitmask_replaces_saved_activations_with_bits():
     before, _, _ = trained(without("bitmask"), et.schemes.bias_only())
-    after, _, _ = trained(PIPELINE, et.schemes.bias_only())
+    after, _, _ = trained(None, et.schemes.bias_only())
     assert "relu_grad" in ops(before) and "hardtanh_grad" in ops(before)
     # relu(bn(stem)) is the larger map, live when the backward starts: it becomes bits. The
     # relu6 output is freed before the peak either way, so it keeps its float (no pack cost).
@@ -69,19 +69,19 @@ def test_bitmask_packs_no_more_activations_than_the_lowest_peak_needs():
 
 def test_bitmask_stays_out_where_packing_would_raise_the_peak():
     # 8x8 maps: the packing scratch outweighs the few bytes the masks would free.
-    trainer, _, _ = trained(PIPELINE, et.schemes.bias_only(), size=8)
+    trainer, _, _ = trained(None, et.schemes.bias_only(), size=8)
     assert "pack_mask" not in ops(trainer) and "hardtanh_grad" in ops(trainer)
 
 
 def test_bitmask_leaves_activations_that_a_weight_gradient_needs():
-    trainer, _, _ = trained(PIPELINE, {"pw.weight": "full"})
+    trainer, _, _ = trained(None, {"pw.weight": "full"})
     # relu6(bn2(dw(x))) is pw's input: it stays whole, so packing it would only add bits.
     assert "hardtanh_grad" not in ops(trainer) and "pack_mask" not in ops(trainer)
 
 
 def test_slices_save_only_the_trained_channels_in_the_forward():
     before, _, _ = trained(without("slices"), PARTIAL)
-    after, _, _ = trained(PIPELINE, PARTIAL)
+    after, _, _ = trained(None, PARTIAL)
     # The gather of pw's input channels moves from the backward into the forward.
     gather = next(n for n in after.graph.nodes if n.op == "index_select")
     assert "grad_of" not in gather.meta and gather.shape[1] == 4
@@ -92,7 +92,7 @@ def test_slices_save_only_the_trained_channels_in_the_forward():
 
 
 def test_reorder_updates_each_parameter_right_after_its_gradient():
-    trainer, _, _ = trained(PIPELINE, et.schemes.full())
+    trainer, _, _ = trained(None, et.schemes.full())
     nodes = trainer.graph.nodes
     for pos, n in enumerate(nodes):
         if n.op == "sgd_update":
@@ -142,3 +142,22 @@ def test_fold_bn_only_where_the_weight_is_no_larger_than_the_activation(size, fo
     model(x)  # materialize the lazy head
     trainer = et.compile(model, F.cross_entropy, (x,), (torch.tensor([1]),), scheme=et.schemes.bias_only())
     assert ("fold_bn_weight" in ops(trainer)) == folds
+
+
+def test_inplace_writes_over_inputs_that_die_there_and_nowhere_else():
+    trainer, _, _ = trained(None, et.schemes.full())
+    nodes = trainer.graph.nodes
+    inplace = [n for n in nodes if n.op.endswith("_inplace")]
+    assert {"relu_inplace", "hardtanh_inplace"} <= {n.op for n in inplace}
+    for n in inplace:
+        overwritten = storage_of(n.inputs[0])
+        later = nodes[nodes.index(n) + 1:]
+        assert not any(overwritten in i.inputs for i in later), f"{n.name} overwrites a value read later"
+
+
+def test_inplace_allocates_less_and_never_raises_the_peak():
+    before, _, _ = trained(without("inplace"), et.schemes.bias_only(), size=32)
+    after, _, _ = trained(None, et.schemes.bias_only(), size=32)
+    allocated = lambda t: sum(n.nbytes for n in t.graph.nodes if allocates(n))  # noqa: E731
+    assert allocated(after) < allocated(before)
+    assert after.report().predicted_peak_bytes <= before.report().predicted_peak_bytes

@@ -9,6 +9,8 @@
   (optimizer updates, buffer writes; such ops are effects and produce no value);
 - `view`: the output aliases input 0's memory (costs nothing in the memory plan);
 - `scratch`: bytes the torch kernel allocates while it runs, beyond its output (measured);
+- `inplace`: the same kernel writing its result over input 0; registers `<name>_inplace`, a
+  view of input 0, which passes/inplace.py uses where input 0 dies at this op;
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.
 
 The families live in sibling modules, imported at the bottom so they all register.
@@ -63,10 +65,13 @@ OPS: dict[str, OpDef] = {}
 ATEN: dict[Any, Callable[..., Any]] = {}
 
 
-def register(name: str, kernel: Callable, vjp: VJP | None = None, **kw: Any) -> OpDef:
+def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Callable | None = None,
+             **kw: Any) -> OpDef:
     if name in OPS:
         raise ValueError(f"op {name!r} is registered twice")
     OPS[name] = OpDef(name, kernel, vjp, **kw)
+    if inplace is not None:
+        register(f"{name}_inplace", inplace, shape=kw.get("shape"), view=True)
     return OPS[name]
 
 

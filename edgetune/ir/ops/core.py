@@ -61,11 +61,11 @@ def _div_vjp(b, n, g, want):
     return gx, gy
 
 
-register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,))
-register("add", torch.add, _add_vjp)
-register("sub", torch.sub, _sub_vjp)
-register("mul", torch.mul, _mul_vjp)
-register("div", torch.div, _div_vjp)
+register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,), inplace=torch.neg_)
+register("add", torch.add, _add_vjp, inplace=lambda x, y: x.add_(y))
+register("sub", torch.sub, _sub_vjp, inplace=lambda x, y: x.sub_(y))
+register("mul", torch.mul, _mul_vjp, inplace=lambda x, y: x.mul_(y))
+register("div", torch.div, _div_vjp, inplace=lambda x, y: x.div_(y))
 register("div_grad_rhs", lambda g, x, y: -g * x / (y * y))
 
 
@@ -103,28 +103,29 @@ def _(b, x, y):
 
 # -- unary math -----------------------------------------------------------------------------
 
-def _unary(name, kernel, grad_kernel=None, uses="x"):
+def _unary(name, kernel, grad_kernel=None, uses="x", inplace=None):
     """An elementwise op whose gradient is `grad_kernel(g, x or y)`, registered as `name_grad`."""
 
     def vjp(b, n, g, want):
         saved = n.inputs[0] if uses == "x" else n
         return (b.emit(f"{name}_grad", g, saved, **n.attrs) if want[0] else None,)
 
-    register(name, kernel, vjp if grad_kernel else None)
+    register(name, kernel, vjp if grad_kernel else None, inplace=inplace)
     if grad_kernel:
         register(f"{name}_grad", grad_kernel)
 
 
-_unary("exp", torch.exp, lambda g, y: g * y, uses="y")
+_unary("exp", torch.exp, lambda g, y: g * y, uses="y", inplace=torch.exp_)
 _unary("log", torch.log, lambda g, x: g / x)
 _unary("sqrt", torch.sqrt, lambda g, y: g / (2 * y), uses="y")
 _unary("rsqrt", torch.rsqrt, lambda g, y: -0.5 * g * y * y * y, uses="y")
 _unary("reciprocal", torch.reciprocal, lambda g, y: -g * y * y, uses="y")
 _unary("abs", torch.abs, lambda g, x: g * torch.sgn(x))
-_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y")
-_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y")
-_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y")
-_unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x))
+_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y", inplace=torch.relu_)
+_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y", inplace=torch.sigmoid_)
+_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y", inplace=torch.tanh_)
+_unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x),
+       inplace=lambda x: torch.nn.functional.silu(x, inplace=True))
 _unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x))
 _unary("gelu", lambda x, approximate: A.gelu(x, approximate=approximate),
        lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate))
@@ -132,7 +133,8 @@ _unary("pow", lambda x, exponent: torch.pow(x, exponent),
        lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1) if exponent != 0 else torch.zeros_like(g))
 # hardtanh's gradient vanishes at the bounds; the output carries the same information.
 _unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
-       lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y")
+       lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y",
+       inplace=lambda x, min, max: A.hardtanh_(x, min, max))
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max))
 _unary("log1p", torch.log1p, lambda g, x: g / (1 + x))

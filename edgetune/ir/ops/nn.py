@@ -139,8 +139,11 @@ def _bn(x, mean, var, w, bias, *, eps):
 
 
 def _bn_grad_input(g, w, var, *, eps):
-    s = _bn_shape(g)
-    return g * (w * torch.rsqrt(var + eps)).view(s)
+    return g * (w * torch.rsqrt(var + eps)).view(_bn_shape(g))
+
+
+def _bn_grad_input_inplace(g, w, var, *, eps):
+    return g.mul_((w * torch.rsqrt(var + eps)).view(_bn_shape(g)))
 
 
 def _bn_grad_weight(g, x, mean, var, *, eps):
@@ -174,7 +177,7 @@ def _bn_vjp(b, n, g, want):
 
 
 register("batch_norm", _bn, _bn_vjp)
-register("bn_grad_input", _bn_grad_input)
+register("bn_grad_input", _bn_grad_input, inplace=_bn_grad_input_inplace)
 register("bn_grad_weight", _bn_grad_weight)
 register("bn_grad_mean", _bn_grad_mean)
 register("bn_grad_var", _bn_grad_var)
