@@ -15,25 +15,27 @@ import torch
 
 from edgetune.ir.ops import register
 
-# Eight 0/1 bytes read as one little-endian int64 are gathered into one byte by a single
-# multiply (each bit lands alone in the top byte, no carries). Unpacking repeats the byte
-# in all eight, keeps bit i of byte i, and turns each nonzero byte into 1 by adding 0x7F
-# (only the top bit of the byte can become set) and shifting that bit down: a few passes
-# over n/8 words, and the bytes are already a valid bool tensor.
-_GATHER = 0x0102040810204080
+# Packing: the 0/1 mask, viewed as rows of eight, times (1, 2, 4, ..., 128) is one BLAS
+# matrix-vector product giving each byte (exact: sums of distinct powers of two below 256).
+# Unpacking repeats the byte in all eight of an int64, keeps bit i of byte i, and turns each
+# nonzero byte into 1 by adding 0x7F (only the top bit of the byte can become set) and
+# shifting that bit down: a few passes over n/8 words, and the bytes are already 0/1.
+_BIT_VALUES = [float(1 << i) for i in range(8)]
 _REPEAT = 0x0101010101010101
 _BIT_I_OF_BYTE_I = 0x8040201008040201 - (1 << 64)  # as a signed int64
 _SEVEN_F = 0x7F7F7F7F7F7F7F7F
 assert sys.byteorder == "little", "bit packing assumes a little-endian machine"
 
 
-def _pack(keep: torch.Tensor) -> torch.Tensor:
-    flat = keep.reshape(-1)
-    pad = (-flat.numel()) % 8
+def _pack(passes: torch.Tensor) -> torch.Tensor:
+    """0/1 values (any float dtype) -> one byte per eight, bit i = element i."""
+    rows = passes.reshape(-1)
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()  # half precision would round the sums
+    pad = (-rows.numel()) % 8
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    words = flat.view(torch.uint8).view(torch.int64)
-    return ((words * _GATHER) >> 56).to(torch.uint8)
+        rows = torch.cat([rows, rows.new_zeros(pad)])
+    return (rows.view(-1, 8) @ rows.new_tensor(_BIT_VALUES)).to(torch.uint8)
 
 
 def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -59,7 +61,7 @@ def _pack_mask(y, *, rule, rule_attrs):
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start: start + _CHUNK]
         passes = OPS[rule].kernel(one.expand(part.shape), part, **rule_attrs)
-        packed[start // 8: start // 8 + math.ceil(part.numel() / 8)] = _pack(passes.to(torch.uint8))
+        packed[start // 8: start // 8 + math.ceil(part.numel() / 8)] = _pack(passes)
     return packed
 
 
