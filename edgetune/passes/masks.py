@@ -6,13 +6,14 @@ float output can die as soon as the forward is done with it (32x less for float3
 
 A mask costs time (a pack in the forward, an unpack in the backward, about a tenth of a
 step each on MobileNetV2) and pays off only where its float activation would be live when
-the step peaks. So the pass packs only the activations that lower the predicted peak.
+the step peaks. So the pass packs only the activations that lower the predicted peak (by
+more than passes/rewrite.PEAK_SLACK).
 """
 from __future__ import annotations
 
 from edgetune.ir.graph import Graph, Node
-from edgetune.memory import plan, storage_of
-from edgetune.passes.rewrite import is_backward, keep, rewrite
+from edgetune.memory import storage_of
+from edgetune.passes.rewrite import fewest_for_lowest_peak, is_backward, keep, rewrite
 from edgetune.passes.slices import read_whole
 
 # Activation gradients of the form g * (0 or 1, a function of the saved output).
@@ -21,28 +22,12 @@ MASK_GRADS = ("relu_grad", "hardtanh_grad")
 
 def bitmask_activations(graph: Graph) -> Graph:
     grads = _maskable(graph)
-    chosen = _needed_masks(graph, set(grads.values()), grads)
-    return _with_masks(graph, {g: y for g, y in grads.items() if y in chosen}) if chosen else graph
 
+    def masked(activations: set[Node]) -> Graph:
+        return _with_masks(graph, {g: y for g, y in grads.items() if y in activations})
 
-def _needed_masks(graph: Graph, activations: set[Node], grads: dict[Node, Node]) -> set[Node]:
-    """The fewest activations whose masks still give the lowest peak: all of them, then drop
-    each (largest first: it costs the most time) whose float output does not raise the peak.
-    None where packing does not lower the peak at all (its scratch can outweigh tiny maps)."""
-    if not activations:
-        return set()
-
-    def peak(kept: set[Node]) -> int:
-        return plan(_with_masks(graph, {g: y for g, y in grads.items() if y in kept})).peak_bytes
-
-    best = peak(activations)
-    if best >= plan(graph).peak_bytes:
-        return set()
-    chosen = set(activations)
-    for y in sorted(activations, key=lambda y: -y.nbytes):
-        if peak(chosen - {y}) <= best:
-            chosen.discard(y)
-    return chosen
+    chosen = fewest_for_lowest_peak(graph, set(grads.values()), masked)
+    return masked(chosen) if chosen else graph
 
 
 def _with_masks(graph: Graph, grads: dict[Node, Node]) -> Graph:

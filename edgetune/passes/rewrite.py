@@ -8,7 +8,7 @@ the same from inside `visit`, to emit nodes right after the original.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterable
 
 from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node
@@ -38,3 +38,28 @@ def keep(b: Builder, n: Node, inputs: tuple[Node, ...]) -> Node:
 
 def is_backward(n: Node) -> bool:
     return "grad_of" in n.meta
+
+
+# A rewrite that saves memory but costs time (a mask, a recompute) is left out where the
+# peak stays within this fraction of the lowest: a few kilobytes are not worth a kernel.
+PEAK_SLACK = 0.02
+
+
+def fewest_for_lowest_peak(graph: Graph, candidates: Iterable[Node], build: Callable[[set[Node]], Graph]) -> set[Node]:
+    """The candidates that `build` should apply: none if applying all does not lower the
+    peak of `graph`; else all, dropping one at a time, those whose absence raises the peak
+    least first, while the peak stays within PEAK_SLACK of the lowest."""
+    from edgetune.memory import plan
+
+    chosen = set(candidates)
+    if not chosen:
+        return chosen
+    lowest = plan(build(chosen)).peak_bytes
+    if lowest >= plan(graph).peak_bytes:
+        return set()
+    without = {n: plan(build(chosen - {n})).peak_bytes for n in chosen}
+    limit = lowest * (1 + PEAK_SLACK)
+    for n in sorted(chosen, key=lambda n: (without[n], -n.nbytes)):
+        if plan(build(chosen - {n})).peak_bytes <= limit:
+            chosen.discard(n)
+    return chosen

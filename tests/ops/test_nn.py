@@ -66,6 +66,15 @@ def test_conv_of_channels_last_view():
     check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w, padding=1), t(2, 5, 6, 3), t(4, 3, 3, 3))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv_runs_as_a_matrix_product(bias):
+    # 1x1, stride 1, unpadded, ungrouped: the kernels use matmul instead of ATen's conv.
+    b = t(6) if bias else None
+    check_grads(lambda x, w, b=None: F.conv2d(x, w, b), t(2, 4, 5, 3), t(6, 4, 1, 1), *([b] if bias else []))
+    check_grads(lambda x, w: F.conv1d(x, w), t(3, 4, 7), t(2, 4, 1))
+    check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w), t(2, 5, 6, 3), t(4, 3, 1, 1))
+
+
 def test_conv_padding_same():
     check_grads(lambda x, w: F.conv2d(x, w, padding="same"), t(1, 2, 6, 5), t(3, 2, 3, 3))
     check_grads(lambda x, w: F.conv1d(x, w, padding="same", dilation=2), t(2, 2, 7), t(3, 2, 4))

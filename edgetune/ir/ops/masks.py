@@ -8,8 +8,8 @@ Introduced by passes/masks.py, never by the frontend.
 """
 from __future__ import annotations
 
+import functools
 import math
-import sys
 
 import torch
 
@@ -17,14 +17,19 @@ from edgetune.ir.ops import register
 
 # Packing: the 0/1 mask, viewed as rows of eight, times (1, 2, 4, ..., 128) is one BLAS
 # matrix-vector product giving each byte (exact: sums of distinct powers of two below 256).
-# Unpacking repeats the byte in all eight of an int64, keeps bit i of byte i, and turns each
-# nonzero byte into 1 by adding 0x7F (only the top bit of the byte can become set) and
-# shifting that bit down: a few passes over n/8 words, and the bytes are already 0/1.
-_BIT_VALUES = [float(1 << i) for i in range(8)]
-_REPEAT = 0x0101010101010101
-_BIT_I_OF_BYTE_I = 0x8040201008040201 - (1 << 64)  # as a signed int64
-_SEVEN_F = 0x7F7F7F7F7F7F7F7F
-assert sys.byteorder == "little", "bit packing assumes a little-endian machine"
+# Unpacking looks each byte up in a 256 x 8 table of its bits, already in the gradient's
+# dtype. Both are a handful of kernel calls: at batch 1, where a mask is a few kilobytes,
+# the calls cost more than the arithmetic.
+
+@functools.cache
+def _bit_values(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(1 << i) for i in range(8)], dtype=dtype, device=device)
+
+
+@functools.cache
+def _bits_of_byte(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    table = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return table.to(dtype=dtype, device=device)
 
 
 def _pack(passes: torch.Tensor) -> torch.Tensor:
@@ -35,19 +40,17 @@ def _pack(passes: torch.Tensor) -> torch.Tensor:
     pad = (-rows.numel()) % 8
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad)])
-    return (rows.view(-1, 8) @ rows.new_tensor(_BIT_VALUES)).to(torch.uint8)
+    return (rows.view(-1, 8) @ _bit_values(rows.dtype, rows.device)).to(torch.uint8)
 
 
-def _unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """0/1 bytes (uint8: a multiply by them is 2-3x faster than by a bool tensor)."""
-    words = (packed.to(torch.int64) * _REPEAT).bitwise_and_(_BIT_I_OF_BYTE_I)
-    words = words.add_(_SEVEN_F).bitwise_right_shift_(7).bitwise_and_(_REPEAT)
-    return words.view(torch.uint8)[: math.prod(shape)].view(shape)
+def _unpack(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first n bits as 0/1 values of `dtype`."""
+    return _bits_of_byte(dtype, packed.device).index_select(0, packed.int()).view(-1)[:n]
 
 
-# Packing and unpacking go chunk by chunk so their temporaries (the rule's float output, the
-# 0/1 bytes, the widened words) stay small next to the activation itself. A multiple of 8,
-# so chunks start on byte boundaries of the packed mask.
+# Larger masks go chunk by chunk so their temporaries (the rule's float output, the looked-up
+# bits) stay small next to the activation itself. A multiple of 8, so chunks start on byte
+# boundaries of the packed mask.
 _CHUNK = 1 << 18
 
 
@@ -57,6 +60,8 @@ def _pack_mask(y, *, rule, rule_attrs):
     from edgetune.ir.ops import OPS
 
     flat, one = y.reshape(-1), torch.ones((), dtype=y.dtype, device=y.device)
+    if flat.numel() <= _CHUNK:
+        return _pack(OPS[rule].kernel(one.expand(flat.shape), flat, **rule_attrs))
     packed = torch.empty(math.ceil(flat.numel() / 8), dtype=torch.uint8, device=y.device)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start: start + _CHUNK]
@@ -67,10 +72,12 @@ def _pack_mask(y, *, rule, rule_attrs):
 
 def _masked_grad(g, packed):
     flat = g.reshape(-1)
+    if flat.numel() <= _CHUNK:
+        return (flat * _unpack(packed, flat.numel(), g.dtype)).view(g.shape)
     out = torch.empty_like(flat)
     for start in range(0, flat.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat.numel())
-        bits = _unpack(packed[start // 8: math.ceil(stop / 8)], (stop - start,))
+        bits = _unpack(packed[start // 8: math.ceil(stop / 8)], stop - start, g.dtype)
         torch.mul(flat[start:stop], bits, out=out[start:stop])
     return out.view(g.shape)
 
@@ -80,7 +87,7 @@ def _packed_shape(y, rule, rule_attrs):
 
 
 def _chunk_scratch(n) -> int:
-    """One chunk's temporaries: the rule's output or the widened product, plus bytes and words."""
+    """One chunk's temporaries: the rule's output or the looked-up bits, plus bytes and indices."""
     size = min(math.prod(n.inputs[0].shape), _CHUNK)
     return size * (n.inputs[0].dtype.itemsize + 2)
 

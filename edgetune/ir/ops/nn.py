@@ -13,11 +13,23 @@ A = torch.ops.aten
 
 # -- convolution (1-D and 2-D, any stride/padding/dilation/groups) --------------------------
 
+def is_pointwise(weight_shape, stride, padding, groups) -> bool:
+    """A 1x1 conv with stride 1, no padding and no groups: a matrix product per sample. BLAS
+    runs it faster than ATen's CPU convolution (measured on MobileNetV2's shapes: forward
+    1.0-1.4x, input gradient 1.2-2.5x) and without a layout-reordering buffer."""
+    return groups == 1 and all(k == 1 for k in weight_shape[2:]) and all(s == 1 for s in stride) and not any(padding)
+
+
 def _conv(x, w, b=None, *, stride, padding, dilation, groups):
+    if is_pointwise(w.shape, stride, padding, groups):
+        y = torch.matmul(w.flatten(1), x.flatten(2)).view(x.shape[0], w.shape[0], *x.shape[2:])
+        return y if b is None else y.add_(b.view(-1, *[1] * (x.dim() - 2)))
     return A.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
 def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
+    if is_pointwise(w.shape, stride, padding, groups):
+        return torch.matmul(w.flatten(1).t(), g.flatten(2)).view(input_shape)
     # Only the input's shape is needed. An uninitialized stand-in is never read, so its pages
     # are never touched; a zero-stride expand would be copied to contiguous memory in full.
     fake_x = g.new_empty(input_shape)
@@ -69,6 +81,10 @@ def _conv_scratch(n) -> int:
     # Measured on CPU (oneDNN): a convolution on plain NCHW tensors reorders into its blocked
     # layout, holding a second buffer the size of its largest operand (input, output or, for
     # wide 1x1 convs, the weight) while it runs. In a sparse step's forward this sets the peak.
+    # The matrix product of a pointwise conv allocates only its output.
+    a = n.attrs
+    if is_pointwise(n.inputs[1].shape, a["stride"], a["padding"], a["groups"]):
+        return 0
     return max(v.nbytes for v in (n, *n.inputs[:2]))
 
 
