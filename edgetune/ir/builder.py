@@ -30,6 +30,13 @@ class Builder:
         self.nodes.append(node)
         return node
 
+    def redo(self, node: Node, inputs: tuple[Node, ...], name: str) -> Node:
+        """A fresh node computing what `node` computes, from `inputs` of the same shapes (its
+        shape is known: no inference)."""
+        new = Node(node.op, tuple(inputs), dict(node.attrs), node.shape, node.dtype, self._fresh(name), dict(self.meta))
+        self.nodes.append(new)
+        return new
+
     def append(self, node: Node) -> Node:
         """Add an existing node (a pass copying a graph); its name must still be free."""
         if node.name in self._names:

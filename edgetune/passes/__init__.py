@@ -17,6 +17,7 @@ from edgetune.passes.dce import dce
 from edgetune.passes.fold_bn import fold_frozen_batchnorm
 from edgetune.passes.inplace import inplace_elementwise
 from edgetune.passes.masks import bitmask_activations
+from edgetune.passes.recompute import recompute_cheap
 from edgetune.passes.reorder import update_early
 from edgetune.passes.slices import save_channel_slices
 
@@ -28,6 +29,7 @@ FORWARD_PIPELINE: list[tuple[str, Callable, str]] = [
 PIPELINE: list[tuple[str, Pass, str]] = [
     ("dce", dce, "drop values that neither the loss nor an update needs (the pruned backward's leftovers)"),
     ("slices", save_channel_slices, "a partially trained weight's gradient keeps only its k input channels"),
+    ("recompute", recompute_cheap, "redo a BN/activation from the kept conv output in backward instead of keeping both"),
     ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
     ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
     ("inplace", inplace_elementwise, "an elementwise op writes over an input that dies with it: one buffer, not two"),

@@ -5,8 +5,9 @@ train, with the BN's scale and running statistics frozen too, conv + BN is one c
 weight w * s and bias beta - mean * s (s = gamma / sqrt(var + eps)); beta may still train,
 through that bias. The BN's pass over the activation (and, in the backward, its multiply of
 the gradient) becomes one pass over the weight, so the fold is made where the weight is no
-larger than the conv's output. The folded weight is computed in the step from the frozen
-tensors, never cached: no memory is added and a loaded checkpoint takes effect at once.
+larger than the conv's output and its copy does not raise the forward's peak. The folded
+weight is computed in the step from the frozen tensors, never cached: a loaded checkpoint
+takes effect at once.
 Numbers change by rounding only.
 """
 from __future__ import annotations
@@ -14,13 +15,35 @@ from __future__ import annotations
 import math
 
 from edgetune.ir.graph import Graph, Node
+from edgetune.memory import last_uses, plan
 from edgetune.passes.rewrite import rewrite
 
 
 def fold_frozen_batchnorm(graph: Graph, trained: set[Node]) -> Graph:
     users = graph.users()
     convs = {bn.inputs[0]: bn for bn in graph.nodes if _foldable(bn, users, trained)}
+    # A folded weight is a new buffer while its conv runs: where that raises the forward's
+    # peak (a conv at the peak with a large weight), that conv keeps its BN.
+    ceiling = plan(graph).peak_bytes
+    while True:
+        folded, weights = _folded(graph, convs)
+        at_peak = _folded_weights_at_peak(folded) if plan(folded).peak_bytes > ceiling else []
+        if not at_peak:
+            return folded
+        for w in at_peak:
+            del convs[weights[w]]
+
+
+def _folded_weights_at_peak(graph: Graph) -> list[Node]:
+    p, last = plan(graph), last_uses(graph)
+    peak = max(range(len(p.live_bytes)), key=p.live_bytes.__getitem__)
+    return [n for pos, n in enumerate(graph.nodes) if n.op == "fold_bn_weight" and pos <= peak <= last[n]]
+
+
+def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, Node]]:
+    """`graph` with each conv -> BN pair of `convs` as one conv; {folded weight: its conv}."""
     conv_inputs: dict[Node, tuple[Node, ...]] = {}
+    weights: dict[Node, Node] = {}
 
     def visit(b, n, inputs):
         if n in convs:
@@ -33,11 +56,12 @@ def fold_frozen_batchnorm(graph: Graph, trained: set[Node]) -> Graph:
             eps = n.attrs["eps"]
             b.meta = dict(conv.meta)
             weight = b.emit("fold_bn_weight", w, gamma, var, eps=eps, name=f"{w.name}_folded")
+            weights[weight] = conv
             bias = b.emit("fold_bn_bias", beta, mean, gamma, var, eps=eps, name=f"{beta.name}_folded")
             return b.emit("conv", x, weight, bias, **conv.attrs)
         return None
 
-    return rewrite(graph, visit) if convs else graph
+    return (rewrite(graph, visit) if convs else graph), weights
 
 
 def _foldable(bn: Node, users: dict[Node, list[Node]], trained: set[Node]) -> bool:

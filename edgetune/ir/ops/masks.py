@@ -93,7 +93,7 @@ def _chunk_scratch(n) -> int:
 
 
 register("pack_mask", _pack_mask, shape=_packed_shape, scratch=_chunk_scratch)
-register("masked_grad", _masked_grad, scratch=_chunk_scratch)
+register("masked_grad", _masked_grad, shape=lambda g, packed: (tuple(g.shape), g.dtype), scratch=_chunk_scratch)
 
 
 # A fresh contiguous copy: a saved slice must not keep the whole tensor it was cut from alive.
