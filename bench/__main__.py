@@ -29,6 +29,7 @@ import torch
 from bench import configs
 from bench.child import run_child
 from bench.configs import Config
+from bench.goals import goals_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2 ** 20
@@ -108,7 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of every engine")
     p.add_argument("--timeout", type=int, default=600, help="seconds before a subprocess counts as n/a")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
-    p.add_argument("--json", default=str(ROOT / "bench" / "results.json"), help="raw results")
+    p.add_argument("--json", default=str(ROOT / "bench" / "results.json"),
+                   help="raw results (with --render: several comma-separated files are rendered together)")
     p.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from the results in --json")
     args = p.parse_args(argv)
     for name, known in [("models", configs.MODELS), ("schemes", configs.SCHEMES), ("engines", configs.ENGINES)]:
@@ -150,6 +152,16 @@ def environment(started: float, load_start: tuple, revision: str, args) -> dict:
             "default_threads": torch.get_num_threads(),
             "python": platform.python_version(), "runtime_s": time.perf_counter() - started,
             "load_start": load_start, "load_end": os.getloadavg()}
+
+
+def merged_environment(envs: list[dict]) -> dict:
+    """One description of several runs rendered together (`--render --json A,B`)."""
+    if len(envs) == 1:
+        return envs[0]
+    join = lambda key: "; ".join(dict.fromkeys(str(e[key]) for e in envs))  # noqa: E731
+    return {**envs[0], "command": "`, then `".join(e["command"] for e in envs), "date": join("date"),
+            "revision": join("revision"), "runtime_s": sum(e["runtime_s"] for e in envs),
+            "load_end": envs[-1]["load_end"]}
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -377,6 +389,11 @@ def report(results: list[dict], env: dict, args) -> str:
         lines += step_memory_table(cells, model) + [""]
         lines += ["Median step time, ms: wall (CPU):", ""] + time_table(cells, model) + [""]
     lines += ["## Checks", "", same_entries(results), ""]
+    goals = goals_section(cells)
+    if goals:
+        lines += ["## Against the goals (MobileNetV2 width 1.0, 128x128, eval-mode BN, SGD momentum)", "",
+                  "Computed from the tables above. Ratios of medians on a shared machine: runs differ "
+                  "by 5-15% in step time.", ""] + goals + [""]
     if cells.notes:
         lines += ["## Not measured", ""] + [f"[^{i}]: {n}" for i, n in enumerate(cells.notes, 1)] + [""]
     return "\n".join(lines) + "\n"
@@ -385,10 +402,11 @@ def report(results: list[dict], env: dict, args) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.render:
-        saved = json.loads(Path(args.json).read_text())
-        # The options of the run that measured them, not of this call, describe the results.
-        measured = parse_args(shlex.split(saved["environment"]["command"])[3:])
-        write_report(Path(args.out), report(saved["results"], saved["environment"], measured))
+        runs = [json.loads(Path(path).read_text()) for path in args.json.split(",")]
+        # The options of the (first) run that measured them, not of this call, describe the results.
+        measured = parse_args(shlex.split(runs[0]["environment"]["command"])[3:])
+        results = [r for run in runs for r in run["results"]]
+        write_report(Path(args.out), report(results, merged_environment([run["environment"] for run in runs]), measured))
         return
     started, load_start, revision = time.perf_counter(), os.getloadavg(), edgetune_revision()
     selected = select(args)

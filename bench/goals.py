@@ -1,0 +1,70 @@
+"""The benchmark's goals (MobileNetV2 width 1.0, eval-mode BN, SGD momentum), checked against
+the measured table: each row is computed from the results, so a new run rewrites them."""
+from __future__ import annotations
+
+MODEL = "mobilenetv2"
+
+
+def goals_section(cells) -> list[str]:
+    """Markdown rows `goal | measured | verdict`, or nothing if MobileNetV2 did not run."""
+    if not any(k[0] == MODEL for k in cells.by_key):
+        return []
+    peak = lambda scheme, batch, engine: cells.value(MODEL, scheme, batch, engine, "memory", "peak_bytes")  # noqa: E731
+    cpu = lambda scheme, batch, engine: cells.value(MODEL, scheme, batch, engine, "time", "cpu_median_s")  # noqa: E731
+    rows = [
+        _lower("bias-only peak >= 5x lower than eager, same scheme (batch 8)",
+               peak("bias-only", 8, "eager"), peak("bias-only", 8, "edgetune"), 5, "MB"),
+        _lower("full backprop peak >= 1.5x lower than eager (batch 8)",
+               peak("full", 8, "eager"), peak("full", 8, "edgetune"), 1.5, "MB"),
+        _at_most("TTE-style peak <= 1.15x the forward-only floor (batch 8)",
+                 peak("tte", 8, "edgetune"), peak("-", 8, "forward"), 1.15, "MB"),
+        _lower("TTE-style peak >= 5x lower than eager full backprop (batch 8)",
+               peak("-", 8, "eager-full"), peak("tte", 8, "edgetune"), 5, "MB"),
+    ]
+    for scheme, batch in [(s, 8) for s in ("full", "bias-only", "tte", "last-3")] + [("bias-only", 1), ("tte", 1)]:
+        rows.append(_lower(f"step no slower than eager, {scheme}, batch {batch} (CPU time)",
+                           cpu(scheme, batch, "eager"), cpu(scheme, batch, "edgetune"), 1.0, "ms"))
+    for scheme in ("bias-only", "tte"):
+        rows.append(_lower(f"batch 1: step >= 1.3x faster than eager, {scheme} (CPU time)",
+                           cpu(scheme, 1, "eager"), cpu(scheme, 1, "edgetune"), 1.3, "ms"))
+    rows.append(_lower("TTE-style step >= 2.5x faster than eager full backprop (batch 8, CPU time)",
+                       cpu("-", 8, "eager-full"), cpu("tte", 8, "edgetune"), 2.5, "ms"))
+    rows += [_predicted(cells, scheme, batch) for scheme in ("full", "bias-only", "tte", "last-3") for batch in (8, 1)
+             if cells.get(MODEL, scheme, batch, "edgetune", "memory")]
+    return ["| goal | measured | verdict |", "| --- | --- | --- |"] + rows
+
+
+def _lower(goal: str, theirs, ours, factor: float, unit: str) -> str:
+    """Ours must be `factor` times below theirs."""
+    if theirs is None or ours is None:
+        return f"| {goal} | not measured | — |"
+    got = theirs / ours
+    return f"| {goal} | {_fmt(theirs, unit)} / {_fmt(ours, unit)} = {got:.2f}x | {_verdict(got >= factor, got / factor)} |"
+
+
+def _at_most(goal: str, ours, floor, factor: float, unit: str) -> str:
+    if ours is None or floor is None:
+        return f"| {goal} | not measured | — |"
+    got = ours / floor
+    return f"| {goal} | {_fmt(ours, unit)} / {_fmt(floor, unit)} = {got:.2f}x | {_verdict(got <= factor, factor / got)} |"
+
+
+def _predicted(cells, scheme: str, batch: int) -> str:
+    """The prediction against the steps' own peak (above what setup left: the part it models)."""
+    r = cells.get(MODEL, scheme, batch, "edgetune", "memory")
+    goal = f"predicted peak within +-20% of the measured step, {scheme}, batch {batch}"
+    if not r or not r["ok"]:
+        return f"| {goal} | not measured | — |"
+    measured, predicted = r["steps_peak_bytes"] - r["warm_rss_bytes"], r["predicted_peak_bytes"]
+    got = measured / predicted
+    return f"| {goal} | {_fmt(measured, 'MB')} / {_fmt(predicted, 'MB')} = {got:.2f} | {_verdict(0.8 <= got <= 1.2, None)} |"
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{value / 2**20:.1f} MB" if unit == "MB" else f"{value * 1e3:.1f} ms"
+
+
+def _verdict(met: bool, margin: float | None) -> str:
+    if met:
+        return "met"
+    return "**missed**" + (f" by {(1 - margin) * 100:.0f}%" if margin is not None else "")

@@ -1,0 +1,62 @@
+"""The vision benchmark's report: goals computed from results, several runs rendered together."""
+import json
+import sys
+
+from bench import __main__ as bench_main
+from bench.goals import goals_section
+
+MB = 2**20
+
+
+def row(model, scheme, batch, engine, peak_mb, cpu_ms, predicted_mb=None, steps_mb=None):
+    memory = {"ok": True, "peak_bytes": peak_mb * MB, "steps_peak_bytes": (steps_mb or peak_mb) * MB,
+              "warm_rss_bytes": 0, "setup_s": 1.0, "modules_imported": 0, "trainable_params": 10,
+              "child_peak_bytes": None}
+    if predicted_mb is not None:
+        memory["predicted_peak_bytes"] = predicted_mb * MB
+    time = {"ok": True, "median_s": cpu_ms / 1e3, "cpu_median_s": cpu_ms / 1e3, "load_before": 1.0, "load_after": 1.0}
+    return {"config": {"model": model, "scheme": scheme, "batch": batch, "engine": engine},
+            "memory": memory, "time": time}
+
+
+def mobilenet_results(edgetune_bias_mb=50):
+    r = [row("mobilenetv2", "-", 8, "forward", 40, 50), row("mobilenetv2", "-", 8, "eager-full", 300, 200)]
+    for scheme, eager_mb, eager_ms in (("full", 300, 180), ("bias-only", 290, 140), ("tte", 130, 90), ("last-3", 120, 60)):
+        r.append(row("mobilenetv2", scheme, 8, "eager", eager_mb, eager_ms))
+        mb = edgetune_bias_mb if scheme == "bias-only" else 45
+        r.append(row("mobilenetv2", scheme, 8, "edgetune", mb, eager_ms * 0.9, predicted_mb=mb, steps_mb=mb))
+    return r
+
+
+def cells_of(results):
+    return bench_main.Cells(results)
+
+
+def test_goals_are_computed_from_the_results():
+    text = "\n".join(goals_section(cells_of(mobilenet_results())))
+    assert "| bias-only peak >= 5x lower than eager, same scheme (batch 8) | 290.0 MB / 50.0 MB = 5.80x | met |" in text
+    assert "TTE-style peak <= 1.15x the forward-only floor (batch 8) | 45.0 MB / 40.0 MB = 1.12x | met" in text
+    assert "batch 1: step >= 1.3x faster than eager, tte (CPU time) | not measured" in text
+    missed = "\n".join(goals_section(cells_of(mobilenet_results(edgetune_bias_mb=100))))
+    assert "290.0 MB / 100.0 MB = 2.90x | **missed** by 42% |" in missed
+
+
+def test_goals_need_mobilenet():
+    assert goals_section(cells_of([row("resnet", "full", 8, "edgetune", 10, 10)])) == []
+
+
+def test_runs_render_together(tmp_path, monkeypatch):
+    env = {"command": "python -m bench --models mobilenetv2", "date": "2026-11-27 12:00", "revision": "abc",
+           "cpu": "cpu", "cores": 2, "torch": "2", "threads": 1, "default_threads": 2, "python": "3.11",
+           "runtime_s": 60.0, "load_start": [1.0], "load_end": [1.0]}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"environment": env, "results": mobilenet_results()}))
+    other = {**env, "command": "python -m bench --models resnet", "date": "2026-11-27 12:10"}
+    second.write_text(json.dumps({"environment": other, "results": [row("resnet", "full", 8, "edgetune", 10, 10, predicted_mb=9)]}))
+    out = tmp_path / "B.md"
+    monkeypatch.setattr(sys, "argv", ["bench"])
+    bench_main.main(["--render", "--json", f"{first},{second}", "--out", str(out)])
+    text = out.read_text()
+    assert "## mobilenetv2" in text and "## resnet" in text and "## Against the goals" in text
+    assert "--models mobilenetv2`, then `python -m bench --models resnet" in text
+    assert "2026-11-27 12:00; 2026-11-27 12:10" in text
