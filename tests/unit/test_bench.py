@@ -35,6 +35,7 @@ def cells_of(results):
 def test_goals_are_computed_from_the_results():
     text = "\n".join(goals_section(cells_of(mobilenet_results())))
     assert "| bias-only peak >= 5x lower than eager, same scheme (batch 8) | 290.0 MB / 50.0 MB = 5.80x | met |" in text
+    assert "(predicted) = 1.00 | met" in text
     assert "TTE-style peak <= 1.15x the forward-only floor (batch 8) | 45.0 MB / 40.0 MB = 1.12x | met" in text
     assert "batch 1: step >= 1.3x faster than eager, tte (CPU time) | not measured" in text
     missed = "\n".join(goals_section(cells_of(mobilenet_results(edgetune_bias_mb=100))))
