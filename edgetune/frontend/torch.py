@@ -15,6 +15,7 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
 from edgetune.ir.builder import Builder
+from edgetune.ir.ops.attention import fused_attention_applies
 from edgetune.ir.graph import Graph, Node
 from edgetune.ir.ops import ATEN
 from edgetune.passes.dce import dce
@@ -53,7 +54,7 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
-        program = program.run_decompositions(_decompositions())
+        program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, _device_of(inputs))))
     return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
 
 
@@ -71,14 +72,33 @@ def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
     return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _decompositions() -> dict:
+def _decompositions(keep_attention: bool = False) -> dict:
     """Core ATen, except ops whose decomposition changes their meaning for training:
     detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
-    whose gradient at the kinks (x = -3, 3) differs from hardswish's own."""
+    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. Attention stays one
+    op where edgetune's fused kernel runs it (edgetune/ir/ops/attention.py)."""
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default):
+    kept = [torch.ops.aten.detach.default, torch.ops.aten.hardswish.default]
+    if keep_attention:
+        kept.append(torch.ops.aten.scaled_dot_product_attention.default)
+    for op in kept:
         table.pop(op, None)
     return table
+
+
+def _keeps_fused_attention(program: Any, device: torch.device) -> bool:
+    """True where every attention call of the program fits the fused kernel (all or none: the
+    decomposition table is one for the whole program)."""
+    calls = [n for n in program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    return bool(calls) and all(_fits_fused_attention(n, device) for n in calls)
+
+
+def _fits_fused_attention(node: Any, device: torch.device) -> bool:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    val = lambda a: a.meta["val"] if hasattr(a, "meta") else a  # noqa: E731
+    return fused_attention_applies(val(args["query"]), val(args["key"]), val(args.get("attn_mask")),
+                                   args.get("dropout_p", 0.0), args.get("enable_gqa", False), device)
 
 
 def _device_of(inputs: tuple) -> torch.device:

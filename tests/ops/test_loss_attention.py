@@ -172,3 +172,14 @@ def test_manual_attention_with_arange_mask(t_q, t_k, d, causal):
 
     t_k = max(t_k, t_q) if causal else t_k
     check_grads(attend, *_qkv(b=1, t_q=t_q, t_k=t_k, d=d))
+
+
+@pytest.mark.parametrize("kw, fused", [({}, True), ({"is_causal": True}, True), ({"enable_gqa": True}, False)])
+def test_sdpa_stays_one_op_where_the_fused_kernel_applies(kw, fused):
+    from edgetune.frontend.torch import export
+
+    q, k, v = _qkv(h=4, h_kv=2 if kw.get("enable_gqa") else 4)
+    forward = export(torch.nn.Identity(), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw).sum(),
+                     (q,), (k, v))
+    ops = [n.op for n in forward.graph.nodes]
+    assert ("sdpa" in ops) == fused and ("softmax" in ops) != fused

