@@ -38,13 +38,13 @@ MB = 2 ** 20
 # -- running ------------------------------------------------------------------------------------
 
 def write_report(path: Path, text: str) -> None:
-    """The vision report replaces the file, but keeps the LM benchmark's marked section
-    (bench/lm.py writes that one)."""
-    from bench.lm import BEGIN, END
+    """The vision report replaces the file up to the LM benchmark's marked section, which
+    bench/lm.py writes, and keeps that section and whatever follows it (notes by hand)."""
+    from bench.lm import BEGIN
 
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        text = text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):old.index(END) + len(END)] + "\n"
+    if BEGIN in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):]
     path.write_text(text)
 
 

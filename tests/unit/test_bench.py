@@ -61,3 +61,12 @@ def test_runs_render_together(tmp_path, monkeypatch):
     assert "## mobilenetv2" in text and "## resnet" in text and "## Against the goals" in text
     assert "--models mobilenetv2`, then `python -m bench --models resnet" in text
     assert "2026-11-27 12:00; 2026-11-27 12:10" in text
+
+
+def test_the_report_keeps_the_lm_section_and_what_follows(tmp_path):
+    from bench.lm import BEGIN, END
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# old vision tables\n\n{BEGIN}\nLM table\n{END}\n\n### notes by hand\n")
+    bench_main.write_report(path, "# new vision tables\n")
+    assert path.read_text() == f"# new vision tables\n\n{BEGIN}\nLM table\n{END}\n\n### notes by hand\n"
