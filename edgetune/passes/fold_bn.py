@@ -31,17 +31,19 @@ def fold_frozen_batchnorm(graph: Graph, trained: set[Node]) -> Graph:
         if not at_peak:
             return folded
         for w in at_peak:
-            del convs[weights[w]]
+            convs.pop(weights[w], None)
 
 
 def _folded_weights_at_peak(graph: Graph) -> list[Node]:
+    """The folded weights and biases live when the forward peaks."""
     p, last = plan(graph), last_uses(graph)
     peak = max(range(len(p.live_bytes)), key=p.live_bytes.__getitem__)
-    return [n for pos, n in enumerate(graph.nodes) if n.op == "fold_bn_weight" and pos <= peak <= last[n]]
+    return [n for pos, n in enumerate(graph.nodes)
+            if n.op in ("fold_bn_weight", "fold_bn_bias") and pos <= peak <= last[n]]
 
 
 def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, Node]]:
-    """`graph` with each conv -> BN pair of `convs` as one conv; {folded weight: its conv}."""
+    """`graph` with each conv -> BN pair of `convs` as one conv; {folded weight or bias: its conv}."""
     conv_inputs: dict[Node, tuple[Node, ...]] = {}
     weights: dict[Node, Node] = {}
 
@@ -56,8 +58,8 @@ def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, No
             eps = n.attrs["eps"]
             b.meta = dict(conv.meta)
             weight = b.emit("fold_bn_weight", w, gamma, var, eps=eps, name=f"{w.name}_folded")
-            weights[weight] = conv
             bias = b.emit("fold_bn_bias", beta, mean, gamma, var, eps=eps, name=f"{beta.name}_folded")
+            weights[weight] = weights[bias] = conv
             return b.emit("conv", x, weight, bias, **conv.attrs)
         return None
 
