@@ -3,8 +3,8 @@
 What torch.export decomposes it into keeps the [..., T, S] probabilities for the backward and
 spends passes on bookkeeping for rows masked entirely; this op keeps its output and one
 log-sum-exp per query row, and the backward recomputes the probabilities block by block.
-The frontend keeps the op whole where this kernel applies (CPU, 4-D, no dropout, as many key
-as query heads: `fused_attention_applies`) and lets torch decompose it elsewhere.
+The frontend keeps the op whole where this kernel applies (CPU, 4-D, float32/64, no dropout, as
+many key as query heads: `fused_attention_applies`) and lets torch decompose it elsewhere.
 
 `sdpa` returns [..., T, Dv + 1]: the output, then the log-sum-exp, so one node carries both.
 """
@@ -21,7 +21,9 @@ A = torch.ops.aten
 
 def fused_attention_applies(q, k, attn_mask, dropout_p, enable_gqa, device) -> bool:
     """Whether `sdpa` can stand for this call (arguments as torch.export's fake tensors)."""
+    # float32/64 only: the log-sum-exp travels in the output's dtype, and bfloat16 would round it.
     return (device.type == "cpu" and dropout_p == 0 and q.dim() == 4 and k.dim() == 4
+            and q.dtype in (torch.float32, torch.float64)
             and q.shape[1] == k.shape[1] and (attn_mask is None or attn_mask.dim() <= 4))
 
 
