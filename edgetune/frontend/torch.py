@@ -54,8 +54,9 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
-        program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, _device_of(inputs))))
-    return _Converter(program, len(inputs), _device_of(inputs), _param_aliases(model)).run()
+        device = _device_of(inputs)
+        program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
+    return _Converter(program, len(inputs), device, _param_aliases(model)).run()
 
 
 def _unaliased(inputs: tuple, targets: tuple) -> tuple:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from edgetune.ir.graph import Graph, Node
-from edgetune.memory import last_uses, plan
+from edgetune.memory import MemoryPlan, plan
 from edgetune.passes.rewrite import rewrite
 
 
@@ -27,19 +27,19 @@ def fold_frozen_batchnorm(graph: Graph, trained: set[Node]) -> Graph:
     ceiling = plan(graph).peak_bytes
     while True:
         folded, weights = _folded(graph, convs)
-        at_peak = _folded_weights_at_peak(folded) if plan(folded).peak_bytes > ceiling else []
+        folded_plan = plan(folded)
+        at_peak = _folded_at_peak(folded_plan) if folded_plan.peak_bytes > ceiling else []
         if not at_peak:
             return folded
         for w in at_peak:
             convs.pop(weights[w], None)
 
 
-def _folded_weights_at_peak(graph: Graph) -> list[Node]:
+def _folded_at_peak(p: MemoryPlan) -> list[Node]:
     """The folded weights and biases live when the forward peaks."""
-    p, last = plan(graph), last_uses(graph)
     peak = max(range(len(p.live_bytes)), key=p.live_bytes.__getitem__)
-    return [n for pos, n in enumerate(graph.nodes)
-            if n.op in ("fold_bn_weight", "fold_bn_bias") and pos <= peak <= last[n]]
+    return [n for pos, n in enumerate(p.order)
+            if n.op in ("fold_bn_weight", "fold_bn_bias") and pos <= peak <= p.last_use[n]]
 
 
 def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, Node]]:
@@ -84,4 +84,3 @@ def _frozen_leaf(n: Node, trained: set[Node]) -> bool:
 def _running_statistic(n: Node) -> bool:
     # Eval mode reads the buffers as they are; train mode computes batch statistics instead.
     return n.op == "input" and n.attrs.get("kind") == "buffer"
-
