@@ -29,11 +29,12 @@ def load_data(spec: str, split: str = "train") -> LabeledData:
     if name in NAMED:
         return load_fashion_mnist(split) if name == "fashion-mnist" else NAMED[name]()
     path = Path(spec).expanduser()
+    if not path.exists():  # checked first: a missing .npz or .csv must not reach numpy's or open's own error
+        raise ValueError(f"unknown data {spec!r} (no such file or folder); accepted: {ACCEPTED}")
     if path.is_dir():
         return load_image_folder(path, split=split)
     if path.suffix.lower() == ".npz":
         return load_numpy(path)
     if path.suffix.lower() == ".csv":
         return load_text_csv(path)
-    raise ValueError(f"unknown data {spec!r}" + (" (no such file or folder)" if not path.exists() else "")
-                     + f"; accepted: {ACCEPTED}")
+    raise ValueError(f"unknown data {spec!r}; accepted: {ACCEPTED}")

@@ -99,8 +99,8 @@ def _val_size(n: int, fraction: float | None, count: int | None) -> int:
             raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
         count = max(1, round(fraction * n))
     if not 0 < count < n:
-        raise ValueError(f"cannot hold out {count} of {n} examples: both splits need at least one; "
-                         "use more data or a smaller held-out count")
+        most = f"hold out at most {n - 1}" if n > 1 else "add data"
+        raise ValueError(f"cannot hold out {count} of {n} examples: both splits need at least one; {most}")
     return count
 
 

@@ -32,10 +32,15 @@ class LabeledData:
         return LabeledData(items, self.labels[idx], list(self.classes))
 
     def split(self, fraction: float, seed: int = 0) -> tuple["LabeledData", "LabeledData"]:
-        """(rest, held_out): `fraction` of every class held out (e.g. for validation)."""
+        """(rest, held_out): `fraction` of every class held out (e.g. for validation). Each
+        side keeps at least one item, so that a small data set still splits (2 items at 0.2
+        hold out 1, not round(0.4) = 0)."""
         if not 0 < fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-        rest, held = stratified_split(self.labels, round(len(self) * fraction), seed)
+        if len(self) < 2:
+            raise ValueError(f"cannot split {len(self)} item(s) into two non-empty parts: add data")
+        n_held = min(max(1, round(len(self) * fraction)), len(self) - 1)
+        rest, held = stratified_split(self.labels, n_held, seed)
         return self.subset(rest), self.subset(held)
 
     def take(self, n: int, seed: int = 0) -> "LabeledData":

@@ -143,7 +143,9 @@ def _class_dirs(folder: Path, must: bool = True) -> list[str]:
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    # Hidden files are skipped: macOS leaves "._name.png" metadata files beside copied images.
+    return sorted(f for f in folder.iterdir()
+                  if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
 
 
 def _read_image(file: Path, size: int) -> torch.Tensor:
@@ -154,7 +156,7 @@ def _read_image(file: Path, size: int) -> torch.Tensor:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, still >= size
             img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {file}: {e}") from e
+        raise ValueError(f"cannot read image {file}: {e}; remove or replace the file") from e
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 
@@ -165,12 +167,14 @@ def load_numpy(path: str | os.PathLike) -> LabeledData:
     [0, 1]), `y` integer labels (N,) and optionally `classes` (K names; "0".."K-1" if absent)."""
     import numpy as np
 
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         missing = {"x", "y"} - set(z.files)
         if missing:
             raise ValueError(f"{path}: needs arrays 'x' and 'y', lacks {sorted(missing)} (has {z.files})")
         x, y = _images_nchw(path, torch.from_numpy(z["x"])), torch.from_numpy(z["y"])
         classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
+    if len(x) == 0:
+        raise ValueError(f"{path}: holds no images (x and y are empty)")
     if y.dim() != 1 or len(y) != len(x) or y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"{path}: y must be {len(x)} integer labels (shape ({len(x)},)), got {y.dtype} {tuple(y.shape)}")
     if len(y) and y.min() < 0:
@@ -179,6 +183,20 @@ def load_numpy(path: str | os.PathLike) -> LabeledData:
     if len(y) and int(y.max()) >= len(classes):
         raise ValueError(f"{path}: label {int(y.max())} but only {len(classes)} class names")
     return LabeledData(x, y.long(), classes)
+
+
+def _open_npz(path):
+    import zipfile
+
+    import numpy as np
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({e}); save one with numpy.savez(path, x=..., y=...)") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy renamed: one array, no names
+        raise ValueError(f"{path}: holds one bare array, not named arrays; save with numpy.savez(path, x=..., y=...)")
+    return z
 
 
 def _images_nchw(path, x: torch.Tensor) -> torch.Tensor:

@@ -39,17 +39,22 @@ def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_colu
     """A CSV file with a header row, one text and one label per row. Labels that are all
     integers 0..K-1 keep their values (classes "0".."K-1"); other labels are class names,
     numbered in sorted order."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; the header has {reader.fieldnames}")
-        rows = [(r[text_column] or "", (r[label_column] or "").strip()) for r in reader]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
+            if missing:
+                header = f"the header has {reader.fieldnames}" if reader.fieldnames else "the file is empty"
+                raise ValueError(f"{path}: no column(s) {missing}; {header}. The first line must name the "
+                                 f"columns, e.g. {text_column},{label_column}")
+            rows = [(r[text_column] or "", (r[label_column] or "").strip()) for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     empty = [i + 2 for i, (_, lab) in enumerate(rows) if not lab]  # +2: 1-based, after the header
     if empty:
         raise ValueError(f"{path}: empty {label_column!r} on line(s) {empty[:5]}")
     if not rows:
-        raise ValueError(f"{path}: no rows after the header")
+        raise ValueError(f"{path}: no rows after the header: add one text and its label per line")
     labels, classes = _label_indices([lab for _, lab in rows])
     return LabeledData([t for t, _ in rows], labels, classes)
 

@@ -139,3 +139,9 @@ def test_sharegpt_subset_is_english_two_turn_short_and_deterministic(tok):
         assert all(sum(ch.isascii() for ch in m["content"]) >= 0.98 * len(m["content"]) for m in c)
     data = load_lm_data("sharegpt", tok, seq_len=256, max_chars=400, limit=30)
     assert len(data) + data.dropped == 30 and data.target_tokens > 0
+
+
+def test_holding_out_too_many_says_how_many_can_be(tok):
+    data = tokenize_records([chat("s", "q", f"a{i}") for i in range(5)], tok, seq_len=64)
+    with pytest.raises(ValueError, match="cannot hold out 9 of 5 examples.*hold out at most 4"):
+        data.split(val_count=9)

@@ -248,3 +248,26 @@ def test_augmentation_flips_about_half():
     assert 0.35 < rising < 0.65
     steps = out.diff(dim=1)  # every row still a ramp, one way or the other: crops do not shuffle
     assert ((steps >= -1e-5).all(dim=1) | (steps <= 1e-5).all(dim=1)).all()
+
+
+def test_split_keeps_an_item_on_each_side_of_a_tiny_data_set():
+    two = LabeledData(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"])
+    rest, held = two.split(0.2)  # round(0.4) would hold out nothing
+    assert len(rest) == len(held) == 1
+    rest, held = two.split(0.9)  # round(1.8) would leave nothing to train on
+    assert len(rest) == len(held) == 1
+    with pytest.raises(ValueError, match="cannot split 1 item"):
+        two.subset(torch.tensor([0])).split(0.5)
+
+
+def test_a_missing_file_is_named_before_its_reader_runs(tmp_path):
+    for name in ("gone.npz", "gone.csv"):
+        with pytest.raises(ValueError, match=f"unknown data '.*{name}' \\(no such file or folder\\)"):
+            load_data(str(tmp_path / name))
+
+
+def test_hidden_files_in_a_class_folder_are_skipped(tmp_path):
+    write_png(tmp_path / "a" / "x.png", (1, 2, 3))
+    write_png(tmp_path / "b" / "y.png", (4, 5, 6))
+    (tmp_path / "a" / "._x.png").write_bytes(b"AppleDouble metadata")
+    assert len(load_image_folder(tmp_path, size=8)) == 2
