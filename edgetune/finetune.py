@@ -65,6 +65,8 @@ class Metrics:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data, prepare: Prepare, batch_size: int = 128) -> Metrics:
     """Accuracy and mean cross-entropy of `model` in eval mode over every item of `data`."""
+    if len(data) == 0:
+        raise ValueError("nothing to evaluate on: the held-out split is empty")
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
@@ -77,6 +79,20 @@ def evaluate(model: torch.nn.Module, data, prepare: Prepare, batch_size: int = 1
 
 
 # -- the loop --------------------------------------------------------------------------------
+
+def fit_batch(batch_size: int, items: int, what: str = "training items", log: Callable[[str], None] = print) -> int:
+    """`batch_size`, or `items` where the data hold fewer. The step is compiled for one batch
+    shape and training drops partial batches, so a batch larger than the data would never
+    run: a few-shot folder of 19 images trains in batches of 19. Says so when it clips."""
+    if batch_size < 1:
+        raise ValueError(f"the batch size must be at least 1, got {batch_size}")
+    if items < 1:
+        raise ValueError(f"no {what} to train on")
+    if batch_size <= items:
+        return batch_size
+    log(f"note: only {items} {what}, so the batch is {items} instead of {batch_size}")
+    return items
+
 
 @dataclass
 class History:
@@ -124,6 +140,8 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
              evaluate_before: bool = True, log: Callable[[str], None] | None = None) -> History:
     """Train `epochs` passes over `train`, evaluating on `val` before (optional) and after each.
     `log` receives one line per evaluation (default: printed above the progress bar)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
     total = epochs * (len(train) // batch_size)
     if total == 0:
         raise ValueError(f"{len(train)} training items cannot fill one batch of {batch_size}; use a smaller --batch")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.data import LabeledData
-from edgetune.finetune import evaluate, finetune, learning_rate, load_weights, save_weights
+from edgetune.finetune import evaluate, finetune, fit_batch, learning_rate, load_weights, save_weights
 from edgetune.models import build
 
 
@@ -106,3 +106,31 @@ def test_loading_weights_of_another_model_names_the_mismatch(tmp_path):
     save_weights(build("resnet", num_classes=2), path)
     with pytest.raises(ValueError, match="does not fit"):
         load_weights(build("mobilenetv2-0.35", num_classes=2), path)
+
+
+def test_fit_batch_clips_to_the_data_and_says_so():
+    said = []
+    assert fit_batch(32, 19, log=said.append) == 19
+    assert said == ["note: only 19 training items, so the batch is 19 instead of 32"]
+    assert fit_batch(8, 19, log=said.append) == 8 and len(said) == 1  # fits: nothing said
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        fit_batch(0, 19)
+    with pytest.raises(ValueError, match="no training items"):
+        fit_batch(4, 0)
+
+
+def test_epochs_below_one_is_an_error_not_a_batch_complaint():
+    model = build("resnet", num_classes=2).eval()
+    train = _blobs(8, 0)
+    trainer = et.compile(model, F.cross_entropy, _prepare(train.items[:4], True), (train.labels[:4],))
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        finetune(trainer, train, train, _prepare, epochs=0, batch_size=4, lr=0.1, progress=False)
+
+
+def test_evaluation_takes_a_held_out_split_smaller_than_a_batch_and_refuses_an_empty_one():
+    model = build("resnet", num_classes=2).eval()
+    val = _blobs(3, 1)
+    metrics = evaluate(model, val, _prepare, batch_size=128)
+    assert metrics.accuracy in (0, 1 / 3, 2 / 3, 1) and metrics.loss > 0
+    with pytest.raises(ValueError, match="held-out split is empty"):
+        evaluate(model, val.subset(torch.tensor([], dtype=torch.int64)), _prepare)
