@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from edgetune.finetune import Prepare, image_task, text_task
+from edgetune.finetune import Prepare, fit_batch, image_task, text_task
 
 # Normalisation for built-in models trained from scratch: inputs scaled to about [-1, 1].
 _FROM_SCRATCH_MEAN, _FROM_SCRATCH_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -38,6 +38,9 @@ class Job:
 
     def example(self, batch_size: int) -> tuple[tuple, tuple]:
         """(inputs, targets) of one training batch, to compile the step for."""
+        if not 0 < batch_size <= len(self.train):
+            raise ValueError(f"a batch of {batch_size} needs that many training items, and there are "
+                             f"{len(self.train)}: clip it with edgetune.finetune.fit_batch")
         items, labels = next(iter(self.train.batches(batch_size, shuffle=False)))
         return self.prepare(items, True), (labels,)
 
@@ -47,6 +50,7 @@ def build_job(model: str, data: str, *, size: int | None = None, max_len: int | 
               val_limit: int | None = None, seed: int = 0, augment: bool = True) -> Job:
     """Load `data`, hold out a split, and build `model` with a head for its classes."""
     train, val = _splits(data, val_data, val_fraction, seed)
+    _check_classes(data, train)
     if train_limit:
         train = train.take(min(train_limit, len(train)), seed=seed)
     if val_limit:
@@ -54,6 +58,8 @@ def build_job(model: str, data: str, *, size: int | None = None, max_len: int | 
     net, head, prepare, describe = _model_and_task(model, len(train.classes), size, max_len, augment)
     _check_kind(model, data, train, prepare_is_text=describe.startswith("text"))
     net.eval()  # eval-mode norms: a pretrained BN keeps its running statistics (and folds away)
+    if not describe.startswith("text"):
+        check_input_fits(net, prepare(train.items[:1], False), describe.split(",")[0])
     return Job(model, data, net, head, train, val, prepare, describe)
 
 
@@ -61,12 +67,43 @@ def _splits(data: str, val_data: str | None, val_fraction: float, seed: int):
     from edgetune.data import load_data
 
     if val_data:
-        return load_data(data, split="train"), load_data(val_data, split="test")
+        train, val = load_data(data, split="train"), load_data(val_data, split="test")
+        if val.classes != train.classes:  # labels are indices into each one's own class list
+            raise ValueError(f"--val-data {val_data!r} has classes {val.classes}, but {data!r} has "
+                             f"{train.classes}: both must have the same classes")
+        return train, val
     if data == "fashion-mnist" or Path(data, "train").is_dir():  # sources with their own test split
         return load_data(data, split="train"), load_data(data, split="test")
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     return load_data(data).split(val_fraction, seed=seed)
+
+
+def _check_classes(data: str, train) -> None:
+    """A classifier needs two classes, and a class without a training item cannot be learned."""
+    if len(train.classes) < 2:
+        raise ValueError(f"{data!r} holds a single class ({train.classes}): a classifier needs at least two; "
+                         "add a sub-folder of images for each class")
+    present = set(train.labels.tolist())
+    missing = [c for i, c in enumerate(train.classes) if i not in present]
+    if missing:
+        raise ValueError(f"class(es) {missing} of {data!r} have no training item (their only items were held "
+                         "out): give every class at least 2 items, or pass --val-data")
+
+
+def check_input_fits(model: torch.nn.Module, inputs: tuple, what: str) -> None:
+    """One plain forward pass of one item, before compiling: an input the model cannot take (an
+    image smaller than its kernels or patches) is reported as such, not as a compiler error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*(x[:1] for x in inputs))
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ValueError(f"the model cannot take {what} ({reason}); use a larger --size") from err
+    finally:
+        model.train(was_training)
 
 
 def _model_and_task(name: str, num_classes: int, size: int | None, max_len: int | None, augment: bool):
@@ -130,7 +167,8 @@ def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = No
     s = settings or SearchSettings()
     space, gains = measure_contributions(job, s, log)
     optimizer = _optimizer(s.optimizer, s.lr)
-    inputs, targets = job.example(s.batch)
+    # The peak is predicted for the batch fine-tuning will use: the whole training split at most.
+    inputs, targets = job.example(fit_batch(s.batch, len(job.train), log=log))
     # The predictor loads torch.export; a forked child keeps it out of the training process.
     return run_isolated(lambda: search_verified(space, gains, PeakPredictor(job.model, job.loss_fn, inputs, targets,
                                                                             optimizer), budget_bytes),
@@ -145,26 +183,36 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
                                    weight_filter=_weight_filter(job.model, settings.weights))
     log(f"search space: biases of the last k of {len(space.bias_units)} layers (k in {list(space.bias_choices)}), "
         f"{len(space.weight_units)} weights at ratios {list(space.ratios)}")
-    gains = contributions(space, _short_run(job, settings), cache=settings.cache, context=_context(job, settings),
-                          progress=lambda line: log(f"  {line}"))
+    rest, score = _scoring_split(job, settings)
+    batch = fit_batch(settings.batch, len(rest), "training items left for the search's short runs", log)
+    train = rest.take(min(len(rest), settings.steps * batch), seed=settings.seed)
+    gains = contributions(space, _short_run(job, settings, train, score, batch), cache=settings.cache,
+                          context=_context(job, settings, batch), progress=lambda line: log(f"  {line}"))
     return space, gains
 
 
-def _short_run(job: Job, s: SearchSettings) -> Callable[[dict], float]:
+def _scoring_split(job: Job, s: SearchSettings):
+    """(items to train the short runs on, items to score them on): both from the training
+    split, so that the job's held-out split stays unseen by the search."""
+    if len(job.train) < 2:
+        raise ValueError(f"the search trains on part of the training split and scores on the rest, so it needs at "
+                         f"least 2 training items, and there are {len(job.train)}: add data")
+    return job.train.split(min(0.5, s.score_items / len(job.train)), seed=s.seed + 1)
+
+
+def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callable[[dict], float]:
     """evaluate(scheme) -> accuracy after a short run, weights restored afterwards."""
     from edgetune.finetune import evaluate, finetune
     from edgetune.trainer import compile as compile_step
 
-    rest, score = job.train.split(min(0.5, s.score_items / len(job.train)), seed=s.seed + 1)
-    train = rest.take(min(len(rest), s.steps * s.batch), seed=s.seed)
     initial = {k: v.clone() for k, v in job.model.state_dict().items()}
 
     def run(scheme: dict) -> float:
         try:
-            inputs, targets = job.example(s.batch)
+            inputs, targets = job.example(batch)
             trainer = compile_step(job.model, job.loss_fn, inputs, targets, scheme=scheme,
                                    optimizer=_optimizer(s.optimizer, s.lr))
-            finetune(trainer, train, score, job.prepare, epochs=1, batch_size=s.batch, lr=s.lr, schedule="constant",
+            finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr, schedule="constant",
                      seed=s.seed, progress=False, evaluate_before=False, log=lambda line: None)
             return evaluate(job.model, score, job.prepare).accuracy
         except FloatingPointError:
@@ -175,8 +223,8 @@ def _short_run(job: Job, s: SearchSettings) -> Callable[[dict], float]:
     return run
 
 
-def _context(job: Job, s: SearchSettings) -> str:
-    return (f"{job.model_name} | {job.data_name} ({len(job.train)} train) | {job.describe_input} | batch {s.batch} | "
+def _context(job: Job, s: SearchSettings, batch: int) -> str:
+    return (f"{job.model_name} | {job.data_name} ({len(job.train)} train) | {job.describe_input} | batch {batch} | "
             f"{s.optimizer} lr {s.lr:g} | {s.steps} steps | {s.score_items} scored | seed {s.seed}")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetune.jobs import SearchSettings, _short_run, build_job
+from edgetune.jobs import SearchSettings, _scoring_split, _short_run, build_job
 
 
 def _image_folder(root, layout_split: bool):
@@ -39,8 +39,43 @@ def test_unknown_model_names_the_choices():
 def test_a_short_run_restores_the_weights_it_trained(tmp_path):
     job = build_job("resnet", "digits", size=16, train_limit=200)
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
-    run = _short_run(job, SearchSettings(batch=16, steps=3, score_items=50, lr=0.05))
+    settings = SearchSettings(batch=16, steps=3, score_items=50, lr=0.05)
+    train, score = _scoring_split(job, settings)
+    run = _short_run(job, settings, train.take(48), score, batch=16)
     accuracy = run({"fc.*": "full", "*.bias": "full"})
     assert 0.0 <= accuracy <= 1.0
     for k, v in job.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_batch_larger_than_the_training_split_is_a_clear_error_not_stop_iteration(tmp_path):
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=True)), size=16)
+    with pytest.raises(ValueError, match="a batch of 32 needs that many training items, and there are 12"):
+        job.example(32)
+
+
+def test_one_class_or_a_class_with_no_training_item_is_refused(tmp_path):
+    folder = _image_folder(tmp_path, layout_split=False)
+    for f in (folder / "dogs").iterdir():
+        f.unlink()
+    (folder / "dogs").rmdir()
+    with pytest.raises(ValueError, match="single class .*at least two"):
+        build_job("resnet", str(folder), size=16)
+    (folder / "dogs").mkdir()
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(folder / "dogs" / "only.png")
+    # 7 items at 0.5 hold out 4: 3.43 of cats and 0.57 of dogs, rounded by largest remainder to 3 and 1,
+    # so the only dog is held out.
+    with pytest.raises(ValueError, match=r"\['dogs'\] .* no training item"):
+        build_job("resnet", str(folder), size=16, val_fraction=0.5)
+
+
+def test_an_image_size_the_model_cannot_take_is_named(tmp_path):
+    with pytest.raises(ValueError, match="cannot take images 2x2 .*larger --size"):
+        build_job("vit", str(_image_folder(tmp_path, layout_split=False)), size=2)
+
+
+def test_the_search_needs_two_training_items_to_score_on(tmp_path):
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=False)), size=16)
+    job.train = job.train.take(1)
+    with pytest.raises(ValueError, match="at least 2 training items"):
+        _scoring_split(job, SearchSettings())
