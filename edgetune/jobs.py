@@ -101,7 +101,7 @@ def check_input_fits(model: torch.nn.Module, inputs: tuple, what: str) -> None:
             model(*(x[:1] for x in inputs))
     except RuntimeError as err:
         reason = str(err).strip().splitlines()[0]
-        raise ValueError(f"the model cannot take {what} ({reason}); use a larger --size") from err
+        raise ValueError(f"the model cannot take {what} ({reason}); try a larger --size") from err
     finally:
         model.train(was_training)
 
@@ -117,8 +117,9 @@ def _model_and_task(name: str, num_classes: int, size: int | None, max_len: int 
         side = size or p.image_size
         return p.model, p.head, image_task(side, p.mean, p.std, augment), f"images {side}x{side}"
     if name in MODELS:
-        model = build(name, num_classes=num_classes)
         side = size or 64
+        # A ViT's position embeddings are sized for one image side: build it for this one.
+        model = build(name, num_classes=num_classes, **({"image_size": side} if name == "vit" else {}))
         prepare = image_task(side, _FROM_SCRATCH_MEAN, _FROM_SCRATCH_STD, augment)
         return model, _last_linear(model), prepare, f"images {side}x{side}, random init"
     raise ValueError(f"unknown model {name!r}; pretrained: {sorted(PRETRAINED)}; built-in (random init): "

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetune.jobs import SearchSettings, _scoring_split, _short_run, build_job
+from edgetune.jobs import SearchSettings, _scoring_split, _short_run, build_job, measure_contributions
 
 
 def _image_folder(root, layout_split: bool):
@@ -70,8 +70,11 @@ def test_one_class_or_a_class_with_no_training_item_is_refused(tmp_path):
 
 
 def test_an_image_size_the_model_cannot_take_is_named(tmp_path):
+    folder = str(_image_folder(tmp_path, layout_split=False))
     with pytest.raises(ValueError, match="cannot take images 2x2 .*larger --size"):
-        build_job("vit", str(_image_folder(tmp_path, layout_split=False)), size=2)
+        build_job("vit", folder, size=2)
+    (x,), _ = build_job("vit", folder, size=48).example(2)  # a ViT is built for the side it is given
+    assert x.shape == (2, 3, 48, 48)
 
 
 def test_the_search_needs_two_training_items_to_score_on(tmp_path):
@@ -79,3 +82,21 @@ def test_the_search_needs_two_training_items_to_score_on(tmp_path):
     job.train = job.train.take(1)
     with pytest.raises(ValueError, match="at least 2 training items"):
         _scoring_split(job, SearchSettings())
+
+
+def test_the_search_clips_its_batch_to_the_items_left_for_its_short_runs(tmp_path, monkeypatch):
+    import edgetune.search
+
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=False)), size=16)
+    seen = {}
+
+    def one_candidate(space, evaluate, cache, context, progress):  # one short run instead of all of them
+        seen["context"], seen["accuracy"] = context, evaluate({"fc.*": "full", "*.bias": "full"})
+        return "gains"
+
+    monkeypatch.setattr(edgetune.search, "contributions", one_candidate)
+    said = []
+    assert measure_contributions(job, SearchSettings(batch=32, steps=1), log=said.append)[1] == "gains"
+    # 10 training items: 5 score the candidates, the short runs train on the other 5.
+    assert "note: only 5 training items left for the search's short runs, so the batch is 5 instead of 32" in said
+    assert "| batch 5 |" in seen["context"] and 0 <= seen["accuracy"] <= 1
