@@ -19,10 +19,27 @@ from edgetune.scheme import SchemeError
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_numbers(args)
         return args.run(args)
     except (SchemeError, ValueError, NotImplementedError, FileNotFoundError) as err:
         print(f"edgetune: error: {err}", file=sys.stderr)
         return 2
+
+
+# The least value of each numeric flag (whichever the command has). Checked before any model
+# loads, so that --epochs 0 or --batch 0 fails at once, with the flag's name.
+_AT_LEAST = {"batch": 1, "epochs": 1, "steps": 1, "size": 1, "max_len": 1, "classes": 1, "seq_len": 2,
+             "train_limit": 1, "val_limit": 1, "val_count": 1, "limit": 1, "max_chars": 1, "eval_every": 1,
+             "search_steps": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for name, least in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if getattr(args, "lr", None) is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr:g} (e.g. --lr 0.003)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,15 +174,36 @@ def parse_scheme(spec: str) -> et.schemes.SchemeLike:
     if spec in ("bias_only", "bias-only"):
         return et.schemes.bias_only()
     if spec.startswith("last:"):
-        return et.schemes.last(int(spec.split(":", 1)[1]))
+        k = spec.split(":", 1)[1]
+        if not k.isdigit():
+            raise SchemeError(f"{spec!r}: last:K needs a whole number K of layers to train, e.g. last:4")
+        return et.schemes.last(int(k))
     if spec in et.schemes.PUBLISHED_TTE:
         return et.schemes.published(spec)
     if os.path.exists(spec):
-        with open(spec) as f:
-            data = json.load(f)
-        return et.schemes.tte(**data["tte"]) if set(data) == {"tte"} else data
+        return _scheme_file(spec)
     raise SchemeError(f"unknown scheme {spec!r}: use full, bias_only, last:K, one of "
                       f"{sorted(et.schemes.PUBLISHED_TTE)}, or a JSON file")
+
+
+def _scheme_file(path: str) -> et.schemes.SchemeLike:
+    """A JSON object of {pattern: rule}, or {"tte": {...}} with the Tiny Training Engine's keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SchemeError(f"scheme file {path} is not JSON ({err}); write an object of "
+                          '{"pattern": rule}, like the scheme.json a finetune run saves') from None
+    if not isinstance(data, dict):
+        raise SchemeError(f"scheme file {path} holds a {type(data).__name__}, not an object of "
+                          '{"pattern": rule}')
+    if set(data) != {"tte"}:
+        return data
+    try:
+        return et.schemes.tte(**data["tte"])
+    except TypeError as err:  # keys that tte() does not take, or not an object at all
+        raise SchemeError(f"scheme file {path}: its \"tte\" entry must be an object of the Tiny Training "
+                          f"Engine's keys (n_bias_update, manual_weight_idx, weight_update_ratio): {err}") from None
 
 
 def _optimizer(name: str, lr: float, weight_decay: float = 0.0) -> et.SGD | et.AdamW:
@@ -189,12 +227,16 @@ def parse_bytes(text: str) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from edgetune.models import build
+    from edgetune.jobs import check_input_fits
+    from edgetune.models import MODELS, build
 
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; plan takes a built-in model: {', '.join(sorted(MODELS))}")
     extra = {"image_size": args.size} if args.model == "vit" else {}
     model = build(args.model, num_classes=args.classes, **extra)
     model.train(args.train_mode)
     inputs, targets = _example(model, args)
+    check_input_fits(model, inputs, f"inputs of size {args.size}")
     start = time.perf_counter()
     trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=parse_scheme(args.scheme),
                          optimizer=_optimizer(args.optimizer, 0.01))
@@ -221,7 +263,7 @@ def _loss_for(name: str):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from edgetune.finetune import finetune
+    from edgetune.finetune import finetune, fit_batch
     from edgetune.jobs import build_job
 
     _default_lr(args)
@@ -229,6 +271,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
                     val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
                     seed=args.seed, augment=not args.no_augment)
+    args.batch = fit_batch(args.batch, len(job.train))
     scheme = _job_scheme(args, job)
     trainer = _compile_job(job, scheme, args)
     print(f"{args.model} on {args.data} ({len(job.train)} train / {len(job.val)} held-out, {job.describe_input}), "
@@ -259,8 +302,19 @@ def _search_settings(args: argparse.Namespace):
     from edgetune.jobs import SearchSettings
 
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
-                          seed=args.seed, cache=args.search_cache,
-                          ratios=tuple(float(r) for r in args.search_ratios.split(",")))
+                          seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios))
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        ratios = ()
+    # 0 (frozen) is always a choice; the search needs at least one ratio that trains a weight.
+    if not all(0 <= r <= 1 for r in ratios) or not any(r > 0 for r in ratios):
+        raise ValueError(f"--search-ratios takes channel ratios in [0, 1] separated by commas, at least one above "
+                         f"0, e.g. 0,0.25,1; got {text!r}")
+    return ratios
 
 
 def _default_lr(args: argparse.Namespace) -> None:
@@ -271,12 +325,14 @@ def _default_lr(args: argparse.Namespace) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from edgetune.finetune import fit_batch
     from edgetune.jobs import build_job, search_job
 
     _default_lr(args)
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
                     val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
                     seed=args.seed, augment=not args.no_augment)
+    args.batch = fit_batch(args.batch, len(job.train))
     result = search_job(job, parse_bytes(args.budget), _search_settings(args))
     side = result.save(args.out)
     trained = ", ".join(f"{k}={v}" for k, v in result.scheme.items())
@@ -331,11 +387,13 @@ def parse_lm_scheme(spec: str | None) -> et.schemes.SchemeLike:
 
 
 def run_finetune_lm(args: argparse.Namespace) -> int:
+    from edgetune.finetune import fit_batch
     from edgetune.lm import compile_lm, finetune_lm
 
     torch.manual_seed(args.seed)
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
+    args.batch = fit_batch(args.batch, len(train), "training examples")
     trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, _optimizer("adamw", args.lr, args.weight_decay),
                          frozen_weights="int8" if args.int8 else "float")
     print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
@@ -358,6 +416,10 @@ def _lm_data(args: argparse.Namespace):
     lm = load_lm(args.model, seq_len=args.seq_len)
     max_chars = args.max_chars or 4 * args.seq_len
     data = load_lm_data(args.data, lm.tokenizer, args.seq_len, limit=args.limit, max_chars=max_chars)
+    if len(data) < 2:
+        more = " or lower --seq-len (a .txt is cut into windows of --seq-len tokens)" if args.data.endswith(".txt") else ""
+        raise ValueError(f"{args.data} gives a single example of {args.seq_len} tokens, but training and held-out "
+                         f"need one each: add data{more}")
     train, val = data.split(args.val_fraction, args.val_count, seed=args.seed)
     print(f"{args.data}: {data.describe()}; {len(train)} for training, {len(val)} held out")
     return train, val, lm

@@ -12,7 +12,7 @@ import os
 import torch
 
 import edgetune as et
-from edgetune.finetune import finetune, save_weights
+from edgetune.finetune import finetune, fit_batch, save_weights
 from edgetune.jobs import build_job
 
 
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     data = _dataset()
     job = build_job("mobilenetv2-imagenet", data, size=args.size, train_limit=args.train_limit,
                     val_limit=args.val_limit)
+    args.batch = fit_batch(args.batch, len(job.train))
     scheme = et.schemes.with_head(parse_scheme(args.scheme), job.head)
     optimizer = et.SGD(lr=args.lr, momentum=0.9)
     inputs, targets = job.example(args.batch)

@@ -260,10 +260,17 @@ def save_trained(trainer: et.Trainer, path: str, whole: bool = False, metadata: 
 def load_trained(model: torch.nn.Module, path: str) -> dict[str, str]:
     """Load a file of save_trained (trained parameters or whole model) into `model`; every
     tensor must name a weight of the model with its shape. Returns the file's metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    tensors = load_file(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file {path}: give the .safetensors file finetune-lm wrote "
+                                "(runs/lm-.../trained.safetensors)")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err}); give the .safetensors file finetune-lm "
+                         "wrote") from None
     own = model.state_dict()
     wrong = [n for n, t in tensors.items() if n not in own or own[n].shape != t.shape]
     if wrong:

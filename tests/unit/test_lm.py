@@ -3,6 +3,7 @@ saving, and the finetune-lm / generate commands end to end."""
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -192,3 +193,55 @@ def test_smollm2_finetunes_on_sharegpt_and_generates(tmp_path, monkeypatch):
     assert len(history.losses) == 3 and all(0 < e["loss"] < 5 for e in history.evals)  # a pretrained model's loss
     save_trained(trainer, str(tmp_path / "t.safetensors"))
     assert "Paris" in generate(lm.model, lm.tokenizer, "What is the capital of France?", max_new_tokens=8)
+
+
+def test_load_trained_names_a_missing_or_foreign_file(lm, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no weights file .*gone.safetensors"):
+        load_trained(lm.model, str(tmp_path / "gone.safetensors"))
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        load_trained(lm.model, str(tmp_path / "notes.txt"))
+
+
+def test_cli_clips_the_batch_to_a_few_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl", n=3),
+                 "--scheme", "full", "--steps", "2", "--seq-len", "32", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "only 2 training examples, so the batch is 2 instead of 4" in printed
+    assert (out / "trained.safetensors").exists()
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ("", [], "holds no records"),
+    (json.dumps({"messages": qa(0)}) + "\n", [], "gives a single example of 32 tokens"),
+    (json.dumps({"messages": qa(0)}) + "\n{oops\n", [], "line 2 is not JSON"),
+    (None, ["--val-count", "50"], "cannot hold out 50 of 16 examples.*at most 15"),
+    (None, ["--batch", "0"], "--batch must be at least 1, got 0"),
+    (None, ["--steps", "0"], "--steps must be at least 1, got 0"),
+    (None, ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (None, ["--lr", "-1"], "--lr must be positive"),
+])
+def test_cli_data_and_flags_that_cannot_work_are_one_line_errors(tmp_path, capsys, content, flags, message):
+    path = tmp_path / "c.jsonl"
+    write_chats(path) if content is None else path.write_text(content)
+    argv = ["finetune-lm", "--model", "tiny-llama", "--data", str(path), "--scheme", "full", "--seq-len", "32",
+            "--no-progress", "--out", str(tmp_path / "run"), *flags]
+    if not {"--steps", "--epochs"} & set(flags):
+        argv += ["--steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_cli_a_text_shorter_than_one_window_says_to_lower_seq_len(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("hello world")
+    assert main(["finetune-lm", "--model", "tiny-llama", "--data", str(tmp_path / "short.txt"), "--scheme", "full",
+                 "--seq-len", "32", "--steps", "1", "--no-progress"]) == 2
+    assert "lower --seq-len" in capsys.readouterr().err
+
+
+def test_cli_generate_names_a_missing_weights_file(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny-llama", "--weights", str(tmp_path / "gone.safetensors"),
+                 "--prompt", "hi"]) == 2
+    assert "no weights file" in capsys.readouterr().err
