@@ -3,11 +3,13 @@
 Parameters, buffers and the batch belong to the caller and are not counted; optimizer
 state is persistent for the trainer's life and is. A view costs nothing but keeps the
 value it views alive (as the runtime does, through references). A kernel's own scratch
-memory (where measured, e.g. depthwise input gradients) counts while it runs.
+memory counts while it runs: what edgetune.backends.scratch measured on this machine where
+the caller passes it (`plan(graph, measured)`: the compiled step's plan), else the op's estimate.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 from edgetune.ir.graph import Graph, Node
 from edgetune.ir.ops import OPS, is_effect
@@ -19,6 +21,7 @@ class MemoryPlan:
     last_use: dict[Node, int]  # position after which the value is freed
     live_bytes: list[int]  # transient bytes live while each node runs
     state_bytes: int  # optimizer state, allocated once
+    scratch_bytes: list[int]  # of live_bytes, what each node's kernel allocates besides its output
 
     @property
     def peak_bytes(self) -> int:
@@ -49,20 +52,29 @@ def last_uses(graph: Graph) -> dict[Node, int]:
     return last
 
 
-def plan(graph: Graph) -> MemoryPlan:
+def plan(graph: Graph, measured: Mapping[Node, int] | None = None) -> MemoryPlan:
+    """Lifetimes and live bytes; `measured`: kernel scratch measured for some nodes."""
     last = last_uses(graph)
     frees: dict[int, list[Node]] = {}
     for n, pos in last.items():
         frees.setdefault(pos, []).append(n)
     live, live_bytes = 0, []
+    scratch = [scratch_bytes(n, measured) for n in graph.nodes]
     for pos, n in enumerate(graph.nodes):
         if allocates(n):
             live += n.nbytes
-        scratch = OPS[n.op].scratch
-        live_bytes.append(live + (scratch(n) if scratch else 0))
+        live_bytes.append(live + scratch[pos])
         live -= sum(m.nbytes for m in frees.get(pos, []) if allocates(m))
     state = sum(n.nbytes for n in graph.nodes if n.op == "input" and n.attrs.get("kind") == "state")
-    return MemoryPlan(list(graph.nodes), last, live_bytes, state)
+    return MemoryPlan(list(graph.nodes), last, live_bytes, state, scratch)
+
+
+def scratch_bytes(node: Node, measured: Mapping[Node, int] | None = None) -> int:
+    """What the node's kernel allocates besides its output while it runs."""
+    if measured and node in measured:
+        return measured[node]
+    estimate = OPS[node.op].scratch
+    return estimate(node) if estimate else 0
 
 
 def saved_for_backward(nodes: list[Node]) -> set[Node]:

@@ -37,8 +37,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from edgetune import scheme as schemes
+from edgetune.backends.scratch import measure_scratch
 from edgetune.memory import plan
-from edgetune.trainer import _as_tuple, training_graph
+from edgetune.trainer import _as_tuple, _device_of, training_graph
 
 RATIOS = (0.0, 0.125, 0.25, 0.5, 1.0)  # the paper's per-layer channel ratios; 0 = weight frozen
 MB = 2 ** 20
@@ -254,6 +255,7 @@ class PeakPredictor:
         self.model, self.loss_fn, self.optimizer, self.passes = model, loss_fn, optimizer, passes
         self.examples = (_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
         self.forward = export(model, loss_fn, *self.examples)
+        self.device = _device_of(model, self.examples[0])
         self._peaks: dict[tuple, int] = {}
 
     def predict(self, scheme: schemes.SchemeLike) -> int:
@@ -261,7 +263,7 @@ class PeakPredictor:
         key = tuple(rules.items())  # Rule is hashable: ratio, selection and LoRA rank all count
         if key not in self._peaks:
             graph, _ = training_graph(self.forward, self.model, rules, self.optimizer, self.passes)
-            self._peaks[key] = plan(graph).peak_bytes
+            self._peaks[key] = plan(graph, measure_scratch(graph, self.device)).peak_bytes
         return self._peaks[key]
 
     def measure(self, scheme: schemes.SchemeLike, steps: int = 2) -> int:

@@ -19,6 +19,7 @@ import torch
 from edgetune import lora
 from edgetune import scheme as schemes
 from edgetune.autodiff import differentiate
+from edgetune.backends.scratch import measure_scratch
 from edgetune.backends.torch import CompiledStep
 from edgetune.ir.builder import Builder
 from edgetune.ir.graph import Graph, Node, checks_enabled, leaves_first, verify
@@ -81,7 +82,7 @@ class Trainer:
         self.device = _device_of(model, self.examples[0])
         self.graph, self.updates = run_isolated(
             lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8), self.device)
-        self.plan: MemoryPlan = plan(self.graph)
+        self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
         self.compiled = CompiledStep(self.graph, self.device)
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)

@@ -29,6 +29,12 @@ def ops(trainer):
     return ops_of(trainer.graph)
 
 
+def estimated_peak(trainer):
+    """The plan the passes decide on: kernel scratch estimated per op, the same on every machine
+    (the trainer's report adds what the kernels are measured to take on this one)."""
+    return plan(trainer.graph).peak_bytes
+
+
 def ops_of(graph):
     return [n.op for n in graph.nodes]
 
@@ -55,7 +61,7 @@ def test_bitmask_replaces_saved_activations_with_bits():
     assert ops(after).count("pack_mask") == ops(after).count("masked_grad") == 1
     saved = lambda t: sum(n.nbytes for n in saved_for_backward(t.graph.nodes))  # noqa: E731
     assert saved(after) < saved(before)
-    assert after.report().predicted_peak_bytes < before.report().predicted_peak_bytes
+    assert estimated_peak(after) < estimated_peak(before)
 
 
 def test_bitmask_packs_no_more_activations_than_the_lowest_peak_needs():
@@ -173,7 +179,7 @@ def test_inplace_allocates_less_and_never_raises_the_peak():
     after, _, _ = trained(None, et.schemes.bias_only(), size=32)
     allocated = lambda t: sum(n.nbytes for n in t.graph.nodes if allocates(n))  # noqa: E731
     assert allocated(after) < allocated(before)
-    assert after.report().predicted_peak_bytes <= before.report().predicted_peak_bytes
+    assert estimated_peak(after) <= estimated_peak(before)
 
 
 def test_recompute_keeps_conv_outputs_and_redoes_bn_and_activation_in_backward():
@@ -185,7 +191,7 @@ def test_recompute_keeps_conv_outputs_and_redoes_bn_and_activation_in_backward()
     assert all("grad_of" in n.meta for n in redone)  # they run in the backward
     saved = lambda t: sum(n.nbytes for n in saved_for_backward(t.graph.nodes))  # noqa: E731
     assert saved(after) < saved(before)
-    assert after.report().predicted_peak_bytes < before.report().predicted_peak_bytes
+    assert estimated_peak(after) < estimated_peak(before)
 
 
 def test_recompute_does_nothing_where_the_backward_keeps_no_activation():

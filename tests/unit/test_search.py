@@ -140,10 +140,12 @@ def test_measured_peak_of_the_searched_scheme_fits_the_budget():
     space = SearchSpace.from_model(model)
     predictor = PeakPredictor(model, F.cross_entropy, *data, et.SGD(lr=0.01, momentum=0.9))
     gains = contributions(space, FakeEvaluate())
-    # Measured, the head alone takes ~18 MB here and every weight ~32 MB, while the plan predicts
-    # 10.5 and 14.8 MB: it misses the scratch of oneDNN's weight-gradient kernels, so a search on
-    # predictions alone would overshoot.
-    budget = predictor.measure(space.scheme(0)) + 12 * 2**20
+    # The budget comes from measurements on this machine, not from what a CPU's kernels are
+    # assumed to allocate: a little above the measured peak of the cheapest scheme that trains
+    # more than the head, so at least that one fits, and not everything does.
+    cheapest = min((space.scheme(k) for k in space.bias_choices[1:]), key=predictor.predict)
+    budget = int(predictor.measure(cheapest) * 1.05)
+    assert budget < predictor.measure(et.schemes.full())
     result = search_verified(space, gains, predictor, budget, population=8, generations=4)
     assert result.measured_peak_bytes <= budget
     assert result.predicted_gain > 0

@@ -8,7 +8,10 @@
 - `mutates`: indices of inputs updated in place, or a function of the node giving them
   (optimizer updates, buffer writes; such ops are effects and produce no value);
 - `view`: the output aliases input 0's memory (costs nothing in the memory plan);
-- `scratch`: bytes the torch kernel allocates while it runs, beyond its output (measured);
+- `scratch`: bytes the torch kernel allocates while it runs, beyond its output (an estimate);
+- `measure_scratch`: the kernel's allocations depend on the machine (library kernels that
+  reorder or copy their operands), so the plan uses what edgetune.backends.scratch measures
+  for each call where it can, and `scratch` only where it cannot;
 - `inplace`: the same kernel writing its result over input 0; registers `<name>_inplace`, a
   view of input 0, which passes/inplace.py uses where input 0 dies at this op;
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.
@@ -36,6 +39,7 @@ class OpDef:
     mutates: tuple[int, ...] | Callable[[Node], tuple[int, ...]] = ()
     view: bool = False
     scratch: Callable[[Node], int] | None = None  # bytes the kernel allocates besides its output
+    measure_scratch: bool = False  # measured per call on this machine where possible
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:

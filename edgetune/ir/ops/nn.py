@@ -88,7 +88,7 @@ def _conv_scratch(n) -> int:
     return max(v.nbytes for v in (n, *n.inputs[:2]))
 
 
-register("conv", _conv, _conv_vjp, scratch=_conv_scratch)
+register("conv", _conv, _conv_vjp, scratch=_conv_scratch, measure_scratch=True)
 
 
 def _depthwise_backward_scratch(n) -> int:
@@ -98,8 +98,8 @@ def _depthwise_backward_scratch(n) -> int:
     return n.nbytes if groups > 1 and groups == n.shape[1] else 0
 
 
-register("conv_grad_input", _conv_grad_input, scratch=_depthwise_backward_scratch)
-register("conv_grad_weight", _conv_grad_weight)
+register("conv_grad_input", _conv_grad_input, scratch=_depthwise_backward_scratch, measure_scratch=True)
+register("conv_grad_weight", _conv_grad_weight, measure_scratch=True)
 
 
 @aten(A.convolution.default)
@@ -134,11 +134,11 @@ def _convt_vjp(b, n, g, want):
     return (gx, gw, gb)[: len(n.inputs)]
 
 
-register("conv_transpose", _convt, _convt_vjp)
+register("conv_transpose", _convt, _convt_vjp, measure_scratch=True)
 register("conv_transpose_grad_input", lambda g, w, input_shape, **a: _convt_backward(
-    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0])
+    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0], measure_scratch=True)
 register("conv_transpose_grad_weight", lambda x, g, weight_shape, **a: _convt_backward(
-    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1])
+    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1], measure_scratch=True)
 
 
 # -- batch norm: y = (x - mean) * rsqrt(var + eps) * weight + bias ---------------------------
