@@ -26,6 +26,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from bench import sections
 from bench.child import run_child
 from bench.lm_one import ENGINES, EDGETUNE_LORA, LORA_ALPHA, LORA_RANK, LORA_TARGETS, LR, SPARSE_BLOCKS, WARMUP
 
@@ -214,14 +215,8 @@ def section(results: dict, env: dict) -> str:
 
 
 def replace_section(path: Path, text: str) -> None:
-    """Put `text` between the markers of `path`, or append it; nothing else in the file changes."""
-    old = path.read_text() if path.exists() else ""
-    start, end = old.find(BEGIN), old.find(END)
-    if start >= 0 and end > start:
-        new = old[:start] + text.rstrip("\n") + old[end + len(END):]
-    else:
-        new = old + ("" if not old or old.endswith("\n\n") else "\n" if old.endswith("\n") else "\n\n") + text
-    path.write_text(new)
+    """Put `text` between the LM section's markers of `path`, or append it."""
+    sections.replace_section(path, text, BEGIN, END)
 
 
 def console_table(results: dict) -> str:

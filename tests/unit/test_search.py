@@ -141,10 +141,11 @@ def test_measured_peak_of_the_searched_scheme_fits_the_budget():
     predictor = PeakPredictor(model, F.cross_entropy, *data, et.SGD(lr=0.01, momentum=0.9))
     gains = contributions(space, FakeEvaluate())
     # The budget comes from measurements on this machine, not from what a CPU's kernels are
-    # assumed to allocate: a little above the measured peak of the cheapest scheme that trains
-    # more than the head, so at least that one fits, and not everything does.
+    # assumed to allocate: a margin above the measured peaks of the head alone and of the
+    # cheapest scheme that trains more (a margin for the measurement's own repeatability), so
+    # that one fits, and below full training's, so that not everything does.
     cheapest = min((space.scheme(k) for k in space.bias_choices[1:]), key=predictor.predict)
-    budget = int(predictor.measure(cheapest) * 1.05)
+    budget = int(max(predictor.measure(space.scheme(0)), predictor.measure(cheapest)) * 1.25)
     assert budget < predictor.measure(et.schemes.full())
     result = search_verified(space, gains, predictor, budget, population=8, generations=4)
     assert result.measured_peak_bytes <= budget
