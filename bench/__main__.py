@@ -18,7 +18,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ import torch
 
 from bench import configs
 from bench.child import run_child
+from bench.sections import LM_BEGIN, cpu_model, edgetune_revision
 from bench.configs import Config
 from bench.goals import goals_section
 
@@ -40,11 +40,9 @@ MB = 2 ** 20
 def write_report(path: Path, text: str) -> None:
     """The vision report replaces the file up to the LM benchmark's marked section, which
     bench/lm.py writes, and keeps that section and whatever follows it (notes by hand)."""
-    from bench.lm import BEGIN
-
     old = path.read_text() if path.exists() else ""
-    if BEGIN in old:
-        text = text.rstrip("\n") + "\n\n" + old[old.index(BEGIN):]
+    if LM_BEGIN in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(LM_BEGIN):]
     path.write_text(text)
 
 
@@ -121,26 +119,6 @@ def parse_args(argv=None):
 
 
 # -- environment ----------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def edgetune_revision() -> str:
-    """The last commit that touched edgetune/, marked when edgetune/ has uncommitted changes.
-
-    Others commit while a run goes on; what matters is the engine code that was measured."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    rev = git("log", "-1", "--format=%h", "--", "edgetune") or "unknown"
-    return rev + (" with uncommitted changes" if git("status", "--porcelain", "edgetune") else "")
-
 
 def environment(started: float, load_start: tuple, revision: str, args) -> dict:
     end = edgetune_revision()

@@ -32,7 +32,7 @@ from bench.lm_one import ENGINES, EDGETUNE_LORA, LORA_ALPHA, LORA_RANK, LORA_TAR
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2 ** 20
-BEGIN, END = "<!-- lm-bench:begin -->", "<!-- lm-bench:end -->"
+BEGIN, END = sections.LM_BEGIN, sections.LM_END
 REFERENCE = "peft-lora"
 TRAINING = [e for e in ENGINES if e != "forward"]
 
@@ -229,11 +229,9 @@ def console_table(results: dict) -> str:
 # -- environment ---------------------------------------------------------------------------------------
 
 def environment(args, started: float) -> dict:
-    from bench.__main__ import cpu_model, edgetune_revision
-
     return {"command": shlex.join(["python", "-m", "bench.lm", *args.argv]),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "revision": edgetune_revision(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "cpu": sections.cpu_model(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "revision": sections.edgetune_revision(),
             **{lib: _version(lib) for lib in ("torch", "transformers", "peft")},
             "threads": args.threads, "steps": args.steps, "batch": args.batch, "seq": args.seq, "tiny": args.tiny,
             "runtime_s": time.perf_counter() - started}

@@ -25,7 +25,7 @@ def measure(mode: str) -> dict:
 
     import edgetune as et
     from bench.lm_one import make_batch
-    from edgetune.measure import release_free_heap, reset_hwm, vm_hwm_bytes, vm_rss_bytes
+    from edgetune.procmem import release_free_heap, reset_hwm, vm_hwm_bytes, vm_rss_bytes
     from edgetune.models.hf import causal_lm_loss, load_causal_lm
 
     torch.set_num_threads(2)

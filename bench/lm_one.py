@@ -28,9 +28,9 @@ import peft  # noqa: E402  imported before the baseline: libraries are not what 
 import torch  # noqa: E402
 
 import edgetune  # noqa: E402
-from edgetune import scheme as schemes  # noqa: E402
-from edgetune.baseline import eager_step  # noqa: E402
-from edgetune.measure import release_free_heap, reset_hwm, vm_hwm_bytes, vm_rss_bytes  # noqa: E402
+from edgetune.compiler import scheme as schemes  # noqa: E402
+from edgetune.apps.baseline import eager_step  # noqa: E402
+from edgetune.procmem import release_free_heap, reset_hwm, vm_hwm_bytes, vm_rss_bytes  # noqa: E402
 from edgetune.models.hf import causal_lm_loss, load_causal_lm, tiny_causal_lm  # noqa: E402
 
 LR = 1e-4

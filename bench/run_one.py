@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import edgetune
-from edgetune.baseline import freeze_to
-from edgetune import scheme as schemes
-from edgetune.measure import reset_hwm, vm_hwm_bytes, vm_rss_bytes
+from edgetune.apps.baseline import freeze_to
+from edgetune.compiler import scheme as schemes
+from edgetune.procmem import reset_hwm, vm_hwm_bytes, vm_rss_bytes
 
 from bench import configs
 

@@ -1,7 +1,15 @@
-"""Sections of BENCHMARKS.md that each benchmark rewrites between its own markers."""
+"""BENCHMARKS.md as the benchmarks write it: the sections each one rewrites between its own
+markers, and the facts every section states (which CPU, which commit of edgetune/)."""
 from __future__ import annotations
 
+import platform
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The vision report (python -m bench) rewrites the file up to the LM section and keeps the rest.
+LM_BEGIN, LM_END = "<!-- lm-bench:begin -->", "<!-- lm-bench:end -->"
+PREDICTION_BEGIN, PREDICTION_END = "<!-- prediction:begin -->", "<!-- prediction:end -->"
 
 
 def replace_section(path: Path, text: str, begin: str, end: str) -> None:
@@ -14,3 +22,23 @@ def replace_section(path: Path, text: str, begin: str, end: str) -> None:
     else:
         new = old + ("" if not old or old.endswith("\n\n") else "\n" if old.endswith("\n") else "\n\n") + text
     path.write_text(new)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def edgetune_revision() -> str:
+    """The last commit that touched edgetune/, marked when edgetune/ has uncommitted changes.
+
+    Others commit while a run goes on; what matters is the engine code that was measured."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    rev = git("log", "-1", "--format=%h", "--", "edgetune") or "unknown"
+    return rev + (" with uncommitted changes" if git("status", "--porcelain", "edgetune") else "")

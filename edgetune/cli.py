@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.scheme import SchemeError
+from edgetune.compiler.optim import by_name
+from edgetune.compiler.scheme import SchemeError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     se.set_defaults(run=run_search)
     demo = sub.add_parser("demo", help="fine-tune ImageNet MobileNetV2 sparsely on Fashion-MNIST, "
                           "with the memory PyTorch needs for the same job")
-    from edgetune import demo as demo_job
+    from edgetune.apps import demo as demo_job
 
     demo_job.add_arguments(demo)
     demo.set_defaults(run=demo_job.run)
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _lm_parsers(sub) -> None:
-    from edgetune.lm import lm_names
+    from edgetune.apps.lm import lm_names
 
     lm = sub.add_parser("finetune-lm", help="fine-tune a language model on chats or plain text under a scheme")
     lm.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()) + " (tiny-*: random, for tests)")
@@ -167,51 +168,6 @@ def _models() -> list[str]:
     return sorted(MODELS)
 
 
-def parse_scheme(spec: str) -> et.schemes.SchemeLike:
-    """A preset name, `last:K`, a published TTE scheme, or a JSON file of patterns (or TTE keys)."""
-    if spec == "full":
-        return et.schemes.full()
-    if spec in ("bias_only", "bias-only"):
-        return et.schemes.bias_only()
-    if spec.startswith("last:"):
-        k = spec.split(":", 1)[1]
-        if not k.isdigit():
-            raise SchemeError(f"{spec!r}: last:K needs a whole number K of layers to train, e.g. last:4")
-        return et.schemes.last(int(k))
-    if spec in et.schemes.PUBLISHED_TTE:
-        return et.schemes.published(spec)
-    if os.path.exists(spec):
-        return _scheme_file(spec)
-    raise SchemeError(f"unknown scheme {spec!r}: use full, bias_only, last:K, one of "
-                      f"{sorted(et.schemes.PUBLISHED_TTE)}, or a JSON file")
-
-
-def _scheme_file(path: str) -> et.schemes.SchemeLike:
-    """A JSON object of {pattern: rule}, or {"tte": {...}} with the Tiny Training Engine's keys."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SchemeError(f"scheme file {path} is not JSON ({err}); write an object of "
-                          '{"pattern": rule}, like the scheme.json a finetune run saves') from None
-    if not isinstance(data, dict):
-        raise SchemeError(f"scheme file {path} holds a {type(data).__name__}, not an object of "
-                          '{"pattern": rule}')
-    if set(data) != {"tte"}:
-        return data
-    try:
-        return et.schemes.tte(**data["tte"])
-    except TypeError as err:  # keys that tte() does not take, or not an object at all
-        raise SchemeError(f"scheme file {path}: its \"tte\" entry must be an object of the Tiny Training "
-                          f"Engine's keys (n_bias_update, manual_weight_idx, weight_update_ratio): {err}") from None
-
-
-def _optimizer(name: str, lr: float, weight_decay: float = 0.0) -> et.SGD | et.AdamW:
-    if name == "sgd":
-        return et.SGD(lr=lr, momentum=0.9, weight_decay=weight_decay)
-    return et.AdamW(lr=lr, weight_decay=weight_decay)
-
-
 def parse_bytes(text: str) -> int:
     """'40MB' -> bytes. MB means 2**20 bytes, as in every report edgetune prints."""
     units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -227,7 +183,7 @@ def parse_bytes(text: str) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from edgetune.jobs import check_input_fits
+    from edgetune.apps.jobs import check_input_fits
     from edgetune.models import MODELS, build
 
     if args.model not in MODELS:
@@ -238,8 +194,8 @@ def run_plan(args: argparse.Namespace) -> int:
     inputs, targets = _example(model, args)
     check_input_fits(model, inputs, f"inputs of size {args.size}")
     start = time.perf_counter()
-    trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=parse_scheme(args.scheme),
-                         optimizer=_optimizer(args.optimizer, 0.01))
+    trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=et.schemes.parse(args.scheme),
+                         optimizer=by_name(args.optimizer, 0.01))
     print(f"{args.model}, scheme {args.scheme}, batch {args.batch}, "
           f"{'train' if args.train_mode else 'eval'}-mode norms; compiled in {time.perf_counter() - start:.1f}s\n")
     print(trainer.report())
@@ -263,8 +219,8 @@ def _loss_for(name: str):
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from edgetune.finetune import finetune, fit_batch
-    from edgetune.jobs import build_job
+    from edgetune.apps.finetune import finetune, fit_batch
+    from edgetune.apps.jobs import build_job
 
     _default_lr(args)
     torch.manual_seed(args.seed)
@@ -290,16 +246,16 @@ def _job_scheme(args: argparse.Namespace, job) -> et.schemes.SchemeLike:
     if args.scheme != "auto":
         if args.budget:
             raise ValueError("--budget only applies to --scheme auto")
-        return parse_scheme(args.scheme)
+        return et.schemes.parse(args.scheme)
     if not args.budget:
         raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
-    from edgetune.jobs import search_job
+    from edgetune.apps.jobs import search_job
 
     return search_job(job, parse_bytes(args.budget), _search_settings(args)).scheme
 
 
 def _search_settings(args: argparse.Namespace):
-    from edgetune.jobs import SearchSettings
+    from edgetune.apps.jobs import SearchSettings
 
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
                           seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios))
@@ -325,8 +281,8 @@ def _default_lr(args: argparse.Namespace) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from edgetune.finetune import fit_batch
-    from edgetune.jobs import build_job, search_job
+    from edgetune.apps.finetune import fit_batch
+    from edgetune.apps.jobs import build_job, search_job
 
     _default_lr(args)
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
@@ -346,11 +302,11 @@ def run_search(args: argparse.Namespace) -> int:
 def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
     inputs, targets = job.example(args.batch)
     return et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
-                      optimizer=_optimizer(args.optimizer, args.lr, args.weight_decay))
+                      optimizer=by_name(args.optimizer, args.lr, args.weight_decay))
 
 
 def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:
-    from edgetune.finetune import save_weights
+    from edgetune.apps.finetune import save_weights
 
     out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(args.data.rstrip('/'))}-"
                                            f"{time.strftime('%Y%m%d-%H%M%S')}")
@@ -372,29 +328,18 @@ DEFAULT_LM_SCHEME = "lm-sparse:6"  # PockEngine's LLM scheme on the last 6 block
 
 
 def parse_lm_scheme(spec: str | None) -> et.schemes.SchemeLike:
-    """A JSON file, a string edgetune.scheme.from_string reads (the LM presets, LoRA), or
-    what parse_scheme reads (full, bias_only, last:K)."""
-    spec = spec or DEFAULT_LM_SCHEME
-    if os.path.exists(spec):
-        return parse_scheme(spec)
-    try:
-        return et.schemes.from_string(spec)
-    except SchemeError as err:
-        try:
-            return parse_scheme(spec)
-        except SchemeError:
-            raise err from None
+    return et.schemes.parse(spec or DEFAULT_LM_SCHEME)
 
 
 def run_finetune_lm(args: argparse.Namespace) -> int:
-    from edgetune.finetune import fit_batch
-    from edgetune.lm import compile_lm, finetune_lm
+    from edgetune.apps.finetune import fit_batch
+    from edgetune.apps.lm import compile_lm, finetune_lm
 
     torch.manual_seed(args.seed)
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
-    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, _optimizer("adamw", args.lr, args.weight_decay),
+    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, by_name("adamw", args.lr, args.weight_decay),
                          frozen_weights="int8" if args.int8 else "float")
     print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
@@ -411,7 +356,7 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
 
 def _lm_data(args: argparse.Namespace):
     from edgetune.data.chat import load_lm_data
-    from edgetune.lm import load_lm
+    from edgetune.apps.lm import load_lm
 
     lm = load_lm(args.model, seq_len=args.seq_len)
     max_chars = args.max_chars or 4 * args.seq_len
@@ -426,14 +371,14 @@ def _lm_data(args: argparse.Namespace):
 
 
 def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tuple[str, str]:
-    from edgetune.lm import save_trained, trained_names, uses_lora
+    from edgetune.apps.lm import save_trained, trained_names, uses_lora
 
     out = args.out or os.path.join("runs", f"lm-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
     meta = {"model": args.model, "data": args.data, "scheme": args.scheme or DEFAULT_LM_SCHEME}
     saved = []
     if uses_lora(trainer):
-        from edgetune.lora import save_peft_adapter
+        from edgetune.apps.peft import save_peft_adapter
 
         save_peft_adapter(trainer, os.path.join(out, "adapter"))
         saved.append(f"adapter in {out}/adapter (edgetune generate --adapter)")
@@ -449,7 +394,7 @@ def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tupl
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from edgetune.lm import generate, load_lm, load_trained
+    from edgetune.apps.lm import generate, load_lm, load_trained
 
     lm = load_lm(args.model)
     model = lm.model

@@ -10,7 +10,7 @@ Protocol, the same for every row of a task: the learning rate is chosen from the
 by a short run (1 epoch) on 80% of the training subset, scored on the other 20% (never on the
 test split); then the row trains `epochs` epochs on the whole training subset with that rate
 and is scored on the test split. Peak = memory of a training step above the weights, measured
-in a forked process (edgetune.measure). Results go to experiments/results/<task>.json, one
+in a forked process (edgetune.apps.measure). Results go to experiments/results/<task>.json, one
 entry per row, re-run rows replace old ones; `python -m experiments.report` writes RESULTS.md.
 """
 from __future__ import annotations
@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 
 import edgetune as et
-from edgetune.cli import parse_scheme
-from edgetune.finetune import evaluate, finetune
-from edgetune.jobs import build_job
+from edgetune.apps.finetune import evaluate, finetune
+from edgetune.apps.jobs import build_job
+from edgetune.compiler.optim import by_name
+from edgetune.files import write_json
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -68,17 +69,13 @@ def job_for(task: Task, seed: int = 0):
                      val_limit=task.test_limit, seed=seed)
 
 
-def optimizer_for(task: Task, lr: float):
-    return et.SGD(lr=lr, momentum=0.9) if task.optimizer == "sgd" else et.AdamW(lr=lr, weight_decay=0.01)
-
-
 def scheme_for(task: Task, spec: str, full_peak: int | None, args):
     """A scheme spec: a preset or file (see `edgetune finetune --scheme`), or auto:<fraction>."""
     if not spec.startswith("auto:"):
-        return parse_scheme(spec), {}
+        return et.schemes.parse(spec), {}
     if full_peak is None:
         raise ValueError("a searched row needs the full row's measured peak first: run the 'full' row")
-    from edgetune.jobs import search_job
+    from edgetune.apps.jobs import search_job
 
     budget = int(float(spec.split(":")[1]) * full_peak)
     found = search_job(job_for(task), budget, search_settings(task, args))
@@ -88,7 +85,7 @@ def scheme_for(task: Task, spec: str, full_peak: int | None, args):
 
 
 def search_settings(task: Task, args):
-    from edgetune.jobs import SearchSettings
+    from edgetune.apps.jobs import SearchSettings
 
     return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
                           steps=20 if args.quick else task.search_steps, ratios=task.search_ratios,
@@ -104,7 +101,7 @@ def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
         job.train, job.val = job.train.split(0.2, seed=1)
     inputs, targets = job.example(task.batch)
     trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
-                         optimizer=optimizer_for(task, lr))
+                         optimizer=by_name(task.optimizer, lr))
     history = finetune(trainer, job.train, job.val, job.prepare, epochs=epochs, batch_size=task.batch, lr=lr,
                        evaluate_before=False, log=lambda line: None, progress=False)
     return job, trainer, history
@@ -113,14 +110,14 @@ def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
 def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
     """One row, in a process of its own (see main): the peak is measured first, by a fork of a
     process whose heap no training has fragmented yet."""
-    from edgetune.measure import measure_peak
+    from edgetune.apps.measure import measure_peak
 
     start = time.perf_counter()
     scheme, info = scheme_for(task, spec, full_peak, args)
     job = job_for(task)
     inputs, targets = job.example(task.batch)
     peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
-                        optimizer_for(task, task.lrs[0]))
+                        by_name(task.optimizer, task.lrs[0]))
     tuning = {}
     for lr in task.lrs:
         try:
@@ -159,7 +156,7 @@ def main(argv=None) -> int:
     if args.remeasure:
         return remeasure(args)
     if args.contributions_only:
-        from edgetune.jobs import measure_contributions
+        from edgetune.apps.jobs import measure_contributions
 
         measure_contributions(job_for(task), search_settings(task, args))
         return 0
@@ -182,12 +179,12 @@ def main(argv=None) -> int:
         except RowFailed as err:  # recorded, and the other rows still run
             print(f"  {spec} failed: {err}", flush=True)
             results[spec] = {"scheme": spec, "error": str(err)}
-            _save(path, {"meta": meta, "rows": results})
+            write_json(path, {"meta": meta, "rows": results})
             continue
         r = results[spec]
         print(f"  -> {100 * r['accuracy']:.2f}% at lr {r['lr']:g}, peak {r['measured_peak_bytes'] / 2**20:.1f} MB "
               f"(predicted {r['predicted_peak_bytes'] / 2**20:.1f}), {r['row_seconds']:.0f}s", flush=True)
-        _save(path, {"meta": meta, "rows": results})
+        write_json(path, {"meta": meta, "rows": results})
     return 0
 
 
@@ -216,9 +213,9 @@ def _fill_contribution_cache(args) -> None:
 
 
 def remeasure(args) -> int:
-    """Measure each stored row's peak again with the current edgetune.measure, so that every
+    """Measure each stored row's peak again with the current edgetune.apps.measure, so that every
     row of a table comes from the same method."""
-    from edgetune.measure import measure_peak
+    from edgetune.apps.measure import measure_peak
 
     task, path = TASKS[args.task], os.path.join(RESULTS, f"{args.task}.json")
     with open(path) as f:
@@ -230,9 +227,9 @@ def remeasure(args) -> int:
             continue
         scheme = {name: rule for name, rule in row["rules"].items()}  # resolved: names, "full" or a ratio
         row["measured_peak_bytes"] = measure_peak(job.model, job.loss_fn, inputs, targets, scheme,
-                                                  optimizer_for(task, row["lr"]))
+                                                  by_name(task.optimizer, row["lr"]))
         print(f"{spec}: {row['measured_peak_bytes'] / 2**20:.1f} MB", flush=True)
-        _save(path, data)
+        write_json(path, data)
     return 0
 
 
@@ -241,14 +238,6 @@ def _load(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)["rows"]
-
-
-def _save(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _cpu() -> str:

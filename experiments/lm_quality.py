@@ -21,10 +21,12 @@ import subprocess
 import sys
 import time
 
+from edgetune.files import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm.json")
 
-# scheme spelling (edgetune.scheme.from_string) -> learning rates tried. LoRA as PEFT's usual
+# scheme spelling (edgetune.compiler.scheme.from_string) -> learning rates tried. LoRA as PEFT's usual
 # setting (r=8 on q and v in every block, alpha 16); lm-sparse:6 is the benchmark's scheme,
 # :12 and :30 the same rule on more blocks. Grids were widened where the best rate was an edge.
 SCHEMES = {
@@ -40,7 +42,7 @@ SETTINGS = dict(model="smollm2-135m", data="sharegpt", max_chars=1024, seq_len=1
 def split(settings: dict):
     """(model, train, val, test), the same split in every run."""
     from edgetune.data.chat import load_lm_data
-    from edgetune.lm import load_lm
+    from edgetune.apps.lm import load_lm
 
     lm = load_lm(settings["model"])
     data = load_lm_data(settings["data"], lm.tokenizer, settings["seq_len"], max_chars=settings["max_chars"])
@@ -51,7 +53,7 @@ def split(settings: dict):
 
 def run_one(scheme: str, lr: float, settings: dict) -> dict:
     import edgetune as et
-    from edgetune.lm import adapters_merged, compile_lm, evaluate_lm, finetune_lm
+    from edgetune.apps.lm import adapters_merged, compile_lm, evaluate_lm, finetune_lm
 
     lm, train, val, test = split(settings)
     trainer = compile_lm(lm.model, et.schemes.from_string(scheme), settings["batch"], settings["seq_len"],
@@ -73,7 +75,7 @@ def _mean(values: list[float]) -> float:
 
 
 def test_loss_before(settings: dict) -> float:
-    from edgetune.lm import evaluate_lm
+    from edgetune.apps.lm import evaluate_lm
 
     lm, _, _, test = split(settings)
     return evaluate_lm(lm.model, test)
@@ -112,10 +114,7 @@ def load() -> dict:
 
 
 def _save(results: dict) -> None:
-    tmp = RESULTS_JSON + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, RESULTS_JSON)
+    write_json(RESULTS_JSON, results)
 
 
 # -- the report ------------------------------------------------------------------------------

@@ -165,8 +165,6 @@ def _read_image(file: Path, size: int) -> torch.Tensor:
 def load_numpy(path: str | os.PathLike) -> LabeledData:
     """A .npz with `x` images (N,H,W | N,H,W,C | N,C,H,W; C = 1 or 3; uint8 0..255 or float in
     [0, 1]), `y` integer labels (N,) and optionally `classes` (K names; "0".."K-1" if absent)."""
-    import numpy as np
-
     with _open_npz(path) as z:
         missing = {"x", "y"} - set(z.files)
         if missing:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from edgetune.autodiff import differentiate
-from edgetune.backends.torch import CompiledStep
-from edgetune.frontend.torch import export
-from edgetune.ir.builder import Builder
-from edgetune.ir.graph import verify
-from edgetune.passes import run_pipeline
+from edgetune.compiler.autodiff import differentiate
+from edgetune.compiler.backends.torch import CompiledStep
+from edgetune.compiler.frontend.torch import export
+from edgetune.compiler.ir.builder import Builder
+from edgetune.compiler.ir.verify import verify
+from edgetune.compiler.passes import run_pipeline
 
 
 class Buffer:

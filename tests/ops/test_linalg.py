@@ -83,7 +83,7 @@ def test_linear_frozen_input_and_noncontiguous_input():
 def test_linear_of_a_noncontiguous_batch_stays_a_linear():
     # torch.matmul spells it bmm(x, expand(W.t())); edgetune reads it back as linear(x, W), so
     # that ratio rules, LoRA and int8 find the weight (attention's o_proj at real shapes).
-    from edgetune.frontend.torch import export
+    from edgetune.compiler.frontend.torch import export
 
     def fn(x, w):
         return F.linear(x.transpose(0, 1), w)

@@ -176,7 +176,7 @@ def test_manual_attention_with_arange_mask(t_q, t_k, d, causal):
 
 @pytest.mark.parametrize("kw, fused", [({}, True), ({"is_causal": True}, True), ({"enable_gqa": True}, False)])
 def test_sdpa_stays_one_op_where_the_fused_kernel_applies(kw, fused):
-    from edgetune.frontend.torch import export
+    from edgetune.compiler.frontend.torch import export
 
     q, k, v = _qkv(h=4, h_kv=2 if kw.get("enable_gqa") else 4)
     forward = export(torch.nn.Identity(), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw).sum(),

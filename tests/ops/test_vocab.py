@@ -1,12 +1,12 @@
-"""The fused LM head + cross-entropy (edgetune/ir/ops/vocab.py, passes/vocab_loss.py):
+"""The fused LM head + cross-entropy (edgetune/compiler/ir/ops/vocab.py, passes/vocab_loss.py):
 gradients vs torch.autograd in float64, across several vocabulary slices, and where the
 fusion fires and where it must not."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import edgetune.ir.ops.vocab as vocab
-from edgetune.frontend.torch import export
+import edgetune.compiler.ir.ops.vocab as vocab
+from edgetune.compiler.frontend.torch import export
 from tests.ops.harness import check_grads, t
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 
 from bench import lm, lm_one  # noqa: E402
 from edgetune.models.hf import tiny_causal_lm  # noqa: E402
-from edgetune.scheme import as_mapping, resolve  # noqa: E402
+from edgetune.compiler.scheme import as_mapping, resolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(tiny=True, batch=2, seq=16)

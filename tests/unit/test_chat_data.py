@@ -8,7 +8,7 @@ import torch
 
 from edgetune.data.chat import (IGNORE, LMData, load_lm_data, load_sharegpt, read_records, tokenize_corpus,
                                 tokenize_records)
-from edgetune.lm import tiny_chat_tokenizer
+from edgetune.apps.lm import tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.data import LabeledData
-from edgetune.finetune import evaluate, finetune, fit_batch, learning_rate, load_weights, save_weights
+from edgetune.apps.finetune import evaluate, finetune, fit_batch, learning_rate, load_weights, save_weights
 from edgetune.models import build
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.ir.ops.quant import dequantize, quantize_per_channel
+from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm
 from tests.reference import assert_models_match, train_eager
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from edgetune.ir.builder import Builder
-from edgetune.ir.graph import Graph, GraphError, format_graph, verify
-from edgetune.memory import plan
-from edgetune.passes.dce import dce
+from edgetune.compiler.ir.builder import Builder
+from edgetune.compiler.ir.graph import Graph, format_graph
+from edgetune.compiler.ir.verify import GraphError, verify
+from edgetune.compiler.memory import plan
+from edgetune.compiler.passes.dce import dce
 
 
 def small_graph():

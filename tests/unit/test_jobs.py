@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetune.jobs import SearchSettings, _scoring_split, _short_run, build_job, measure_contributions
+from edgetune.apps.jobs import SearchSettings, _scoring_split, _short_run, build_job, measure_contributions
 
 
 def _image_folder(root, layout_split: bool):
@@ -85,7 +85,7 @@ def test_the_search_needs_two_training_items_to_score_on(tmp_path):
 
 
 def test_the_search_clips_its_batch_to_the_items_left_for_its_short_runs(tmp_path, monkeypatch):
-    import edgetune.search
+    import edgetune.apps.search
 
     job = build_job("resnet", str(_image_folder(tmp_path, layout_split=False)), size=16)
     seen = {}
@@ -94,7 +94,7 @@ def test_the_search_clips_its_batch_to_the_items_left_for_its_short_runs(tmp_pat
         seen["context"], seen["accuracy"] = context, evaluate({"fc.*": "full", "*.bias": "full"})
         return "gains"
 
-    monkeypatch.setattr(edgetune.search, "contributions", one_candidate)
+    monkeypatch.setattr(edgetune.apps.search, "contributions", one_candidate)
     said = []
     assert measure_contributions(job, SearchSettings(batch=32, steps=1), log=said.append)[1] == "gains"
     # 10 training items: 5 score the candidates, the short runs train on the other 5.

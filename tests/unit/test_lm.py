@@ -11,7 +11,7 @@ import torch
 import edgetune as et
 from edgetune.cli import main
 from edgetune.data.chat import IGNORE, tokenize_records
-from edgetune.lm import (compile_lm, evaluate_lm, finetune_lm, generate, load_lm, load_trained, save_trained,
+from edgetune.apps.lm import (compile_lm, evaluate_lm, finetune_lm, generate, load_lm, load_trained, save_trained,
                          trained_names)
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm
 
@@ -144,8 +144,8 @@ def test_cli_errors_are_clear(tmp_path, capsys):
 
 def test_cli_lora_scheme_saves_a_peft_adapter_that_generate_loads(tmp_path, capsys):
     pytest.importorskip("peft")
-    if importlib.util.find_spec("edgetune.lora") is None:
-        pytest.skip("edgetune.lora is not in this build")
+    if importlib.util.find_spec("edgetune.compiler.lora") is None:
+        pytest.skip("edgetune.compiler.lora is not in this build")
     scheme = tmp_path / "lora.json"
     scheme.write_text(json.dumps({"*.q_proj.weight": {"lora": 4}, "*.v_proj.weight": {"lora": 4}}))
     out = tmp_path / "run"
@@ -162,9 +162,9 @@ def test_cli_lora_scheme_saves_a_peft_adapter_that_generate_loads(tmp_path, caps
 
 
 def test_lora_evaluation_sees_the_adapters_and_restores_the_frozen_weights(lm, data):
-    if importlib.util.find_spec("edgetune.lora") is None:
-        pytest.skip("edgetune.lora is not in this build")
-    from edgetune.lm import adapters_merged
+    if importlib.util.find_spec("edgetune.compiler.lora") is None:
+        pytest.skip("edgetune.compiler.lora is not in this build")
+    from edgetune.apps.lm import adapters_merged
 
     trainer = compile_lm(lm.model, {"*.q_proj.weight": {"lora": 4}}, 4, data.seq_len, et.AdamW(lr=3e-2))
     for batch in data.batches(4, drop_last=True):

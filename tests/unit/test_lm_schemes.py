@@ -5,7 +5,7 @@ import pytest
 import edgetune as et
 from edgetune import schemes
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
-from edgetune.scheme import Rule, SchemeError, resolve
+from edgetune.compiler.scheme import Rule, SchemeError, resolve
 from tests.e2e.test_models import OPTIMIZERS, run_and_compare
 from tests.reference import padded_lm_batches
 from tests.unit.nets import ConvNet
@@ -108,7 +108,7 @@ def test_from_string(spec, preset):
 
 @pytest.mark.parametrize("spec, message", [
     ("lm-sparse", "unknown scheme 'lm-sparse': use one of full, bias_only"),
-    ("lm-last:x", "unknown scheme"),
+    ("lm-last:x", "lm-last:K needs a whole number"),
     ("lm-sparse:2:q", "expected key=value, got 'q'"),
     ("lm-sparse:2:x=1", "unknown projection 'x'"),
     ("lm-sparse:2:q=2", "must be a number in \\(0, 1\\]"),

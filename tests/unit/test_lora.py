@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import edgetune as et
-from edgetune.lora import init_adapters, merged_state, save_peft_adapter
+from edgetune.apps.peft import merged_state, save_peft_adapter
+from edgetune.compiler.lora import init_adapters
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm
-from edgetune.scheme import Rule, SchemeError, resolve
+from edgetune.compiler.scheme import Rule, SchemeError, resolve
 from tests.reference import padded_lm_batches, train_eager
 
 peft = pytest.importorskip("peft")

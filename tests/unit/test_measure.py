@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.measure import measure_peak
+from edgetune.apps.measure import measure_peak
 from tests.unit.nets import ConvNet, batch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures through Linux's /proc")
@@ -36,12 +36,12 @@ def test_the_callers_model_is_left_untouched():
 
 
 def test_errors_in_the_child_reach_the_caller():
-    with pytest.raises(et.scheme.SchemeError, match="nothing.here"):
+    with pytest.raises(et.schemes.SchemeError, match="nothing.here"):
         peak(ConvNet().eval(), {"nothing.here": "full"}, batch())
 
 
 def test_peak_of_any_step_counts_what_it_allocates_and_frees():
-    from edgetune.measure import peak_of
+    from edgetune.apps.measure import peak_of
 
     def setup():
         return lambda: torch.ones(5 * MB).sum()  # 20 MB, freed at once
@@ -69,7 +69,7 @@ def test_a_job_that_does_not_pickle_is_measured_in_a_fork():
 
 
 def test_the_pytorch_baseline_is_measured_the_same_way():
-    from edgetune.baseline import measure_eager_peak
+    from edgetune.apps.measure import measure_eager_peak
 
     model, data = ConvNet().eval(), batch(n=32, size=64)
     eager = measure_eager_peak(model, F.cross_entropy, *data, et.schemes.bias_only(), et.SGD(lr=0.01))

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.memory import allocates, plan, saved_for_backward, storage_of
-from edgetune.passes import FORWARD_PIPELINE, PIPELINE
-from edgetune.passes.masks import _maskable, _with_masks, bitmask_activations
+from edgetune.compiler.memory import allocates, plan, saved_for_backward, storage_of
+from edgetune.compiler.passes import FORWARD_PIPELINE, PIPELINE
+from edgetune.compiler.passes.masks import _maskable, _with_masks, bitmask_activations
 from tests.unit.nets import ConvNet, batch
 
 PARTIAL = {"pw.weight": 0.5, "dw.weight": {"ratio": 0.25, "select": "first"}, "head.*": "full"}
@@ -143,8 +143,8 @@ def test_fold_bn_leaves_trained_convs_trained_scales_and_train_mode_alone():
 
 
 def test_fold_bn_never_raises_the_forward_peak():
-    from edgetune.frontend.torch import export
-    from edgetune.passes.fold_bn import fold_frozen_batchnorm
+    from edgetune.compiler.frontend.torch import export
+    from edgetune.compiler.passes.fold_bn import fold_frozen_batchnorm
 
     for size in (8, 16, 32):
         forward = export(ConvNet().eval(), F.cross_entropy, *batch(size=size))

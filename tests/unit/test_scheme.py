@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from edgetune import schemes
-from edgetune.scheme import Rule, SchemeError, choose_channels, resolve
+from edgetune.compiler.scheme import Rule, SchemeError, choose_channels, resolve
 from tests.unit.nets import ConvNet
 
 

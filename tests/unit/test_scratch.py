@@ -1,13 +1,13 @@
-"""Kernel scratch measured on this machine (edgetune.backends.scratch) and its use by the plan."""
+"""Kernel scratch measured on this machine (edgetune.compiler.backends.scratch) and its use by the plan."""
 import sys
 
 import pytest
 import torch
 
-from edgetune.backends import scratch
-from edgetune.ir.builder import Builder
-from edgetune.ir.ops import OPS, register
-from edgetune.memory import plan, scratch_bytes
+from edgetune.compiler.backends import scratch
+from edgetune.compiler.ir.builder import Builder
+from edgetune.compiler.ir.ops import OPS, register
+from edgetune.compiler.memory import plan, scratch_bytes
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures through Linux's /proc")
 MB = 2 ** 20

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.models import build
-from edgetune.search import BudgetError, PeakPredictor, SearchSpace, contributions, search, search_verified
+from edgetune.apps.search import BudgetError, PeakPredictor, SearchSpace, contributions, search, search_verified
 from tests.unit.nets import ConvNet, batch
 
 # A fake, additive evaluate: the accuracy a scheme would reach, from a known table.
@@ -123,12 +123,10 @@ def test_predictor_equals_the_compiled_report(setup):
 
 
 def test_saved_result_loads_as_a_scheme_file(setup, tmp_path):
-    from edgetune.cli import parse_scheme
-
     model, data, space, predictor, gains = setup
     result = search(space, gains, predictor, predictor.predict(et.schemes.full()), population=6, generations=3)
     side = result.save(str(tmp_path / "scheme.json"))
-    loaded = parse_scheme(str(tmp_path / "scheme.json"))
+    loaded = et.schemes.parse(str(tmp_path / "scheme.json"))
     assert loaded == result.scheme
     assert json.load(open(side))["predicted_peak_bytes"] == result.predicted_peak_bytes
     et.compile(model, F.cross_entropy, *data, scheme=loaded)

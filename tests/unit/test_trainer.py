@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import edgetune as et
-from edgetune.frontend.torch import UnsupportedOpError
-from edgetune.scheme import SchemeError
+from edgetune.compiler.frontend.torch import UnsupportedOpError
+from edgetune.compiler.scheme import SchemeError
 from tests.reference import assert_models_match, train_eager
 from tests.unit.nets import ConvNet, batch
 

@@ -1,0 +1,214 @@
+"""torch.export of model + loss -> core ATen graph -> edgetune IR (the forward graph).
+
+Parameters, buffers, inputs and targets become `input` nodes (attrs["kind"] says which).
+The graph's outputs are the loss (`"loss"`) and the new value of every buffer the step
+mutates (`"buffer:<name>"`, e.g. BatchNorm running statistics in train mode).
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.export.graph_signature import InputKind, OutputKind
+
+from edgetune.compiler.ir.builder import Builder
+from edgetune.compiler.ir.ops.attention import fused_attention_applies
+from edgetune.compiler.ir.graph import Graph, Node
+from edgetune.compiler.ir.ops import ATEN
+from edgetune.compiler.passes.dce import dce
+from edgetune.compiler.passes.vocab_loss import fuse_vocab_log_prob
+
+_PREFIX = "model."
+
+
+class UnsupportedOpError(NotImplementedError):
+    """An ATen op (or a variant of one) that edgetune cannot compile."""
+
+
+@dataclass
+class ForwardGraph:
+    graph: Graph
+    params: dict[str, Node]  # parameter name (as model.named_parameters) -> input node
+    buffers: dict[str, Node]
+    inputs: list[Node]
+    targets: list[Node]
+
+
+class _WithLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.n_inputs = model, loss_fn, n_inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(*args[: self.n_inputs]), *args[self.n_inputs:])
+
+
+def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> ForwardGraph:
+    """Trace model + loss once, in the module's current train()/eval() mode."""
+    wrapped = _WithLoss(model, loss_fn, len(inputs))
+    targets = _unaliased(inputs, targets)
+    with warnings.catch_warnings():
+        # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
+        device = _device_of(inputs)
+        program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
+    return _Converter(program, len(inputs), device, _param_aliases(model)).run()
+
+
+def _unaliased(inputs: tuple, targets: tuple) -> tuple:
+    """torch.export makes one placeholder of a tensor passed twice (labels = input_ids), but
+    the step binds each argument by position: give each target its own tensor."""
+    seen = {id(t) for t in inputs}
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and id(t) in seen else t for t in targets)
+
+
+def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{every parameter name: the name named_parameters() gives it}. torch.export lists a tied
+    parameter once per name (and may read it under either), so all names must share one node."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _decompositions(keep_attention: bool = False) -> dict:
+    """Core ATen, except ops whose decomposition changes their meaning for training:
+    detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
+    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. Attention stays one
+    op where edgetune's fused kernel runs it (edgetune/compiler/ir/ops/attention.py)."""
+    table = torch.export.default_decompositions()
+    kept = [torch.ops.aten.detach.default, torch.ops.aten.hardswish.default]
+    if keep_attention:
+        kept.append(torch.ops.aten.scaled_dot_product_attention.default)
+    for op in kept:
+        table.pop(op, None)
+    return table
+
+
+def _keeps_fused_attention(program: Any, device: torch.device) -> bool:
+    """True where every attention call of the program fits the fused kernel (all or none: the
+    decomposition table is one for the whole program)."""
+    calls = [n for n in program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    return bool(calls) and all(_fits_fused_attention(n, device) for n in calls)
+
+
+def _fits_fused_attention(node: Any, device: torch.device) -> bool:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    args = {**dict(zip(names, node.args)), **node.kwargs}
+    val = lambda a: a.meta["val"] if hasattr(a, "meta") else a  # noqa: E731
+    return fused_attention_applies(val(args["query"]), val(args["key"]), val(args.get("attn_mask")),
+                                   args.get("dropout_p", 0.0), args.get("enable_gqa", False), device)
+
+
+def _device_of(inputs: tuple) -> torch.device:
+    return next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+
+class _Converter:
+    def __init__(self, program: Any, n_inputs: int, device: torch.device, aliases: dict[str, str]) -> None:
+        self.program, self.n_inputs, self.aliases = program, n_inputs, aliases
+        self.b = Builder()
+        self.b.device = device
+        self.env: dict[Any, Any] = {}
+        self.params: dict[str, Node] = {}
+        self.buffers: dict[str, Node] = {}
+        self.user: list[Node] = []
+
+    def run(self) -> ForwardGraph:
+        outputs: dict[str, Node] = {}
+        for fx in self.program.graph.nodes:
+            if fx.op == "placeholder":
+                self.env[fx] = self._placeholder(fx)
+            elif fx.op == "call_function":
+                self.env[fx] = self._call(fx)
+            elif fx.op == "output":
+                outputs = self._outputs(fx)
+        ins = self.user[: self.n_inputs]
+        # Conversions leave dead nodes (the transpose that mm -> linear folds away): without
+        # them, a parameter's users are its real uses, as a partial-channel rule needs.
+        graph = fuse_vocab_log_prob(dce(self.b.graph(outputs)))
+        return ForwardGraph(graph, self.params, self.buffers, ins, self.user[self.n_inputs:])
+
+    def _placeholder(self, fx: Any) -> Node:
+        spec = next(s for s in self.program.graph_signature.input_specs if s.arg.name == fx.name)
+        val = fx.meta["val"]
+        target = (spec.target or fx.name).removeprefix(_PREFIX)
+        if spec.kind == InputKind.PARAMETER:
+            target = self.aliases.get(target, target)
+            if target not in self.params:
+                self.params[target] = self.b.input(target, val.shape, val.dtype, kind="param", target=target)
+            node = self.params[target]
+        elif spec.kind == InputKind.BUFFER:
+            node = self.buffers[target] = self.b.input(target, val.shape, val.dtype, kind="buffer", target=target)
+        elif spec.kind == InputKind.USER_INPUT:
+            kind = "input" if len(self.user) < self.n_inputs else "target"
+            node = self.b.input(fx.name, val.shape, val.dtype, kind=kind, index=len(self.user))
+            self.user.append(node)
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            node = self.b.const(self.program.constants[spec.target])  # e.g. torch.tensor(2.0) in forward
+        else:
+            raise UnsupportedOpError(f"model input {fx.name!r} of kind {spec.kind.name} is not supported; "
+                                     "register it as a buffer")
+        return node
+
+    def _call(self, fx: Any) -> Any:
+        args = _map(fx.args, self.env)
+        if fx.target is operator.getitem:
+            value = args[0][args[1]]
+            if value is None:
+                raise UnsupportedOpError(f"output {args[1]} of {fx.args[0].target} {self._where(fx)} is not supported")
+            return value
+        convert = ATEN.get(fx.target)
+        if convert is None:
+            raise UnsupportedOpError(f"unsupported op {fx.target} {self._where(fx)}; edgetune compiles the ops "
+                                     "registered in edgetune/compiler/ir/ops")
+        self.b.meta = self._module_meta(fx)
+        try:
+            return convert(self.b, *args, **_map(fx.kwargs, self.env))
+        except NotImplementedError as err:
+            raise UnsupportedOpError(f"unsupported: {err} in op {fx.target} {self._where(fx)}") from err
+
+    def _module_meta(self, fx: Any) -> dict:
+        stack = fx.meta.get("nn_module_stack") or {}
+        if not stack:
+            return {}
+        path, cls = list(stack.values())[-1]
+        module = {"": "<loss>", "model": "<model>"}.get(path, path.removeprefix(_PREFIX))
+        return {"module": module, "module_type": getattr(cls, "__name__", str(cls).split(".")[-1].strip("'>"))}
+
+    def _where(self, fx: Any) -> str:
+        meta = self._module_meta(fx)
+        if not meta:
+            return "(in the loss function)"
+        return f"(from module '{meta['module']}' ({meta['module_type']}))"
+
+    def _outputs(self, fx: Any) -> dict[str, Node]:
+        outputs: dict[str, Node] = {}
+        for spec, arg in zip(self.program.graph_signature.output_specs, fx.args[0]):
+            value = self.env[arg]
+            if spec.kind == OutputKind.USER_OUTPUT:
+                outputs["loss"] = _check_loss(value)
+            elif spec.kind == OutputKind.BUFFER_MUTATION:
+                outputs["buffer:" + spec.target.removeprefix(_PREFIX)] = value
+            else:
+                raise UnsupportedOpError(f"model output of kind {spec.kind.name} is not supported")
+        return outputs
+
+
+def _check_loss(value: Any) -> Node:
+    if not isinstance(value, Node) or value.shape != () or not value.is_float:
+        raise ValueError(f"loss_fn must return a scalar floating-point tensor, got {value!r}"
+                         f" of shape {getattr(value, 'shape', None)}")
+    return value
+
+
+def _map(obj: Any, env: dict) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map(o, env) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, env) for k, v in obj.items()}
+    if isinstance(obj, torch.fx.Node):
+        return env[obj]
+    return obj

@@ -1,0 +1,27 @@
+"""The op vocabulary. Everything about an op lives in one `register` call in one place:
+
+- `kernel`: the torch implementation, `kernel(*tensors, **attrs)`; it is also the shape
+  rule, evaluated on meta tensors at build time (`shape=` overrides where that can't work);
+- `vjp`: `vjp(b, node, g, want) -> one gradient Node or None per input`, emitting the
+  backward as more IR through the builder `b`. `want[i]` is False (no gradient: return
+  None and build nothing), True, or a `ChannelSlice` (only that slice of a weight);
+- `mutates`: indices of inputs updated in place, or a function of the node giving them
+  (optimizer updates, buffer writes; such ops are effects and produce no value);
+- `view`: the output aliases input 0's memory (costs nothing in the memory plan);
+- `scratch`: bytes the torch kernel allocates while it runs, beyond its output (an estimate);
+- `measure_scratch`: the kernel's allocations depend on the machine (library kernels that
+  reorder or copy their operands), so the plan uses what edgetune.compiler.backends.scratch measures
+  for each call where it can, and `scratch` only where it cannot;
+- `inplace`: the same kernel writing its result over input 0; registers `<name>_inplace`, a
+  view of input 0, which passes/inplace.py uses where input 0 dies at this op;
+- `aten`: the torch.export ATen overloads this op is built from, with their converter.
+
+The registry itself is registry.py; the families live in sibling modules and are imported
+here, so that importing edgetune.compiler.ir.ops registers every op.
+"""
+from edgetune.compiler.ir.ops.registry import (ATEN, OPS, VJP, ChannelSlice, OpDef, aten, infer, is_effect,
+                                                mutated_inputs, register, storage_of)
+from edgetune.compiler.ir.ops import attention, core, linalg, masks, nn, quant, shape, vocab  # noqa: E402,F401  (registration)
+
+__all__ = ["ATEN", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "infer", "is_effect", "mutated_inputs", "register",
+           "storage_of"]

@@ -1,0 +1,78 @@
+"""Fused attention: scaled_dot_product_attention as one op, its backward by ATen's flash kernel.
+
+What torch.export decomposes it into keeps the [..., T, S] probabilities for the backward and
+spends passes on bookkeeping for rows masked entirely; this op keeps its output and one
+log-sum-exp per query row, and the backward recomputes the probabilities block by block.
+The frontend keeps the op whole where this kernel applies (CPU, 4-D, float32/64, no dropout, as
+many key as query heads: `fused_attention_applies`) and lets torch decompose it elsewhere.
+
+`sdpa` returns [..., T, Dv + 1]: the output, then the log-sum-exp, so one node carries both.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.compiler.ir.ops.registry import aten, register
+
+A = torch.ops.aten
+
+
+def fused_attention_applies(q, k, attn_mask, dropout_p, enable_gqa, device) -> bool:
+    """Whether `sdpa` can stand for this call (arguments as torch.export's fake tensors)."""
+    # float32/64 only: the log-sum-exp travels in the output's dtype, and bfloat16 would round it.
+    return (device.type == "cpu" and dropout_p == 0 and q.dim() == 4 and k.dim() == 4
+            and q.dtype in (torch.float32, torch.float64)
+            and q.shape[1] == k.shape[1] and (attn_mask is None or attn_mask.dim() <= 4))
+
+
+def _float_mask(mask, dtype):
+    """The kernel takes additive masks in the query's dtype: a boolean one becomes 0 / -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
+def _sdpa(q, k, v, mask=None, *, is_causal, scale):
+    out, lse = A._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+                                                              attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    return torch.cat([out, lse.unsqueeze(-1).to(out.dtype)], dim=-1)
+
+
+def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
+    """dq, dk, dv flattened into one buffer (one kernel computes all three)."""
+    mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
+    d = v.shape[-1]
+    out, lse = packed[..., :d], packed[..., d].contiguous()
+    dq, dk, dv = A._scaled_dot_product_flash_attention_for_cpu_backward(
+        g[..., :d].contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    return torch.cat([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)])
+
+
+def _sdpa_vjp(b, n, g, want):
+    q, k, v = n.inputs[:3]
+    if len(n.inputs) == 4 and want[3]:
+        raise NotImplementedError("a trainable attention mask (its gradient) is not supported")
+    flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs)
+    grads, start = [], 0
+    for x, w in zip((q, k, v), want[:3]):
+        size = math.prod(x.shape)
+        piece = b.emit("slice", flat, dim=0, start=start, end=start + size, step=1) if w else None
+        grads.append(b.emit("reshape", piece, shape=tuple(x.shape)) if w else None)
+        start += size
+    return tuple(grads) + ((None,) if len(n.inputs) == 4 else ())
+
+
+register("sdpa", _sdpa, _sdpa_vjp,
+         shape=lambda q, k, v, *mask, is_causal, scale: ((*q.shape[:-1], v.shape[-1] + 1), q.dtype))
+register("sdpa_grad", _sdpa_grad,
+         shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype))
+
+
+@aten(A.scaled_dot_product_attention.default)
+def _(b, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    inputs = (q, k, v) + ((attn_mask,) if attn_mask is not None else ())
+    packed = b.emit("sdpa", *inputs, is_causal=bool(is_causal), scale=float(scale))
+    return b.emit("slice", packed, dim=len(packed.shape) - 1, start=0, end=v.shape[-1], step=1)

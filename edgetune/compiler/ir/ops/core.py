@@ -1,0 +1,638 @@
+"""Elementwise arithmetic, activations, comparisons, reductions, softmax, creation ops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.compiler.ir.graph import Node
+from edgetune.compiler.ir.ops.registry import aten, register
+
+A = torch.ops.aten
+
+
+def scalar(b, value, like=None):
+    """A Python scalar operand becomes a 0-d const, which broadcasts without promoting.
+
+    Next to a float tensor `like` it takes that dtype: torch computes `x * 0.1` in x's
+    precision, and a float32 0.1 would be off by 1e-8 in a float64 step."""
+    if not isinstance(value, (int, float, bool)):
+        return value
+    if isinstance(like, Node) and like.is_float and not isinstance(value, bool):
+        return b.const(value, dtype=like.dtype)
+    return b.const(value)
+
+
+def _operands(b, x, y):
+    """Both operands of a binary op as nodes (ATen puts a Python scalar on either side)."""
+    return scalar(b, x, like=y), scalar(b, y, like=x)
+
+
+def grad_like(b, g, x):
+    """g as the gradient of x: summed over broadcast dims, cast back from a promoted dtype."""
+    g = b.sum_to(g, x.shape)
+    return g if g.dtype == x.dtype else b.emit("cast", g, dtype=x.dtype)
+
+
+# -- binary arithmetic ----------------------------------------------------------------------
+
+def _add_vjp(b, n, g, want):
+    x, y = n.inputs
+    return (grad_like(b, g, x) if want[0] else None, grad_like(b, g, y) if want[1] else None)
+
+
+def _sub_vjp(b, n, g, want):
+    x, y = n.inputs
+    gy = grad_like(b, b.emit("neg", g), y) if want[1] else None
+    return (grad_like(b, g, x) if want[0] else None, gy)
+
+
+def _mul_vjp(b, n, g, want):
+    x, y = n.inputs
+    gx = grad_like(b, b.emit("mul", g, y), x) if want[0] else None
+    gy = grad_like(b, b.emit("mul", g, x), y) if want[1] else None
+    return gx, gy
+
+
+def _div_vjp(b, n, g, want):
+    x, y = n.inputs
+    gx = grad_like(b, b.emit("div", g, y), x) if want[0] else None
+    gy = grad_like(b, b.emit("div_grad_rhs", g, x, y), y) if want[1] else None
+    return gx, gy
+
+
+register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,), inplace=torch.neg_)
+register("add", torch.add, _add_vjp, inplace=lambda x, y: x.add_(y))
+register("sub", torch.sub, _sub_vjp, inplace=lambda x, y: x.sub_(y))
+register("mul", torch.mul, _mul_vjp, inplace=lambda x, y: x.mul_(y))
+register("div", torch.div, _div_vjp, inplace=lambda x, y: x.div_(y))
+register("div_grad_rhs", lambda g, x, y: -g * x / (y * y))
+
+
+def _scaled(b, y, alpha):
+    return y if alpha == 1 else b.emit("mul", y, scalar(b, alpha, like=y))
+
+
+@aten(A.add.Tensor, A.add.Scalar)
+def _(b, x, y, alpha=1):
+    x, y = _operands(b, x, y)
+    return b.emit("add", x, _scaled(b, y, alpha))
+
+
+@aten(A.sub.Tensor, A.sub.Scalar)
+def _(b, x, y, alpha=1):
+    x, y = _operands(b, x, y)
+    return b.emit("sub", x, _scaled(b, y, alpha))
+
+
+@aten(A.rsub.Scalar, A.rsub.Tensor)
+def _(b, x, y, alpha=1):
+    x, y = _operands(b, x, y)
+    return b.emit("sub", y, _scaled(b, x, alpha))
+
+
+@aten(A.mul.Tensor, A.mul.Scalar)
+def _(b, x, y):
+    return b.emit("mul", *_operands(b, x, y))
+
+
+@aten(A.div.Tensor, A.div.Scalar)
+def _(b, x, y):
+    return b.emit("div", *_operands(b, x, y))
+
+
+# -- unary math -----------------------------------------------------------------------------
+
+def _unary(name, kernel, grad_kernel=None, uses="x", inplace=None):
+    """An elementwise op whose gradient is `grad_kernel(g, x or y)`, registered as `name_grad`."""
+
+    def vjp(b, n, g, want):
+        saved = n.inputs[0] if uses == "x" else n
+        return (b.emit(f"{name}_grad", g, saved, **n.attrs) if want[0] else None,)
+
+    register(name, kernel, vjp if grad_kernel else None, inplace=inplace)
+    if grad_kernel:
+        register(f"{name}_grad", grad_kernel)
+
+
+_unary("exp", torch.exp, lambda g, y: g * y, uses="y", inplace=torch.exp_)
+_unary("log", torch.log, lambda g, x: g / x)
+_unary("sqrt", torch.sqrt, lambda g, y: g / (2 * y), uses="y")
+_unary("rsqrt", torch.rsqrt, lambda g, y: -0.5 * g * y * y * y, uses="y")
+_unary("reciprocal", torch.reciprocal, lambda g, y: -g * y * y, uses="y")
+_unary("abs", torch.abs, lambda g, x: g * torch.sgn(x))
+_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y", inplace=torch.relu_)
+_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y", inplace=torch.sigmoid_)
+_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y", inplace=torch.tanh_)
+_unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x),
+       inplace=lambda x: torch.nn.functional.silu(x, inplace=True))
+_unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x))
+_unary("gelu", lambda x, approximate: A.gelu(x, approximate=approximate),
+       lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate))
+_unary("pow", lambda x, exponent: torch.pow(x, exponent),
+       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1) if exponent != 0 else torch.zeros_like(g))
+# hardtanh's gradient vanishes at the bounds; the output carries the same information.
+_unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
+       lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y",
+       inplace=lambda x, min, max: A.hardtanh_(x, min, max))
+_unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
+       lambda g, x, min, max: g * _inside(x, min, max))
+_unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
+_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y")
+_unary("sin", torch.sin, lambda g, x: g * torch.cos(x))
+_unary("cos", torch.cos, lambda g, x: -g * torch.sin(x))
+_unary("erf", torch.erf, lambda g, x: g * (2 / math.sqrt(math.pi)) * torch.exp(-x * x))
+_unary("leaky_relu", lambda x, slope: A.leaky_relu(x, slope),
+       lambda g, x, slope: A.leaky_relu_backward(g, x, slope, False))
+_unary("elu", lambda x, alpha, scale, input_scale: A.elu(x, alpha, scale, input_scale),
+       lambda g, x, alpha, scale, input_scale: A.elu_backward(g, alpha, scale, input_scale, False, x))
+# Piecewise constant: the gradient is zero everywhere (None, not a zero tensor).
+for _step in ("sign", "floor", "ceil", "round", "trunc"):
+    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,))
+
+
+def _inside(x, lo, hi):
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep = keep if lo is None else keep & (x >= lo)
+    return keep if hi is None else keep & (x <= hi)
+
+
+OPS_SIMPLE = {A.neg.default: "neg", A.exp.default: "exp", A.log.default: "log", A.sqrt.default: "sqrt",
+              A.rsqrt.default: "rsqrt", A.reciprocal.default: "reciprocal", A.abs.default: "abs",
+              A.relu.default: "relu", A.sigmoid.default: "sigmoid", A.tanh.default: "tanh",
+              A.silu.default: "silu", A.hardswish.default: "hardswish", A.log1p.default: "log1p",
+              A.expm1.default: "expm1", A.sin.default: "sin", A.cos.default: "cos", A.erf.default: "erf",
+              A.sign.default: "sign", A.floor.default: "floor", A.ceil.default: "ceil",
+              A.round.default: "round", A.trunc.default: "trunc"}
+for _ov, _name in OPS_SIMPLE.items():
+    aten(_ov)(lambda b, x, _name=_name: b.emit(_name, x))
+
+
+@aten(A.gelu.default)
+def _(b, x, approximate="none"):
+    return b.emit("gelu", x, approximate=approximate)
+
+
+@aten(A.pow.Tensor_Scalar)
+def _(b, x, exponent):
+    return b.emit("pow", x, exponent=exponent)
+
+
+@aten(A.hardtanh.default)
+def _(b, x, min_val=-1.0, max_val=1.0):
+    return b.emit("hardtanh", x, min=min_val, max=max_val)
+
+
+@aten(A.clamp.default)
+def _(b, x, min=None, max=None):
+    return b.emit("clamp", x, min=min, max=max)
+
+
+# clamp with tensor bounds: x's gradient passes inside [lo, hi], a bound's where it binds.
+def _clamp_t_vjp(b, n, g, want):
+    return tuple(grad_like(b, b.emit("clamp_t_grad", g, *n.inputs, part=part), i) if w else None
+                 for i, w, part in zip(n.inputs, want, ("x", "lo", "hi")))
+
+
+def _clamp_t_grad(g, x, lo, hi, part):
+    # Where lo > hi torch's clamp returns hi, and hi takes the gradient.
+    passes = {"x": (x >= lo) & (x <= hi), "lo": (x < lo) & (lo < hi), "hi": (x > hi) | (hi < lo)}[part]
+    return torch.where(passes, g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+register("clamp_t", lambda x, lo, hi: torch.clamp(x, lo, hi), _clamp_t_vjp)
+register("clamp_t_grad", _clamp_t_grad)
+
+
+@aten(A.clamp.Tensor)
+def _(b, x, min=None, max=None):
+    lo = min if min is not None else b.const(-math.inf, dtype=x.dtype)
+    hi = max if max is not None else b.const(math.inf, dtype=x.dtype)
+    return b.emit("clamp_t", x, lo, hi)
+
+
+# base ** x for a Python number base
+_unary("scalar_pow", lambda x, base: torch.pow(base, x), lambda g, y, base: g * y * math.log(base), uses="y")
+
+
+@aten(A.pow.Scalar)
+def _(b, base, x):
+    if base <= 0:
+        raise NotImplementedError(f"{base} ** tensor (only a positive base has a gradient)")
+    return b.emit("scalar_pow", x, base=base)
+
+
+# fmod / remainder: x's gradient is 1; the divisor's is -trunc(x/y) (fmod) or -floor(x/y).
+def _mod_vjp(b, n, g, want):
+    x, y = n.inputs
+    gy = grad_like(b, b.emit("mod_grad_rhs", g, x, y, kind=n.op), y) if want[1] else None
+    return (grad_like(b, g, x) if want[0] else None, gy)
+
+
+register("fmod", torch.fmod, _mod_vjp)
+register("remainder", torch.remainder, _mod_vjp)
+register("mod_grad_rhs", lambda g, x, y, kind: -g * (torch.trunc(x / y) if kind == "fmod" else torch.floor(x / y)))
+for _mod in ("fmod", "remainder"):
+    for _ov in (getattr(A, _mod).Tensor, getattr(A, _mod).Scalar):
+        aten(_ov)(lambda b, x, y, _mod=_mod: b.emit(_mod, *_operands(b, x, y)))
+
+
+@aten(A.leaky_relu.default)
+def _(b, x, negative_slope=0.01):
+    return b.emit("leaky_relu", x, slope=negative_slope)
+
+
+@aten(A.elu.default)
+def _(b, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return b.emit("elu", x, alpha=alpha, scale=scale, input_scale=input_scale)
+
+
+# -- maximum / minimum: the larger (smaller) operand gets the gradient; ties split it ------
+
+def _choose_vjp(b, n, g, want):
+    x, y = n.inputs
+    # An operand's share of g: 1 where it wins, 0.5 where they tie, 0 where it loses.
+    gx = grad_like(b, b.emit("mul", g, b.emit("choice_share", x, y, pick=n.op)), x) if want[0] else None
+    gy = grad_like(b, b.emit("mul", g, b.emit("choice_share", y, x, pick=n.op)), y) if want[1] else None
+    return gx, gy
+
+
+def _choice_share(x, y, pick):
+    wins = x > y if pick == "maximum" else x < y
+    return wins.to(torch.promote_types(x.dtype, y.dtype)) + 0.5 * (x == y)
+
+
+register("maximum", torch.maximum, _choose_vjp)
+register("minimum", torch.minimum, _choose_vjp)
+register("choice_share", _choice_share)
+aten(A.maximum.default)(lambda b, x, y: b.emit("maximum", x, y))
+aten(A.minimum.default)(lambda b, x, y: b.emit("minimum", x, y))
+
+
+# -- comparisons and selection (no gradient through the condition) ------------------------
+
+for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
+    register(_cmp, getattr(torch, _cmp))
+    for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
+        aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, *_operands(b, x, y)))
+register("isnan", torch.isnan)
+aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
+register("logical_not", torch.logical_not)
+register("logical_and", torch.logical_and)
+register("logical_or", torch.logical_or)
+aten(A.logical_not.default)(lambda b, x: b.emit("logical_not", x))
+aten(A.logical_and.default)(lambda b, x, y: b.emit("logical_and", x, y))
+aten(A.logical_or.default)(lambda b, x, y: b.emit("logical_or", x, y))
+register("bitwise_not", torch.bitwise_not)
+aten(A.bitwise_not.default)(lambda b, x: b.emit("bitwise_not", x))
+for _bit in ("bitwise_and", "bitwise_or", "bitwise_xor"):  # `m1 | m2` on bool masks
+    register(_bit, getattr(torch, _bit))
+    for _ov in (getattr(A, _bit).Tensor, getattr(A, _bit).Scalar):
+        aten(_ov)(lambda b, x, y, _bit=_bit: b.emit(_bit, *_operands(b, x, y)))
+
+
+def _where_vjp(b, n, g, want):
+    cond, x, y = n.inputs
+    zero = b.const(0.0, dtype=g.dtype)
+    gx = grad_like(b, b.emit("where", cond, g, zero), x) if want[1] else None
+    gy = grad_like(b, b.emit("where", cond, zero, g), y) if want[2] else None
+    return None, gx, gy
+
+
+register("where", torch.where, _where_vjp)
+
+
+@aten(A.where.self, A.where.ScalarSelf, A.where.ScalarOther, A.where.Scalar)
+def _(b, cond, x, y):
+    return b.emit("where", cond, *_operands(b, x, y))
+
+
+@aten(A.masked_fill.Scalar, A.masked_fill.Tensor)
+def _(b, x, mask, value):
+    return b.emit("where", mask, scalar(b, value, like=x), x)
+
+
+def _cast_vjp(b, n, g, want):
+    x = n.inputs[0]
+    return (b.emit("cast", g, dtype=x.dtype) if want[0] and x.is_float else None,)
+
+
+register("cast", lambda x, dtype: x.to(dtype), _cast_vjp)
+
+
+@aten(A._to_copy.default)
+def _(b, x, dtype=None, **_):
+    return x if dtype is None or dtype == x.dtype else b.emit("cast", x, dtype=dtype)
+
+
+# `x.to(dtype)` leaves a metadata assertion behind; there is nothing to compute.
+aten(A._assert_tensor_metadata.default)(lambda b, *args, **kwargs: None)
+aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default)(lambda b, x, **_: x)
+
+# `x.detach()`: the value passes, its gradient does not.
+register("detach", torch.Tensor.detach, lambda b, n, g, want: (None,), view=True)
+aten(A.detach.default)(lambda b, x: b.emit("detach", x))
+
+
+# -- reductions -----------------------------------------------------------------------------
+
+def _dims(shape, dims):
+    if dims is None or len(dims) == 0:
+        return tuple(range(len(shape)))
+    return tuple(sorted(d % len(shape) for d in dims))
+
+
+def _kept_shape(shape, dims):
+    return tuple(1 if i in dims else s for i, s in enumerate(shape))
+
+
+def _expand_back(b, g, x, dims, keepdim):
+    """Gradient of a reduction over `dims`: reshape with unit dims, broadcast to x."""
+    if not keepdim:
+        g = b.emit("reshape", g, shape=_kept_shape(x.shape, dims))
+    return b.emit("expand", g, size=tuple(x.shape))
+
+
+def _sum_vjp(b, n, g, want):
+    x = n.inputs[0]
+    if not want[0]:
+        return (None,)
+    if g.dtype != x.dtype:  # sum(dtype=...) accumulated in another precision
+        g = b.emit("cast", g, dtype=x.dtype)
+    return (_expand_back(b, g, x, n.attrs["dims"], n.attrs["keepdim"]),)
+
+
+def _mean_vjp(b, n, g, want):
+    if not want[0]:
+        return (None,)
+    x, dims = n.inputs[0], n.attrs["dims"]
+    count = math.prod(x.shape[d] for d in dims)
+    return (_expand_back(b, b.emit("div", g, b.const(float(count))), x, dims, n.attrs["keepdim"]),)
+
+
+def _var_vjp(b, n, g, want):
+    if not want[0]:
+        return (None,)
+    x = n.inputs[0]
+    if not n.attrs["keepdim"]:
+        g = b.emit("reshape", g, shape=_kept_shape(x.shape, n.attrs["dims"]))
+    return (b.emit("var_grad", g, x, dims=n.attrs["dims"], correction=n.attrs["correction"]),)
+
+
+def _var_grad(g, x, dims, correction):
+    count = math.prod(x.shape[d] for d in dims)
+    return g * (2.0 / (count - correction)) * (x - x.mean(dims, keepdim=True))
+
+
+def _sum_kernel(x, dims, keepdim, dtype=None):
+    return torch.sum(x, dims, keepdim=keepdim, dtype=dtype)
+
+
+register("sum", _sum_kernel, _sum_vjp)
+register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp)
+register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp)
+register("var_grad", _var_grad)
+def _extremum_vjp(b, n, g, want):
+    return (b.emit("extremum_grad", g, n.inputs[0], n, dims=n.attrs["dims"], keepdim=n.attrs["keepdim"])
+            if want[0] else None,)
+
+
+def _extremum_grad(g, x, y, dims, keepdim):
+    # As torch: the gradient is shared evenly among the entries that tie for the extremum.
+    if not keepdim:
+        g, y = g.reshape(_kept_shape(x.shape, dims)), y.reshape(_kept_shape(x.shape, dims))
+    hit = x == y
+    return hit * (g / hit.sum(dims, keepdim=True))
+
+
+register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), _extremum_vjp)
+register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp)
+register("extremum_grad", _extremum_grad)
+register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x))
+
+
+def _sum_to_kernel(g, shape):
+    lead = g.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1)
+    return g.sum(dims, keepdim=True).reshape(shape) if dims else g.reshape(shape)
+
+
+register("sum_to", _sum_to_kernel,
+         lambda b, n, g, want: (b.emit("expand", g, size=tuple(n.inputs[0].shape)) if want[0] else None,))
+
+
+@aten(A.sum.dim_IntList, A.sum.default)
+def _(b, x, dims=None, keepdim=False, dtype=None):
+    return b.emit("sum", x, dims=_dims(x.shape, dims), keepdim=keepdim, dtype=dtype)
+
+
+@aten(A.mean.dim, A.mean.default)
+def _(b, x, dims=None, keepdim=False, dtype=None):
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("mean", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+@aten(A.var.correction, A.var.dim)
+def _(b, x, dims=None, unbiased=None, keepdim=False, correction=None):
+    corr = correction if correction is not None else (1 if unbiased in (None, True) else 0)
+    return b.emit("var", x, dims=_dims(x.shape, dims), correction=corr, keepdim=keepdim)
+
+
+@aten(A.amax.default)
+def _(b, x, dims=(), keepdim=False):
+    return b.emit("amax", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+@aten(A.amin.default)
+def _(b, x, dims=(), keepdim=False):
+    return b.emit("amin", x, dims=_dims(x.shape, dims), keepdim=keepdim)
+
+
+# x.max() / x.min() over everything share the gradient among ties, like amax.
+aten(A.max.default)(lambda b, x: b.emit("amax", x, dims=_dims(x.shape, None), keepdim=False))
+aten(A.min.default)(lambda b, x: b.emit("amin", x, dims=_dims(x.shape, None), keepdim=False))
+
+
+# max(dim)/min(dim) pick one entry (the first extremum) and route the gradient to it alone.
+register("argmax", lambda x, dim, keepdim: torch.argmax(x, dim, keepdim))
+register("argmin", lambda x, dim, keepdim: torch.argmin(x, dim, keepdim))
+aten(A.argmax.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmax", x, dim=dim, keepdim=keepdim))
+aten(A.argmin.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmin", x, dim=dim, keepdim=keepdim))
+
+
+def _picked(b, x, dim, keepdim, arg):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit(arg, x, dim=dim, keepdim=True)
+    value = b.emit("gather", x, idx, dim=dim)
+    if keepdim or not x.shape:
+        return value, idx
+    shape = tuple(s for i, s in enumerate(x.shape) if i != dim)
+    return b.emit("reshape", value, shape=shape), b.emit("reshape", idx, shape=shape)
+
+
+aten(A.max.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmax"))
+
+
+# sort / topk: the order is computed without gradient; the values are a gather along it.
+register("sort_indices", lambda x, dim, descending, stable: torch.sort(x, dim=dim, descending=descending,
+                                                                       stable=stable).indices)
+register("topk_indices", lambda x, k, dim, largest, sorted: torch.topk(x, k, dim, largest, sorted).indices)
+
+
+@aten(A.sort.default, A.sort.stable)
+def _(b, x, dim=-1, descending=False, stable=False):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit("sort_indices", x, dim=dim, descending=descending, stable=bool(stable))
+    return b.emit("gather", x, idx, dim=dim), idx
+
+
+@aten(A.topk.default)
+def _(b, x, k, dim=-1, largest=True, sorted=True):
+    dim = dim % max(len(x.shape), 1)
+    idx = b.emit("topk_indices", x, k=k, dim=dim, largest=largest, sorted=sorted)
+    return b.emit("gather", x, idx, dim=dim), idx
+aten(A.min.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "argmin"))
+
+
+# -- cumsum, vector norms ---------------------------------------------------------------------
+
+register("cumsum", lambda x, dim: torch.cumsum(x, dim),
+         lambda b, n, g, want: (b.emit("cumsum_grad", g, dim=n.attrs["dim"]) if want[0] else None,))
+register("cumsum_grad", lambda g, dim: g.flip(dim).cumsum(dim).flip(dim))  # a sum over the later entries
+
+
+@aten(A.cumsum.default)
+def _(b, x, dim, dtype=None):
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("cumsum", x, dim=dim % max(len(x.shape), 1))
+
+
+def _norm_grad(g, x, y, ord, dims, keepdim):
+    if not keepdim:
+        g, y = g.reshape(_kept_shape(x.shape, dims)), y.reshape(_kept_shape(x.shape, dims))
+    if ord == 1:
+        return g * torch.sgn(x)
+    # d|x|_p / dx = x |x|^(p-2) / |x|_p^(p-1); torch takes 0 where the norm is 0.
+    scale = (g / y.pow(ord - 1)).masked_fill(y == 0, 0)
+    return x * x.abs().pow(ord - 2) * scale
+
+
+register("vector_norm", lambda x, ord, dims, keepdim: torch.linalg.vector_norm(x, ord, dims, keepdim),
+         lambda b, n, g, want: (b.emit("vector_norm_grad", g, n.inputs[0], n, **n.attrs) if want[0] else None,))
+register("vector_norm_grad", _norm_grad)
+
+
+@aten(A.linalg_vector_norm.default)
+def _(b, x, ord=2, dim=None, keepdim=False, dtype=None):
+    if not 1 <= ord < math.inf:
+        raise NotImplementedError(f"vector norm of order {ord}")
+    dims = _dims(x.shape, [dim] if isinstance(dim, int) else dim)
+    if dtype is not None and dtype != x.dtype:
+        x = b.emit("cast", x, dtype=dtype)
+    return b.emit("vector_norm", x, ord=ord, dims=dims, keepdim=keepdim)
+
+
+@aten(A.var_mean.correction)
+def _(b, x, dims=None, correction=None, keepdim=False):
+    corr = 1 if correction is None else correction
+    dims = _dims(x.shape, dims)
+    return (b.emit("var", x, dims=dims, correction=corr, keepdim=keepdim),
+            b.emit("mean", x, dims=dims, keepdim=keepdim))
+
+
+@aten(A.any.dim, A.any.dims, A.any.default)
+def _(b, x, dims=None, keepdim=False):
+    dims = [dims] if isinstance(dims, int) else dims
+    return b.emit("any", x, dims=_dims(x.shape, dims) if dims is not None else (), keepdim=keepdim)
+
+
+# -- softmax --------------------------------------------------------------------------------
+
+register("softmax", lambda x, dim: torch.softmax(x, dim),
+         lambda b, n, g, want: (b.emit("softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
+# A row masked entirely (-inf everywhere) has a NaN softmax; attention zeroes such rows after
+# the softmax (`where`), so their gradient arrives as 0 and the true answer is 0, not NaN.
+register("softmax_grad", lambda g, y, dim: A._softmax_backward_data(g, y, dim, y.dtype).nan_to_num_(
+    nan=0.0, posinf=math.inf, neginf=-math.inf))
+register("log_softmax", lambda x, dim: torch.log_softmax(x, dim),
+         lambda b, n, g, want: (b.emit("log_softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
+register("log_softmax_grad", lambda g, y, dim: A._log_softmax_backward_data(g, y, dim, y.dtype))
+aten(A._softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("softmax", x, dim=dim % len(x.shape)))
+aten(A._log_softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("log_softmax", x, dim=dim % len(x.shape)))
+
+
+# -- creation ops: no inputs, shape known from attrs ---------------------------------------
+
+def _created(shape_key):
+    return lambda **attrs: (tuple(attrs[shape_key]), attrs.get("dtype") or torch.get_default_dtype())
+
+
+register("full", lambda size, value, dtype, device: torch.full(size, value, dtype=dtype, device=device),
+         shape=_created("size"))
+register("arange", lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=dtype, device=device),
+         shape=lambda **a: ((max(0, math.ceil((a["end"] - a["start"]) / a["step"])),), a["dtype"]))
+
+
+def _dtype_of(*values):
+    """The dtype torch infers for a tensor made from Python scalars: bool, int64, or the default float."""
+    if all(isinstance(v, bool) for v in values):
+        return torch.bool
+    return torch.int64 if all(isinstance(v, int) for v in values) else torch.get_default_dtype()
+
+
+@aten(A.full.default)
+def _(b, size, value, dtype=None, device=None, **_):
+    return b.emit("full", size=tuple(size), value=value, dtype=dtype or _dtype_of(value), device=device or b.device)
+
+
+@aten(A.full_like.default)
+def _(b, x, value, dtype=None, device=None, **_):
+    return b.emit("full", size=tuple(x.shape), value=value, dtype=dtype or x.dtype, device=device or b.device)
+
+
+@aten(A.empty.memory_format)
+def _(b, size, dtype=None, device=None, **_):
+    # Its values are never read before being written: zeros, deterministic.
+    return b.emit("full", size=tuple(size), value=0, dtype=dtype or torch.get_default_dtype(), device=device or b.device)
+
+
+# Checks torch inserts (e.g. one_hot's index range): nothing to compute at run time.
+aten(A._assert_async.msg, A._assert_async.default)(lambda b, *args, **kwargs: None)
+
+
+@aten(A.scalar_tensor.default)
+def _(b, value, dtype=None, device=None, **_):
+    return b.const(value, dtype=dtype or torch.get_default_dtype())
+
+
+@aten(A.arange.start_step, A.arange.default, A.arange.start)
+def _(b, *args, dtype=None, device=None, **_):
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (args + (1,))[:3]
+    dtype = dtype or _dtype_of(start, end, step)
+    return b.emit("arange", start=start, end=end, step=step, dtype=dtype, device=device or b.device)
+
+
+# -- dropout: a random mask (no gradient) times the input -----------------------------------
+
+# The mask reads x only for its shape: no gradient flows into x through it.
+register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p),
+         lambda b, n, g, want: (None,))
+
+
+@aten(A.native_dropout.default)
+def _(b, x, p, train=True):
+    if not train or p == 0:
+        return x, None
+    return b.emit("mul", x, b.emit("dropout_mask", x, p=p)), None
+
+
+# -- graph leaves: bound by the runtime (inputs) or baked in at compile time (consts) ------
+
+def _bound_at_run_time(**_):
+    raise AssertionError("input nodes are bound by the runtime, not computed")
+
+
+register("input", _bound_at_run_time)
+register("const", lambda value: value)

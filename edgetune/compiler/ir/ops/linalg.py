@@ -1,0 +1,82 @@
+"""Matrix products: linear (a weight applied to the last dim), mm, bmm."""
+from __future__ import annotations
+
+import torch
+
+from edgetune.compiler.ir.ops.registry import ChannelSlice, aten, register
+from edgetune.compiler.ir.ops.core import scalar
+from edgetune.compiler.ir.ops.nn import take_channels
+
+A = torch.ops.aten
+
+
+def _linear_grad_weight(g, x):
+    """sum over all leading dims of g^T x: [O, I]."""
+    return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def _linear_vjp(b, n, g, want):
+    x, w = n.inputs[:2]
+    gx = b.emit("linear_grad_input", g, w) if want[0] else None
+    gw = None
+    if want[1]:
+        # A partial rule on axis 1 needs only the k chosen input features of x.
+        xs = take_channels(b, x, want[1], dim=len(x.shape) - 1) if isinstance(want[1], ChannelSlice) else x
+        if isinstance(want[1], ChannelSlice) and want[1].axis != 1:
+            raise NotImplementedError(f"partial update of linear weight {w.name} along axis {want[1].axis}")
+        gw = b.emit("linear_grad_weight", g, xs)
+    gb = b.sum_to(g, n.inputs[2].shape) if len(n.inputs) == 3 and want[2] else None
+    return (gx, gw, gb)[: len(n.inputs)]
+
+
+register("linear", torch.nn.functional.linear, _linear_vjp)
+register("linear_grad_input", lambda g, w: g @ w)
+register("linear_grad_weight", _linear_grad_weight)
+
+
+def _mm_vjp(b, n, g, want, perm):
+    x, y = n.inputs
+    gx = b.emit(n.op, g, b.emit("permute", y, dims=perm)) if want[0] else None
+    gy = b.emit(n.op, b.emit("permute", x, dims=perm), g) if want[1] else None
+    return gx, gy
+
+
+register("mm", torch.mm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (1, 0)))
+register("bmm", torch.bmm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (0, 2, 1)))
+
+
+def _transposed_weight(m):
+    """The W of `permute(W, [1, 0])`: how torch.export spells the weight of nn.Linear."""
+    if m.op == "permute" and m.attrs["dims"] == (1, 0):
+        return m.inputs[0]
+    return None
+
+
+@aten(A.mm.default)
+def _(b, x, y):
+    w = _transposed_weight(y)
+    return b.emit("linear", x, w) if w is not None else b.emit("mm", x, y)
+
+
+@aten(A.addmm.default)
+def _(b, bias, x, y, beta=1, alpha=1):
+    w = _transposed_weight(y)
+    if beta == 1 and alpha == 1 and w is not None and len(bias.shape) == 1:
+        return b.emit("linear", x, w, bias)
+    prod = b.emit("mm", x, y)
+    if beta == 0:  # torch ignores the bias then, NaNs included
+        return prod if alpha == 1 else b.emit("mul", prod, scalar(b, alpha, like=prod))
+    if alpha != 1:
+        prod = b.emit("mul", prod, scalar(b, alpha, like=prod))
+    if beta != 1:
+        bias = b.emit("mul", bias, scalar(b, beta, like=bias))
+    return b.emit("add", bias, prod)
+
+
+@aten(A.bmm.default)
+def _(b, x, y):
+    # matmul of a non-contiguous [B, T, I] input (attention's output after its transpose) by
+    # a Linear's weight reaches us as bmm(x, expand(W.T)): it is linear(x, W), whose weight
+    # the schemes, LoRA and int8 recognise.
+    w = _transposed_weight(y.inputs[0]) if y.op == "expand" and len(y.inputs[0].shape) == 2 else None
+    return b.emit("linear", x, w) if w is not None else b.emit("bmm", x, y)

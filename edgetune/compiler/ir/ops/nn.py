@@ -1,0 +1,518 @@
+"""Neural-network ops: convolution, normalization, pooling, upsampling, embedding, gather."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.compiler.ir.ops.registry import ChannelSlice, aten, register
+from edgetune.compiler.ir.ops.core import scalar
+
+A = torch.ops.aten
+
+
+# -- convolution (1-D and 2-D, any stride/padding/dilation/groups) --------------------------
+
+def is_pointwise(weight_shape, stride, padding, groups) -> bool:
+    """A 1x1 conv with stride 1, no padding and no groups: a matrix product per sample. BLAS
+    runs it faster than ATen's CPU convolution (measured on MobileNetV2's shapes: forward
+    1.0-1.4x, input gradient 1.2-2.5x) and without a layout-reordering buffer."""
+    return groups == 1 and all(k == 1 for k in weight_shape[2:]) and all(s == 1 for s in stride) and not any(padding)
+
+
+def _conv(x, w, b=None, *, stride, padding, dilation, groups):
+    if is_pointwise(w.shape, stride, padding, groups):
+        y = torch.matmul(w.flatten(1), x.flatten(2)).view(x.shape[0], w.shape[0], *x.shape[2:])
+        return y if b is None else y.add_(b.view(-1, *[1] * (x.dim() - 2)))
+    return A.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
+    if is_pointwise(w.shape, stride, padding, groups):
+        return torch.matmul(w.flatten(1).t(), g.flatten(2)).view(input_shape)
+    # Only the input's shape is needed. An uninitialized stand-in is never read, so its pages
+    # are never touched; a zero-stride expand would be copied to contiguous memory in full.
+    fake_x = g.new_empty(input_shape)
+    return A.convolution_backward(g, fake_x, w, None, stride, padding, dilation, False,
+                                  [0] * len(stride), groups, [True, False, False])[0]
+
+
+def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
+    fake_w = g.new_empty(weight_shape)  # shape only, as above
+    return A.convolution_backward(g, x, fake_w, None, stride, padding, dilation, False,
+                                  [0] * len(stride), groups, [False, True, False])[1]
+
+
+def _conv_vjp(b, n, g, want):
+    x, w = n.inputs[:2]
+    conv = {k: n.attrs[k] for k in ("stride", "padding", "dilation", "groups")}
+    gx = b.emit("conv_grad_input", g, w, input_shape=tuple(x.shape), **conv) if want[0] else None
+    gw = _conv_weight_grad(b, n, g, want[1], conv) if want[1] else None
+    gb = None
+    if len(n.inputs) == 3 and want[2]:
+        gb = b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False)
+    return (gx, gw, gb)[: len(n.inputs)]
+
+
+def _conv_weight_grad(b, n, g, want, conv):
+    x, w = n.inputs[:2]
+    if not isinstance(want, ChannelSlice):
+        return b.emit("conv_grad_weight", x, g, weight_shape=tuple(w.shape), **conv)
+    if conv["groups"] == 1 and want.axis == 1:
+        # Only the k chosen input channels of x are needed for those k weight slices.
+        shape = (w.shape[0], want.k) + tuple(w.shape[2:])
+        return b.emit("conv_grad_weight", take_channels(b, x, want, dim=1), g, weight_shape=shape, **conv)
+    if conv["groups"] == x.shape[1] == w.shape[0] and want.axis == 0:
+        # Depthwise: channel c of the weight sees only channel c of x and of g.
+        shape = (want.k,) + tuple(w.shape[1:])
+        xs, gs = take_channels(b, x, want, dim=1), take_channels(b, g, want, dim=1)
+        return b.emit("conv_grad_weight", xs, gs, weight_shape=shape, **{**conv, "groups": want.k})
+    raise NotImplementedError(f"partial-channel update of a grouped conv weight {w.name} (groups={conv['groups']})")
+
+
+def take_channels(b, x, part: ChannelSlice, dim: int):
+    """x restricted to the chosen channels along `dim`: a view for 0..k-1, else a gather."""
+    if part.first:
+        return b.emit("slice", x, dim=dim, start=0, end=part.k, step=1)
+    return b.emit("index_select", x, part.index, dim=dim)
+
+
+def _conv_scratch(n) -> int:
+    # Measured on CPU (oneDNN): a convolution on plain NCHW tensors reorders into its blocked
+    # layout, holding a second buffer the size of its largest operand (input, output or, for
+    # wide 1x1 convs, the weight) while it runs. In a sparse step's forward this sets the peak.
+    # The matrix product of a pointwise conv allocates only its output.
+    a = n.attrs
+    if is_pointwise(n.inputs[1].shape, a["stride"], a["padding"], a["groups"]):
+        return 0
+    return max(v.nbytes for v in (n, *n.inputs[:2]))
+
+
+register("conv", _conv, _conv_vjp, scratch=_conv_scratch, measure_scratch=True)
+
+
+def _depthwise_backward_scratch(n) -> int:
+    # Measured on CPU (oneDNN): a depthwise conv's input gradient allocates a second buffer
+    # of the gradient's size while it runs; other convolutions allocate next to nothing.
+    groups = n.attrs["groups"]
+    return n.nbytes if groups > 1 and groups == n.shape[1] else 0
+
+
+register("conv_grad_input", _conv_grad_input, scratch=_depthwise_backward_scratch, measure_scratch=True)
+register("conv_grad_weight", _conv_grad_weight, measure_scratch=True)
+
+
+@aten(A.convolution.default)
+def _(b, x, w, bias, stride, padding, dilation, transposed, output_padding, groups):
+    inputs = (x, w) if bias is None else (x, w, bias)
+    conv = dict(stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation), groups=groups)
+    if transposed:
+        return b.emit("conv_transpose", *inputs, output_padding=tuple(output_padding), **conv)
+    return b.emit("conv", *inputs, **conv)
+
+
+# -- transposed convolution (decoders, upsampling): the same ATen kernels, transposed=True ----
+
+def _convt(x, w, b=None, **a):
+    return A.convolution(x, w, b, a["stride"], a["padding"], a["dilation"], True, a["output_padding"], a["groups"])
+
+
+def _convt_backward(g, x, w, mask, a):
+    return A.convolution_backward(g, x, w, None, a["stride"], a["padding"], a["dilation"], True,
+                                  a["output_padding"], a["groups"], mask)
+
+
+def _convt_vjp(b, n, g, want):
+    x, w = n.inputs[:2]
+    if isinstance(want[1], ChannelSlice):
+        raise NotImplementedError(f"partial-channel update of a transposed conv weight {w.name}")
+    gx = b.emit("conv_transpose_grad_input", g, w, input_shape=tuple(x.shape), **n.attrs) if want[0] else None
+    gw = b.emit("conv_transpose_grad_weight", x, g, weight_shape=tuple(w.shape), **n.attrs) if want[1] else None
+    gb = None
+    if len(n.inputs) == 3 and want[2]:
+        gb = b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False)
+    return (gx, gw, gb)[: len(n.inputs)]
+
+
+register("conv_transpose", _convt, _convt_vjp, measure_scratch=True)
+register("conv_transpose_grad_input", lambda g, w, input_shape, **a: _convt_backward(
+    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0], measure_scratch=True)
+register("conv_transpose_grad_weight", lambda x, g, weight_shape, **a: _convt_backward(
+    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1], measure_scratch=True)
+
+
+# -- batch norm: y = (x - mean) * rsqrt(var + eps) * weight + bias ---------------------------
+# mean/var are the batch statistics (train) or the running buffers (eval). In train mode they
+# are `mean`/`var` nodes of x, so x's gradient through the statistics comes from their VJPs.
+
+def _bn_shape(x):
+    return (1, -1) + (1,) * (len(x.shape) - 2)
+
+
+def _bn(x, mean, var, w, bias, *, eps):
+    # The fused kernel, normalizing with the statistics given (batch or running).
+    return torch.nn.functional.batch_norm(x, mean, var, w, bias, training=False, eps=eps)
+
+
+def _bn_grad_input(g, w, var, *, eps):
+    return g * (w * torch.rsqrt(var + eps)).view(_bn_shape(g))
+
+
+def _bn_grad_input_inplace(g, w, var, *, eps):
+    return g.mul_((w * torch.rsqrt(var + eps)).view(_bn_shape(g)))
+
+
+def _bn_grad_weight(g, x, mean, var, *, eps):
+    # ATen's fused kernel reduces sum(g * (x - mean)) in one pass without temporaries (3x
+    # faster than spelling it out); `train=False` makes it use the statistics given.
+    return A.native_batch_norm_backward(g, x, None, mean, var, None, None, False, eps, [False, True, False])[1]
+
+
+def _bn_grad_mean(g, w, var, *, eps):
+    return -g.sum(_bn_dims(g.dim())) * w * torch.rsqrt(var + eps)
+
+
+def _bn_grad_var(g, x, mean, w, var, *, eps):
+    s = _bn_shape(x)
+    return (g * (x - mean.view(s))).sum(_bn_dims(x.dim())) * w * -0.5 * torch.rsqrt(var + eps) ** 3
+
+
+def _bn_dims(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+def _bn_vjp(b, n, g, want):
+    x, mean, var, w, _ = n.inputs
+    eps = n.attrs["eps"]
+    return (
+        b.emit("bn_grad_input", g, w, var, eps=eps) if want[0] else None,
+        b.emit("bn_grad_mean", g, w, var, eps=eps) if want[1] else None,
+        b.emit("bn_grad_var", g, x, mean, w, var, eps=eps) if want[2] else None,
+        b.emit("bn_grad_weight", g, x, mean, var, eps=eps) if want[3] else None,
+        b.emit("sum", g, dims=_bn_dims(len(g.shape)), keepdim=False) if want[4] else None,
+    )
+
+
+register("batch_norm", _bn, _bn_vjp)
+register("bn_grad_input", _bn_grad_input, inplace=_bn_grad_input_inplace)
+register("bn_grad_weight", _bn_grad_weight)
+register("bn_grad_mean", _bn_grad_mean)
+register("bn_grad_var", _bn_grad_var)
+
+
+# -- an eval-mode BN folded into the frozen conv before it (passes/fold_bn.py) ----------------
+# conv(x, w) then BN = conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the
+# BN's pass over the activation becomes a pass over the (often much smaller) weight.
+
+def _bn_scale(gamma, var, eps):
+    return gamma * torch.rsqrt(var + eps)
+
+
+def _fold_bn_weight(w, gamma, var, *, eps):
+    return w * _bn_scale(gamma, var, eps).view((-1,) + (1,) * (w.dim() - 1))
+
+
+def _fold_bn_bias(beta, mean, gamma, var, *, eps):
+    return beta - mean * _bn_scale(gamma, var, eps)
+
+
+def _fold_bn_bias_vjp(b, n, g, want):
+    # The pass folds only frozen scales and statistics: the BN bias alone can train through it.
+    if any(want[1:]):
+        raise AssertionError(f"{n.name}: a folded BN's scale or statistics cannot train")
+    return (g if want[0] else None, None, None, None)
+
+
+register("fold_bn_weight", _fold_bn_weight)
+register("fold_bn_bias", _fold_bn_bias, _fold_bn_bias_vjp)
+
+
+def _affine_or_default(b, t, x, fill):
+    return t if t is not None else b.const(torch.full((x.shape[1],), fill, dtype=x.dtype))
+
+
+@aten(A._native_batch_norm_legit_no_training.default)
+def _(b, x, w, bias, running_mean, running_var, momentum, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps), None, None
+
+
+@aten(A._native_batch_norm_legit_functional.default)
+def _(b, x, w, bias, running_mean, running_var, training, momentum, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    if not training:
+        y = b.emit("batch_norm", x, running_mean, running_var, w, bias, eps=eps)
+        return y, None, None, running_mean, running_var
+    y, mean, var = _bn_batch_stats(b, x, w, bias, eps)
+    count = x.shape[0] * math.prod(x.shape[2:])
+    new_mean = _lerp(b, running_mean, mean, momentum)
+    unbiased = b.emit("mul", var, scalar(b, count / max(count - 1, 1), like=var))
+    return y, None, None, new_mean, _lerp(b, running_var, unbiased, momentum)
+
+
+@aten(A._native_batch_norm_legit.no_stats)
+def _(b, x, w, bias, training, momentum, eps):
+    # F.batch_norm(training=True) without running statistics: batch statistics, nothing to update.
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return _bn_batch_stats(b, x, w, bias, eps)[0], None, None
+
+
+def _bn_batch_stats(b, x, w, bias, eps):
+    dims = _bn_dims(len(x.shape))
+    mean = b.emit("mean", x, dims=dims, keepdim=False)
+    var = b.emit("var", x, dims=dims, correction=0, keepdim=False)
+    return b.emit("batch_norm", x, mean, var, w, bias, eps=eps), mean, var
+
+
+def _lerp(b, old, new, momentum):
+    """old * (1 - m) + new * m, as PyTorch updates running statistics."""
+    new = b.emit("cast", new, dtype=old.dtype) if new.dtype != old.dtype else new
+    keep, take = scalar(b, 1.0 - momentum, like=old), scalar(b, momentum, like=old)
+    return b.emit("add", b.emit("mul", old, keep), b.emit("mul", new, take))
+
+
+# -- layer norm over the trailing `normalized_shape` dims -----------------------------------
+
+def _ln(x, w, bias, *, normalized_shape, eps):
+    return torch.nn.functional.layer_norm(x, normalized_shape, w, bias, eps)
+
+
+def _ln_stats(x, normalized_shape, eps):
+    # ATen's forward kernel gives mean and 1/std in one pass (torch.var alone takes ~8x longer).
+    _, mean, rstd = A.native_layer_norm(x, normalized_shape, None, None, eps)
+    return mean, rstd
+
+
+def _ln_grad_input(g, x, w, *, normalized_shape, eps):
+    mean, rstd = _ln_stats(x, normalized_shape, eps)
+    return A.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, w, None, [True, False, False])[0]
+
+
+def _ln_grad_weight(g, x, *, normalized_shape, eps):
+    mean, rstd = _ln_stats(x, normalized_shape, eps)
+    ones = torch.ones(normalized_shape, dtype=x.dtype, device=x.device)  # the kernel wants a weight to grade
+    return A.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, ones, None, [False, True, False])[1]
+
+
+def _ln_vjp(b, n, g, want):
+    x, w, _ = n.inputs
+    ln = dict(n.attrs)
+    lead = tuple(range(len(x.shape) - len(ln["normalized_shape"])))
+    return (
+        b.emit("ln_grad_input", g, x, w, **ln) if want[0] else None,
+        b.emit("ln_grad_weight", g, x, **ln) if want[1] else None,
+        b.emit("sum", g, dims=lead, keepdim=False) if want[2] else None,
+    )
+
+
+register("layer_norm", _ln, _ln_vjp)
+register("ln_grad_input", _ln_grad_input)
+register("ln_grad_weight", _ln_grad_weight)
+
+
+@aten(A.native_layer_norm.default)
+def _(b, x, normalized_shape, w, bias, eps):
+    shape = tuple(normalized_shape)
+    w = w if w is not None else b.const(torch.ones(shape, dtype=x.dtype))
+    bias = bias if bias is not None else b.const(torch.zeros(shape, dtype=x.dtype))
+    return b.emit("layer_norm", x, w, bias, normalized_shape=shape, eps=eps), None, None
+
+
+# -- group norm: statistics per (sample, group of channels) ---------------------------------
+
+def _gn(x, w, bias, *, groups, eps):
+    return torch.nn.functional.group_norm(x, groups, w, bias, eps)
+
+
+def _gn_backward(g, x, w, groups, eps, mask):
+    # mean/rstd are recomputed from x rather than kept from the forward.
+    n, c = x.shape[:2]
+    flat = x.reshape(n, groups, -1)
+    mean, rstd = flat.mean(-1), torch.rsqrt(flat.var(-1, correction=0) + eps)
+    return A.native_group_norm_backward(g, x, mean, rstd, w, n, c, flat.shape[-1] * groups // c, groups, mask)
+
+
+def _gn_vjp(b, n, g, want):
+    x, w, _ = n.inputs
+    gn = dict(n.attrs)
+    return (
+        b.emit("gn_grad_input", g, x, w, **gn) if want[0] else None,
+        b.emit("gn_grad_weight", g, x, w, **gn) if want[1] else None,
+        b.emit("sum", g, dims=(0,) + tuple(range(2, len(g.shape))), keepdim=False) if want[2] else None,
+    )
+
+
+register("group_norm", _gn, _gn_vjp)
+register("gn_grad_input", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [True, False, False])[0])
+register("gn_grad_weight", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [False, True, False])[1])
+
+
+@aten(A.native_group_norm.default)
+def _(b, x, w, bias, n, c, hw, groups, eps):
+    w, bias = _affine_or_default(b, w, x, 1.0), _affine_or_default(b, bias, x, 0.0)
+    return b.emit("group_norm", x, w, bias, groups=groups, eps=eps), None, None
+
+
+# -- pooling --------------------------------------------------------------------------------
+
+def _max_pool(x, *, kernel_size, stride, padding, dilation, ceil_mode):
+    return A.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)[0]
+
+
+def _max_pool_grad(g, x, *, kernel_size, stride, padding, dilation, ceil_mode):
+    # The argmax indices are recomputed from x rather than kept as an int64 tensor.
+    idx = A.max_pool2d_with_indices(x, kernel_size, stride, padding, dilation, ceil_mode)[1]
+    return A.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode, idx)
+
+
+register("max_pool2d", _max_pool,
+         lambda b, n, g, want: (b.emit("max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
+register("max_pool2d_grad", _max_pool_grad)
+
+
+@aten(A.max_pool2d_with_indices.default)
+def _(b, x, kernel_size, stride=(), padding=(0, 0), dilation=(1, 1), ceil_mode=False):
+    stride = tuple(stride) or tuple(kernel_size)
+    return b.emit("max_pool2d", x, kernel_size=tuple(kernel_size), stride=stride, padding=tuple(padding),
+                  dilation=tuple(dilation), ceil_mode=ceil_mode), None
+
+
+def _avg_pool(x, **a):
+    return A.avg_pool2d(x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                        a["count_include_pad"], a["divisor_override"])
+
+
+def _avg_pool_grad(g, *, input_shape, **a):
+    fake_x = g.new_empty(input_shape)  # shape only, never read
+    return A.avg_pool2d_backward(g, fake_x, a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                 a["count_include_pad"], a["divisor_override"])
+
+
+register("avg_pool2d", _avg_pool, lambda b, n, g, want: (
+    b.emit("avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
+register("avg_pool2d_grad", _avg_pool_grad)
+
+
+@aten(A.avg_pool2d.default)
+def _(b, x, kernel_size, stride=(), padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None):
+    return b.emit("avg_pool2d", x, kernel_size=tuple(kernel_size), stride=tuple(stride) or tuple(kernel_size),
+                  padding=tuple(padding), ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                  divisor_override=divisor_override)
+
+
+def _adaptive_avg_pool_grad(g, *, input_shape):
+    return A._adaptive_avg_pool2d_backward(g, g.new_empty(input_shape))  # shape only, never read
+
+
+register("adaptive_avg_pool2d", lambda x, output_size: A._adaptive_avg_pool2d(x, output_size),
+         lambda b, n, g, want: (
+             b.emit("adaptive_avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
+register("adaptive_avg_pool2d_grad", _adaptive_avg_pool_grad)
+aten(A._adaptive_avg_pool2d.default)(
+    lambda b, x, output_size: b.emit("adaptive_avg_pool2d", x, output_size=tuple(output_size)))
+
+
+def _adaptive_max_pool_grad(g, x, *, output_size):
+    # The argmax indices are recomputed from x rather than kept as an int64 tensor.
+    return A.adaptive_max_pool2d_backward(g, x, A.adaptive_max_pool2d(x, output_size)[1])
+
+
+register("adaptive_max_pool2d", lambda x, output_size: A.adaptive_max_pool2d(x, output_size)[0],
+         lambda b, n, g, want: (b.emit("adaptive_max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
+register("adaptive_max_pool2d_grad", _adaptive_max_pool_grad)
+aten(A.adaptive_max_pool2d.default)(
+    lambda b, x, output_size: (b.emit("adaptive_max_pool2d", x, output_size=tuple(output_size)), None))
+
+
+# -- upsampling (F.interpolate): nearest and bilinear, 2-D ----------------------------------
+
+def _upsample(x, *, mode, output_size, scales, align_corners):
+    if mode == "nearest":
+        return A.upsample_nearest2d(x, output_size, *scales)
+    return A.upsample_bilinear2d(x, output_size, align_corners, *scales)
+
+
+def _upsample_grad(g, *, mode, output_size, scales, align_corners, input_shape):
+    if mode == "nearest":
+        return A.upsample_nearest2d_backward(g, output_size, input_shape, *scales)
+    return A.upsample_bilinear2d_backward(g, output_size, input_shape, align_corners, *scales)
+
+
+register("upsample2d", _upsample, lambda b, n, g, want: (
+    b.emit("upsample2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
+register("upsample2d_grad", _upsample_grad)
+
+
+def _upsample_attrs(x, output_size, scale_factors):
+    # Given scale factors, torch maps output to input pixels with them, not with the size ratio.
+    if output_size is None:
+        output_size = [math.floor(s * f) for s, f in zip(x.shape[2:], scale_factors)]
+    return dict(output_size=tuple(output_size), scales=tuple(scale_factors or (None, None)))
+
+
+aten(A.upsample_nearest2d.vec)(lambda b, x, output_size, scale_factors: b.emit(
+    "upsample2d", x, mode="nearest", align_corners=False, **_upsample_attrs(x, output_size, scale_factors)))
+aten(A.upsample_bilinear2d.vec)(lambda b, x, output_size, align_corners, scale_factors: b.emit(
+    "upsample2d", x, mode="bilinear", align_corners=align_corners, **_upsample_attrs(x, output_size, scale_factors)))
+
+
+# -- embedding, gather, index_select --------------------------------------------------------
+
+def _embedding_vjp(b, n, g, want):
+    w, idx = n.inputs
+    if not want[0]:
+        return None, None
+    if isinstance(want[0], ChannelSlice):
+        raise NotImplementedError(f"partial-channel update of embedding {w.name}")
+    return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=n.attrs["padding_idx"]), None
+
+
+register("embedding", lambda w, idx, padding_idx: A.embedding(w, idx, padding_idx), _embedding_vjp)
+register("embedding_grad", lambda g, idx, num_weights, padding_idx:
+         A.embedding_dense_backward(g, idx, num_weights, padding_idx, False))
+
+
+@aten(A.embedding.default)
+def _(b, w, idx, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    if scale_grad_by_freq:
+        raise NotImplementedError("embedding with scale_grad_by_freq")
+    return b.emit("embedding", w, idx, padding_idx=padding_idx)
+
+
+def _register_indexing(name, read, accumulate):
+    """An op reading x's entries at idx along dim; its gradient adds g back there into zeros."""
+    register(name, lambda x, idx, dim: read(x, dim, idx), lambda b, n, g, want: (
+        b.emit(f"{name}_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
+        if want[0] else None, None))
+    register(f"{name}_grad", lambda g, idx, dim, input_shape: accumulate(g.new_zeros(input_shape), dim, idx, g))
+
+
+_register_indexing("gather", torch.gather, torch.Tensor.scatter_add_)
+_register_indexing("index_select", torch.index_select, torch.Tensor.index_add_)
+aten(A.gather.default)(lambda b, x, dim, idx, sparse_grad=False: b.emit("gather", x, idx, dim=dim % len(x.shape)))
+
+
+# scatter writes src's entries into x (scatter_add adds them): the gather of g is src's gradient.
+def _scatter_vjp(b, n, g, want):
+    x, idx = n.inputs[:2]
+    added, dim = n.attrs["add"], n.attrs["dim"]
+    gx = (g if added else b.emit("scatter_grad_input", g, idx, dim=dim)) if want[0] else None
+    gs = b.emit("gather", g, idx, dim=dim) if len(n.inputs) == 3 and want[2] else None
+    return (gx, None, gs)[: len(n.inputs)]
+
+
+def _scatter(x, idx, src=None, *, dim, add, value=None):
+    if add:
+        return x.scatter_add(dim, idx, src)
+    return x.scatter(dim, idx, src) if src is not None else x.scatter(dim, idx, value)
+
+
+register("scatter", _scatter, _scatter_vjp)
+register("scatter_grad_input", lambda g, idx, dim: g.scatter(dim, idx, 0.0))
+aten(A.scatter.src)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=False))
+aten(A.scatter.value)(lambda b, x, dim, idx, value: b.emit("scatter", x, idx, dim=dim % len(x.shape), add=False,
+                                                           value=value))
+aten(A.scatter_add.default)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=True))
+
+
+aten(A.index_select.default)(lambda b, x, dim, idx: b.emit("index_select", x, idx, dim=dim % len(x.shape)))

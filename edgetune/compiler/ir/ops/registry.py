@@ -1,0 +1,91 @@
+"""The op registry: OpDef, `register`, the ATen converter table, and what the IR asks of an op
+(its shape, whether it is an effect or a view). The op families register into it; see the
+package docstring for what a registration holds."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from edgetune.compiler.ir.graph import Node
+
+VJP = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    kernel: Callable[..., Any]
+    vjp: VJP | None = None
+    shape: Callable[..., tuple] | None = None
+    mutates: tuple[int, ...] | Callable[[Node], tuple[int, ...]] = ()
+    view: bool = False
+    scratch: Callable[[Node], int] | None = None  # bytes the kernel allocates besides its output
+    measure_scratch: bool = False  # measured per call on this machine where possible
+
+
+def mutated_inputs(node: Node) -> tuple[int, ...]:
+    """Indices of the inputs that `node` updates in place (empty for pure ops)."""
+    m = OPS[node.op].mutates
+    return m(node) if callable(m) else m
+
+
+def is_effect(node: Node) -> bool:
+    return bool(OPS[node.op].mutates)
+
+
+def storage_of(node: Node) -> Node:
+    """The node whose allocation `node` lives in (itself unless it is a view)."""
+    while OPS[node.op].view:
+        node = node.inputs[0]
+    return node
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """The trainable part of a weight: entries `index` along `axis` (k of them)."""
+
+    axis: int
+    index: Node  # const int64 tensor of the chosen channels, sorted
+    first: bool  # channels are 0..k-1, so a narrow view serves instead of a gather
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[0]
+
+
+OPS: dict[str, OpDef] = {}
+ATEN: dict[Any, Callable[..., Any]] = {}
+
+
+def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Callable | None = None,
+             **kw: Any) -> OpDef:
+    if name in OPS:
+        raise ValueError(f"op {name!r} is registered twice")
+    OPS[name] = OpDef(name, kernel, vjp, **kw)
+    if inplace is not None:
+        register(f"{name}_inplace", inplace, shape=kw.get("shape"), view=True)
+    return OPS[name]
+
+
+def aten(*overloads: Any) -> Callable:
+    """Decorator: `fn(b, *args, **kwargs)` builds IR for these ATen overloads."""
+
+    def deco(fn: Callable) -> Callable:
+        for ov in overloads:
+            ATEN[ov] = fn
+        return fn
+
+    return deco
+
+
+def infer(op: OpDef, inputs: tuple[Node, ...], attrs: dict) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of `op(inputs)`: the op's rule, or its kernel run on meta tensors."""
+    if op.shape is not None:
+        return op.shape(*inputs, **attrs)
+    metas = [torch.empty(i.shape, dtype=i.dtype, device="meta") for i in inputs]
+    out = op.kernel(*metas, **attrs)
+    if out is None:
+        return (), torch.bool
+    return tuple(out.shape), out.dtype

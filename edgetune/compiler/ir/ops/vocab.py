@@ -1,0 +1,94 @@
+"""The language-model head and its cross-entropy as one op, computed a slice of the vocabulary
+at a time, so that neither the logits [N, V] nor their gradient ever exist whole.
+
+`vocab_log_prob(h, w, target)` -> [N, 1 + D], packed because a Node has one output:
+- column 0: log_softmax(h @ w.T)[i, target[i]], the value the loss reads (through a slice);
+- columns 1..D: d(column 0)/d(h[i]) = w[target[i]] - softmax_i @ w, the row's gradient
+  direction. It costs one more pass of matmuls in the forward, the one the backward would
+  make anyway, and it makes the backward of h a row scaling: no [N, V] tensor is saved
+  and nothing is recomputed for it.
+The weight's gradient (a tied embedding trained as the head) recomputes the logits slice
+by slice; the log-sum-exp comes back from column 0 and a dot product.
+
+Built by edgetune/compiler/passes/vocab_loss.py from `linear -> log_softmax -> gather`.
+"""
+from __future__ import annotations
+
+import torch
+
+from edgetune.compiler.ir.ops.registry import ChannelSlice, register
+from edgetune.compiler.ir.ops.nn import take_channels
+
+SLICE_BYTES = 16 * 2 ** 20  # one [N, chunk] block of logits; big enough for an efficient matmul
+
+
+def vocab_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
+    return max(1, min(vocab, SLICE_BYTES // max(1, n_rows * itemsize)))
+
+
+def _vocab_log_prob(h, w, target, *, chunk):
+    n, d = h.shape
+    running_max = h.new_full((n, 1), float("-inf"))
+    total = h.new_zeros((n, 1))
+    weighted = h.new_zeros((n, d))  # sum_v exp(logit_v - running_max) * w[v]
+    for start in range(0, w.shape[0], chunk):
+        w_slice = w[start:start + chunk]
+        logits = h @ w_slice.T
+        new_max = torch.maximum(running_max, logits.amax(1, keepdim=True))
+        rescale = torch.exp(running_max - new_max)  # online softmax: earlier slices' terms
+        p = logits.sub_(new_max).exp_()
+        total = total * rescale + p.sum(1, keepdim=True)
+        weighted = weighted * rescale + p @ w_slice
+        running_max = new_max
+    target_rows = w[target[:, 0]]
+    out = torch.empty((n, 1 + d), dtype=h.dtype, device=h.device)
+    out[:, :1] = (h * target_rows).sum(1, keepdim=True) - running_max - total.log()
+    out[:, 1:] = target_rows - weighted / total
+    return out
+
+
+def _grad_h(g, packed):
+    return g[:, :1] * packed[:, 1:]
+
+
+def _grad_w(g, h, w, target, packed, *, chunk):
+    g = g[:, :1]
+    target = target[:, 0]
+    log_sum_exp = (h * w[target]).sum(1, keepdim=True) - packed[:, :1]
+    rows = torch.arange(h.shape[0], device=h.device)
+    grad = torch.empty_like(w)
+    for start in range(0, w.shape[0], chunk):
+        w_slice = w[start:start + chunk]
+        # d loss / d logits = g * (onehot(target) - softmax)
+        g_logits = (h @ w_slice.T).sub_(log_sum_exp).exp_().mul_(-g)
+        inside = (target >= start) & (target < start + w_slice.shape[0])
+        g_logits[rows[inside], target[inside] - start] += g[inside, 0]
+        grad[start:start + chunk] = g_logits.T @ h
+    return grad
+
+
+def _vjp(b, n, g, want):
+    h, w, target = n.inputs
+    gh = b.emit("vocab_log_prob_grad_h", g, n) if want[0] else None
+    gw = None
+    if want[1]:
+        gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, chunk=n.attrs["chunk"])
+        if isinstance(want[1], ChannelSlice):
+            gw = take_channels(b, gw, want[1], dim=want[1].axis)
+    return gh, gw, None
+
+
+def _scratch(n) -> int:
+    """The kernel's live logits slice, its exponentials (in place) and a product of a slice."""
+    h = n.inputs[0]
+    return 2 * h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + 2 * h.nbytes
+
+
+def _shape(h, w, target, *, chunk):
+    return (h.shape[0], 1 + h.shape[1]), h.dtype
+
+
+register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch)
+register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype))
+register("vocab_log_prob_grad_w", _grad_w, shape=lambda g, h, w, target, packed, chunk: (tuple(w.shape), w.dtype),
+         scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize)

@@ -1,0 +1,130 @@
+"""Optimizers as ops in the training graph, numerically as torch.optim on the trained entries.
+
+Each optimizer contributes one in-place update op per trainable parameter. The learning
+rate and the step count are runtime inputs (`hyper`), so `trainer.lr` can change between
+steps without recompiling. A partially trained parameter is updated only on its chosen
+channels; its optimizer state has the shape of that slice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from edgetune.compiler.ir.ops import register
+
+
+@dataclass
+class SGD:
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    op: str = field(default="sgd_update", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, f"SGD lr must be >= 0, got {self.lr}")
+        _check(self.momentum >= 0, f"SGD momentum must be >= 0, got {self.momentum}")
+        _check(not self.nesterov or (self.momentum > 0 and self.dampening == 0),
+               "SGD nesterov needs momentum > 0 and dampening 0")
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return ("momentum_buffer",) if self.momentum else ()
+
+    def attrs(self) -> dict:
+        return dict(momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
+                    nesterov=self.nesterov)
+
+
+@dataclass
+class AdamW:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    op: str = field(default="adamw_update", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, f"AdamW lr must be >= 0, got {self.lr}")
+        _check(all(0 <= b < 1 for b in self.betas), f"AdamW betas must be in [0, 1), got {self.betas}")
+        _check(self.eps >= 0, f"AdamW eps must be >= 0, got {self.eps}")
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def attrs(self) -> dict:
+        return dict(beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay)
+
+
+def by_name(name: str, lr: float, weight_decay: float | None = None) -> SGD | AdamW:
+    """The optimizer a command line or a settings file names: "sgd" (with momentum 0.9, as
+    every edgetune run uses it) or "adamw"; weight decay defaults to each one's own default."""
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    if name == "sgd":
+        return SGD(lr=lr, momentum=0.9, **decay)
+    if name == "adamw":
+        return AdamW(lr=lr, **decay)
+    raise ValueError(f"unknown optimizer {name!r}: use 'sgd' or 'adamw'")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
+# -- the update kernels: inputs (param, grad, lr, step, *state[, index]) ---------------------
+
+def _trained_part(p, part, index):
+    """The entries of p that train, and how to write them back (a view needs nothing)."""
+    if part is None:
+        return p, lambda v: None
+    axis, k = part
+    if index is None:
+        return p.narrow(axis, 0, k), lambda v: None
+    return p.index_select(axis, index), lambda v: p.index_copy_(axis, index, v)
+
+
+def _split_state(rest, n_state):
+    return rest[:n_state], (rest[n_state] if len(rest) > n_state else None)
+
+
+def _sgd_update(p, g, lr, step, *rest, momentum, dampening, weight_decay, nesterov, part, n_state):
+    state, index = _split_state(rest, n_state)
+    w, write_back = _trained_part(p, part, index)
+    d = g if weight_decay == 0 else g.add(w, alpha=weight_decay)
+    if momentum:
+        buf = state[0]
+        if step == 1:
+            buf.copy_(d)
+        else:
+            buf.mul_(momentum).add_(d, alpha=1 - dampening)
+        d = d.add(buf, alpha=momentum) if nesterov else buf
+    w.add_(d, alpha=-lr)
+    write_back(w)
+
+
+def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, n_state):
+    (m, v), index = _split_state(rest, n_state)
+    w, write_back = _trained_part(p, part, index)
+    w.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** step)
+    denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    w.addcdiv_(m, denom, value=-step_size)
+    write_back(w)
+
+
+def _no_output(*inputs, **attrs):
+    return (), torch.bool
+
+
+def _param_and_state(node):
+    return (0,) + tuple(range(4, 4 + node.attrs["n_state"]))
+
+
+register("sgd_update", _sgd_update, shape=_no_output, mutates=_param_and_state)
+register("adamw_update", _adamw_update, shape=_no_output, mutates=_param_and_state)
+register("assign", lambda dst, src: dst.copy_(src), shape=_no_output, mutates=(0,))

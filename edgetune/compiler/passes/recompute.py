@@ -1,0 +1,73 @@
+"""Recompute cheap forward values in the backward instead of keeping them (rematerialization).
+
+In full backprop through conv -> BN -> ReLU6 the step keeps two maps per layer: the conv
+output (the BN weight's gradient reads it) and the activation (the next conv's weight
+gradient and the ReLU6's own gradient read it). The activation is two cheap elementwise ops
+away from the conv output, so the backward can redo them right before it needs the result:
+one map per layer is kept instead of two. A value is recomputed only from parameters,
+constants and values the backward keeps anyway, and only where that lowers the predicted
+peak (each recompute costs a BN and an activation pass again). Same kernels on the same
+inputs: the numbers do not change.
+"""
+from __future__ import annotations
+
+from edgetune.compiler.ir.graph import Graph, Node
+from edgetune.compiler.memory import saved_for_backward, storage_of
+from edgetune.compiler.passes.rewrite import fewest_for_lowest_peak, is_backward, keep, rewrite
+
+# Elementwise (or per-channel affine) ops: redoing one costs a pass over its output.
+CHEAP = {"batch_norm", "hardtanh", "relu", "silu", "sigmoid", "tanh", "gelu", "add", "sub", "mul", "neg",
+         "fold_bn_weight", "fold_bn_bias"}
+MAX_CHAIN = 3
+
+
+def recompute_cheap(graph: Graph) -> Graph:
+    saved = saved_for_backward(graph.nodes)
+    viewed = _read_through_views(graph)
+    chains = {v: c for v in saved if v not in viewed and (c := _chain(v, saved, MAX_CHAIN))}
+
+    def recomputed(values: set[Node]) -> Graph:
+        return _with_recompute(graph, {v: chains[v] for v in values})
+
+    chosen = fewest_for_lowest_peak(graph, set(chains), recomputed)
+    return recomputed(chosen) if chosen else graph
+
+
+def _chain(v: Node, saved: set[Node], depth: int) -> list[Node] | None:
+    """The forward nodes that recompute `v` (inputs first), or None. Their inputs are leaves,
+    or values the backward keeps anyway that are not themselves recomputed."""
+    if depth == 0 or v.op not in CHEAP or is_backward(v):
+        return None
+    chain: list[Node] = []
+    for i in v.inputs:
+        if i.op in ("input", "const") or (i in saved and i.op not in CHEAP and storage_of(i) is i):
+            continue
+        sub = None if i in saved else _chain(i, saved, depth - 1)
+        if sub is None:
+            return None
+        chain += [n for n in sub if n not in chain]
+    return chain + [v]
+
+
+def _read_through_views(graph: Graph) -> set[Node]:
+    """Storages the backward reads through a forward view (kept: the view holds them)."""
+    return {storage_of(i) for n in graph.nodes if is_backward(n) for i in n.inputs
+            if storage_of(i) is not i and not is_backward(i)}
+
+
+def _with_recompute(graph: Graph, chains: dict[Node, list[Node]]) -> Graph:
+    """Each backward reader of a chosen value reads a copy recomputed before the first of them."""
+    again: dict[Node, Node] = {}
+
+    def visit(b, n, inputs):
+        if not is_backward(n) or not any(i in chains for i in inputs):
+            return None
+        for v in (i for i in inputs if i in chains and i not in again):
+            for m in chains[v]:
+                if m not in again:
+                    b.meta = {**n.meta, "recompute_of": m.name}
+                    again[m] = b.redo(m, tuple(again.get(i, i) for i in m.inputs), name=f"{m.name}_again")
+        b.meta = dict(n.meta)
+        return keep(b, n, tuple(again.get(i, i) if i in chains else i for i in inputs))
+
+    return rewrite(graph, visit)

@@ -1,0 +1,334 @@
+"""compile() and the Trainer: one compiled training step, run on the user's own tensors.
+
+compile: export -> resolve the scheme -> autodiff (pruned) -> optimizer updates -> passes ->
+memory plan -> torch code. The Trainer binds the model's parameters and buffers (updated in
+place), owns the optimizer state and any LoRA adapters (edgetune.compiler.lora), and checks each batch
+against the examples before it runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from edgetune.compiler import lora
+from edgetune.compiler import scheme as schemes
+from edgetune.compiler.autodiff import differentiate
+from edgetune.compiler.backends.scratch import measure_scratch
+from edgetune.compiler.backends.torch import CompiledStep
+from edgetune.compiler.ir.builder import Builder
+from edgetune.compiler.ir.graph import Graph, Node, leaves_first
+from edgetune.compiler.ir.verify import checks_enabled, verify
+from edgetune.compiler.ir.ops import ChannelSlice
+from edgetune.compiler.inputs import Bindings, step_inputs
+from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
+from edgetune.compiler.isolate import run_isolated
+from edgetune.compiler.memory import MemoryPlan, plan
+from edgetune.compiler.optim import SGD, AdamW
+from edgetune.compiler.passes import run_forward_pipeline, run_pipeline, split_passes
+from edgetune.compiler.passes.int8 import int8_frozen_linears
+from edgetune.compiler.report import Report, build_report
+from edgetune.files import atomic_write
+
+if TYPE_CHECKING:
+    from edgetune.compiler.frontend.torch import ForwardGraph
+
+
+@dataclass
+class Update:
+    """One trained parameter (or LoRA adapter): its slice (None = whole), its input node and
+    optimizer state, and the layer it belongs to (an adapter's is the layer it adapts)."""
+
+    name: str
+    node: Node
+    part: ChannelSlice | None
+    state: list[Node]
+    module: str = ""
+
+    @property
+    def trained_entries(self) -> int:
+        n = math.prod(self.node.shape)
+        return n if self.part is None else n // self.node.shape[self.part.axis] * self.part.k
+
+
+def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
+            *, passes: list | None = None, frozen_weights: str = "float") -> "Trainer":
+    """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
+
+    `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
+    before autodiff, then PIPELINE); a list may take entries of both.
+    `frozen_weights="int8"` holds every frozen linear weight as int8 (per output channel) and
+    releases its float storage; `with trainer.dequantized():` lends the model float weights
+    back for plain PyTorch use (evaluation, generation).
+    """
+    if frozen_weights not in ("float", "int8"):
+        raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
+    return Trainer(model, loss_fn, example_inputs, example_targets,
+                   schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
+                   int8=frozen_weights == "int8")
+
+
+class Trainer:
+    def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
+                 int8: bool = False) -> None:
+        self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
+        self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
+        self.rules = schemes.resolve(scheme, model)
+        # LoRA adapters by name ("<layer>.lora_A.weight"); updated in place like parameters.
+        self.adapters = lora.init_adapters(model, self.rules)
+        self.device = _device_of(model, self.examples[0])
+        self.graph, self.updates = run_isolated(
+            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8), self.device)
+        self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
+        self.compiled = CompiledStep(self.graph, self.device)
+        # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
+        self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
+                      for u in self.updates for n in u.state}
+        # Frozen linear weights held as int8: {parameter name: (int8 values, per-row scales)}.
+        self.int8 = self._quantize_and_release()
+        self._bindings = self._bind()
+        self.steps = 0
+
+    # -- running --------------------------------------------------------------------------
+
+    def step(self, inputs: tuple, targets: tuple) -> float:
+        """One training step on a batch shaped like the examples; returns the loss."""
+        batch = self._check_batch(_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
+        out = self.compiled(*self._arguments(batch, step=self.steps + 1))
+        self.steps += 1
+        return float(out["loss"])
+
+    def _arguments(self, batch: list[torch.Tensor], step: int) -> list[Any]:
+        hyper = {"lr": float(self.lr), "step": step}
+        return self._bindings.arguments({"hyper": hyper, "input": batch, "target": batch})
+
+    def _bind(self) -> Bindings:
+        """Every held step input, by kind (edgetune.compiler.inputs): the model's parameters and
+        buffers, and what the Trainer holds (optimizer state, LoRA adapters, int8 weights)."""
+        held = {"param": {k: p.detach() for k, p in self.model.named_parameters(remove_duplicate=False)},
+                "buffer": dict(self.model.named_buffers()),
+                "state": self.state, "adapter": self.adapters,
+                "int8": {k: q for k, (q, _) in self.int8.items()},
+                "int8_scale": {k: scale for k, (_, scale) in self.int8.items()}}
+        return Bindings(step_inputs(self.graph), held)
+
+    def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
+        batch, examples = list(inputs) + list(targets), list(self.examples[0]) + list(self.examples[1])
+        if len(inputs) != len(self.examples[0]) or len(targets) != len(self.examples[1]):
+            raise ValueError(f"step() got {len(inputs)} inputs and {len(targets)} targets; the examples had "
+                             f"{len(self.examples[0])} and {len(self.examples[1])}")
+        for k, (t, e) in enumerate(zip(batch, examples)):
+            what = f"input {k}" if k < len(inputs) else f"target {k - len(inputs)}"
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
+            if t.shape != e.shape or t.dtype != e.dtype or t.device != e.device:
+                raise ValueError(f"{what} is {_describe(t)} but the step was compiled for {_describe(e)}; "
+                                 "recompile with an example batch of this shape (or drop the last partial batch)")
+        return batch
+
+    # -- int8 frozen weights ----------------------------------------------------------------
+
+    def _quantize_and_release(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Quantize each weight the step takes as int8 and free its float storage at once, so
+        memory never holds both copies of the whole model."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        int8 = {}
+        for i in step_inputs(self.graph):
+            if i.kind == "int8":
+                name = i.key
+                int8[name] = quantize_per_channel(params[name])
+                params[name].data = params[name].data.new_empty(0)
+        return int8
+
+    def _release_int8_floats(self) -> None:
+        """Free the float storage of the weights the step holds as int8 (the point of int8)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name in self.int8:
+            params[name].data = params[name].data.new_empty(0)
+
+    @contextlib.contextmanager
+    def dequantized(self):
+        """The model with float weights (dequantized from the int8 the step uses) while inside,
+        for plain PyTorch forward passes; released again on exit. A no-op without int8."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, (q, scale) in self.int8.items():
+            params[name].data = dequantize(q, scale)
+        try:
+            yield self.model
+        finally:
+            self._release_int8_floats()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(u.trained_entries for u in self.updates)
+
+    def trained_masks(self) -> dict[str, torch.Tensor]:
+        """{parameter name: bool mask of the entries a step updates}, for every trained parameter
+        of the model (LoRA adapters are not the model's, and a LoRA weight does not change)."""
+        params = dict(self.model.named_parameters())
+        masks = {}
+        for u in self.updates:
+            if u.name in self.adapters:
+                continue
+            mask = torch.zeros_like(params[u.name], dtype=torch.bool)
+            if u.part is None:
+                mask.fill_(True)
+            else:
+                index = u.part.index.attrs["value"].to(mask.device)
+                mask.index_fill_(u.part.axis, index, True)
+            masks[u.name] = mask
+        return masks
+
+    def report(self) -> Report:
+        return build_report(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Weights held as int8 are left out: they never change, and a trainer compiled with
+        # int8 quantizes the same pretrained weights again.
+        model = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+        return {"step": self.steps, "lr": self.lr, "model": model,
+                "optimizer": {k: v.clone() for k, v in self.state.items()},
+                "adapters": {k: v.clone() for k, v in self.adapters.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore model weights, optimizer state, LoRA adapters, step count and lr; checked
+        before anything changes."""
+        opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
+        _check_same("optimizer state", opt, self.state)
+        _check_same("LoRA adapters", adapters, self.adapters)
+        self._load_model_state(state["model"])
+        for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
+            for k, v in theirs.items():
+                mine[k].copy_(v)
+        self.steps, self.lr = int(state["step"]), float(state["lr"])
+
+    def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        if not self.int8:
+            self.model.load_state_dict(state)
+            return
+        result = self.model.load_state_dict(state, strict=False)
+        _check_same_keys(result.missing_keys, result.unexpected_keys, self.int8)
+
+    def save(self, path: str) -> None:
+        """Write a checkpoint atomically: a crash leaves the old file or the new, never half of one."""
+        atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
+
+    def load(self, path: str) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+
+def _check_same_keys(missing: list[str], unexpected: list[str], held_as_int8: dict) -> None:
+    missing = [k for k in missing if k not in held_as_int8]
+    if missing or unexpected:
+        raise ValueError(f"model weights do not match this model: missing {missing}, unexpected {unexpected}")
+
+
+def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    if set(got) != set(want):
+        raise ValueError(f"{what} does not match this trainer: missing {sorted(set(want) - set(got))}, "
+                         f"unexpected {sorted(set(got) - set(want))}")
+    for k, v in got.items():
+        if v.shape != want[k].shape:
+            raise ValueError(f"{what} {k!r} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+
+
+# -- building the training graph ------------------------------------------------------------
+
+def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False) -> tuple[Graph, list[Update]]:
+    """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
+    from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
+
+    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes, int8)
+
+
+def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None,
+                   int8: bool = False) -> tuple[Graph, list[Update]]:
+    """Everything after the trace: differentiate under `rules`, add the updates, optimize.
+
+    `forward` is only read, so one export serves many schemes (edgetune.apps.search does that).
+    LoRA rules first rewrite their linears to run the adapters, which then train instead."""
+    params = dict(model.named_parameters())
+    before_autodiff, after_autodiff = split_passes(passes)
+    graph, adapters = lora.attach(forward.graph, forward.params, rules)
+    trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
+    if int8:
+        graph = int8_frozen_linears(graph, trained)
+    graph = run_forward_pipeline(graph, trained, before_autodiff)
+    b = Builder(graph.nodes)
+    loss = graph.outputs["loss"]
+    parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
+             if name in forward.params and not rule.lora}
+    trainable = {**{n: (p if p else True) for n, p in parts.items()}, **{a: True for a in adapters.values()}}
+    grads = differentiate(graph, loss, trainable, b)
+    lr = b.input("lr", (), torch.float64, kind="hyper")
+    step = b.input("step", (), torch.int64, kind="hyper")
+    updates = []
+    for node, grad in grads.items():
+        part, target = parts.get(node), node.attrs["target"]
+        module = lora.layer_of(target) if node.attrs["kind"] == "adapter" else target.rpartition(".")[0]
+        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state", target=f"{target}:{s}")
+                 for s in optimizer.state_names]
+        index = [part.index] if part and not part.first else []
+        b.meta = {"module": module, "update_of": target}
+        b.emit(optimizer.op, node, grad, lr, step, *state, *index, part=(part.axis, part.k) if part else None,
+               n_state=len(state), **optimizer.attrs())
+        updates.append(Update(target, node, part, state, module))
+    b.meta = {}
+    for key, value in graph.outputs.items():
+        if key.startswith("buffer:"):
+            b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value)
+    graph = leaves_first(b.graph({"loss": loss}))
+    if checks_enabled():
+        verify(graph, where="autodiff")
+    return run_pipeline(graph, after_autodiff), updates
+
+
+def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor):
+    if not rule.partial:
+        return None
+    axis = _channel_axis(forward, name)
+    index = schemes.choose_channels(weight, axis, rule)
+    first = bool(torch.equal(index, torch.arange(len(index))))
+    return ChannelSlice(axis, b.const(index), first)
+
+
+def _channel_axis(forward: "ForwardGraph", name: str) -> int:
+    """Input channels: axis 1 of a conv/linear weight, axis 0 of a depthwise conv's."""
+    node = forward.params[name]
+    users = [n for n in forward.graph.nodes if node in n.inputs]
+    axes = set()
+    for u in users:
+        if u.op == "conv" and u.inputs[1] is node:
+            depthwise = u.attrs["groups"] > 1 and u.attrs["groups"] == u.inputs[0].shape[1]
+            axes.add(0 if depthwise else 1)
+        elif u.op == "linear" and u.inputs[1] is node:
+            axes.add(1)
+        else:
+            raise schemes.SchemeError(f"a ratio rule needs the weight of a conv or linear layer, but {name!r} is used "
+                                      f"by op '{u.op}' (module '{u.meta.get('module', '?')}')")
+    if len(axes) != 1:
+        raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
+    return axes.pop()
+
+
+def _as_tuple(x: Any, what: str) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if not isinstance(x, (tuple, list)):
+        raise TypeError(f"{what} must be a tuple of tensors, got {type(x).__name__}")
+    return tuple(x)
+
+
+def _device_of(model: torch.nn.Module, inputs: tuple) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else (inputs[0].device if inputs else torch.device("cpu"))
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}"
