@@ -331,11 +331,12 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
         checks.append({"limit_bytes": limit, "predicted_peak_bytes": result.predicted_peak_bytes,
                        "measured_peak_bytes": result.measured_peak_bytes})
         if result.measured_peak_bytes <= budget_bytes:
-            result.history.append({"measured_checks": checks})
+            result.history.append({"measured_checks": checks, "head_only_measured_bytes": floor})
             return result
         over.append(result.scheme)
         limit = _lower_limit(limit, result, budget_bytes, floor_predicted)
-    return SearchResult(head_only, gains.bias[0], floor_predicted, [{"measured_checks": checks}], budget_bytes, floor)
+    return SearchResult(head_only, gains.bias[0], floor_predicted,
+                        [{"measured_checks": checks, "head_only_measured_bytes": floor}], budget_bytes, floor)
 
 
 def _lower_limit(limit: int, failed: SearchResult, budget_bytes: int, floor: int) -> int:

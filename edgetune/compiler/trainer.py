@@ -217,7 +217,11 @@ class Trainer:
 
     def save(self, path: str) -> None:
         """Write a checkpoint atomically: a crash leaves the old file or the new, never half of one."""
-        atomic_write(path, lambda tmp: torch.save(self.state_dict(), tmp))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                torch.save(self.state_dict(), f)
+
+        atomic_write(path, write)
 
     def load(self, path: str) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))

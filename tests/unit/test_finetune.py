@@ -63,10 +63,15 @@ def test_a_diverging_loss_stops_with_advice():
                  evaluate_before=False, log=lambda _: None)
 
 
-def test_too_few_items_for_one_batch_is_a_clear_error():
+def _small_resnet_trainer():
+    """A trainer for batches of 4 of 8 two-class blobs, and those blobs."""
     model = build("resnet", num_classes=2).eval()
     train = _blobs(8, 0)
-    trainer = et.compile(model, F.cross_entropy, _prepare(train.items[:4], True), (train.labels[:4],))
+    return et.compile(model, F.cross_entropy, _prepare(train.items[:4], True), (train.labels[:4],)), train
+
+
+def test_too_few_items_for_one_batch_is_a_clear_error():
+    trainer, train = _small_resnet_trainer()
     with pytest.raises(ValueError, match="smaller --batch"):
         finetune(trainer, train, train, _prepare, epochs=1, batch_size=16, lr=0.1, progress=False)
 
@@ -120,9 +125,7 @@ def test_fit_batch_clips_to_the_data_and_says_so():
 
 
 def test_epochs_below_one_is_an_error_not_a_batch_complaint():
-    model = build("resnet", num_classes=2).eval()
-    train = _blobs(8, 0)
-    trainer = et.compile(model, F.cross_entropy, _prepare(train.items[:4], True), (train.labels[:4],))
+    trainer, train = _small_resnet_trainer()
     with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
         finetune(trainer, train, train, _prepare, epochs=0, batch_size=4, lr=0.1, progress=False)
 
