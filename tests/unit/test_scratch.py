@@ -81,3 +81,20 @@ def test_without_measurement_the_plan_uses_the_ops_estimate(monkeypatch):
     assert scratch_bytes(dx) == OPS["conv_grad_input"].scratch(dx) == dx.nbytes  # depthwise estimate
     assert not scratch.can_measure(torch.device("cuda"))
     assert plan(graph).peak_bytes == 2 * dx.nbytes
+
+
+def _raises(x):
+    raise RuntimeError("this kernel cannot run here")
+
+
+def test_a_failed_measurement_falls_back_to_the_estimate(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "1")
+    name = "test_raises_when_measured"
+    register(name, _raises, shape=lambda x: (tuple(x.shape), x.dtype), scratch=lambda n: 123, measure_scratch=True)
+    try:
+        graph, y = _graph_of(name, (4,))
+        with pytest.warns(RuntimeWarning, match="could not measure kernel scratch"):
+            measured = scratch.measure_scratch(graph, torch.device("cpu"))
+        assert measured == {} and plan(graph, measured).live_bytes[graph.nodes.index(y)] == y.nbytes + 123
+    finally:
+        del OPS[name]

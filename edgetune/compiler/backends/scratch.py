@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
 import torch
 
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS
 
-_MEASURED: dict[tuple, int] = {}  # call signature -> bytes, for this process
+_MEASURED: dict[tuple, int | None] = {}  # call signature -> bytes (None: could not measure), for this process
 
 
 def measure_scratch(graph: Graph, device: torch.device) -> dict[Node, int]:
@@ -40,10 +42,21 @@ def measure_scratch(graph: Graph, device: torch.device) -> dict[Node, int]:
     keys = {n: signature(n) for n in nodes}
     missing = list({keys[n]: n for n in nodes if keys[n] not in _MEASURED}.values())
     if missing:
-        from edgetune.compiler.isolate import in_child
+        _MEASURED.update(zip((keys[n] for n in missing), _measured_or_nothing(missing)))
+    return {n: _MEASURED[keys[n]] for n in nodes if _MEASURED[keys[n]] is not None}
 
-        _MEASURED.update(zip((keys[n] for n in missing), in_child(lambda: _measure_in_this_process(missing))))
-    return {n: _MEASURED[keys[n]] for n in nodes}
+
+def _measured_or_nothing(nodes: list[Node]) -> list[int | None]:
+    """The measurements, or None for each where measuring failed: the plan then estimates
+    (a prediction a little off is better than a compile that fails over it)."""
+    from edgetune.compiler.isolate import in_child
+
+    try:
+        return in_child(lambda: _measure_in_this_process(nodes))
+    except Exception as err:  # noqa: BLE001  (any failure of the measuring child)
+        warnings.warn(f"edgetune could not measure kernel scratch ({type(err).__name__}: {err}); "
+                      "the memory plan estimates it instead", RuntimeWarning, stacklevel=3)
+        return [None] * len(nodes)
 
 
 def can_measure(device: torch.device) -> bool:
