@@ -19,12 +19,12 @@ from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
 from edgetune.compiler.backends.scratch import measure_scratch
 from edgetune.compiler.backends.torch import CompiledStep
+from edgetune.compiler.inputs import Bindings, step_inputs
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node, leaves_first
-from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.ir.ops import ChannelSlice
-from edgetune.compiler.inputs import Bindings, step_inputs
 from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
+from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import MemoryPlan, plan
 from edgetune.compiler.optim import SGD, AdamW

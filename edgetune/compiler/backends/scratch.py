@@ -29,6 +29,7 @@ import torch
 
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS
+from edgetune.procmem import MMAP_THRESHOLD, release_free_heap, reset_hwm, set_mmap_threshold, vm_hwm_bytes, vm_rss_bytes
 
 _MEASURED: dict[tuple, int | None] = {}  # call signature -> bytes (None: could not measure), for this process
 
@@ -73,7 +74,7 @@ def _layout(n: Node) -> tuple:
     """An operand as the kernel sees it: its storage's shape and dtype and the views on it
     (an expanded or sliced operand may be copied to dense memory by the kernel)."""
     views = []
-    while OPS[n.op].view and n.op in _PURE_VIEWS:
+    while n.op in _PURE_VIEWS:
         views.append((n.op, repr(sorted(n.attrs.items()))))
         n = n.inputs[0]
     return tuple(n.shape), str(n.dtype), tuple(reversed(views))
@@ -93,9 +94,6 @@ def _operand(n: Node) -> torch.Tensor:
 
 
 def _measure_in_this_process(nodes: list[Node]) -> list[int]:
-    from edgetune.procmem import (MMAP_THRESHOLD, release_free_heap, reset_hwm, set_mmap_threshold, vm_hwm_bytes,
-                                  vm_rss_bytes)
-
     set_mmap_threshold(MMAP_THRESHOLD)  # this child only: freed buffers leave the resident set at once
     results = []
     with torch.no_grad():
