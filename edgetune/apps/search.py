@@ -77,12 +77,14 @@ class SearchSpace:
         `weight_filter(name, module)` is true; "pw1" keeps the first pointwise conv of each
         inverted-residual block (the one feeding a depthwise conv), which the paper found to
         contribute most in MobileNetV2. `weight_layers` (module names) overrides both."""
+        ratios = tuple(sorted({0.0, *map(float, ratios)}))
+        if not all(0 <= r <= 1 for r in ratios):
+            raise ValueError(f"channel ratios must lie in [0, 1] (0 = frozen, 1 = the whole weight), got {list(ratios)}")
         head = _default_head(model) if head is None else head
         biases = [n for n, _ in model.named_parameters() if n.endswith(".bias") and not _is_in(n, head)]
         layers = _weight_layers(model, head)
         return cls(head, tuple(biases), _bias_grid(len(biases), bias_steps),
-                   _weight_candidates(layers, later_fraction, weight_filter, weight_layers),
-                   tuple(sorted({0.0, *map(float, ratios)})))
+                   _weight_candidates(layers, later_fraction, weight_filter, weight_layers), ratios)
 
     def scheme(self, k: int, weights: Mapping[str, float] | None = None) -> dict[str, Any]:
         """The scheme dict: head, biases of the last k units, each weight at its ratio (0 = frozen)."""
@@ -388,7 +390,7 @@ class _Evolution:
     def random_genome(self) -> Genome:
         # Half the weight genes frozen: a random dense genome rarely fits a tight budget.
         k = self.rng.randrange(self.choices[0])
-        return (k, *(self.rng.randrange(1, n) if self.rng.random() < 0.5 else 0 for n in self.choices[1:]))
+        return (k, *(self.rng.randrange(1, n) if n > 1 and self.rng.random() < 0.5 else 0 for n in self.choices[1:]))
 
     def greedy(self) -> Genome:
         """Raise one gene at a time by the best gain that still fits: a strong first member.

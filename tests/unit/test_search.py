@@ -55,6 +55,17 @@ def test_search_space_of_a_small_net():
         "head.*": "full", "bn2.bias": "full", "pw.bias": "full", "pw.weight": 0.25}
 
 
+def test_ratios_are_checked_and_a_space_of_biases_alone_is_searched(setup):
+    with pytest.raises(ValueError, match=r"ratios must lie in \[0, 1\]"):
+        SearchSpace.from_model(ConvNet(), ratios=(0, 2))
+    _, _, _, predictor, gains = setup
+    biases_only = SearchSpace.from_model(ConvNet(), ratios=(0,))  # weights frozen: only k is searched
+    assert biases_only.ratios == (0.0,)
+    result = search(biases_only, gains, predictor, 10 * predictor.predict(biases_only.scheme(0)), population=4,
+                    generations=2)
+    assert result.predicted_gain == pytest.approx(max(gains.bias.values()))
+
+
 def test_pw1_filter_picks_the_first_pointwise_conv_of_the_later_mobilenetv2_blocks():
     space = SearchSpace.from_model(build("mobilenetv2-0.35", num_classes=10), weight_filter="pw1")
     # The TTE's published MobileNetV2 schemes choose among exactly these (conv indices 27..48 step 3).
