@@ -394,8 +394,12 @@ def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tupl
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from edgetune.apps.lm import generate, load_lm, load_trained
+    from edgetune.apps.lm import check_weights_file, generate, load_lm, load_trained
 
+    if args.weights:  # checked before the model's seconds of loading, as is the adapter
+        check_weights_file(args.weights)
+    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"{args.adapter} holds no adapter_config.json: give the adapter folder finetune-lm wrote")
     lm = load_lm(args.model)
     model = lm.model
     if args.weights:
@@ -409,8 +413,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _with_adapter(model: torch.nn.Module, folder: str) -> torch.nn.Module:
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        raise FileNotFoundError(f"{folder} holds no adapter_config.json: give the adapter folder finetune-lm wrote")
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, folder).eval()

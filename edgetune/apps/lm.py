@@ -258,15 +258,19 @@ def save_trained(trainer: et.Trainer, path: str, whole: bool = False, metadata: 
     return os.path.getsize(path)
 
 
+def check_weights_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file {path}: give the .safetensors file finetune-lm wrote "
+                                "(runs/lm-.../trained.safetensors)")
+
+
 def load_trained(model: torch.nn.Module, path: str) -> dict[str, str]:
     """Load a file of save_trained (trained parameters or whole model) into `model`; every
     tensor must name a weight of the model with its shape. Returns the file's metadata."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights file {path}: give the .safetensors file finetune-lm wrote "
-                                "(runs/lm-.../trained.safetensors)")
+    check_weights_file(path)
     try:
         tensors = load_file(path)
     except SafetensorError as err:
