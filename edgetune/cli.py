@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune as et
+from edgetune.compiler.memory import parse_bytes
 from edgetune.compiler.optim import by_name
 from edgetune.compiler.scheme import SchemeError
 
@@ -52,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=run_plan)
     ft = sub.add_parser("finetune", help="fine-tune a (pretrained) model on a dataset under a scheme")
     _job_args(ft)
-    ft.add_argument("--budget", help="with --scheme auto: memory for training on top of the weights, e.g. 40MB")
+    ft.add_argument("--budget", help="memory for training on top of the weights, e.g. 40MB: with --scheme auto, "
+                    "the search's limit; with another scheme, a step predicted over it is refused")
     ft.add_argument("--out", help="folder for the checkpoint, history and plot (default: runs/<model>-<data>-<time>)")
     ft.add_argument("--scheme", default="bias_only", help="full | bias_only | last:K | mbv2-49kb ... mbv2-138kb | "
                     "a JSON file | auto (search under --budget); the new head is always trained")
@@ -168,20 +170,6 @@ def _models() -> list[str]:
     return sorted(MODELS)
 
 
-def parse_bytes(text: str) -> int:
-    """'40MB' -> bytes. MB means 2**20 bytes, as in every report edgetune prints."""
-    units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    number = text.strip().upper().rstrip("BIGKM") or "x"
-    unit = text.strip().upper()[len(number):]
-    try:
-        value = float(number) * units[unit]
-    except (ValueError, KeyError):
-        raise ValueError(f"cannot read the budget {text!r}: write it like 40MB, 512KB or 1.5GB") from None
-    if value <= 0:
-        raise ValueError(f"the budget must be positive, got {text!r}")
-    return int(value)
-
-
 def run_plan(args: argparse.Namespace) -> int:
     from edgetune.apps.jobs import check_input_fits
     from edgetune.models import MODELS, build
@@ -244,9 +232,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def _job_scheme(args: argparse.Namespace, job) -> et.schemes.SchemeLike:
     if args.scheme != "auto":
-        if args.budget:
-            raise ValueError("--budget only applies to --scheme auto")
-        return et.schemes.parse(args.scheme)
+        return et.schemes.parse(args.scheme)  # with --budget, compile holds it to the budget
     if not args.budget:
         raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
     from edgetune.apps.jobs import search_job
@@ -301,8 +287,11 @@ def run_search(args: argparse.Namespace) -> int:
 
 def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
     inputs, targets = job.example(args.batch)
+    # A given scheme is held to --budget by the plan's prediction; a searched one (--scheme
+    # auto) has been measured under it already.
+    budget = args.budget if args.scheme != "auto" else None
     return et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
-                      optimizer=by_name(args.optimizer, args.lr, args.weight_decay))
+                      optimizer=by_name(args.optimizer, args.lr, args.weight_decay), memory_budget=budget)
 
 
 def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:

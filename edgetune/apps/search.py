@@ -37,17 +37,13 @@ import torch
 
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.backends.scratch import measure_scratch
-from edgetune.compiler.memory import plan
+from edgetune.compiler.memory import BudgetError, plan
 from edgetune.compiler.trainer import _as_tuple, _device_of, training_graph
 from edgetune.files import write_json
 
 RATIOS = (0.0, 0.125, 0.25, 0.5, 1.0)  # the paper's per-layer channel ratios; 0 = weight frozen
 MB = 2 ** 20
 Genome = tuple  # (index into bias_choices, index into ratios per weight unit...)
-
-
-class BudgetError(ValueError):
-    """No scheme fits the memory budget."""
 
 
 # -- the search space ---------------------------------------------------------------------------

@@ -27,6 +27,47 @@ class MemoryPlan:
     def peak_bytes(self) -> int:
         return self.state_bytes + max(self.live_bytes, default=0)
 
+    def peak_by_layer(self) -> list[tuple[str, int]]:
+        """What the peak is made of: bytes per layer (the module a value was computed for, or
+        whose optimizer state it is), largest first; the kernel running at the peak counts
+        its scratch to its own layer."""
+        at = max(range(len(self.live_bytes)), key=self.live_bytes.__getitem__, default=None)
+        layers: dict[str, int] = {}
+        for n in self.order:
+            if n.op == "input" and n.attrs.get("kind") == "state":
+                layer = n.attrs["target"].rpartition(":")[0].rpartition(".")[0]
+                layers[layer] = layers.get(layer, 0) + n.nbytes
+        if at is not None:
+            for pos, n in enumerate(self.order[:at + 1]):
+                if allocates(n) and self.last_use.get(n, pos) >= at:
+                    layer = n.meta.get("module", "?")
+                    layers[layer] = layers.get(layer, 0) + n.nbytes
+            running = self.order[at].meta.get("module", "?")
+            layers[running] = layers.get(running, 0) + self.scratch_bytes[at]
+        return sorted(((k, v) for k, v in layers.items() if v), key=lambda kv: -kv[1])
+
+
+class BudgetError(ValueError):
+    """A step (or every scheme searched) needs more memory than the budget."""
+
+
+def parse_bytes(budget: str | int) -> int:
+    """'40MB' -> bytes (an int passes through). MB means 2**20 bytes, as in every report
+    edgetune prints."""
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        value = budget
+    else:
+        units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+        text = str(budget).strip().upper()
+        number = text.rstrip("BIGKM") or "x"
+        try:
+            value = int(float(number) * units[text[len(number):]])
+        except (ValueError, KeyError):
+            raise ValueError(f"cannot read the budget {budget!r}: write it like 40MB, 512KB or 1.5GB") from None
+    if value <= 0:
+        raise ValueError(f"the budget must be positive, got {budget!r}")
+    return value
+
 
 def allocates(node: Node) -> bool:
     return node.op not in ("input", "const") and not OPS[node.op].view and not is_effect(node)

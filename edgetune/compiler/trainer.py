@@ -26,7 +26,7 @@ from edgetune.compiler.ir.ops import ChannelSlice
 from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
-from edgetune.compiler.memory import MemoryPlan, plan
+from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
 from edgetune.compiler.optim import SGD, AdamW
 from edgetune.compiler.passes import run_forward_pipeline, run_pipeline, split_passes
 from edgetune.compiler.passes.int8 import int8_frozen_linears
@@ -56,7 +56,8 @@ class Update:
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
             scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
-            *, passes: list | None = None, frozen_weights: str = "float") -> "Trainer":
+            *, passes: list | None = None, frozen_weights: str = "float",
+            memory_budget: int | str | None = None) -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
     `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
@@ -64,17 +65,21 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     `frozen_weights="int8"` holds every frozen linear weight as int8 (per output channel) and
     releases its float storage; `with trainer.dequantized():` lends the model float weights
     back for plain PyTorch use (evaluation, generation).
+    `memory_budget` (bytes, or text like "64MB"): a contract on the predicted peak of one step
+    (`report().predicted_peak_bytes`); a scheme over it is refused with a BudgetError that
+    names the layers making the peak, before the step's memory is allocated.
     """
     if frozen_weights not in ("float", "int8"):
         raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
+    budget = None if memory_budget is None else parse_bytes(memory_budget)
     return Trainer(model, loss_fn, example_inputs, example_targets,
                    schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
-                   int8=frozen_weights == "int8")
+                   int8=frozen_weights == "int8", memory_budget=budget)
 
 
 class Trainer:
     def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
-                 int8: bool = False) -> None:
+                 int8: bool = False, memory_budget: int | None = None) -> None:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
@@ -84,6 +89,8 @@ class Trainer:
         self.graph, self.updates = run_isolated(
             lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8), self.device)
         self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
+        if memory_budget is not None:
+            _check_budget(self.plan, memory_budget, self.rules)
         self.compiled = CompiledStep(self.graph, self.device)
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
@@ -225,6 +232,21 @@ class Trainer:
 
     def load(self, path: str) -> None:
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+
+def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]) -> None:
+    """BudgetError where the predicted peak is over `budget`, naming the three layers that hold
+    most of it and the scheme rules that train them."""
+    if plan_.peak_bytes <= budget:
+        return
+    top = plan_.peak_by_layer()[:3]
+    mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
+    layers = ", ".join(f"{layer or '<model>'} {mb(n)}" for layer, n in top)
+    trained = [name for name in rules if any(layer and name.startswith(layer + ".") for layer, _ in top)]
+    drop = f"train fewer of these layers (the scheme trains {', '.join(trained)} there), " if trained else ""
+    raise BudgetError(f"the step's predicted peak is {mb(plan_.peak_bytes)}, over the memory budget of {mb(budget)}; "
+                      f"most of it is held by {layers}. To fit: {drop}use a smaller batch, or run "
+                      f"`edgetune search --budget {budget / 2**20:.0f}MB` for a scheme that fits")
 
 
 def _check_same_keys(missing: list[str], unexpected: list[str], held_as_int8: dict) -> None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.compiler.frontend.torch import UnsupportedOpError
+from edgetune.compiler.memory import BudgetError, parse_bytes
 from edgetune.compiler.scheme import SchemeError
 from tests.reference import assert_models_match, train_eager
 from tests.unit.nets import ConvNet, batch
@@ -203,3 +204,29 @@ def test_a_loss_that_is_not_a_scalar_is_an_error():
 def test_bad_optimizer_settings_are_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_memory_budget_refuses_a_step_predicted_over_it_before_allocating_it():
+    model, data = ConvNet().eval(), batch(n=16, size=32)
+    before = copy.deepcopy(model.state_dict())
+    fits = et.compile(model, F.cross_entropy, *data, scheme=et.schemes.full(), optimizer=et.SGD(lr=0.1, momentum=0.9))
+    peak = fits.report().predicted_peak_bytes
+    assert et.compile(model, F.cross_entropy, *data, scheme=et.schemes.full(), optimizer=et.SGD(lr=0.1, momentum=0.9),
+                      memory_budget=peak).report().predicted_peak_bytes == peak  # exactly at the budget: fits
+    with pytest.raises(BudgetError) as refused:
+        et.compile(model, F.cross_entropy, *data, scheme=et.schemes.full(), optimizer=et.SGD(lr=0.1, momentum=0.9),
+                   memory_budget=peak - 1)
+    message = str(refused.value)
+    top = fits.plan.peak_by_layer()
+    assert f"predicted peak is {peak / 2**20:.2f} MB" in message and top[0][0] in message
+    assert "pw.weight" in message and "edgetune search --budget" in message
+    assert sum(n for _, n in top) == peak  # the layers account for the whole peak
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_budgets_are_read_in_mb_of_two_to_the_twentieth():
+    assert parse_bytes("64MB") == parse_bytes("64 mib") == 64 * 2**20 and parse_bytes(1000) == 1000
+    assert parse_bytes("1.5GB") == int(1.5 * 2**30)
+    for bad in ("lots", "-1MB", 0):
+        with pytest.raises(ValueError, match="budget"):
+            parse_bytes(bad)
