@@ -13,8 +13,9 @@ and this module does the same:
    (PeakPredictor, the number `Trainer.report().predicted_peak_bytes` gives) within the budget.
 
 A budget is memory on top of the loaded weights, as in edgetune.apps.measure. The plan predicts
-tensors only; `search_verified` also measures the result (edgetune.apps.measure) and searches again
-with the difference set aside until the measured peak fits.
+the step's tensors and its kernels' scratch, not what setup leaves resident (imported modules,
+library caches); `search_verified` also measures the result (edgetune.apps.measure) and searches
+again with the difference set aside until the measured peak fits.
 
     space = SearchSpace.from_model(model, weight_filter="pw1")
     gains = contributions(space, evaluate, cache="contrib.json", context="mbv2 fmnist 200 steps lr 0.01")
@@ -313,8 +314,8 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
     search again under a lower limit for the prediction. Returns a scheme whose measured peak
     fits: at worst the head alone, which is measured first (BudgetError if even it does not fit).
 
-    The plan counts tensors, not what a running step adds (allocator, kernel scratch and caches,
-    generated code): a few MB that vary from scheme to scheme. The head alone gives the first
+    The plan counts tensors and kernel scratch, not what else a running step adds (allocator
+    slack, library caches, generated code): a few MB that vary from scheme to scheme. The head alone gives the first
     estimate; each scheme measured over the budget is excluded and lowers the limit."""
     head_only = space.scheme(0)
     floor, floor_predicted = predictor.measure(head_only, steps), predictor.predict(head_only)
