@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,6 +19,7 @@ from edgetune.compiler import lora
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
 from edgetune.compiler.backends.scratch import measure_scratch
+from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
 from edgetune.compiler.backends.torch import CompiledStep
 from edgetune.compiler.inputs import Bindings, step_inputs
 from edgetune.compiler.ir.builder import Builder
@@ -31,7 +33,6 @@ from edgetune.compiler.optim import SGD, AdamW
 from edgetune.compiler.passes import run_forward_pipeline, run_pipeline, split_passes
 from edgetune.compiler.passes.int8 import int8_frozen_linears
 from edgetune.compiler.report import Report, build_report
-from edgetune.files import atomic_write
 
 if TYPE_CHECKING:
     from edgetune.compiler.frontend.torch import ForwardGraph
@@ -207,31 +208,25 @@ class Trainer:
         """Restore model weights, optimizer state, LoRA adapters, step count and lr; checked
         before anything changes."""
         opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
+        own_model = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+        _check_same("model weights", state["model"], own_model)
         _check_same("optimizer state", opt, self.state)
         _check_same("LoRA adapters", adapters, self.adapters)
-        self._load_model_state(state["model"])
+        # Checked above; weights held as int8 are not in a checkpoint (compile quantizes them again).
+        self.model.load_state_dict(state["model"], strict=not self.int8)
         for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
             for k, v in theirs.items():
                 mine[k].copy_(v)
         self.steps, self.lr = int(state["step"]), float(state["lr"])
 
-    def _load_model_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not self.int8:
-            self.model.load_state_dict(state)
-            return
-        result = self.model.load_state_dict(state, strict=False)
-        _check_same_keys(result.missing_keys, result.unexpected_keys, self.int8)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint (safetensors, edgetune.compiler.checkpoint) atomically: a crash
+        leaves the old file or the new, never half of one."""
+        save_checkpoint(self.state_dict(), path)
 
-    def save(self, path: str) -> None:
-        """Write a checkpoint atomically: a crash leaves the old file or the new, never half of one."""
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                torch.save(self.state_dict(), f)
-
-        atomic_write(path, write)
-
-    def load(self, path: str) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint of Trainer.save; checked against this trainer before anything changes."""
+        self.load_state_dict(load_checkpoint(path, self.device))
 
 
 def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]) -> None:
@@ -247,12 +242,6 @@ def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]
     raise BudgetError(f"the step's predicted peak is {mb(plan_.peak_bytes)}, over the memory budget of {mb(budget)}; "
                       f"most of it is held by {layers}. To fit: {drop}use a smaller batch, or run "
                       f"`edgetune search --budget {budget / 2**20:.0f}MB` for a scheme that fits")
-
-
-def _check_same_keys(missing: list[str], unexpected: list[str], held_as_int8: dict) -> None:
-    missing = [k for k in missing if k not in held_as_int8]
-    if missing or unexpected:
-        raise ValueError(f"model weights do not match this model: missing {missing}, unexpected {unexpected}")
 
 
 def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

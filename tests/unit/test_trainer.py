@@ -1,7 +1,9 @@
 import copy
 import os
+import re
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -121,11 +123,12 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     trainer.save(str(path))
     old = path.read_bytes()
 
-    def broken_save(obj, f):
-        f.write(b"partial")
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         trainer.save(str(path))
     assert path.read_bytes() == old
@@ -230,3 +233,52 @@ def test_budgets_are_read_in_mb_of_two_to_the_twentieth():
     for bad in ("lots", "-1MB", 0):
         with pytest.raises(ValueError, match="budget"):
             parse_bytes(bad)
+
+
+def test_a_checkpoint_is_safetensors_and_loads_without_unpickling(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    trainer = et.compile(ConvNet(), F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    trainer.step(*batch())
+    path = tmp_path / "ckpt.safetensors"
+    trainer.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["format"] == "edgetune-checkpoint" and f.metadata()["step"] == "1"
+    other = et.compile(ConvNet(), F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a checkpoint must not be unpickled"))
+    other.load(path)
+    assert other.steps == 1 and all(torch.equal(v, other.state[k]) for k, v in trainer.state.items())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"not a checkpoint at all"), "is not an edgetune checkpoint"),
+    (lambda p: safetensors.torch.save_file({"w": torch.zeros(2)}, str(p)), "not an edgetune checkpoint"),
+    (lambda p: torch.save({"step": 1}, str(p)), "torch.load(path, weights_only=True)"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_refused_with_nothing_changed(tmp_path, make, message):
+    model = ConvNet()
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    before = snapshot(model, trainer)
+    path = tmp_path / "bad.ckpt"
+    make(path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer.load(path)
+    after = snapshot(model, trainer)
+    assert all(torch.equal(v, after[0][k]) for k, v in before[0].items())
+    assert trainer.steps == 0
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_anything_loads(tmp_path):
+    class Wider(ConvNet):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(16, 5)
+
+    other = et.compile(Wider(), F.cross_entropy, *batch(), scheme={"head.*": "full"}, optimizer=et.SGD(lr=0.1))
+    other.save(tmp_path / "wider.ckpt")
+    model = ConvNet()
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme={"head.*": "full"}, optimizer=et.SGD(lr=0.1))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"model weights 'head\.(weight|bias)' has shape"):
+        trainer.load(tmp_path / "wider.ckpt")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
