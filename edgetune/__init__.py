@@ -16,7 +16,8 @@ The package, from the bottom up:
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.optim import SGD, AdamW
 from edgetune.compiler.scheme import Scheme
+from edgetune.compiler.backends.torch import NonFiniteError
 from edgetune.compiler.trainer import Trainer, compile
 
-__all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer"]
+__all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer", "NonFiniteError"]
 __version__ = "0.1.0"

@@ -125,6 +125,26 @@ def _param_and_state(node):
     return (0,) + tuple(range(4, 4 + node.attrs["n_state"]))
 
 
+# The guards of `compile(on_nonfinite=...)`. Each returns a Python bool, which the step's
+# `if` reads anyway: no tensor ops for the `and`s (at batch 1 a step runs ~100 guards).
+
+def _is_finite(x) -> bool:
+    # One reduction and no temporary of x's size. A gradient whose squares overflow counts as
+    # not finite too: AdamW's second moment would overflow on it.
+    return math.isfinite(torch.linalg.vector_norm(x))
+
+
+def _update_ok(loss_ok: bool, g) -> bool:
+    return loss_ok and _is_finite(g)  # a non-finite loss skips the reduction
+
+
+def _scalar_bool(*inputs, **attrs):
+    return (), torch.bool
+
+
+register("is_finite", _is_finite, shape=_scalar_bool)
+register("update_ok", _update_ok, shape=_scalar_bool)
+register("all_of", lambda *conditions: all(conditions), shape=_scalar_bool)
 register("sgd_update", _sgd_update, shape=_no_output, mutates=_param_and_state)
 register("adamw_update", _adamw_update, shape=_no_output, mutates=_param_and_state)
 register("assign", lambda dst, src: dst.copy_(src), shape=_no_output, mutates=(0,))

@@ -20,11 +20,11 @@ from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
 from edgetune.compiler.backends.scratch import measure_scratch
 from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
-from edgetune.compiler.backends.torch import CompiledStep
+from edgetune.compiler.backends.torch import CompiledStep, NonFiniteError
 from edgetune.compiler.inputs import Bindings, step_inputs
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node, leaves_first
-from edgetune.compiler.ir.ops import ChannelSlice
+from edgetune.compiler.ir.ops import ChannelSlice, is_effect
 from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
@@ -36,6 +36,17 @@ from edgetune.compiler.report import Report, build_report
 
 if TYPE_CHECKING:
     from edgetune.compiler.frontend.torch import ForwardGraph
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the last step did: its loss, and how many of its writes (parameter updates and
+    buffer writes, `writes` in all) were skipped because their gradient or the loss was not
+    finite (`compile(..., on_nonfinite="skip")`)."""
+
+    loss: float
+    skipped: int
+    writes: int
 
 
 @dataclass
@@ -58,7 +69,7 @@ class Update:
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
             scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
-            memory_budget: int | str | None = None) -> "Trainer":
+            memory_budget: int | str | None = None, on_nonfinite: str = "skip") -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
     `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
@@ -69,18 +80,26 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     `memory_budget` (bytes, or text like "64MB"): a contract on the predicted peak of one step
     (`report().predicted_peak_bytes`); a scheme over it is refused with a BudgetError that
     names the layers making the peak, before the step's memory is allocated.
+    `on_nonfinite`: what a step does when its loss or a gradient is NaN or infinite. "skip"
+    (default): each update runs only where the loss and its own gradient are finite (so do
+    buffer writes, where the loss is); a skipped one leaves its parameter and optimizer state
+    bitwise unchanged, and `trainer.last_step.skipped` counts them. "raise": NonFiniteError
+    before any parameter, state or buffer changes (updates then wait for every gradient
+    instead of running as soon as theirs exists, which raises the peak). "apply": no checks.
     """
     if frozen_weights not in ("float", "int8"):
         raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
+    if on_nonfinite not in ("skip", "raise", "apply"):
+        raise ValueError(f"on_nonfinite must be 'skip', 'raise' or 'apply', got {on_nonfinite!r}")
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     return Trainer(model, loss_fn, example_inputs, example_targets,
                    schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
-                   int8=frozen_weights == "int8", memory_budget=budget)
+                   int8=frozen_weights == "int8", memory_budget=budget, on_nonfinite=on_nonfinite)
 
 
 class Trainer:
     def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
-                 int8: bool = False, memory_budget: int | None = None) -> None:
+                 int8: bool = False, memory_budget: int | None = None, on_nonfinite: str = "skip") -> None:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
@@ -88,7 +107,8 @@ class Trainer:
         self.adapters = lora.init_adapters(model, self.rules)
         self.device = _device_of(model, self.examples[0])
         self.graph, self.updates = run_isolated(
-            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8), self.device)
+            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8, on_nonfinite),
+            self.device)
         self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
         if memory_budget is not None:
             _check_budget(self.plan, memory_budget, self.rules)
@@ -100,15 +120,22 @@ class Trainer:
         self.int8 = self._quantize_and_release()
         self._bindings = self._bind()
         self.steps = 0
+        self.last_step: StepResult | None = None
+        self._writes = sum(1 for n in self.graph.nodes if is_effect(n))
 
     # -- running --------------------------------------------------------------------------
 
     def step(self, inputs: tuple, targets: tuple) -> float:
         """One training step on a batch shaped like the examples; returns the loss."""
         batch = self._check_batch(_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
-        out = self.compiled(*self._arguments(batch, step=self.steps + 1))
+        try:
+            out = self.compiled(*self._arguments(batch, step=self.steps + 1))
+        except NonFiniteError:
+            raise NonFiniteError(f"step {self.steps + 1}: the loss or a gradient is NaN or infinite; nothing was "
+                                 "updated (lower the learning rate, or check the batch)") from None
         self.steps += 1
-        return float(out["loss"])
+        self.last_step = StepResult(float(out["loss"]), int(out["skipped"]), self._writes)
+        return self.last_step.loss
 
     def _arguments(self, batch: list[torch.Tensor], step: int) -> list[Any]:
         hyper = {"lr": float(self.lr), "step": step}
@@ -255,21 +282,25 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
 
 # -- building the training graph ------------------------------------------------------------
 
-def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False) -> tuple[Graph, list[Update]]:
+def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False,
+                    on_nonfinite="skip") -> tuple[Graph, list[Update]]:
     """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
     from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
 
-    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes, int8)
+    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes, int8, on_nonfinite)
 
 
 def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None,
-                   int8: bool = False) -> tuple[Graph, list[Update]]:
+                   int8: bool = False, on_nonfinite: str = "skip") -> tuple[Graph, list[Update]]:
     """Everything after the trace: differentiate under `rules`, add the updates, optimize.
 
     `forward` is only read, so one export serves many schemes (edgetune.apps.search does that).
-    LoRA rules first rewrite their linears to run the adapters, which then train instead."""
+    LoRA rules first rewrite their linears to run the adapters, which then train instead.
+    `on_nonfinite`: see `compile`."""
     params = dict(model.named_parameters())
     before_autodiff, after_autodiff = split_passes(passes)
+    if on_nonfinite == "raise":  # every gradient is checked before the first update changes anything
+        after_autodiff = [p for p in after_autodiff if p[0] != "reorder"]
     graph, adapters = lora.attach(forward.graph, forward.params, rules)
     trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
     if int8:
@@ -277,12 +308,14 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     graph = run_forward_pipeline(graph, trained, before_autodiff)
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]
+    loss_ok = b.emit("is_finite", loss) if on_nonfinite != "apply" else None  # before the backward starts
     parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
              if name in forward.params and not rule.lora}
     trainable = {**{n: (p if p else True) for n, p in parts.items()}, **{a: True for a in adapters.values()}}
     grads = differentiate(graph, loss, trainable, b)
     lr = b.input("lr", (), torch.float64, kind="hyper")
     step = b.input("step", (), torch.int64, kind="hyper")
+    guard = _guards(b, on_nonfinite, loss_ok, grads)
     updates = []
     for node, grad in grads.items():
         part, target = parts.get(node), node.attrs["target"]
@@ -291,17 +324,45 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
                  for s in optimizer.state_names]
         index = [part.index] if part and not part.first else []
         b.meta = {"module": module, "update_of": target}
-        b.emit(optimizer.op, node, grad, lr, step, *state, *index, part=(part.axis, part.k) if part else None,
-               n_state=len(state), **optimizer.attrs())
+        b.emit(optimizer.op, node, grad, lr, step, *state, *index, *guard.condition(node),
+               part=(part.axis, part.k) if part else None, n_state=len(state), **optimizer.attrs(), **guard.attrs)
         updates.append(Update(target, node, part, state, module))
     b.meta = {}
     for key, value in graph.outputs.items():
         if key.startswith("buffer:"):
-            b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value)
+            b.emit("assign", forward.buffers[key.removeprefix("buffer:")], value, *guard.condition(None), **guard.attrs)
     graph = leaves_first(b.graph({"loss": loss}))
     if checks_enabled():
         verify(graph, where="autodiff")
     return run_pipeline(graph, after_autodiff), updates
+
+
+@dataclass
+class _Guards:
+    """The condition each update (by its parameter node) and each buffer write (None) runs under."""
+
+    mode: str
+    conditions: dict[Node | None, Node]
+
+    @property
+    def attrs(self) -> dict[str, str]:
+        return {"guarded": self.mode} if self.conditions else {}
+
+    def condition(self, node: Node | None) -> list[Node]:
+        return [self.conditions[node]] if self.conditions else []
+
+
+def _guards(b: Builder, mode: str, loss_ok: Node | None, grads: dict[Node, Node]) -> _Guards:
+    """skip: an update runs where the loss and its own gradient are finite, a buffer write
+    where the loss is. raise: everything runs only where the loss and every gradient are
+    finite, checked once before the first update (the reorder pass is off in this mode)."""
+    if mode == "apply":
+        return _Guards(mode, {})
+    finite = {node: b.emit("update_ok", loss_ok, grad) for node, grad in grads.items()}
+    if mode == "skip":
+        return _Guards(mode, {**finite, None: loss_ok})
+    everything = b.emit("all_of", *finite.values()) if finite else loss_ok
+    return _Guards(mode, {**{node: everything for node in grads}, None: everything})
 
 
 def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor):

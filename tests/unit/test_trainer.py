@@ -282,3 +282,89 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_loads(tmp_path
     with pytest.raises(ValueError, match=r"model weights 'head\.(weight|bias)' has shape"):
         trainer.load(tmp_path / "wider.ckpt")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- non-finite steps ---------------------------------------------------------------------------
+
+def _nan_in(trainer, kernel):
+    """Make one kernel of the compiled step return NaN in its first entry (an injected fault)."""
+    namespace = trainer.compiled.fn.__globals__
+    real = namespace[f"_op_{kernel}"]
+
+    def faulty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.view(-1)[0] = float("nan")
+        return out
+
+    namespace[f"_op_{kernel}"] = faulty
+
+
+def _guarded(on_nonfinite="skip", mode="eval", optimizer=None):
+    model = ConvNet().train(mode == "train")
+    scheme = {"pw.weight": "full", "head.*": "full", "bn.bias": "full"}
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=scheme,
+                         optimizer=optimizer or et.AdamW(lr=0.1), on_nonfinite=on_nonfinite)
+    trainer.step(*batch(seed=1))  # optimizer state is not all zeros
+    return model, trainer
+
+
+def test_a_nan_loss_skips_every_update_and_buffer_write():
+    model, trainer = _guarded(mode="train")
+    before = snapshot(model, trainer)
+    (x,), y = batch(seed=2)
+    x[0, 0, 0, 0] = float("inf")  # one bad pixel: the loss is NaN
+    loss = trainer.step((x,), y)
+    assert loss != loss and trainer.last_step.skipped == trainer.last_step.writes == 4 + 6  # 6 BN buffers
+    after = snapshot(model, trainer)
+    assert all(torch.equal(v, after[0][k]) for k, v in before[0].items())  # BN running stats too
+    assert all(torch.equal(v, after[1][k]) for k, v in before[1].items())
+    assert trainer.step(*batch(seed=3)) == trainer.last_step.loss and trainer.last_step.skipped == 0
+
+
+def test_a_nan_gradient_skips_only_its_own_update():
+    model, trainer = _guarded()
+    before = snapshot(model, trainer)
+    _nan_in(trainer, "conv_grad_weight")  # pw.weight's gradient
+    trainer.step(*batch(seed=2))
+    after = snapshot(model, trainer)
+    assert trainer.last_step.skipped == 1
+    assert torch.equal(after[0]["pw.weight"], before[0]["pw.weight"])
+    assert all(torch.equal(after[1][k], before[1][k]) for k in before[1] if k.startswith("pw.weight:"))
+    assert not torch.equal(after[0]["head.weight"], before[0]["head.weight"])  # the rest trained
+    assert all(torch.isfinite(v).all() for v in after[0].values())
+
+
+def test_a_nan_activation_skips_the_step():
+    model, trainer = _guarded()
+    before = snapshot(model, trainer)
+    _nan_in(trainer, "hardtanh_inplace")  # the ReLU6 output
+    trainer.step(*batch(seed=2))
+    assert trainer.last_step.skipped == trainer.last_step.writes == 4
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before[0].items())
+
+
+def test_raise_changes_nothing_even_where_other_gradients_were_finite():
+    model, trainer = _guarded("raise", optimizer=et.SGD(lr=0.1, momentum=0.9))
+    before = snapshot(model, trainer)
+    _nan_in(trainer, "conv_grad_weight")
+    with pytest.raises(et.NonFiniteError, match="step 2: the loss or a gradient is NaN or infinite; nothing was"):
+        trainer.step(*batch(seed=2))
+    after = snapshot(model, trainer)
+    assert all(torch.equal(v, after[0][k]) for k, v in before[0].items())
+    assert all(torch.equal(v, after[1][k]) for k, v in before[1].items())
+    assert trainer.steps == 1
+
+
+def test_apply_lets_the_nan_through_and_the_modes_train_alike():
+    model, trainer = _guarded("apply")
+    _nan_in(trainer, "conv_grad_weight")
+    trainer.step(*batch(seed=2))
+    assert torch.isnan(model.state_dict()["pw.weight"]).any()
+    losses = {}
+    for mode in ("skip", "raise", "apply"):
+        torch.manual_seed(0)
+        _, t = _guarded(mode)
+        losses[mode] = [t.step(*batch(seed=s)) for s in range(2, 5)]
+    assert losses["skip"] == losses["raise"] == losses["apply"]
+    with pytest.raises(ValueError, match="on_nonfinite must be"):
+        et.compile(ConvNet(), F.cross_entropy, *batch(), on_nonfinite="ignore")

@@ -3,6 +3,11 @@
 Each node is one line; each value is deleted right after its last use, so peak memory
 follows the memory plan. Constants are moved to the step's device once, at compile time.
 The generated source is readable (`EDGETUNE_DEBUG=2` prints it, `CompiledStep.source`).
+
+A guarded effect (an update whose `attrs["guarded"]` is "skip" or "raise") takes a bool
+condition as its last input: with "skip" it runs only where the condition holds and the step
+counts the skipped ones (output "skipped"); with "raise" a false condition raises
+NonFiniteError before the effect runs.
 """
 from __future__ import annotations
 
@@ -15,11 +20,15 @@ from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or a gradient of a step is not finite, and the step was compiled to raise."""
+
+
 class CompiledStep:
     def __init__(self, graph: Graph, device: torch.device) -> None:
         self.inputs = graph.inputs
         self.source = generate(graph)
-        namespace: dict[str, Any] = {"torch": torch, "device": torch.device}
+        namespace: dict[str, Any] = {"torch": torch, "device": torch.device, "NonFiniteError": NonFiniteError}
         namespace.update({f"_op_{name}": op.kernel for name, op in OPS.items()})
         namespace.update({n.name: n.attrs["value"].to(device) for n in graph.nodes if n.op == "const"})
         exec(compile(self.source, "<edgetune step>", "exec"), namespace)
@@ -35,24 +44,31 @@ class CompiledStep:
 def generate(graph: Graph) -> str:
     last = _last_use_by_name(graph)
     params = ", ".join(n.name for n in graph.inputs)
-    lines = [f"def _edgetune_step({params}):"]
+    lines = [f"def _edgetune_step({params}):", "    _skipped = 0"]
     for pos, n in enumerate(graph.nodes):
         if n.op in ("input", "const"):
             continue
-        lines.append("    " + _line(n))
+        lines += ["    " + line for line in _lines(n)]
         dead = [m.name for m in last.get(pos, []) if m.op not in ("input", "const") and not is_effect(m)]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
     outputs = ", ".join(f"{k!r}: {v.name}" for k, v in graph.outputs.items())
-    lines.append(f"    return {{{outputs}}}")
+    lines.append(f"    return {{{outputs}, 'skipped': _skipped}}")
     return "\n".join(lines) + "\n"
 
 
-def _line(n: Node) -> str:
-    args = [i.name for i in n.inputs] + [f"{k}={_literal(v)}" for k, v in n.attrs.items()]
+def _lines(n: Node) -> list[str]:
+    guard = n.attrs.get("guarded")
+    inputs, attrs = (n.inputs[:-1], {k: v for k, v in n.attrs.items() if k != "guarded"}) if guard else (n.inputs, n.attrs)
+    args = [i.name for i in inputs] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
     call = f"_op_{n.op}({', '.join(args)})"
     where = f"  # {n.meta['module']}" if n.meta.get("module") else ""
-    return (call if is_effect(n) else f"{n.name} = {call}") + where
+    line = (call if is_effect(n) else f"{n.name} = {call}") + where
+    if guard == "skip":
+        return [f"if {n.inputs[-1].name}:", f"    {line}", "else:", "    _skipped += 1"]
+    if guard == "raise":
+        return [f"if not {n.inputs[-1].name}:", "    raise NonFiniteError('the loss or a gradient is not finite')", line]
+    return [line]
 
 
 def _literal(v: Any) -> str:
