@@ -16,6 +16,7 @@ The pipeline, in the order a step is built (`compile` in trainer.py drives it):
                 scratch.py measures what those kernels allocate (a new backend goes here)
     report.py   the per-layer report of a compiled step
     trainer.py  `compile` and the Trainer, the compiler's face: binds the step to the model
+    checkpoint.py  the Trainer's state as one safetensors file (no pickle)
     isolate.py  compiling in a forked child, so the training process stays lean
 
 Nothing here imports from edgetune.apps or edgetune.cli: they are built on this package.
