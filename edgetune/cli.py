@@ -16,6 +16,7 @@ import edgetune as et
 from edgetune.compiler.memory import parse_bytes
 from edgetune.compiler.optim import by_name
 from edgetune.compiler.scheme import SchemeError
+from edgetune.files import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,8 +305,7 @@ def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> st
                  metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
     history.save(os.path.join(out, "history.json"))
     history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
-    with open(os.path.join(out, "scheme.json"), "w") as f:
-        json.dump(et.schemes.as_mapping(trainer.rules), f, indent=1)  # reloadable with --scheme FILE
+    write_json(os.path.join(out, "scheme.json"), et.schemes.as_mapping(trainer.rules))  # reloadable with --scheme FILE
     with open(os.path.join(out, "report.txt"), "w") as f:
         f.write(str(trainer.report()) + "\n")
     return out

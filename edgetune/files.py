@@ -31,11 +31,11 @@ def atomic_write(path: str, write: Callable[[str], object]) -> None:
     _flush_to_disk(folder)  # the rename itself
 
 
-def write_json(path: str, data: Any) -> None:
+def write_json(path: str, data: Any, indent: int = 1) -> None:
     """`data` as indented JSON, atomically."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            json.dump(data, f, indent=indent)
             f.write("\n")
 
     atomic_write(path, write)

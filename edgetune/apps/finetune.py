@@ -10,7 +10,6 @@ evaluation runs the plain PyTorch model (which the trainer updates in place) on 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from edgetune.files import atomic_write
+from edgetune.files import atomic_write, write_json
 
 Prepare = Callable[[object, bool], tuple]  # (raw items of a batch, training?) -> model inputs
 
@@ -108,8 +107,7 @@ class History:
         return self.evals[-1] if self.evals else {}
 
     def save(self, path: str) -> None:
-        text = json.dumps(asdict(self), indent=1)
-        atomic_write(path, lambda tmp: _write_text(tmp, text))
+        write_json(path, asdict(self))
 
     def plot(self, path: str, title: str = "") -> None:
         """A PNG with the training loss per step and held-out accuracy (or loss) per evaluation."""
@@ -204,7 +202,3 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         raise ValueError(f"{path} does not fit this model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
 
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)

@@ -8,7 +8,6 @@ into the base weights.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 from edgetune.compiler.lora import adapter_names, layer_of, lora_rules
 from edgetune.compiler.scheme import Rule
 from edgetune.compiler.trainer import Trainer
-from edgetune.files import atomic_write
+from edgetune.files import atomic_write, write_json
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel prepends to the base model's module paths
 
@@ -53,7 +52,7 @@ def save_peft_adapter(trainer: Trainer, out_dir: str, base_model_name: str | Non
     atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
                   lambda path: save_file(state, path, metadata={"format": "pt"}))
     config = peft_config(trainer.model, rules, base_model_name, task_type)
-    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda path: _write_json(path, config))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config, indent=2)  # as PEFT writes it
 
 
 def peft_config(model: torch.nn.Module, rules: dict[str, Rule], base_model_name: str | None = None,
@@ -100,8 +99,3 @@ def _commonest(values: list) -> Any:
 
 def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)

@@ -117,7 +117,9 @@ def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, 
     write_back(w)
 
 
-def _no_output(*inputs, **attrs):
+def _bool_scalar(*inputs, **attrs):
+    # The shape rule of the guards (a condition) and of the updates (effects, whose value
+    # nothing reads).
     return (), torch.bool
 
 
@@ -138,13 +140,9 @@ def _update_ok(loss_ok: bool, g) -> bool:
     return loss_ok and _is_finite(g)  # a non-finite loss skips the reduction
 
 
-def _scalar_bool(*inputs, **attrs):
-    return (), torch.bool
-
-
-register("is_finite", _is_finite, shape=_scalar_bool)
-register("update_ok", _update_ok, shape=_scalar_bool)
-register("all_of", lambda *conditions: all(conditions), shape=_scalar_bool)
-register("sgd_update", _sgd_update, shape=_no_output, mutates=_param_and_state)
-register("adamw_update", _adamw_update, shape=_no_output, mutates=_param_and_state)
-register("assign", lambda dst, src: dst.copy_(src), shape=_no_output, mutates=(0,))
+register("is_finite", _is_finite, shape=_bool_scalar)
+register("update_ok", _update_ok, shape=_bool_scalar)
+register("all_of", lambda *conditions: all(conditions), shape=_bool_scalar)
+register("sgd_update", _sgd_update, shape=_bool_scalar, mutates=_param_and_state)
+register("adamw_update", _adamw_update, shape=_bool_scalar, mutates=_param_and_state)
+register("assign", lambda dst, src: dst.copy_(src), shape=_bool_scalar, mutates=(0,))

@@ -19,8 +19,8 @@ from edgetune.compiler import lora
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
 from edgetune.compiler.backends.scratch import measure_scratch
-from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
 from edgetune.compiler.backends.torch import CompiledStep, NonFiniteError
+from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
 from edgetune.compiler.inputs import Bindings, step_inputs
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node, leaves_first
@@ -223,11 +223,13 @@ class Trainer:
     def report(self) -> Report:
         return build_report(self)
 
-    def state_dict(self) -> dict[str, Any]:
+    def _model_state(self) -> dict[str, torch.Tensor]:
         # Weights held as int8 are left out: they never change, and a trainer compiled with
         # int8 quantizes the same pretrained weights again.
-        model = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
-        return {"step": self.steps, "lr": self.lr, "model": model,
+        return {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.steps, "lr": self.lr, "model": self._model_state(),
                 "optimizer": {k: v.clone() for k, v in self.state.items()},
                 "adapters": {k: v.clone() for k, v in self.adapters.items()}}
 
@@ -235,11 +237,10 @@ class Trainer:
         """Restore model weights, optimizer state, LoRA adapters, step count and lr; checked
         before anything changes."""
         opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
-        own_model = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
-        _check_same("model weights", state["model"], own_model)
+        _check_same("model weights", state["model"], self._model_state())
         _check_same("optimizer state", opt, self.state)
         _check_same("LoRA adapters", adapters, self.adapters)
-        # Checked above; weights held as int8 are not in a checkpoint (compile quantizes them again).
+        # Checked above; weights held as int8 are not in a checkpoint.
         self.model.load_state_dict(state["model"], strict=not self.int8)
         for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
             for k, v in theirs.items():

@@ -74,19 +74,21 @@ def _layout(n: Node) -> tuple:
     """An operand as the kernel sees it: its storage's shape and dtype and the views on it
     (an expanded or sliced operand may be copied to dense memory by the kernel)."""
     views = []
-    while n.op in _PURE_VIEWS:
+    while _pure_view(n):
         views.append((n.op, repr(sorted(n.attrs.items()))))
         n = n.inputs[0]
     return tuple(n.shape), str(n.dtype), tuple(reversed(views))
 
 
-_PURE_VIEWS = {"detach", "reshape", "permute", "expand", "slice", "select"}  # `<op>_inplace` views compute
+def _pure_view(n: Node) -> bool:
+    """A view that only reinterprets its input (an `<op>_inplace` twin is a view that computes)."""
+    return OPS[n.op].view and not n.op.endswith("_inplace")
 
 
 def _operand(n: Node) -> torch.Tensor:
     """A tensor laid out like `n`: its storage written (so no page faults later count as the
     kernel's), then the same views applied."""
-    if n.op in _PURE_VIEWS:
+    if _pure_view(n):
         return OPS[n.op].kernel(_operand(n.inputs[0]), **n.attrs)
     if n.op == "const":
         return n.attrs["value"].clone()
