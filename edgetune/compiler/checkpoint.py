@@ -1,9 +1,11 @@
 """A Trainer's checkpoint as one safetensors file: no pickle, so loading a file someone handed
 you runs no code of theirs.
 
-The trainer's state dict ({"step", "lr", "model", "optimizer", "adapters"}) is stored flat:
-tensors under "model/<name>", "optimizer/<parameter>:<state>", "adapters/<name>"; the step
-and the learning rate in the file's metadata. Tensors that share memory in the model (a tied
+The trainer's state dict ({"step", "lr", "frozen", "model", "optimizer", "adapters"}) is
+stored flat: tensors under "model/<name>", "optimizer/<parameter>:<state>", "adapters/<name>";
+the step, the learning rate and whether frozen weights are included in the file's metadata.
+A resumable run adds its own: random-generator states as tensors under "rng/<name>", and its
+progress as JSON text under the metadata key "run" (edgetune.apps.runs). Tensors that share memory in the model (a tied
 embedding and LM head) are stored once, the other names listed in the metadata as aliases.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from edgetune.files import atomic_write
 
 FORMAT = "edgetune-checkpoint"
 VERSION = "1"
-SECTIONS = ("model", "optimizer", "adapters")
+SECTIONS = ("model", "optimizer", "adapters", "rng")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -29,7 +31,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     first_of: dict[tuple, str] = {}  # (storage, offset, shape, stride) -> the name it was stored under
     storages = set()
     for section in SECTIONS:
-        for name, t in state[section].items():
+        for name, t in state.get(section, {}).items():
             key, t = f"{section}/{name}", t.detach()
             storage = t.untyped_storage().data_ptr()
             where = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
@@ -41,7 +43,9 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             tensors[key] = t.clone() if storage in storages else t.contiguous()
             storages.add(storage)
     metadata = {"format": FORMAT, "version": VERSION, "step": str(int(state["step"])), "lr": repr(float(state["lr"])),
-                "aliases": json.dumps(aliases)}
+                "frozen": json.dumps(bool(state.get("frozen", True))), "aliases": json.dumps(aliases)}
+    if "run" in state:
+        metadata["run"] = json.dumps(state["run"])
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -67,7 +71,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, 
     for key, t in tensors.items():
         section, _, name = key.partition("/")
         state[section][name] = t
-    state.update(step=int(metadata["step"]), lr=float(metadata["lr"]))
+    state.update(step=int(metadata["step"]), lr=float(metadata["lr"]), frozen=json.loads(metadata.get("frozen", "true")))
+    if "run" in metadata:
+        state["run"] = json.loads(metadata["run"])
     return state
 
 

@@ -223,13 +223,21 @@ class Trainer:
     def report(self) -> Report:
         return build_report(self)
 
-    def _model_state(self) -> dict[str, torch.Tensor]:
+    def _model_state(self, frozen: bool = True) -> dict[str, torch.Tensor]:
         # Weights held as int8 are left out: they never change, and a trainer compiled with
-        # int8 quantizes the same pretrained weights again.
-        return {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+        # int8 quantizes the same pretrained weights again. frozen=False keeps only what a step
+        # can write: the trained parameters and the buffers (a train-mode norm's statistics).
+        state = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
+        if frozen:
+            return state
+        written = {u.name for u in self.updates} | {n for n, _ in self.model.named_buffers()}
+        return {k: v for k, v in state.items() if k in written}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.steps, "lr": self.lr, "model": self._model_state(),
+    def state_dict(self, frozen: bool = True) -> dict[str, Any]:
+        """Step count, lr, model weights, optimizer state and LoRA adapters. frozen=False
+        leaves out the weights no step changes (a resumable run's checkpoint: the frozen
+        weights come again from where the model came from)."""
+        return {"step": self.steps, "lr": self.lr, "frozen": frozen, "model": self._model_state(frozen),
                 "optimizer": {k: v.clone() for k, v in self.state.items()},
                 "adapters": {k: v.clone() for k, v in self.adapters.items()}}
 
@@ -237,11 +245,12 @@ class Trainer:
         """Restore model weights, optimizer state, LoRA adapters, step count and lr; checked
         before anything changes."""
         opt, adapters = state["optimizer"], state.get("adapters", {})  # older checkpoints: no adapters
-        _check_same("model weights", state["model"], self._model_state())
+        _check_same("model weights", state["model"], self._model_state(frozen=state.get("frozen", True)))
         _check_same("optimizer state", opt, self.state)
         _check_same("LoRA adapters", adapters, self.adapters)
-        # Checked above; weights held as int8 are not in a checkpoint.
-        self.model.load_state_dict(state["model"], strict=not self.int8)
+        # Checked above; weights held as int8 (and, frozen=False, every frozen weight) are not
+        # in the state.
+        self.model.load_state_dict(state["model"], strict=False)
         for mine, theirs in ((self.state, opt), (self.adapters, adapters)):
             for k, v in theirs.items():
                 mine[k].copy_(v)

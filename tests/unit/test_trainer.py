@@ -117,6 +117,32 @@ def test_state_dict_round_trip_resumes_identically(tmp_path):
     assert_models_match(twin, model, rtol=0, atol=0)
 
 
+def test_state_without_frozen_weights_holds_only_what_a_step_writes(tmp_path):
+    """frozen=False (a run's checkpoint) stores the trained parameters and the buffers; loaded
+    into a fresh trainer of the same model and scheme it resumes bitwise."""
+    batches = [batch(seed=s) for s in range(4)]
+    model = ConvNet().train()
+    twin = copy.deepcopy(model)
+    scheme = {"pw.weight": 0.5, "head.*": "full"}
+    a = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=0.01))
+    for b in batches[:2]:
+        a.step(*b)
+    state = a.state_dict(frozen=False)
+    buffers = {n for n, _ in model.named_buffers()}
+    assert set(state["model"]) == {"pw.weight", "head.weight", "head.bias"} | buffers
+    from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(state, tmp_path / "run.ckpt")
+    b = et.compile(twin, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=0.01))
+    b.load(tmp_path / "run.ckpt")
+    assert load_checkpoint(tmp_path / "run.ckpt", torch.device("cpu"))["frozen"] is False
+    for x in batches[2:]:
+        assert a.step(*x) == b.step(*x)
+    assert_models_match(twin, model, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing"):  # a whole-model state is not a trained-only one
+        b.load_state_dict(dict(state, frozen=True))
+
+
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     trainer = et.compile(ConvNet(), F.cross_entropy, *batch(), optimizer=et.SGD(lr=0.1, momentum=0.9))
     path = tmp_path / "ckpt.pt"
