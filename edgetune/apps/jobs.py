@@ -48,9 +48,10 @@ class Job:
 
 def build_job(model: str, data: str, *, size: int | None = None, max_len: int | None = None,
               val_data: str | None = None, val_fraction: float = 0.2, train_limit: int | None = None,
-              val_limit: int | None = None, seed: int = 0, augment: bool = True) -> Job:
-    """Load `data`, hold out a split, and build `model` with a head for its classes."""
-    train, val = _splits(data, val_data, val_fraction, seed)
+              val_limit: int | None = None, seed: int = 0, augment: bool = True, strict: bool = False) -> Job:
+    """Load `data`, hold out a split, and build `model` with a head for its classes. An image
+    folder's unreadable or non-image files are skipped and counted, or with `strict` an error."""
+    train, val = _splits(data, val_data, val_fraction, seed, strict)
     _check_classes(data, train)
     if train_limit:
         train = train.take(min(train_limit, len(train)), seed=seed)
@@ -64,20 +65,35 @@ def build_job(model: str, data: str, *, size: int | None = None, max_len: int | 
     return Job(model, data, net, head, train, val, prepare, describe)
 
 
-def _splits(data: str, val_data: str | None, val_fraction: float, seed: int):
+def _splits(data: str, val_data: str | None, val_fraction: float, seed: int, strict: bool):
     from edgetune.data import load_data
 
     if val_data:
-        train, val = load_data(data, split="train"), load_data(val_data, split="test")
+        train = _loaded_for_training(data, load_data(data, split="train", strict=strict))
+        # A held-out .csv is read against the training classes, so that an unknown label is named by its line.
+        val = load_data(val_data, split="test", strict=strict, classes=train.classes)
         if val.classes != train.classes:  # labels are indices into each one's own class list
             raise ValueError(f"--val-data {val_data!r} has classes {val.classes}, but {data!r} has "
                              f"{train.classes}: both must have the same classes")
         return train, val
     if data == "fashion-mnist" or Path(data, "train").is_dir():  # sources with their own test split
-        return load_data(data, split="train"), load_data(data, split="test")
+        train = _loaded_for_training(data, load_data(data, split="train", strict=strict))
+        return train, load_data(data, split="test", strict=strict)
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    return load_data(data).split(val_fraction, seed=seed)
+    return _loaded_for_training(data, load_data(data, strict=strict)).split(val_fraction, seed=seed)
+
+
+def _loaded_for_training(data: str, loaded):
+    """`loaded`, once every class has an item: a class with none (an empty class folder, or one
+    whose every file was skipped as unreadable) could never be learned. Checked before any
+    split, so that the error does not blame the held-out split."""
+    present = set(loaded.labels.tolist())
+    empty = [c for i, c in enumerate(loaded.classes) if i not in present]
+    if empty:
+        raise ValueError(f"class(es) {empty} of {data!r} have no items at all (an empty class folder, or every file "
+                         "in it skipped?): add items for them, or remove them")
+    return loaded
 
 
 def _check_classes(data: str, train) -> None:

@@ -18,13 +18,16 @@ ACCEPTED = ("fashion-mnist, digits, rotten-tomatoes, a folder of images (root/<c
             "or a .csv file (columns text, label)")
 
 
-def load_data(spec: str, split: str = "train") -> LabeledData:
+def load_data(spec: str, split: str = "train", strict: bool = False,
+              classes: list[str] | None = None) -> LabeledData:
     """The data set that `spec` names.
 
     `split` ("train" or "test"; "val" for folders) is honoured where the source has its own
     splits: Fashion-MNIST and an image folder with train/ and val/ or test/. Every other
     source (digits, rotten-tomatoes, a flat folder, .npz, .csv) is returned whole whatever
-    `split` says; hold part of it out with LabeledData.split()."""
+    `split` says; hold part of it out with LabeledData.split(). `strict` (image folders) stops
+    on an unreadable or non-image file instead of skipping it. `classes` (a .csv) are the class
+    names its labels must be among: the training data's, when `spec` is held-out data."""
     name = spec.strip().lower().replace("_", "-")
     if name in NAMED:
         return load_fashion_mnist(split) if name == "fashion-mnist" else NAMED[name]()
@@ -32,9 +35,9 @@ def load_data(spec: str, split: str = "train") -> LabeledData:
     if not path.exists():  # checked first: a missing .npz or .csv must not reach numpy's or open's own error
         raise ValueError(f"unknown data {spec!r} (no such file or folder); accepted: {ACCEPTED}")
     if path.is_dir():
-        return load_image_folder(path, split=split)
+        return load_image_folder(path, split=split, strict=strict)
     if path.suffix.lower() == ".npz":
         return load_numpy(path)
     if path.suffix.lower() == ".csv":
-        return load_text_csv(path)
+        return load_text_csv(path, classes=classes)
     raise ValueError(f"unknown data {spec!r}; accepted: {ACCEPTED}")

@@ -5,7 +5,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,8 @@ def load_digits_images(size: int = 32, channels: int = 3, seed: int = 0,
 
 # -- a folder of images, one sub-folder per class --------------------------------------------
 
-def load_image_folder(path: str | os.PathLike, split: str = "train", size: int = 256) -> LabeledData:
+def load_image_folder(path: str | os.PathLike, split: str = "train", size: int = 256, strict: bool = False,
+                      log: Callable[[str], None] = print) -> LabeledData:
     """Images laid out as root/<class>/<image>, or split as root/train/<class>/<image> plus
     root/val/<class>/... or root/test/<class>/... .
 
@@ -102,7 +103,12 @@ def load_image_folder(path: str | os.PathLike, split: str = "train", size: int =
     whole folder is returned whatever `split` says (hold out part of it with .split()).
     Every image is converted to RGB, scaled so its shorter side is `size` and centre-cropped
     to size x size, so that all stack into one uint8 tensor [N, 3, size, size]
-    (3 * size**2 bytes each: keep `size` near the model's input size)."""
+    (3 * size**2 bytes each: keep `size` near the model's input size).
+
+    A file in a class folder that is not an image (notes.txt) or cannot be decoded (truncated,
+    empty, corrupt) is skipped, and one line through `log` counts them and names the first;
+    with strict=True the first such file is an error instead. Operating-system bookkeeping
+    (hidden files such as .DS_Store and ._name.png, Thumbs.db, desktop.ini) is ignored silently."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -111,13 +117,24 @@ def load_image_folder(path: str | os.PathLike, split: str = "train", size: int =
     unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
     if unknown:
         raise ValueError(f"{split_dir} has classes that {train_dir} lacks: {unknown}")
-    files = [(f, i) for i, c in enumerate(classes) for f in _image_files(split_dir / c)]
-    if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders of {split_dir}")
-    items = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
-    for n, (f, _) in enumerate(files):
-        items[n] = _read_image(f, size)
-    return LabeledData(items, torch.tensor([i for _, i in files], dtype=torch.int64), classes)
+    found = [(f, i) for i, c in enumerate(classes) for f in _class_files(split_dir / c)]
+    files, strays = _image_suffixed(found, strict)
+    items, labels, unreadable = _read_images(files, size, strict)
+    skipped = strays + unreadable
+    if not labels:
+        which = "" if split_dir == root else f" (the {split!r} split)"
+        skipped_too = f", only {len(skipped)} skipped file(s) {_first_skipped(skipped)}" if skipped else ""
+        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the class folders of {split_dir}{which}"
+                         f"{skipped_too}: add images to them")
+    if skipped:
+        log(f"skipped {len(skipped)} unreadable or non-image file(s) in {split_dir} {_first_skipped(skipped)}; "
+            "use --strict to stop on them")
+    return LabeledData(items, torch.tensor(labels, dtype=torch.int64), classes)
+
+
+def _first_skipped(skipped: list[tuple[Path, str]]) -> str:
+    first, reason = skipped[0]
+    return f"(first: {first}: {reason})"
 
 
 def _split_dirs(root: Path, split: str) -> tuple[Path, Path]:
@@ -140,23 +157,70 @@ def _class_dirs(folder: Path, must: bool = True) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
+# Files that operating systems leave beside a user's images: never data, so ignored even with
+# strict=True (hidden names also cover macOS's .DS_Store and "._name.png" metadata files).
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+
+
+def _class_files(folder: Path) -> list[Path]:
+    """The files of one class folder, sorted, without operating-system bookkeeping."""
     if not folder.is_dir():
         return []
-    # Hidden files are skipped: macOS leaves "._name.png" metadata files beside copied images.
     return sorted(f for f in folder.iterdir()
-                  if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
+                  if f.is_file() and not f.name.startswith(".") and f.name.lower() not in SYSTEM_FILES)
+
+
+def _image_suffixed(found: list[tuple[Path, int]], strict: bool) -> tuple[list[tuple[Path, int]], list]:
+    """(files with an image suffix, [(file, reason)] of the rest): sorted out by name, so that
+    strict mode stops on a stray file before decoding anything."""
+    images, skipped = [], []
+    for f, label in found:
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            images.append((f, label))
+            continue
+        reason = f"not an image file (suffix {f.suffix or 'none'!r})"
+        if strict:
+            raise ValueError(f"{f}: {reason}; images end in {', '.join(sorted(IMAGE_SUFFIXES))}: move it out of "
+                             "the class folder, or leave out --strict to skip it")
+        skipped.append((f, reason))
+    return images, skipped
+
+
+def _read_images(files: list[tuple[Path, int]], size: int, strict: bool) -> tuple[torch.Tensor, list[int], list]:
+    """(uint8 images [N, 3, size, size], their labels, [(file, reason)] of those that failed to
+    decode): each file decoded once, into a tensor allocated up front and cut to the images
+    read. With strict=True the first failure is an error."""
+    items = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    labels, unreadable = [], []
+    for f, label in files:
+        try:
+            items[len(labels)] = _read_image(f, size)
+        except _UnreadableImage as e:
+            if strict:
+                raise ValueError(f"cannot read image {f}: {e}; remove or replace the file, or leave out --strict "
+                                 "to skip it") from e
+            unreadable.append((f, str(e)))
+            continue
+        labels.append(label)
+    return items[:len(labels)], labels, unreadable
+
+
+class _UnreadableImage(Exception):
+    """A file with an image suffix that PIL cannot decode; the message says why."""
 
 
 def _read_image(file: Path, size: int) -> torch.Tensor:
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(file) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, still >= size
             img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BILINEAR)
+    except UnidentifiedImageError as e:  # PIL's own message repeats the path
+        reason = "empty file (0 bytes)" if file.stat().st_size == 0 else "not a known image format"
+        raise _UnreadableImage(reason) from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {file}: {e}; remove or replace the file") from e
+        raise _UnreadableImage(str(e) or type(e).__name__) from e
     return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
 
 

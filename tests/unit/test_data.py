@@ -151,7 +151,7 @@ def test_image_folder_errors_are_clear(tmp_path):
     write_png(tmp_path / "empty_class" / "ok.png", (1, 2, 3))
     (tmp_path / "empty_class" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
-        load_image_folder(tmp_path)
+        load_image_folder(tmp_path, strict=True)
 
 
 def test_image_folder_val_with_unknown_class(tmp_path):
