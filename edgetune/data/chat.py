@@ -119,7 +119,7 @@ def load_lm_data(spec: str, tokenizer, seq_len: int, limit: int | None = None,
     if not path.is_file():
         raise FileNotFoundError(f"no data file {spec!r}: give sharegpt, or a .jsonl, .json or .txt file")
     if path.suffix.lower() == ".txt":
-        data = tokenize_corpus(path.read_text(encoding="utf-8"), tokenizer, seq_len)
+        data = tokenize_corpus(_read_text(path), tokenizer, seq_len)
         return data if limit is None else data.subset(range(min(limit, len(data))))
     records = read_records(path)
     return tokenize_records(records[:limit] if limit is not None else records, tokenizer, seq_len)
@@ -131,16 +131,31 @@ def read_records(path: str | Path) -> list[Record]:
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise ValueError(f"{path}: unknown data file type {path.suffix!r}; use .jsonl, .json or .txt")
     if path.suffix.lower() == ".json":
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = _json_file(path)
         if not isinstance(items, list):
             raise ValueError(f"{path}: a .json data file must hold a list of records")
         records = [as_record(item, f"{path} record {k}") for k, item in enumerate(items)]
     else:
         records = [as_record(_json_line(line, path, k), f"{path} line {k}")
-                   for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+                   for k, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:  # its own message names neither the file nor the fix
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
+
+
+def _json_file(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg} at line {err.lineno} column {err.colno}); a .json data "
+                         "file holds one list of records (use .jsonl for one record a line)") from None
 
 
 def _json_line(line: str, path: Path, k: int) -> Any:
@@ -151,22 +166,47 @@ def _json_line(line: str, path: Path, k: int) -> Any:
 
 
 def as_record(item: Any, where: str) -> Record:
-    """A conversation (list of {"role", "content"}) or a text, from any accepted record form."""
-    if isinstance(item, dict) and isinstance(item.get("text"), str):
-        return item["text"]
-    turns = item.get("messages", item.get("conversations")) if isinstance(item, dict) else None
-    if not isinstance(turns, list) or not turns:
+    """A conversation (list of {"role", "content"}) or a text, from any accepted record form.
+    An error names the field that is missing or wrong."""
+    field = next((f for f in ("text", "messages", "conversations") if isinstance(item, dict) and f in item), None)
+    if field is None:
         raise ValueError(f"{where}: expected {{\"messages\": [...]}}, {{\"conversations\": [...]}} or "
                          f"{{\"text\": ...}}, got {str(item)[:80]!r}")
-    return [_message(t, f"{where} turn {i}") for i, t in enumerate(turns)]
+    value = item[field]
+    if field == "text":
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field 'text' must be a string, got {type(value).__name__} {str(value)[:40]!r}")
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where}: field {field!r} must be a non-empty list of turns, got {str(value)[:80]!r}")
+    messages = [_message(t, f"{where} turn {i}") for i, t in enumerate(value)]
+    problem = conversation_problem(messages)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    return messages
 
 
 def _message(turn: Any, where: str) -> dict[str, str]:
-    role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
-    content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
-    if role not in ROLES or not isinstance(content, str):
-        raise ValueError(f"{where}: a turn needs a role ({', '.join(ROLES)}) and a text content, got {str(turn)[:80]!r}")
+    if not isinstance(turn, dict):
+        raise ValueError(f"{where}: a turn must be an object with a role and a content, got {str(turn)[:80]!r}")
+    role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+    if role not in ROLES:
+        found = "no 'role' (or 'from') field" if role is None else f"role {role!r}"
+        raise ValueError(f"{where}: a turn needs a role ({', '.join(ROLES)}); found {found}")
+    if not isinstance(content, str):
+        found = "no 'content' (or 'value') field" if content is None else f"a {type(content).__name__}"
+        raise ValueError(f"{where}: a turn needs a text content; found {found}")
     return {"role": ROLES[role], "content": content}
+
+
+def conversation_problem(messages: Messages) -> str | None:
+    """Why a conversation cannot be learned (None if it can): the template needs a system or
+    user turn first, and only assistant turns are learned."""
+    if messages[0]["role"] == "assistant":
+        return "a conversation must open with a system or user turn"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "a conversation without an assistant turn has nothing to learn"
+    return None
 
 
 # -- the built-in ShareGPT subset ------------------------------------------------------------
@@ -240,11 +280,10 @@ def encode_chat(messages: Messages, tokenizer) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this tokenizer has no chat template, so it cannot render conversations; "
                          "use plain-text data ({\"text\": ...} records or a .txt file)")
-    if messages[0]["role"] == "assistant":
-        raise ValueError(f"a conversation must open with a system or user turn: {str(messages)[:80]!r}")
+    problem = conversation_problem(messages)
+    if problem:
+        raise ValueError(f"{problem}: {str(messages)[:80]!r}")
     full, spans = _render(messages, tokenizer)
-    if not spans:
-        raise ValueError(f"a conversation without an assistant turn has nothing to learn: {str(messages)[:80]!r}")
     ids, starts = _tokenize_with_starts(full, tokenizer)
     labels = [t if any(a <= s < b for a, b in spans) else IGNORE for t, s in zip(ids, starts)]
     return ids, labels
