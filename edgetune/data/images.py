@@ -120,7 +120,7 @@ def load_image_folder(path: str | os.PathLike, split: str = "train", size: int =
     found = [(f, i) for i, c in enumerate(classes) for f in _class_files(split_dir / c)]
     files, strays = _image_suffixed(found, strict)
     items, labels, unreadable = _read_images(files, size, strict)
-    skipped = strays + unreadable
+    skipped = sorted(strays + unreadable)  # in file order, so that "first" is the first one listed
     if not labels:
         which = "" if split_dir == root else f" (the {split!r} split)"
         skipped_too = f", only {len(skipped)} skipped file(s) {_first_skipped(skipped)}" if skipped else ""

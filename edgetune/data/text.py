@@ -47,7 +47,7 @@ def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_colu
     rows = _read_rows(path, text_column, label_column)
     labelled = [(label, line) for _, label, line in rows]
     if classes is None:
-        labels, classes = _label_indices(path, labelled, label_column)
+        labels, classes = _label_indices(path, labelled)
     else:
         labels, classes = _known_labels(path, labelled, list(classes))
     return LabeledData([text for text, _, _ in rows], labels, classes)
@@ -66,6 +66,9 @@ def _read_rows(path, text_column: str, label_column: str) -> list[tuple[str, str
             rows = [(r[text_column] or "", (r[label_column] or "").strip(), reader.line_num) for r in reader]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
+    header = next((line for text, label, line in rows if (text.strip(), label) == (text_column, label_column)), None)
+    if header:
+        raise ValueError(f"{path} line {header} repeats the header (files joined?): remove it")
     empty = [line for _, label, line in rows if not label]
     if empty:
         raise ValueError(f"{path}: empty {label_column!r} on line(s) {empty[:5]}")
@@ -78,13 +81,13 @@ def _read_rows(path, text_column: str, label_column: str) -> list[tuple[str, str
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
-def _label_indices(path, labelled: list[tuple[str, int]], label_column: str) -> tuple[torch.Tensor, list[str]]:
+def _label_indices(path, labelled: list[tuple[str, int]]) -> tuple[torch.Tensor, list[str]]:
     """(indices, class names) when the file alone says what the classes are."""
     is_integer = [bool(_INTEGER.fullmatch(label)) for label, _ in labelled]
     if all(is_integer):
         return _integer_labels(path, [(int(label), line) for label, line in labelled])
     if any(is_integer):
-        raise _mixed_labels(path, labelled, is_integer, label_column)
+        raise _mixed_labels(path, labelled, is_integer)
     classes = sorted({label for label, _ in labelled})
     return _known_labels(path, labelled, classes)
 
@@ -105,13 +108,12 @@ def _integer_labels(path, labelled: list[tuple[int, int]]) -> tuple[torch.Tensor
     return torch.tensor(values, dtype=torch.int64), [str(i) for i in range(max(values) + 1)]
 
 
-def _mixed_labels(path, labelled: list[tuple[str, int]], is_integer: list[bool], label_column: str) -> ValueError:
+def _mixed_labels(path, labelled: list[tuple[str, int]], is_integer: list[bool]) -> ValueError:
     """The error for labels that mix integers and names: the odd one out is named."""
     mostly_integers = 2 * sum(is_integer) >= len(is_integer)
     label, line = next(x for x, integer in zip(labelled, is_integer) if integer != mostly_integers)
     kinds = ("a name", "integers") if mostly_integers else ("an integer", "class names")
-    hint = " (a second header line?)" if label == label_column else ""
-    return ValueError(f"{path} line {line}: label {label!r} is {kinds[0]} but most labels are {kinds[1]}{hint}; "
+    return ValueError(f"{path} line {line}: label {label!r} is {kinds[0]} but most labels are {kinds[1]}; "
                       "write every label the same way")
 
 
