@@ -41,6 +41,15 @@ def write_json(path: str, data: Any, indent: int = 1) -> None:
     atomic_write(path, write)
 
 
+def write_text(path: str, text: str) -> None:
+    """`text` as a file, atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def _flush_to_disk(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

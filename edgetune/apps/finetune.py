@@ -1,5 +1,5 @@
 """The fine-tuning loop around a compiled Trainer: epochs, learning-rate schedule, evaluation,
-history, checkpoint and plot.
+history, checkpoints to resume from (edgetune.apps.runs) and plot.
 
     task = image_task(size=112, mean=..., std=...)        # raw items -> model inputs
     history = finetune(trainer, train, val, task, epochs=3, batch_size=32, lr=0.01)
@@ -25,13 +25,27 @@ Prepare = Callable[[object, bool], tuple]  # (raw items of a batch, training?) -
 
 # -- tasks: raw data items -> model inputs ---------------------------------------------------
 
-def image_task(size: int, mean, std, augment: bool = True) -> Prepare:
-    """Images: resize, normalise; light augmentation (crop, flip) on training batches only."""
-    from edgetune.data import ImagePreprocess
+class ImageTask:
+    """Images: resize, normalise; light augmentation (crop, flip) on training batches only.
+    Its random generator is named in `generators`, so that a resumed run draws on from where
+    the checkpoint left it."""
 
-    train = ImagePreprocess(size, mean, std, augment=augment)
-    test = ImagePreprocess(size, mean, std, augment=False)
-    return lambda items, training: ((train if training else test)(items),)
+    def __init__(self, size: int, mean, std, augment: bool = True):
+        from edgetune.data import ImagePreprocess
+
+        self.train = ImagePreprocess(size, mean, std, augment=augment)
+        self.test = ImagePreprocess(size, mean, std, augment=False)
+
+    def __call__(self, items, training: bool) -> tuple:
+        return ((self.train if training else self.test)(items),)
+
+    @property
+    def generators(self) -> dict:
+        return {"augment": self.train.generator}
+
+
+def image_task(size: int, mean, std, augment: bool = True) -> Prepare:
+    return ImageTask(size, mean, std, augment)
 
 
 def text_task(tokenizer: Callable[[list[str]], tuple]) -> Prepare:
@@ -135,21 +149,36 @@ class History:
 
 def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: int, lr: float,
              schedule: str = "cosine", warmup: int = 0, seed: int = 0, progress: bool = True,
-             evaluate_before: bool = True, log: Callable[[str], None] | None = None) -> History:
+             evaluate_before: bool = True, log: Callable[[str], None] | None = None,
+             checkpoints=None) -> History:
     """Train `epochs` passes over `train`, evaluating on `val` before (optional) and after each.
-    `log` receives one line per evaluation (default: printed above the progress bar)."""
+    `log` receives one line per evaluation (default: printed above the progress bar).
+    `checkpoints` (edgetune.apps.runs.Checkpoints): saved every N steps and after each
+    evaluation; where one exists, the loop goes on from it."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    total = epochs * (len(train) // batch_size)
+    per_epoch = len(train) // batch_size
+    total = epochs * per_epoch
     if total == 0:
         raise ValueError(f"{len(train)} training items cannot fill one batch of {batch_size}; use a smaller --batch")
-    history, start = History(), time.perf_counter()
-    bar = _progress(total, progress)
+    history = (checkpoints and checkpoints.restore(History)) or History()
+    start, bar = time.perf_counter() - history.seconds, _progress(total, progress)
+    bar.update(len(history.losses))
     log = log or bar.write
-    if evaluate_before:
+
+    def save() -> None:
+        if checkpoints:
+            history.seconds = time.perf_counter() - start
+            checkpoints.save(history)
+
+    if evaluate_before and not history.evals:
         _record(history, trainer.model, val, prepare, step=0, epoch=0, log=log)
-    for epoch in range(1, epochs + 1):
-        for items, labels in train.batches(batch_size, shuffle=True, seed=seed + epoch):
+        save()
+    for epoch in range(_epochs_evaluated(history) + 1, epochs + 1):
+        done_before = (epoch - 1) * per_epoch  # steps of the earlier epochs
+        for i, (items, labels) in enumerate(train.batches(batch_size, shuffle=True, seed=seed + epoch)):
+            if done_before + i < len(history.losses):
+                continue  # trained on before the checkpoint this run resumed from
             trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
             loss = trainer.step(prepare(items, True), (labels,))
             if not math.isfinite(loss):
@@ -159,10 +188,17 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
             history.lrs.append(trainer.lr)
             bar.set_postfix(loss=f"{loss:.3f}", epoch=epoch)
             bar.update()
+            if checkpoints and checkpoints.due(len(history.losses)):
+                save()
         _record(history, trainer.model, val, prepare, step=len(history.losses), epoch=epoch, log=log)
+        save()
     bar.close()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _epochs_evaluated(history: History) -> int:
+    return max((e["epoch"] for e in history.evals), default=0)
 
 
 def _record(history: History, model, val, prepare: Prepare, step: int, epoch: int, log) -> None:

@@ -20,6 +20,7 @@ whole=True)` writes the whole model. LoRA runs save a PEFT adapter (edgetune.com
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import time
@@ -111,17 +112,30 @@ def evaluate_lm(model: torch.nn.Module, batches: LMData | Iterable[Batch], batch
 def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int | None = None,
                 epochs: int | None = None, batch_size: int, lr: float, schedule: str = "cosine",
                 warmup: int = 0, eval_every: int | None = None, seed: int = 0, progress: bool = True,
-                train_eval_size: int = 64, log: Callable[[str], None] | None = None) -> History:
+                train_eval_size: int = 64, log: Callable[[str], None] | None = None,
+                checkpoints=None) -> History:
     """Train for `steps` steps (or `epochs` passes over `train`), evaluating before, every
     `eval_every` steps and at the end. Each evaluation records the held-out loss ("loss") and
     the loss on a fixed sample of `train_eval_size` training examples ("train_loss"): the same
-    measure on both, so fitting and generalising can be told apart."""
+    measure on both, so fitting and generalising can be told apart. `checkpoints`
+    (edgetune.apps.runs.Checkpoints): saved every N steps and after each evaluation; where
+    one exists, the loop goes on from it."""
     total = _total_steps(len(train), batch_size, steps, epochs)
     train_sample = train.subset(range(min(train_eval_size, len(train))))
-    history, start, bar = History(), time.perf_counter(), _progress(total, progress)
+    history = (checkpoints and checkpoints.restore(History)) or History()
+    start, bar = time.perf_counter() - history.seconds, _progress(total, progress)
+    bar.update(len(history.losses))
     log = log or bar.write
-    _record(history, trainer, train_sample, val, batch_size, log)
-    for ids, mask, labels in _endless(train, batch_size, seed, total):
+
+    def save() -> None:
+        if checkpoints:
+            history.seconds = time.perf_counter() - start
+            checkpoints.save(history)
+
+    if not history.evals:
+        _record(history, trainer, train_sample, val, batch_size, log)
+        save()
+    for ids, mask, labels in itertools.islice(_endless(train, batch_size, seed, total), len(history.losses), None):
         trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
         loss = trainer.step((ids, mask), (labels,))
         if not math.isfinite(loss):
@@ -130,8 +144,11 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
         history.lrs.append(trainer.lr)
         bar.set_postfix(loss=f"{loss:.3f}")
         bar.update()
-        if len(history.losses) == total or (eval_every and len(history.losses) % eval_every == 0):
+        evaluate = len(history.losses) == total or (eval_every and len(history.losses) % eval_every == 0)
+        if evaluate:
             _record(history, trainer, train_sample, val, batch_size, log)
+        if evaluate or (checkpoints and checkpoints.due(len(history.losses))):
+            save()
     bar.close()
     history.seconds = time.perf_counter() - start
     return history
