@@ -241,7 +241,10 @@ def load_numpy(path: str | os.PathLike) -> LabeledData:
         raise ValueError(f"{path}: y must be {len(x)} integer labels (shape ({len(x)},)), got {y.dtype} {tuple(y.shape)}")
     if len(y) and y.min() < 0:
         raise ValueError(f"{path}: labels must be >= 0, found {int(y.min())}")
-    classes = classes or [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+    if not classes and int(y.max()) >= len(y):  # named before range(y.max()) builds class names for a typo
+        raise ValueError(f"{path}: label {int(y.max())} at index {int(y.argmax())}, but {len(y)} items cannot fill "
+                         f"{int(y.max()) + 1} classes; labels must number the classes 0..K-1 (or add `classes`)")
+    classes = classes or [str(i) for i in range(int(y.max()) + 1)]
     if len(y) and int(y.max()) >= len(classes):
         raise ValueError(f"{path}: label {int(y.max())} but only {len(classes)} class names")
     return LabeledData(x, y.long(), classes)

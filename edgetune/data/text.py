@@ -2,6 +2,7 @@
 import bz2
 import csv
 import importlib.util
+import itertools
 import os
 import re
 from pathlib import Path
@@ -100,12 +101,14 @@ def _integer_labels(path, labelled: list[tuple[int, int]]) -> tuple[torch.Tensor
             raise ValueError(f"{path} line {line}: label {value} is negative; integer labels are class indices "
                              "0..K-1 (or write class names)")
     values = [value for value, _ in labelled]
-    unused = sorted(set(range(max(values) + 1)) - set(values))
-    if unused:
-        value, line = next((v, line) for v, line in labelled if v > unused[0])
-        raise ValueError(f"{path} line {line}: label {value}, but no row has label(s) {_listed(unused)}; integer "
-                         f"labels must number the classes 0..K-1 without gaps: fix the label or write class names")
-    return torch.tensor(values, dtype=torch.int64), [str(i) for i in range(max(values) + 1)]
+    present, top = set(values), max(values)
+    if len(present) <= top:  # some index below the largest has no row (never range(top): top may be a typo of 10**12)
+        gap = next(i for i in itertools.count() if i not in present)
+        value, line = next((v, line) for v, line in labelled if v > gap)
+        raise ValueError(f"{path} line {line}: label {value}, but no row has label {gap} ({top + 1 - len(present)} of "
+                         f"0..{top} have none); integer labels must number the classes 0..K-1 without gaps: fix the "
+                         "label or write class names")
+    return torch.tensor(values, dtype=torch.int64), [str(i) for i in range(top + 1)]
 
 
 def _mixed_labels(path, labelled: list[tuple[str, int]], is_integer: list[bool]) -> ValueError:

@@ -3,6 +3,7 @@ or value and what to do, and changes nothing. An image folder's unreadable and n
 are skipped and counted once by default, and stop the load with strict=True (CLI --strict)."""
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -155,7 +156,8 @@ def test_a_job_reports_skipped_files_once_and_trains_on_the_rest(tmp_path, capsy
 
 @pytest.mark.parametrize("rows, message", [
     ("a,0\nb,1\nc,-1\n", r"line 4: label -1 is negative; integer labels are class indices 0\.\.K-1"),
-    ("a,0\nb,1\nc,7\nd,0\n", r"line 4: label 7, but no row has label\(s\) 2, 3, 4, 5, 6; .*without gaps"),
+    ("a,0\nb,1\nc,7\nd,0\n", r"line 4: label 7, but no row has label 2 \(5 of 0\.\.7 have none\); .*without gaps"),
+    ("a,0\nb,1\nc,99999999999\n", r"line 4: label 99999999999, but no row has label 2"),  # no range(10**11) built
     ("a,0\nb,1\nc,pos\n", r"line 4: label 'pos' is a name but most labels are integers; write every label"),
     ("a,pos\nb,neg\nc,1\n", r"line 4: label '1' is an integer but most labels are class names"),
     ("a,pos\ntext,label\nb,neg\n", r"line 3 repeats the header \(files joined\?\): remove it"),
@@ -179,6 +181,13 @@ def test_held_out_csv_is_read_against_the_training_classes(tmp_path):
     val.write_text("text,label\nnice,pos\n")  # a held-out file may lack a class
     held = load_data(str(val), classes=["neg", "pos"])
     assert held.classes == ["neg", "pos"] and held.labels.tolist() == [1]
+
+
+def test_an_npz_label_far_above_its_items_is_named_without_building_its_classes(tmp_path):
+    path = tmp_path / "typo.npz"
+    np.savez(path, x=np.zeros((3, 4, 4), np.uint8), y=np.array([0, 1, 10**12]))
+    with pytest.raises(ValueError, match=r"typo\.npz: label 1000000000000 at index 2, but 3 items cannot fill"):
+        load_data(str(path))
 
 
 # -- language-model data ---------------------------------------------------------------------
