@@ -16,7 +16,7 @@ import edgetune as et
 from edgetune.compiler.memory import parse_bytes
 from edgetune.compiler.optim import by_name
 from edgetune.compiler.scheme import SchemeError
-from edgetune.files import write_json
+from edgetune.files import write_json, write_text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 # loads, so that --epochs 0 or --batch 0 fails at once, with the flag's name.
 _AT_LEAST = {"batch": 1, "epochs": 1, "steps": 1, "size": 1, "max_len": 1, "classes": 1, "seq_len": 2,
              "train_limit": 1, "val_limit": 1, "val_count": 1, "limit": 1, "max_chars": 1, "eval_every": 1,
-             "search_steps": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0}
+             "search_steps": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0, "checkpoint_every": 0}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -47,7 +47,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetune", description=__doc__)
-    sub = parser.add_subparsers(required=True, metavar="command")
+    sub = parser.add_subparsers(required=True, metavar="command", dest="command")
     plan = sub.add_parser("plan", help="compile one training step and print its per-layer report")
     plan.add_argument("--model", default="mobilenetv2", help="built-in model: " + ", ".join(_models()))
     _common(plan, batch=8, size=128)
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--scheme", default="bias_only", help="full | bias_only | last:K | mbv2-49kb ... mbv2-138kb | "
                     "a JSON file | auto (search under --budget); the new head is always trained")
     _search_args(ft)
+    _run_args(ft)
     ft.set_defaults(run=run_finetune)
     se = sub.add_parser("search", help="find the best scheme whose measured peak fits a memory budget")
     _job_args(se)
@@ -108,6 +109,7 @@ def _lm_parsers(sub) -> None:
     lm.add_argument("--out", help="folder for weights or adapter, history, plot, report (default: runs/lm-<model>-<time>)")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--no-progress", action="store_true")
+    _run_args(lm)
     lm.set_defaults(run=run_finetune_lm)
     gen = sub.add_parser("generate", help="answer a prompt with a language model (optionally fine-tuned)")
     gen.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()))
@@ -152,8 +154,16 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     p.add_argument("--max-len", type=int, help="tokens per text (default: the model's)")
     p.add_argument("--no-augment", action="store_true", help="no random crops/flips of training images")
+    p.add_argument("--strict", action="store_true", help="stop on an unreadable or non-image file instead of skipping it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="steps between checkpoints in OUT/checkpoint (also saved after each evaluation; 0: only then)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="go on with the run in RUN_DIR (its --out) from its last "
+                   "checkpoint, with its settings")
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
@@ -211,24 +221,64 @@ def run_finetune(args: argparse.Namespace) -> int:
     from edgetune.apps.finetune import finetune, fit_batch
     from edgetune.apps.jobs import build_job
 
+    given, resumed = _resume_settings(args)
     _default_lr(args)
     torch.manual_seed(args.seed)
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
                     val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
-                    seed=args.seed, augment=not args.no_augment)
+                    seed=args.seed, augment=not args.no_augment, strict=args.strict)
     args.batch = fit_batch(args.batch, len(job.train))
-    scheme = _job_scheme(args, job)
+    args.out = args.out or _default_out(f"{args.model}-{os.path.basename(args.data.rstrip('/'))}")
+    scheme_file = os.path.join(args.out, "scheme.json")
+    # A resumed run trains the scheme it started with, searched (--scheme auto) or given.
+    scheme = et.schemes.from_file(scheme_file) if resumed and os.path.isfile(scheme_file) else _job_scheme(args, job)
     trainer = _compile_job(job, scheme, args)
+    _record_settings(args, given, resumed)
+    write_json(scheme_file, et.schemes.as_mapping(trainer.rules))  # reloadable with --scheme FILE
     print(f"{args.model} on {args.data} ({len(job.train)} train / {len(job.val)} held-out, {job.describe_input}), "
           f"scheme {args.scheme}: {trainer.trainable_params:,} trainable parameters, predicted peak "
           f"{trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
+    checkpoints = _checkpoints(args, trainer, getattr(job.prepare, "generators", {}))
     history = finetune(trainer, job.train, job.val, job.prepare, epochs=args.epochs, batch_size=args.batch,
                        lr=args.lr, schedule=args.schedule, warmup=args.warmup, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, checkpoints=checkpoints)
     out = _save_run(args, job, trainer, history)
     print(f"\nheld-out accuracy {100 * history.evals[0]['accuracy']:.2f}% -> {100 * history.final['accuracy']:.2f}% "
           f"in {history.seconds:.0f}s; checkpoint, history and plot in {out}/")
     return 0
+
+
+# -- runs that can be resumed (edgetune.apps.runs) -------------------------------------------
+
+def _resume_settings(args: argparse.Namespace) -> tuple[argparse.Namespace, bool]:
+    """(the arguments as given, whether --resume continues a run): a resumed run's settings
+    replace `args`' own. The arguments as given are what a new run records."""
+    from edgetune.apps.runs import resume_settings
+
+    given = argparse.Namespace(**vars(args))
+    return given, resume_settings(args, _parser().parse_args([args.command]))
+
+
+def _record_settings(args: argparse.Namespace, given: argparse.Namespace, resumed: bool) -> None:
+    from edgetune.apps.runs import record_settings
+
+    if not resumed:
+        given.out = args.out
+        record_settings(args, given)
+
+
+def _default_out(name: str) -> str:
+    return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _checkpoints(args: argparse.Namespace, trainer: et.Trainer, generators: dict):
+    from edgetune.apps.runs import Checkpoints
+
+    checkpoints = Checkpoints(args.out, trainer, args.checkpoint_every, generators)
+    if args.resume:
+        print(f"resuming {args.out} from {checkpoints.path}" if os.path.exists(checkpoints.path)
+              else f"{args.out} has no checkpoint yet: starting it from the beginning")
+    return checkpoints
 
 
 def _job_scheme(args: argparse.Namespace, job) -> et.schemes.SchemeLike:
@@ -274,7 +324,7 @@ def run_search(args: argparse.Namespace) -> int:
     _default_lr(args)
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
                     val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
-                    seed=args.seed, augment=not args.no_augment)
+                    seed=args.seed, augment=not args.no_augment, strict=args.strict)
     args.batch = fit_batch(args.batch, len(job.train))
     result = search_job(job, parse_bytes(args.budget), _search_settings(args))
     side = result.save(args.out)
@@ -298,17 +348,12 @@ def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
 def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:
     from edgetune.apps.finetune import save_weights
 
-    out = args.out or os.path.join("runs", f"{args.model}-{os.path.basename(args.data.rstrip('/'))}-"
-                                           f"{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    save_weights(job.model, os.path.join(out, "model.safetensors"),
+    save_weights(job.model, os.path.join(args.out, "model.safetensors"),
                  metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
-    history.save(os.path.join(out, "history.json"))
-    history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
-    write_json(os.path.join(out, "scheme.json"), et.schemes.as_mapping(trainer.rules))  # reloadable with --scheme FILE
-    with open(os.path.join(out, "report.txt"), "w") as f:
-        f.write(str(trainer.report()) + "\n")
-    return out
+    history.save(os.path.join(args.out, "history.json"))
+    history.plot(os.path.join(args.out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
+    write_text(os.path.join(args.out, "report.txt"), str(trainer.report()) + "\n")
+    return args.out
 
 
 # -- language models -------------------------------------------------------------------------
@@ -324,17 +369,21 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     from edgetune.apps.finetune import fit_batch
     from edgetune.apps.lm import compile_lm, finetune_lm
 
+    given, resumed = _resume_settings(args)
     torch.manual_seed(args.seed)
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
     trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, by_name("adamw", args.lr, args.weight_decay),
                          frozen_weights="int8" if args.int8 else "float")
+    args.out = args.out or _default_out(f"lm-{args.model}")
+    _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
                           batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
-                          eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
+                          eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
+                          checkpoints=_checkpoints(args, trainer, {}))
     out, saved = _save_lm_run(args, trainer, history)
     first, last = history.evals[0], history.final
     print(f"\ntraining loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, held-out loss {first['loss']:.4f} "
@@ -362,8 +411,7 @@ def _lm_data(args: argparse.Namespace):
 def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tuple[str, str]:
     from edgetune.apps.lm import save_trained, trained_names, uses_lora
 
-    out = args.out or os.path.join("runs", f"lm-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
+    out = args.out
     meta = {"model": args.model, "data": args.data, "scheme": args.scheme or DEFAULT_LM_SCHEME}
     saved = []
     if uses_lora(trainer):
@@ -377,8 +425,7 @@ def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tupl
         saved.append(f"weights in {path} ({size / 2**20:.1f} MB; edgetune generate --weights)")
     history.save(os.path.join(out, "history.json"))
     history.plot(os.path.join(out, "curves.png"), title=f"{args.model} on {args.data}, scheme {meta['scheme']}")
-    with open(os.path.join(out, "report.txt"), "w") as f:
-        f.write(str(trainer.report()) + "\n")
+    write_text(os.path.join(out, "report.txt"), str(trainer.report()) + "\n")
     return out, "; ".join(saved)
 
 
