@@ -94,6 +94,7 @@ class Checkpoints:
         if every < 0:
             raise ValueError(f"--checkpoint-every must be 0 (only at evaluations) or a number of steps, got {every}")
         self.path = os.path.join(folder, CHECKPOINT)
+        self._lock = _lock_run(folder)
         self.trainer, self.every = trainer, every
         self.generators = {"torch": torch.default_generator, **(generators or {})}
         self.frozen_digest = frozen_digest(trainer)
@@ -146,6 +147,25 @@ def frozen_digest(trainer) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as they are, no copy
     return h.hexdigest()
+
+
+def _lock_run(folder: str):
+    """An open file holding an exclusive lock on the run folder while this process lives (the
+    system drops it when the process ends, killed or not): two processes writing one run's
+    checkpoints would interleave them."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ValueError(f"another edgetune process is training the run in {folder}: wait for it to end or "
+                         "stop it, then resume") from None
+    return lock
 
 
 def _remove_partial_writes(folder: str) -> None:

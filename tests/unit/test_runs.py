@@ -169,3 +169,12 @@ def test_resuming_from_other_frozen_weights_is_refused(tmp_path, job):
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k != "stem.weight")
     finally:
         model.load_state_dict(before)
+
+
+def test_two_processes_cannot_train_one_run(tmp_path, job):
+    model, trainer, train, val, task = job
+    first = Checkpoints(str(tmp_path), trainer, 1, task.generators)
+    with pytest.raises(ValueError, match="another edgetune process is training the run"):
+        Checkpoints(str(tmp_path), trainer, 1, task.generators)
+    del first  # its lock goes with it
+    Checkpoints(str(tmp_path), trainer, 1, task.generators)
