@@ -11,6 +11,7 @@ the model. `from_string` reads the short spellings the CLI takes ("lm-sparse:6",
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import json
 import math
@@ -83,8 +84,7 @@ def resolve(scheme: SchemeLike, model: torch.nn.Module) -> dict[str, Rule]:
     rules = {pattern: parse_rule(pattern, rule) for pattern, rule in mapping.items()}
     for pattern in rules:
         if not fnmatch.filter(names, pattern):
-            raise SchemeError(f"scheme pattern {pattern!r} matches no parameter of the model "
-                              f"(names look like {names[:3]})")
+            raise SchemeError(f"scheme pattern {pattern!r} matches no parameter of the model; {_closest(pattern, names)}")
     params = dict(model.named_parameters())
     resolved = {}
     for name in names:
@@ -94,6 +94,25 @@ def resolve(scheme: SchemeLike, model: torch.nn.Module) -> dict[str, Rule]:
                 _check_lora_target(pattern, name, params[name])
             resolved[name] = rules[pattern]
     return resolved
+
+
+def _closest(pattern: str, names: list[str]) -> str:
+    """'did you mean ...?' with the spellings most like a pattern that matched nothing: the
+    parameter names, every module's pattern ('features.3.*') and every leaf's ('*.bias'); or
+    what the names look like where none is close."""
+    close = difflib.get_close_matches(pattern, _spellings(names), n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f"names look like {names[:3]} (patterns are fnmatch over model.named_parameters())"
+
+
+def _spellings(names: list[str]) -> list[str]:
+    modules, leaves = {}, {}
+    for name in names:
+        parts = name.split(".")
+        modules.update({".".join(parts[:k]) + ".*": None for k in range(1, len(parts))})
+        leaves["*." + parts[-1]] = None
+    return names + list(modules) + list(leaves)
 
 
 def _check_lora_target(pattern: str, name: str, p: torch.Tensor) -> None:
