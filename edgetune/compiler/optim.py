@@ -140,9 +140,102 @@ def _update_ok(loss_ok: bool, g) -> bool:
     return loss_ok and _is_finite(g)  # a non-finite loss skips the reduction
 
 
-register("is_finite", _is_finite, shape=_bool_scalar)
-register("update_ok", _update_ok, shape=_bool_scalar)
-register("all_of", lambda *conditions: all(conditions), shape=_bool_scalar)
-register("sgd_update", _sgd_update, shape=_bool_scalar, mutates=_param_and_state)
-register("adamw_update", _adamw_update, shape=_bool_scalar, mutates=_param_and_state)
-register("assign", lambda dst, src: dst.copy_(src), shape=_bool_scalar, mutates=(0,))
+# -- ONNX lowerings (edgetune.compiler.backends.onnx): an update returns the new parameter and
+# the new state. The hyperparameter arithmetic (lr, bias corrections) runs in float64 as the
+# kernels' Python floats do, and is cast to the tensor's dtype where a kernel uses it.
+
+def _onnx_finite(ctx, x):
+    # The sum of squares overflows where torch's norm would not only for norms above the
+    # square root of the dtype's largest value: stricter there, never looser.
+    total = ctx.reduce("ReduceSumSquare", x, [], keepdims=False)
+    return ctx.op("Not", ctx.op("Or", ctx.op("IsNaN", total), ctx.op("IsInf", total)))
+
+
+def _onnx_all(ctx, n, conditions):
+    out = conditions[0]
+    for c in conditions[1:]:
+        out = ctx.op("And", out, c)
+    return out
+
+
+def _onnx_read_part(ctx, n, p, index):
+    """The trained entries of p (as _trained_part)."""
+    if n.attrs["part"] is None:
+        return p
+    axis, k = n.attrs["part"]
+    if index:
+        return ctx.op("Gather", p, index[0], axis=axis)
+    return ctx.op("Slice", p, ctx.ints([0]), ctx.ints([k]), ctx.ints([axis]))
+
+
+def _onnx_write_part(ctx, n, p, new, index):
+    """p with its trained entries replaced by `new`; the other entries are copied unchanged."""
+    if n.attrs["part"] is None:
+        return new
+    axis, k = n.attrs["part"]
+    shape = n.inputs[0].shape
+    if not index:
+        rest = ctx.op("Slice", p, ctx.ints([k]), ctx.ints([shape[axis]]), ctx.ints([axis]))
+        return ctx.op("Concat", new, rest, axis=axis)
+    along = ctx.op("Reshape", index[0], ctx.ints([1] * axis + [-1] + [1] * (len(shape) - axis - 1)))
+    trained_shape = list(shape[:axis]) + [k] + list(shape[axis + 1:])
+    return ctx.op("ScatterElements", p, ctx.op("Expand", along, ctx.ints(trained_shape)), new, axis=axis)
+
+
+def _onnx_update_operands(n, names):
+    """(param, grad, lr, step, state, index) of an update's inputs."""
+    p, g, lr, step, *rest = names
+    return p, g, lr, step, rest[:n.attrs["n_state"]], rest[n.attrs["n_state"]:]
+
+
+def _sgd_update_onnx(ctx, n, xs):
+    a, dtype = n.attrs, n.inputs[0].dtype
+    p, g, lr, step, state, index = _onnx_update_operands(n, xs)
+    c = lambda v: ctx.scalar(v, dtype)  # noqa: E731
+    w = _onnx_read_part(ctx, n, p, index)
+    d = g if a["weight_decay"] == 0 else ctx.op("Add", g, ctx.op("Mul", w, c(a["weight_decay"])))
+    new_state = []
+    if a["momentum"]:
+        later = ctx.op("Add", ctx.op("Mul", state[0], c(a["momentum"])), ctx.op("Mul", d, c(1 - a["dampening"])))
+        buf = ctx.op("Where", ctx.op("Equal", step, ctx.scalar(1, torch.int64)), d, later)  # step 1 starts it at d
+        new_state.append(buf)
+        d = ctx.op("Add", d, ctx.op("Mul", buf, c(a["momentum"]))) if a["nesterov"] else buf
+    new_w = ctx.op("Sub", w, ctx.op("Mul", d, ctx.cast(lr, dtype)))
+    return (_onnx_write_part(ctx, n, p, new_w, index), *new_state)
+
+
+def _onnx_lerp(ctx, start, end, weight, dtype):
+    """torch.lerp's formula for a constant weight (it switches form at 0.5 for accuracy)."""
+    diff = ctx.op("Sub", end, start)
+    if weight < 0.5:
+        return ctx.op("Add", start, ctx.op("Mul", ctx.scalar(weight, dtype), diff))
+    return ctx.op("Sub", end, ctx.op("Mul", diff, ctx.scalar(1 - weight, dtype)))
+
+
+def _adamw_update_onnx(ctx, n, xs):
+    a, dtype = n.attrs, n.inputs[0].dtype
+    p, g, lr, step, (m, v), index = _onnx_update_operands(n, xs)
+    f64 = lambda v: ctx.scalar(v, torch.float64)  # noqa: E731
+    w = _onnx_read_part(ctx, n, p, index)
+    decay = ctx.op("Sub", f64(1.0), ctx.op("Mul", lr, f64(a["weight_decay"])))
+    w = ctx.op("Mul", w, ctx.cast(decay, dtype))
+    m = _onnx_lerp(ctx, m, g, 1 - a["beta1"], dtype)
+    v = ctx.op("Add", ctx.op("Mul", v, ctx.scalar(a["beta2"], dtype)),
+               ctx.op("Mul", ctx.op("Mul", ctx.scalar(1 - a["beta2"], dtype), g), g))  # addcmul's order
+    steps = ctx.cast(step, torch.float64)
+    correction = lambda beta: ctx.op("Sub", f64(1.0), ctx.op("Pow", f64(beta), steps))  # noqa: E731
+    step_size = ctx.cast(ctx.op("Div", lr, correction(a["beta1"])), dtype)
+    root = ctx.cast(ctx.op("Sqrt", correction(a["beta2"])), dtype)
+    denom = ctx.op("Add", ctx.op("Div", ctx.op("Sqrt", v), root), ctx.scalar(a["eps"], dtype))
+    new_w = ctx.op("Sub", w, ctx.op("Mul", step_size, ctx.op("Div", m, denom)))
+    return _onnx_write_part(ctx, n, p, new_w, index), m, v
+
+
+register("is_finite", _is_finite, shape=_bool_scalar, onnx=lambda ctx, n, xs: _onnx_finite(ctx, xs[0]))
+register("update_ok", _update_ok, shape=_bool_scalar,
+         onnx=lambda ctx, n, xs: ctx.op("And", xs[0], _onnx_finite(ctx, xs[1])))
+register("all_of", lambda *conditions: all(conditions), shape=_bool_scalar, onnx=_onnx_all)
+register("sgd_update", _sgd_update, shape=_bool_scalar, mutates=_param_and_state, onnx=_sgd_update_onnx)
+register("adamw_update", _adamw_update, shape=_bool_scalar, mutates=_param_and_state, onnx=_adamw_update_onnx)
+register("assign", lambda dst, src: dst.copy_(src), shape=_bool_scalar, mutates=(0,),
+         onnx=lambda ctx, n, xs: (ctx.convert(xs[1], n.inputs[1].dtype, n.inputs[0].dtype),))

@@ -52,8 +52,8 @@ def generate(graph: Graph) -> str:
         dead = [m.name for m in last.get(pos, []) if m.op not in ("input", "const") and not is_effect(m)]
         if dead:
             lines.append(f"    del {', '.join(dead)}")
-    outputs = ", ".join(f"{k!r}: {v.name}" for k, v in graph.outputs.items())
-    lines.append(f"    return {{{outputs}, 'skipped': _skipped}}")
+    outputs = [f"{k!r}: {v.name}" for k, v in graph.outputs.items()] + ["'skipped': _skipped"]
+    lines.append(f"    return {{{', '.join(outputs)}}}")
     return "\n".join(lines) + "\n"
 
 

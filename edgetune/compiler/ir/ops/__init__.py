@@ -12,6 +12,9 @@
 - `measure_scratch`: the kernel's allocations depend on the machine (library kernels that
   reorder or copy their operands), so the plan uses what edgetune.compiler.backends.scratch measures
   for each call where it can, and `scratch` only where it cannot;
+- `onnx`: `onnx(ctx, node, input_names) -> output name` (an effect: the new value of each
+  input it mutates), the op as standard ONNX ops; edgetune.compiler.backends.onnx exports a
+  whole step from these and refuses a step with an op that has none;
 - `inplace`: the same kernel writing its result over input 0; registers `<name>_inplace`, a
   view of input 0, which passes/inplace.py uses where input 0 dies at this op;
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.

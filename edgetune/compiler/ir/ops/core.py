@@ -34,6 +34,37 @@ def grad_like(b, g, x):
     return g if g.dtype == x.dtype else b.emit("cast", g, dtype=x.dtype)
 
 
+# -- ONNX lowering helpers (edgetune.compiler.backends.onnx) -----------------------------------
+
+def onnx_operands(ctx, n, names, dtype=None):
+    """The operands in one dtype (the node's by default): ONNX ops do not promote as torch does."""
+    dtype = dtype or n.dtype
+    return [ctx.convert(x, i.dtype, dtype) for x, i in zip(names, n.inputs)]
+
+
+def onnx_elementwise(op_type):
+    """The lowering of an op that is one ONNX op over its operands in the node's dtype."""
+    return lambda ctx, n, xs: ctx.op(op_type, *onnx_operands(ctx, n, xs))
+
+
+def _compared_dtype(n):
+    """The dtype torch compares two operands in (a 0-d operand does not widen a tensor)."""
+    x, y = (torch.empty(i.shape, dtype=i.dtype, device="meta") for i in n.inputs)
+    return torch.result_type(x, y)
+
+
+def _onnx_compare(op_type, negate=False):
+    def lower(ctx, n, xs):
+        out = ctx.op(op_type, *onnx_operands(ctx, n, xs, _compared_dtype(n)))
+        return ctx.op("Not", out) if negate else out
+    return lower
+
+
+def onnx_zero_where(ctx, n, stops, g):
+    """g where `stops` is false, else 0: a gradient blocked where its rule says so."""
+    return ctx.op("Where", stops, ctx.scalar(0, n.dtype), g)
+
+
 # -- binary arithmetic ----------------------------------------------------------------------
 
 def _add_vjp(b, n, g, want):
@@ -61,12 +92,20 @@ def _div_vjp(b, n, g, want):
     return gx, gy
 
 
-register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,), inplace=torch.neg_)
-register("add", torch.add, _add_vjp, inplace=lambda x, y: x.add_(y))
-register("sub", torch.sub, _sub_vjp, inplace=lambda x, y: x.sub_(y))
-register("mul", torch.mul, _mul_vjp, inplace=lambda x, y: x.mul_(y))
-register("div", torch.div, _div_vjp, inplace=lambda x, y: x.div_(y))
-register("div_grad_rhs", lambda g, x, y: -g * x / (y * y))
+register("neg", torch.neg, lambda b, n, g, want: (b.emit("neg", g) if want[0] else None,), inplace=torch.neg_,
+         onnx=onnx_elementwise("Neg"))
+register("add", torch.add, _add_vjp, inplace=lambda x, y: x.add_(y), onnx=onnx_elementwise("Add"))
+register("sub", torch.sub, _sub_vjp, inplace=lambda x, y: x.sub_(y), onnx=onnx_elementwise("Sub"))
+register("mul", torch.mul, _mul_vjp, inplace=lambda x, y: x.mul_(y), onnx=onnx_elementwise("Mul"))
+register("div", torch.div, _div_vjp, inplace=lambda x, y: x.div_(y), onnx=onnx_elementwise("Div"))
+
+
+def _div_grad_rhs_onnx(ctx, n, xs):
+    g, x, y = onnx_operands(ctx, n, xs)
+    return ctx.op("Div", ctx.op("Mul", ctx.op("Neg", g), x), ctx.op("Mul", y, y))
+
+
+register("div_grad_rhs", lambda g, x, y: -g * x / (y * y), onnx=_div_grad_rhs_onnx)
 
 
 def _scaled(b, y, alpha):
@@ -103,27 +142,72 @@ def _(b, x, y):
 
 # -- unary math -----------------------------------------------------------------------------
 
-def _unary(name, kernel, grad_kernel=None, uses="x", inplace=None):
-    """An elementwise op whose gradient is `grad_kernel(g, x or y)`, registered as `name_grad`."""
+def _unary(name, kernel, grad_kernel=None, uses="x", inplace=None, onnx=None, grad_onnx=None):
+    """An elementwise op whose gradient is `grad_kernel(g, x or y)`, registered as `name_grad`;
+    `onnx` and `grad_onnx` lower them (a string: that one ONNX op)."""
 
     def vjp(b, n, g, want):
         saved = n.inputs[0] if uses == "x" else n
         return (b.emit(f"{name}_grad", g, saved, **n.attrs) if want[0] else None,)
 
-    register(name, kernel, vjp if grad_kernel else None, inplace=inplace)
+    register(name, kernel, vjp if grad_kernel else None, inplace=inplace,
+             onnx=onnx_elementwise(onnx) if isinstance(onnx, str) else onnx)
     if grad_kernel:
-        register(f"{name}_grad", grad_kernel)
+        register(f"{name}_grad", grad_kernel, onnx=grad_onnx)
 
 
-_unary("exp", torch.exp, lambda g, y: g * y, uses="y", inplace=torch.exp_)
-_unary("log", torch.log, lambda g, x: g / x)
-_unary("sqrt", torch.sqrt, lambda g, y: g / (2 * y), uses="y")
-_unary("rsqrt", torch.rsqrt, lambda g, y: -0.5 * g * y * y * y, uses="y")
-_unary("reciprocal", torch.reciprocal, lambda g, y: -g * y * y, uses="y")
-_unary("abs", torch.abs, lambda g, x: g * torch.sgn(x))
-_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y", inplace=torch.relu_)
-_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y", inplace=torch.sigmoid_)
-_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y", inplace=torch.tanh_)
+# The gradient lowerings below mirror their kernels' arithmetic, operand order included.
+
+def _grad_onnx(build):
+    """A gradient lowering `build(ctx, g, saved, const)` over operands in the node's dtype;
+    `const(v)` is a scalar in that dtype."""
+    def lower(ctx, n, xs):
+        g, saved = onnx_operands(ctx, n, xs)
+        return build(ctx, g, saved, lambda v: ctx.scalar(v, n.dtype))
+    return lower
+
+
+def _relu_grad_onnx(ctx, n, xs):
+    g, y = onnx_operands(ctx, n, xs)
+    return onnx_zero_where(ctx, n, ctx.op("LessOrEqual", y, ctx.scalar(0, n.dtype)), g)  # threshold_backward
+
+
+def _hardtanh_onnx(ctx, n, xs):
+    t = n.inputs[0].dtype
+    return ctx.op("Clip", xs[0], ctx.scalar(n.attrs["min"], t), ctx.scalar(n.attrs["max"], t))
+
+
+def _hardtanh_grad_onnx(ctx, n, xs):
+    g, y = onnx_operands(ctx, n, xs)
+    at_bound = ctx.op("Or", ctx.op("LessOrEqual", y, ctx.scalar(n.attrs["min"], n.dtype)),
+                      ctx.op("GreaterOrEqual", y, ctx.scalar(n.attrs["max"], n.dtype)))
+    return onnx_zero_where(ctx, n, at_bound, g)
+
+
+def _rsqrt_onnx(ctx, n, xs):
+    return ctx.op("Reciprocal", ctx.op("Sqrt", xs[0]))
+
+
+_unary("exp", torch.exp, lambda g, y: g * y, uses="y", inplace=torch.exp_,
+       onnx="Exp", grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", g, y)))
+_unary("log", torch.log, lambda g, x: g / x, onnx="Log", grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Div", g, x)))
+_unary("sqrt", torch.sqrt, lambda g, y: g / (2 * y), uses="y", onnx="Sqrt",
+       grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Div", g, ctx.op("Mul", c(2), y))))
+_unary("rsqrt", torch.rsqrt, lambda g, y: -0.5 * g * y * y * y, uses="y", onnx=_rsqrt_onnx,
+       grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", ctx.op("Mul", ctx.op("Mul", ctx.op(
+           "Mul", c(-0.5), g), y), y), y)))
+_unary("reciprocal", torch.reciprocal, lambda g, y: -g * y * y, uses="y", onnx="Reciprocal",
+       grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", ctx.op("Mul", ctx.op("Neg", g), y), y)))
+_unary("abs", torch.abs, lambda g, x: g * torch.sgn(x), onnx="Abs",
+       grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", g, ctx.op("Sign", x))))
+_unary("relu", torch.relu, lambda g, y: A.threshold_backward(g, y, 0), uses="y", inplace=torch.relu_,
+       onnx="Relu", grad_onnx=_relu_grad_onnx)
+_unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y", inplace=torch.sigmoid_,
+       onnx="Sigmoid", grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", ctx.op("Mul", g, ctx.op(
+           "Sub", c(1), y)), y)))
+_unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y", inplace=torch.tanh_,
+       onnx="Tanh", grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", g, ctx.op(
+           "Sub", c(1), ctx.op("Mul", y, y)))))
 _unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x),
        inplace=lambda x: torch.nn.functional.silu(x, inplace=True))
 _unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x))
@@ -134,7 +218,7 @@ _unary("pow", lambda x, exponent: torch.pow(x, exponent),
 # hardtanh's gradient vanishes at the bounds; the output carries the same information.
 _unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
        lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y",
-       inplace=lambda x, min, max: A.hardtanh_(x, min, max))
+       inplace=lambda x, min, max: A.hardtanh_(x, min, max), onnx=_hardtanh_onnx, grad_onnx=_hardtanh_grad_onnx)
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max))
 _unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
@@ -271,15 +355,18 @@ aten(A.minimum.default)(lambda b, x, y: b.emit("minimum", x, y))
 
 # -- comparisons and selection (no gradient through the condition) ------------------------
 
+_ONNX_COMPARE = {"eq": _onnx_compare("Equal"), "ne": _onnx_compare("Equal", negate=True), "lt": _onnx_compare("Less"),
+                 "le": _onnx_compare("LessOrEqual"), "gt": _onnx_compare("Greater"),
+                 "ge": _onnx_compare("GreaterOrEqual")}
 for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
-    register(_cmp, getattr(torch, _cmp))
+    register(_cmp, getattr(torch, _cmp), onnx=_ONNX_COMPARE[_cmp])
     for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
         aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, *_operands(b, x, y)))
 register("isnan", torch.isnan)
 aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
-register("logical_not", torch.logical_not)
-register("logical_and", torch.logical_and)
-register("logical_or", torch.logical_or)
+register("logical_not", torch.logical_not, onnx=lambda ctx, n, xs: ctx.op("Not", *onnx_operands(ctx, n, xs)))
+register("logical_and", torch.logical_and, onnx=lambda ctx, n, xs: ctx.op("And", *onnx_operands(ctx, n, xs)))
+register("logical_or", torch.logical_or, onnx=lambda ctx, n, xs: ctx.op("Or", *onnx_operands(ctx, n, xs)))
 aten(A.logical_not.default)(lambda b, x: b.emit("logical_not", x))
 aten(A.logical_and.default)(lambda b, x, y: b.emit("logical_and", x, y))
 aten(A.logical_or.default)(lambda b, x, y: b.emit("logical_or", x, y))
@@ -299,7 +386,12 @@ def _where_vjp(b, n, g, want):
     return None, gx, gy
 
 
-register("where", torch.where, _where_vjp)
+def _where_onnx(ctx, n, xs):
+    cond, x, y = xs
+    return ctx.op("Where", cond, *(ctx.convert(v, i.dtype, n.dtype) for v, i in zip((x, y), n.inputs[1:])))
+
+
+register("where", torch.where, _where_vjp, onnx=_where_onnx)
 
 
 @aten(A.where.self, A.where.ScalarSelf, A.where.ScalarOther, A.where.Scalar)
@@ -317,7 +409,8 @@ def _cast_vjp(b, n, g, want):
     return (b.emit("cast", g, dtype=x.dtype) if want[0] and x.is_float else None,)
 
 
-register("cast", lambda x, dtype: x.to(dtype), _cast_vjp)
+register("cast", lambda x, dtype: x.to(dtype), _cast_vjp,
+         onnx=lambda ctx, n, xs: ctx.convert(xs[0], n.inputs[0].dtype, n.dtype))
 
 
 @aten(A._to_copy.default)
@@ -330,7 +423,8 @@ aten(A._assert_tensor_metadata.default)(lambda b, *args, **kwargs: None)
 aten(A.clone.default, A.alias.default, A.lift_fresh_copy.default)(lambda b, x, **_: x)
 
 # `x.detach()`: the value passes, its gradient does not.
-register("detach", torch.Tensor.detach, lambda b, n, g, want: (None,), view=True)
+register("detach", torch.Tensor.detach, lambda b, n, g, want: (None,), view=True,
+         onnx=lambda ctx, n, xs: ctx.op("Identity", xs[0]))
 aten(A.detach.default)(lambda b, x: b.emit("detach", x))
 
 
@@ -388,10 +482,38 @@ def _sum_kernel(x, dims, keepdim, dtype=None):
     return torch.sum(x, dims, keepdim=keepdim, dtype=dtype)
 
 
-register("sum", _sum_kernel, _sum_vjp)
-register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp)
-register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp)
-register("var_grad", _var_grad)
+def _onnx_reduction(op_type):
+    """Reduce over attrs["dims"], in the node's dtype (a sum of bools counts in int64)."""
+    return lambda ctx, n, xs: ctx.reduce(op_type, onnx_operands(ctx, n, xs)[0], n.attrs["dims"], n.attrs["keepdim"])
+
+
+def _centered_onnx(ctx, x, dims):
+    """x minus its mean over dims."""
+    return ctx.op("Sub", x, ctx.reduce("ReduceMean", x, dims, keepdims=True))
+
+
+def _var_onnx(ctx, n, xs):
+    dims, x = n.attrs["dims"], xs[0]
+    count = math.prod(n.inputs[0].shape[d] for d in dims)
+    d = _centered_onnx(ctx, x, dims)
+    squares = ctx.reduce("ReduceSum", ctx.op("Mul", d, d), dims, n.attrs["keepdim"])
+    return ctx.op("Div", squares, ctx.scalar(count - n.attrs["correction"], n.dtype))
+
+
+def _var_grad_onnx(ctx, n, xs):
+    g, x = xs
+    dims = n.attrs["dims"]
+    count = math.prod(n.inputs[1].shape[d] for d in dims)
+    scaled = ctx.op("Mul", g, ctx.scalar(2.0 / (count - n.attrs["correction"]), n.dtype))
+    return ctx.op("Mul", scaled, _centered_onnx(ctx, x, dims))
+
+
+register("sum", _sum_kernel, _sum_vjp, onnx=_onnx_reduction("ReduceSum"))
+register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp,
+         onnx=_onnx_reduction("ReduceMean"))
+register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp,
+         onnx=_var_onnx)
+register("var_grad", _var_grad, onnx=_var_grad_onnx)
 def _extremum_vjp(b, n, g, want):
     return (b.emit("extremum_grad", g, n.inputs[0], n, dims=n.attrs["dims"], keepdim=n.attrs["keepdim"])
             if want[0] else None,)
@@ -405,8 +527,10 @@ def _extremum_grad(g, x, y, dims, keepdim):
     return hit * (g / hit.sum(dims, keepdim=True))
 
 
-register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), _extremum_vjp)
-register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp)
+register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), _extremum_vjp,
+         onnx=_onnx_reduction("ReduceMax"))
+register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp,
+         onnx=_onnx_reduction("ReduceMin"))
 register("extremum_grad", _extremum_grad)
 register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x))
 
@@ -417,8 +541,17 @@ def _sum_to_kernel(g, shape):
     return g.sum(dims, keepdim=True).reshape(shape) if dims else g.reshape(shape)
 
 
+def _sum_to_onnx(ctx, n, xs):
+    g, shape = n.inputs[0].shape, n.attrs["shape"]
+    lead = len(g) - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and g[lead + i] != 1)
+    summed = ctx.reduce("ReduceSum", xs[0], dims, keepdims=True) if dims else xs[0]
+    return ctx.op("Reshape", summed, ctx.ints(shape))
+
+
 register("sum_to", _sum_to_kernel,
-         lambda b, n, g, want: (b.emit("expand", g, size=tuple(n.inputs[0].shape)) if want[0] else None,))
+         lambda b, n, g, want: (b.emit("expand", g, size=tuple(n.inputs[0].shape)) if want[0] else None,),
+         onnx=_sum_to_onnx)
 
 
 @aten(A.sum.dim_IntList, A.sum.default)
@@ -550,15 +683,31 @@ def _(b, x, dims=None, keepdim=False):
 
 # -- softmax --------------------------------------------------------------------------------
 
+def _softmax_grad_onnx(ctx, n, xs):
+    g, y = xs
+    inner = ctx.reduce("ReduceSum", ctx.op("Mul", g, y), [n.attrs["dim"]], keepdims=True)
+    grad = ctx.op("Mul", ctx.op("Sub", g, inner), y)
+    return ctx.op("Where", ctx.op("IsNaN", grad), ctx.scalar(0, n.dtype), grad)  # as the kernel's nan_to_num
+
+
+def _log_softmax_grad_onnx(ctx, n, xs):
+    g, y = xs
+    total = ctx.reduce("ReduceSum", g, [n.attrs["dim"]], keepdims=True)
+    return ctx.op("Sub", g, ctx.op("Mul", ctx.op("Exp", y), total))
+
+
 register("softmax", lambda x, dim: torch.softmax(x, dim),
-         lambda b, n, g, want: (b.emit("softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
+         lambda b, n, g, want: (b.emit("softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,),
+         onnx=lambda ctx, n, xs: ctx.op("Softmax", xs[0], axis=n.attrs["dim"]))
 # A row masked entirely (-inf everywhere) has a NaN softmax; attention zeroes such rows after
 # the softmax (`where`), so their gradient arrives as 0 and the true answer is 0, not NaN.
 register("softmax_grad", lambda g, y, dim: A._softmax_backward_data(g, y, dim, y.dtype).nan_to_num_(
-    nan=0.0, posinf=math.inf, neginf=-math.inf))
+    nan=0.0, posinf=math.inf, neginf=-math.inf), onnx=_softmax_grad_onnx)
 register("log_softmax", lambda x, dim: torch.log_softmax(x, dim),
-         lambda b, n, g, want: (b.emit("log_softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,))
-register("log_softmax_grad", lambda g, y, dim: A._log_softmax_backward_data(g, y, dim, y.dtype))
+         lambda b, n, g, want: (b.emit("log_softmax_grad", g, n, dim=n.attrs["dim"]) if want[0] else None,),
+         onnx=lambda ctx, n, xs: ctx.op("LogSoftmax", xs[0], axis=n.attrs["dim"]))
+register("log_softmax_grad", lambda g, y, dim: A._log_softmax_backward_data(g, y, dim, y.dtype),
+         onnx=_log_softmax_grad_onnx)
 aten(A._softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("softmax", x, dim=dim % len(x.shape)))
 aten(A._log_softmax.default)(lambda b, x, dim, half_to_float=False: b.emit("log_softmax", x, dim=dim % len(x.shape)))
 
@@ -570,7 +719,7 @@ def _created(shape_key):
 
 
 register("full", lambda size, value, dtype, device: torch.full(size, value, dtype=dtype, device=device),
-         shape=_created("size"))
+         shape=_created("size"), onnx=lambda ctx, n, xs: ctx.full(n.shape, n.attrs["value"], n.dtype))
 register("arange", lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=dtype, device=device),
          shape=lambda **a: ((max(0, math.ceil((a["end"] - a["start"]) / a["step"])),), a["dtype"]))
 

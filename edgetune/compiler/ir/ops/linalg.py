@@ -29,9 +29,22 @@ def _linear_vjp(b, n, g, want):
     return (gx, gw, gb)[: len(n.inputs)]
 
 
-register("linear", torch.nn.functional.linear, _linear_vjp)
-register("linear_grad_input", lambda g, w: g @ w)
-register("linear_grad_weight", _linear_grad_weight)
+def _linear_onnx(ctx, n, xs):
+    if len(n.inputs[0].shape) == 2:
+        return ctx.op("Gemm", *xs, transB=1)
+    y = ctx.op("MatMul", xs[0], ctx.op("Transpose", xs[1], perm=[1, 0]))
+    return ctx.op("Add", y, xs[2]) if len(xs) == 3 else y
+
+
+def _linear_grad_weight_onnx(ctx, n, xs):
+    g, x = xs
+    rows = lambda v, node: ctx.op("Reshape", v, ctx.ints([-1, node.shape[-1]]))  # noqa: E731
+    return ctx.op("Gemm", rows(g, n.inputs[0]), rows(x, n.inputs[1]), transA=1)
+
+
+register("linear", torch.nn.functional.linear, _linear_vjp, onnx=_linear_onnx)
+register("linear_grad_input", lambda g, w: g @ w, onnx=lambda ctx, n, xs: ctx.op("MatMul", *xs))
+register("linear_grad_weight", _linear_grad_weight, onnx=_linear_grad_weight_onnx)
 
 
 def _mm_vjp(b, n, g, want, perm):
@@ -41,8 +54,10 @@ def _mm_vjp(b, n, g, want, perm):
     return gx, gy
 
 
-register("mm", torch.mm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (1, 0)))
-register("bmm", torch.bmm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (0, 2, 1)))
+register("mm", torch.mm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (1, 0)),
+         onnx=lambda ctx, n, xs: ctx.op("MatMul", *xs))
+register("bmm", torch.bmm, lambda b, n, g, want: _mm_vjp(b, n, g, want, (0, 2, 1)),
+         onnx=lambda ctx, n, xs: ctx.op("MatMul", *xs))
 
 
 def _transposed_weight(m):

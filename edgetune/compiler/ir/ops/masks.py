@@ -92,10 +92,47 @@ def _chunk_scratch(n) -> int:
     return size * (n.inputs[0].dtype.itemsize + 2)
 
 
-register("pack_mask", _pack_mask, shape=_packed_shape, scratch=_chunk_scratch)
-register("masked_grad", _masked_grad, shape=lambda g, packed: (tuple(g.shape), g.dtype), scratch=_chunk_scratch)
+# ONNX: the same bit layout with uint8 shifts (bit i of byte j = element 8j + i).
+
+def _onnx_shifts(ctx):
+    return ctx.const(torch.arange(8, dtype=torch.uint8))
+
+
+def _pack_mask_onnx(ctx, n, xs):
+    """The rule's own lowering on (ones, y) gives 0/1 per element; each row of eight is shifted
+    to its bit and summed (distinct bits: the sum is their OR, exact in int32)."""
+    from edgetune.compiler.ir.graph import Node
+    from edgetune.compiler.ir.ops.registry import OPS
+
+    y = n.inputs[0]
+    rule = Node(n.attrs["rule"], (y, y), dict(n.attrs["rule_attrs"]), tuple(y.shape), y.dtype)
+    if OPS[rule.op].onnx is None:
+        raise NotImplementedError(f"the mask's rule '{rule.op}' has no ONNX lowering")
+    passes = OPS[rule.op].onnx(ctx, rule, [ctx.full(y.shape, 1, y.dtype), xs[0]])
+    bits = ctx.cast(ctx.op("Reshape", passes, ctx.ints([-1])), torch.uint8)
+    pad = (-math.prod(y.shape)) % 8
+    if pad:
+        bits = ctx.op("Pad", bits, ctx.ints([0, pad]))
+    shifted = ctx.op("BitShift", ctx.op("Reshape", bits, ctx.ints([-1, 8])), _onnx_shifts(ctx), direction="LEFT")
+    packed = ctx.reduce("ReduceSum", ctx.cast(shifted, torch.int32), [1], keepdims=False)
+    return ctx.cast(packed, torch.uint8)
+
+
+def _masked_grad_onnx(ctx, n, xs):
+    g, packed = xs
+    count = math.prod(n.shape)
+    rows = ctx.op("BitShift", ctx.op("Reshape", packed, ctx.ints([-1, 1])), _onnx_shifts(ctx), direction="RIGHT")
+    bits = ctx.op("BitwiseAnd", rows, ctx.scalar(1, torch.uint8))
+    flat = ctx.op("Slice", ctx.op("Reshape", bits, ctx.ints([-1])), ctx.ints([0]), ctx.ints([count]))
+    kept = ctx.op("Mul", ctx.op("Reshape", g, ctx.ints([-1])), ctx.cast(flat, n.dtype))
+    return ctx.op("Reshape", kept, ctx.ints(n.shape))
+
+
+register("pack_mask", _pack_mask, shape=_packed_shape, scratch=_chunk_scratch, onnx=_pack_mask_onnx)
+register("masked_grad", _masked_grad, shape=lambda g, packed: (tuple(g.shape), g.dtype), scratch=_chunk_scratch,
+         onnx=_masked_grad_onnx)
 
 
 # A fresh contiguous copy: a saved slice must not keep the whole tensor it was cut from alive.
 register("copy", lambda x: x.clone(memory_format=torch.contiguous_format),
-         lambda b, n, g, want: (g if want[0] else None,))
+         lambda b, n, g, want: (g if want[0] else None,), onnx=lambda ctx, n, xs: ctx.op("Identity", xs[0]))

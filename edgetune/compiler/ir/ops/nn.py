@@ -88,7 +88,44 @@ def _conv_scratch(n) -> int:
     return max(v.nbytes for v in (n, *n.inputs[:2]))
 
 
-register("conv", _conv, _conv_vjp, scratch=_conv_scratch, measure_scratch=True)
+def _onnx_conv_attrs(a, kernel_shape):
+    return dict(kernel_shape=list(kernel_shape), strides=list(a["stride"]), pads=list(a["padding"]) * 2,
+                dilations=list(a["dilation"]), group=a["groups"])
+
+
+def _conv_onnx(ctx, n, xs):
+    return ctx.op("Conv", *xs, **_onnx_conv_attrs(n.attrs, n.inputs[1].shape[2:]))
+
+
+def _conv_grad_input_onnx(ctx, n, xs):
+    """The transposed convolution with the same weight; `output_padding` restores the trailing
+    rows a strided conv never read (their gradient is zero)."""
+    a, (g, w) = n.attrs, n.inputs
+    reached = [s * (o - 1) + d * (k - 1) + 1 - 2 * p
+               for s, o, d, k, p in zip(a["stride"], g.shape[2:], a["dilation"], w.shape[2:], a["padding"])]
+    extra = [want - got for want, got in zip(a["input_shape"][2:], reached)]
+    return ctx.op("ConvTranspose", *xs, output_padding=extra, **_onnx_conv_attrs(a, w.shape[2:]))
+
+
+def _conv_grad_weight_onnx(ctx, n, xs):
+    """gw[o, i] = sum over samples of x[n, i] correlated with g[n, o]: itself a convolution, with
+    the channels as the batch and the samples as the channels, stride and dilation swapped.
+    Groups stay groups: x becomes [Ci, groups * N, ...], each group's samples one group's input."""
+    a, (x, g) = n.attrs, n.inputs
+    batch, groups, spatial = x.shape[0], a["groups"], list(x.shape[2:])
+    per_group, rank = x.shape[1] // groups, len(x.shape)
+    xt = ctx.op("Reshape", xs[0], ctx.ints([batch, groups, per_group] + spatial))
+    xt = ctx.op("Transpose", xt, perm=[2, 1, 0] + list(range(3, rank + 1)))
+    xt = ctx.op("Reshape", xt, ctx.ints([per_group, groups * batch] + spatial))
+    gt = ctx.op("Transpose", xs[1], perm=[1, 0] + list(range(2, rank)))
+    swapped = dict(stride=a["dilation"], dilation=a["stride"], padding=a["padding"], groups=groups)
+    corr = ctx.op("Conv", xt, gt, **_onnx_conv_attrs(swapped, g.shape[2:]))
+    gw = ctx.op("Transpose", corr, perm=[1, 0] + list(range(2, rank)))
+    kernel = list(a["weight_shape"][2:])  # the correlation may run past the kernel's extent
+    return ctx.op("Slice", gw, ctx.ints([0] * len(kernel)), ctx.ints(kernel), ctx.ints(range(2, rank)))
+
+
+register("conv", _conv, _conv_vjp, scratch=_conv_scratch, measure_scratch=True, onnx=_conv_onnx)
 
 
 def _depthwise_backward_scratch(n) -> int:
@@ -98,8 +135,9 @@ def _depthwise_backward_scratch(n) -> int:
     return n.nbytes if groups > 1 and groups == n.shape[1] else 0
 
 
-register("conv_grad_input", _conv_grad_input, scratch=_depthwise_backward_scratch, measure_scratch=True)
-register("conv_grad_weight", _conv_grad_weight, measure_scratch=True)
+register("conv_grad_input", _conv_grad_input, scratch=_depthwise_backward_scratch, measure_scratch=True,
+         onnx=_conv_grad_input_onnx)
+register("conv_grad_weight", _conv_grad_weight, measure_scratch=True, onnx=_conv_grad_weight_onnx)
 
 
 @aten(A.convolution.default)
@@ -193,11 +231,60 @@ def _bn_vjp(b, n, g, want):
     )
 
 
-register("batch_norm", _bn, _bn_vjp)
-register("bn_grad_input", _bn_grad_input, inplace=_bn_grad_input_inplace)
-register("bn_grad_weight", _bn_grad_weight)
-register("bn_grad_mean", _bn_grad_mean)
-register("bn_grad_var", _bn_grad_var)
+# ONNX lowerings of the batch-norm family, term by term as the kernels compute them.
+
+def _onnx_channels(ctx, v, rank):
+    """A per-channel vector shaped to broadcast over [N, C, ...]."""
+    return ctx.op("Reshape", v, ctx.ints([1, -1] + [1] * (rank - 2)))
+
+
+def _onnx_rsqrt(ctx, var, eps, dtype):
+    return ctx.op("Reciprocal", ctx.op("Sqrt", ctx.op("Add", var, ctx.scalar(eps, dtype))))
+
+
+def _onnx_sum_centered(ctx, n, g, x, mean):
+    """sum(g * (x - mean)) per channel."""
+    rank = len(n.inputs[0].shape)
+    centered = ctx.op("Sub", x, _onnx_channels(ctx, mean, rank))
+    return ctx.reduce("ReduceSum", ctx.op("Mul", g, centered), _bn_dims(rank), keepdims=False)
+
+
+def _bn_onnx(ctx, n, xs):
+    # ONNX's `epsilon` attribute is a float32: eps is added to var in var's own dtype instead.
+    x, mean, var, w, bias = xs
+    var_eps = ctx.op("Add", var, ctx.scalar(n.attrs["eps"], n.inputs[2].dtype))
+    return ctx.op("BatchNormalization", x, w, bias, mean, var_eps, epsilon=0.0)
+
+
+def _bn_grad_input_onnx(ctx, n, xs):
+    g, w, var = xs
+    scale = ctx.op("Mul", w, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    return ctx.op("Mul", g, _onnx_channels(ctx, scale, len(n.shape)))
+
+
+def _bn_grad_weight_onnx(ctx, n, xs):
+    g, x, mean, var = xs
+    return ctx.op("Mul", _onnx_sum_centered(ctx, n, g, x, mean), _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+
+
+def _bn_grad_mean_onnx(ctx, n, xs):
+    g, w, var = xs
+    total = ctx.op("Neg", ctx.reduce("ReduceSum", g, _bn_dims(len(n.inputs[0].shape)), keepdims=False))
+    return ctx.op("Mul", ctx.op("Mul", total, w), _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+
+
+def _bn_grad_var_onnx(ctx, n, xs):
+    g, x, mean, w, var = xs
+    r = _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype)
+    scaled = ctx.op("Mul", ctx.op("Mul", _onnx_sum_centered(ctx, n, g, x, mean), w), ctx.scalar(-0.5, n.dtype))
+    return ctx.op("Mul", scaled, ctx.op("Mul", ctx.op("Mul", r, r), r))
+
+
+register("batch_norm", _bn, _bn_vjp, onnx=_bn_onnx)
+register("bn_grad_input", _bn_grad_input, inplace=_bn_grad_input_inplace, onnx=_bn_grad_input_onnx)
+register("bn_grad_weight", _bn_grad_weight, onnx=_bn_grad_weight_onnx)
+register("bn_grad_mean", _bn_grad_mean, onnx=_bn_grad_mean_onnx)
+register("bn_grad_var", _bn_grad_var, onnx=_bn_grad_var_onnx)
 
 
 # -- an eval-mode BN folded into the frozen conv before it (passes/fold_bn.py) ----------------
@@ -223,8 +310,20 @@ def _fold_bn_bias_vjp(b, n, g, want):
     return (g if want[0] else None, None, None, None)
 
 
-register("fold_bn_weight", _fold_bn_weight)
-register("fold_bn_bias", _fold_bn_bias, _fold_bn_bias_vjp)
+def _fold_bn_weight_onnx(ctx, n, xs):
+    w, gamma, var = xs
+    scale = ctx.op("Mul", gamma, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    return ctx.op("Mul", w, ctx.op("Reshape", scale, ctx.ints([-1] + [1] * (len(n.shape) - 1))))
+
+
+def _fold_bn_bias_onnx(ctx, n, xs):
+    beta, mean, gamma, var = xs
+    scale = ctx.op("Mul", gamma, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    return ctx.op("Sub", beta, ctx.op("Mul", mean, scale))
+
+
+register("fold_bn_weight", _fold_bn_weight, onnx=_fold_bn_weight_onnx)
+register("fold_bn_bias", _fold_bn_bias, _fold_bn_bias_vjp, onnx=_fold_bn_bias_onnx)
 
 
 def _affine_or_default(b, t, x, fill):
@@ -479,16 +578,32 @@ def _(b, w, idx, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
     return b.emit("embedding", w, idx, padding_idx=padding_idx)
 
 
-def _register_indexing(name, read, accumulate):
-    """An op reading x's entries at idx along dim; its gradient adds g back there into zeros."""
+def _register_indexing(name, read, accumulate, onnx, onnx_indices):
+    """An op reading x's entries at idx along dim; its gradient adds g back there into zeros.
+    `onnx` is the ONNX op reading them; `onnx_indices(ctx, n, idx)` gives the ScatterElements
+    indices (one per entry of g) that add the gradient back."""
     register(name, lambda x, idx, dim: read(x, dim, idx), lambda b, n, g, want: (
         b.emit(f"{name}_grad", g, n.inputs[1], dim=n.attrs["dim"], input_shape=tuple(n.inputs[0].shape))
-        if want[0] else None, None))
-    register(f"{name}_grad", lambda g, idx, dim, input_shape: accumulate(g.new_zeros(input_shape), dim, idx, g))
+        if want[0] else None, None), onnx=lambda ctx, n, xs: ctx.op(onnx, *xs, axis=n.attrs["dim"]))
+
+    def grad_onnx(ctx, n, xs):
+        zeros = ctx.full(n.attrs["input_shape"], 0, n.dtype)
+        return ctx.op("ScatterElements", zeros, onnx_indices(ctx, n, xs[1]), xs[0], axis=n.attrs["dim"],
+                      reduction="add")
+
+    register(f"{name}_grad", lambda g, idx, dim, input_shape: accumulate(g.new_zeros(input_shape), dim, idx, g),
+             onnx=grad_onnx)
 
 
-_register_indexing("gather", torch.gather, torch.Tensor.scatter_add_)
-_register_indexing("index_select", torch.index_select, torch.Tensor.index_add_)
+def _index_select_indices(ctx, n, idx):
+    """index_select's 1-D index as one index per entry of g, along dim."""
+    rank, dim = len(n.shape), n.attrs["dim"]
+    along = ctx.op("Reshape", idx, ctx.ints([1] * dim + [-1] + [1] * (rank - dim - 1)))
+    return ctx.op("Expand", along, ctx.ints(n.inputs[0].shape))
+
+
+_register_indexing("gather", torch.gather, torch.Tensor.scatter_add_, "GatherElements", lambda ctx, n, idx: idx)
+_register_indexing("index_select", torch.index_select, torch.Tensor.index_add_, "Gather", _index_select_indices)
 aten(A.gather.default)(lambda b, x, dim, idx, sparse_grad=False: b.emit("gather", x, idx, dim=dim % len(x.shape)))
 
 

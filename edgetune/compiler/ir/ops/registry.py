@@ -23,6 +23,10 @@ class OpDef:
     view: bool = False
     scratch: Callable[[Node], int] | None = None  # bytes the kernel allocates besides its output
     measure_scratch: bool = False  # measured per call on this machine where possible
+    # The op as standard ONNX: `onnx(ctx, node, input_names)` emits nodes through the exporter's
+    # context (edgetune.compiler.backends.onnx.LoweringContext) and returns the output's name;
+    # an effect returns the new value of each input it mutates, in `mutated_inputs` order.
+    onnx: Callable[..., Any] | None = None
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:
@@ -65,7 +69,8 @@ def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Ca
         raise ValueError(f"op {name!r} is registered twice")
     OPS[name] = OpDef(name, kernel, vjp, **kw)
     if inplace is not None:
-        register(f"{name}_inplace", inplace, shape=kw.get("shape"), view=True)
+        # Writing over input 0 is a memory matter: as a value it is the same op.
+        register(f"{name}_inplace", inplace, shape=kw.get("shape"), view=True, onnx=kw.get("onnx"))
     return OPS[name]
 
 

@@ -50,14 +50,50 @@ def _select_grad(g, *, input_shape, dim, index):
     return A.select_scatter(g.new_zeros(input_shape), g, dim, index)
 
 
-register("reshape", lambda x, shape: x.reshape(shape), _reshape_vjp, view=True)
-register("permute", lambda x, dims: x.permute(dims), _permute_vjp, view=True)
-register("expand", lambda x, size: x.expand(size), _expand_vjp, view=True)
-register("slice", lambda x, dim, start, end, step: A.slice(x, dim, start, end, step), _slice_vjp, view=True)
-register("select", lambda x, dim, index: x.select(dim, index), _select_vjp, view=True)
-register("cat", lambda *xs, dim: torch.cat(xs, dim), _cat_vjp)
-register("slice_grad", _slice_grad)
-register("select_grad", _select_grad)
+def _slice_onnx(ctx, n, xs):
+    a = n.attrs
+    return ctx.op("Slice", xs[0], ctx.ints([a["start"]]), ctx.ints([a["end"]]), ctx.ints([a["dim"]]),
+                  ctx.ints([a["step"]]))
+
+
+def _slice_grad_onnx(ctx, n, xs):
+    """g put back where the slice came from, zeros elsewhere: a pad for a contiguous slice."""
+    a = n.attrs
+    if a["step"] != 1:
+        raise NotImplementedError("the gradient of a strided slice")
+    rank, size = len(a["input_shape"]), a["input_shape"][a["dim"]]
+    pads = [0] * (2 * rank)
+    pads[a["dim"]], pads[rank + a["dim"]] = a["start"], size - a["end"]
+    return ctx.op("Pad", xs[0], ctx.ints(pads))
+
+
+def _select_grad_onnx(ctx, n, xs):
+    a = n.attrs
+    size = a["input_shape"][a["dim"]]
+    shape = list(a["input_shape"])
+    shape[a["dim"]] = 1
+    rank = len(shape)
+    pads = [0] * (2 * rank)
+    pads[a["dim"]], pads[rank + a["dim"]] = a["index"], size - a["index"] - 1
+    return ctx.op("Pad", ctx.op("Reshape", xs[0], ctx.ints(shape)), ctx.ints(pads))
+
+
+register("reshape", lambda x, shape: x.reshape(shape), _reshape_vjp, view=True,
+         onnx=lambda ctx, n, xs: ctx.op("Reshape", xs[0], ctx.ints(n.attrs["shape"])))
+register("permute", lambda x, dims: x.permute(dims), _permute_vjp, view=True,
+         onnx=lambda ctx, n, xs: ctx.op("Transpose", xs[0], perm=list(n.attrs["dims"])))
+register("expand", lambda x, size: x.expand(size), _expand_vjp, view=True,
+         onnx=lambda ctx, n, xs: ctx.op("Expand", xs[0], ctx.ints(n.attrs["size"])))
+register("slice", lambda x, dim, start, end, step: A.slice(x, dim, start, end, step), _slice_vjp, view=True,
+         onnx=_slice_onnx)
+# A 0-d index drops the dim, as select does.
+register("select", lambda x, dim, index: x.select(dim, index), _select_vjp, view=True,
+         onnx=lambda ctx, n, xs: ctx.op("Gather", xs[0], ctx.scalar(n.attrs["index"], torch.int64), axis=n.attrs["dim"]))
+register("cat", lambda *xs, dim: torch.cat(xs, dim), _cat_vjp,
+         onnx=lambda ctx, n, xs: ctx.op("Concat", *(ctx.convert(x, i.dtype, n.dtype) for x, i in zip(xs, n.inputs)),
+                                        axis=n.attrs["dim"]))
+register("slice_grad", _slice_grad, onnx=_slice_grad_onnx)
+register("select_grad", _select_grad, onnx=_select_grad_onnx)
 
 
 def _pad_vjp(b, n, g, want):

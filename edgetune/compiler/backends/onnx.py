@@ -1,0 +1,376 @@
+"""ONNX backend: the whole scheduled training step as one plain ONNX graph.
+
+Standard ops only, default domain, opset 18: the step runs on any ONNX runtime as an
+ordinary inference graph. Each op's lowering lives in its `register(..., onnx=...)` call
+beside its kernel and VJP; this module walks the scheduled graph and calls them through a
+`LoweringContext`, which names values uniquely and holds the constants.
+
+The IR updates tensors in place (an effect's `mutates`); ONNX is functional. So the
+exporter keeps, for each mutable graph input, the name of its current value: an update's
+lowering returns the new value of each tensor it writes, and later readers see that. The
+model's outputs are the loss, `skipped`, and the new value of every mutable input
+(`<input>_next`): the next step feeds them back (the manifest says which feeds which).
+
+Guards (`attrs["guarded"]`, condition as the last input): each written tensor becomes
+`Where(cond, new, old)`, and `skipped` counts the false conditions. "raise" lowers the same
+way: in that mode every effect waits on one shared condition, so a step with `skipped > 0`
+changed nothing, and a runner raises there (the manifest's `on_nonfinite` says so).
+
+Inputs that no effect writes and that are held across steps (frozen weights, eval-mode
+buffers) become initializers when their values are given; large ones are stored as external
+data beside the model. `onnx` is imported only here, and only when exporting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from edgetune.compiler.inputs import KINDS, StepInput, step_inputs
+from edgetune.compiler.ir.graph import Graph, Node
+from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
+
+OPSET = 18
+# Model IR version 9 (onnx 1.14+): old enough for the runtimes that run opset 18.
+IR_VERSION = 9
+# An initializer at least this large is written to `step.onnx.data` beside the model, so the
+# model file stays small and the weights can be mapped rather than parsed.
+EXTERNAL_DATA_BYTES = 1 << 16
+MODEL_FILE, DATA_FILE, MANIFEST_FILE, STATE_FILE = "step.onnx", "step.onnx.data", "manifest.json", "state.safetensors"
+
+_ELEM_TYPES = {torch.float32: "FLOAT", torch.float64: "DOUBLE", torch.float16: "FLOAT16",
+               torch.bfloat16: "BFLOAT16", torch.int64: "INT64", torch.int32: "INT32", torch.int16: "INT16",
+               torch.int8: "INT8", torch.uint8: "UINT8", torch.bool: "BOOL"}
+
+
+class ExportError(ValueError):
+    """The step cannot be written as standard ONNX; the message names the op and its module."""
+
+
+class LoweringContext:
+    """What an op's `onnx` lowering writes through: ONNX nodes with fresh value names, and
+    constants (initializers). Lowerings never import onnx themselves."""
+
+    def __init__(self, onnx: Any) -> None:
+        self.onnx = onnx
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self._names: set[str] = set()
+        self.base = "v"  # the IR node being lowered: its values are named after it
+
+    def fresh(self, base: str | None = None) -> str:
+        base = base or self.base
+        name, k = base, 0
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def reserve(self, name: str) -> str:
+        """Claim an exact name (a graph input or output); it must still be free."""
+        if name in self._names:
+            raise ExportError(f"ONNX value name {name!r} is used twice")
+        self._names.add(name)
+        return name
+
+    # -- nodes ------------------------------------------------------------------------------
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs: Any):
+        """Add one node; returns its output's name (a list of them when `outputs` > 1)."""
+        outs = [name or self.fresh(f"{self.base}_{op_type.lower()}") for _ in range(outputs)]
+        self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{outs[0]}_node"),
+                                                     **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    def cast(self, x: str, dtype: torch.dtype) -> str:
+        return self.op("Cast", x, to=self.elem_type(dtype))
+
+    def convert(self, x: str, have: torch.dtype, want: torch.dtype) -> str:
+        """x in dtype `want`: ONNX ops do not promote operands as torch does."""
+        return x if have == want else self.cast(x, want)
+
+    def reduce(self, op_type: str, x: str, axes, keepdims: bool) -> str:
+        """A Reduce* over `axes` (opset 18 takes them as an input); empty axes: all of them."""
+        return self.op(op_type, x, self.ints(axes), keepdims=int(keepdims))
+
+    def full(self, shape, value: float | int | bool, dtype: torch.dtype) -> str:
+        """A tensor of `shape` filled with `value`, made at run time (not stored in the model)."""
+        fill = self.onnx.numpy_helper.from_array(torch.full((1,), value, dtype=dtype).numpy())
+        return self.op("ConstantOfShape", self.ints(shape), value=fill)
+
+    # -- constants --------------------------------------------------------------------------
+
+    def const(self, value: Any, dtype: torch.dtype | None = None, name: str | None = None) -> str:
+        """An initializer holding `value` (a tensor or a Python number)."""
+        tensor = torch.as_tensor(value, dtype=dtype).detach().cpu().contiguous()
+        name = self.reserve(name) if name else self.fresh(f"{self.base}_const")
+        self.initializers.append(self.onnx.numpy_helper.from_array(tensor.numpy(), name))
+        return name
+
+    def scalar(self, value: float | int | bool, dtype: torch.dtype) -> str:
+        return self.const(value, dtype)
+
+    def ints(self, values) -> str:
+        """A 1-D int64 constant: a shape, axes, starts or ends."""
+        return self.const(torch.tensor(list(values), dtype=torch.int64))
+
+    def elem_type(self, dtype: torch.dtype) -> int:
+        if dtype not in _ELEM_TYPES:
+            raise ExportError(f"no ONNX element type for {dtype}")
+        return getattr(self.onnx.TensorProto, _ELEM_TYPES[dtype])
+
+
+@dataclass
+class Exported:
+    """The step as ONNX: the model, and the manifest that says how to feed and chain it."""
+
+    model: Any  # onnx.ModelProto
+    manifest: dict[str, Any]
+    # The values of the inputs that carry from step to step (trained tensors, optimizer state,
+    # written buffers), by input name, where they were given: what the first step takes.
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Exported:
+    """The scheduled `graph` as one ONNX model. `values` (by input name) makes the held inputs
+    that no effect writes initializers; an input without a value stays a model input."""
+    import onnx
+
+    values = values or {}
+    ctx = LoweringContext(onnx)
+    written = _written_inputs(graph)
+    current: dict[Node, str] = {}
+    inputs = []
+    for i, n in zip(step_inputs(graph), graph.inputs):
+        if n in written or i.per_step or i.name not in values:
+            current[n] = ctx.reserve(i.name)
+            inputs.append(i)
+        else:
+            current[n] = ctx.const(values[i.name], i.dtype, name=i.name)
+    for n in graph.nodes:  # every leaf named before any lowering makes up names
+        if n.op == "const":
+            current[n] = ctx.const(n.attrs["value"], n.dtype, name=n.name)
+    guards = _Guards(graph)
+    for n in graph.nodes:
+        if n.op not in ("input", "const"):
+            ctx.base = n.name
+            _lower(ctx, n, current, guards)
+    outputs = _outputs(ctx, graph, current, written, guards)
+    model = _model(onnx, ctx, inputs, outputs)
+    manifest = _io_manifest(inputs, outputs, graph, guards.mode)
+    carried = {i.name: values[i.name] for i in inputs if i.name in values and not i.per_step}
+    return Exported(model, manifest, carried)
+
+
+def _written_inputs(graph: Graph) -> set[Node]:
+    """The graph inputs some effect writes: they carry from one step to the next."""
+    written = set()
+    for n in graph.nodes:
+        if not is_effect(n):
+            continue
+        for k in mutated_inputs(n):
+            target = storage_of(n.inputs[k])
+            if target.op != "input" or target is not n.inputs[k]:
+                raise ExportError(f"op '{n.op}'{_where(n)} writes {n.inputs[k]!r}, which is not a graph input; "
+                                  "ONNX export carries only whole graph inputs from step to step")
+            written.add(target)
+    return written
+
+
+def _lower(ctx: LoweringContext, n: Node, current: dict[Node, str], guards: "_Guards") -> None:
+    lowering = OPS[n.op].onnx
+    if lowering is None:
+        raise ExportError(f"op '{n.op}'{_where(n)} has no ONNX lowering (add `onnx=` to its register call)")
+    guarded = n.attrs.get("guarded")
+    operands = n.inputs[:-1] if guarded else n.inputs
+    names = [current[i] for i in operands]
+    try:
+        out = lowering(ctx, n, names)
+    except NotImplementedError as e:
+        raise ExportError(f"op '{n.op}'{_where(n)}: {e}") from None
+    if not is_effect(n):
+        current[n] = out
+        return
+    news = (out,) if isinstance(out, str) else tuple(out)
+    targets = [n.inputs[k] for k in mutated_inputs(n)]
+    if len(news) != len(targets):
+        raise ExportError(f"the ONNX lowering of '{n.op}' gave {len(news)} values for {len(targets)} written tensors")
+    condition = current[n.inputs[-1]] if guarded else None
+    for target, new in zip(targets, news):
+        current[target] = guards.apply(ctx, n, condition, new, current[target])
+
+
+@dataclass
+class _Guards:
+    """The guarded effects' conditions, lowered: `Where` per written tensor and the count of
+    false conditions (the step's `skipped`)."""
+
+    graph: Graph
+    mode: str = "apply"
+    skipped: list[str] = field(default_factory=list)
+    _counted: set[Node] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        modes = {n.attrs["guarded"] for n in self.graph.nodes if n.attrs.get("guarded")}
+        if len(modes) > 1:
+            raise ExportError(f"a step mixes guard modes {sorted(modes)}")
+        self.mode = modes.pop() if modes else "apply"
+        conditions = {n.inputs[-1] for n in self.graph.nodes if n.attrs.get("guarded")}
+        if self.mode == "raise" and len(conditions) > 1:
+            # Sound only where one condition holds every effect back: then skipped > 0 means
+            # nothing changed, and a runner can raise as the torch backend does.
+            raise ExportError("on_nonfinite='raise' with more than one condition cannot be exported")
+
+    def apply(self, ctx: LoweringContext, n: Node, condition: str | None, new: str, old: str) -> str:
+        if condition is None:
+            return new
+        if n not in self._counted:  # one count per effect, however many tensors it writes
+            self._counted.add(n)
+            self.skipped.append(ctx.op("Cast", ctx.op("Not", condition), to=ctx.elem_type(torch.int64)))
+        return ctx.op("Where", condition, new, old)
+
+    def count(self, ctx: LoweringContext) -> str:
+        """The number of effects skipped by their guard (0 in a step without guards)."""
+        total = ctx.scalar(0, torch.int64)
+        for term in self.skipped:
+            total = ctx.op("Add", total, term)
+        return ctx.op("Identity", total, name=ctx.reserve("skipped"))
+
+
+@dataclass(frozen=True)
+class _Output:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    feeds: str | None = None  # the input this output becomes at the next step
+
+
+def _outputs(ctx: LoweringContext, graph: Graph, current: dict[Node, str], written: set[Node],
+             guards: _Guards) -> list[_Output]:
+    ctx.base = "output"
+    outs = []
+    for key, node in graph.outputs.items():
+        name = ctx.op("Identity", current[node], name=ctx.reserve(key))
+        outs.append(_Output(name, tuple(node.shape), node.dtype))
+    guards.count(ctx)
+    outs.append(_Output("skipped", (), torch.int64))
+    for n in graph.inputs:
+        if n in written:
+            name = ctx.op("Identity", current[n], name=ctx.reserve(f"{n.name}_next"))
+            outs.append(_Output(name, tuple(n.shape), n.dtype, feeds=n.name))
+    return outs
+
+
+def _model(onnx: Any, ctx: LoweringContext, inputs: list[StepInput], outputs: list[_Output]) -> Any:
+    h = onnx.helper
+    graph = h.make_graph(
+        ctx.nodes, "edgetune_step",
+        [h.make_tensor_value_info(i.name, ctx.elem_type(i.dtype), list(i.shape)) for i in inputs],
+        [h.make_tensor_value_info(o.name, ctx.elem_type(o.dtype), list(o.shape)) for o in outputs],
+        ctx.initializers)
+    from edgetune import __version__
+
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="edgetune",
+                         producer_version=__version__)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _io_manifest(inputs: list[StepInput], outputs: list[_Output], graph: Graph, mode: str) -> dict[str, Any]:
+    dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return {
+        "opset": OPSET,
+        "inputs": [{"name": i.name, "kind": i.kind, "key": i.key, "shape": list(i.shape), "dtype": dtype(i.dtype),
+                    "meaning": KINDS[i.kind].meaning} for i in inputs],
+        "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": dtype(o.dtype), "feeds": o.feeds}
+                    for o in outputs],
+        "next_step": {o.name: o.feeds for o in outputs if o.feeds},
+        "on_nonfinite": mode,
+        "skipped": {"apply": "always 0: the step has no guards",
+                    "skip": "guarded writes skipped this step (each kept its old value)",
+                    "raise": "> 0 means the loss or a gradient was not finite and nothing changed: raise"}[mode],
+    }
+
+
+def _where(n: Node) -> str:
+    module = n.meta.get("module")
+    return f" (module '{module}')" if module else " (module unknown)"
+
+
+# -- a Trainer's step, written to a folder ----------------------------------------------------
+
+def export_step(trainer_or_graph: Any, path: str | os.PathLike, *,
+                external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Any:
+    """Write the step into folder `path`: `step.onnx` (+ `step.onnx.data` when an initializer
+    is large), `manifest.json`, and `state.safetensors` (the carried tensors' current values,
+    what step 1 takes). Returns the ModelProto (with its weights inline)."""
+    exported = _export(trainer_or_graph)
+    os.makedirs(path, exist_ok=True)
+    _save_model(exported.model, os.path.join(path, MODEL_FILE), external_data_bytes)
+    if exported.carried:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in exported.carried.items()},
+                  os.path.join(path, STATE_FILE))
+    from edgetune.files import write_json
+
+    write_json(os.path.join(path, MANIFEST_FILE), exported.manifest)
+    return exported.model
+
+
+def _export(source: Any) -> Exported:
+    if isinstance(source, Graph):
+        return to_onnx(source)
+    from edgetune.compiler.trainer import Trainer
+
+    if not isinstance(source, Trainer):
+        raise TypeError(f"export_step takes a Trainer or a Graph, not {type(source).__name__}")
+    return trainer_export(source)
+
+
+def trainer_export(trainer: Any) -> Exported:
+    """A Trainer's step with its held tensors: frozen ones as initializers, carried ones as the
+    first step's inputs; the manifest adds the scheme, the optimizer and the version."""
+    held = _held_values(trainer)
+    exported = to_onnx(trainer.graph, held)
+    from edgetune import __version__
+    from edgetune.compiler import scheme as schemes
+
+    exported.manifest.update({
+        "edgetune_version": __version__,
+        "model": MODEL_FILE,
+        "state": STATE_FILE if exported.carried else None,
+        "scheme": schemes.as_mapping(trainer.rules),
+        "optimizer": {"name": type(trainer.optimizer).__name__,
+                      **{k: v for k, v in dataclasses.asdict(trainer.optimizer).items() if k != "op"},
+                      "lr": float(trainer.lr)},
+        "steps_done": trainer.steps,
+    })
+    return exported
+
+
+def _held_values(trainer: Any) -> dict[str, torch.Tensor]:
+    """The tensor the Trainer binds to each held input, by input name."""
+    batch = list(trainer.examples[0]) + list(trainer.examples[1])
+    arguments = trainer._arguments(batch, step=trainer.steps + 1)
+    return {i.name: a for i, a in zip(step_inputs(trainer.graph), arguments) if not i.per_step}
+
+
+def _save_model(model: Any, path: str, external_data_bytes: int) -> None:
+    import onnx
+
+    large = any(init.ByteSize() >= external_data_bytes for init in model.graph.initializer)
+    if not large:
+        onnx.save_model(model, path)
+        return
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
+    data = os.path.join(os.path.dirname(path), DATA_FILE)
+    if os.path.exists(data):
+        os.remove(data)  # onnx appends to an existing data file
+    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
+                    size_threshold=external_data_bytes)

@@ -1,0 +1,346 @@
+"""Each op's ONNX lowering against its torch kernel, in float32 and float64.
+
+A case is one op on small tensors (the shapes the VJP tests use). Its one-op graph runs
+through the torch backend and, exported, through onnxruntime (float32) and in float64
+through onnxruntime where it has the kernels, else onnx's reference evaluator (onnxruntime
+has no float64 Conv). Every exported model passes the full checker (shape inference on).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgetune.compiler.backends.onnx import to_onnx  # noqa: E402
+from edgetune.compiler.backends.torch import CompiledStep  # noqa: E402
+from edgetune.compiler.ir.builder import Builder  # noqa: E402
+from edgetune.compiler.ir.graph import Graph  # noqa: E402
+from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs  # noqa: E402
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+# Cases the reference evaluator gets wrong itself (checked by onnxruntime in float32 only).
+REFERENCE_GAPS = {"conv_grad_input-grouped": "onnx.reference's ConvTranspose mis-slices a grouped weight (1 < groups < C)"}
+
+
+class Const:
+    """An argument baked into the graph as a const node (an index, a 0-d operand)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+def one_op_graph(op: str, args: list, attrs: dict) -> Graph:
+    """`op(*args, **attrs)`: tensors become batch inputs, Python floats and ints the hyper
+    inputs (lr, step), Const the graph's constants. Outputs: the value, or what an effect writes."""
+    b = Builder()
+    nodes = []
+    for k, a in enumerate(args):
+        if isinstance(a, Const):
+            nodes.append(b.const(a.value))
+        elif isinstance(a, torch.Tensor):
+            nodes.append(b.input(f"x{k}", a.shape, a.dtype, kind="input", index=k))
+        else:
+            dtype = torch.float64 if isinstance(a, float) else torch.int64
+            nodes.append(b.input(f"x{k}", (), dtype, kind="hyper"))
+    out = b.emit(op, *nodes, **attrs)
+    return Graph(b.nodes, {} if is_effect(out) else {"out": out})
+
+
+def torch_result(graph: Graph, args: list) -> list:
+    """The torch backend's outputs: the value, or the written arguments after the call."""
+    call = [a.clone() if isinstance(a, torch.Tensor) else a for a in args if not isinstance(a, Const)]
+    out = CompiledStep(graph, torch.device("cpu"))(*call)
+    effect = next(n for n in graph.nodes if n.op not in ("input", "const"))
+    if not is_effect(effect):
+        return [out["out"]]
+    runtime_args = [a for a in args if not isinstance(a, Const)]
+    position = {id(a): k for k, a in enumerate(runtime_args)}
+    return [call[position[id(args[k])]] for k in mutated_inputs(effect)]
+
+
+def onnx_result(graph: Graph, args: list, dtype: torch.dtype, case: str = "") -> list:
+    exported = to_onnx(graph)
+    onnx.checker.check_model(exported.model, full_check=True)
+    feeds = {}
+    for k, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            feeds[f"x{k}"] = a.numpy()
+        elif not isinstance(a, Const):
+            feeds[f"x{k}"] = torch.tensor(a, dtype=torch.float64 if isinstance(a, float) else torch.int64).numpy()
+    names = [o["name"] for o in exported.manifest["outputs"] if o["name"] != "skipped"]
+    return [torch.from_numpy(v) for v in _run(exported.model, feeds, names, dtype, case)]
+
+
+def _run(model, feeds, names, dtype, case):
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001  (onnxruntime's NOT_IMPLEMENTED has no own class)
+        if dtype != torch.float64 or "NOT_IMPLEMENTED" not in str(e):
+            raise
+        from onnx.reference import ReferenceEvaluator
+
+        if case in REFERENCE_GAPS:
+            pytest.skip(REFERENCE_GAPS[case])
+        return ReferenceEvaluator(model).run(names, feeds)
+    return session.run(names, feeds)
+
+
+# -- the cases --------------------------------------------------------------------------------
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+class Args:
+    """Argument makers for a dtype: `r(*shape)` normal, `pos` positive, `idx` indices."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype, self._seed = dtype, 0
+
+    def _next(self):
+        self._seed += 1
+        return _gen(self._seed)
+
+    def r(self, *shape):
+        return torch.randn(shape, generator=self._next(), dtype=self.dtype)
+
+    def pos(self, *shape):
+        return torch.rand(shape, generator=self._next(), dtype=self.dtype) + 0.5
+
+    def idx(self, high, *shape):
+        return torch.randint(0, high, shape, generator=self._next())
+
+    def scalar(self, v):
+        return Const(torch.tensor(v, dtype=self.dtype))
+
+    def with_bounds(self, *shape, values=(0.0, 6.0)):
+        """Normal values scaled past [0, 6], with the bounds themselves in it."""
+        x = self.r(*shape) * 4 + 3
+        x.view(-1)[: len(values)] = torch.tensor(values, dtype=self.dtype)
+        return x
+
+
+CONV = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+CONV_CONFIGS = {  # name: (x shape, weight shape, conv attrs)
+    "plain": ((2, 3, 5, 5), (4, 3, 3, 3), CONV),
+    "stride2_pad1_odd": ((2, 3, 7, 7), (4, 3, 3, 3), dict(CONV, stride=(2, 2), padding=(1, 1))),
+    "dilated": ((1, 2, 7, 6), (3, 2, 3, 2), dict(CONV, dilation=(2, 1), padding=(1, 0))),
+    "grouped": ((2, 4, 5, 5), (6, 2, 3, 3), dict(CONV, groups=2, stride=(2, 1))),
+    "depthwise": ((2, 4, 6, 6), (4, 1, 3, 3), dict(CONV, groups=4, padding=(1, 1))),
+    "pointwise": ((2, 4, 3, 3), (5, 4, 1, 1), CONV),
+    "conv1d": ((2, 3, 9), (4, 3, 3), dict(stride=(2,), padding=(1,), dilation=(1,), groups=1)),
+}
+
+
+def _conv_out_shape(x, w, a):
+    return tuple(x[:1]) + (w[0],) + tuple(
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, st, p, d in zip(x[2:], w[2:], a["stride"], a["padding"], a["dilation"]))
+
+
+def _conv_cases(a):
+    cases = []
+    for name, (xs, ws, conv) in CONV_CONFIGS.items():
+        gs = _conv_out_shape(xs, ws, conv)
+        cases.append((f"conv-{name}", "conv", [a.r(*xs), a.r(*ws)], conv))
+        cases.append((f"conv_grad_input-{name}", "conv_grad_input", [a.r(*gs), a.r(*ws)], dict(conv, input_shape=xs)))
+        cases.append((f"conv_grad_weight-{name}", "conv_grad_weight", [a.r(*xs), a.r(*gs)],
+                      dict(conv, weight_shape=ws)))
+    cases.append(("conv-bias", "conv", [a.r(2, 3, 5, 5), a.r(4, 3, 3, 3), a.r(4)], dict(CONV, padding=(1, 1))))
+    return cases
+
+
+def _elementwise_cases(a):
+    x, y = a.r(3, 4), a.r(3, 4)
+    cases = [(op, op, [a.r(3, 4), a.r(1, 4)], {}) for op in ("add", "sub", "mul")]
+    cases += [
+        ("neg", "neg", [x], {}),
+        ("div", "div", [a.r(3, 4), a.pos(3, 1)], {}),
+        ("div_grad_rhs", "div_grad_rhs", [a.r(3, 4), a.r(3, 4), a.pos(3, 4)], {}),
+        ("mul-0d-const", "mul", [x, a.scalar(0.1)], {}),
+        ("add-int64", "add", [torch.tensor(5), Const(torch.tensor(1))], {}),
+        ("div-by-int", "div", [x, Const(torch.tensor(3))], {}),
+        ("add_inplace", "add_inplace", [x, y], {}),
+        ("hardtanh", "hardtanh", [a.with_bounds(3, 5)], dict(min=0, max=6)),
+        ("hardtanh_grad", "hardtanh_grad", [a.r(3, 5), a.with_bounds(3, 5)], dict(min=0, max=6)),
+        ("relu_grad", "relu_grad", [a.r(3, 5), torch.relu(a.with_bounds(3, 5, values=(0.0, -1.0)))], {}),
+    ]
+    for op in ("exp", "abs", "relu", "sigmoid", "tanh"):
+        cases.append((op, op, [a.r(3, 4)], {}))
+    for op in ("log", "sqrt", "rsqrt", "reciprocal"):
+        cases.append((op, op, [a.pos(3, 4)], {}))
+    for op in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sigmoid", "tanh"):
+        saved = a.pos(3, 4) if op in ("log", "sqrt", "rsqrt", "reciprocal", "sigmoid") else a.r(3, 4)
+        cases.append((f"{op}_grad", f"{op}_grad", [a.r(3, 4), saved], {}))
+    ints, labels = torch.tensor([3, -100, 0, 2]), Const(torch.tensor(-100))
+    for op in ("eq", "ne", "lt", "le", "gt", "ge"):
+        cases.append((op, op, [torch.round(a.r(3, 4)), torch.round(a.r(3, 4))], {}))
+        cases.append((f"{op}-int-const", op, [ints, labels], {}))
+    m1, m2 = a.r(3, 4) > 0, a.r(3, 4) > 0
+    cases += [
+        ("logical_not", "logical_not", [m1], {}), ("logical_and", "logical_and", [m1, m2], {}),
+        ("logical_or", "logical_or", [m1, m2], {}),
+        ("where", "where", [m1, x, a.scalar(0.0)], {}),
+        ("where-int", "where", [ints != -100, ints, Const(torch.tensor(0))], {}),
+        ("cast-to-float", "cast", [ints], dict(dtype=a.dtype)),
+        ("cast-bool", "cast", [m1], dict(dtype=a.dtype)),
+        ("cast-to-int", "cast", [a.r(3, 4) * 5], dict(dtype=torch.int64)),
+        ("detach", "detach", [x], {}),
+        ("copy", "copy", [x], {}),
+        ("full", "full", [], dict(size=(2, 3), value=1.5, dtype=a.dtype, device=torch.device("cpu"))),
+    ]
+    return cases
+
+
+def _reduction_cases(a):
+    x = a.r(2, 3, 4, 5)
+    return [
+        ("sum", "sum", [x], dict(dims=(0, 2, 3), keepdim=False)),
+        ("sum-keepdim", "sum", [x], dict(dims=(1,), keepdim=True)),
+        ("sum-bool", "sum", [x > 0], dict(dims=(0, 1, 2, 3), keepdim=False)),
+        ("sum-to-float64", "sum", [x], dict(dims=(3,), keepdim=False, dtype=torch.float64)),
+        ("mean", "mean", [x], dict(dims=(2, 3), keepdim=False)),
+        ("var", "var", [x], dict(dims=(0, 2, 3), correction=0, keepdim=False)),
+        ("var-unbiased", "var", [x], dict(dims=(1,), correction=1, keepdim=True)),
+        ("var_grad", "var_grad", [a.r(1, 3, 1, 1), x], dict(dims=(0, 2, 3), correction=0)),
+        ("amax", "amax", [x], dict(dims=(1, 3), keepdim=False)),
+        ("amin", "amin", [x], dict(dims=(2,), keepdim=True)),
+        ("sum_to", "sum_to", [a.r(2, 3, 4)], dict(shape=(3, 1))),
+        ("sum_to-vector", "sum_to", [a.r(4, 5)], dict(shape=(5,))),
+        ("softmax", "softmax", [a.r(3, 5)], dict(dim=1)),
+        ("softmax_grad", "softmax_grad", [a.r(3, 5), torch.softmax(a.r(3, 5), 1)], dict(dim=1)),
+        ("log_softmax", "log_softmax", [a.r(3, 5)], dict(dim=1)),
+        ("log_softmax_grad", "log_softmax_grad", [a.r(3, 5), torch.log_softmax(a.r(3, 5), 0)], dict(dim=0)),
+    ]
+
+
+def _shape_cases(a):
+    x = a.r(2, 3, 4)
+    return [
+        ("reshape", "reshape", [x], dict(shape=(6, 4))),
+        ("permute", "permute", [x], dict(dims=(2, 0, 1))),
+        ("expand", "expand", [a.r(3, 1)], dict(size=(2, 3, 4))),
+        ("slice", "slice", [x], dict(dim=2, start=1, end=4, step=2)),
+        ("select", "select", [x], dict(dim=1, index=2)),
+        ("cat", "cat", [a.r(2, 1, 4), x], dict(dim=1)),
+        ("slice_grad", "slice_grad", [a.r(2, 2, 4)], dict(input_shape=(2, 3, 4), dim=1, start=1, end=3, step=1)),
+        ("select_grad", "select_grad", [a.r(2, 4)], dict(input_shape=(2, 3, 4), dim=1, index=1)),
+    ]
+
+
+def _linalg_cases(a):
+    return [
+        ("linear", "linear", [a.r(3, 4), a.r(5, 4), a.r(5)], {}),
+        ("linear-3d", "linear", [a.r(2, 3, 4), a.r(5, 4)], {}),
+        ("linear_grad_input", "linear_grad_input", [a.r(2, 3, 5), a.r(5, 4)], {}),
+        ("linear_grad_weight", "linear_grad_weight", [a.r(2, 3, 5), a.r(2, 3, 4)], {}),
+        ("mm", "mm", [a.r(3, 4), a.r(4, 2)], {}),
+        ("bmm", "bmm", [a.r(2, 3, 4), a.r(2, 4, 2)], {}),
+    ]
+
+
+def _norm_cases(a):
+    x, g, c = a.r(2, 3, 4, 4), a.r(2, 3, 4, 4), 3
+    return [
+        ("batch_norm", "batch_norm", [x, a.r(c), a.pos(c), a.r(c), a.r(c)], dict(eps=1e-5)),
+        ("batch_norm-2d", "batch_norm", [a.r(4, c), a.r(c), a.pos(c), a.r(c), a.r(c)], dict(eps=1e-3)),
+        ("bn_grad_input", "bn_grad_input", [g, a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("bn_grad_input_inplace", "bn_grad_input_inplace", [g, a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("bn_grad_weight", "bn_grad_weight", [g, x, a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("bn_grad_mean", "bn_grad_mean", [g, a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("bn_grad_var", "bn_grad_var", [g, x, a.r(c), a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("fold_bn_weight", "fold_bn_weight", [a.r(c, 2, 3, 3), a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("fold_bn_bias", "fold_bn_bias", [a.r(c), a.r(c), a.r(c), a.pos(c)], dict(eps=1e-5)),
+    ]
+
+
+def _indexing_cases(a):
+    chosen = Const(torch.tensor([0, 2, 3]))
+    return [
+        ("gather", "gather", [a.r(4, 5), a.idx(5, 4, 1)], dict(dim=1)),
+        ("gather_grad", "gather_grad", [a.r(4, 2), a.idx(5, 4, 2)], dict(dim=1, input_shape=(4, 5))),
+        ("index_select", "index_select", [a.r(2, 4, 3, 3), chosen], dict(dim=1)),
+        ("index_select_grad", "index_select_grad", [a.r(2, 3, 3), Const(torch.tensor([1, 1, 0]))],
+         dict(dim=1, input_shape=(2, 4, 3))),
+    ]
+
+
+def _mask_cases(a):
+    y6, y0 = a.with_bounds(3, 7), torch.relu(a.with_bounds(3, 7, values=(0.0, -2.0)))  # 21 entries: a partial byte
+    return [
+        ("pack_mask-relu", "pack_mask", [y0], dict(rule="relu_grad", rule_attrs={})),
+        ("pack_mask-hardtanh", "pack_mask", [y6], dict(rule="hardtanh_grad", rule_attrs=dict(min=0, max=6))),
+        ("masked_grad", "masked_grad", [a.r(3, 7), torch.tensor([0b10110101, 0xFF, 0x00], dtype=torch.uint8)], {}),
+    ]
+
+
+def _optimizer_cases(a):
+    sgd = dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, part=None, n_state=1)
+    adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, part=None, n_state=2)
+    chosen = Const(torch.tensor([0, 2]))
+    cases = [
+        ("sgd-plain", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.1, 1], dict(sgd, momentum=0.0, n_state=0)),
+        ("sgd-momentum-step1", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.1, 1, a.r(4, 3)], sgd),
+        ("sgd-momentum-later", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.1, 3, a.r(4, 3)], sgd),
+        ("sgd-nesterov-decay", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.05, 2, a.r(4, 3)],
+         dict(sgd, nesterov=True, weight_decay=1e-2)),
+        ("sgd-dampening", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.05, 2, a.r(4, 3)], dict(sgd, dampening=0.3)),
+        ("sgd-partial-first", "sgd_update", [a.r(4, 3, 1, 1), a.r(4, 2, 1, 1), 0.1, 2, a.r(4, 2, 1, 1)],
+         dict(sgd, part=(1, 2))),
+        ("sgd-partial-index", "sgd_update", [a.r(4, 3, 1, 1), a.r(4, 2, 1, 1), 0.1, 2, a.r(4, 2, 1, 1), chosen],
+         dict(sgd, part=(1, 2))),
+        ("adamw", "adamw_update", [a.r(4, 3), a.r(4, 3), 0.01, 3, a.r(4, 3), a.pos(4, 3)], adamw),
+        ("adamw-step1", "adamw_update", [a.r(5), a.r(5), 0.01, 1, torch.zeros(5, dtype=a.dtype),
+                                         torch.zeros(5, dtype=a.dtype)], adamw),
+        ("adamw-partial-index", "adamw_update", [a.r(3, 4), a.r(2, 4), 0.01, 2, a.r(2, 4), a.pos(2, 4), chosen],
+         dict(adamw, part=(0, 2))),
+        ("assign", "assign", [a.r(3), a.r(3)], {}),
+        ("assign-int64", "assign", [torch.tensor(4), torch.tensor(5)], {}),
+    ]
+    finite, nan, inf = a.r(3, 4), a.r(3, 4), a.r(3, 4)
+    nan[1, 2], inf[0, 0] = math.nan, math.inf
+    for name, g in (("finite", finite), ("nan", nan), ("inf", inf)):
+        cases.append((f"is_finite-{name}", "is_finite", [g], {}))
+        cases.append((f"update_ok-{name}", "update_ok", [torch.tensor(True), g], {}))
+    cases.append(("update_ok-loss-not-ok", "update_ok", [torch.tensor(False), finite], {}))
+    cases.append(("all_of", "all_of", [torch.tensor(True), torch.tensor(False), torch.tensor(True)], {}))
+    return cases
+
+
+FAMILIES = [_elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases, _conv_cases,
+            _indexing_cases, _mask_cases, _optimizer_cases]
+
+
+@functools.cache
+def cases(dtype):
+    a = Args(dtype)
+    return [case for family in FAMILIES for case in family(a)]
+
+
+CASE_IDS = [c[0] for c in cases(torch.float32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_lowering_matches_kernel(case, dtype):
+    _, op, args, attrs = next(c for c in cases(dtype) if c[0] == case)
+    graph = one_op_graph(op, args, attrs)
+    want, got = torch_result(graph, args), onnx_result(graph, args, dtype, case)
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        w = torch.as_tensor(w)
+        assert g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape), f"{case}: {g.dtype}{list(g.shape)}"
+        torch.testing.assert_close(g, w, **TOLERANCE[dtype] if w.is_floating_point() else dict(rtol=0, atol=0))
+
+
+def test_the_cases_cover_every_lowering():
+    """A lowering added without a case here is untested: each registered one has a case."""
+    covered = {c[1] for c in cases(torch.float32)}
+    lowered = {name for name, op in OPS.items() if op.onnx is not None}
+    inplace_of_covered = {name for name in lowered if name.removesuffix("_inplace") in covered}
+    assert lowered - covered - inplace_of_covered == set()
