@@ -288,6 +288,15 @@ class Trainer:
         """Restore a checkpoint of Trainer.save; checked against this trainer before anything changes."""
         self.load_state_dict(load_checkpoint(path, self.device))
 
+    def export_onnx(self, path: str | os.PathLike) -> Any:
+        """Write the whole training step as one plain ONNX graph into folder `path`: step.onnx,
+        manifest.json (inputs, outputs, which output feeds which input next step, the scheme
+        and optimizer) and state.safetensors (what step 1 takes). Returns the onnx.ModelProto.
+        See edgetune.compiler.backends.onnx; needs the `onnx` extra."""
+        from edgetune.compiler.backends.onnx import export_step
+
+        return export_step(self, path)
+
 
 def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]) -> None:
     """BudgetError where the predicted peak is over `budget`, naming the three layers that hold
