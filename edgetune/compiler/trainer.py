@@ -320,6 +320,9 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
     for k, v in got.items():
         if v.shape != want[k].shape:
             raise ValueError(f"{what} {k!r} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+        if v.dtype != want[k].dtype:  # a copy would convert it silently
+            raise ValueError(f"{what} {k!r} is {v.dtype}, this trainer holds {want[k].dtype}: load a checkpoint "
+                             "of the model in the dtype it was saved in")
 
 
 # -- building the training graph ------------------------------------------------------------

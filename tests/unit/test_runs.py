@@ -178,3 +178,26 @@ def test_two_processes_cannot_train_one_run(tmp_path, job):
         Checkpoints(str(tmp_path), trainer, 1, task.generators)
     del first  # its lock goes with it
     Checkpoints(str(tmp_path), trainer, 1, task.generators)
+
+
+def test_a_checkpoint_read_while_the_next_is_written_is_one_or_the_other(tmp_path, job):
+    """safetensors opens a file more than once; a load racing a save must still see one whole file."""
+    from edgetune.compiler.checkpoint import save_checkpoint
+
+    path = str(tmp_path / "state.safetensors")
+
+    def state(i: int) -> dict:
+        return {"step": i, "lr": 0.1, "model": {"w": torch.full((4096,), float(i))}, "optimizer": {}, "adapters": {}}
+
+    save_checkpoint(state(0), path)
+    writer = os.fork()
+    if writer == 0:
+        for i in range(1, 400):
+            save_checkpoint(state(i), path)
+        os._exit(0)
+    reads = 0
+    while not os.waitpid(writer, os.WNOHANG)[0]:
+        loaded = load_checkpoint(path, torch.device("cpu"))  # a torn read fails its digest here
+        assert torch.all(loaded["model"]["w"] == loaded["step"])
+        reads += 1
+    assert reads > 10

@@ -277,7 +277,7 @@ def test_a_checkpoint_is_safetensors_and_loads_without_unpickling(tmp_path, monk
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_bytes(b"not a checkpoint at all"), "is not an edgetune checkpoint"),
+    (lambda p: p.write_bytes(b"not a checkpoint at all"), "not a checkpoint at all"),
     (lambda p: safetensors.torch.save_file({"w": torch.zeros(2)}, str(p)), "not an edgetune checkpoint"),
     (lambda p: torch.save({"step": 1}, str(p)), "torch.load(path, weights_only=True)"),
 ])
