@@ -17,7 +17,8 @@ from edgetune.compiler import scheme as schemes
 from edgetune.compiler.optim import SGD, AdamW
 from edgetune.compiler.scheme import Scheme
 from edgetune.compiler.backends.torch import NonFiniteError
+from edgetune.compiler.inputs import BatchError
 from edgetune.compiler.trainer import Trainer, compile
 
-__all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer", "NonFiniteError"]
+__all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer", "NonFiniteError", "BatchError"]
 __version__ = "0.1.0"
