@@ -118,8 +118,8 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
     `eval_every` steps and at the end. Each evaluation records the held-out loss ("loss") and
     the loss on a fixed sample of `train_eval_size` training examples ("train_loss"): the same
     measure on both, so fitting and generalising can be told apart. `checkpoints`
-    (edgetune.apps.runs.Checkpoints): saved every N steps and after each evaluation; where
-    one exists, the loop goes on from it."""
+    (edgetune.apps.runs.Checkpoints): saved every N steps, after each evaluation and at the
+    end of each pass over the data; where one exists, the loop goes on from it."""
     total = _total_steps(len(train), batch_size, steps, epochs)
     train_sample = train.subset(range(min(train_eval_size, len(train))))
     history = (checkpoints and checkpoints.restore(History)) or History()
@@ -147,7 +147,8 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
         evaluate = len(history.losses) == total or (eval_every and len(history.losses) % eval_every == 0)
         if evaluate:
             _record(history, trainer, train_sample, val, batch_size, log)
-        if evaluate or (checkpoints and checkpoints.due(len(history.losses))):
+        epoch_end = len(history.losses) % (len(train) // batch_size) == 0
+        if evaluate or epoch_end or (checkpoints and checkpoints.due(len(history.losses))):
             save()
     bar.close()
     history.seconds = time.perf_counter() - start
