@@ -78,7 +78,7 @@ def onnx_result(graph: Graph, args: list, dtype: torch.dtype, case: str = "") ->
 
 def _run(model, feeds, names, dtype, case):
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), single_threaded(), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001  (onnxruntime's NOT_IMPLEMENTED has no own class)
         if dtype != torch.float64 or "NOT_IMPLEMENTED" not in str(e):
             raise
@@ -88,6 +88,15 @@ def _run(model, feeds, names, dtype, case):
             pytest.skip(REFERENCE_GAPS[case])
         return ReferenceEvaluator(model).run(names, feeds)
     return session.run(names, feeds)
+
+
+def single_threaded():
+    """Session options for tests: no onnxruntime thread pool. The suite forks to compile
+    (edgetune.compiler.isolate), and a fork while a pool's threads are alive once hung the child."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # not the warnings about initializers that a lowering left unused
+    return options
 
 
 # -- the cases --------------------------------------------------------------------------------

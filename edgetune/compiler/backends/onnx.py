@@ -144,13 +144,14 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Expo
     ctx = LoweringContext(onnx)
     written = _written_inputs(graph)
     current: dict[Node, str] = {}
-    inputs = []
+    inputs, frozen = [], []
     for i, n in zip(step_inputs(graph), graph.inputs):
         if n in written or i.per_step or i.name not in values:
             current[n] = ctx.reserve(i.name)
             inputs.append(i)
         else:
             current[n] = ctx.const(values[i.name], i.dtype, name=i.name)
+            frozen.append(i)
     for n in graph.nodes:  # every leaf named before any lowering makes up names
         if n.op == "const":
             current[n] = ctx.const(n.attrs["value"], n.dtype, name=n.name)
@@ -161,7 +162,7 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Expo
             _lower(ctx, n, current, guards)
     outputs = _outputs(ctx, graph, current, written, guards)
     model = _model(onnx, ctx, inputs, outputs)
-    manifest = _io_manifest(inputs, outputs, graph, guards.mode)
+    manifest = _io_manifest(inputs, frozen, outputs, guards.mode)
     carried = {i.name: values[i.name] for i in inputs if i.name in values and not i.per_step}
     return Exported(model, manifest, carried)
 
@@ -280,12 +281,14 @@ def _model(onnx: Any, ctx: LoweringContext, inputs: list[StepInput], outputs: li
     return model
 
 
-def _io_manifest(inputs: list[StepInput], outputs: list[_Output], graph: Graph, mode: str) -> dict[str, Any]:
+def _io_manifest(inputs: list[StepInput], frozen: list[StepInput], outputs: list[_Output], mode: str) -> dict[str, Any]:
     dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     return {
         "opset": OPSET,
         "inputs": [{"name": i.name, "kind": i.kind, "key": i.key, "shape": list(i.shape), "dtype": dtype(i.dtype),
                     "meaning": KINDS[i.kind].meaning} for i in inputs],
+        # Held tensors no step writes, stored in the model as initializers of these names.
+        "frozen": [{"name": i.name, "kind": i.kind, "key": i.key} for i in frozen],
         "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": dtype(o.dtype), "feeds": o.feeds}
                     for o in outputs],
         "next_step": {o.name: o.feeds for o in outputs if o.feeds},
