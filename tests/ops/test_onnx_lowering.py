@@ -347,9 +347,26 @@ def test_lowering_matches_kernel(case, dtype):
         torch.testing.assert_close(g, w, **TOLERANCE[dtype] if w.is_floating_point() else dict(rtol=0, atol=0))
 
 
+def test_dropout_mask_draws_a_mask_of_the_same_law():
+    """Random: not torch's draws, so checked by law. Entries are 0 or 1/keep, kept at about the
+    rate `keep`, and each run draws anew."""
+    x = torch.zeros(64, 64)
+    graph = one_op_graph("dropout_mask", [x], dict(p=0.25))
+    model = to_onnx(graph).model
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), single_threaded(), providers=["CPUExecutionProvider"])
+    first, second = (torch.from_numpy(session.run(["out"], {"x0": x.numpy()})[0]) for _ in range(2))
+    assert set(first.unique().tolist()) == {0.0, torch.tensor(1 / 0.75, dtype=torch.float32).item()}
+    assert abs((first > 0).float().mean().item() - 0.75) < 0.03  # 4096 draws: 5 standard deviations
+    assert not torch.equal(first, second)
+
+
+RANDOM_OPS = {"dropout_mask"}  # checked by law above, not against torch's draws
+
+
 def test_the_cases_cover_every_lowering():
     """A lowering added without a case here is untested: each registered one has a case."""
-    covered = {c[1] for c in cases(torch.float32)}
+    covered = {c[1] for c in cases(torch.float32)} | RANDOM_OPS
     lowered = {name for name, op in OPS.items() if op.onnx is not None}
     inplace_of_covered = {name for name in lowered if name.removesuffix("_inplace") in covered}
     assert lowered - covered - inplace_of_covered == set()

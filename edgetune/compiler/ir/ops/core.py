@@ -766,8 +766,16 @@ def _(b, *args, dtype=None, device=None, **_):
 # -- dropout: a random mask (no gradient) times the input -----------------------------------
 
 # The mask reads x only for its shape: no gradient flows into x through it.
+def _dropout_mask_onnx(ctx, n, xs):
+    # Its own random stream (the runtime's, not torch's): the same distribution, other draws.
+    keep = 1 - n.attrs["p"]
+    uniform = ctx.op("RandomUniformLike", xs[0], dtype=ctx.elem_type(n.dtype))
+    kept = ctx.cast(ctx.op("Less", uniform, ctx.scalar(keep, n.dtype)), n.dtype)
+    return ctx.op("Div", kept, ctx.scalar(keep, n.dtype))
+
+
 register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p),
-         lambda b, n, g, want: (None,))
+         lambda b, n, g, want: (None,), onnx=_dropout_mask_onnx)
 
 
 @aten(A.native_dropout.default)
