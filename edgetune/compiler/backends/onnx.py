@@ -80,7 +80,8 @@ class LoweringContext:
     # -- nodes ------------------------------------------------------------------------------
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, name: str | None = None, **attrs: Any):
-        """Add one node; returns its output's name (a list of them when `outputs` > 1)."""
+        """Add one node; returns its output's name (a list of them when `outputs` > 1). `name`
+        gives the output a name reserved beforehand (a graph output's)."""
         outs = [name or self.fresh(f"{self.base}_{op_type.lower()}") for _ in range(outputs)]
         self.nodes.append(self.onnx.helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{outs[0]}_node"),
                                                      **attrs))
@@ -152,6 +153,8 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Expo
         else:
             current[n] = ctx.const(values[i.name], i.dtype, name=i.name)
             frozen.append(i)
+    for name in [*graph.outputs, "skipped", *(f"{n.name}_next" for n in graph.inputs if n in written)]:
+        ctx.reserve(name)  # the interface's names first: nothing made up later may take them
     for n in graph.nodes:  # every leaf named before any lowering makes up names
         if n.op == "const":
             current[n] = ctx.const(n.attrs["value"], n.dtype, name=n.name)
@@ -239,7 +242,7 @@ class _Guards:
         total = ctx.scalar(0, torch.int64)
         for term in self.skipped:
             total = ctx.op("Add", total, term)
-        return ctx.op("Identity", total, name=ctx.reserve("skipped"))
+        return ctx.op("Identity", total, name="skipped")
 
 
 @dataclass(frozen=True)
@@ -255,13 +258,13 @@ def _outputs(ctx: LoweringContext, graph: Graph, current: dict[Node, str], writt
     ctx.base = "output"
     outs = []
     for key, node in graph.outputs.items():
-        name = ctx.op("Identity", current[node], name=ctx.reserve(key))
+        name = ctx.op("Identity", current[node], name=key)
         outs.append(_Output(name, tuple(node.shape), node.dtype))
     guards.count(ctx)
     outs.append(_Output("skipped", (), torch.int64))
     for n in graph.inputs:
         if n in written:
-            name = ctx.op("Identity", current[n], name=ctx.reserve(f"{n.name}_next"))
+            name = ctx.op("Identity", current[n], name=f"{n.name}_next")
             outs.append(_Output(name, tuple(n.shape), n.dtype, feeds=n.name))
     return outs
 
