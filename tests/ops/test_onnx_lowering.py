@@ -24,7 +24,9 @@ from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs  # noqa: E40
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 # Cases the reference evaluator gets wrong itself (checked by onnxruntime in float32 only).
-REFERENCE_GAPS = {"conv_grad_input-grouped": "onnx.reference's ConvTranspose mis-slices a grouped weight (1 < groups < C)"}
+_ERF = "onnxruntime has no float64 Erf, and onnx.reference's is accurate to float32 only"
+REFERENCE_GAPS = {"conv_grad_input-grouped": "onnx.reference's ConvTranspose mis-slices a grouped weight (1 < groups < C)",
+                  "erf": _ERF, "gelu": _ERF, "gelu_grad": _ERF}
 
 
 class Const:
@@ -179,11 +181,30 @@ def _elementwise_cases(a):
         ("hardtanh_grad", "hardtanh_grad", [a.r(3, 5), a.with_bounds(3, 5)], dict(min=0, max=6)),
         ("relu_grad", "relu_grad", [a.r(3, 5), torch.relu(a.with_bounds(3, 5, values=(0.0, -1.0)))], {}),
     ]
-    for op in ("exp", "abs", "relu", "sigmoid", "tanh"):
+    for op in ("exp", "abs", "relu", "sigmoid", "tanh", "silu", "sin", "cos", "erf", "isnan"):
         cases.append((op, op, [a.r(3, 4)], {}))
+    halves = torch.tensor([-2.5, -1.5, -0.5, 0.0, 0.5, 1.5, 2.5, 1.2, -1.7], dtype=a.dtype)
+    for op in ("sign", "floor", "ceil", "round"):
+        cases.append((op, op, [halves], {}))
+    around_3 = a.r(3, 5) * 3
+    around_3.view(-1)[:4] = torch.tensor([-3.0, 3.0, 0.0, -2.0], dtype=a.dtype)
+    cases += [
+        ("maximum", "maximum", [a.r(3, 4), a.r(1, 4)], {}), ("minimum", "minimum", [a.r(3, 4), a.r(3, 4)], {}),
+        ("hardswish", "hardswish", [around_3], {}),
+        ("hardswish_grad", "hardswish_grad", [a.r(3, 5), around_3], {}),
+        ("gelu", "gelu", [a.r(3, 4)], dict(approximate="none")),
+        ("gelu-tanh", "gelu", [a.r(3, 4)], dict(approximate="tanh")),
+        ("gelu_grad", "gelu_grad", [a.r(3, 4), a.r(3, 4)], dict(approximate="none")),
+        ("gelu_grad-tanh", "gelu_grad", [a.r(3, 4), a.r(3, 4)], dict(approximate="tanh")),
+        ("pow", "pow", [a.pos(3, 4)], dict(exponent=0.5)), ("pow-square", "pow", [a.r(3, 4)], dict(exponent=2)),
+        ("pow_grad", "pow_grad", [a.r(3, 4), a.pos(3, 4)], dict(exponent=1.5)),
+        ("pow_grad-zero", "pow_grad", [a.r(3, 4), a.r(3, 4)], dict(exponent=0)),
+        ("leaky_relu", "leaky_relu", [a.r(3, 4)], dict(slope=0.1)),
+        ("leaky_relu_grad", "leaky_relu_grad", [a.r(3, 4), a.r(3, 4)], dict(slope=0.1)),
+    ]
     for op in ("log", "sqrt", "rsqrt", "reciprocal"):
         cases.append((op, op, [a.pos(3, 4)], {}))
-    for op in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sigmoid", "tanh"):
+    for op in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sigmoid", "tanh", "silu", "sin", "cos", "erf"):
         saved = a.pos(3, 4) if op in ("log", "sqrt", "rsqrt", "reciprocal", "sigmoid") else a.r(3, 4)
         cases.append((f"{op}_grad", f"{op}_grad", [a.r(3, 4), saved], {}))
     ints, labels = torch.tensor([3, -100, 0, 2]), Const(torch.tensor(-100))
@@ -265,6 +286,16 @@ def _norm_cases(a):
         ("bn_grad_var", "bn_grad_var", [g, x, a.r(c), a.r(c), a.pos(c)], dict(eps=1e-5)),
         ("fold_bn_weight", "fold_bn_weight", [a.r(c, 2, 3, 3), a.r(c), a.pos(c)], dict(eps=1e-5)),
         ("fold_bn_bias", "fold_bn_bias", [a.r(c), a.r(c), a.r(c), a.pos(c)], dict(eps=1e-5)),
+        ("layer_norm", "layer_norm", [a.r(2, 3, 4), a.r(4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
+        ("layer_norm-2d", "layer_norm", [a.r(2, 3, 4), a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-6)),
+        ("ln_grad_input", "ln_grad_input", [a.r(2, 3, 4), a.r(2, 3, 4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
+        ("ln_grad_weight", "ln_grad_weight", [a.r(2, 3, 4), a.r(2, 3, 4)], dict(normalized_shape=(4,), eps=1e-5)),
+        ("ln_grad_weight-all", "ln_grad_weight", [a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-5)),
+        ("adaptive_avg_pool2d", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(1, 1))),
+        ("adaptive_avg_pool2d-2x3", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(2, 3))),
+        ("adaptive_avg_pool2d_grad", "adaptive_avg_pool2d_grad", [a.r(2, 3, 1, 1)], dict(input_shape=(2, 3, 4, 6))),
+        ("adaptive_avg_pool2d_grad-2x3", "adaptive_avg_pool2d_grad", [a.r(2, 3, 2, 3)],
+         dict(input_shape=(2, 3, 4, 6))),
     ]
 
 
@@ -276,6 +307,11 @@ def _indexing_cases(a):
         ("index_select", "index_select", [a.r(2, 4, 3, 3), chosen], dict(dim=1)),
         ("index_select_grad", "index_select_grad", [a.r(2, 3, 3), Const(torch.tensor([1, 1, 0]))],
          dict(dim=1, input_shape=(2, 4, 3))),
+        ("embedding", "embedding", [a.r(6, 3), torch.tensor([[1, 5, 1], [0, 2, 2]])], dict(padding_idx=-1)),
+        ("embedding_grad", "embedding_grad", [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]])],
+         dict(num_weights=6, padding_idx=-1)),
+        ("embedding_grad-padding", "embedding_grad", [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]])],
+         dict(num_weights=6, padding_idx=2)),
     ]
 
 

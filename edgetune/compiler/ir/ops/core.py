@@ -208,13 +208,99 @@ _unary("sigmoid", torch.sigmoid, lambda g, y: A.sigmoid_backward(g, y), uses="y"
 _unary("tanh", torch.tanh, lambda g, y: A.tanh_backward(g, y), uses="y", inplace=torch.tanh_,
        onnx="Tanh", grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", g, ctx.op(
            "Sub", c(1), ctx.op("Mul", y, y)))))
+# The lowerings of the activations below, spelled as ATen's CPU kernels compute them.
+
+def _silu_onnx(ctx, n, xs):
+    return ctx.op("Mul", xs[0], ctx.op("Sigmoid", xs[0]))
+
+
+def _silu_grad_onnx(ctx, n, xs):
+    g, x = xs
+    c = lambda v: ctx.scalar(v, n.dtype)  # noqa: E731
+    s = ctx.op("Sigmoid", x)
+    return ctx.op("Mul", ctx.op("Mul", g, s), ctx.op("Add", c(1), ctx.op("Mul", x, ctx.op("Sub", c(1), s))))
+
+
+def _hardswish_onnx(ctx, n, xs):
+    x, c = xs[0], lambda v: ctx.scalar(v, n.dtype)
+    return ctx.op("Div", ctx.op("Mul", x, ctx.op("Clip", ctx.op("Add", x, c(3)), c(0), c(6))), c(6))
+
+
+def _hardswish_grad_onnx(ctx, n, xs):
+    g, x = xs
+    c = lambda v: ctx.scalar(v, n.dtype)  # noqa: E731
+    ramp = ctx.op("Mul", g, ctx.op("Add", ctx.op("Div", x, c(3)), c(0.5)))
+    inside = ctx.op("Where", ctx.op("Less", x, c(3)), ramp, g)  # at x = 3 the kernel takes g itself
+    return ctx.op("Where", ctx.op("LessOrEqual", x, c(-3)), c(0), inside)
+
+
+_GELU_TANH_BETA, _GELU_TANH_KAPPA = math.sqrt(2) * (2 / math.sqrt(math.pi)) * 0.5, 0.044715
+
+
+def _gelu_onnx(ctx, n, xs):
+    x, c = xs[0], lambda v: ctx.scalar(v, n.dtype)
+    if n.attrs["approximate"] == "tanh":
+        cube = ctx.op("Mul", ctx.op("Mul", x, x), x)
+        inner = ctx.op("Mul", c(_GELU_TANH_BETA), ctx.op("Add", x, ctx.op("Mul", c(_GELU_TANH_KAPPA), cube)))
+        return ctx.op("Mul", ctx.op("Mul", c(0.5), x), ctx.op("Add", c(1), ctx.op("Tanh", inner)))
+    cdf = ctx.op("Add", c(1), ctx.op("Erf", ctx.op("Mul", x, c(math.sqrt(0.5)))))
+    return ctx.op("Mul", ctx.op("Mul", x, c(0.5)), cdf)
+
+
+def _gelu_grad_onnx(ctx, n, xs):
+    g, x = xs
+    c = lambda v: ctx.scalar(v, n.dtype)  # noqa: E731
+    square = ctx.op("Mul", x, x)
+    if n.attrs["approximate"] == "tanh":
+        inner = ctx.op("Mul", c(_GELU_TANH_BETA), ctx.op("Add", x, ctx.op("Mul", c(_GELU_TANH_KAPPA),
+                                                                         ctx.op("Mul", square, x))))
+        t = ctx.op("Tanh", inner)
+        left = ctx.op("Mul", c(0.5), ctx.op("Add", c(1), t))
+        slope = ctx.op("Mul", ctx.op("Sub", c(1), ctx.op("Mul", t, t)), c(_GELU_TANH_BETA))
+        right = ctx.op("Mul", ctx.op("Mul", ctx.op("Mul", c(0.5), x), slope),
+                       ctx.op("Add", c(1), ctx.op("Mul", c(3 * _GELU_TANH_KAPPA), square)))
+        return ctx.op("Mul", g, ctx.op("Add", left, right))
+    cdf = ctx.op("Mul", c(0.5), ctx.op("Add", c(1), ctx.op("Erf", ctx.op("Mul", x, c(math.sqrt(0.5))))))
+    pdf = ctx.op("Mul", c(0.5 * (2 / math.sqrt(math.pi)) * math.sqrt(0.5)),
+                 ctx.op("Exp", ctx.op("Mul", c(-0.5), square)))
+    return ctx.op("Mul", g, ctx.op("Add", cdf, ctx.op("Mul", x, pdf)))
+
+
+def _pow_onnx(ctx, n, xs):
+    return ctx.op("Pow", xs[0], ctx.scalar(n.attrs["exponent"], n.dtype))
+
+
+def _pow_grad_onnx(ctx, n, xs):
+    g, x = xs
+    e = n.attrs["exponent"]
+    if e == 0:
+        return ctx.op("Mul", g, ctx.scalar(0, n.dtype))
+    scaled = ctx.op("Mul", g, ctx.scalar(e, n.dtype))
+    return ctx.op("Mul", scaled, ctx.op("Pow", x, ctx.scalar(e - 1, n.dtype)))
+
+
+def _leaky_relu_onnx(ctx, n, xs):
+    x = xs[0]
+    return ctx.op("Where", ctx.op("Greater", x, ctx.scalar(0, n.dtype)), x,
+                  ctx.op("Mul", x, ctx.scalar(n.attrs["slope"], n.dtype)))
+
+
+def _leaky_relu_grad_onnx(ctx, n, xs):
+    g, x = xs
+    return ctx.op("Where", ctx.op("Greater", x, ctx.scalar(0, n.dtype)), g,
+                  ctx.op("Mul", g, ctx.scalar(n.attrs["slope"], n.dtype)))
+
+
 _unary("silu", torch.nn.functional.silu, lambda g, x: A.silu_backward(g, x),
-       inplace=lambda x: torch.nn.functional.silu(x, inplace=True))
-_unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x))
+       inplace=lambda x: torch.nn.functional.silu(x, inplace=True), onnx=_silu_onnx, grad_onnx=_silu_grad_onnx)
+_unary("hardswish", torch.nn.functional.hardswish, lambda g, x: A.hardswish_backward(g, x),
+       onnx=_hardswish_onnx, grad_onnx=_hardswish_grad_onnx)
 _unary("gelu", lambda x, approximate: A.gelu(x, approximate=approximate),
-       lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate))
+       lambda g, x, approximate: A.gelu_backward(g, x, approximate=approximate), onnx=_gelu_onnx,
+       grad_onnx=_gelu_grad_onnx)
 _unary("pow", lambda x, exponent: torch.pow(x, exponent),
-       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1) if exponent != 0 else torch.zeros_like(g))
+       lambda g, x, exponent: g * exponent * torch.pow(x, exponent - 1) if exponent != 0 else torch.zeros_like(g),
+       onnx=_pow_onnx, grad_onnx=_pow_grad_onnx)
 # hardtanh's gradient vanishes at the bounds; the output carries the same information.
 _unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
        lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y",
@@ -223,16 +309,24 @@ _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max))
 _unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
 _unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y")
-_unary("sin", torch.sin, lambda g, x: g * torch.cos(x))
-_unary("cos", torch.cos, lambda g, x: -g * torch.sin(x))
-_unary("erf", torch.erf, lambda g, x: g * (2 / math.sqrt(math.pi)) * torch.exp(-x * x))
+_unary("sin", torch.sin, lambda g, x: g * torch.cos(x), onnx="Sin",
+       grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", g, ctx.op("Cos", x))))
+_unary("cos", torch.cos, lambda g, x: -g * torch.sin(x), onnx="Cos",
+       grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", ctx.op("Neg", g), ctx.op("Sin", x))))
+_unary("erf", torch.erf, lambda g, x: g * (2 / math.sqrt(math.pi)) * torch.exp(-x * x), onnx="Erf",
+       grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", ctx.op("Mul", g, c(2 / math.sqrt(math.pi))), ctx.op(
+           "Exp", ctx.op("Mul", ctx.op("Neg", x), x)))))
 _unary("leaky_relu", lambda x, slope: A.leaky_relu(x, slope),
-       lambda g, x, slope: A.leaky_relu_backward(g, x, slope, False))
+       lambda g, x, slope: A.leaky_relu_backward(g, x, slope, False), onnx=_leaky_relu_onnx,
+       grad_onnx=_leaky_relu_grad_onnx)
 _unary("elu", lambda x, alpha, scale, input_scale: A.elu(x, alpha, scale, input_scale),
        lambda g, x, alpha, scale, input_scale: A.elu_backward(g, alpha, scale, input_scale, False, x))
 # Piecewise constant: the gradient is zero everywhere (None, not a zero tensor).
+# ONNX has no Trunc; round is half-to-even in both.
+_ONNX_STEPS = {"sign": "Sign", "floor": "Floor", "ceil": "Ceil", "round": "Round"}
 for _step in ("sign", "floor", "ceil", "round", "trunc"):
-    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,))
+    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,),
+             onnx=onnx_elementwise(_ONNX_STEPS[_step]) if _step in _ONNX_STEPS else None)
 
 
 def _inside(x, lo, hi):
@@ -346,8 +440,8 @@ def _choice_share(x, y, pick):
     return wins.to(torch.promote_types(x.dtype, y.dtype)) + 0.5 * (x == y)
 
 
-register("maximum", torch.maximum, _choose_vjp)
-register("minimum", torch.minimum, _choose_vjp)
+register("maximum", torch.maximum, _choose_vjp, onnx=onnx_elementwise("Max"))
+register("minimum", torch.minimum, _choose_vjp, onnx=onnx_elementwise("Min"))
 register("choice_share", _choice_share)
 aten(A.maximum.default)(lambda b, x, y: b.emit("maximum", x, y))
 aten(A.minimum.default)(lambda b, x, y: b.emit("minimum", x, y))
@@ -362,7 +456,7 @@ for _cmp in ("eq", "ne", "lt", "le", "gt", "ge"):
     register(_cmp, getattr(torch, _cmp), onnx=_ONNX_COMPARE[_cmp])
     for _ov in (getattr(A, _cmp).Tensor, getattr(A, _cmp).Scalar):
         aten(_ov)(lambda b, x, y, _cmp=_cmp: b.emit(_cmp, *_operands(b, x, y)))
-register("isnan", torch.isnan)
+register("isnan", torch.isnan, onnx=lambda ctx, n, xs: ctx.op("IsNaN", xs[0]))
 aten(A.isnan.default)(lambda b, x: b.emit("isnan", x))
 register("logical_not", torch.logical_not, onnx=lambda ctx, n, xs: ctx.op("Not", *onnx_operands(ctx, n, xs)))
 register("logical_and", torch.logical_and, onnx=lambda ctx, n, xs: ctx.op("And", *onnx_operands(ctx, n, xs)))

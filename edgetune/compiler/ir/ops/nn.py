@@ -404,9 +404,42 @@ def _ln_vjp(b, n, g, want):
     )
 
 
-register("layer_norm", _ln, _ln_vjp)
-register("ln_grad_input", _ln_grad_input)
-register("ln_grad_weight", _ln_grad_weight)
+def _onnx_ln_normalized(ctx, x, x_node, normalized_shape, eps):
+    """(x - mean) * rstd over the trailing dims, and rstd (kept dims)."""
+    axes = list(range(len(x_node.shape) - len(normalized_shape), len(x_node.shape)))
+    centered = ctx.op("Sub", x, ctx.reduce("ReduceMean", x, axes, keepdims=True))
+    var = ctx.reduce("ReduceMean", ctx.op("Mul", centered, centered), axes, keepdims=True)
+    rstd = _onnx_rsqrt(ctx, var, eps, x_node.dtype)
+    return ctx.op("Mul", centered, rstd), rstd, axes
+
+
+def _ln_onnx(ctx, n, xs):
+    # Composed rather than LayerNormalization: its epsilon attribute is a float32.
+    x, w, bias = xs
+    xhat, _, _ = _onnx_ln_normalized(ctx, x, n.inputs[0], n.attrs["normalized_shape"], n.attrs["eps"])
+    return ctx.op("Add", ctx.op("Mul", xhat, w), bias)
+
+
+def _ln_grad_input_onnx(ctx, n, xs):
+    """rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), gx = g * w, means over the normalized dims."""
+    g, x, w = xs
+    xhat, rstd, axes = _onnx_ln_normalized(ctx, x, n.inputs[1], n.attrs["normalized_shape"], n.attrs["eps"])
+    gx = ctx.op("Mul", g, w)
+    mean = lambda v: ctx.reduce("ReduceMean", v, axes, keepdims=True)  # noqa: E731
+    inner = ctx.op("Sub", ctx.op("Sub", gx, mean(gx)), ctx.op("Mul", xhat, mean(ctx.op("Mul", gx, xhat))))
+    return ctx.op("Mul", rstd, inner)
+
+
+def _ln_grad_weight_onnx(ctx, n, xs):
+    g, x = xs
+    xhat, _, axes = _onnx_ln_normalized(ctx, x, n.inputs[1], n.attrs["normalized_shape"], n.attrs["eps"])
+    lead = list(range(axes[0]))
+    return ctx.reduce("ReduceSum", ctx.op("Mul", g, xhat), lead, keepdims=False) if lead else ctx.op("Mul", g, xhat)
+
+
+register("layer_norm", _ln, _ln_vjp, onnx=_ln_onnx)
+register("ln_grad_input", _ln_grad_input, onnx=_ln_grad_input_onnx)
+register("ln_grad_weight", _ln_grad_weight, onnx=_ln_grad_weight_onnx)
 
 
 @aten(A.native_layer_norm.default)
@@ -503,10 +536,33 @@ def _adaptive_avg_pool_grad(g, *, input_shape):
     return A._adaptive_avg_pool2d_backward(g, g.new_empty(input_shape))  # shape only, never read
 
 
+def _pool_cells(input_hw, output_hw):
+    """The (rows, cols) of input per output cell, where they tile the input evenly."""
+    if any(i % o for i, o in zip(input_hw, output_hw)):
+        raise NotImplementedError(f"adaptive average pooling of {list(input_hw)} to {list(output_hw)} (uneven cells)")
+    return [i // o for i, o in zip(input_hw, output_hw)]
+
+
+def _adaptive_avg_pool_onnx(ctx, n, xs):
+    cells = _pool_cells(n.inputs[0].shape[2:], n.shape[2:])
+    return ctx.op("AveragePool", xs[0], kernel_shape=cells, strides=cells)
+
+
+def _adaptive_avg_pool_grad_onnx(ctx, n, xs):
+    """Each output cell's gradient, divided by the cell's size, spread over the cell."""
+    batch, channels, oh, ow = n.inputs[0].shape
+    kh, kw = _pool_cells(n.attrs["input_shape"][2:], (oh, ow))
+    spread = ctx.op("Expand", ctx.op("Reshape", xs[0], ctx.ints([batch, channels, oh, 1, ow, 1])),
+                    ctx.ints([batch, channels, oh, kh, ow, kw]))
+    share = ctx.op("Div", spread, ctx.scalar(kh * kw, n.dtype))
+    return ctx.op("Reshape", share, ctx.ints(n.attrs["input_shape"]))
+
+
 register("adaptive_avg_pool2d", lambda x, output_size: A._adaptive_avg_pool2d(x, output_size),
          lambda b, n, g, want: (
-             b.emit("adaptive_avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
-register("adaptive_avg_pool2d_grad", _adaptive_avg_pool_grad)
+             b.emit("adaptive_avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape)) if want[0] else None,),
+         onnx=_adaptive_avg_pool_onnx)
+register("adaptive_avg_pool2d_grad", _adaptive_avg_pool_grad, onnx=_adaptive_avg_pool_grad_onnx)
 aten(A._adaptive_avg_pool2d.default)(
     lambda b, x, output_size: b.emit("adaptive_avg_pool2d", x, output_size=tuple(output_size)))
 
@@ -566,9 +622,22 @@ def _embedding_vjp(b, n, g, want):
     return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=n.attrs["padding_idx"]), None
 
 
-register("embedding", lambda w, idx, padding_idx: A.embedding(w, idx, padding_idx), _embedding_vjp)
+def _embedding_grad_onnx(ctx, n, xs):
+    """Each row of g added into its index's row of zeros; the padding row gets none."""
+    g, idx = xs
+    padding = n.attrs["padding_idx"]
+    if padding >= 0:
+        at_padding = ctx.op("Unsqueeze", ctx.op("Equal", idx, ctx.scalar(padding, torch.int64)), ctx.ints([-1]))
+        g = ctx.op("Where", at_padding, ctx.scalar(0, n.dtype), g)
+    zeros = ctx.full(n.shape, 0, n.dtype)
+    rows = ctx.op("Unsqueeze", idx, ctx.ints([-1]))
+    return ctx.op("ScatterND", zeros, rows, g, reduction="add")
+
+
+register("embedding", lambda w, idx, padding_idx: A.embedding(w, idx, padding_idx), _embedding_vjp,
+         onnx=lambda ctx, n, xs: ctx.op("Gather", *xs, axis=0))
 register("embedding_grad", lambda g, idx, num_weights, padding_idx:
-         A.embedding_dense_backward(g, idx, num_weights, padding_idx, False))
+         A.embedding_dense_backward(g, idx, num_weights, padding_idx, False), onnx=_embedding_grad_onnx)
 
 
 @aten(A.embedding.default)
