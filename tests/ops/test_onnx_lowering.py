@@ -201,6 +201,11 @@ def _elementwise_cases(a):
         ("pow_grad-zero", "pow_grad", [a.r(3, 4), a.r(3, 4)], dict(exponent=0)),
         ("leaky_relu", "leaky_relu", [a.r(3, 4)], dict(slope=0.1)),
         ("leaky_relu_grad", "leaky_relu_grad", [a.r(3, 4), a.r(3, 4)], dict(slope=0.1)),
+        ("clamp", "clamp", [a.with_bounds(3, 4, values=(-0.5, 0.5))], dict(min=-0.5, max=0.5)),
+        ("clamp-min-only", "clamp", [a.r(3, 4)], dict(min=0.1, max=None)),
+        ("clamp_grad", "clamp_grad", [a.r(3, 4), a.with_bounds(3, 4, values=(-0.5, 0.5))], dict(min=-0.5, max=0.5)),
+        ("clamp_grad-max-only", "clamp_grad", [a.r(3, 4), a.r(3, 4)], dict(min=None, max=0.2)),
+        ("cumsum", "cumsum", [a.r(3, 4)], dict(dim=1)), ("cumsum_grad", "cumsum_grad", [a.r(3, 4)], dict(dim=0)),
     ]
     for op in ("log", "sqrt", "rsqrt", "reciprocal"):
         cases.append((op, op, [a.pos(3, 4)], {}))
@@ -215,6 +220,10 @@ def _elementwise_cases(a):
     cases += [
         ("logical_not", "logical_not", [m1], {}), ("logical_and", "logical_and", [m1, m2], {}),
         ("logical_or", "logical_or", [m1, m2], {}),
+        ("bitwise_and", "bitwise_and", [m1, m2], {}), ("bitwise_or-int", "bitwise_or", [ints, ints.flip(0)], {}),
+        ("bitwise_xor", "bitwise_xor", [m1, m2], {}), ("bitwise_not", "bitwise_not", [m1], {}),
+        ("bitwise_not-int", "bitwise_not", [ints], {}),
+        ("any", "any", [m1], dict(dims=(1,), keepdim=False)), ("any-all", "any", [x * (x > 1)], dict(dims=(), keepdim=False)),
         ("where", "where", [m1, x, a.scalar(0.0)], {}),
         ("where-int", "where", [ints != -100, ints, Const(torch.tensor(0))], {}),
         ("cast-to-float", "cast", [ints], dict(dtype=a.dtype)),
@@ -260,6 +269,9 @@ def _shape_cases(a):
         ("cat", "cat", [a.r(2, 1, 4), x], dict(dim=1)),
         ("slice_grad", "slice_grad", [a.r(2, 2, 4)], dict(input_shape=(2, 3, 4), dim=1, start=1, end=3, step=1)),
         ("select_grad", "select_grad", [a.r(2, 4)], dict(input_shape=(2, 3, 4), dim=1, index=1)),
+        ("pad", "pad", [x], dict(pad=(1, 2, 0, 1), value=0.5)),
+        ("pad-crop", "pad", [x], dict(pad=(-1, 0, 1, -1), value=0.0)),
+        ("flip", "flip", [x], dict(dims=(0, 2))),
     ]
 
 
@@ -272,6 +284,9 @@ def _linalg_cases(a):
         ("mm", "mm", [a.r(3, 4), a.r(4, 2)], {}),
         ("bmm", "bmm", [a.r(2, 3, 4), a.r(2, 4, 2)], {}),
     ]
+
+
+POOL = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=False)
 
 
 def _norm_cases(a):
@@ -292,6 +307,11 @@ def _norm_cases(a):
         ("ln_grad_weight", "ln_grad_weight", [a.r(2, 3, 4), a.r(2, 3, 4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight-all", "ln_grad_weight", [a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-5)),
         ("adaptive_avg_pool2d", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(1, 1))),
+        ("max_pool2d", "max_pool2d", [a.r(2, 3, 7, 6)], POOL),
+        ("max_pool2d-ceil", "max_pool2d", [a.r(2, 3, 7, 6)], dict(POOL, ceil_mode=True, padding=(0, 0))),
+        ("max_pool2d_grad", "max_pool2d_grad", [a.r(2, 3, 4, 3), a.r(2, 3, 7, 6)], POOL),
+        ("max_pool2d_grad-overlap", "max_pool2d_grad", [a.r(1, 2, 5, 4), a.r(1, 2, 7, 6)],
+         dict(POOL, stride=(1, 1), padding=(0, 0))),
         ("adaptive_avg_pool2d-2x3", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(2, 3))),
         ("adaptive_avg_pool2d_grad", "adaptive_avg_pool2d_grad", [a.r(2, 3, 1, 1)], dict(input_shape=(2, 3, 4, 6))),
         ("adaptive_avg_pool2d_grad-2x3", "adaptive_avg_pool2d_grad", [a.r(2, 3, 2, 3)],

@@ -305,8 +305,23 @@ _unary("pow", lambda x, exponent: torch.pow(x, exponent),
 _unary("hardtanh", lambda x, min, max: A.hardtanh(x, min, max),
        lambda g, y, min, max: A.hardtanh_backward(g, y, min, max), uses="y",
        inplace=lambda x, min, max: A.hardtanh_(x, min, max), onnx=_hardtanh_onnx, grad_onnx=_hardtanh_grad_onnx)
+def _clamp_onnx(ctx, n, xs):
+    bound = lambda v: "" if v is None else ctx.scalar(v, n.dtype)  # noqa: E731  ("": no such bound)
+    return ctx.op("Clip", xs[0], bound(n.attrs["min"]), bound(n.attrs["max"]))
+
+
+def _clamp_grad_onnx(ctx, n, xs):
+    g, x = xs
+    a, keep = n.attrs, None
+    for cmp, bound in (("GreaterOrEqual", a["min"]), ("LessOrEqual", a["max"])):
+        if bound is not None:
+            inside = ctx.op(cmp, x, ctx.scalar(bound, n.dtype))
+            keep = inside if keep is None else ctx.op("And", keep, inside)
+    return g if keep is None else ctx.op("Mul", g, ctx.cast(keep, n.dtype))  # as the kernel: g * mask
+
+
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
-       lambda g, x, min, max: g * _inside(x, min, max))
+       lambda g, x, min, max: g * _inside(x, min, max), onnx=_clamp_onnx, grad_onnx=_clamp_grad_onnx)
 _unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
 _unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y")
 _unary("sin", torch.sin, lambda g, x: g * torch.cos(x), onnx="Sin",
@@ -464,10 +479,19 @@ register("logical_or", torch.logical_or, onnx=lambda ctx, n, xs: ctx.op("Or", *o
 aten(A.logical_not.default)(lambda b, x: b.emit("logical_not", x))
 aten(A.logical_and.default)(lambda b, x, y: b.emit("logical_and", x, y))
 aten(A.logical_or.default)(lambda b, x, y: b.emit("logical_or", x, y))
-register("bitwise_not", torch.bitwise_not)
+def _onnx_bitwise(logical, bitwise):
+    """ONNX splits torch's bitwise ops: And/Or/Xor/Not on bools, BitwiseAnd/... on integers."""
+    def lower(ctx, n, xs):
+        return ctx.op(logical if n.dtype == torch.bool else bitwise, *onnx_operands(ctx, n, xs))
+    return lower
+
+
+register("bitwise_not", torch.bitwise_not, onnx=_onnx_bitwise("Not", "BitwiseNot"))
 aten(A.bitwise_not.default)(lambda b, x: b.emit("bitwise_not", x))
+_ONNX_BITWISE = {"bitwise_and": ("And", "BitwiseAnd"), "bitwise_or": ("Or", "BitwiseOr"),
+                 "bitwise_xor": ("Xor", "BitwiseXor")}
 for _bit in ("bitwise_and", "bitwise_or", "bitwise_xor"):  # `m1 | m2` on bool masks
-    register(_bit, getattr(torch, _bit))
+    register(_bit, getattr(torch, _bit), onnx=_onnx_bitwise(*_ONNX_BITWISE[_bit]))
     for _ov in (getattr(A, _bit).Tensor, getattr(A, _bit).Scalar):
         aten(_ov)(lambda b, x, y, _bit=_bit: b.emit(_bit, *_operands(b, x, y)))
 
@@ -626,7 +650,14 @@ register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), 
 register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp,
          onnx=_onnx_reduction("ReduceMin"))
 register("extremum_grad", _extremum_grad)
-register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x))
+def _any_onnx(ctx, n, xs):
+    nonzero = ctx.op("Not", ctx.op("Equal", xs[0], ctx.scalar(0, n.inputs[0].dtype)))
+    largest = ctx.reduce("ReduceMax", ctx.cast(nonzero, torch.uint8), n.attrs["dims"], n.attrs["keepdim"])
+    return ctx.cast(largest, torch.bool)
+
+
+register("any", lambda x, dims, keepdim: torch.any(x, dims, keepdim=keepdim) if dims else torch.any(x),
+         onnx=_any_onnx)
 
 
 def _sum_to_kernel(g, shape):
@@ -725,8 +756,10 @@ aten(A.min.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "ar
 # -- cumsum, vector norms ---------------------------------------------------------------------
 
 register("cumsum", lambda x, dim: torch.cumsum(x, dim),
-         lambda b, n, g, want: (b.emit("cumsum_grad", g, dim=n.attrs["dim"]) if want[0] else None,))
-register("cumsum_grad", lambda g, dim: g.flip(dim).cumsum(dim).flip(dim))  # a sum over the later entries
+         lambda b, n, g, want: (b.emit("cumsum_grad", g, dim=n.attrs["dim"]) if want[0] else None,),
+         onnx=lambda ctx, n, xs: ctx.op("CumSum", xs[0], ctx.scalar(n.attrs["dim"], torch.int64)))
+register("cumsum_grad", lambda g, dim: g.flip(dim).cumsum(dim).flip(dim),  # a sum over the later entries
+         onnx=lambda ctx, n, xs: ctx.op("CumSum", xs[0], ctx.scalar(n.attrs["dim"], torch.int64), reverse=1))
 
 
 @aten(A.cumsum.default)

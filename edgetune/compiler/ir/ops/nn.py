@@ -497,9 +497,27 @@ def _max_pool_grad(g, x, *, kernel_size, stride, padding, dilation, ceil_mode):
     return A.max_pool2d_with_indices_backward(g, x, kernel_size, stride, padding, dilation, ceil_mode, idx)
 
 
+def _onnx_max_pool(ctx, n, x, outputs):
+    a = n.attrs
+    return ctx.op("MaxPool", x, outputs=outputs, kernel_shape=list(a["kernel_size"]), strides=list(a["stride"]),
+                  pads=list(a["padding"]) * 2, dilations=list(a["dilation"]), ceil_mode=int(a["ceil_mode"]))
+
+
+def _max_pool_grad_onnx(ctx, n, xs):
+    """Each window's gradient added at its maximum: MaxPool's indices (flat over the whole
+    input, as torch recomputes them from x) scatter g into zeros."""
+    g, x = xs
+    _, where = _onnx_max_pool(ctx, n, x, outputs=2)
+    flat = lambda v: ctx.op("Reshape", v, ctx.ints([-1]))  # noqa: E731
+    total = math.prod(n.shape)
+    summed = ctx.op("ScatterElements", ctx.full([total], 0, n.dtype), flat(where), flat(g), axis=0, reduction="add")
+    return ctx.op("Reshape", summed, ctx.ints(n.shape))
+
+
 register("max_pool2d", _max_pool,
-         lambda b, n, g, want: (b.emit("max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
-register("max_pool2d_grad", _max_pool_grad)
+         lambda b, n, g, want: (b.emit("max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,),
+         onnx=lambda ctx, n, xs: _onnx_max_pool(ctx, n, xs[0], outputs=1))
+register("max_pool2d_grad", _max_pool_grad, onnx=_max_pool_grad_onnx)
 
 
 @aten(A.max_pool2d_with_indices.default)

@@ -101,7 +101,17 @@ def _pad_vjp(b, n, g, want):
     return (b.emit("pad", g, pad=tuple(-p for p in n.attrs["pad"]), value=0.0) if want[0] else None,)
 
 
-register("pad", lambda x, pad, value: A.constant_pad_nd(x, pad, value), _pad_vjp)
+def _pad_onnx(ctx, n, xs):
+    """torch lists (begin, end) pairs from the last dim back; ONNX all begins, then all ends.
+    A negative amount crops, in both."""
+    amounts, rank = n.attrs["pad"], len(n.shape)
+    pairs = [(0, 0)] * (rank - len(amounts) // 2) + [
+        (amounts[2 * k], amounts[2 * k + 1]) for k in reversed(range(len(amounts) // 2))]
+    pads = [b for b, _ in pairs] + [e for _, e in pairs]
+    return ctx.op("Pad", xs[0], ctx.ints(pads), ctx.scalar(n.attrs["value"], n.dtype))
+
+
+register("pad", lambda x, pad, value: A.constant_pad_nd(x, pad, value), _pad_vjp, onnx=_pad_onnx)
 
 
 def _repeat_grad(g, *, repeats, input_shape):
@@ -119,8 +129,14 @@ def _flat_index(*idx, sizes):
     return flat.reshape(-1)
 
 
+def _flip_onnx(ctx, n, xs):
+    dims = list(n.attrs["dims"])
+    ends = [-(2 ** 63)] * len(dims)  # past the front: a step of -1 runs to the first entry
+    return ctx.op("Slice", xs[0], ctx.ints([-1] * len(dims)), ctx.ints(ends), ctx.ints(dims), ctx.ints([-1] * len(dims)))
+
+
 register("flip", lambda x, dims: x.flip(dims),
-         lambda b, n, g, want: (b.emit("flip", g, dims=n.attrs["dims"]) if want[0] else None,))
+         lambda b, n, g, want: (b.emit("flip", g, dims=n.attrs["dims"]) if want[0] else None,), onnx=_flip_onnx)
 register("repeat", lambda x, repeats: x.repeat(repeats), lambda b, n, g, want: (
     b.emit("repeat_grad", g, repeats=n.attrs["repeats"], input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
 register("repeat_grad", _repeat_grad)
