@@ -377,7 +377,23 @@ def _optimizer_cases(a):
     return cases
 
 
-FAMILIES = [_elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases, _conv_cases,
+def _attention_cases(a):
+    from edgetune.compiler.ir.ops.attention import _sdpa
+
+    q, k, v = a.r(2, 2, 3, 4), a.r(2, 2, 5, 4), a.r(2, 2, 5, 4)  # the CPU kernel wants one head size
+    keep = a.r(3, 5) > -0.5
+    keep[:, 0] = True  # no row masked entirely
+    attention = dict(is_causal=False, scale=0.5)
+    cases = []
+    for name, mask, attrs in (("plain", [], attention), ("causal", [], dict(attention, is_causal=True)),
+                              ("bool-mask", [keep], attention), ("float-mask", [a.r(3, 5)], attention)):
+        packed = _sdpa(q, k, v, *mask, **attrs)
+        cases.append((f"sdpa-{name}", "sdpa", [q, k, v, *mask], attrs))
+        cases.append((f"sdpa_grad-{name}", "sdpa_grad", [a.r(2, 2, 3, 5), q, k, v, *mask, packed], attrs))
+    return cases
+
+
+FAMILIES = [_attention_cases, _elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases, _conv_cases,
             _indexing_cases, _mask_cases, _optimizer_cases]
 
 

@@ -64,10 +64,63 @@ def _sdpa_vjp(b, n, g, want):
     return tuple(grads) + ((None,) if len(n.inputs) == 4 else ())
 
 
+# ONNX: the same packing, computed without blocks (the runtime holds the [..., T, S] scores).
+
+def _onnx_transposed(ctx, x, rank):
+    return ctx.op("Transpose", x, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+def _onnx_scores(ctx, attrs, operands, q, k, mask):
+    """scale * q k^T with the mask applied (a boolean one: -inf where false; causal: above
+    the diagonal, aligned to the top-left as torch does). `operands`: the forward's (q, k, v
+    [, mask]) nodes."""
+    qn, kn = operands[0], operands[1]
+    c = lambda v: ctx.scalar(v, qn.dtype)  # noqa: E731
+    scores = ctx.op("Mul", ctx.op("MatMul", q, _onnx_transposed(ctx, k, len(kn.shape))), c(attrs["scale"]))
+    if mask is not None:
+        m = operands[3]
+        scores = (ctx.op("Where", mask, scores, c(-math.inf)) if m.dtype == torch.bool
+                  else ctx.op("Add", scores, ctx.convert(mask, m.dtype, qn.dtype)))
+    if attrs["is_causal"]:
+        t, s = qn.shape[-2], kn.shape[-2]
+        above = torch.ones(t, s, dtype=torch.bool).triu(1)
+        scores = ctx.op("Where", ctx.const(above), c(-math.inf), scores)
+    return scores
+
+
+def _sdpa_onnx(ctx, n, xs):
+    q, k, v, *mask = xs
+    scores = _onnx_scores(ctx, n.attrs, n.inputs, q, k, mask[0] if mask else None)
+    lse = ctx.reduce("ReduceLogSumExp", scores, [-1], keepdims=True)
+    out = ctx.op("MatMul", ctx.op("Exp", ctx.op("Sub", scores, lse)), v)
+    return ctx.op("Concat", out, lse, axis=-1)
+
+
+def _sdpa_grad_onnx(ctx, n, xs):
+    """The attention backward from the kept output and log-sum-exp: with p = exp(s - lse),
+    dv = p^T g, ds = p * (g v^T - rowsum(g * out)), dq = scale ds k, dk = scale ds^T q."""
+    g, q, k, v, *rest = xs
+    mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
+    qn, vn = n.inputs[1], n.inputs[3]
+    rank, d = len(qn.shape), vn.shape[-1]
+    last = lambda x, start, end: ctx.op("Slice", x, ctx.ints([start]), ctx.ints([end]), ctx.ints([-1]))  # noqa: E731
+    gout, out, lse = last(g, 0, d), last(packed, 0, d), last(packed, d, d + 1)
+    p = ctx.op("Exp", ctx.op("Sub", _onnx_scores(ctx, n.attrs, n.inputs[1:-1], q, k, mask), lse))
+    dv = ctx.op("MatMul", _onnx_transposed(ctx, p, rank), gout)
+    row = ctx.reduce("ReduceSum", ctx.op("Mul", gout, out), [-1], keepdims=True)
+    ds = ctx.op("Mul", p, ctx.op("Sub", ctx.op("MatMul", gout, _onnx_transposed(ctx, v, rank)), row))
+    scale = ctx.scalar(n.attrs["scale"], qn.dtype)
+    dq = ctx.op("Mul", ctx.op("MatMul", ds, k), scale)
+    dk = ctx.op("Mul", ctx.op("MatMul", _onnx_transposed(ctx, ds, rank), q), scale)
+    flat = lambda x: ctx.op("Reshape", x, ctx.ints([-1]))  # noqa: E731
+    return ctx.op("Concat", flat(dq), flat(dk), flat(dv), axis=0)
+
+
 register("sdpa", _sdpa, _sdpa_vjp,
-         shape=lambda q, k, v, *mask, is_causal, scale: ((*q.shape[:-1], v.shape[-1] + 1), q.dtype))
+         shape=lambda q, k, v, *mask, is_causal, scale: ((*q.shape[:-1], v.shape[-1] + 1), q.dtype), onnx=_sdpa_onnx)
 register("sdpa_grad", _sdpa_grad,
-         shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype))
+         shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype),
+         onnx=_sdpa_grad_onnx)
 
 
 @aten(A.scaled_dot_product_attention.default)
