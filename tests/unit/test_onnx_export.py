@@ -56,7 +56,8 @@ def cross_entropy(out, y):
 CONV_PARTIAL = {"pw.weight": 0.5, "*.bias": "full", "head.*": "full"}
 # Each compile costs seconds (torch.export in a child process), so each case covers several
 # things at once: eval mode folds the frozen stem's BN into its conv; the MLP in float64 is
-# compiled with on_nonfinite="raise"; one case is exported with its weights as external data.
+# compiled with on_nonfinite="raise"; one case is exported with its weights as external data;
+# the MLP trained partially holds its frozen fc2.weight as int8 (frozen_weights="int8").
 CASES = {  # name: (model, train mode, scheme, optimizer, dtype, on_nonfinite)
     "convnet-train-full-sgd": (ConvNet, True, et.schemes.full(), et.SGD(lr=0.1, momentum=0.9), torch.float32,
                                "skip"),
@@ -69,6 +70,7 @@ CASES = {  # name: (model, train mode, scheme, optimizer, dtype, on_nonfinite)
                               et.SGD(lr=0.1, momentum=0.9, nesterov=True), torch.float32, "skip"),
 }
 EXTERNAL_DATA_CASE = "convnet-eval-partial-adamw"
+INT8_CASE = "mlp-partial-first-sgd"
 
 
 def make_batch(model_cls, seed, dtype):
@@ -83,7 +85,9 @@ def compiled(case):
     torch.manual_seed(0)
     model = model_cls().to(dtype).train(train)
     x, y = make_batch(model_cls, 0, dtype)
-    return et.compile(model, cross_entropy, x, y, scheme=scheme, optimizer=optimizer, on_nonfinite=on_nonfinite)
+    int8 = "int8" if case == INT8_CASE else "float"
+    return et.compile(model, cross_entropy, x, y, scheme=scheme, optimizer=optimizer, on_nonfinite=on_nonfinite,
+                      frozen_weights=int8)
 
 
 class OnnxStep:
@@ -167,9 +171,14 @@ def check_frozen_and_untrained_stay_bitwise(case: str, run: Run) -> None:
     carried = {i["key"] for i in run.runner.manifest["inputs"] if i["kind"] in ("param", "buffer")}
     frozen = {i["key"]: i["name"] for i in run.runner.manifest["frozen"]}
     assert set(frozen) | carried == set(run.initial), "every model tensor is either carried or frozen"
-    for key, name in frozen.items():
+    int8 = {(kind, key): held[k] for key, held in run.trainer.int8.items()
+            for k, kind in enumerate(("int8", "int8_scale"))}
+    for i in run.runner.manifest["frozen"]:
         # A frozen tensor is an initializer of the step, which no node can write.
-        assert torch.equal(torch.tensor(initializers[name]), run.initial[key]), f"frozen {key} differs"
+        want = int8.get((i["kind"], i["key"]), run.initial[i["key"]])
+        assert torch.equal(torch.tensor(initializers[i["name"]]), want), f"frozen {i['kind']} {i['key']} differs"
+    if case == INT8_CASE:  # int8 in the model too, dequantized in the graph where used
+        assert int8 and any(t.data_type == onnx.TensorProto.INT8 for t in run.model.graph.initializer)
     masks = run.trainer.trained_masks()
     for key, value in run.runner.by_key("param").items():
         untrained = ~masks[key]

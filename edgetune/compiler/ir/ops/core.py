@@ -629,8 +629,8 @@ def _var_grad_onnx(ctx, n, xs):
 register("sum", _sum_kernel, _sum_vjp, onnx=_onnx_reduction("ReduceSum"))
 register("mean", lambda x, dims, keepdim: torch.mean(x, dims, keepdim=keepdim), _mean_vjp,
          onnx=_onnx_reduction("ReduceMean"))
-register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim), _var_vjp,
-         onnx=_var_onnx)
+register("var", lambda x, dims, correction, keepdim: torch.var(x, dims, correction=correction, keepdim=keepdim),
+         _var_vjp, onnx=_var_onnx)
 register("var_grad", _var_grad, onnx=_var_grad_onnx)
 def _extremum_vjp(b, n, g, want):
     return (b.emit("extremum_grad", g, n.inputs[0], n, dims=n.attrs["dims"], keepdim=n.attrs["keepdim"])

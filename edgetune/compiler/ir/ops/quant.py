@@ -40,5 +40,21 @@ def _float_weight_bytes(n) -> int:
     return q.nbytes * scale.dtype.itemsize
 
 
-register("linear_int8", _linear_int8, _vjp, scratch=_float_weight_bytes)
-register("linear_int8_grad_input", lambda g, q, scale: g @ dequantize(q, scale), scratch=_float_weight_bytes)
+# ONNX: the int8 weight stays int8 in the model (an initializer a quarter of the float size)
+# and is dequantized in the graph, as the kernel does, right where it is used.
+
+def _onnx_dequantize(ctx, n, q, scale):
+    scale_node = n.inputs[2]
+    return ctx.op("Mul", ctx.cast(q, scale_node.dtype), scale)
+
+
+def _linear_int8_onnx(ctx, n, xs):
+    x, q, scale, *bias = xs
+    w = ctx.op("Transpose", _onnx_dequantize(ctx, n, q, scale), perm=[1, 0])
+    y = ctx.op("MatMul", x, w)
+    return ctx.op("Add", y, bias[0]) if bias else y
+
+
+register("linear_int8", _linear_int8, _vjp, scratch=_float_weight_bytes, onnx=_linear_int8_onnx)
+register("linear_int8_grad_input", lambda g, q, scale: g @ dequantize(q, scale), scratch=_float_weight_bytes,
+         onnx=lambda ctx, n, xs: ctx.op("MatMul", xs[0], _onnx_dequantize(ctx, n, xs[1], xs[2])))

@@ -88,7 +88,8 @@ register("slice", lambda x, dim, start, end, step: A.slice(x, dim, start, end, s
          onnx=_slice_onnx)
 # A 0-d index drops the dim, as select does.
 register("select", lambda x, dim, index: x.select(dim, index), _select_vjp, view=True,
-         onnx=lambda ctx, n, xs: ctx.op("Gather", xs[0], ctx.scalar(n.attrs["index"], torch.int64), axis=n.attrs["dim"]))
+         onnx=lambda ctx, n, xs: ctx.op("Gather", xs[0], ctx.scalar(n.attrs["index"], torch.int64),
+                                        axis=n.attrs["dim"]))
 register("cat", lambda *xs, dim: torch.cat(xs, dim), _cat_vjp,
          onnx=lambda ctx, n, xs: ctx.op("Concat", *(ctx.convert(x, i.dtype, n.dtype) for x, i in zip(xs, n.inputs)),
                                         axis=n.attrs["dim"]))
@@ -132,7 +133,8 @@ def _flat_index(*idx, sizes):
 def _flip_onnx(ctx, n, xs):
     dims = list(n.attrs["dims"])
     ends = [-(2 ** 63)] * len(dims)  # past the front: a step of -1 runs to the first entry
-    return ctx.op("Slice", xs[0], ctx.ints([-1] * len(dims)), ctx.ints(ends), ctx.ints(dims), ctx.ints([-1] * len(dims)))
+    backwards = ctx.ints([-1] * len(dims))
+    return ctx.op("Slice", xs[0], backwards, ctx.ints(ends), ctx.ints(dims), backwards)
 
 
 register("flip", lambda x, dims: x.flip(dims),
