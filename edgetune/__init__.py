@@ -21,4 +21,4 @@ from edgetune.compiler.inputs import BatchError
 from edgetune.compiler.trainer import Trainer, compile
 
 __all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer", "NonFiniteError", "BatchError"]
-__version__ = "0.1.0"
+from edgetune.version import __version__  # noqa: E402

@@ -276,7 +276,7 @@ def _model(onnx: Any, ctx: LoweringContext, inputs: list[StepInput], outputs: li
         [h.make_tensor_value_info(i.name, ctx.elem_type(i.dtype), list(i.shape)) for i in inputs],
         [h.make_tensor_value_info(o.name, ctx.elem_type(o.dtype), list(o.shape)) for o in outputs],
         ctx.initializers)
-    from edgetune import __version__
+    from edgetune.version import __version__
 
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="edgetune",
                          producer_version=__version__)
@@ -331,9 +331,9 @@ def export_step(trainer_or_graph: Any, path: str | os.PathLike, *,
 def _export(source: Any) -> Exported:
     if isinstance(source, Graph):
         return to_onnx(source)
-    from edgetune.compiler.trainer import Trainer
-
-    if not isinstance(source, Trainer):
+    # A Trainer, told by what the export reads of it: importing the class here would make the
+    # trainer (which calls this module) and this module import each other.
+    if not all(hasattr(source, a) for a in ("graph", "rules", "optimizer", "examples")):
         raise TypeError(f"export_step takes a Trainer or a Graph, not {type(source).__name__}")
     return trainer_export(source)
 
@@ -343,7 +343,7 @@ def trainer_export(trainer: Any) -> Exported:
     first step's inputs; the manifest adds the scheme, the optimizer and the version."""
     held = _held_values(trainer)
     exported = to_onnx(trainer.graph, held)
-    from edgetune import __version__
+    from edgetune.version import __version__
     from edgetune.compiler import scheme as schemes
 
     exported.manifest.update({
