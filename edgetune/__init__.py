@@ -11,14 +11,24 @@ The package, from the bottom up:
     apps/      what is built on the compiler: fine-tuning loops, LM tools, scheme search,
                memory measurement, the demo
     cli.py     the `edgetune` command
+    runtime/   an exported step run by onnxruntime alone, without PyTorch
     files.py   files written whole or not at all (used by every layer)
 """
-from edgetune.compiler import scheme as schemes
-from edgetune.compiler.optim import SGD, AdamW
-from edgetune.compiler.scheme import Scheme
-from edgetune.compiler.backends.torch import NonFiniteError
-from edgetune.compiler.inputs import BatchError
-from edgetune.compiler.trainer import Trainer, compile
+import importlib
 
-__all__ = ["compile", "Scheme", "schemes", "SGD", "AdamW", "Trainer", "NonFiniteError", "BatchError"]
-from edgetune.version import __version__  # noqa: E402
+from edgetune.version import __version__
+
+# The API, imported on first use (PEP 562): `import edgetune.runtime` on a device that has
+# onnxruntime but no PyTorch must not import the compiler, which needs torch.
+_API = {"compile": "edgetune.compiler.trainer", "Trainer": "edgetune.compiler.trainer",
+        "SGD": "edgetune.compiler.optim", "AdamW": "edgetune.compiler.optim", "Scheme": "edgetune.compiler.scheme",
+        "NonFiniteError": "edgetune.compiler.backends.torch", "BatchError": "edgetune.compiler.inputs"}
+__all__ = [*_API, "schemes", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "schemes":
+        return importlib.import_module("edgetune.compiler.scheme")
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'edgetune' has no attribute {name!r}")

@@ -1,0 +1,147 @@
+"""StepRunner: steps an exported training graph with onnxruntime, holding what the step
+carries (trained tensors, optimizer state, written buffers) as onnxruntime values between
+steps. The graph's outputs `<input>_next` become the next step's inputs by reference, through
+IO binding: no copy through numpy per step. The manifest beside the model says which input
+is the batch, which are carried, and what `skipped` means.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+# Plain file handling only: `import edgetune` loads no compiler (and no torch) until asked.
+from edgetune.files import atomic_write
+
+MANIFEST = "manifest.json"
+BATCH_KINDS = ("input", "target")
+
+
+class RunnerError(ValueError):
+    """A folder, batch or state file this runner cannot use; nothing was changed."""
+
+
+class StepRunner:
+    def __init__(self, folder: str | os.PathLike, providers: list[str] | None = None,
+                 session_options: Any = None) -> None:
+        import onnxruntime as ort
+
+        self.folder = os.fspath(folder)
+        self.manifest = _read_manifest(self.folder)
+        self.session = ort.InferenceSession(os.path.join(self.folder, self.manifest["model"]), session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        inputs = self.manifest["inputs"]
+        # The batch in the order step() takes it: the model's inputs, then the targets.
+        self.batch_inputs = sorted((i for i in inputs if i["kind"] in BATCH_KINDS), key=lambda i: i["key"])
+        self.carried = {i["name"]: i for i in inputs if i["name"] in self.manifest["next_step"].values()}
+        self.lr = float(self.manifest["optimizer"]["lr"])
+        self.steps = int(self.manifest.get("steps_done", 0))
+        self.last_skipped = 0
+        self._values = self._initial_values(ort)
+
+    # -- stepping ---------------------------------------------------------------------------
+
+    def step(self, *batch: np.ndarray) -> float:
+        """One training step on `batch` (inputs then targets, shaped as at export); returns the
+        loss. Under on_nonfinite="raise", a step whose loss or a gradient is not finite raises
+        FloatingPointError and keeps the previous state."""
+        binding = self.session.io_binding()
+        for spec, array in zip(self.batch_inputs, self._checked(batch)):
+            binding.bind_cpu_input(spec["name"], array)
+        binding.bind_cpu_input("lr", np.asarray(self.lr, dtype=np.float64))
+        binding.bind_cpu_input("step", np.asarray(self.steps + 1, dtype=np.int64))
+        for name, value in self._values.items():
+            binding.bind_ortvalue_input(name, value)
+        names = [o["name"] for o in self.manifest["outputs"]]
+        for name in names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = dict(zip(names, binding.get_outputs()))
+        skipped = int(outputs["skipped"].numpy())
+        if skipped and self.manifest["on_nonfinite"] == "raise":
+            raise FloatingPointError(f"step {self.steps + 1}: the loss or a gradient is NaN or infinite; nothing was "
+                                     "updated (lower the learning rate, or check the batch)")
+        for output, carried in self.manifest["next_step"].items():
+            self._values[carried] = outputs[output]
+        self.steps, self.last_skipped = self.steps + 1, skipped
+        return float(outputs["loss"].numpy())
+
+    def _checked(self, batch: tuple) -> list[np.ndarray]:
+        if len(batch) != len(self.batch_inputs):
+            raise RunnerError(f"step() takes {len(self.batch_inputs)} arrays (inputs, then targets: "
+                              f"{[i['name'] for i in self.batch_inputs]}), got {len(batch)}")
+        arrays = []
+        for spec, array in zip(self.batch_inputs, batch):
+            array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
+            if list(array.shape) != spec["shape"] or array.dtype != np.dtype(spec["dtype"]):
+                raise RunnerError(f"{spec['name']} is {array.dtype}{list(array.shape)}, the step was exported for "
+                                  f"{spec['dtype']}{spec['shape']}: export again with an example batch of this shape")
+            arrays.append(array)
+        return arrays
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The carried tensors by their model names ("head.weight", "head.weight:exp_avg"), copied."""
+        return {self.carried[name]["key"]: value.numpy().copy() for name, value in self._values.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The carried tensors, step count and lr as one safetensors file, written atomically."""
+        from safetensors.numpy import save_file
+
+        metadata = {"steps": str(self.steps), "lr": repr(self.lr), "model": self.manifest["model"]}
+        atomic_write(os.fspath(path), lambda tmp: save_file(self.state(), tmp, metadata=metadata))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """A file of save(): every carried tensor, names, shapes and dtypes checked first."""
+        import onnxruntime as ort
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = os.fspath(path)
+        try:
+            arrays = load_file(path)
+            from safetensors import safe_open
+
+            with safe_open(path, "np") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as err:
+            raise RunnerError(f"{path} is not a runner state file ({err}): give a file StepRunner.save wrote") from None
+        by_key = {spec["key"]: name for name, spec in self.carried.items()}
+        _check_arrays(path, arrays, {key: self.carried[name] for key, name in by_key.items()})
+        self._values = {by_key[key]: ort.OrtValue.ortvalue_from_numpy(np.asarray(a, order="C"))
+                        for key, a in arrays.items()}
+        self.steps, self.lr = int(metadata.get("steps", self.steps)), float(metadata.get("lr", self.lr))
+
+    def _initial_values(self, ort: Any) -> dict[str, Any]:
+        from safetensors.numpy import load_file
+
+        state_file = self.manifest.get("state")
+        arrays = load_file(os.path.join(self.folder, state_file)) if state_file else {}
+        _check_arrays(os.path.join(self.folder, str(state_file)), arrays, self.carried)
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.asarray(a, order="C")) for name, a in arrays.items()}
+
+
+def _read_manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        raise RunnerError(f"{folder} holds no {MANIFEST}: give the folder Trainer.export_onnx wrote")
+    with open(path) as f:
+        manifest = json.load(f)
+    missing = {"model", "inputs", "outputs", "next_step", "optimizer", "on_nonfinite"} - set(manifest)
+    if missing:
+        raise RunnerError(f"{path} lacks {sorted(missing)}: export the step again with this edgetune")
+    return manifest
+
+
+def _check_arrays(path: str, arrays: dict[str, np.ndarray], want: dict[str, dict]) -> None:
+    if set(arrays) != set(want):
+        raise RunnerError(f"{path} does not fit this step: missing {sorted(set(want) - set(arrays))[:5]}, "
+                          f"unexpected {sorted(set(arrays) - set(want))[:5]}")
+    for key, a in arrays.items():
+        spec = want[key]
+        if list(a.shape) != spec["shape"] or a.dtype != np.dtype(spec["dtype"]):
+            raise RunnerError(f"{path}: {key!r} is {a.dtype}{list(a.shape)}, the step takes "
+                              f"{spec['dtype']}{spec['shape']}")

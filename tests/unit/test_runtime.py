@@ -1,0 +1,101 @@
+"""edgetune.runtime: an exported step run by onnxruntime alone matches the torch backend after
+5 steps, in a process where `import torch` fails; its state saves and loads; bad input is
+refused with nothing changed."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+import edgetune as et
+from tests.unit.nets import ConvNet, batch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SCHEME = {"pw.weight": 0.5, "*.bias": "full", "head.*": "full"}
+STEPS = 5
+
+# Runs the exported step without torch: any import of it raises.
+WITHOUT_TORCH = """
+import json, sys
+import numpy as np
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed here")
+
+sys.meta_path.insert(0, NoTorch())
+from edgetune.runtime import StepRunner
+
+folder = sys.argv[1]
+data = np.load(folder + "/batches.npz")
+runner = StepRunner(folder)
+losses = [runner.step(data[f"x{i}"], data[f"y{i}"]) for i in range(int(data["n"]))]
+runner.save(folder + "/after.safetensors")
+json.dump({"losses": losses, "torch_loaded": "torch" in sys.modules}, open(folder + "/result.json", "w"))
+"""
+
+
+@pytest.fixture
+def exported(tmp_path, monkeypatch):
+    """A train-mode ConvNet under a partial scheme with AdamW, exported before its first step,
+    and its twin trained STEPS steps by the torch backend."""
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    batches = [batch(seed=s) for s in range(STEPS)]
+    model = ConvNet().train()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    trainer.export_onnx(tmp_path)
+    np.savez(tmp_path / "batches.npz", n=STEPS, **{f"x{i}": b[0][0].numpy() for i, b in enumerate(batches)},
+             **{f"y{i}": b[1][0].numpy() for i, b in enumerate(batches)})
+    losses = [trainer.step(*b) for b in batches]
+    return tmp_path, trainer, losses, batches
+
+
+def test_the_runner_matches_the_torch_backend_without_torch(exported):
+    folder, trainer, want_losses, _ = exported
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(folder)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((folder / "result.json").read_text())
+    assert not result["torch_loaded"]
+    assert result["losses"] == pytest.approx(want_losses, rel=1e-5)
+    from safetensors.numpy import load_file
+
+    after = load_file(str(folder / "after.safetensors"))
+    want = {**trainer.model.state_dict(), **trainer.state}
+    assert set(after) == {"bn.bias", "bn2.bias", "pw.weight", "pw.bias", "head.weight", "head.bias",
+                          "bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "bn2.running_mean",
+                          "bn2.running_var", "bn2.num_batches_tracked"} | set(trainer.state)
+    for key, value in after.items():
+        np.testing.assert_allclose(value, want[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path):
+    from edgetune.runtime import RunnerError, StepRunner
+
+    folder, _, want_losses, batches = exported
+    arrays = [(b[0][0].numpy(), b[1][0].numpy()) for b in batches]
+    runner = StepRunner(folder)
+    for x, y in arrays[:2]:
+        runner.step(x, y)
+    runner.save(tmp_path / "mid.safetensors")
+    before = runner.state()
+    with pytest.raises(RunnerError, match=r"args_0 is float64\[4, 3, 8, 8\], the step was exported for float32"):
+        runner.step(arrays[2][0].astype(np.float64), arrays[2][1])
+    with pytest.raises(RunnerError, match="takes 2 arrays"):
+        runner.step(arrays[2][0])
+    assert runner.steps == 2 and all(np.array_equal(v, before[k]) for k, v in runner.state().items())
+    resumed = StepRunner(folder)
+    resumed.load(tmp_path / "mid.safetensors")
+    assert resumed.steps == 2
+    assert [resumed.step(x, y) for x, y in arrays[2:]] == pytest.approx(want_losses[2:], rel=1e-5)
+    (tmp_path / "bad.safetensors").write_bytes(b"nonsense")
+    with pytest.raises(RunnerError, match="is not a runner state file"):
+        resumed.load(tmp_path / "bad.safetensors")
+    with pytest.raises(RunnerError, match="holds no manifest.json"):
+        StepRunner(tmp_path / "nowhere")
