@@ -81,8 +81,23 @@ def test_contributions_are_the_gains_over_head_only_and_over_all_biases(setup):
         assert gains.weight[name] == pytest.approx(table)
 
 
-def test_search_finds_the_best_scheme_that_fits_and_never_exceeds_the_budget(setup):
-    _, _, space, predictor, gains = setup
+@pytest.fixture(scope="module")
+def estimated(setup):
+    """A predictor of the same step whose peaks come from the per-op estimates, every scheme's
+    predicted once: the search is compared with an exhaustive one on the same predictions, and
+    this machine's measured kernel scratch moves with its load (a near-tie then leads the
+    search another way, which is not what the test is about)."""
+    model, data, space, _, gains = setup
+    predictor = PeakPredictor(model, F.cross_entropy, *data, et.SGD(lr=0.01, momentum=0.9))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+        for genome in all_genomes(space):
+            predictor.predict(space.scheme_of(genome))
+    return space, predictor, gains
+
+
+def test_search_finds_the_best_scheme_that_fits_and_never_exceeds_the_budget(estimated):
+    space, predictor, gains = estimated
     genomes = [(g, gains.total(*space.decode(g)), predictor.predict(space.scheme_of(g))) for g in all_genomes(space)]
     peaks = sorted({p for _, _, p in genomes})
     for budget in (peaks[0], peaks[len(peaks) // 3], peaks[2 * len(peaks) // 3], peaks[-1]):
