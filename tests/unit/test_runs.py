@@ -22,8 +22,8 @@ from tests.unit.nets import ConvNet
 
 EPOCHS, BATCH = 3, 4  # 36 training items: 9 steps an epoch, 27 in all
 STEPS = 27
-CRASH_TEST_SECONDS = 20  # the kill loop runs this long, and until MIN_KILLS kills
-MIN_KILLS = 20
+CRASH_TEST_SECONDS = 12  # the kill loop runs this long, and until MIN_KILLS kills
+MIN_KILLS = 15
 
 
 def _job():
