@@ -39,6 +39,9 @@ def resume_settings(args: argparse.Namespace, defaults: argparse.Namespace) -> b
     a value other than the run's is an error) and make the folder `args.out`. Returns whether
     this is a resumed run; a new one records its settings with `record_settings`."""
     if not args.resume:
+        if args.out and os.path.exists(os.path.join(args.out, RUN_FILE)):
+            raise ValueError(f"{args.out} holds a run already (its {RUN_FILE}): go on with it with --resume "
+                             f"{args.out}, or give another --out")
         return False
     if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ValueError(f"--resume {args.resume} goes on writing into that run's folder: drop --out {args.out}")

@@ -94,6 +94,8 @@ def test_a_resume_that_cannot_continue_says_why(tmp_path, capsys):
     assert "--lr 0.5 (the run has 0.1)" in capsys.readouterr().err
     assert main(["finetune", "--resume", str(tmp_path / "ft"), "--out", str(tmp_path / "else")]) == 2
     assert "drop --out" in capsys.readouterr().err
+    assert main(["finetune", "--out", str(tmp_path / "ft")]) == 2  # a new run never lands on an old one
+    assert "holds a run already" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "run.json").write_text("{")
     assert main(["finetune", "--resume", str(tmp_path / "bad")]) == 2
