@@ -1,7 +1,8 @@
 """Applications built on the compiler (edgetune.compiler): what a user runs, not how a step
 is built. Each imports `compile` and the Trainer; none is imported by the compiler.
 
-    finetune.py  the training loop, evaluation, schedules, checkpoints, history and plots
+    finetune.py  the training loop, evaluation, schedules, history and plots
+    runs.py      resumable runs: a run folder's settings, checkpoints, --resume
     jobs.py      a fine-tuning job: model + data + preprocessing, shared by finetune/search/demo
     lm.py        language models: data, training, evaluation, generation
     peft.py      LoRA adapters saved in PEFT's format, or folded into the weights

@@ -13,10 +13,12 @@ The pipeline, in the order a step is built (`compile` in trainer.py drives it):
     memory.py   lifetimes and the predicted peak of one step
     inputs.py   what every input of the step is (parameter, optimizer state, batch, ...)
     backends/   running the graph: torch.py generates Python calling torch kernels;
-                scratch.py measures what those kernels allocate (a new backend goes here)
+                onnx.py writes the whole step as one plain ONNX graph (run by
+                edgetune.runtime without torch); scratch.py measures what the torch
+                kernels allocate (a new backend goes here)
     report.py   the per-layer report of a compiled step
     trainer.py  `compile` and the Trainer, the compiler's face: binds the step to the model
-    checkpoint.py  the Trainer's state as one safetensors file (no pickle)
+    checkpoint.py  the Trainer's state as one safetensors file (no pickle, with a digest)
     isolate.py  compiling in a forked child, so the training process stays lean
 
 Nothing here imports from edgetune.apps or edgetune.cli: they are built on this package.
