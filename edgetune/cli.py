@@ -1,6 +1,7 @@
-"""The `edgetune` command: `plan` prints a compiled step's report, `finetune` fine-tunes a model
-on a dataset, `search` finds a scheme under a memory budget, `demo` shows it all;
-`finetune-lm` fine-tunes a language model on chats or text and `generate` tries it."""
+"""The `edgetune` command: `plan` prints a compiled step's report, `export` writes it as ONNX,
+`finetune` fine-tunes a model on a dataset, `search` finds a scheme under a memory budget,
+`demo` shows it all; `finetune-lm` fine-tunes a language model on chats or text and
+`generate` tries it."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--model", default="mobilenetv2", help="built-in model: " + ", ".join(_models()))
     _common(plan, batch=8, size=128)
     plan.set_defaults(run=run_plan)
+    export = sub.add_parser("export", help="compile one training step and write it as a plain ONNX graph "
+                            "(with its manifest and starting state), for onnxruntime or any ONNX runtime")
+    export.add_argument("--model", default="mobilenetv2", help="built-in model: " + ", ".join(_models()))
+    export.add_argument("--out", required=True, help="folder for step.onnx, manifest.json and state.safetensors")
+    export.add_argument("--lr", type=float, default=0.01, help="the learning rate the step starts with (a runner "
+                        "can change it)")
+    _common(export, batch=8, size=128)
+    export.set_defaults(run=run_export)
     ft = sub.add_parser("finetune", help="fine-tune a (pretrained) model on a dataset under a scheme")
     _job_args(ft)
     ft.add_argument("--budget", help="memory for training on top of the weights, e.g. 40MB: with --scheme auto, "
@@ -182,16 +191,7 @@ def _models() -> list[str]:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from edgetune.apps.jobs import check_input_fits
-    from edgetune.models import MODELS, build
-
-    if args.model not in MODELS:
-        raise ValueError(f"unknown model {args.model!r}; plan takes a built-in model: {', '.join(sorted(MODELS))}")
-    extra = {"image_size": args.size} if args.model == "vit" else {}
-    model = build(args.model, num_classes=args.classes, **extra)
-    model.train(args.train_mode)
-    inputs, targets = _example(model, args)
-    check_input_fits(model, inputs, f"inputs of size {args.size}")
+    model, inputs, targets = _built_model(args)
     start = time.perf_counter()
     trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=et.schemes.parse(args.scheme),
                          optimizer=by_name(args.optimizer, 0.01))
@@ -199,6 +199,39 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{'train' if args.train_mode else 'eval'}-mode norms; compiled in {time.perf_counter() - start:.1f}s\n")
     print(trainer.report())
     return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:  # said before the model builds and compiles
+        raise ValueError("exporting needs the onnx package: pip install -e '.[onnx]'")
+    model, inputs, targets = _built_model(args)
+    trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=et.schemes.parse(args.scheme),
+                         optimizer=by_name(args.optimizer, args.lr))
+    trainer.export_onnx(args.out)
+    files = sorted(os.listdir(args.out))
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files) / 2**20
+    print(f"{args.model}, scheme {args.scheme}, batch {args.batch}: the whole training step ({trainer.trainable_params:,} "
+          f"trainable parameters, {args.optimizer}) as ONNX in {args.out}/ ({', '.join(files)}; {size:.1f} MB). "
+          "Run it with edgetune.runtime.StepRunner, or any ONNX runtime (manifest.json says what feeds what)")
+    return 0
+
+
+def _built_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple]:
+    """A built-in model in the mode asked for, and a random example batch it takes."""
+    from edgetune.apps.jobs import check_input_fits
+    from edgetune.models import MODELS, build
+
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; {args.command} takes a built-in model: "
+                         f"{', '.join(sorted(MODELS))}")
+    extra = {"image_size": args.size} if args.model == "vit" else {}
+    model = build(args.model, num_classes=args.classes, **extra)
+    model.train(args.train_mode)
+    inputs, targets = _example(model, args)
+    check_input_fits(model, inputs, f"inputs of size {args.size}")
+    return model, inputs, targets
 
 
 def _example(model: torch.nn.Module, args: argparse.Namespace) -> tuple[tuple, tuple]:

@@ -99,3 +99,19 @@ def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path)
         resumed.load(tmp_path / "bad.safetensors")
     with pytest.raises(RunnerError, match="holds no manifest.json"):
         StepRunner(tmp_path / "nowhere")
+
+
+def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch, capsys):
+    from edgetune.cli import main
+    from edgetune.runtime import StepRunner
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    out = tmp_path / "step"
+    assert main(["export", "--model", "resnet", "--size", "16", "--batch", "2", "--scheme", "bias_only",
+                 "--out", str(out)]) == 0
+    assert "as ONNX in" in capsys.readouterr().out
+    runner = StepRunner(out)
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16), dtype=np.float32)
+    losses = [runner.step(x, np.array([1, 3])) for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # one batch, fitted a little more each step
+    assert main(["export", "--model", "nope", "--out", str(out)]) == 2
