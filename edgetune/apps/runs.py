@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -140,16 +139,13 @@ class Checkpoints:
 def frozen_digest(trainer) -> str:
     """A hash of every weight the run does not train (int8 ones included): a resume must start
     from the same frozen weights, which the checkpoint does not store."""
-    written = set(trainer.state_dict(frozen=False)["model"])
-    h = hashlib.blake2b(digest_size=16)
+    from edgetune.compiler.checkpoint import tensor_digest
+
+    written = trainer.written_names()
     tensors = {k: v for k, v in trainer.model.state_dict().items() if k not in written and k not in trainer.int8}
     for name, (values, scales) in trainer.int8.items():
         tensors[name], tensors[name + ":scales"] = values, scales
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as they are, no copy
-    return h.hexdigest()
+    return tensor_digest(tensors)
 
 
 def _lock_run(folder: str):

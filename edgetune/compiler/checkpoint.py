@@ -47,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             storages.add(storage)
     metadata = {"format": FORMAT, "version": VERSION, "step": str(int(state["step"])), "lr": repr(float(state["lr"])),
                 "frozen": json.dumps(bool(state.get("frozen", True))), "aliases": json.dumps(aliases),
-                "digest": _digest(tensors)}
+                "digest": tensor_digest(tensors)}
     if "run" in state:
         metadata["run"] = json.dumps(state["run"])
     atomic_write(os.fspath(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -75,7 +75,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, 
         # data. Read again until the file stayed the same throughout.
         if _identity(path) == before:
             break
-    if "digest" in metadata and metadata["digest"] != _digest(tensors):
+    if "digest" in metadata and metadata["digest"] != tensor_digest(tensors):
         raise _damaged(path, "its tensors do not match the digest written with them")
     try:
         return _state(tensors, metadata)
@@ -103,7 +103,8 @@ def _identity(path: str) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash of every tensor's name, dtype, shape and bytes."""
     h = hashlib.blake2b(digest_size=16)
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()

@@ -253,8 +253,12 @@ class Trainer:
         state = {k: v for k, v in self.model.state_dict().items() if k not in self.int8}
         if frozen:
             return state
-        written = {u.name for u in self.updates} | {n for n, _ in self.model.named_buffers()}
+        written = self.written_names()
         return {k: v for k, v in state.items() if k in written}
+
+    def written_names(self) -> set[str]:
+        """The model's tensors a step may write: trained parameters and buffers."""
+        return {u.name for u in self.updates} | {n for n, _ in self.model.named_buffers()}
 
     def state_dict(self, frozen: bool = True) -> dict[str, Any]:
         """Step count, lr, model weights, optimizer state and LoRA adapters. frozen=False

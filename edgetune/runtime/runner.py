@@ -97,16 +97,13 @@ class StepRunner:
     def load(self, path: str | os.PathLike) -> None:
         """A file of save(): every carried tensor, names, shapes and dtypes checked first."""
         import onnxruntime as ort
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors import SafetensorError, safe_open
 
         path = os.fspath(path)
         try:
-            arrays = load_file(path)
-            from safetensors import safe_open
-
-            with safe_open(path, "np") as f:
+            with safe_open(path, "np") as f:  # one reader for tensors and metadata
                 metadata = f.metadata() or {}
+                arrays = {key: f.get_tensor(key) for key in f.keys()}
         except (SafetensorError, OSError) as err:
             raise RunnerError(f"{path} is not a runner state file ({err}): give a file StepRunner.save wrote") from None
         by_key = {spec["key"]: name for name, spec in self.carried.items()}

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from edgetune.compiler.inputs import KINDS, StepInput, step_inputs
+from edgetune.compiler.ir.builder import claim_unique
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
 
@@ -62,13 +63,7 @@ class LoweringContext:
         self.base = "v"  # the IR node being lowered: its values are named after it
 
     def fresh(self, base: str | None = None) -> str:
-        base = base or self.base
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return claim_unique(base or self.base, self._names)
 
     def reserve(self, name: str) -> str:
         """Claim an exact name (a graph input or output); it must still be free."""

@@ -74,13 +74,17 @@ class Builder:
         return total
 
     def _fresh(self, base: str) -> str:
-        base = _sanitize(base)
-        name, k = base, 0
-        while name in self._names:
-            k += 1
-            name = f"{base}_{k}"
-        self._names.add(name)
-        return name
+        return claim_unique(_sanitize(base), self._names)
+
+
+def claim_unique(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`, ... : the first not in `taken`, which then holds it."""
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
 
 
 def _sanitize(name: str) -> str:
