@@ -22,6 +22,7 @@ from edgetune.compiler.ir.builder import Builder  # noqa: E402
 from edgetune.compiler.ir.graph import Graph  # noqa: E402
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs  # noqa: E402
 from edgetune.compiler.ir.ops.quant import quantize_per_channel  # noqa: E402
+import edgetune.compiler.optim  # noqa: E402,F401  (registers the optimizer ops: the file also runs alone)
 
 # The operands are O(1): atol covers a float32 sum of a few dozen of them that cancels to near 0,
 # which onnxruntime adds up in another order.
@@ -400,9 +401,26 @@ def _attention_cases(a):
     return cases
 
 
+def _vocab_cases(a):
+    from edgetune.compiler.ir.ops.vocab import _vocab_log_prob
+
+    h, w, target = a.r(6, 5), a.r(11, 5), a.idx(11, 6, 1)
+    cases = []
+    for chunk in (3, 11):  # four slices (the last one short) and the whole vocabulary at once
+        packed = _vocab_log_prob(h, w, target, chunk=chunk)
+        cases += [(f"vocab_log_prob-chunk{chunk}", "vocab_log_prob", [h, w, target], dict(chunk=chunk)),
+                  (f"vocab_log_prob_grad_w-chunk{chunk}", "vocab_log_prob_grad_w", [a.r(6, 6), h, w, target, packed],
+                   dict(chunk=chunk))]
+    big = h * 300  # logits of ~1000: the online log-sum-exp rescales earlier slices
+    return cases + [
+        ("vocab_log_prob-large-logits", "vocab_log_prob", [big, w, target], dict(chunk=4)),
+        ("vocab_log_prob_grad_h", "vocab_log_prob_grad_h", [a.r(6, 6), _vocab_log_prob(h, w, target, chunk=3)], {}),
+    ]
+
+
 FAMILIES = [_attention_cases, _elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases,
             _conv_cases,
-            _indexing_cases, _mask_cases, _optimizer_cases]
+            _indexing_cases, _mask_cases, _optimizer_cases, _vocab_cases]
 
 
 @functools.cache

@@ -88,7 +88,80 @@ def _shape(h, w, target, *, chunk):
     return (h.shape[0], 1 + h.shape[1]), h.dtype
 
 
-register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch)
-register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype))
+# -- ONNX: the same slices, unrolled ----------------------------------------------------------
+# The lowerings unroll the kernels' loop over the node's `chunk`: one block of nodes per slice
+# of the vocabulary. A plain lowering over the whole vocabulary would hold the [N, V] logits
+# (and their exponentials) at once, which is what this op exists to avoid; unrolled, a runtime
+# that frees a value after its last reader holds one slice's block at a time, and the
+# arithmetic is the kernels' own, slice for slice. The slice count is bounded by the logits'
+# size over SLICE_BYTES (a few for a real LM; one for a small batch).
+
+def _onnx_slices(vocab, chunk):
+    return [(start, min(start + chunk, vocab)) for start in range(0, vocab, chunk)]
+
+
+def _onnx_rows(ctx, w, start, stop):
+    return ctx.op("Slice", w, ctx.ints([start]), ctx.ints([stop]), ctx.ints([0]))
+
+
+def _onnx_target_rows(ctx, w, target):
+    """w[target[:, 0]]: [N, D]."""
+    return ctx.op("Gather", w, ctx.op("Reshape", target, ctx.ints([-1])), axis=0)
+
+
+def _vocab_log_prob_onnx(ctx, n, xs):
+    h, w, target = xs
+    running_max = total = weighted = None
+    for start, stop in _onnx_slices(n.inputs[1].shape[0], n.attrs["chunk"]):
+        w_slice = _onnx_rows(ctx, w, start, stop)
+        logits = ctx.op("MatMul", h, ctx.op("Transpose", w_slice, perm=[1, 0]))
+        slice_max = ctx.reduce("ReduceMax", logits, [1], keepdims=True)
+        new_max = slice_max if running_max is None else ctx.op("Max", running_max, slice_max)
+        p = ctx.op("Exp", ctx.op("Sub", logits, new_max))
+        slice_total, slice_weighted = ctx.reduce("ReduceSum", p, [1], keepdims=True), ctx.op("MatMul", p, w_slice)
+        if running_max is None:  # the kernel rescales its zeros by exp(-inf) here: the sums alone
+            total, weighted = slice_total, slice_weighted
+        else:
+            rescale = ctx.op("Exp", ctx.op("Sub", running_max, new_max))  # online softmax: earlier slices' terms
+            total = ctx.op("Add", ctx.op("Mul", total, rescale), slice_total)
+            weighted = ctx.op("Add", ctx.op("Mul", weighted, rescale), slice_weighted)
+        running_max = new_max
+    target_rows = _onnx_target_rows(ctx, w, target)
+    dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, target_rows), [1], keepdims=True)
+    value = ctx.op("Sub", ctx.op("Sub", dot, running_max), ctx.op("Log", total))
+    direction = ctx.op("Sub", target_rows, ctx.op("Div", weighted, total))
+    return ctx.op("Concat", value, direction, axis=1)
+
+
+def _grad_h_onnx(ctx, n, xs):
+    g, packed = xs
+    width = n.inputs[1].shape[1]
+    column = lambda v, a, b: ctx.op("Slice", v, ctx.ints([a]), ctx.ints([b]), ctx.ints([1]))  # noqa: E731
+    return ctx.op("Mul", column(g, 0, 1), column(packed, 1, width))
+
+
+def _grad_w_onnx(ctx, n, xs):
+    """Per slice: g * (onehot(target) - softmax) as the kernel adds it (-g * p, then + g at each
+    row's target), its transpose times h; the slices' rows concatenated."""
+    g, h, w, target, packed = xs
+    first = lambda v: ctx.op("Slice", v, ctx.ints([0]), ctx.ints([1]), ctx.ints([1]))  # noqa: E731  (column 0)
+    g = first(g)
+    dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, _onnx_target_rows(ctx, w, target)), [1], keepdims=True)
+    log_sum_exp, minus_g, grads = ctx.op("Sub", dot, first(packed)), ctx.op("Neg", g), []
+    word = lambda v: ctx.scalar(v, torch.int64)  # noqa: E731
+    for start, stop in _onnx_slices(n.inputs[2].shape[0], n.attrs["chunk"]):
+        w_slice = _onnx_rows(ctx, w, start, stop)
+        logits = ctx.op("MatMul", h, ctx.op("Transpose", w_slice, perm=[1, 0]))
+        g_logits = ctx.op("Mul", ctx.op("Exp", ctx.op("Sub", logits, log_sum_exp)), minus_g)
+        words = ctx.op("Reshape", ctx.op("Range", word(start), word(stop), word(1)), ctx.ints([1, -1]))
+        at_target = ctx.op("Where", ctx.op("Equal", target, words), g, ctx.scalar(0, n.dtype))  # [N, slice]
+        g_logits = ctx.op("Add", g_logits, at_target)
+        grads.append(ctx.op("MatMul", ctx.op("Transpose", g_logits, perm=[1, 0]), h))
+    return grads[0] if len(grads) == 1 else ctx.op("Concat", *grads, axis=0)
+
+
+register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch, onnx=_vocab_log_prob_onnx)
+register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype),
+         onnx=_grad_h_onnx)
 register("vocab_log_prob_grad_w", _grad_w, shape=lambda g, h, w, target, packed, chunk: (tuple(w.shape), w.dtype),
-         scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize)
+         scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize, onnx=_grad_w_onnx)
