@@ -29,7 +29,9 @@ import edgetune.compiler.optim  # noqa: E402,F401  (registers the optimizer ops:
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 # Cases the reference evaluator gets wrong itself (checked by onnxruntime in float32 only).
 _ERF = "onnxruntime has no float64 Erf, and onnx.reference's is accurate to float32 only"
-REFERENCE_GAPS = {"conv_grad_input-grouped": "onnx.reference's ConvTranspose mis-slices a grouped weight (1<groups<C)",
+_GROUPED_CONV_TRANSPOSE = "onnx.reference's ConvTranspose mis-slices a grouped weight (1<groups<C)"
+REFERENCE_GAPS = {"conv_grad_input-grouped": _GROUPED_CONV_TRANSPOSE,
+                  "conv_transpose-grouped_dilated": _GROUPED_CONV_TRANSPOSE,
                   "erf": _ERF, "gelu": _ERF, "gelu_grad": _ERF}
 
 
@@ -167,7 +169,31 @@ def _conv_cases(a):
         cases.append((f"conv_grad_weight-{name}", "conv_grad_weight", [a.r(*xs), a.r(*gs)],
                       dict(conv, weight_shape=ws)))
     cases.append(("conv-bias", "conv", [a.r(2, 3, 5, 5), a.r(4, 3, 3, 3), a.r(4)], dict(CONV, padding=(1, 1))))
+    for name, (xs, ws, convt) in CONV_TRANSPOSE_CONFIGS.items():
+        out = _conv_transpose_out_shape(xs, ws, convt)
+        bias = [a.r(ws[1] * convt["groups"])] if name != "conv1d" else []
+        cases += [(f"conv_transpose-{name}", "conv_transpose", [a.r(*xs), a.r(*ws), *bias], convt),
+                  (f"conv_transpose_grad_input-{name}", "conv_transpose_grad_input", [a.r(*out), a.r(*ws)],
+                   dict(convt, input_shape=xs)),
+                  (f"conv_transpose_grad_weight-{name}", "conv_transpose_grad_weight", [a.r(*xs), a.r(*out)],
+                   dict(convt, weight_shape=ws))]
     return cases
+
+
+CONV_TRANSPOSE = dict(CONV, output_padding=(0, 0))
+CONV_TRANSPOSE_CONFIGS = {  # name: (x shape, weight shape [Cin, Cout / groups, ...], attrs): test_nn's
+    "stride2_pad1_outpad1": ((2, 4, 4, 3), (4, 3, 3, 2), dict(CONV_TRANSPOSE, stride=(2, 2), padding=(1, 1),
+                                                              output_padding=(1, 1))),
+    "grouped_dilated": ((2, 4, 4, 3), (4, 3, 3, 2), dict(CONV_TRANSPOSE, groups=2, dilation=(2, 2))),
+    "stride21_pad01": ((2, 4, 4, 3), (4, 3, 3, 2), dict(CONV_TRANSPOSE, stride=(2, 1), padding=(0, 1))),
+    "conv1d": ((2, 3, 5), (3, 2, 4), dict(stride=(3,), padding=(1,), dilation=(1,), groups=1, output_padding=(0,))),
+}
+
+
+def _conv_transpose_out_shape(x, w, a):
+    return (x[0], w[1] * a["groups"]) + tuple(
+        st * (s - 1) - 2 * p + d * (k - 1) + op + 1
+        for s, k, st, p, d, op in zip(x[2:], w[2:], a["stride"], a["padding"], a["dilation"], a["output_padding"]))
 
 
 def _elementwise_cases(a):
@@ -297,6 +323,16 @@ def _linalg_cases(a):
 POOL = dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=False)
 
 
+def _group_norm_cases(a):
+    cases = []
+    for groups, x in ((1, a.r(2, 4, 3, 3)), (2, a.r(2, 4, 3, 3)), (4, a.r(2, 4, 3, 3)), (2, a.r(2, 4, 5))):
+        gn, name = dict(groups=groups, eps=1e-4), f"{groups}-{len(x.shape)}d"
+        cases += [(f"group_norm-{name}", "group_norm", [x, a.r(4), a.r(4)], gn),
+                  (f"gn_grad_input-{name}", "gn_grad_input", [a.r(*x.shape), x, a.r(4)], gn),
+                  (f"gn_grad_weight-{name}", "gn_grad_weight", [a.r(*x.shape), x, a.r(4)], gn)]
+    return cases
+
+
 def _norm_cases(a):
     x, g, c = a.r(2, 3, 4, 4), a.r(2, 3, 4, 4), 3
     return [
@@ -314,6 +350,7 @@ def _norm_cases(a):
         ("ln_grad_input", "ln_grad_input", [a.r(2, 3, 4), a.r(2, 3, 4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight", "ln_grad_weight", [a.r(2, 3, 4), a.r(2, 3, 4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight-all", "ln_grad_weight", [a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-5)),
+        *_group_norm_cases(a),
         ("adaptive_avg_pool2d", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(1, 1))),
         ("max_pool2d", "max_pool2d", [a.r(2, 3, 7, 6)], POOL),
         ("max_pool2d-ceil", "max_pool2d", [a.r(2, 3, 7, 6)], dict(POOL, ceil_mode=True, padding=(0, 0))),

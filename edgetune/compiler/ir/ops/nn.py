@@ -108,20 +108,24 @@ def _conv_grad_input_onnx(ctx, n, xs):
 
 
 def _conv_grad_weight_onnx(ctx, n, xs):
+    a = n.attrs
+    return _onnx_weight_correlation(ctx, *xs, n.inputs[0].shape, n.inputs[1].shape, a, a["weight_shape"])
+
+
+def _onnx_weight_correlation(ctx, x, g, x_shape, g_shape, a, weight_shape):
     """gw[o, i] = sum over samples of x[n, i] correlated with g[n, o]: itself a convolution, with
     the channels as the batch and the samples as the channels, stride and dilation swapped.
     Groups stay groups: x becomes [Ci, groups * N, ...], each group's samples one group's input."""
-    a, (x, g) = n.attrs, n.inputs
-    batch, groups, spatial = x.shape[0], a["groups"], list(x.shape[2:])
-    per_group, rank = x.shape[1] // groups, len(x.shape)
-    xt = ctx.op("Reshape", xs[0], ctx.ints([batch, groups, per_group] + spatial))
+    batch, groups, spatial = x_shape[0], a["groups"], list(x_shape[2:])
+    per_group, rank = x_shape[1] // groups, len(x_shape)
+    xt = ctx.op("Reshape", x, ctx.ints([batch, groups, per_group] + spatial))
     xt = ctx.op("Transpose", xt, perm=[2, 1, 0] + list(range(3, rank + 1)))
     xt = ctx.op("Reshape", xt, ctx.ints([per_group, groups * batch] + spatial))
-    gt = ctx.op("Transpose", xs[1], perm=[1, 0] + list(range(2, rank)))
+    gt = ctx.op("Transpose", g, perm=[1, 0] + list(range(2, rank)))
     swapped = dict(stride=a["dilation"], dilation=a["stride"], padding=a["padding"], groups=groups)
-    corr = ctx.op("Conv", xt, gt, **_onnx_conv_attrs(swapped, g.shape[2:]))
+    corr = ctx.op("Conv", xt, gt, **_onnx_conv_attrs(swapped, g_shape[2:]))
     gw = ctx.op("Transpose", corr, perm=[1, 0] + list(range(2, rank)))
-    kernel = list(a["weight_shape"][2:])  # the correlation may run past the kernel's extent
+    kernel = list(weight_shape[2:])  # the correlation may run past the kernel's extent
     return ctx.op("Slice", gw, ctx.ints([0] * len(kernel)), ctx.ints(kernel), ctx.ints(range(2, rank)))
 
 
@@ -172,11 +176,28 @@ def _convt_vjp(b, n, g, want):
     return (gx, gw, gb)[: len(n.inputs)]
 
 
-register("conv_transpose", _convt, _convt_vjp, measure_scratch=True)
+# ONNX's ConvTranspose is torch's (weight [Cin, Cout / groups, ...], the same output size). Its
+# gradients are the ordinary convolution's own, the other way round: the input's is the conv of
+# g with the same weight; the weight's correlates g (as the conv's input) with x.
+
+def _convt_onnx(ctx, n, xs):
+    a = n.attrs
+    return ctx.op("ConvTranspose", *xs, output_padding=list(a["output_padding"]),
+                  **_onnx_conv_attrs(a, n.inputs[1].shape[2:]))
+
+
+def _convt_grad_weight_onnx(ctx, n, xs):
+    x, g = xs
+    return _onnx_weight_correlation(ctx, g, x, n.inputs[1].shape, n.inputs[0].shape, n.attrs, n.attrs["weight_shape"])
+
+
+register("conv_transpose", _convt, _convt_vjp, measure_scratch=True, onnx=_convt_onnx)
 register("conv_transpose_grad_input", lambda g, w, input_shape, **a: _convt_backward(
-    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0], measure_scratch=True)
+    g, g.new_empty(1).expand(input_shape), w, [True, False, False], a)[0], measure_scratch=True,
+    onnx=lambda ctx, n, xs: ctx.op("Conv", *xs, **_onnx_conv_attrs(n.attrs, n.inputs[1].shape[2:])))
 register("conv_transpose_grad_weight", lambda x, g, weight_shape, **a: _convt_backward(
-    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1], measure_scratch=True)
+    g, x, g.new_empty(1).expand(weight_shape), [False, True, False], a)[1], measure_scratch=True,
+    onnx=_convt_grad_weight_onnx)
 
 
 # -- batch norm: y = (x - mean) * rsqrt(var + eps) * weight + bias ---------------------------
@@ -474,9 +495,51 @@ def _gn_vjp(b, n, g, want):
     )
 
 
-register("group_norm", _gn, _gn_vjp)
-register("gn_grad_input", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [True, False, False])[0])
-register("gn_grad_weight", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [False, True, False])[1])
+# ONNX: composed, as layer norm is, over each (sample, group) viewed as one row [N, groups, -1].
+# Not GroupNormalization: its epsilon is a float32, and opset 18's scale and bias are per group
+# (opset 21 made them per channel).
+
+def _onnx_gn_normalized(ctx, n, x, x_node):
+    """(x - mean) * rstd per (sample, group), as [N, groups, -1], and rstd ([N, groups, 1])."""
+    grouped = ctx.op("Reshape", x, ctx.ints([x_node.shape[0], n.attrs["groups"], -1]))
+    centered = ctx.op("Sub", grouped, ctx.reduce("ReduceMean", grouped, [2], keepdims=True))
+    var = ctx.reduce("ReduceMean", ctx.op("Mul", centered, centered), [2], keepdims=True)
+    rstd = _onnx_rsqrt(ctx, var, n.attrs["eps"], x_node.dtype)
+    return ctx.op("Mul", centered, rstd), rstd
+
+
+def _gn_onnx(ctx, n, xs):
+    x, w, bias = xs
+    xhat, _ = _onnx_gn_normalized(ctx, n, x, n.inputs[0])
+    xhat = ctx.op("Reshape", xhat, ctx.ints(n.shape))
+    rank = len(n.shape)
+    return ctx.op("Add", ctx.op("Mul", xhat, _onnx_channels(ctx, w, rank)), _onnx_channels(ctx, bias, rank))
+
+
+def _gn_grad_input_onnx(ctx, n, xs):
+    """rstd * (gx - mean(gx) - xhat * mean(gx * xhat)), gx = g * w, means over each group: the
+    layer-norm gradient, per (sample, group)."""
+    g, x, w = xs
+    xhat, rstd = _onnx_gn_normalized(ctx, n, x, n.inputs[1])
+    gx = ctx.op("Mul", g, _onnx_channels(ctx, w, len(n.shape)))
+    gx = ctx.op("Reshape", gx, ctx.ints([n.shape[0], n.attrs["groups"], -1]))
+    mean = lambda v: ctx.reduce("ReduceMean", v, [2], keepdims=True)  # noqa: E731
+    inner = ctx.op("Sub", ctx.op("Sub", gx, mean(gx)), ctx.op("Mul", xhat, mean(ctx.op("Mul", gx, xhat))))
+    return ctx.op("Reshape", ctx.op("Mul", rstd, inner), ctx.ints(n.shape))
+
+
+def _gn_grad_weight_onnx(ctx, n, xs):
+    g, x, _ = xs
+    xhat, _ = _onnx_gn_normalized(ctx, n, x, n.inputs[1])
+    xhat = ctx.op("Reshape", xhat, ctx.ints(n.inputs[1].shape))
+    return ctx.reduce("ReduceSum", ctx.op("Mul", g, xhat), _bn_dims(len(n.inputs[1].shape)), keepdims=False)
+
+
+register("group_norm", _gn, _gn_vjp, onnx=_gn_onnx)
+register("gn_grad_input", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [True, False, False])[0],
+         onnx=_gn_grad_input_onnx)
+register("gn_grad_weight", lambda g, x, w, groups, eps: _gn_backward(g, x, w, groups, eps, [False, True, False])[1],
+         onnx=_gn_grad_weight_onnx)
 
 
 @aten(A.native_group_norm.default)
