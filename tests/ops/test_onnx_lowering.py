@@ -364,6 +364,47 @@ def _norm_cases(a):
     ]
 
 
+AVG_POOL = dict(stride=None, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None)
+AVG_POOL_CONFIGS = {  # test_nn's
+    "2x2": dict(AVG_POOL, kernel_size=(2, 2)),
+    "3x3-stride2-pad1": dict(AVG_POOL, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)),
+    "3x3-stride2-pad1-no-pad-count": dict(AVG_POOL, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1),
+                                          count_include_pad=False),
+    "2x3-stride21-ceil": dict(AVG_POOL, kernel_size=(2, 3), stride=(2, 1), ceil_mode=True),
+    "3x3-ceil-pad1": dict(AVG_POOL, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), ceil_mode=True),
+    "3x3-pad1-divisor4": dict(AVG_POOL, kernel_size=(3, 3), padding=(1, 1), divisor_override=4),
+}
+UPSAMPLE_CONFIGS = {  # name: (output size, attrs): test_nn's interpolations of [2, 2, 3, 4]
+    "nearest-x2": ((6, 8), dict(mode="nearest", scales=(2.0, 2.0), align_corners=False)),
+    "nearest-size": ((5, 7), dict(mode="nearest", scales=(None, None), align_corners=False)),
+    "bilinear-x2": ((6, 8), dict(mode="bilinear", scales=(2.0, 2.0), align_corners=False)),
+    "bilinear-corners": ((5, 6), dict(mode="bilinear", scales=(None, None), align_corners=True)),
+    "bilinear-x1.5": ((4, 6), dict(mode="bilinear", scales=(1.5, 1.5), align_corners=False)),
+    "bilinear-size-down": ((2, 4), dict(mode="bilinear", scales=(None, None), align_corners=False)),
+}
+
+
+def _pool_cases(a):
+    cases = []
+    for name, pool in AVG_POOL_CONFIGS.items():
+        pool = dict(pool, stride=pool["stride"] or pool["kernel_size"])
+        out = torch.ops.aten.avg_pool2d(torch.zeros(2, 3, 7, 8), pool["kernel_size"], pool["stride"],
+                                        pool["padding"], pool["ceil_mode"]).shape
+        cases += [(f"avg_pool2d-{name}", "avg_pool2d", [a.r(2, 3, 7, 8)], pool),
+                  (f"avg_pool2d_grad-{name}", "avg_pool2d_grad", [a.r(*out)], dict(pool, input_shape=(2, 3, 7, 8)))]
+    for size in ((1, 1), (3, 2), (5, 4)):  # even windows (a MaxPool), and uneven ones
+        tied = a.r(2, 3, 7, 8)
+        tied[:, :, 1] = tied[:, :, 0]  # ties: the gradient goes to the first maximum
+        cases += [(f"adaptive_max_pool2d-{size}", "adaptive_max_pool2d", [a.r(2, 3, 7, 8)], dict(output_size=size)),
+                  (f"adaptive_max_pool2d_grad-{size}", "adaptive_max_pool2d_grad", [a.r(2, 3, *size), tied],
+                   dict(output_size=size))]
+    for name, (out, up) in UPSAMPLE_CONFIGS.items():
+        up = dict(up, output_size=out)
+        cases += [(f"upsample2d-{name}", "upsample2d", [a.r(2, 2, 3, 4)], up),
+                  (f"upsample2d_grad-{name}", "upsample2d_grad", [a.r(2, 2, *out)], dict(up, input_shape=(2, 2, 3, 4)))]
+    return cases
+
+
 def _indexing_cases(a):
     chosen = Const(torch.tensor([0, 2, 3]))
     return [
@@ -457,7 +498,7 @@ def _vocab_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases,
             _conv_cases,
-            _indexing_cases, _mask_cases, _optimizer_cases, _vocab_cases]
+            _pool_cases, _indexing_cases, _mask_cases, _optimizer_cases, _vocab_cases]
 
 
 @functools.cache

@@ -601,9 +601,73 @@ def _avg_pool_grad(g, *, input_shape, **a):
                                  a["count_include_pad"], a["divisor_override"])
 
 
+# ONNX: not AveragePool, whose divisor at a ceil-mode window running past the padding differs
+# between runtimes, and which has no divisor_override. Each window's sum is a convolution with
+# ones over the explicitly padded input (every window inside it, zeros adding nothing), divided
+# by torch's divisor for that window, worked out here.
+
+def _avg_pool_windows(size, out, kernel, stride, pad):
+    """Along one axis, per output: (torch's window size counting padding, the entries inside x)."""
+    windows = []
+    for o in range(out):
+        start = o * stride - pad
+        end = min(start + kernel, size + pad)
+        windows.append((end - start, min(end, size) - max(start, 0)))
+    return windows
+
+
+def _avg_pool_divisors(a, in_hw, out_hw, dtype):
+    """[OH, OW]: what torch divides each window's sum by."""
+    if a["divisor_override"]:
+        return torch.full(tuple(out_hw), a["divisor_override"], dtype=dtype)
+    pick = 0 if a["count_include_pad"] else 1
+    rows, cols = (torch.tensor([w[pick] for w in _avg_pool_windows(*dims)], dtype=dtype)
+                  for dims in zip(in_hw, out_hw, a["kernel_size"], a["stride"], a["padding"]))
+    return rows[:, None] * cols[None, :]
+
+
+def _avg_pool_overhang(a, in_hw, out_hw):
+    """Zeros past each axis's end padding that ceil mode's last window reaches."""
+    return [max(0, (o - 1) * s + k - (i + 2 * p))
+            for i, o, k, s, p in zip(in_hw, out_hw, a["kernel_size"], a["stride"], a["padding"])]
+
+
+def _onnx_ones_kernel(ctx, a, dtype):
+    return ctx.const(torch.ones((1, 1, *a["kernel_size"]), dtype=dtype))
+
+
+def _avg_pool_onnx(ctx, n, xs):
+    a, (batch, channels, *in_hw), out_hw = n.attrs, n.inputs[0].shape, n.shape[2:]
+    pads, extra = list(a["padding"]), _avg_pool_overhang(a, in_hw, out_hw)
+    planes = ctx.op("Reshape", xs[0], ctx.ints([batch * channels, 1, *in_hw]))  # one plane per (sample, channel)
+    padded = ctx.op("Pad", planes, ctx.ints([0, 0, *pads, 0, 0, *(p + e for p, e in zip(pads, extra))]))
+    sums = ctx.op("Conv", padded, _onnx_ones_kernel(ctx, a, n.dtype), kernel_shape=list(a["kernel_size"]),
+                  strides=list(a["stride"]))
+    average = ctx.op("Div", sums, ctx.const(_avg_pool_divisors(a, in_hw, out_hw, n.dtype)))
+    return ctx.op("Reshape", average, ctx.ints(n.shape))
+
+
+def _avg_pool_grad_onnx(ctx, n, xs):
+    """Each window's g / divisor spread over the window (a transposed convolution with ones), then
+    the padding cut off; input rows no window reaches get zeros."""
+    a, (batch, channels, *out_hw), in_hw = n.attrs, n.inputs[0].shape, n.attrs["input_shape"][2:]
+    planes = ctx.op("Reshape", xs[0], ctx.ints([batch * channels, 1, *out_hw]))
+    shares = ctx.op("Div", planes, ctx.const(_avg_pool_divisors(a, in_hw, out_hw, n.dtype)))
+    spread = ctx.op("ConvTranspose", shares, _onnx_ones_kernel(ctx, a, n.dtype), kernel_shape=list(a["kernel_size"]),
+                    strides=list(a["stride"]))
+    reached = [(o - 1) * s + k for o, s, k in zip(out_hw, a["stride"], a["kernel_size"])]
+    ends = [min(i + p, r) for i, p, r in zip(in_hw, a["padding"], reached)]
+    x_part = ctx.op("Slice", spread, ctx.ints(a["padding"]), ctx.ints(ends), ctx.ints([2, 3]))
+    missing = [i + p - e for i, p, e in zip(in_hw, a["padding"], ends)]
+    if any(missing):
+        x_part = ctx.op("Pad", x_part, ctx.ints([0, 0, 0, 0, 0, 0, *missing]))
+    return ctx.op("Reshape", x_part, ctx.ints(n.shape))
+
+
 register("avg_pool2d", _avg_pool, lambda b, n, g, want: (
-    b.emit("avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
-register("avg_pool2d_grad", _avg_pool_grad)
+    b.emit("avg_pool2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,),
+    onnx=_avg_pool_onnx)
+register("avg_pool2d_grad", _avg_pool_grad, onnx=_avg_pool_grad_onnx)
 
 
 @aten(A.avg_pool2d.default)
@@ -653,9 +717,75 @@ def _adaptive_max_pool_grad(g, x, *, output_size):
     return A.adaptive_max_pool2d_backward(g, x, A.adaptive_max_pool2d(x, output_size)[1])
 
 
+# ONNX: torch's adaptive windows [floor(o * in / out), ceil((o + 1) * in / out)) may differ in
+# size. Where they do not, the forward is a MaxPool. Otherwise (and always for the gradient, which
+# needs the first maximum in row-major order within each window, as torch takes it) each window
+# is gathered whole: shorter windows repeat their last row or column, which changes neither the
+# maximum nor where it first occurs.
+
+def _adaptive_windows(size, out):
+    return [((o * size) // out, ((o + 1) * size + out - 1) // out) for o in range(out)]
+
+
+def _adaptive_uniform(size, out):
+    """(kernel, stride) where the windows along this axis are one size at even steps, else None."""
+    windows = _adaptive_windows(size, out)
+    kernel, stride = windows[0][1] - windows[0][0], windows[1][0] if out > 1 else 1
+    if all((start, end) == (o * stride, o * stride + kernel) for o, (start, end) in enumerate(windows)):
+        return kernel, stride
+    return None
+
+
+def _adaptive_taps(size, out):
+    """[out, k]: the indices of each window along one axis, the last repeated to the longest's size."""
+    windows = _adaptive_windows(size, out)
+    k = max(end - start for start, end in windows)
+    return torch.tensor([[min(start + j, end - 1) for j in range(k)] for start, end in windows])
+
+
+def _onnx_adaptive_windows(ctx, n, x, x_shape):
+    """[N, C, OH, OW, KH * KW]: each window's entries in row-major order, and the two tap tables."""
+    batch, channels, height, width = x_shape
+    out_h, out_w = n.attrs["output_size"]
+    rows, cols = _adaptive_taps(height, out_h), _adaptive_taps(width, out_w)
+    picked = ctx.op("Gather", x, ctx.const(rows.reshape(-1)), axis=2)
+    picked = ctx.op("Gather", picked, ctx.const(cols.reshape(-1)), axis=3)
+    picked = ctx.op("Reshape", picked, ctx.ints([batch, channels, out_h, rows.shape[1], out_w, cols.shape[1]]))
+    picked = ctx.op("Transpose", picked, perm=[0, 1, 2, 4, 3, 5])
+    return ctx.op("Reshape", picked, ctx.ints([batch, channels, out_h, out_w, -1])), rows, cols
+
+
+def _adaptive_max_pool_onnx(ctx, n, xs):
+    in_hw = n.inputs[0].shape[2:]
+    uniform = [_adaptive_uniform(i, o) for i, o in zip(in_hw, n.attrs["output_size"])]
+    if all(uniform):
+        return ctx.op("MaxPool", xs[0], kernel_shape=[k for k, _ in uniform], strides=[s for _, s in uniform])
+    windows, _, _ = _onnx_adaptive_windows(ctx, n, xs[0], n.inputs[0].shape)
+    return ctx.reduce("ReduceMax", windows, [4], keepdims=False)
+
+
+def _adaptive_max_pool_grad_onnx(ctx, n, xs):
+    """g added at each window's first maximum: ArgMax within the window, mapped through a table of
+    the window's flat positions in x, scatters g into zeros."""
+    g, x = xs
+    batch, channels, height, width = n.shape
+    windows, rows, cols = _onnx_adaptive_windows(ctx, n, x, n.shape)
+    first = ctx.op("ArgMax", windows, axis=4, keepdims=1, select_last_index=0)
+    # positions[oh, ow, kh * KW + kw] = rows[oh, kh] * W + cols[ow, kw]
+    positions = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(rows.shape[0], cols.shape[0], -1)
+    table = ctx.op("Expand", ctx.const(positions), ctx.ints([batch, channels, *positions.shape]))
+    where = ctx.op("GatherElements", table, first, axis=4)
+    flat = lambda v, shape: ctx.op("Reshape", v, ctx.ints(shape))  # noqa: E731
+    zeros = ctx.full([batch, channels, height * width], 0, n.dtype)
+    summed = ctx.op("ScatterElements", zeros, flat(where, [batch, channels, -1]), flat(g, [batch, channels, -1]),
+                    axis=2, reduction="add")
+    return flat(summed, n.shape)
+
+
 register("adaptive_max_pool2d", lambda x, output_size: A.adaptive_max_pool2d(x, output_size)[0],
-         lambda b, n, g, want: (b.emit("adaptive_max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,))
-register("adaptive_max_pool2d_grad", _adaptive_max_pool_grad)
+         lambda b, n, g, want: (b.emit("adaptive_max_pool2d_grad", g, n.inputs[0], **n.attrs) if want[0] else None,),
+         onnx=_adaptive_max_pool_onnx)
+register("adaptive_max_pool2d_grad", _adaptive_max_pool_grad, onnx=_adaptive_max_pool_grad_onnx)
 aten(A.adaptive_max_pool2d.default)(
     lambda b, x, output_size: (b.emit("adaptive_max_pool2d", x, output_size=tuple(output_size)), None))
 
@@ -674,9 +804,73 @@ def _upsample_grad(g, *, mode, output_size, scales, align_corners, input_shape):
     return A.upsample_bilinear2d_backward(g, output_size, input_shape, align_corners, *scales)
 
 
+# ONNX: not Resize, whose float32 `scales` and coordinate arithmetic pick other source pixels
+# than torch's at some sizes. Each output pixel reads fixed taps along each axis: nearest one
+# (the index torch's own kernel gives, read off it), bilinear two with weights, worked out here
+# as ATen's CPU kernel does (compute_source_index_and_lambda, in the tensor's precision). The
+# forward gathers the taps, width first as the kernel does; the gradient scatters g back.
+
+def _nearest_taps(size, out, scale):
+    """The source index of each output along one axis, as torch's kernel picks it."""
+    column = torch.arange(size, dtype=torch.float64).reshape(1, 1, size, 1)
+    picked = A.upsample_nearest2d(column, [out, 1], scale, None)
+    return [(picked.reshape(-1).long(), None)]
+
+
+def _linear_taps(size, out, align_corners, scale, dtype):
+    """[(index, weight), (index, weight)] per output along one axis: torch's bilinear kernel's."""
+    dst = torch.arange(out)
+    if out == size:
+        return [(dst, None)]  # the kernel copies (its second tap has weight 0)
+    if align_corners:
+        ratio = torch.tensor(size - 1, dtype=dtype) / (out - 1) if out > 1 else torch.tensor(0, dtype=dtype)
+        src = ratio * dst.to(dtype)
+    else:
+        ratio = torch.tensor(1.0 / scale, dtype=dtype) if scale and scale > 0 else torch.tensor(size, dtype=dtype) / out
+        src = (ratio * (dst.to(dtype) + 0.5) - 0.5).clamp_min(0)
+    first = torch.floor(src.float()).long().clamp_max(size - 1)  # floorf, as the kernel
+    weight1 = (src - first.to(dtype)).clamp(0, 1)
+    second = first + (first < size - 1).long()
+    return [(first, 1 - weight1), (second, weight1)]
+
+
+def _upsample_taps(a, in_hw, out_hw, dtype):
+    """The taps along H, then along W."""
+    return [_nearest_taps(i, o, s) if a["mode"] == "nearest" else _linear_taps(i, o, a["align_corners"], s, dtype)
+            for i, o, s in zip(in_hw, out_hw, a["scales"])]
+
+
+def _onnx_along(ctx, t, axis):
+    """A per-output vector shaped to broadcast along `axis` of an [N, C, H, W] value."""
+    return ctx.const(t.reshape([-1] + [1] * (3 - axis)))
+
+
+def _upsample_onnx(ctx, n, xs):
+    x, (taps_h, taps_w) = xs[0], _upsample_taps(n.attrs, n.inputs[0].shape[2:], n.shape[2:], n.dtype)
+    for axis, taps in ((3, taps_w), (2, taps_h)):
+        terms = [ctx.op("Gather", x, ctx.const(index), axis=axis) for index, _ in taps]
+        terms = [t if w is None else ctx.op("Mul", t, _onnx_along(ctx, w, axis)) for t, (_, w) in zip(terms, taps)]
+        x = terms[0] if len(terms) == 1 else ctx.op("Add", *terms)
+    return x
+
+
+def _upsample_grad_onnx(ctx, n, xs):
+    g, shape = xs[0], list(n.inputs[0].shape)  # [N, C, OH, OW], to [N, C, H, OW], to [N, C, H, W]
+    taps = _upsample_taps(n.attrs, n.attrs["input_shape"][2:], shape[2:], n.dtype)
+    for axis, size in ((2, n.shape[2]), (3, n.shape[3])):
+        indices = [ctx.op("Expand", _onnx_along(ctx, index, axis), ctx.ints(shape)) for index, _ in taps[axis - 2]]
+        updates = [g if w is None else ctx.op("Mul", g, _onnx_along(ctx, w, axis)) for _, w in taps[axis - 2]]
+        if len(indices) > 1:
+            indices, updates = [ctx.op("Concat", *indices, axis=axis)], [ctx.op("Concat", *updates, axis=axis)]
+        shape[axis] = size
+        g = ctx.op("ScatterElements", ctx.full(shape, 0, n.dtype), indices[0], updates[0], axis=axis, reduction="add")
+    return g
+
+
 register("upsample2d", _upsample, lambda b, n, g, want: (
-    b.emit("upsample2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,))
-register("upsample2d_grad", _upsample_grad)
+    b.emit("upsample2d_grad", g, input_shape=tuple(n.inputs[0].shape), **n.attrs) if want[0] else None,),
+    onnx=_upsample_onnx)
+register("upsample2d_grad", _upsample_grad, onnx=_upsample_grad_onnx)
 
 
 def _upsample_attrs(x, output_size, scale_factors):
