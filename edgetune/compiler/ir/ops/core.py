@@ -1,6 +1,7 @@
 """Elementwise arithmetic, activations, comparisons, reductions, softmax, creation ops."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -320,10 +321,54 @@ def _clamp_grad_onnx(ctx, n, xs):
     return g if keep is None else ctx.op("Mul", g, ctx.cast(keep, n.dtype))  # as the kernel: g * mask
 
 
+# ONNX has no Log1p or Expm1, and log(1 + x), exp(x) - 1 lose all relative accuracy near 0.
+# The classic corrections keep it (Goldberg's for log1p, Kahan's for expm1; Higham, "Accuracy
+# and Stability of Numerical Algorithms", 1.14): the rounding in u = 1 + x or u = exp(x)
+# cancels in the ratio. Where the ratio is 0/0 or inf/inf the exact answer is taken.
+
+def onnx_log1p(ctx, x, dtype):
+    c = lambda v: ctx.scalar(v, dtype)  # noqa: E731
+    u = ctx.op("Add", c(1), x)
+    ratio = ctx.op("Div", ctx.op("Mul", ctx.op("Log", u), x), ctx.op("Sub", u, c(1)))
+    ratio = ctx.op("Where", ctx.op("IsInf", u, detect_negative=0), u, ratio)  # log1p(inf) = inf
+    return ctx.op("Where", ctx.op("Equal", u, c(1)), x, ratio)  # |x| below half an ulp of 1
+
+
+def onnx_expm1(ctx, x, dtype):
+    c = lambda v: ctx.scalar(v, dtype)  # noqa: E731
+    u = ctx.op("Exp", x)
+    u_minus_1 = ctx.op("Sub", u, c(1))
+    ratio = ctx.op("Div", ctx.op("Mul", u_minus_1, x), ctx.op("Log", u))
+    ratio = ctx.op("Where", ctx.op("IsInf", u, detect_negative=0), u, ratio)  # expm1(large) = inf
+    ratio = ctx.op("Where", ctx.op("Equal", u_minus_1, c(-1)), c(-1), ratio)  # exp(x) below half an ulp of 1
+    return ctx.op("Where", ctx.op("Equal", u, c(1)), x, ratio)
+
+
+def _elu_onnx(ctx, n, xs):
+    """As ATen's kernel: x * scale above 0, expm1(x * input_scale) * (alpha * scale) at or below."""
+    x, a = xs[0], n.attrs
+    c = lambda v: ctx.scalar(v, n.dtype)  # noqa: E731
+    negative_coef = torch.tensor(a["alpha"], dtype=n.dtype) * torch.tensor(a["scale"], dtype=n.dtype)
+    below = ctx.op("Mul", onnx_expm1(ctx, ctx.op("Mul", x, c(a["input_scale"])), n.dtype), ctx.const(negative_coef))
+    return ctx.op("Where", ctx.op("Greater", x, c(0)), ctx.op("Mul", x, c(a["scale"])), below)
+
+
+def _elu_grad_onnx(ctx, n, xs):
+    """As ATen's kernel: g * scale above 0, g * input_scale * (alpha * scale) * exp(x * input_scale)."""
+    g, x = xs
+    a, c = n.attrs, lambda v: ctx.scalar(v, n.dtype)
+    negative_coef = torch.tensor(a["alpha"], dtype=n.dtype) * torch.tensor(a["scale"], dtype=n.dtype)
+    below = ctx.op("Mul", ctx.op("Mul", ctx.op("Mul", g, c(a["input_scale"])), ctx.const(negative_coef)),
+                   ctx.op("Exp", ctx.op("Mul", x, c(a["input_scale"]))))
+    return ctx.op("Where", ctx.op("Greater", x, c(0)), ctx.op("Mul", g, c(a["scale"])), below)
+
+
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max), onnx=_clamp_onnx, grad_onnx=_clamp_grad_onnx)
-_unary("log1p", torch.log1p, lambda g, x: g / (1 + x))
-_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y")
+_unary("log1p", torch.log1p, lambda g, x: g / (1 + x), onnx=lambda ctx, n, xs: onnx_log1p(ctx, xs[0], n.dtype),
+       grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Div", g, ctx.op("Add", c(1), x))))
+_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y", onnx=lambda ctx, n, xs: onnx_expm1(ctx, xs[0], n.dtype),
+       grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", g, ctx.op("Add", y, c(1)))))
 _unary("sin", torch.sin, lambda g, x: g * torch.cos(x), onnx="Sin",
        grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", g, ctx.op("Cos", x))))
 _unary("cos", torch.cos, lambda g, x: -g * torch.sin(x), onnx="Cos",
@@ -335,13 +380,23 @@ _unary("leaky_relu", lambda x, slope: A.leaky_relu(x, slope),
        lambda g, x, slope: A.leaky_relu_backward(g, x, slope, False), onnx=_leaky_relu_onnx,
        grad_onnx=_leaky_relu_grad_onnx)
 _unary("elu", lambda x, alpha, scale, input_scale: A.elu(x, alpha, scale, input_scale),
-       lambda g, x, alpha, scale, input_scale: A.elu_backward(g, alpha, scale, input_scale, False, x))
+       lambda g, x, alpha, scale, input_scale: A.elu_backward(g, alpha, scale, input_scale, False, x),
+       onnx=_elu_onnx, grad_onnx=_elu_grad_onnx)
+
+
+def onnx_trunc(ctx, x, dtype):
+    """ONNX has no Trunc: ceil below 0, floor elsewhere (-0.5 -> -0.0, as torch); integers are whole."""
+    if not dtype.is_floating_point:
+        return x
+    return ctx.op("Where", ctx.op("Less", x, ctx.scalar(0, dtype)), ctx.op("Ceil", x), ctx.op("Floor", x))
+
+
 # Piecewise constant: the gradient is zero everywhere (None, not a zero tensor).
-# ONNX has no Trunc; round is half-to-even in both.
-_ONNX_STEPS = {"sign": "Sign", "floor": "Floor", "ceil": "Ceil", "round": "Round"}
+# Round is half-to-even in both.
+_ONNX_STEPS = {"sign": onnx_elementwise("Sign"), "floor": onnx_elementwise("Floor"), "ceil": onnx_elementwise("Ceil"),
+               "round": onnx_elementwise("Round"), "trunc": lambda ctx, n, xs: onnx_trunc(ctx, xs[0], n.dtype)}
 for _step in ("sign", "floor", "ceil", "round", "trunc"):
-    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,),
-             onnx=onnx_elementwise(_ONNX_STEPS[_step]) if _step in _ONNX_STEPS else None)
+    register(_step, getattr(torch, _step), lambda b, n, g, want: (None,), onnx=_ONNX_STEPS[_step])
 
 
 def _inside(x, lo, hi):
@@ -393,8 +448,27 @@ def _clamp_t_grad(g, x, lo, hi, part):
     return torch.where(passes, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
-register("clamp_t", lambda x, lo, hi: torch.clamp(x, lo, hi), _clamp_t_vjp)
-register("clamp_t_grad", _clamp_t_grad)
+def _clamp_t_onnx(ctx, n, xs):
+    # Clip takes scalar bounds only. Max and Min pass a NaN on, as torch's clamp does.
+    x, lo, hi = onnx_operands(ctx, n, xs)
+    return ctx.op("Min", ctx.op("Max", x, lo), hi)
+
+
+def _clamp_t_grad_onnx(ctx, n, xs):
+    dtype = functools.reduce(torch.promote_types, (i.dtype for i in n.inputs[1:]))
+    g, (x, lo, hi) = xs[0], [ctx.convert(v, i.dtype, dtype) for v, i in zip(xs[1:], n.inputs[1:])]
+    part = n.attrs["part"]
+    if part == "x":
+        passes = ctx.op("And", ctx.op("GreaterOrEqual", x, lo), ctx.op("LessOrEqual", x, hi))
+    elif part == "lo":
+        passes = ctx.op("And", ctx.op("Less", x, lo), ctx.op("Less", lo, hi))
+    else:
+        passes = ctx.op("Or", ctx.op("Greater", x, hi), ctx.op("Less", hi, lo))
+    return ctx.op("Where", passes, ctx.convert(g, n.inputs[0].dtype, n.dtype), ctx.scalar(0, n.dtype))
+
+
+register("clamp_t", lambda x, lo, hi: torch.clamp(x, lo, hi), _clamp_t_vjp, onnx=_clamp_t_onnx)
+register("clamp_t_grad", _clamp_t_grad, onnx=_clamp_t_grad_onnx)
 
 
 @aten(A.clamp.Tensor)
@@ -405,7 +479,11 @@ def _(b, x, min=None, max=None):
 
 
 # base ** x for a Python number base
-_unary("scalar_pow", lambda x, base: torch.pow(base, x), lambda g, y, base: g * y * math.log(base), uses="y")
+# The base is a Python number: torch takes it in the tensor's dtype, as ctx.scalar does.
+_unary("scalar_pow", lambda x, base: torch.pow(base, x), lambda g, y, base: g * y * math.log(base), uses="y",
+       onnx=lambda ctx, n, xs: ctx.op("Pow", ctx.scalar(n.attrs["base"], n.dtype), *onnx_operands(ctx, n, xs)),
+       grad_onnx=lambda ctx, n, xs: ctx.op("Mul", ctx.op("Mul", *onnx_operands(ctx, n, xs)),
+                                           ctx.scalar(math.log(n.attrs["base"]), n.dtype)))
 
 
 @aten(A.pow.Scalar)
@@ -422,9 +500,33 @@ def _mod_vjp(b, n, g, want):
     return (grad_like(b, g, x) if want[0] else None, gy)
 
 
-register("fmod", torch.fmod, _mod_vjp)
-register("remainder", torch.remainder, _mod_vjp)
-register("mod_grad_rhs", lambda g, x, y, kind: -g * (torch.trunc(x / y) if kind == "fmod" else torch.floor(x / y)))
+def _fmod_onnx(ctx, n, xs):
+    return ctx.op("Mod", *onnx_operands(ctx, n, xs), fmod=1)  # C's fmod: the dividend's sign
+
+
+def _remainder_onnx(ctx, n, xs):
+    """Python's modulo, the divisor's sign. On integers ONNX's Mod is that; on floats it must be
+    fmod, corrected as ATen's kernel does: + y where the fmod is nonzero and its sign is not y's."""
+    x, y = onnx_operands(ctx, n, xs)
+    if not n.dtype.is_floating_point:
+        return ctx.op("Mod", x, y, fmod=0)
+    mod, zero = ctx.op("Mod", x, y, fmod=1), ctx.scalar(0, n.dtype)
+    wrong_sign = ctx.op("Xor", ctx.op("Less", y, zero), ctx.op("Less", mod, zero))
+    shift = ctx.op("And", ctx.op("Not", ctx.op("Equal", mod, zero)), wrong_sign)
+    return ctx.op("Where", shift, ctx.op("Add", mod, y), mod)
+
+
+def _mod_grad_rhs_onnx(ctx, n, xs):
+    g, x, y = onnx_operands(ctx, n, xs)
+    quotient = ctx.op("Div", x, y)
+    rounded = onnx_trunc(ctx, quotient, n.dtype) if n.attrs["kind"] == "fmod" else ctx.op("Floor", quotient)
+    return ctx.op("Mul", ctx.op("Neg", g), rounded)
+
+
+register("fmod", torch.fmod, _mod_vjp, onnx=_fmod_onnx)
+register("remainder", torch.remainder, _mod_vjp, onnx=_remainder_onnx)
+register("mod_grad_rhs", lambda g, x, y, kind: -g * (torch.trunc(x / y) if kind == "fmod" else torch.floor(x / y)),
+         onnx=_mod_grad_rhs_onnx)
 for _mod in ("fmod", "remainder"):
     for _ov in (getattr(A, _mod).Tensor, getattr(A, _mod).Scalar):
         aten(_ov)(lambda b, x, y, _mod=_mod: b.emit(_mod, *_operands(b, x, y)))
@@ -457,7 +559,14 @@ def _choice_share(x, y, pick):
 
 register("maximum", torch.maximum, _choose_vjp, onnx=onnx_elementwise("Max"))
 register("minimum", torch.minimum, _choose_vjp, onnx=onnx_elementwise("Min"))
-register("choice_share", _choice_share)
+def _choice_share_onnx(ctx, n, xs):
+    x, y = onnx_operands(ctx, n, xs, _compared_dtype(n))
+    wins = ctx.op("Greater" if n.attrs["pick"] == "maximum" else "Less", x, y)
+    ties = ctx.op("Mul", ctx.cast(ctx.op("Equal", x, y), n.dtype), ctx.scalar(0.5, n.dtype))
+    return ctx.op("Add", ctx.cast(wins, n.dtype), ties)
+
+
+register("choice_share", _choice_share, onnx=_choice_share_onnx)
 aten(A.maximum.default)(lambda b, x, y: b.emit("maximum", x, y))
 aten(A.minimum.default)(lambda b, x, y: b.emit("minimum", x, y))
 
@@ -649,7 +758,18 @@ register("amax", lambda x, dims, keepdim: torch.amax(x, dims, keepdim=keepdim), 
          onnx=_onnx_reduction("ReduceMax"))
 register("amin", lambda x, dims, keepdim: torch.amin(x, dims, keepdim=keepdim), _extremum_vjp,
          onnx=_onnx_reduction("ReduceMin"))
-register("extremum_grad", _extremum_grad)
+def _extremum_grad_onnx(ctx, n, xs):
+    g, x, y = xs
+    x_shape, dims = n.inputs[1].shape, n.attrs["dims"]
+    if not n.attrs["keepdim"]:
+        kept = ctx.ints(_kept_shape(x_shape, dims))
+        g, y = ctx.op("Reshape", g, kept), ctx.op("Reshape", y, kept)
+    hit = ctx.cast(ctx.op("Equal", x, y), n.dtype)
+    count = ctx.reduce("ReduceSum", hit, dims, keepdims=True)  # the ties: whole numbers, exact as floats
+    return ctx.op("Mul", hit, ctx.op("Div", g, count))
+
+
+register("extremum_grad", _extremum_grad, onnx=_extremum_grad_onnx)
 def _any_onnx(ctx, n, xs):
     nonzero = ctx.op("Not", ctx.op("Equal", xs[0], ctx.scalar(0, n.inputs[0].dtype)))
     largest = ctx.reduce("ReduceMax", ctx.cast(nonzero, torch.uint8), n.attrs["dims"], n.attrs["keepdim"])
@@ -713,8 +833,25 @@ aten(A.min.default)(lambda b, x: b.emit("amin", x, dims=_dims(x.shape, None), ke
 
 
 # max(dim)/min(dim) pick one entry (the first extremum) and route the gradient to it alone.
-register("argmax", lambda x, dim, keepdim: torch.argmax(x, dim, keepdim))
-register("argmin", lambda x, dim, keepdim: torch.argmin(x, dim, keepdim))
+def _onnx_arg_extremum(op_type):
+    """The first extremum's index along dim (over everything, flattened, for dim=None). torch takes
+    a NaN as the extremum (the first NaN's index); ONNX's ArgMax/ArgMin pass over NaNs, so rows
+    holding one take the first NaN instead."""
+    def lower(ctx, n, xs):
+        x, dim = xs[0], n.attrs["dim"]
+        if dim is None:
+            x, dim = ctx.op("Reshape", x, ctx.ints([-1])), 0
+        picked = ctx.op(op_type, x, axis=dim, keepdims=1, select_last_index=0)
+        if n.inputs[0].dtype.is_floating_point:
+            nan = ctx.cast(ctx.op("IsNaN", x), torch.uint8)
+            any_nan = ctx.cast(ctx.reduce("ReduceMax", nan, [dim], keepdims=True), torch.bool)
+            picked = ctx.op("Where", any_nan, ctx.op("ArgMax", nan, axis=dim, keepdims=1, select_last_index=0), picked)
+        return ctx.op("Reshape", picked, ctx.ints(n.shape))
+    return lower
+
+
+register("argmax", lambda x, dim, keepdim: torch.argmax(x, dim, keepdim), onnx=_onnx_arg_extremum("ArgMax"))
+register("argmin", lambda x, dim, keepdim: torch.argmin(x, dim, keepdim), onnx=_onnx_arg_extremum("ArgMin"))
 aten(A.argmax.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmax", x, dim=dim, keepdim=keepdim))
 aten(A.argmin.default)(lambda b, x, dim=None, keepdim=False: b.emit("argmin", x, dim=dim, keepdim=keepdim))
 
@@ -733,9 +870,29 @@ aten(A.max.dim)(lambda b, x, dim, keepdim=False: _picked(b, x, dim, keepdim, "ar
 
 
 # sort / topk: the order is computed without gradient; the values are a gather along it.
+# ONNX: TopK, sorted, which puts the lower index first among equal values and NaN above every
+# number, as torch's CPU sort does (it is stable whether or not asked to be). torch's topk
+# selects with a partial sort: among equal values its order is that algorithm's, which TopK
+# does not reproduce (the values agree; which tied entry takes the gradient may not).
+
+def _sort_indices_onnx(ctx, n, xs):
+    dim = n.attrs["dim"]
+    return ctx.op("TopK", xs[0], ctx.ints([n.inputs[0].shape[dim]]), outputs=2, axis=dim,
+                  largest=int(n.attrs["descending"]), sorted=1)[1]
+
+
+def _topk_indices_onnx(ctx, n, xs):
+    a = n.attrs
+    if not a["sorted"] and a["k"] > 1:
+        raise NotImplementedError("topk(sorted=False): torch returns the k entries in the order its selection "
+                                  "algorithm leaves them, which ONNX's TopK does not reproduce")
+    return ctx.op("TopK", xs[0], ctx.ints([a["k"]]), outputs=2, axis=a["dim"], largest=int(a["largest"]), sorted=1)[1]
+
+
 register("sort_indices", lambda x, dim, descending, stable: torch.sort(x, dim=dim, descending=descending,
-                                                                       stable=stable).indices)
-register("topk_indices", lambda x, k, dim, largest, sorted: torch.topk(x, k, dim, largest, sorted).indices)
+                                                                       stable=stable).indices, onnx=_sort_indices_onnx)
+register("topk_indices", lambda x, k, dim, largest, sorted: torch.topk(x, k, dim, largest, sorted).indices,
+         onnx=_topk_indices_onnx)
 
 
 @aten(A.sort.default, A.sort.stable)
@@ -779,9 +936,35 @@ def _norm_grad(g, x, y, ord, dims, keepdim):
     return x * x.abs().pow(ord - 2) * scale
 
 
+def _vector_norm_onnx(ctx, n, xs):
+    x, a = xs[0], n.attrs
+    dims, keep, order = a["dims"], a["keepdim"], a["ord"]
+    if order == 1:
+        return ctx.reduce("ReduceL1", x, dims, keep)
+    if order == 2:
+        return ctx.op("Sqrt", ctx.reduce("ReduceSumSquare", x, dims, keep))
+    powers = ctx.op("Pow", ctx.op("Abs", x), ctx.scalar(order, n.dtype))
+    return ctx.op("Pow", ctx.reduce("ReduceSum", powers, dims, keep), ctx.scalar(1 / order, n.dtype))
+
+
+def _vector_norm_grad_onnx(ctx, n, xs):
+    g, x, y = xs
+    a, x_shape = n.attrs, n.inputs[1].shape
+    if not a["keepdim"]:
+        kept = ctx.ints(_kept_shape(x_shape, a["dims"]))
+        g, y = ctx.op("Reshape", g, kept), ctx.op("Reshape", y, kept)
+    if a["ord"] == 1:
+        return ctx.op("Mul", g, ctx.op("Sign", x))
+    c = lambda v: ctx.scalar(v, n.dtype)  # noqa: E731
+    scale = ctx.op("Div", g, ctx.op("Pow", y, c(a["ord"] - 1)))
+    scale = ctx.op("Where", ctx.op("Equal", y, c(0)), c(0), scale)  # torch takes 0 where the norm is 0
+    return ctx.op("Mul", ctx.op("Mul", x, ctx.op("Pow", ctx.op("Abs", x), c(a["ord"] - 2))), scale)
+
+
 register("vector_norm", lambda x, ord, dims, keepdim: torch.linalg.vector_norm(x, ord, dims, keepdim),
-         lambda b, n, g, want: (b.emit("vector_norm_grad", g, n.inputs[0], n, **n.attrs) if want[0] else None,))
-register("vector_norm_grad", _norm_grad)
+         lambda b, n, g, want: (b.emit("vector_norm_grad", g, n.inputs[0], n, **n.attrs) if want[0] else None,),
+         onnx=_vector_norm_onnx)
+register("vector_norm_grad", _norm_grad, onnx=_vector_norm_grad_onnx)
 
 
 @aten(A.linalg_vector_norm.default)
@@ -847,8 +1030,17 @@ def _created(shape_key):
 
 register("full", lambda size, value, dtype, device: torch.full(size, value, dtype=dtype, device=device),
          shape=_created("size"), onnx=lambda ctx, n, xs: ctx.full(n.shape, n.attrs["value"], n.dtype))
+def _arange_onnx(ctx, n, xs):
+    """Integers: a Range, exact and not stored. Floats: torch's own values as a constant (how it
+    accumulates start + i * step is its own)."""
+    a = n.attrs
+    if n.dtype.is_floating_point or not all(isinstance(a[k], int) for k in ("start", "end", "step")):
+        return ctx.const(torch.arange(a["start"], a["end"], a["step"], dtype=n.dtype))
+    return ctx.op("Range", *(ctx.scalar(a[k], n.dtype) for k in ("start", "end", "step")))
+
+
 register("arange", lambda start, end, step, dtype, device: torch.arange(start, end, step, dtype=dtype, device=device),
-         shape=lambda **a: ((max(0, math.ceil((a["end"] - a["start"]) / a["step"])),), a["dtype"]))
+         shape=lambda **a: ((max(0, math.ceil((a["end"] - a["start"]) / a["step"])),), a["dtype"]), onnx=_arange_onnx)
 
 
 def _dtype_of(*values):
