@@ -16,7 +16,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from edgetune.compiler.backends.onnx import to_onnx  # noqa: E402
+from edgetune.compiler.backends.onnx import ExportError, to_onnx  # noqa: E402
 from edgetune.compiler.backends.torch import CompiledStep  # noqa: E402
 from edgetune.compiler.ir.builder import Builder  # noqa: E402
 from edgetune.compiler.ir.graph import Graph  # noqa: E402
@@ -502,6 +502,37 @@ def _indexing_cases(a):
     ]
 
 
+def _write_cases(a):
+    """repeat, the flat index of x[i, j], and writes into a tensor (test_shape's)."""
+    rows, src = torch.tensor([[0, 2], [1, 1], [3, 0]]), a.r(3, 2)
+    pairs = [torch.tensor([1, 3, 0]), torch.tensor([-1, 0, 2])]
+    cases = [
+        ("repeat", "repeat", [a.r(4, 3, 5)], dict(repeats=(2, 1, 1, 3))),
+        ("repeat-same-rank", "repeat", [a.r(2, 3)], dict(repeats=(1, 2))),
+        ("repeat_grad", "repeat_grad", [a.r(2, 4, 3, 15)], dict(repeats=(2, 1, 1, 3), input_shape=(4, 3, 5))),
+        ("flat_index", "flat_index", pairs, dict(sizes=(3, 4))),
+        ("flat_index-broadcast", "flat_index", [torch.tensor([[3], [-4]]), torch.tensor([2, 0, -1])],
+         dict(sizes=(4, 3))),
+        ("flat_index-one", "flat_index", [torch.tensor([[3, 0], [1, -4]])], dict(sizes=(4,))),
+        ("index_put", "index_put", [a.r(4, 3), a.r(2, 3), torch.tensor([0, 2])], dict(dim=0, accumulate=False)),
+        ("index_put-accumulate", "index_put", [a.r(3, 4), a.r(3, 3), torch.tensor([0, 2, 0])],
+         dict(dim=1, accumulate=True)),
+        ("index_put_grad_input", "index_put_grad_input", [a.r(4, 3), torch.tensor([0, 2, 0])], dict(dim=0)),
+        ("scatter", "scatter", [a.r(3, 4), rows[:, :1], src], dict(dim=1, add=False)),
+        ("scatter-add", "scatter", [a.r(3, 4), rows, src], dict(dim=1, add=True)),
+        ("scatter-value", "scatter", [a.r(4, 3), rows.t()], dict(dim=0, add=False, value=0.5)),
+        ("scatter_grad_input", "scatter_grad_input", [a.r(3, 4), rows[:, :1]], dict(dim=1)),
+        ("select_scatter", "select_scatter", [a.r(3, 4), a.r(3)], dict(dim=1, index=1)),
+        ("select_scatter_grad_input", "select_scatter_grad_input", [a.r(3, 4)], dict(dim=0, index=2)),
+    ]
+    for name, (xs, ss, region) in {"cols": ((3, 4), (3, 2), dict(dim=1, start=1, end=3, step=1)),
+                                   "strided": ((3, 4), (2, 4), dict(dim=0, start=0, end=3, step=2)),
+                                   "empty": ((3, 4), (3, 0), dict(dim=1, start=2, end=2, step=1))}.items():
+        cases += [(f"slice_scatter-{name}", "slice_scatter", [a.r(*xs), a.r(*ss)], region),
+                  (f"slice_scatter_grad_input-{name}", "slice_scatter_grad_input", [a.r(*xs)], region)]
+    return cases
+
+
 def _mask_cases(a):
     y6, y0 = a.with_bounds(3, 7), torch.relu(a.with_bounds(3, 7, values=(0.0, -2.0)))  # 21 entries: a partial byte
     return [
@@ -579,7 +610,7 @@ def _vocab_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases,
             _conv_cases,
-            _more_elementwise_cases, _order_cases, _pool_cases, _indexing_cases, _mask_cases, _optimizer_cases, _vocab_cases]
+            _more_elementwise_cases, _order_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases, _optimizer_cases, _vocab_cases]
 
 
 @functools.cache
@@ -614,6 +645,13 @@ def test_log1p_expm1_keep_relative_accuracy_near_zero(op, dtype):
     got = onnx_result(one_op_graph(op, [x], {}), [x], dtype)[0]
     want = getattr(torch, op)(x)
     assert ((got - want).abs() / want.abs()).max() < 4 * torch.finfo(dtype).eps
+
+
+def test_a_case_torch_orders_its_own_way_is_refused():
+    """topk(sorted=False) returns the k entries in the order torch's selection leaves them."""
+    graph = one_op_graph("topk_indices", [torch.randn(3, 40)], dict(k=5, dim=1, largest=True, sorted=False))
+    with pytest.raises(ExportError, match=r"'topk_indices'.*sorted=False"):
+        to_onnx(graph)
 
 
 def test_dropout_mask_draws_a_mask_of_the_same_law():

@@ -939,11 +939,15 @@ def _register_indexing(name, read, accumulate, onnx, onnx_indices):
              onnx=grad_onnx)
 
 
+def onnx_index_along(ctx, idx, dim, shape):
+    """A 1-D index along dim as one index per entry of a value of `shape` (ScatterElements')."""
+    along = ctx.op("Reshape", idx, ctx.ints([1] * dim + [-1] + [1] * (len(shape) - dim - 1)))
+    return ctx.op("Expand", along, ctx.ints(shape))
+
+
 def _index_select_indices(ctx, n, idx):
     """index_select's 1-D index as one index per entry of g, along dim."""
-    rank, dim = len(n.shape), n.attrs["dim"]
-    along = ctx.op("Reshape", idx, ctx.ints([1] * dim + [-1] + [1] * (rank - dim - 1)))
-    return ctx.op("Expand", along, ctx.ints(n.inputs[0].shape))
+    return onnx_index_along(ctx, idx, n.attrs["dim"], n.inputs[0].shape)
 
 
 _register_indexing("gather", torch.gather, torch.Tensor.scatter_add_, "GatherElements", lambda ctx, n, idx: idx)
@@ -966,8 +970,23 @@ def _scatter(x, idx, src=None, *, dim, add, value=None):
     return x.scatter(dim, idx, src) if src is not None else x.scatter(dim, idx, value)
 
 
-register("scatter", _scatter, _scatter_vjp)
-register("scatter_grad_input", lambda g, idx, dim: g.scatter(dim, idx, 0.0))
+def _scatter_onnx(ctx, n, xs):
+    """ScatterElements. torch reads src only where idx has entries (src may be larger: its
+    leading block is cut to idx's shape); a scalar value is spread to idx's shape."""
+    x, idx = xs[:2]
+    shape = list(n.inputs[1].shape)
+    if len(xs) == 3:
+        src = ctx.convert(xs[2], n.inputs[2].dtype, n.dtype)
+        if list(n.inputs[2].shape) != shape:
+            src = ctx.op("Slice", src, ctx.ints([0] * len(shape)), ctx.ints(shape))
+    else:
+        src = ctx.full(shape, n.attrs["value"], n.dtype)
+    return ctx.op("ScatterElements", x, idx, src, axis=n.attrs["dim"], reduction="add" if n.attrs["add"] else "none")
+
+
+register("scatter", _scatter, _scatter_vjp, onnx=_scatter_onnx)
+register("scatter_grad_input", lambda g, idx, dim: g.scatter(dim, idx, 0.0), onnx=lambda ctx, n, xs: ctx.op(
+    "ScatterElements", *xs, ctx.full(n.inputs[1].shape, 0, n.dtype), axis=n.attrs["dim"]))
 aten(A.scatter.src)(lambda b, x, dim, idx, src: b.emit("scatter", x, idx, src, dim=dim % len(x.shape), add=False))
 aten(A.scatter.value)(lambda b, x, dim, idx, value: b.emit("scatter", x, idx, dim=dim % len(x.shape), add=False,
                                                            value=value))

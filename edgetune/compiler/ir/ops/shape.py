@@ -8,6 +8,7 @@ import torch
 
 from edgetune.compiler.ir.ops.registry import aten, register
 from edgetune.compiler.ir.ops.core import grad_like
+from edgetune.compiler.ir.ops.nn import onnx_index_along
 
 A = torch.ops.aten
 
@@ -139,10 +140,39 @@ def _flip_onnx(ctx, n, xs):
 
 register("flip", lambda x, dims: x.flip(dims),
          lambda b, n, g, want: (b.emit("flip", g, dims=n.attrs["dims"]) if want[0] else None,), onnx=_flip_onnx)
+def _padded_shape(repeats, input_shape):
+    return (1,) * (len(repeats) - len(input_shape)) + tuple(input_shape)
+
+
+def _repeat_onnx(ctx, n, xs):
+    x, repeats = xs[0], n.attrs["repeats"]
+    if len(repeats) > len(n.inputs[0].shape):  # extra repeats add leading dims
+        x = ctx.op("Reshape", x, ctx.ints(_padded_shape(repeats, n.inputs[0].shape)))
+    return ctx.op("Tile", x, ctx.ints(repeats))
+
+
+def _repeat_grad_onnx(ctx, n, xs):
+    """As the kernel: each dim split into (tile, size), the tiles summed."""
+    repeats, shape = n.attrs["repeats"], _padded_shape(n.attrs["repeats"], n.attrs["input_shape"])
+    tiled = ctx.op("Reshape", xs[0], ctx.ints([k for r, s in zip(repeats, shape) for k in (r, s)]))
+    summed = ctx.reduce("ReduceSum", tiled, range(0, 2 * len(shape), 2), keepdims=False)
+    return ctx.op("Reshape", summed, ctx.ints(n.shape))
+
+
+def _flat_index_onnx(ctx, n, xs):
+    """Row-major position: ONNX's integer Mod (fmod=0) wraps negatives as torch's remainder does."""
+    flat = None
+    for i, node, size in zip(xs, n.inputs, n.attrs["sizes"]):
+        wrapped = ctx.op("Mod", ctx.convert(i, node.dtype, torch.int64), ctx.scalar(size, torch.int64), fmod=0)
+        flat = wrapped if flat is None else ctx.op("Add", ctx.op("Mul", flat, ctx.scalar(size, torch.int64)), wrapped)
+    return ctx.op("Reshape", flat, ctx.ints([-1]))
+
+
 register("repeat", lambda x, repeats: x.repeat(repeats), lambda b, n, g, want: (
-    b.emit("repeat_grad", g, repeats=n.attrs["repeats"], input_shape=tuple(n.inputs[0].shape)) if want[0] else None,))
-register("repeat_grad", _repeat_grad)
-register("flat_index", _flat_index)
+    b.emit("repeat_grad", g, repeats=n.attrs["repeats"], input_shape=tuple(n.inputs[0].shape)) if want[0] else None,),
+    onnx=_repeat_onnx)
+register("repeat_grad", _repeat_grad, onnx=_repeat_grad_onnx)
+register("flat_index", _flat_index, onnx=_flat_index_onnx)
 
 
 def _resolve_shape(x, shape):
@@ -280,11 +310,54 @@ def _zeroed(region):
     return kernel
 
 
+# ONNX: the written region as a constant mask along `dim` (its positions are known here), and
+# Where: the written values there, x (or g) elsewhere. Nothing is computed, so nothing rounds.
+
+def _onnx_region(ctx, shape, dim, positions):
+    """A bool mask, True at `positions` along dim, shaped to broadcast over `shape`."""
+    mask = torch.zeros(shape[dim], dtype=torch.bool)
+    mask[list(positions)] = True
+    return ctx.const(mask.reshape((-1,) + (1,) * (len(shape) - dim - 1)))
+
+
+def _slice_positions(a):
+    return range(a["start"], a["end"], a["step"])
+
+
+def _slice_scatter_onnx(ctx, n, xs):
+    """src's entry k along dim lands at start + k * step: a Gather along dim spreads it there."""
+    x, src = xs[0], ctx.convert(xs[1], n.inputs[1].dtype, n.dtype)
+    a, positions = n.attrs, _slice_positions(n.attrs)
+    if not positions:
+        return ctx.op("Identity", x)
+    source = torch.zeros(n.shape[a["dim"]], dtype=torch.int64)  # which entry of src each position takes
+    source[list(positions)] = torch.arange(len(positions))
+    spread = ctx.op("Gather", src, ctx.const(source), axis=a["dim"])
+    return ctx.op("Where", _onnx_region(ctx, n.shape, a["dim"], positions), spread, x)
+
+
+def _select_scatter_onnx(ctx, n, xs):
+    x, src = xs[0], ctx.convert(xs[1], n.inputs[1].dtype, n.dtype)
+    dim = n.attrs["dim"]
+    src = ctx.op("Unsqueeze", src, ctx.ints([dim]))  # broadcasts along dim
+    return ctx.op("Where", _onnx_region(ctx, n.shape, dim, [n.attrs["index"]]), src, x)
+
+
+def _zeroed_onnx(positions):
+    def lower(ctx, n, xs):
+        return ctx.op("Where", _onnx_region(ctx, n.shape, n.attrs["dim"], positions(n.attrs)), ctx.scalar(0, n.dtype),
+                      xs[0])
+    return lower
+
+
 register("slice_scatter", lambda x, src, dim, start, end, step: A.slice_scatter(x, src, dim, start, end, step),
-         _scatter_vjp)
-register("slice_scatter_grad_input", _zeroed(lambda t, dim, start, end, step: A.slice(t, dim, start, end, step)))
-register("select_scatter", lambda x, src, dim, index: A.select_scatter(x, src, dim, index), _scatter_vjp)
-register("select_scatter_grad_input", _zeroed(lambda t, dim, index: t.select(dim, index)))
+         _scatter_vjp, onnx=_slice_scatter_onnx)
+register("slice_scatter_grad_input", _zeroed(lambda t, dim, start, end, step: A.slice(t, dim, start, end, step)),
+         onnx=_zeroed_onnx(_slice_positions))
+register("select_scatter", lambda x, src, dim, index: A.select_scatter(x, src, dim, index), _scatter_vjp,
+         onnx=_select_scatter_onnx)
+register("select_scatter_grad_input", _zeroed(lambda t, dim, index: t.select(dim, index)),
+         onnx=_zeroed_onnx(lambda a: [a["index"]]))
 
 
 def _index_put_vjp(b, n, g, want):
@@ -295,9 +368,25 @@ def _index_put_vjp(b, n, g, want):
     return gx, gs, None
 
 
+def _index_put_onnx(ctx, n, xs):
+    # A repeated index: index_add adds each; index_copy keeps one write (torch leaves which open;
+    # both runtimes write in order, the last one stays).
+    x, src, idx = xs
+    indices = onnx_index_along(ctx, idx, n.attrs["dim"], n.inputs[1].shape)
+    return ctx.op("ScatterElements", x, indices, src, axis=n.attrs["dim"],
+                  reduction="add" if n.attrs["accumulate"] else "none")
+
+
+def _index_put_grad_input_onnx(ctx, n, xs):
+    g, idx = xs
+    dim, shape = n.attrs["dim"], list(n.shape)
+    shape[dim] = n.inputs[1].shape[0]
+    return ctx.op("ScatterElements", g, onnx_index_along(ctx, idx, dim, shape), ctx.full(shape, 0, n.dtype), axis=dim)
+
+
 register("index_put", lambda x, src, idx, dim, accumulate: (x.index_add if accumulate else x.index_copy)(dim, idx, src),
-         _index_put_vjp)
-register("index_put_grad_input", lambda g, idx, dim: g.index_fill(dim, idx, 0))
+         _index_put_vjp, onnx=_index_put_onnx)
+register("index_put_grad_input", lambda g, idx, dim: g.index_fill(dim, idx, 0), onnx=_index_put_grad_input_onnx)
 
 
 @aten(A.copy.default)
