@@ -281,7 +281,8 @@ def _more_elementwise_cases(a):
         ("log1p", "log1p", [small], {}), ("log1p_grad", "log1p_grad", [a.r(3, 4), small], {}),
         ("expm1", "expm1", [wide], {}), ("expm1_grad", "expm1_grad", [a.r(3, 4), torch.expm1(small)], {}),
         ("elu", "elu", [a.r(3, 4)], dict(alpha=1.0, scale=1.0, input_scale=1.0)),
-        ("elu-selu", "elu", [small], SELU), ("elu-celu", "elu", [a.r(3, 4)], dict(alpha=2.0, scale=1.0, input_scale=0.5)),
+        ("elu-selu", "elu", [small], SELU),
+        ("elu-celu", "elu", [a.r(3, 4)], dict(alpha=2.0, scale=1.0, input_scale=0.5)),
         ("elu_grad", "elu_grad", [a.r(3, 4), a.r(3, 4)], dict(alpha=1.0, scale=1.0, input_scale=1.0)),
         ("elu_grad-selu", "elu_grad", [a.r(3, 4), a.r(3, 4)], SELU),
         ("trunc", "trunc", [halves], {}), ("trunc-int", "trunc", [ints], {}),
@@ -608,9 +609,9 @@ def _vocab_cases(a):
     ]
 
 
-FAMILIES = [_attention_cases, _elementwise_cases, _reduction_cases, _shape_cases, _linalg_cases, _norm_cases,
-            _conv_cases,
-            _more_elementwise_cases, _order_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases, _optimizer_cases, _vocab_cases]
+FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
+            _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
+            _optimizer_cases, _vocab_cases]
 
 
 @functools.cache

@@ -365,9 +365,11 @@ def _elu_grad_onnx(ctx, n, xs):
 
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max),
        lambda g, x, min, max: g * _inside(x, min, max), onnx=_clamp_onnx, grad_onnx=_clamp_grad_onnx)
-_unary("log1p", torch.log1p, lambda g, x: g / (1 + x), onnx=lambda ctx, n, xs: onnx_log1p(ctx, xs[0], n.dtype),
+_unary("log1p", torch.log1p, lambda g, x: g / (1 + x),
+       onnx=lambda ctx, n, xs: onnx_log1p(ctx, *onnx_operands(ctx, n, xs), n.dtype),
        grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Div", g, ctx.op("Add", c(1), x))))
-_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y", onnx=lambda ctx, n, xs: onnx_expm1(ctx, xs[0], n.dtype),
+_unary("expm1", torch.expm1, lambda g, y: g * (y + 1), uses="y",
+       onnx=lambda ctx, n, xs: onnx_expm1(ctx, *onnx_operands(ctx, n, xs), n.dtype),
        grad_onnx=_grad_onnx(lambda ctx, g, y, c: ctx.op("Mul", g, ctx.op("Add", y, c(1)))))
 _unary("sin", torch.sin, lambda g, x: g * torch.cos(x), onnx="Sin",
        grad_onnx=_grad_onnx(lambda ctx, g, x, c: ctx.op("Mul", g, ctx.op("Cos", x))))

@@ -601,10 +601,11 @@ def _avg_pool_grad(g, *, input_shape, **a):
                                  a["count_include_pad"], a["divisor_override"])
 
 
-# ONNX: not AveragePool, whose divisor at a ceil-mode window running past the padding differs
-# between runtimes, and which has no divisor_override. Each window's sum is a convolution with
-# ones over the explicitly padded input (every window inside it, zeros adding nothing), divided
-# by torch's divisor for that window, worked out here.
+# ONNX: not AveragePool, which has no divisor_override and leaves the divisor of a ceil-mode
+# window running past the padding to the runtime's reading of the spec (onnxruntime 1.32 reads it
+# as torch does). Here each window's sum is a convolution with ones over the explicitly padded
+# input (every window inside it, zeros adding nothing), divided by torch's divisor for that
+# window, worked out here: nothing is left to the runtime.
 
 def _avg_pool_windows(size, out, kernel, stride, pad):
     """Along one axis, per output: (torch's window size counting padding, the entries inside x)."""
@@ -804,11 +805,12 @@ def _upsample_grad(g, *, mode, output_size, scales, align_corners, input_shape):
     return A.upsample_bilinear2d_backward(g, output_size, input_shape, align_corners, *scales)
 
 
-# ONNX: not Resize, whose float32 `scales` and coordinate arithmetic pick other source pixels
-# than torch's at some sizes. Each output pixel reads fixed taps along each axis: nearest one
-# (the index torch's own kernel gives, read off it), bilinear two with weights, worked out here
-# as ATen's CPU kernel does (compute_source_index_and_lambda, in the tensor's precision). The
-# forward gathers the taps, width first as the kernel does; the gradient scatters g back.
+# ONNX: not Resize, which maps output to input pixels in the runtime's own arithmetic (its
+# `scales` a float32), where torch's kernel rounds its own way. Here each output pixel reads
+# fixed taps along each axis: nearest one (the index torch's own kernel gives, read off it),
+# bilinear two with weights, worked out as ATen's CPU kernel does (compute_source_index_and_lambda,
+# in the tensor's precision). The forward gathers the taps, width first as the kernel does; the
+# gradient scatters g back.
 
 def _nearest_taps(size, out, scale):
     """The source index of each output along one axis, as torch's kernel picks it."""
