@@ -28,6 +28,7 @@ class Report:
     weight_bytes: int = 0        # the model's weights as the step holds them (int8 where chosen)
     int8_bytes: int = 0          # of which int8 values and scales of frozen linears
     int8_float_bytes: int = 0    # what those weights would take as floats
+    backend: str = "torch"       # what runs the step; under "auto", each backend's measured time
 
     def __str__(self) -> str:
         return self.format()
@@ -49,6 +50,7 @@ class Report:
             f"{self.int8_float_bytes / 2**20:.2f} MB)" if self.int8_bytes else ""))
         rows.append(f"predicted peak of one step: {self.predicted_peak_bytes / 2**20:.2f} MB "
                     "(activations, gradients and optimizer state; parameters and the batch excluded)")
+        rows.append(f"backend: {self.backend}")
         return "\n".join(rows)
 
 
@@ -76,7 +78,8 @@ def build_report(trainer) -> Report:
     floats = sum(p.nbytes for p in trainer.model.parameters())
     return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()),
                   weight_bytes=floats + int8_bytes, int8_bytes=int8_bytes,
-                  int8_float_bytes=sum(q.numel() * scale.element_size() for q, scale in int8))
+                  int8_float_bytes=sum(q.numel() * scale.element_size() for q, scale in int8),
+                  backend=trainer.backend.describe())
 
 
 def _rows_by_layer(nodes: list[Node], layers: set[str]) -> dict[str, str]:

@@ -19,8 +19,9 @@ import torch
 from edgetune.compiler import lora
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
+from edgetune.compiler.backends.choice import BACKENDS, choose_backend
 from edgetune.compiler.backends.scratch import measure_scratch
-from edgetune.compiler.backends.torch import CompiledStep, NonFiniteError
+from edgetune.compiler.backends.torch import NonFiniteError
 from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
 from edgetune.compiler.inputs import (BatchError, Bindings, IndexUse, index_uses, refuse_nonfinite,
                                       refuse_out_of_range, step_inputs)
@@ -71,7 +72,8 @@ class Update:
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
             scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
-            memory_budget: int | str | None = None, on_nonfinite: str = "skip") -> "Trainer":
+            memory_budget: int | str | None = None, on_nonfinite: str = "skip",
+            backend: str = "torch") -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
     `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
@@ -90,20 +92,28 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     instead of running as soon as theirs exists, which raises the peak). "apply": no checks.
     A NaN or inf in the batch itself is bad data, not an overflow: "skip" and "raise" refuse
     such a batch before the step runs (see Trainer._check_batch); "apply" lets it through.
+    `backend`: what runs the step. "torch": torch kernels called from generated Python.
+    "onnxruntime": the step lowered to ONNX and run by an onnxruntime session (CPU; needs the
+    `onnx` extra). "auto": times each backend available here on the example batch (a few
+    steps each, parameters and optimizer state restored after) and keeps the faster;
+    `report()` says which ran and each one's time. The Trainer behaves the same on each.
     """
     if frozen_weights not in ("float", "int8"):
         raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
     if on_nonfinite not in ("skip", "raise", "apply"):
         raise ValueError(f"on_nonfinite must be 'skip', 'raise' or 'apply', got {on_nonfinite!r}")
     budget = None if memory_budget is None else parse_bytes(memory_budget)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return Trainer(model, loss_fn, example_inputs, example_targets,
                    schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
-                   int8=frozen_weights == "int8", memory_budget=budget, on_nonfinite=on_nonfinite)
+                   int8=frozen_weights == "int8", memory_budget=budget, on_nonfinite=on_nonfinite, backend=backend)
 
 
 class Trainer:
     def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
-                 int8: bool = False, memory_budget: int | None = None, on_nonfinite: str = "skip") -> None:
+                 int8: bool = False, memory_budget: int | None = None, on_nonfinite: str = "skip",
+                 backend: str = "torch") -> None:
         self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
         self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
@@ -116,7 +126,6 @@ class Trainer:
         self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
         if memory_budget is not None:
             _check_budget(self.plan, memory_budget, self.rules)
-        self.compiled = CompiledStep(self.graph, self.device)
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
@@ -127,6 +136,10 @@ class Trainer:
         self.last_step: StepResult | None = None
         self._writes = sum(1 for n in self.graph.nodes if is_effect(n))
         self.on_nonfinite = on_nonfinite
+        # What runs the step (edgetune.compiler.backends.choice): set last, as "auto" steps the
+        # trainer to time each backend.
+        self.backend = choose_backend(self, backend)
+        self.compiled = self.backend.step
 
     # -- running --------------------------------------------------------------------------
 

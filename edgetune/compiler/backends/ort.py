@@ -1,0 +1,113 @@
+"""onnxruntime backend: the scheduled step lowered to ONNX (backends.onnx) and run by an
+onnxruntime session, called as the torch backend's CompiledStep is: the same arguments (the
+Trainer's tensors, in the graph's input order), the same outputs, written tensors updated in
+place. No Python runs between kernels.
+
+Every input stays a model input, frozen weights too, and is bound by pointer (IO binding):
+the session reads the Trainer's tensors where they live, so the model's weights are never
+copied into the session. A written tensor comes back as the output `<input>_next`, into a
+buffer held here, and is then copied into the Trainer's tensor: ONNX is functional, and
+binding an output to its own input's memory is unsafe, as onnxruntime may run a reader of the
+old value after the node that writes the new one. The copy moves the written bytes only
+(what the scheme trains, its optimizer state, train-mode norm statistics); the buffers hold
+as much again.
+
+A "raise" step (compile(on_nonfinite="raise")) that skipped its writes raises before any
+copy, so nothing changes, as in the torch backend. Dropout draws its masks from onnxruntime's
+generator, not torch's: the same seed gives other masks than the torch backend.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgetune.compiler.backends.onnx import to_onnx
+from edgetune.compiler.backends.torch import NonFiniteError
+from edgetune.compiler.ir.graph import Graph
+
+
+class BackendUnavailable(RuntimeError):
+    """onnxruntime cannot run the exported step here (a kernel it lacks for an op or dtype)."""
+
+
+class OrtStep:
+    def __init__(self, graph: Graph, device: torch.device, threads: int | None = None) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"backend='onnxruntime' runs steps on CPU tensors; the model is on {device}: "
+                             "use backend='torch' there")
+        import onnxruntime as ort
+
+        exported = to_onnx(graph)  # no values given: every input, frozen ones too, stays an input
+        self.inputs = graph.inputs
+        self.outputs = list(graph.outputs)
+        self.on_nonfinite = exported.manifest["on_nonfinite"]
+        try:
+            self.session = ort.InferenceSession(exported.model.SerializeToString(), session_options(ort, threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime's own classes; most often a kernel it lacks (float64 Conv)
+            raise BackendUnavailable(f"onnxruntime cannot run this step: {str(err).strip()}; use backend='torch'"
+                                     " (float64 steps often need it: onnxruntime's CPU kernels are mostly float32)"
+                                     ) from None
+        position = {n.name: k for k, n in enumerate(graph.inputs)}
+        specs = exported.manifest["outputs"]
+        # Each output's buffer, bound by pointer at every step; `_next` pairs a written
+        # input's new value with its position among the arguments.
+        self._buffers = {o["name"]: torch.empty(o["shape"], dtype=_dtype(o["dtype"])) for o in specs}
+        self._next = [(self._buffers[o["name"]], position[o["feeds"]]) for o in specs if o["feeds"]]
+
+    def __call__(self, *args: Any) -> dict[str, Any]:
+        binding = self.session.io_binding()
+        keep = []  # what is bound must outlive the run: converted scalars, contiguous copies
+        for node, arg in zip(self.inputs, args):
+            t = torch.as_tensor(arg, dtype=node.dtype).contiguous()
+            keep.append(t)
+            _bind(binding.bind_input, node.name, t)
+        for name, buffer in self._buffers.items():
+            _bind(binding.bind_output, name, buffer)
+        self.session.run_with_iobinding(binding)
+        skipped = int(self._buffers["skipped"])
+        if skipped and self.on_nonfinite == "raise":
+            raise NonFiniteError("the loss or a gradient is not finite")
+        with torch.no_grad():
+            for new, k in self._next:
+                args[k].copy_(new)
+        return {**{key: self._buffers[key].clone() for key in self.outputs}, "skipped": skipped}
+
+
+def session_options(ort: Any, threads: int | None = None) -> Any:
+    """One step at a time, on as many threads as torch uses (so backends compare on equal
+    terms); the graph optimized fully."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # warnings about unused initializers are not the user's concern
+    return options
+
+
+def available() -> str | None:
+    """None where this backend can run here, else why not."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed (pip install 'edgetune[onnx]')"
+    return None
+
+
+_NUMPY = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.int64: "int64",
+          torch.int32: "int32", torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
+
+
+def _bind(bind: Any, name: str, t: torch.Tensor) -> None:
+    import numpy as np
+
+    if t.dtype not in _NUMPY:
+        raise ValueError(f"backend='onnxruntime' cannot bind {name!r} of dtype {t.dtype}; use backend='torch'")
+    bind(name, "cpu", 0, np.dtype(_NUMPY[t.dtype]), list(t.shape), t.data_ptr())
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)

@@ -1,0 +1,93 @@
+"""compile(backend=...): choosing what runs the step, and the Trainer's promises on each.
+Parity on whole models: tests/e2e/test_backends.py."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import edgetune as et
+from tests.unit.nets import ConvNet, batch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+SCHEME = {"pw.weight": 0.5, "*.bias": "full", "head.*": "full"}
+
+
+@pytest.fixture(autouse=True)
+def estimated_scratch(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+
+
+def held(trainer):
+    return {**{k: v.clone() for k, v in trainer.model.state_dict().items()},
+            **{f"opt:{k}": v.clone() for k, v in trainer.state.items()}}
+
+
+def test_auto_times_both_keeps_the_faster_and_leaves_the_trainer_as_compiled():
+    model = ConvNet().train()  # train mode: the step writes batch-norm statistics too
+    twin = et.compile(copy.deepcopy(model), F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01),
+                         backend="auto")
+    choice = trainer.backend
+    assert set(choice.seconds) == {"torch", "onnxruntime"} and all(s > 0 for s in choice.seconds.values())
+    assert choice.name == min(choice.seconds, key=choice.seconds.get)
+    assert f"backend: {choice.name} (auto, per step: torch " in str(trainer.report())
+    # Timing stepped the trainer: every written tensor, the optimizer state and the random
+    # state are back as they were, and the first real step is step 1.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert all(not v.any() for v in trainer.state.values()) and trainer.steps == 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for s in range(3):
+        assert trainer.step(*batch(seed=s)) == pytest.approx(twin.step(*batch(seed=s)), rel=1e-5)
+
+
+def test_auto_falls_back_to_torch_where_onnxruntime_cannot_run(monkeypatch):
+    from edgetune.compiler.ir.ops import OPS
+
+    import dataclasses
+    monkeypatch.setitem(OPS, "conv", dataclasses.replace(OPS["conv"], onnx=None))  # as if it had no lowering
+    trainer = et.compile(ConvNet().eval(), F.cross_entropy, *batch(), scheme=SCHEME, backend="auto")
+    assert trainer.backend.name == "torch" and not trainer.backend.seconds
+    assert "onnxruntime not tried: op 'conv'" in str(trainer.report())
+    with pytest.raises(ValueError, match="op 'conv'.*has no ONNX lowering"):
+        et.compile(ConvNet().eval(), F.cross_entropy, *batch(), scheme=SCHEME, backend="onnxruntime")
+
+
+def test_float64_without_onnxruntime_kernels_is_refused_with_the_reason():
+    model, ((x,), y) = ConvNet().double().eval(), batch()
+    with pytest.raises(RuntimeError, match="onnxruntime cannot run this step.*Conv.*use backend='torch'"):
+        et.compile(model, F.cross_entropy, (x.double(),), y, scheme=SCHEME, backend="onnxruntime")
+    assert et.compile(model, F.cross_entropy, (x.double(),), y, scheme=SCHEME, backend="auto").backend.name == "torch"
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of 'torch', 'onnxruntime', 'auto', got 'tvm'"):
+        et.compile(ConvNet(), F.cross_entropy, *batch(), backend="tvm")
+
+
+def test_a_nonfinite_step_raises_and_changes_nothing_on_onnxruntime():
+    model = ConvNet().train()
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.SGD(lr=0.1, momentum=0.9),
+                         on_nonfinite="raise", backend="onnxruntime")
+    trainer.step(*batch(seed=1))
+    before = held(trainer)
+    (x,), y = batch(seed=2)
+    with pytest.raises(et.NonFiniteError, match="step 2"):
+        trainer.step((x.clamp(-1, 1) * 3e38,), y)  # finite, but the activations overflow
+    assert all(torch.equal(v, before[k]) for k, v in held(trainer).items()) and trainer.steps == 1
+
+
+def test_save_and_load_work_the_same_on_onnxruntime(tmp_path):
+    trainer = et.compile(ConvNet().eval(), F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01),
+                         backend="onnxruntime")
+    trainer.step(*batch(seed=1))
+    trainer.save(tmp_path / "ckpt.safetensors")
+    after_one = held(trainer)
+    loss = trainer.step(*batch(seed=2))
+    trainer.load(tmp_path / "ckpt.safetensors")
+    assert all(torch.equal(v, after_one[k]) for k, v in held(trainer).items())
+    assert trainer.step(*batch(seed=2)) == loss
