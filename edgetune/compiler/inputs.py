@@ -197,6 +197,8 @@ def refuse_nonfinite(t: torch.Tensor, what: str) -> None:
     if not t.is_floating_point() or _surely_finite(t):
         return
     nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    if nan + inf == 0:  # only the sum overflowed: large entries, every one finite
+        return
     first = torch.nonzero(~torch.isfinite(t))[0].tolist()
     entries = "entry" if nan + inf == 1 else "entries"
     raise BatchError(f"{what} has {nan + inf} non-finite {entries} ({nan} NaN, {inf} inf) of {t.numel()}, the first "

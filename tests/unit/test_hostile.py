@@ -131,6 +131,15 @@ def test_a_non_finite_float_target_is_refused_too():
     assert_unchanged(before, model, trainer)
 
 
+def test_a_finite_batch_whose_sum_overflows_is_accepted():
+    model, trainer, (x, ids, y) = tokens_trainer("skip")
+    before = snapshot(model, trainer)
+    huge = torch.full_like(x, 3e38)  # every entry finite; their float32 sum is inf
+    trainer.step((huge, ids), (y,))  # runs: the step's own guard then skips what overflowed
+    assert trainer.last_step.skipped == trainer.last_step.writes
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+
+
 def test_apply_lets_a_non_finite_batch_through():
     model, trainer, (x, ids, y) = tokens_trainer("apply")
     bad = x.clone()
