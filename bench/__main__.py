@@ -4,6 +4,7 @@
     python -m bench --models resnet  # the same quick selection for other models
     python -m bench --full           # every model x scheme x batch x engine
     python -m bench --full --models vit --schemes tte,bias-only --batches 8
+    python -m bench --engines eager,edgetune,edgetune-ort,edgetune-auto  # edgetune's other backends (opt-in)
 
 Each engine x configuration runs twice, each time in a fresh subprocess (bench/run_one.py):
 once for peak memory (with MALLOC_MMAP_THRESHOLD_=65536), once for step time (without it).
@@ -82,8 +83,10 @@ def progress_line(row: dict) -> str:
 # -- selecting ------------------------------------------------------------------------------------
 
 def select(args) -> list[Config]:
-    chosen = (configs.expand(list(configs.MODELS), configs.SCHEMES, configs.BATCHES, configs.ENGINES)
-              if args.full else configs.quick(args.models or ["mobilenetv2"]))
+    # Opt-in engines (edgetune's onnxruntime and auto backends) run only where --engines names them.
+    extra = [e for e in configs.OPT_IN_ENGINES if e in (args.engines or [])]
+    chosen = (configs.expand(list(configs.MODELS), configs.SCHEMES, configs.BATCHES, configs.ENGINES + extra)
+              if args.full else configs.quick(args.models or ["mobilenetv2"], extra))
     keep = lambda value, allowed: allowed is None or value in allowed  # noqa: E731
     return [c for c in chosen
             if keep(c.model, args.models) and keep(c.batch, args.batches) and keep(c.engine, args.engines)
@@ -100,7 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--models", type=csv(), help=f"comma-separated subset of {list(configs.MODELS)}")
     p.add_argument("--schemes", type=csv(), help=f"comma-separated subset of {configs.SCHEMES}")
     p.add_argument("--batches", type=csv(int), help=f"comma-separated subset of {configs.BATCHES}")
-    p.add_argument("--engines", type=csv(), help=f"comma-separated subset of {configs.ENGINES}")
+    p.add_argument("--engines", type=csv(), help=f"comma-separated subset of {configs.ALL_ENGINES}; {configs.OPT_IN_ENGINES} (edgetune's onnxruntime "
+                   "and auto backends) run only when named here")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
     # One thread by default: on a 2-core machine shared with other jobs, torch's default of 2
     # OpenMP threads sometimes stalled a 7 ms step to ~440 ms, waiting on a busy core.
@@ -111,7 +115,7 @@ def parse_args(argv=None):
                    help="raw results (with --render: several comma-separated files are rendered together)")
     p.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from the results in --json")
     args = p.parse_args(argv)
-    for name, known in [("models", configs.MODELS), ("schemes", configs.SCHEMES), ("engines", configs.ENGINES)]:
+    for name, known in [("models", configs.MODELS), ("schemes", configs.SCHEMES), ("engines", configs.ALL_ENGINES)]:
         bad = set(getattr(args, name) or []) - set(known)
         if bad:
             p.error(f"unknown {name}: {sorted(bad)}; known: {list(known)}")
@@ -188,14 +192,20 @@ def rows(cells: Cells, model: str):
     """(scheme, batch) pairs that have any scheme-dependent result, batch-major; ("-", batch)
     where only scheme-free engines ran at that batch."""
     for batch in configs.BATCHES:
-        schemes = [s for s in configs.SCHEMES if any((model, s, batch, e) in cells.by_key for e in configs.ENGINES)]
+        schemes = [s for s in configs.SCHEMES if any((model, s, batch, e) in cells.by_key for e in configs.ALL_ENGINES)]
         if not schemes and any((model, "-", batch, e) in cells.by_key for e in configs.SCHEME_FREE):
             schemes = ["-"]
         yield from ((s, batch) for s in schemes)
 
 
+def columns(cells: Cells) -> list[str]:
+    """The default engines, and the opt-in ones that have results."""
+    ran = {k[3] for k in cells.by_key}
+    return configs.ENGINES + [e for e in configs.OPT_IN_ENGINES if e in ran]
+
+
 def memory_table(cells: Cells, model: str) -> list[str]:
-    engines = configs.ENGINES
+    engines = columns(cells)
     head = (["scheme", "batch"] + engines
             + ["edgetune / eager", "edgetune / eager-full", "predicted", "measured / predicted",
                "edgetune's compile child"])
@@ -213,7 +223,7 @@ def memory_table(cells: Cells, model: str) -> list[str]:
 
 def step_memory_table(cells: Cells, model: str) -> list[str]:
     """Steps-only peak above the RSS that setup left, with that RSS in parentheses."""
-    engines = configs.ENGINES
+    engines = columns(cells)
     head = ["scheme", "batch"] + engines + ["predicted", "edgetune / predicted"]
     out = [table_row(head), table_row(["---"] * len(head))]
     for scheme, batch in rows(cells, model):
@@ -237,7 +247,7 @@ def _above(r: dict | None) -> int | None:
 
 
 def time_table(cells: Cells, model: str) -> list[str]:
-    engines = configs.ENGINES
+    engines = columns(cells)
     head = (["scheme", "batch"] + engines
             + ["edgetune / eager (CPU)", "edgetune / eager-full (CPU)", "setup s: edgetune", "setup s: compile"])
     out = [table_row(head), table_row(["---"] * len(head))]
@@ -341,7 +351,7 @@ def same_entries(results: list[dict]) -> str:
     counts: dict[tuple, set] = {}
     for r in results:
         c, m = r["config"], r["memory"]
-        if c["engine"] in ("edgetune", "eager", "compile") and m["ok"]:
+        if c["engine"] in ("edgetune", "eager", "compile", *configs.OPT_IN_ENGINES) and m["ok"]:
             counts.setdefault((c["model"], c["scheme"], c["batch"]), set()).add(m["trainable_params"])
     if not counts:
         return "No edgetune, eager or compile configuration completed, so nothing to compare."

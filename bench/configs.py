@@ -28,6 +28,10 @@ MODELS = {
 SCHEMES = ["full", "bias-only", "tte", "last-3"]
 BATCHES = [8, 1]
 ENGINES = ["edgetune", "eager", "eager-full", "compile", "forward"]
+# edgetune on its other backends (compile(backend=...)): run only when --engines names them.
+# "edgetune" above is the torch backend, the default.
+OPT_IN_ENGINES = ["edgetune-ort", "edgetune-auto"]
+ALL_ENGINES = ENGINES + OPT_IN_ENGINES
 # Engines whose step does not depend on the scheme: measured once per model and batch.
 SCHEME_FREE = ("eager-full", "forward")
 
@@ -107,14 +111,16 @@ def _tte(model: str):
     raise KeyError(f"no TTE-style scheme for {model!r}")
 
 
-def quick(models: list[str] = ("mobilenetv2",)) -> list[Config]:
+def quick(models: list[str] = ("mobilenetv2",), extra_engines: list[str] = ()) -> list[Config]:
     """Each model at batch 8 with every scheme and engine, plus batch 1 for bias-only and tte.
 
     torch.compile is left out at batch 1: each of its configurations costs a cold Inductor
     compile of minutes on two cores, which alone would use up the quick budget.
+    `extra_engines`: opt-in engines (OPT_IN_ENGINES) to run alongside.
     """
-    configs = expand(models, SCHEMES, [8], ENGINES)
-    return configs + expand(models, ["bias-only", "tte"], [1], [e for e in ENGINES if e != "compile"])
+    engines = ENGINES + [e for e in OPT_IN_ENGINES if e in extra_engines]
+    configs = expand(models, SCHEMES, [8], engines)
+    return configs + expand(models, ["bias-only", "tte"], [1], [e for e in engines if e != "compile"])
 
 
 def expand(models, schemes, batches, engines) -> list[Config]:

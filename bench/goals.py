@@ -31,7 +31,32 @@ def goals_section(cells) -> list[str]:
                        cpu("-", 8, "eager-full"), cpu("tte", 8, "edgetune"), 2.5, "ms"))
     rows += [_predicted(cells, scheme, batch) for scheme in ("full", "bias-only", "tte", "last-3") for batch in (8, 1)
              if cells.get(MODEL, scheme, batch, "edgetune", "memory")]
+    rows += backend_goals(cells)
     return ["| goal | measured | verdict |", "| --- | --- | --- |"] + rows
+
+
+def backend_goals(cells) -> list[str]:
+    """Issue 11's goals for edgetune's onnxruntime and auto backends (opt-in engines), for the
+    configurations where they ran: the onnxruntime step >= 1.3x faster than eager on the same
+    scheme at a peak within 1.2x of the torch backend's; auto within 5% of the faster backend."""
+    peak = lambda scheme, batch, engine: cells.value(MODEL, scheme, batch, engine, "memory", "peak_bytes")  # noqa: E731
+    cpu = lambda scheme, batch, engine: cells.value(MODEL, scheme, batch, engine, "time", "cpu_median_s")  # noqa: E731
+    rows = []
+    for batch in (1, 8):
+        for scheme in ("bias-only", "tte"):
+            if cells.get(MODEL, scheme, batch, "edgetune-ort", "time"):
+                rows += [
+                    _lower(f"onnxruntime step >= 1.3x faster than eager, {scheme}, batch {batch} (CPU time)",
+                           cpu(scheme, batch, "eager"), cpu(scheme, batch, "edgetune-ort"), 1.3, "ms"),
+                    _at_most(f"onnxruntime peak <= 1.2x the torch backend's, {scheme}, batch {batch}",
+                             peak(scheme, batch, "edgetune-ort"), peak(scheme, batch, "edgetune"), 1.2, "MB")]
+            if cells.get(MODEL, scheme, batch, "edgetune-auto", "time"):
+                times = [t for t in (cpu(scheme, batch, "edgetune"), cpu(scheme, batch, "edgetune-ort")) if t]
+                chose = cells.value(MODEL, scheme, batch, "edgetune-auto", "time", "backend")
+                rows.append(_at_most(f"auto within 5% of the faster backend, {scheme}, batch {batch} (CPU time; "
+                                     f"auto chose {chose})", cpu(scheme, batch, "edgetune-auto"),
+                                     min(times) if len(times) == 2 else None, 1.05, "ms"))
+    return rows
 
 
 def _lower(goal: str, theirs, ours, factor: float, unit: str) -> str:

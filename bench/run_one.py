@@ -38,14 +38,16 @@ Step = Callable[[], float]
 
 # -- engines: each returns a step closure and facts about what it built -----------------------
 
-def setup_edgetune(model, x, y, scheme) -> tuple[Step, dict]:
+def setup_edgetune(model, x, y, scheme, backend: str = "torch") -> tuple[Step, dict]:
     trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
-                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
+                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM), backend=backend)
     report = trainer.report()
     # The optimizer state is allocated by compile, before the timed steps: the steps' own rise
     # above the RSS setup left is comparable with the prediction minus it.
     info = {"predicted_peak_bytes": report.predicted_peak_bytes, "state_bytes": report.state_bytes,
-            "trainable_params": trainer.trainable_params}
+            "trainable_params": trainer.trainable_params,
+            # which backend runs the step; under "auto", each backend's time on the example batch
+            "backend": trainer.backend.name, "backend_seconds": dict(trainer.backend.seconds)}
     return (lambda: trainer.step((x,), (y,))), info
 
 
@@ -82,6 +84,8 @@ def setup_forward(model, x, y, scheme) -> tuple[Step, dict]:
 
 ENGINES = {
     "edgetune": setup_edgetune,
+    "edgetune-ort": lambda m, x, y, s: setup_edgetune(m, x, y, s, backend="onnxruntime"),
+    "edgetune-auto": lambda m, x, y, s: setup_edgetune(m, x, y, s, backend="auto"),
     "eager": setup_eager,
     "eager-full": lambda m, x, y, s: setup_eager(m, x, y, schemes.full()),
     "compile": lambda m, x, y, s: setup_eager(m, x, y, s, compiled=True),
