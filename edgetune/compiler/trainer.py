@@ -160,14 +160,17 @@ class Trainer:
         return self._bindings.arguments({"hyper": hyper, "input": batch, "target": batch})
 
     def _bind(self) -> Bindings:
-        """Every held step input, by kind (edgetune.compiler.inputs): the model's parameters and
-        buffers, and what the Trainer holds (optimizer state, LoRA adapters, int8 weights)."""
-        held = {"param": {k: p.detach() for k, p in self.model.named_parameters(remove_duplicate=False)},
+        return Bindings(step_inputs(self.graph), self.held())
+
+    def held(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every tensor a step may hold, by kind and key (edgetune.compiler.inputs): the model's
+        parameters and buffers, and what the Trainer holds (optimizer state, LoRA adapters,
+        int8 weights)."""
+        return {"param": {k: p.detach() for k, p in self.model.named_parameters(remove_duplicate=False)},
                 "buffer": dict(self.model.named_buffers()),
                 "state": self.state, "adapter": self.adapters,
                 "int8": {k: q for k, (q, _) in self.int8.items()},
                 "int8_scale": {k: scale for k, (_, scale) in self.int8.items()}}
-        return Bindings(step_inputs(self.graph), held)
 
     def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
         """The batch as the step takes it (inputs, then targets), or a BatchError before anything

@@ -30,8 +30,9 @@ class StepRunner:
 
         self.folder = os.fspath(folder)
         self.manifest = _read_manifest(self.folder)
-        self.session = ort.InferenceSession(os.path.join(self.folder, self.manifest["model"]), session_options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        self._session_args = (session_options, providers or ["CPUExecutionProvider"])
+        self.session = self._session(self.manifest["model"])
+        self._predict_session = None  # made at the first predict()
         inputs = self.manifest["inputs"]
         # The batch in the order step() takes it: the model's inputs, then the targets.
         self.batch_inputs = sorted((i for i in inputs if i["kind"] in BATCH_KINDS), key=lambda i: i["key"])
@@ -48,7 +49,7 @@ class StepRunner:
         loss. Under on_nonfinite="raise", a step whose loss or a gradient is not finite raises
         FloatingPointError and keeps the previous state."""
         binding = self.session.io_binding()
-        for spec, array in zip(self.batch_inputs, self._checked(batch)):
+        for spec, array in zip(self.batch_inputs, _checked(batch, self.batch_inputs, "step() takes inputs, then targets")):
             binding.bind_cpu_input(spec["name"], array)
         binding.bind_cpu_input("lr", np.asarray(self.lr, dtype=np.float64))
         binding.bind_cpu_input("step", np.asarray(self.steps + 1, dtype=np.int64))
@@ -68,18 +69,31 @@ class StepRunner:
         self.steps, self.last_skipped = self.steps + 1, skipped
         return float(outputs["loss"].numpy())
 
-    def _checked(self, batch: tuple) -> list[np.ndarray]:
-        if len(batch) != len(self.batch_inputs):
-            raise RunnerError(f"step() takes {len(self.batch_inputs)} arrays (inputs, then targets: "
-                              f"{[i['name'] for i in self.batch_inputs]}), got {len(batch)}")
-        arrays = []
-        for spec, array in zip(self.batch_inputs, batch):
-            array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
-            if list(array.shape) != spec["shape"] or array.dtype != np.dtype(spec["dtype"]):
-                raise RunnerError(f"{spec['name']} is {array.dtype}{list(array.shape)}, the step was exported for "
-                                  f"{spec['dtype']}{spec['shape']}: export again with an example batch of this shape")
-            arrays.append(array)
-        return arrays
+    def predict(self, *inputs: np.ndarray) -> np.ndarray:
+        """The model's output (eval mode: norms use their running statistics, no dropout) on
+        `inputs` shaped as at export, with the weights as trained so far."""
+        spec = self.manifest.get("predict")
+        if spec is None:
+            raise RunnerError(f"{self.folder} has no inference graph: export it again with this edgetune "
+                              "(Trainer.export_onnx writes predict.onnx)")
+        if self._predict_session is None:
+            self._predict_session = self._session(spec["model"])
+        batch = [i for i in spec["inputs"] if i["kind"] == "input"]
+        binding = self._predict_session.io_binding()
+        for i, array in zip(batch, _checked(inputs, batch, "predict() takes the model's inputs")):
+            binding.bind_cpu_input(i["name"], array)
+        for i in spec["inputs"]:
+            if i["carried_as"]:
+                binding.bind_ortvalue_input(i["name"], self._values[i["carried_as"]])
+        binding.bind_output(spec["output"]["name"], "cpu")
+        self._predict_session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _session(self, model_file: str) -> Any:
+        import onnxruntime as ort
+
+        options, providers = self._session_args
+        return ort.InferenceSession(os.path.join(self.folder, model_file), options, providers=providers)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -119,6 +133,20 @@ class StepRunner:
         arrays = load_file(os.path.join(self.folder, state_file)) if state_file else {}
         _check_arrays(os.path.join(self.folder, str(state_file)), arrays, self.carried)
         return {name: ort.OrtValue.ortvalue_from_numpy(np.asarray(a, order="C")) for name, a in arrays.items()}
+
+
+def _checked(batch: tuple, specs: list[dict], what: str) -> list[np.ndarray]:
+    """The arrays of `batch` as the graph takes them, or a RunnerError naming the one that differs."""
+    if len(batch) != len(specs):
+        raise RunnerError(f"{what}: {len(specs)} arrays ({[i['name'] for i in specs]}), got {len(batch)}")
+    arrays = []
+    for spec, array in zip(specs, batch):
+        array = np.asarray(array, order="C")  # not ascontiguousarray: it makes a 0-d array 1-d
+        if list(array.shape) != spec["shape"] or array.dtype != np.dtype(spec["dtype"]):
+            raise RunnerError(f"{spec['name']} is {array.dtype}{list(array.shape)}, the graph was exported for "
+                              f"{spec['dtype']}{spec['shape']}: export again with an example batch of this shape")
+        arrays.append(array)
+    return arrays
 
 
 def _read_manifest(folder: str) -> dict:

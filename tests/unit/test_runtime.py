@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 
 import edgetune as et
@@ -37,6 +38,7 @@ data = np.load(folder + "/batches.npz")
 runner = StepRunner(folder)
 losses = [runner.step(data[f"x{i}"], data[f"y{i}"]) for i in range(int(data["n"]))]
 runner.save(folder + "/after.safetensors")
+np.save(folder + "/predicted.npy", runner.predict(data["x0"]))
 json.dump({"losses": losses, "torch_loaded": "torch" in sys.modules}, open(folder + "/result.json", "w"))
 """
 
@@ -57,7 +59,7 @@ def exported(tmp_path, monkeypatch):
 
 
 def test_the_runner_matches_the_torch_backend_without_torch(exported):
-    folder, trainer, want_losses, _ = exported
+    folder, trainer, want_losses, batches = exported
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(folder)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -73,6 +75,41 @@ def test_the_runner_matches_the_torch_backend_without_torch(exported):
                           "bn2.running_var", "bn2.num_batches_tracked"} | set(trainer.state)
     for key, value in after.items():
         np.testing.assert_allclose(value, want[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+    # predict: the trained model's forward in eval mode (running statistics, as trained)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        want_out = model(*batches[0][0])
+    np.testing.assert_allclose(np.load(folder / "predicted.npy"), want_out.numpy(), rtol=1e-5, atol=1e-6)
+    assert model.training is False and trainer.model is model
+
+
+def test_the_inference_graph_reads_the_steps_weight_file(tmp_path, monkeypatch):
+    """Frozen weights are stored once: predict.onnx's initializers point into step.onnx.data."""
+    import onnx
+
+    from edgetune.compiler.backends.onnx import export_step
+    from edgetune.runtime import StepRunner
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    model = ConvNet().eval()
+    data = batch()
+    trainer = et.compile(model, F.cross_entropy, *data, scheme={"head.*": "full"})
+    export_step(trainer, tmp_path, external_data_bytes=200)  # even this small net's weights go to the file
+    predict = onnx.load(str(tmp_path / "predict.onnx"), load_external_data=False)
+    shared = {t.name for t in predict.graph.initializer
+              if t.data_location == onnx.TensorProto.EXTERNAL
+              and {e.key: e.value for e in t.external_data}["location"] == "step.onnx.data"}
+    assert {"stem_weight", "dw_weight", "pw_weight"} <= shared, shared  # the frozen convs
+    own = tmp_path / "predict.onnx.data"  # what the step does not store as such (none here)
+    assert not own.exists() or own.stat().st_size == 0
+    assert "head_weight" in {i.name for i in predict.graph.input}  # trained: fed by the runner
+    runner = StepRunner(tmp_path)
+    with torch.no_grad():
+        np.testing.assert_allclose(runner.predict(data[0][0].numpy()), model(*data[0]).numpy(), rtol=1e-5, atol=1e-6)
+    runner.step(data[0][0].numpy(), data[1][0].numpy())
+    with torch.no_grad():
+        assert not np.allclose(runner.predict(data[0][0].numpy()), model(*data[0]).numpy(), atol=1e-6), \
+            "predict reads the trained head as it is now, not as exported"
 
 
 def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path):
@@ -85,9 +122,9 @@ def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path)
         runner.step(x, y)
     runner.save(tmp_path / "mid.safetensors")
     before = runner.state()
-    with pytest.raises(RunnerError, match=r"args_0 is float64\[4, 3, 8, 8\], the step was exported for float32"):
+    with pytest.raises(RunnerError, match=r"args_0 is float64\[4, 3, 8, 8\], the graph was exported for float32"):
         runner.step(arrays[2][0].astype(np.float64), arrays[2][1])
-    with pytest.raises(RunnerError, match="takes 2 arrays"):
+    with pytest.raises(RunnerError, match=r"takes inputs, then targets: 2 arrays \(\['args_0', 'args_1'\]\), got 1"):
         runner.step(arrays[2][0])
     assert runner.steps == 2 and all(np.array_equal(v, before[k]) for k, v in runner.state().items())
     resumed = StepRunner(folder)

@@ -41,6 +41,8 @@ IR_VERSION = 9
 # model file stays small and the weights can be mapped rather than parsed.
 EXTERNAL_DATA_BYTES = 1 << 16
 MODEL_FILE, DATA_FILE, MANIFEST_FILE, STATE_FILE = "step.onnx", "step.onnx.data", "manifest.json", "state.safetensors"
+# The forward-only graph: frozen weights read from the step's data file, trained ones fed by the runner.
+PREDICT_FILE, PREDICT_DATA_FILE = "predict.onnx", "predict.onnx.data"
 
 _ELEM_TYPES = {torch.float32: "FLOAT", torch.float64: "DOUBLE", torch.float16: "FLOAT16",
                torch.bfloat16: "BFLOAT16", torch.int64: "INT64", torch.int32: "INT32", torch.int16: "INT16",
@@ -308,10 +310,13 @@ def export_step(trainer_or_graph: Any, path: str | os.PathLike, *,
                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> Any:
     """Write the step into folder `path`: `step.onnx` (+ `step.onnx.data` when an initializer
     is large), `manifest.json`, and `state.safetensors` (the carried tensors' current values,
-    what step 1 takes). Returns the ModelProto (with its weights inline)."""
+    what step 1 takes); from a Trainer also `predict.onnx`, the model's forward in eval mode
+    (the manifest's "predict"). Returns the step's ModelProto (with its weights inline)."""
     exported = _export(trainer_or_graph)
     os.makedirs(path, exist_ok=True)
-    _save_model(exported.model, os.path.join(path, MODEL_FILE), external_data_bytes)
+    _save_model(exported.model, os.path.join(path, MODEL_FILE), DATA_FILE, external_data_bytes)
+    if not isinstance(trainer_or_graph, Graph):
+        exported.manifest["predict"] = export_predict(trainer_or_graph, exported.manifest, path, external_data_bytes)
     if exported.carried:
         from safetensors.torch import save_file
 
@@ -361,17 +366,103 @@ def _held_values(trainer: Any) -> dict[str, torch.Tensor]:
     return {i.name: a for i, a in zip(step_inputs(trainer.graph), arguments) if not i.per_step}
 
 
-def _save_model(model: Any, path: str, external_data_bytes: int) -> None:
+def _save_model(model: Any, path: str, data_file: str, external_data_bytes: int) -> None:
+    """Save `model` with each large initializer's bytes in `data_file` beside it. Integer tensors
+    stay inline whatever their size: they are shapes and indices, which runtimes read while
+    loading the model (onnxruntime refuses a Reshape whose shape is external)."""
     import onnx
+    from onnx.external_data_helper import set_external_data
 
-    large = any(init.ByteSize() >= external_data_bytes for init in model.graph.initializer)
-    if not large:
-        onnx.save_model(model, path)
-        return
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # saving with external data rewrites the proto it is given
-    data = os.path.join(os.path.dirname(path), DATA_FILE)
+    data = os.path.join(os.path.dirname(path), data_file)
     if os.path.exists(data):
         os.remove(data)  # onnx appends to an existing data file
-    onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
-                    size_threshold=external_data_bytes)
+    inline = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    for t in copy.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) >= external_data_bytes and t.data_type not in inline:
+            set_external_data(t, data_file)
+    onnx.save_model(copy, path)
+
+
+# -- the forward-only graph beside the step ------------------------------------------------------
+
+def prediction_graph(trainer: Any) -> Graph:
+    """The model's forward in eval mode on the example inputs, its output "output", holding the
+    weights as the step does: LoRA adapters attached, frozen linears as int8 where the step
+    holds them so (the same rule picks the same weights)."""
+    from edgetune.compiler import lora
+    from edgetune.compiler.frontend.torch import export
+    from edgetune.compiler.passes.dce import dce
+    from edgetune.compiler.passes.int8 import int8_frozen_linears
+
+    model, was_training = trainer.model, trainer.model.training
+    try:
+        model.eval()
+        with trainer.dequantized():  # torch.export reads float weights
+            forward = export(model, _prediction, trainer.examples[0], (), prediction=True)
+    finally:
+        model.train(was_training)
+    graph, _ = lora.attach(forward.graph, forward.params, trainer.rules)
+    if trainer.int8:
+        trained = {forward.params[n] for n, r in trainer.rules.items() if n in forward.params and not r.lora}
+        graph = int8_frozen_linears(graph, trained)
+    return dce(Graph(graph.nodes, {"output": graph.outputs["output"]}))
+
+
+def _prediction(out: Any) -> Any:
+    """The prediction in what a model returns: the tensor, a Hugging Face output's logits, or
+    the first tensor of a tuple."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return next(t for t in out if isinstance(t, torch.Tensor))
+    return out
+
+
+def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os.PathLike,
+                   external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
+    """Write `predict.onnx` into `folder`, beside the step already written there: what the step
+    carries (trained tensors, written buffers, adapters) are its inputs, fed by the runner's
+    current values; frozen tensors are initializers that read the step's own data file where
+    the step stores the same tensor, so the weights are on disk once. Returns the manifest's
+    "predict" entry."""
+    import onnx
+
+    graph = prediction_graph(trainer)
+    carried = {(i["kind"], i["key"]): i["name"] for i in step_manifest["inputs"] if i["name"] in
+               step_manifest["next_step"].values()}
+    specs = step_inputs(graph)
+    from edgetune.compiler.inputs import Bindings
+
+    arguments = Bindings(specs, trainer.held()).arguments({"input": list(trainer.examples[0])})
+    values = {i.name: a for i, a in zip(specs, arguments) if not i.per_step and (i.kind, i.key) not in carried}
+    exported = to_onnx(graph, values)
+    model = exported.model
+    _share_step_data(onnx, model, specs, step_manifest, folder)
+    _save_model(model, os.path.join(folder, PREDICT_FILE), PREDICT_DATA_FILE, external_data_bytes)
+    dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    out = graph.outputs["output"]
+    return {"model": PREDICT_FILE,
+            "inputs": [{"name": i.name, "kind": i.kind, "key": i.key, "shape": list(i.shape), "dtype": dtype(i.dtype),
+                        "carried_as": carried.get((i.kind, i.key))}
+                       for i in specs if i.per_step or (i.kind, i.key) in carried],
+            "output": {"name": "output", "shape": list(out.shape), "dtype": dtype(out.dtype)}}
+
+
+def _share_step_data(onnx: Any, model: Any, specs: list[StepInput], step_manifest: dict, folder: str) -> None:
+    """Point each initializer of `model` that the step stores in its data file (the same tensor:
+    same kind and key, dtype and dims) at the step's bytes instead of a second copy."""
+    path = os.path.join(folder, MODEL_FILE)
+    step = onnx.load(path, load_external_data=False)
+    external = {t.name: t for t in step.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    step_name = {(f["kind"], f["key"]): f["name"] for f in step_manifest["frozen"]}
+    by_name = {i.name: (i.kind, i.key) for i in specs}
+    for t in model.graph.initializer:
+        theirs = external.get(step_name.get(by_name.get(t.name), ""))
+        if theirs is None or list(theirs.dims) != list(t.dims) or theirs.data_type != t.data_type:
+            continue
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.extend(theirs.external_data)

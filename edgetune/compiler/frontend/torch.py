@@ -46,8 +46,10 @@ class _WithLoss(torch.nn.Module):
         return self.loss_fn(self.model(*args[: self.n_inputs]), *args[self.n_inputs:])
 
 
-def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> ForwardGraph:
-    """Trace model + loss once, in the module's current train()/eval() mode."""
+def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple,
+           prediction: bool = False) -> ForwardGraph:
+    """Trace model + loss once, in the module's current train()/eval() mode. `prediction`:
+    loss_fn picks the model's prediction (any shape) instead, the graph's output "output"."""
     wrapped = _WithLoss(model, loss_fn, len(inputs))
     targets = _unaliased(inputs, targets)
     with warnings.catch_warnings():
@@ -56,7 +58,7 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
         program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
         device = _device_of(inputs)
         program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
-    return _Converter(program, len(inputs), device, _param_aliases(model)).run()
+    return _Converter(program, len(inputs), device, _param_aliases(model), prediction).run()
 
 
 def _unaliased(inputs: tuple, targets: tuple) -> tuple:
@@ -107,7 +109,9 @@ def _device_of(inputs: tuple) -> torch.device:
 
 
 class _Converter:
-    def __init__(self, program: Any, n_inputs: int, device: torch.device, aliases: dict[str, str]) -> None:
+    def __init__(self, program: Any, n_inputs: int, device: torch.device, aliases: dict[str, str],
+                 prediction: bool = False) -> None:
+        self.prediction = prediction
         self.program, self.n_inputs, self.aliases = program, n_inputs, aliases
         self.b = Builder()
         self.b.device = device
@@ -188,7 +192,9 @@ class _Converter:
         outputs: dict[str, Node] = {}
         for spec, arg in zip(self.program.graph_signature.output_specs, fx.args[0]):
             value = self.env[arg]
-            if spec.kind == OutputKind.USER_OUTPUT:
+            if spec.kind == OutputKind.USER_OUTPUT and self.prediction:
+                outputs.setdefault("output", value)
+            elif spec.kind == OutputKind.USER_OUTPUT:
                 outputs["loss"] = _check_loss(value)
             elif spec.kind == OutputKind.BUFFER_MUTATION:
                 outputs["buffer:" + spec.target.removeprefix(_PREFIX)] = value
