@@ -14,8 +14,10 @@ The pipeline, in the order a step is built (`compile` in trainer.py drives it):
     inputs.py   what every input of the step is (parameter, optimizer state, batch, ...)
     backends/   running the graph: torch.py generates Python calling torch kernels;
                 onnx.py writes the whole step as one plain ONNX graph (run by
-                edgetune.runtime without torch); scratch.py measures what the torch
-                kernels allocate (a new backend goes here)
+                edgetune.runtime without torch); ort.py runs that graph in an
+                onnxruntime session behind the Trainer; choice.py picks the backend
+                (`compile(backend=...)`, "auto" times them); scratch.py measures what
+                the torch kernels allocate (a new backend goes here)
     report.py   the per-layer report of a compiled step
     trainer.py  `compile` and the Trainer, the compiler's face: binds the step to the model
     checkpoint.py  the Trainer's state as one safetensors file (no pickle, with a digest)
