@@ -43,8 +43,8 @@ CASES = {
     # Eval mode for the CNNs: train-mode batch norm amplifies rounding so that two float32
     # eager runs differ by 1e-3 (tests/e2e/test_models.py), and onnxruntime's CPU Conv has no
     # float64 kernel to check it in. A train-mode ConvNet is checked in test_onnx_export.py.
-    "mobilenetv2-bias-eval": ("mobilenetv2", False, torch.float32, 40, et.schemes.bias_only(),
-                              et.SGD(lr=0.05, momentum=0.9), {}),
+    # The TTE scheme trains biases of frozen convs and channel slices: bias-only's case and more
+    # (a MobileNetV2 compile costs seconds; one case).
     "mobilenetv2-tte-eval": ("mobilenetv2", False, torch.float32, 40, et.schemes.published("mbv2-99kb"),
                              et.SGD(lr=0.05, momentum=0.9), {}),
     # AdamW steps by ~lr on a gradient that is zero up to rounding; eps=1e-4 keeps that under the
@@ -77,11 +77,42 @@ def test_onnxruntime_backend_matches_torch_backend(case, monkeypatch):
     lm = name == "llama"
     model = build(name, num_classes=256 if lm else 10).train(train_mode).to(dtype)
     batches = tokens(size) if lm else images(size, dtype)
-    trainer = et.compile(model, next_token_loss if lm else F.cross_entropy, *batches[0], scheme=scheme, optimizer=optimizer,
-                         backend="onnxruntime", **options)
-    assert trainer.backend.name == "onnxruntime" and "onnxruntime" in str(trainer.report())
+    trainer = et.compile(model, next_token_loss if lm else F.cross_entropy, *batches[0], scheme=scheme,
+                         optimizer=optimizer, backend="onnxruntime", **options)
     if lm:
         assert "vocab_log_prob" in {n.op for n in trainer.graph.nodes}, "the case no longer covers the fused loss"
+    check_backends_agree(trainer, batches, dtype)
+
+
+HF_CASES = {
+    # A padded batch (attention mask as an input), the fused vocabulary loss, rotary tables.
+    "hf-llama-partial": ("llama", {"model.layers.1.self_attn.q_proj.weight": 0.5, "model.layers.1.*norm.weight": "full",
+                                   "model.layers.1.mlp.up_proj.weight": 0.25}),
+    "hf-bert-partial-biases": ("bert", {"classifier.*": "full", "*.bias": "full",
+                                        "bert.encoder.layer.1.attention.self.query.weight": 0.5}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_onnxruntime_backend_matches_torch_backend_on_transformers_models(case, monkeypatch):
+    pytest.importorskip("transformers")
+    from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
+    from tests.e2e.test_hf_models import classifier_batches, classifier_loss, lm_batches
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    kind, scheme = HF_CASES[case]
+    if kind == "llama":
+        model, loss_fn, batches = tiny_causal_lm("llama"), causal_lm_loss, lm_batches()
+    else:
+        model, loss_fn, batches = tiny_sequence_classifier(), classifier_loss, classifier_batches()
+    trainer = et.compile(model, loss_fn, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=1e-3, eps=1e-4),
+                         backend="onnxruntime")
+    check_backends_agree(trainer, batches, torch.float32)
+
+
+def check_backends_agree(trainer, batches, dtype):
+    assert trainer.backend.name == "onnxruntime" and "onnxruntime" in str(trainer.report())
+    model, train_mode = trainer.model, trainer.model.training
     start, start_weights = snapshot(trainer)
 
     ort_losses, (ort_state, ort_weights) = train(trainer, batches)
