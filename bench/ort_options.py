@@ -42,17 +42,26 @@ VARIANTS = {
     "no-pattern": {"enable_mem_pattern": False},
     "no-arena-no-pattern": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False},
     "opt-extended": {"graph_optimization_level": "ORT_ENABLE_EXTENDED"},
+    "opt-basic": {"graph_optimization_level": "ORT_ENABLE_BASIC"},
+    "no-prepack": {"config:session.disable_prepacking": "1"},
+    "lean": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False, "config:session.disable_prepacking": "1"},
 }
 
 
+EDGETUNE_OPTIONS = ort_backend.session_options
+
+
 def patch_options(variant: str, profile: str | None = None) -> None:
-    """Make OrtStep build its sessions with `variant`'s options."""
-    default = ort_backend.session_options
+    """Make OrtStep build its sessions with `variant`'s options (edgetune's, changed)."""
+    default = EDGETUNE_OPTIONS
 
     def options(ort, threads=None):
         o = default(ort, threads)
         for key, value in VARIANTS[variant].items():
-            setattr(o, key, getattr(ort.GraphOptimizationLevel, value) if key == "graph_optimization_level" else value)
+            if key.startswith("config:"):
+                o.add_session_config_entry(key.removeprefix("config:"), value)
+            else:
+                setattr(o, key, getattr(ort.GraphOptimizationLevel, value) if key == "graph_optimization_level" else value)
         if profile:
             o.enable_profiling, o.profile_file_prefix = True, profile
         return o
