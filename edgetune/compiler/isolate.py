@@ -8,6 +8,7 @@ survive a fork), or EDGETUNE_COMPILE_IN_PROCESS=1 -- the same function runs in-p
 """
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import sys
@@ -35,9 +36,15 @@ def in_child(fn: Callable[[], T]) -> T:
     sys.stdout.flush()
     sys.stderr.flush()
     read, write = os.pipe()
+    # Everything alive now is frozen out of the child's garbage collector: a collection there
+    # would run the finalizers of the parent's garbage (say, an onnxruntime session in a
+    # traceback's reference cycle), and a finalizer that joins the parent's threads, which do
+    # not exist in the child, never returns.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:
         _child(fn, read, write)
+    gc.unfreeze()
     os.close(write)
     with os.fdopen(read, "rb") as f:
         data = f.read()

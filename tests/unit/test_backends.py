@@ -91,3 +91,40 @@ def test_save_and_load_work_the_same_on_onnxruntime(tmp_path):
     trainer.load(tmp_path / "ckpt.safetensors")
     assert all(torch.equal(v, after_one[k]) for k, v in held(trainer).items())
     assert trainer.step(*batch(seed=2)) == loss
+
+
+# A failed step leaves its trainer in a reference cycle (through the traceback); the next
+# compile forks, and a garbage collection in the child then finalized the parent's
+# onnxruntime session, whose destructor waits for threads that exist only in the parent: the
+# child hung, and the compile with it. Run as pytest runs it (that is where it showed), in a
+# subprocess with a deadline.
+AFTER_A_FAILED_STEP = """
+import torch.nn.functional as F
+import edgetune as et
+from tests.unit.nets import ConvNet, batch
+
+
+def test_a_failed_step(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    trainer = et.compile(ConvNet().train(), F.cross_entropy, *batch(), on_nonfinite="raise", backend="onnxruntime")
+    trainer.step(*batch(seed=1))
+    (x,), y = batch(seed=2)
+    trainer.step((x * float("inf"),), y)
+
+
+def test_then_a_compile(monkeypatch):
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    et.compile(ConvNet().eval(), F.cross_entropy, *batch(), backend="onnxruntime")
+"""
+
+
+def test_a_compile_after_a_failed_onnxruntime_step_does_not_hang(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_after_failure.py").write_text(AFTER_A_FAILED_STEP)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", os.getcwd(),
+                           str(tmp_path / "test_after_failure.py")], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert "1 failed, 1 passed" in done.stdout, done.stdout[-2000:]
