@@ -196,8 +196,10 @@ def _sgd_update_onnx(ctx, n, xs):
     d = g if a["weight_decay"] == 0 else ctx.op("Add", g, ctx.op("Mul", w, c(a["weight_decay"])))
     new_state = []
     if a["momentum"]:
-        later = ctx.op("Add", ctx.op("Mul", state[0], c(a["momentum"])), ctx.op("Mul", d, c(1 - a["dampening"])))
-        buf = ctx.op("Where", ctx.op("Equal", step, ctx.scalar(1, torch.int64)), d, later)  # step 1 starts it at d
+        damped = d if a["dampening"] == 0 else ctx.op("Mul", d, c(1 - a["dampening"]))
+        later = ctx.op("Add", ctx.op("Mul", state[0], c(a["momentum"])), damped)
+        first = ctx.op("Equal", step, ctx.scalar(1, torch.int64))  # step 1 starts the buffer at d
+        buf = ctx.choose(first, d, later, dtype, n.inputs[1].shape)
         new_state.append(buf)
         d = ctx.op("Add", d, ctx.op("Mul", buf, c(a["momentum"]))) if a["nesterov"] else buf
     new_w = ctx.op("Sub", w, ctx.op("Mul", d, ctx.cast(lr, dtype)))

@@ -77,8 +77,12 @@ class OrtStep:
 
 def session_options(ort: Any, threads: int | None = None) -> Any:
     """One step at a time, on as many threads as torch uses (so backends compare on equal
-    terms); the graph optimized fully."""
+    terms); the graph optimized fully; no CPU arena and no memory patterns: measured on
+    MobileNetV2 128x128 (bench/ort_options.py, BENCHMARKS.md), they raise the peak by 13% (batch
+    1) to 37% (batch 8, bias-only) and change step time by less than 2%."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
