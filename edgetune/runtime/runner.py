@@ -30,7 +30,7 @@ class StepRunner:
 
         self.folder = os.fspath(folder)
         self.manifest = _read_manifest(self.folder)
-        self._session_args = (session_options or _lean_options(ort), providers or ["CPUExecutionProvider"])
+        self._session_args = (session_options or lean_session_options(ort), providers or ["CPUExecutionProvider"])
         self.session = self._session(self.manifest["model"])
         self._predict_session = None  # made at the first predict()
         inputs = self.manifest["inputs"]
@@ -135,7 +135,7 @@ class StepRunner:
         return {name: ort.OrtValue.ortvalue_from_numpy(np.asarray(a, order="C")) for name, a in arrays.items()}
 
 
-def _lean_options(ort: Any) -> Any:
+def lean_session_options(ort: Any) -> Any:
     """onnxruntime's defaults less its CPU arena and memory patterns, which raise a training
     step's peak by 13-37% for no measurable speed (BENCHMARKS.md, the onnxruntime section)."""
     options = ort.SessionOptions()

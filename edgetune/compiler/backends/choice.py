@@ -79,7 +79,8 @@ def time_each(trainer: Any, steps: dict[str, Callable]) -> dict[str, float]:
     the trainer starts from where it was compiled."""
     batch = list(trainer.examples[0]) + list(trainer.examples[1])
     args = trainer._arguments(batch, step=1)
-    written = [a for n, a in zip(trainer.graph.inputs, args) if n in _written_inputs(trainer.graph)]
+    targets = _written_inputs(trainer.graph)
+    written = [a for n, a in zip(trainer.graph.inputs, args) if n in targets]
     saved, rng = [t.clone() for t in written], torch.get_rng_state()
     seconds = {}
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from edgetune.compiler.inputs import KINDS, StepInput, step_inputs
+from edgetune.compiler.inputs import KINDS, Bindings, StepInput, step_inputs
 from edgetune.compiler.ir.builder import claim_unique
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
@@ -494,8 +494,6 @@ def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os
     carried = {(i["kind"], i["key"]): i["name"] for i in step_manifest["inputs"] if i["name"] in
                step_manifest["next_step"].values()}
     specs = step_inputs(graph)
-    from edgetune.compiler.inputs import Bindings
-
     arguments = Bindings(specs, trainer.held()).arguments({"input": list(trainer.examples[0])})
     values = {i.name: a for i, a in zip(specs, arguments) if not i.per_step and (i.kind, i.key) not in carried}
     exported = to_onnx(graph, values)

@@ -25,6 +25,7 @@ import torch
 from edgetune.compiler.backends.onnx import to_onnx
 from edgetune.compiler.backends.torch import NonFiniteError
 from edgetune.compiler.ir.graph import Graph
+from edgetune.runtime.runner import lean_session_options
 
 
 class BackendUnavailable(RuntimeError):
@@ -77,12 +78,10 @@ class OrtStep:
 
 def session_options(ort: Any, threads: int | None = None) -> Any:
     """One step at a time, on as many threads as torch uses (so backends compare on equal
-    terms); the graph optimized fully; no CPU arena and no memory patterns: measured on
-    MobileNetV2 128x128 (bench/ort_options.py, BENCHMARKS.md), they raise the peak by 13% (batch
-    1) to 37% (batch 8, bias-only) and change step time by less than 2%."""
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
+    terms); the graph optimized fully; no CPU arena and no memory patterns, as the runner's
+    sessions (lean_session_options: on MobileNetV2 128x128 they raise the peak by 13-37% for
+    less than 2% of step time; bench/ort_options.py, BENCHMARKS.md)."""
+    options = lean_session_options(ort)
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
