@@ -37,6 +37,8 @@ class StepRunner:
         # The batch in the order step() takes it: the model's inputs, then the targets.
         self.batch_inputs = sorted((i for i in inputs if i["kind"] in BATCH_KINDS), key=lambda i: i["key"])
         self.carried = {i["name"]: i for i in inputs if i["name"] in self.manifest["next_step"].values()}
+        # {key: the manifest's "part"} of each weight carried as its trained channels alone
+        self.parts = {i["key"]: i["part"] for i in inputs if "part" in i}
         self.lr = float(self.manifest["optimizer"]["lr"])
         self.steps = int(self.manifest.get("steps_done", 0))
         self.last_skipped = 0
@@ -98,7 +100,9 @@ class StepRunner:
     # -- state --------------------------------------------------------------------------------
 
     def state(self) -> dict[str, np.ndarray]:
-        """The carried tensors by their model names ("head.weight", "head.weight:exp_avg"), copied."""
+        """The carried tensors by their model names ("head.weight", "head.weight:exp_avg"), copied.
+        A partially trained weight is its trained channels only (the manifest input's "part"
+        says which; `put_part` puts them back into the whole weight)."""
         return {self.carried[name]["key"]: value.numpy().copy() for name, value in self._values.items()}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -133,6 +137,16 @@ class StepRunner:
         arrays = load_file(os.path.join(self.folder, state_file)) if state_file else {}
         _check_arrays(os.path.join(self.folder, str(state_file)), arrays, self.carried)
         return {name: ort.OrtValue.ortvalue_from_numpy(np.asarray(a, order="C")) for name, a in arrays.items()}
+
+
+def put_part(weight: np.ndarray, trained: np.ndarray, part: dict) -> np.ndarray:
+    """`weight` with the channels a partially trained input holds (`trained`, as the runner's
+    state keeps it; `part` from its manifest input) put in their place: a copy."""
+    out = np.array(weight, copy=True)
+    where = [slice(None)] * out.ndim
+    where[part["axis"]] = part["channels"]
+    out[tuple(where)] = trained
+    return out
 
 
 def lean_session_options(ort: Any) -> Any:

@@ -118,9 +118,14 @@ class OnnxStep:
         return outs
 
     def by_key(self, kind):
-        """{key: final value} of the carried inputs of one kind."""
+        """{key: final value} of the carried inputs of one kind (a partially trained weight:
+        its trained channels only)."""
         return {i["key"]: torch.from_numpy(self.carried[i["name"]]) for i in self.manifest["inputs"]
                 if i["kind"] == kind}
+
+    def parts(self):
+        """{key: manifest "part"} of the partially trained weights."""
+        return {i["key"]: i["part"] for i in self.manifest["inputs"] if "part" in i}
 
 
 @dataclass
@@ -159,9 +164,13 @@ def check_matches_torch_backend(case: str, run: Run) -> None:
     torch.testing.assert_close(torch.tensor(run.onnx_losses), torch.tensor(run.torch_losses), **tol)
     trainer = run.trainer
     params, buffers = dict(trainer.model.named_parameters()), dict(trainer.model.named_buffers())
+    parts = run.runner.parts()
     for kind, held in (("param", params), ("buffer", buffers), ("state", trainer.state)):
         for key, value in run.runner.by_key(kind).items():
-            torch.testing.assert_close(value, held[key].detach(), **tol, msg=lambda m: f"{kind} {key}: {m}")
+            want = held[key].detach()
+            if kind == "param" and key in parts:  # the step carries only the trained channels
+                want = want.index_select(parts[key]["axis"], torch.tensor(parts[key]["channels"]))
+            torch.testing.assert_close(value, want, **tol, msg=lambda m: f"{kind} {key}: {m}")
     assert set(run.runner.by_key("param")) == {u.name for u in trainer.updates}
     assert set(run.runner.by_key("state")) == set(trainer.state)
 
@@ -179,11 +188,28 @@ def check_frozen_and_untrained_stay_bitwise(case: str, run: Run) -> None:
         assert torch.equal(torch.tensor(initializers[i["name"]]), want), f"frozen {i['kind']} {i['key']} differs"
     if case == INT8_CASE:  # int8 in the model too, dequantized in the graph where used
         assert int8 and any(t.data_type == onnx.TensorProto.INT8 for t in run.model.graph.initializer)
-    masks = run.trainer.trained_masks()
+    masks, parts = run.trainer.trained_masks(), run.runner.parts()
     for key, value in run.runner.by_key("param").items():
+        if key in parts:
+            check_split(run, key, value, parts[key], masks[key], initializers)
+            continue
         untrained = ~masks[key]
         assert torch.equal(value[untrained], run.initial[key][untrained]), f"untrained entries of {key} changed"
         assert not torch.equal(value, run.initial[key]), f"{key} did not train"
+
+
+def check_split(run: Run, key: str, trained, part: dict, mask, initializers) -> None:
+    """A partially trained weight is carried as its trained channels alone; the rest is an
+    initializer, bitwise the weight's untrained channels; put back together (put_part), the
+    channels the trainer trained are those the runner carries."""
+    from edgetune.runtime import put_part
+
+    axis, initial = part["axis"], run.initial[key]
+    assert list(trained.shape) == [len(part["channels"]) if d == axis else n for d, n in enumerate(initial.shape)]
+    rest = [c for c in range(initial.shape[axis]) if c not in part["channels"]]
+    assert torch.equal(torch.from_numpy(initializers[part["frozen"]]), initial.index_select(axis, torch.tensor(rest)))
+    whole = torch.from_numpy(put_part(initial.numpy(), trained.numpy(), part))
+    assert torch.equal(whole[~mask], initial[~mask]) and not torch.equal(whole[mask], initial[mask]), key
 
 
 def check_bit_masks_were_exported(case: str, run: Run) -> None:

@@ -43,13 +43,18 @@ json.dump({"losses": losses, "torch_loaded": "torch" in sys.modules}, open(folde
 """
 
 
+def seeded_convnet():
+    torch.manual_seed(0)
+    return ConvNet()
+
+
 @pytest.fixture
 def exported(tmp_path, monkeypatch):
     """A train-mode ConvNet under a partial scheme with AdamW, exported before its first step,
     and its twin trained STEPS steps by the torch backend."""
     monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
     batches = [batch(seed=s) for s in range(STEPS)]
-    model = ConvNet().train()
+    model = seeded_convnet().train()
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
     trainer.export_onnx(tmp_path)
     np.savez(tmp_path / "batches.npz", n=STEPS, **{f"x{i}": b[0][0].numpy() for i, b in enumerate(batches)},
@@ -59,6 +64,8 @@ def exported(tmp_path, monkeypatch):
 
 
 def test_the_runner_matches_the_torch_backend_without_torch(exported):
+    from edgetune.runtime import put_part
+
     folder, trainer, want_losses, batches = exported
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     done = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(folder)], env=env, capture_output=True, text=True)
@@ -70,6 +77,10 @@ def test_the_runner_matches_the_torch_backend_without_torch(exported):
 
     after = load_file(str(folder / "after.safetensors"))
     want = {**trainer.model.state_dict(), **trainer.state}
+    part = next(i["part"] for i in json.loads((folder / "manifest.json").read_text())["inputs"] if "part" in i)
+    assert part["axis"] == 1 and len(part["channels"]) == 4 and after["pw.weight"].shape == (16, 4, 1, 1)
+    # the step carried pw.weight's trained channels alone; put back, they give the trained weight
+    after["pw.weight"] = put_part(seeded_convnet().state_dict()["pw.weight"].numpy(), after["pw.weight"], part)
     assert set(after) == {"bn.bias", "bn2.bias", "pw.weight", "pw.bias", "head.weight", "head.bias",
                           "bn.running_mean", "bn.running_var", "bn.num_batches_tracked", "bn2.running_mean",
                           "bn2.running_var", "bn2.num_batches_tracked"} | set(trainer.state)
@@ -93,23 +104,28 @@ def test_the_inference_graph_reads_the_steps_weight_file(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
     model = ConvNet().eval()
     data = batch()
-    trainer = et.compile(model, F.cross_entropy, *data, scheme={"head.*": "full"})
+    trainer = et.compile(model, F.cross_entropy, *data, scheme={"head.*": "full", "pw.weight": 0.5})
     export_step(trainer, tmp_path, external_data_bytes=200)  # even this small net's weights go to the file
     predict = onnx.load(str(tmp_path / "predict.onnx"), load_external_data=False)
     shared = {t.name for t in predict.graph.initializer
               if t.data_location == onnx.TensorProto.EXTERNAL
               and {e.key: e.value for e in t.external_data}["location"] == "step.onnx.data"}
-    assert {"stem_weight", "dw_weight", "pw_weight"} <= shared, shared  # the frozen convs
+    # the frozen convs, and the frozen channels of the partially trained one
+    assert {"stem_weight", "dw_weight", "pw_weight_frozen"} <= shared, shared
     own = tmp_path / "predict.onnx.data"  # what the step does not store as such (none here)
     assert not own.exists() or own.stat().st_size == 0
-    assert "head_weight" in {i.name for i in predict.graph.input}  # trained: fed by the runner
+    assert {"head_weight", "pw_weight_trained"} <= {i.name for i in predict.graph.input}  # fed by the runner
     runner = StepRunner(tmp_path)
+    x, y = data[0][0].numpy(), data[1][0].numpy()
     with torch.no_grad():
-        np.testing.assert_allclose(runner.predict(data[0][0].numpy()), model(*data[0]).numpy(), rtol=1e-5, atol=1e-6)
-    runner.step(data[0][0].numpy(), data[1][0].numpy())
-    with torch.no_grad():
-        assert not np.allclose(runner.predict(data[0][0].numpy()), model(*data[0]).numpy(), atol=1e-6), \
-            "predict reads the trained head as it is now, not as exported"
+        before = model(*data[0]).numpy()
+    np.testing.assert_allclose(runner.predict(x), before, rtol=1e-5, atol=1e-6)
+    runner.step(x, y)
+    trainer.step(*data)
+    with torch.no_grad():  # predict reads the trained weights as they are now, not as exported
+        after = model(*data[0]).numpy()
+    assert not np.allclose(after, before, atol=1e-6)
+    np.testing.assert_allclose(runner.predict(x), after, rtol=1e-5, atol=1e-6)
 
 
 def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path):

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from edgetune.compiler.backends.onnx_parts import partial_weights, split_parts
 from edgetune.compiler.inputs import KINDS, Bindings, StepInput, step_inputs
 from edgetune.compiler.ir.builder import claim_unique
 from edgetune.compiler.ir.graph import Graph, Node
@@ -403,7 +404,11 @@ def trainer_export(trainer: Any) -> Exported:
     """A Trainer's step with its held tensors: frozen ones as initializers, carried ones as the
     first step's inputs; the manifest adds the scheme, the optimizer and the version."""
     held = _held_values(trainer)
-    exported = to_onnx(trainer.graph, held)
+    parts = partial_weights(trainer.graph)
+    graph, split = split_parts(trainer.graph, parts, trainer.held()["param"])
+    held.update({name: value for name, value, _ in split.values()})
+    exported = to_onnx(graph, held)
+    _describe_parts(exported.manifest, parts, split, dict(trainer.model.named_parameters()))
     from edgetune.version import __version__
     from edgetune.compiler import scheme as schemes
 
@@ -418,6 +423,15 @@ def trainer_export(trainer: Any) -> Exported:
         "steps_done": trainer.steps,
     })
     return exported
+
+
+def _describe_parts(manifest: dict, parts: dict, split: dict, params: dict[str, torch.Tensor]) -> None:
+    """Each trained slice's input says which channels of the weight (of which shape) it holds,
+    and which initializer holds the frozen rest."""
+    for i in manifest["inputs"]:
+        if i["kind"] == "param" and i["key"] in split:
+            i["part"] = {**parts[i["key"]].manifest(), "shape": list(params[i["key"]].shape),
+                         "frozen": split[i["key"]][2]}
 
 
 def _held_values(trainer: Any) -> dict[str, torch.Tensor]:
@@ -490,7 +504,7 @@ def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os
     "predict" entry."""
     import onnx
 
-    graph = prediction_graph(trainer)
+    graph, split = split_parts(prediction_graph(trainer), partial_weights(trainer.graph), trainer.held()["param"])
     carried = {(i["kind"], i["key"]): i["name"] for i in step_manifest["inputs"] if i["name"] in
                step_manifest["next_step"].values()}
     specs = step_inputs(graph)
@@ -498,7 +512,9 @@ def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os
     values = {i.name: a for i, a in zip(specs, arguments) if not i.per_step and (i.kind, i.key) not in carried}
     exported = to_onnx(graph, values)
     model = exported.model
-    _share_step_data(onnx, model, specs, step_manifest, folder)
+    step_rests = {i["key"]: i["part"]["frozen"] for i in step_manifest["inputs"] if "part" in i}
+    same = {rest: step_rests[key] for key, (_, _, rest) in split.items()}  # a weight's frozen rest
+    _share_step_data(onnx, model, specs, step_manifest, folder, same)
     _save_model(model, os.path.join(folder, PREDICT_FILE), PREDICT_DATA_FILE, external_data_bytes)
     dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     out = graph.outputs["output"]
@@ -509,16 +525,18 @@ def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os
             "output": {"name": "output", "shape": list(out.shape), "dtype": dtype(out.dtype)}}
 
 
-def _share_step_data(onnx: Any, model: Any, specs: list[StepInput], step_manifest: dict, folder: str) -> None:
+def _share_step_data(onnx: Any, model: Any, specs: list[StepInput], step_manifest: dict, folder: str,
+                     same: dict[str, str]) -> None:
     """Point each initializer of `model` that the step stores in its data file (the same tensor:
-    same kind and key, dtype and dims) at the step's bytes instead of a second copy."""
+    same kind and key, or named in `same` (ours: the step's), dtype and dims) at the step's bytes
+    instead of a second copy."""
     path = os.path.join(folder, MODEL_FILE)
     step = onnx.load(path, load_external_data=False)
     external = {t.name: t for t in step.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     step_name = {(f["kind"], f["key"]): f["name"] for f in step_manifest["frozen"]}
     by_name = {i.name: (i.kind, i.key) for i in specs}
     for t in model.graph.initializer:
-        theirs = external.get(step_name.get(by_name.get(t.name), ""))
+        theirs = external.get(same.get(t.name) or step_name.get(by_name.get(t.name), ""))
         if theirs is None or list(theirs.dims) != list(t.dims) or theirs.data_type != t.data_type:
             continue
         t.ClearField("raw_data")
