@@ -28,7 +28,19 @@ __all__ = [*_API, "schemes", "__version__"]
 
 def __getattr__(name: str):
     if name == "schemes":
+        require_torch("edgetune.schemes")
         return importlib.import_module("edgetune.compiler.scheme")
     if name in _API:
+        require_torch(f"edgetune.{name}")
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'edgetune' has no attribute {name!r}")
+
+
+def require_torch(what: str) -> None:
+    """Raise, saying what to install, where PyTorch is missing (an `edgetune[runtime]` install)."""
+    try:
+        importlib.import_module("torch")
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"{what} needs PyTorch, which this install lacks ({err}): pip install 'edgetune[train]'. "
+            "An edgetune[runtime] install runs exported steps only: edgetune.runtime.StepRunner", name="torch") from None

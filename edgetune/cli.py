@@ -10,10 +10,16 @@ import os
 import sys
 import time
 
+import edgetune as et
+
+try:
+    et.require_torch("the edgetune command")
+except ModuleNotFoundError as missing:  # an edgetune[runtime] install
+    sys.exit(f"edgetune: error: {missing}")
+
 import torch
 import torch.nn.functional as F
 
-import edgetune as et
 from edgetune.compiler.memory import parse_bytes
 from edgetune.compiler.optim import by_name
 from edgetune.compiler.scheme import SchemeError

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,17 +21,21 @@ pytest.importorskip("onnxruntime")
 SCHEME = {"pw.weight": 0.5, "*.bias": "full", "head.*": "full"}
 STEPS = 5
 
-# Runs the exported step without torch: any import of it raises.
-WITHOUT_TORCH = """
-import json, sys
-import numpy as np
+# A process as if torch were not installed: any import of it raises.
+NO_TORCH = """
+import sys
 
 class NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed here")
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
 sys.meta_path.insert(0, NoTorch())
+"""
+# Runs the exported step there.
+WITHOUT_TORCH = NO_TORCH + """
+import json
+import numpy as np
 from edgetune.runtime import StepRunner
 
 folder = sys.argv[1]
@@ -39,7 +44,9 @@ runner = StepRunner(folder)
 losses = [runner.step(data[f"x{i}"], data[f"y{i}"]) for i in range(int(data["n"]))]
 runner.save(folder + "/after.safetensors")
 np.save(folder + "/predicted.npy", runner.predict(data["x0"]))
-json.dump({"losses": losses, "torch_loaded": "torch" in sys.modules}, open(folder + "/result.json", "w"))
+loaded = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"__main__"})
+json.dump({"losses": losses, "torch_loaded": "torch" in sys.modules, "loaded": loaded},
+          open(folder + "/result.json", "w"))
 """
 
 
@@ -72,6 +79,7 @@ def test_the_runner_matches_the_torch_backend_without_torch(exported):
     assert done.returncode == 0, done.stderr
     result = json.loads((folder / "result.json").read_text())
     assert not result["torch_loaded"]
+    assert_an_install_has(result["loaded"], extra="runtime")
     assert result["losses"] == pytest.approx(want_losses, rel=1e-5)
     from safetensors.numpy import load_file
 
@@ -168,3 +176,49 @@ def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch
     losses = [runner.step(x, np.array([1, 3])) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # one batch, fitted a little more each step
     assert main(["export", "--model", "nope", "--out", str(out)]) == 2
+
+
+# -- what an install without PyTorch holds ----------------------------------------------------
+
+# Modules that .pth files of the environment import at start-up, not the runner.
+INSTALL_HOOKS = ("__editable__", "_distutils_hack")
+
+
+def assert_an_install_has(modules: list[str], extra: str) -> None:
+    """Every module in `modules` comes with `pip install edgetune[extra]`: edgetune itself, or a
+    distribution that edgetune's base dependencies, that extra's, or theirs in turn require.
+    And that install pulls no PyTorch."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"][extra]]
+    installed: set[str] = set()
+    while wanted:  # the requirements' closure, as pip would install it (no extras of theirs)
+        name = wanted.pop().name.lower().replace("_", "-")
+        if name in installed:
+            continue
+        installed.add(name)
+        wanted += [r for r in map(Requirement, md.requires(name) or [])
+                   if r.marker is None or r.marker.evaluate({"extra": ""})]
+    assert "torch" not in installed, f"edgetune[{extra}] pulls PyTorch"
+    dists = md.packages_distributions()
+    for module in modules:
+        if module == "edgetune" or module.startswith(INSTALL_HOOKS):
+            continue
+        owners = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+        assert owners & installed, f"{module} is imported, but edgetune[{extra}] does not install it"
+
+
+def test_without_torch_the_compiler_says_what_to_install():
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    api = subprocess.run([sys.executable, "-c", NO_TORCH + "import edgetune\nedgetune.compile"], env=env,
+                         capture_output=True, text=True)
+    assert api.returncode == 1 and "edgetune.compile needs PyTorch" in api.stderr
+    assert "pip install 'edgetune[train]'" in api.stderr
+    command = subprocess.run([sys.executable, "-c", NO_TORCH + "from edgetune.cli import main"], env=env,
+                             capture_output=True, text=True)
+    assert command.returncode == 1, command.stderr
+    assert command.stderr.startswith("edgetune: error: the edgetune command needs PyTorch"), command.stderr
