@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import edgetune as et
 
@@ -53,6 +54,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from edgetune.apps.lm import lm_names
+
     parser = argparse.ArgumentParser(prog="edgetune", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="command", dest="command")
     plan = sub.add_parser("plan", help="compile one training step and print its per-layer report")
@@ -61,11 +64,18 @@ def _parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=run_plan)
     export = sub.add_parser("export", help="compile one training step and write it as a plain ONNX graph "
                             "(with its manifest and starting state), for onnxruntime or any ONNX runtime")
-    export.add_argument("--model", default="mobilenetv2", help="built-in model: " + ", ".join(_models()))
-    export.add_argument("--out", required=True, help="folder for step.onnx, manifest.json and state.safetensors")
+    export.add_argument("--model", default="mobilenetv2",
+                        help="built-in (" + ", ".join(_models()) + "), pretrained (mobilenetv2-imagenet, "
+                        "efficientnet-lite0-imagenet, minilm-l6) or a language model (" + ", ".join(lm_names()) + ")")
+    export.add_argument("--weights", help="start from these weights: the model.safetensors of `edgetune finetune` "
+                        "(same --model and --classes) or the trained/model.safetensors of `finetune-lm`")
+    export.add_argument("--out", required=True, help="folder for step.onnx, predict.onnx, manifest.json and "
+                        "state.safetensors")
     export.add_argument("--lr", type=float, default=0.01, help="the learning rate the step starts with (a runner "
                         "can change it)")
-    _common(export, batch=8, size=128)
+    export.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8, dequantized in "
+                        "the graph")
+    _common(export, batch=8, size=128, scheme=None)
     export.set_defaults(run=run_export)
     ft = sub.add_parser("finetune", help="fine-tune a (pretrained) model on a dataset under a scheme")
     _job_args(ft)
@@ -139,10 +149,11 @@ def _lm_parsers(sub) -> None:
     gen.set_defaults(run=run_generate)
 
 
-def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str = "bias_only",
+def _common(p: argparse.ArgumentParser, batch: int, size: int | None, scheme: str | None = "bias_only",
             optimizer: str = "sgd") -> None:
-    p.add_argument("--scheme", default=scheme,
-                   help="full | bias_only | last:K | a published TTE scheme (mbv2-49kb ... mbv2-138kb) | a JSON file")
+    default = f" (default {scheme})" if scheme else f" (default: bias_only; {DEFAULT_LM_SCHEME} for a language model)"
+    p.add_argument("--scheme", default=scheme, help="full | bias_only | last:K | a published TTE scheme (mbv2-49kb ... "
+                   "mbv2-138kb) | a language model's (lm-sparse:K, lora:R, ...) | a JSON file" + default)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--size", type=int, default=size, help="image side in pixels (tokens for a text model)")
     p.add_argument("--classes", type=int, default=10)
@@ -212,9 +223,18 @@ def run_export(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("onnx") is None:  # said before the model builds and compiles
         raise ValueError("exporting needs the onnx package: pip install -e '.[onnx]'")
-    model, inputs, targets = _built_model(args)
-    trainer = et.compile(model, _loss_for(args.model), inputs, targets, scheme=et.schemes.parse(args.scheme),
-                         optimizer=by_name(args.optimizer, args.lr))
+    from edgetune.apps.lm import lm_names
+
+    is_lm = args.model in lm_names()
+    args.scheme = args.scheme or (DEFAULT_LM_SCHEME if is_lm else "bias_only")
+    scheme = et.schemes.parse(args.scheme)  # a bad scheme fails before the model loads
+    model, loss_fn, inputs, targets = _lm_to_export(args) if is_lm else _model_to_export(args)
+    if args.weights:
+        from edgetune.apps.lm import load_trained
+
+        load_trained(model, args.weights)
+    trainer = et.compile(model, loss_fn, inputs, targets, scheme=scheme, optimizer=by_name(args.optimizer, args.lr),
+                         frozen_weights="int8" if args.int8 else "float")
     trainer.export_onnx(args.out)
     files = sorted(os.listdir(args.out))
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files) / 2**20
@@ -222,6 +242,32 @@ def run_export(args: argparse.Namespace) -> int:
           f"trainable parameters, {args.optimizer}) as ONNX in {args.out}/ ({', '.join(files)}; {size:.1f} MB). "
           "Run it with edgetune.runtime.StepRunner, or any ONNX runtime (manifest.json says what feeds what)")
     return 0
+
+
+def _model_to_export(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, tuple, tuple]:
+    """A built-in or pretrained model (new head of --classes) and a random example batch."""
+    from edgetune.apps.jobs import check_input_fits
+    from edgetune.models.pretrained import PRETRAINED, load_pretrained
+
+    if args.model not in PRETRAINED:
+        model, inputs, targets = _built_model(args)
+        return model, _loss_for(args.model), inputs, targets
+    p = load_pretrained(args.model, args.classes, **({"max_len": args.size} if args.model == "minilm-l6" else {}))
+    p.model.train(args.train_mode)
+    inputs, targets = _example(p.model, args)
+    if p.kind == "image":
+        check_input_fits(p.model, inputs, f"inputs of size {args.size}")
+    return p.model, F.cross_entropy, inputs, targets
+
+
+def _lm_to_export(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, tuple, tuple]:
+    """A language model (--size tokens a row) and an example batch of ids, mask and labels."""
+    from edgetune.apps.lm import load_lm
+    from edgetune.models.hf import causal_lm_loss
+
+    model = load_lm(args.model, seq_len=args.size).model
+    ids = torch.zeros(args.batch, args.size, dtype=torch.int64)
+    return model, causal_lm_loss, (ids, torch.ones_like(ids)), (torch.zeros_like(ids),)
 
 
 def _built_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple]:

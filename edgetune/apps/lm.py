@@ -278,8 +278,8 @@ def save_trained(trainer: et.Trainer, path: str, whole: bool = False, metadata: 
 
 def check_weights_file(path: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no weights file {path}: give the .safetensors file finetune-lm wrote "
-                                "(runs/lm-.../trained.safetensors)")
+        raise FileNotFoundError(f"no weights file {path}: give the .safetensors file finetune or finetune-lm "
+                                "wrote (runs/.../model.safetensors or trained.safetensors)")
 
 
 def load_trained(model: torch.nn.Module, path: str) -> dict[str, str]:
@@ -292,8 +292,8 @@ def load_trained(model: torch.nn.Module, path: str) -> dict[str, str]:
     try:
         tensors = load_file(path)
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a safetensors file ({err}); give the .safetensors file finetune-lm "
-                         "wrote") from None
+        raise ValueError(f"{path} is not a safetensors file ({err}); give the .safetensors file finetune or "
+                         "finetune-lm wrote") from None
     own = model.state_dict()
     wrong = [n for n, t in tensors.items() if n not in own or own[n].shape != t.shape]
     if wrong:

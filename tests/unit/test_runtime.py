@@ -178,6 +178,37 @@ def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch
     assert main(["export", "--model", "nope", "--out", str(out)]) == 2
 
 
+def test_the_export_command_takes_a_language_model_with_its_weights(tmp_path, monkeypatch, capsys):
+    """A causal LM under the default LM scheme with int8 frozen linears, started from a file of
+    trained weights: the runner's step and prediction are those of the same model in torch."""
+    from safetensors.torch import save_file
+
+    from edgetune.apps.lm import compile_lm, load_lm
+    from edgetune.cli import main
+    from edgetune.runtime import StepRunner
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    model = load_lm("tiny-llama", seq_len=16).model
+    trained = {"lm_head.weight": model.lm_head.weight.detach() * 1.5}  # as finetune-lm's trained.safetensors
+    save_file(trained, tmp_path / "trained.safetensors")
+    out = tmp_path / "step"
+    assert main(["export", "--model", "tiny-llama", "--size", "16", "--batch", "2", "--scheme", "lm-sparse:2",
+                 "--int8", "--optimizer", "adamw", "--lr", "0.001", "--weights", str(tmp_path / "trained.safetensors"),
+                 "--out", str(out)]) == 0
+    assert "tiny-llama, scheme lm-sparse:2" in capsys.readouterr().out
+    model.lm_head.weight.data.copy_(trained["lm_head.weight"])
+    trainer = compile_lm(model, et.schemes.parse("lm-sparse:2"), 2, 16, et.AdamW(lr=0.001), frozen_weights="int8")
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), trainer.dequantized():  # the frozen linears as the step holds them (int8)
+        want = model(ids, torch.ones_like(ids)).logits
+    runner = StepRunner(out)
+    np.testing.assert_allclose(runner.predict(ids.numpy(), np.ones((2, 16), dtype=np.int64)), want.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    for _ in range(2):
+        got = runner.step(ids.numpy(), np.ones((2, 16), dtype=np.int64), ids.numpy())
+        assert got == pytest.approx(trainer.step((ids, torch.ones_like(ids)), (ids,)), rel=1e-5)
+
+
 # -- what an install without PyTorch holds ----------------------------------------------------
 
 # Modules that .pth files of the environment import at start-up, not the runner.

@@ -174,8 +174,9 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Expo
             ctx.base = n.name
             _lower(ctx, n, current, guards)
     outputs = _outputs(ctx, graph, current, written, guards)
-    model = _same_rank_scalars(onnx, _model(onnx, ctx, inputs, outputs))
-    manifest = _io_manifest(inputs, frozen, outputs, guards.mode)
+    model = _without_unused_initializers(_same_rank_scalars(onnx, _model(onnx, ctx, inputs, outputs)))
+    kept = {t.name for t in model.graph.initializer}
+    manifest = _io_manifest(inputs, [i for i in frozen if i.name in kept], outputs, guards.mode)
     carried = {i.name: values[i.name] for i in inputs if i.name in values and not i.per_step}
     return Exported(model, manifest, carried)
 
@@ -325,6 +326,27 @@ def _same_rank_scalars(onnx: Any, model: Any) -> Any:
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
+
+
+def _without_unused_initializers(model: Any) -> Any:
+    """Drop the initializers no node reads: held tensors the step does not need (a folded
+    norm's counter), constants a lowering made and then bypassed. Runtimes warn of each one."""
+    used = _names_read(model.graph) | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def _names_read(graph: Any) -> set[str]:
+    """The values the nodes of `graph` read, their subgraphs' (an If's branches) included."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g, *attr.graphs]:
+                names |= _names_read(sub) | {o.name for o in sub.output}
+    return names
 
 
 def _as_rank(onnx: Any, model: Any, name: str, rank: int, constants: dict, nodes: list, shapes: dict) -> str:
