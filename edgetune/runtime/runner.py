@@ -73,7 +73,9 @@ class StepRunner:
 
     def predict(self, *inputs: np.ndarray) -> np.ndarray:
         """The model's output (eval mode: norms use their running statistics, no dropout) on
-        `inputs` shaped as at export, with the weights as trained so far."""
+        `inputs`, with the weights as trained so far. Any number of rows: the graph takes the
+        export's batch size, so rows go through in batches of that size, the last one padded
+        (eval mode treats each row on its own; the padding's outputs are dropped)."""
         spec = self.manifest.get("predict")
         if spec is None:
             raise RunnerError(f"{self.folder} has no inference graph: export it again with this edgetune "
@@ -81,8 +83,20 @@ class StepRunner:
         if self._predict_session is None:
             self._predict_session = self._session(spec["model"])
         batch = [i for i in spec["inputs"] if i["kind"] == "input"]
+        arrays, rows = _rows(inputs, batch, "predict() takes the model's inputs")
+        size = batch[0]["shape"][0]
+        if rows != size and spec["output"]["shape"][:1] != [size]:
+            raise RunnerError(f"this model's output {spec['output']['shape']} does not have the batch first: "
+                              f"predict() takes exactly {size} rows here")
+        outputs = []
+        for start in range(0, rows, size):
+            chunk = [_padded(a[start:start + size], size) for a in arrays]
+            outputs.append(self._predict_batch(spec, batch, chunk)[:rows - start])
+        return np.concatenate(outputs)
+
+    def _predict_batch(self, spec: dict, batch: list[dict], arrays: list[np.ndarray]) -> np.ndarray:
         binding = self._predict_session.io_binding()
-        for i, array in zip(batch, _checked(inputs, batch, "predict() takes the model's inputs")):
+        for i, array in zip(batch, arrays):
             binding.bind_cpu_input(i["name"], array)
         for i in spec["inputs"]:
             if i["carried_as"]:
@@ -170,6 +184,31 @@ def _checked(batch: tuple, specs: list[dict], what: str) -> list[np.ndarray]:
                               f"{spec['dtype']}{spec['shape']}: export again with an example batch of this shape")
         arrays.append(array)
     return arrays
+
+
+def _rows(inputs: tuple, specs: list[dict], what: str) -> tuple[list[np.ndarray], int]:
+    """The arrays of `inputs` and their common number of rows; each as its spec past the first
+    dimension, or a RunnerError naming the one that differs."""
+    if len(inputs) != len(specs):
+        raise RunnerError(f"{what}: {len(specs)} arrays ({[i['name'] for i in specs]}), got {len(inputs)}")
+    arrays = [np.asarray(a, order="C") for a in inputs]
+    rows = {a.shape[0] if a.ndim else None for a in arrays}
+    for spec, array in zip(specs, arrays):
+        if list(array.shape[1:]) != spec["shape"][1:] or array.ndim != len(spec["shape"]) or \
+                array.dtype != np.dtype(spec["dtype"]):
+            raise RunnerError(f"{spec['name']} is {array.dtype}{list(array.shape)}; the graph takes "
+                              f"{spec['dtype']}[rows, {', '.join(map(str, spec['shape'][1:]))}]")
+    if len(rows) != 1 or 0 in rows:
+        raise RunnerError(f"{what}: the arrays must have the same number of rows, at least one "
+                          f"(got {[a.shape[0] for a in arrays]})")
+    return arrays, rows.pop()
+
+
+def _padded(rows: np.ndarray, size: int) -> np.ndarray:
+    """`rows` filled up to `size` rows with copies of its last one (values the model can take)."""
+    if len(rows) == size:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
 def _read_manifest(folder: str) -> dict:

@@ -107,7 +107,7 @@ def test_the_inference_graph_reads_the_steps_weight_file(tmp_path, monkeypatch):
     import onnx
 
     from edgetune.compiler.backends.onnx import export_step
-    from edgetune.runtime import StepRunner
+    from edgetune.runtime import RunnerError, StepRunner
 
     monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
     model = ConvNet().eval()
@@ -134,6 +134,13 @@ def test_the_inference_graph_reads_the_steps_weight_file(tmp_path, monkeypatch):
         after = model(*data[0]).numpy()
     assert not np.allclose(after, before, atol=1e-6)
     np.testing.assert_allclose(runner.predict(x), after, rtol=1e-5, atol=1e-6)
+    # any number of rows: in batches of the export's 4, the last one padded
+    for rows in (1, 7, 9):
+        more = torch.randn(rows, *data[0][0].shape[1:], generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            np.testing.assert_allclose(runner.predict(more.numpy()), model(more).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RunnerError, match=r"args_0 is float32\[2, 3, 9, 9\]; the graph takes float32\[rows, 3, 8, 8\]"):
+        runner.predict(np.zeros((2, 3, 9, 9), dtype=np.float32))
 
 
 def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path):
