@@ -30,6 +30,8 @@ import torch.nn.functional as F
 import edgetune
 from edgetune.apps.baseline import freeze_to
 from edgetune.compiler.backends import ort as ort_backend
+from edgetune.compiler.backends import onnx as onnx_backend
+from edgetune.compiler.backends.onnx import held_values
 
 from bench import configs
 from bench.child import run_child
@@ -45,6 +47,9 @@ VARIANTS = {
     "opt-basic": {"graph_optimization_level": "ORT_ENABLE_BASIC"},
     "no-prepack": {"config:session.disable_prepacking": "1"},
     "lean": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False, "config:session.disable_prepacking": "1"},
+    # edgetune's options, every frozen tensor a model input bound by pointer (as before the
+    # session held them as initializers): nothing folded or prepacked, no copy
+    "frozen-inputs": {},
 }
 
 
@@ -78,7 +83,8 @@ def steps(scheme_name: str, batch: int, variants: list[str]) -> dict:
     out = {"torch": lambda: trainer.compiled(*args())}
     for v in variants:
         patch_options(v)
-        out[f"ort:{v}"] = (lambda s: lambda: s(*args()))(ort_backend.OrtStep(trainer.graph, trainer.device, 1))
+        frozen = {} if v == "frozen-inputs" else held_values(trainer)
+        out[f"ort:{v}"] = (lambda s: lambda: s(*args()))(ort_backend.OrtStep(trainer.graph, trainer.device, 1, frozen))
     # eager on the same scheme, last: freeze_to changes requires_grad, which the compile has read
     masks = freeze_to(model, scheme)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=configs.LR, momentum=configs.MOMENTUM)
@@ -116,6 +122,8 @@ def memory_child(scheme: str, batch: int, variant: str) -> None:
     from bench.run_one import measure_memory, setup_edgetune
 
     patch_options(variant)
+    if variant == "frozen-inputs":
+        onnx_backend.held_values = lambda trainer: {}  # read by choice._ort_step when it builds the step
     model, (x, y) = configs.build_model(MODEL), configs.build_batch(batch)
     r = measure_memory(lambda m, x, y, s: setup_edgetune(m, x, y, s, backend="onnxruntime"),
                        model, x, y, configs.scheme(MODEL, scheme))

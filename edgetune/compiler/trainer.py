@@ -94,7 +94,8 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     such a batch before the step runs (see Trainer._check_batch); "apply" lets it through.
     `backend`: what runs the step. "torch": torch kernels called from generated Python.
     "onnxruntime": the step lowered to ONNX and run by an onnxruntime session (CPU; needs the
-    `onnx` extra). "auto": times each backend available here on the example batch (a few
+    `onnx` extra), which holds its own copy of the frozen weights (change them through
+    Trainer.load, or compile again). "auto": times each backend available here on the example batch (a few
     steps each, parameters and optimizer state restored after) and keeps the faster;
     `report()` says which ran and each one's time. The Trainer behaves the same on each.
     """
@@ -298,6 +299,9 @@ class Trainer:
             for k, v in theirs.items():
                 mine[k].copy_(v)
         self.steps, self.lr = int(state["step"]), float(state["lr"])
+        if state.get("frozen", True):
+            self.backend.frozen_changed(self)
+            self.compiled = self.backend.step
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (safetensors, edgetune.compiler.checkpoint) atomically: a crash

@@ -93,6 +93,23 @@ def test_save_and_load_work_the_same_on_onnxruntime(tmp_path):
     assert trainer.step(*batch(seed=2)) == loss
 
 
+def test_a_checkpoint_with_other_frozen_weights_reaches_the_onnxruntime_session(tmp_path):
+    """onnxruntime holds its own copy of the frozen weights (constants it folds and prepacks):
+    loading a checkpoint that carries other ones builds the session again."""
+    model = ConvNet().eval()
+    source = et.compile(copy.deepcopy(model), F.cross_entropy, *batch(), scheme=SCHEME)
+    with torch.no_grad():
+        source.model.stem.weight.mul_(2)  # frozen under SCHEME
+    source.save(tmp_path / "ckpt.safetensors")
+    losses = []
+    for backend in ("torch", "onnxruntime"):
+        trainer = et.compile(copy.deepcopy(model), F.cross_entropy, *batch(), scheme=SCHEME, backend=backend)
+        trainer.load(tmp_path / "ckpt.safetensors")
+        losses.append(trainer.step(*batch(seed=1)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[0] == pytest.approx(source.step(*batch(seed=1)), rel=1e-6)
+
+
 # A failed step leaves its trainer in a reference cycle (through the traceback); the next
 # compile forks, and a garbage collection in the child then finalized the parent's
 # onnxruntime session, whose destructor waits for threads that exist only in the parent: the

@@ -25,6 +25,12 @@ class BackendChoice:
     seconds: dict[str, float] = field(default_factory=dict)  # "auto": each backend's median step time
     unavailable: dict[str, str] = field(default_factory=dict)  # "auto": backends not tried, and why
 
+    def frozen_changed(self, trainer: Any) -> None:
+        """The Trainer's frozen weights were written (a checkpoint with them was loaded): a
+        backend that holds its own copy (onnxruntime's session) builds it again."""
+        if self.name == "onnxruntime":
+            self.step = _ort_step(trainer)
+
     def describe(self) -> str:
         notes = []
         if self.seconds:
@@ -62,7 +68,9 @@ def _ort_step(trainer: Any) -> Callable:
     why = available()
     if why:
         raise ImportError(f"backend='onnxruntime' needs onnx and onnxruntime: {why}")
-    return OrtStep(trainer.graph, trainer.device)
+    from edgetune.compiler.backends.onnx import held_values
+
+    return OrtStep(trainer.graph, trainer.device, frozen=held_values(trainer))
 
 
 def _onnxruntime_missing(device: torch.device) -> str | None:

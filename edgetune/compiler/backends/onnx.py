@@ -42,6 +42,8 @@ IR_VERSION = 9
 # model file stays small and the weights can be mapped rather than parsed.
 EXTERNAL_DATA_BYTES = 1 << 16
 MODEL_FILE, DATA_FILE, MANIFEST_FILE, STATE_FILE = "step.onnx", "step.onnx.data", "manifest.json", "state.safetensors"
+# Where a placeholder initializer says its data are: nowhere; the session is given them.
+PLACEHOLDER_LOCATION = "supplied-by-the-session"
 # The forward-only graph: frozen weights read from the step's data file, trained ones fed by the runner.
 PREDICT_FILE, PREDICT_DATA_FILE = "predict.onnx", "predict.onnx.data"
 
@@ -122,6 +124,16 @@ class LoweringContext:
         self.initializers.append(self.onnx.numpy_helper.from_array(tensor.numpy(), name))
         return name
 
+    def placeholder(self, value: torch.Tensor, dtype: torch.dtype, name: str) -> str:
+        """An initializer of `value`'s shape and dtype whose data are in no file: whoever runs
+        the model supplies them (PLACEHOLDER_LOCATION says so)."""
+        t = self.onnx.TensorProto(name=self.reserve(name), data_type=self.elem_type(dtype), dims=list(value.shape),
+                                  data_location=self.onnx.TensorProto.EXTERNAL)
+        for key, entry in (("location", PLACEHOLDER_LOCATION), ("offset", "0"), ("length", str(value.nbytes))):
+            t.external_data.add(key=key, value=entry)
+        self.initializers.append(t)
+        return name
+
     def scalar(self, value: float | int | bool, dtype: torch.dtype) -> str:
         return self.const(value, dtype)
 
@@ -146,9 +158,11 @@ class Exported:
     carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Exported:
+def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None, outside: set[str] = frozenset()) -> Exported:
     """The scheduled `graph` as one ONNX model. `values` (by input name) makes the held inputs
-    that no effect writes initializers; an input without a value stays a model input."""
+    that no effect writes initializers; an input without a value stays a model input. Those
+    named in `outside` become initializers without data (external, in no file): a session
+    is given their values (onnxruntime's SessionOptions.add_initializer)."""
     import onnx
 
     values = values or {}
@@ -161,7 +175,8 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None) -> Expo
             current[n] = ctx.reserve(i.name)
             inputs.append(i)
         else:
-            current[n] = ctx.const(values[i.name], i.dtype, name=i.name)
+            make = ctx.placeholder if i.name in outside else ctx.const
+            current[n] = make(values[i.name], i.dtype, name=i.name)
             frozen.append(i)
     for name in [*graph.outputs, "skipped", *(f"{n.name}_next" for n in graph.inputs if n in written)]:
         ctx.reserve(name)  # the interface's names first: nothing made up later may take them
@@ -312,7 +327,7 @@ def _same_rank_scalars(onnx: Any, model: Any) -> Any:
              if v.type.tensor_type.HasField("shape")}
     sizes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in
              [*inferred.graph.value_info, *inferred.graph.input] if v.type.tensor_type.HasField("shape")}
-    constants = {t.name: t for t in model.graph.initializer}
+    constants = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     for t in model.graph.initializer:
         sizes[t.name], ranks[t.name] = list(t.dims), len(t.dims)
     nodes, shapes = [], {}
@@ -425,7 +440,7 @@ def _export(source: Any) -> Exported:
 def trainer_export(trainer: Any) -> Exported:
     """A Trainer's step with its held tensors: frozen ones as initializers, carried ones as the
     first step's inputs; the manifest adds the scheme, the optimizer and the version."""
-    held = _held_values(trainer)
+    held = held_values(trainer)
     parts = partial_weights(trainer.graph)
     graph, split = split_parts(trainer.graph, parts, trainer.held()["param"])
     held.update({name: value for name, value, _ in split.values()})
@@ -456,7 +471,7 @@ def _describe_parts(manifest: dict, parts: dict, split: dict, params: dict[str, 
                          "frozen": split[i["key"]][2]}
 
 
-def _held_values(trainer: Any) -> dict[str, torch.Tensor]:
+def held_values(trainer: Any) -> dict[str, torch.Tensor]:
     """The tensor the Trainer binds to each held input, by input name."""
     batch = list(trainer.examples[0]) + list(trainer.examples[1])
     arguments = trainer._arguments(batch, step=trainer.steps + 1)
