@@ -151,7 +151,8 @@ CONV_CONFIGS = {  # name: (x shape, weight shape, conv attrs)
     "depthwise": ((2, 4, 6, 6), (4, 1, 3, 3), dict(CONV, groups=4, padding=(1, 1))),
     # stride 1: its input gradient is lowered as a Conv over the flipped, group-swapped weight
     "grouped_dilated": ((2, 4, 7, 7), (6, 2, 3, 3), dict(CONV, groups=2, padding=(1, 2), dilation=(2, 1))),
-    "pointwise": ((2, 4, 3, 3), (5, 4, 1, 1), CONV),
+    "pointwise": ((2, 4, 3, 3), (5, 4, 1, 1), CONV),  # its weight gradient: a batched MatMul
+    "pointwise_one_sample": ((1, 4, 3, 3), (5, 4, 1, 1), CONV),  # a Gemm
     "conv1d": ((2, 3, 9), (4, 3, 3), dict(stride=(2,), padding=(1,), dilation=(1,), groups=1)),
 }
 
