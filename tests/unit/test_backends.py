@@ -93,6 +93,22 @@ def test_save_and_load_work_the_same_on_onnxruntime(tmp_path):
     assert trainer.step(*batch(seed=2)) == loss
 
 
+@pytest.mark.parametrize("threshold, arena", [(-1, True), (10**9, False)])
+def test_onnxruntime_takes_its_arena_where_its_steps_page_fault(monkeypatch, threshold, arena):
+    """The arena is chosen by the page faults of the first steps (choice.FAULTS_FOR_ARENA);
+    either way the step is the same, and choosing leaves the trainer as compiled."""
+    from edgetune.compiler.backends import choice
+
+    monkeypatch.setattr(choice, "FAULTS_FOR_ARENA", threshold)
+    model = ConvNet().train()
+    twin = et.compile(copy.deepcopy(model), F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01))
+    trainer = et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.AdamW(lr=0.01),
+                         backend="onnxruntime")
+    assert trainer.compiled.arena is arena and ("memory arena" in trainer.backend.describe()) is arena
+    assert all(torch.equal(v, held(twin)[k]) for k, v in held(trainer).items())
+    assert trainer.step(*batch(seed=1)) == pytest.approx(twin.step(*batch(seed=1)), rel=1e-5)
+
+
 def test_a_checkpoint_with_other_frozen_weights_reaches_the_onnxruntime_session(tmp_path):
     """onnxruntime holds its own copy of the frozen weights (constants it folds and prepacks):
     loading a checkpoint that carries other ones builds the session again."""

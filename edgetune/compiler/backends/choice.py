@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ class BackendChoice:
             self.step = _ort_step(trainer)
 
     def describe(self) -> str:
-        notes = []
+        notes = ["with its memory arena (its steps page-faulted without)"] if getattr(self.step, "arena", False) else []
         if self.seconds:
             notes.append("per step: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in self.seconds.items()))
         notes += [f"{name} not tried: {why}" for name, why in self.unavailable.items()]
@@ -62,6 +63,15 @@ def choose_backend(trainer: Any, name: str) -> BackendChoice:
     return BackendChoice(best, steps[best], seconds, unavailable)
 
 
+# Without its arena, onnxruntime mallocs and frees each intermediate at every step; where the
+# large ones come back from the OS as fresh pages, each step pays page faults (MobileNetV2
+# bias-only b4-b8: 12-28 thousand a step, the step 1.4-1.9x slower than with the arena, in a
+# fresh process on this 2-core VM). Where there are few, the arena's bookkeeping costs more
+# than it saves (b1-b2: 10-30% slower with it) and it keeps memory. So a step that faults
+# more than this many times a step in its first runs gets a session with the arena.
+FAULTS_FOR_ARENA = 8000
+
+
 def _ort_step(trainer: Any) -> Callable:
     from edgetune.compiler.backends.ort import OrtStep, available
 
@@ -70,7 +80,24 @@ def _ort_step(trainer: Any) -> Callable:
         raise ImportError(f"backend='onnxruntime' needs onnx and onnxruntime: {why}")
     from edgetune.compiler.backends.onnx import held_values
 
-    return OrtStep(trainer.graph, trainer.device, frozen=held_values(trainer))
+    step = OrtStep(trainer.graph, trainer.device, frozen=held_values(trainer))
+    if _faults_per_step(trainer, step) > FAULTS_FOR_ARENA:
+        del step  # its session's memory goes before the next one's comes
+        step = OrtStep(trainer.graph, trainer.device, frozen=held_values(trainer), arena=True)
+    return step
+
+
+def _faults_per_step(trainer: Any, step: Callable) -> float:
+    """Minor page faults of one `step` on the example batch (after one to warm up), with
+    the trainer restored after."""
+    import resource
+
+    with _restored(trainer) as arguments:
+        _run(step, arguments())
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(WARM_STEPS):
+            _run(step, arguments())
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / WARM_STEPS
 
 
 def _onnxruntime_missing(device: torch.device) -> str | None:
@@ -82,30 +109,40 @@ def _onnxruntime_missing(device: torch.device) -> str | None:
 
 
 def time_each(trainer: Any, steps: dict[str, Callable]) -> dict[str, float]:
-    """Each step's median time on the example batch. Every tensor a step writes (parameters,
-    optimizer state, buffers) and torch's random state are restored after each backend, so
-    the trainer starts from where it was compiled."""
+    """Each step's median time on the example batch, the trainer restored after each."""
+    seconds = {}
+    for name, step in steps.items():
+        with _restored(trainer) as arguments:
+            times = []
+            for _ in range(WARM_STEPS + TIMED_STEPS):
+                start = time.perf_counter()
+                _run(step, arguments())
+                times.append(time.perf_counter() - start)
+            seconds[name] = statistics.median(times[WARM_STEPS:])
+    return seconds
+
+
+def _run(step: Callable, arguments: list) -> None:
+    try:
+        step(*arguments)
+    except NonFiniteError:  # the example batch overflowed: the time spent is still the step's
+        pass
+
+
+@contextmanager
+def _restored(trainer: Any):
+    """Yields a maker of the step's arguments on the example batch; every tensor a step writes
+    (parameters, optimizer state, buffers) and torch's random state are put back after, so
+    the trainer stays as it was compiled."""
     batch = list(trainer.examples[0]) + list(trainer.examples[1])
     args = trainer._arguments(batch, step=1)
     targets = _written_inputs(trainer.graph)
     written = [a for n, a in zip(trainer.graph.inputs, args) if n in targets]
     saved, rng = [t.clone() for t in written], torch.get_rng_state()
-    seconds = {}
     try:
-        for name, step in steps.items():
-            times = []
-            for _ in range(WARM_STEPS + TIMED_STEPS):
-                start = time.perf_counter()
-                try:
-                    step(*trainer._arguments(batch, step=1))
-                except NonFiniteError:  # the example batch overflowed: the time spent is still the step's
-                    pass
-                times.append(time.perf_counter() - start)
-            seconds[name] = statistics.median(times[WARM_STEPS:])
-            _restore(written, saved, rng)
+        yield lambda: trainer._arguments(batch, step=1)
     finally:
         _restore(written, saved, rng)
-    return seconds
 
 
 def _written_inputs(graph: Any) -> set:

@@ -162,7 +162,7 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None, outside
     """The scheduled `graph` as one ONNX model. `values` (by input name) makes the held inputs
     that no effect writes initializers; an input without a value stays a model input. Those
     named in `outside` become initializers without data (external, in no file): a session
-    is given their values (onnxruntime's SessionOptions.add_initializer)."""
+    is given their values (onnxruntime: SessionOptions.add_external_initializers)."""
     import onnx
 
     values = values or {}

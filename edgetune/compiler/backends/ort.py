@@ -46,7 +46,7 @@ class BackendUnavailable(RuntimeError):
 
 class OrtStep:
     def __init__(self, graph: Graph, device: torch.device, threads: int | None = None,
-                 frozen: dict[str, torch.Tensor] | None = None) -> None:
+                 frozen: dict[str, torch.Tensor] | None = None, arena: bool = False) -> None:
         if device.type != "cpu":
             raise ValueError(f"backend='onnxruntime' runs steps on CPU tensors; the model is on {device}: "
                              "use backend='torch' there")
@@ -58,7 +58,9 @@ class OrtStep:
         self.inputs = graph.inputs
         self.outputs = list(graph.outputs)
         self.on_nonfinite = exported.manifest["on_nonfinite"]
+        self.arena = arena
         options = session_options(ort, threads)
+        options.enable_cpu_mem_arena = arena
         names = [spec["name"] for spec in exported.manifest["frozen"] if spec["name"] in shared]
         if names:
             options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(frozen[n].detach().numpy())
@@ -115,9 +117,9 @@ def _session(ort: Any, model: Any, options: Any) -> Any:
 
 def session_options(ort: Any, threads: int | None = None) -> Any:
     """One step at a time, on as many threads as torch uses (so backends compare on equal
-    terms); the graph optimized fully; no CPU arena and no memory patterns, as the runner's
-    sessions (lean_session_options: on MobileNetV2 128x128 they raise the peak by 13-37% for
-    less than 2% of step time; bench/ort_options.py, BENCHMARKS.md)."""
+    terms); the graph optimized fully; no memory patterns and (unless the step asks for it,
+    see choice.py) no CPU arena, as the runner's sessions (lean_session_options: on
+    MobileNetV2 128x128 they raise the peak by 13-37%; bench/ort_options.py, BENCHMARKS.md)."""
     options = lean_session_options(ort)
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
