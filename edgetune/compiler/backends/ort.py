@@ -5,18 +5,19 @@ place. No Python runs between kernels.
 
 Frozen tensors (weights and buffers no step writes) are the model's initializers, copied
 into the session when it is built: as constants onnxruntime folds them and prepacks the
-convolutions' weights, which makes a MobileNetV2 step about 1.3x faster than binding them as
-inputs (BENCHMARKS.md), for one more copy of the frozen weights in memory. They are given to
-the session as onnxruntime values (SessionOptions.add_external_initializers), not serialized
+convolutions' weights, which makes a MobileNetV2 step 1.2-1.6x faster than binding them as
+inputs (BENCHMARKS.md), for one more copy of the frozen weights in memory. They reach the
+session as onnxruntime values (SessionOptions.add_external_initializers), not serialized
 into the model. Trainer.load of a checkpoint that carries frozen weights builds the session
 again (BackendChoice.frozen_changed); a frozen weight changed in place by other means is not
 seen: compile again. Everything else is an input, bound by pointer (IO binding): the session
 reads the Trainer's tensors where they live. A written tensor comes back as the output
-`<input>_next`, into a buffer held here, and is then copied into the Trainer's tensor: ONNX is functional, and
-binding an output to its own input's memory is unsafe, as onnxruntime may run a reader of the
-old value after the node that writes the new one. The copy moves the written bytes only
-(what the scheme trains, its optimizer state, train-mode norm statistics); the buffers hold
-as much again.
+`<input>_next`, into a buffer held here, and is then copied into the Trainer's tensor: ONNX
+is functional, and binding an output to its own input's memory is unsafe, as onnxruntime may
+run a reader of the old value after the node that writes the new one. The copy moves the
+written bytes only (what the scheme trains, its optimizer state, train-mode norm
+statistics); the buffers hold as much again. The session's memory arena is on only where
+the first steps page-fault without it (choice.FAULTS_FOR_ARENA).
 
 A "raise" step (compile(on_nonfinite="raise")) that skipped its writes raises before any
 copy, so nothing changes, as in the torch backend. Dropout draws its masks from onnxruntime's
@@ -35,8 +36,8 @@ from edgetune.compiler.ir.graph import Graph
 from edgetune.runtime.runner import lean_session_options
 
 
-# A frozen tensor at least this large is an initializer over the Trainer's own memory; a smaller
-# one is copied into the model (onnxruntime wants 128 bytes or more of memory it does not own).
+# A frozen tensor at least this large reaches the session as an onnxruntime value beside the
+# model; a smaller one is simply a constant inside it.
 SHARED_BYTES = 1024
 
 
