@@ -70,3 +70,29 @@ def test_the_report_keeps_the_lm_section_and_what_follows(tmp_path):
     path.write_text(f"# old vision tables\n\n{BEGIN}\nLM table\n{END}\n\n### notes by hand\n")
     bench_main.write_report(path, "# new vision tables\n")
     assert path.read_text() == f"# new vision tables\n\n{BEGIN}\nLM table\n{END}\n\n### notes by hand\n"
+
+
+def test_the_profile_times_every_kernel_call_of_the_same_step(monkeypatch):
+    """bench/profile.py: the step with its kernels wrapped computes what the compiled step
+    computes, and counts one call per kernel line that ran."""
+    import torch
+    import torch.nn.functional as F
+
+    import edgetune as et
+    from bench.profile import report, timed_step
+    from tests.unit.nets import ConvNet, batch
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    trainer = et.compile(ConvNet().eval(), F.cross_entropy, *batch(), scheme=et.schemes.bias_only(),
+                         optimizer=et.SGD(lr=0.0))  # lr 0: both runs start from the same weights
+    fn, seconds, calls = timed_step(trainer.compiled)
+    args = trainer._arguments([*batch()[0], *batch()[1]], step=1)
+    with torch.no_grad():
+        want, got = trainer.compiled.fn(*args), fn(*args)
+    assert torch.equal(want["loss"], got["loss"])
+    kernels = [n for n in trainer.graph.nodes if n.op not in ("input", "const")]
+    assert sum(calls.values()) == len(kernels) - want["skipped"]
+    assert set(seconds) == {n.op for n in kernels} and all(s > 0 for s in seconds.values())
+    result = {"model": "m", "scheme": "s", "batch": 4, "threads": 1, "eager_s": 0.002, "step_s": 0.001,
+              "kernels_s": 0.0008, "between_s": 0.0002, "calls": 3, "ops": {"conv": {"s": 0.0008, "calls": 3}}}
+    assert "| m | s | 4 | 1 | 2.0 | 1.0 | 0.8 | 0.2 (20%) | 3 |" in report([result], top=5)

@@ -1,0 +1,170 @@
+"""Where a compiled step's time goes (issue 18): every kernel call of the torch backend timed
+and summed by op, the Python between kernels, at each thread count.
+
+    python -m bench.profile --scheme bias-only --batch 8 --threads 1,2
+    python -m bench.profile --model resnet --scheme tte --batch 1
+
+One process per thread count (torch's thread pool is sized once per process). In each, the
+step is compiled (torch backend), then run --steps times as compiled and --steps times with
+each kernel call wrapped in a timer, alternating, after warm-ups. "kernels" is the sum of the
+wrapped calls' wall times, less the wrapper's own cost (calibrated on a call that does
+nothing); "between kernels" is the rest of the step's wall time as compiled: the generated
+Python's lines, `del`s, guards and calls. Eager (PyTorch on the same scheme) runs beside it
+for scale. Ops are the IR's (conv, conv_grad_input, pack_mask, ...): the passes' own ops
+(pack_mask / masked_grad from the bit-mask pass, copy / index_select from the slices pass)
+show up under their names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+import edgetune
+from edgetune.apps.baseline import freeze_to
+
+from bench import configs
+
+
+def timed_step(compiled) -> tuple[types.FunctionType, Counter, Counter]:
+    """The compiled step's function again, its kernels wrapped: (fn, seconds by op, calls by op)."""
+    seconds, calls = Counter(), Counter()
+    namespace = dict(compiled.fn.__globals__)
+    for name, kernel in list(namespace.items()):
+        if name.startswith("_op_"):
+            namespace[name] = _timed(name.removeprefix("_op_"), kernel, seconds, calls)
+    return types.FunctionType(compiled.fn.__code__, namespace), seconds, calls
+
+
+def _timed(op: str, kernel, seconds: Counter, calls: Counter):
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        out = kernel(*args, **kwargs)
+        seconds[op] += time.perf_counter() - start
+        calls[op] += 1
+        return out
+    return call
+
+
+def wrapper_cost() -> float:
+    """Seconds a timed call adds around a kernel (median of many calls of a no-op)."""
+    seconds, calls = Counter(), Counter()
+    f = _timed("nothing", lambda: None, seconds, calls)
+    runs = []
+    for _ in range(20):
+        start = time.perf_counter()
+        for _ in range(1000):
+            f()
+        runs.append((time.perf_counter() - start) / 1000)
+    return statistics.median(runs)
+
+
+def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: int) -> dict:
+    torch.set_num_threads(threads)
+    model, (x, y) = configs.build_model(model_name), configs.build_batch(batch)
+    scheme = configs.scheme(model_name, scheme_name)
+    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
+                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
+    args = lambda: trainer._arguments([x, y], step=trainer.steps + 1)  # noqa: E731
+    fn, seconds, calls = timed_step(trainer.compiled)
+    masks = freeze_to(model, scheme)  # after the compile: it reads requires_grad
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=configs.LR, momentum=configs.MOMENTUM)
+
+    def eager():
+        F.cross_entropy(model(x), y).backward()
+        for p, mask in masks:
+            p.grad.mul_(mask)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def as_compiled():
+        with torch.no_grad():
+            trainer.compiled.fn(*args())
+
+    def wrapped():
+        with torch.no_grad():
+            fn(*args())
+
+    runs = {"eager": [], "step": [], "wrapped": []}
+    for _ in range(3):  # warm-up
+        eager(), as_compiled(), wrapped()
+    seconds.clear(), calls.clear()
+    for _ in range(steps):
+        for name, f in (("eager", eager), ("step", as_compiled), ("wrapped", wrapped)):
+            start = time.perf_counter()
+            f()
+            runs[name].append(time.perf_counter() - start)
+    cost = wrapper_cost()
+    per_step = {op: (s - cost * calls[op]) / steps for op, s in seconds.items()}
+    step = statistics.median(runs["step"])
+    kernels = sum(per_step.values())
+    return {"model": model_name, "scheme": scheme_name, "batch": batch, "threads": threads,
+            "eager_s": statistics.median(runs["eager"]), "step_s": step, "kernels_s": kernels,
+            "between_s": step - kernels, "calls": sum(calls.values()) // steps,
+            "ops": {op: {"s": s, "calls": calls[op] // steps} for op, s in per_step.items()}}
+
+
+def report(results: list[dict], top: int) -> str:
+    lines = ["| model | scheme | batch | threads | eager ms | step ms | kernels ms | between kernels ms (share) "
+             "| kernel calls |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        ms = lambda k: f"{r[k] * 1e3:.1f}"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['batch']} | {r['threads']} | {ms('eager_s')} | {ms('step_s')} "
+                     f"| {ms('kernels_s')} | {ms('between_s')} ({r['between_s'] / r['step_s']:.0%}) | {r['calls']} |")
+    by_config: dict[tuple, dict[int, dict]] = {}
+    for r in results:
+        by_config.setdefault((r["model"], r["scheme"], r["batch"]), {})[r["threads"]] = r
+    for (model, scheme, batch), runs in by_config.items():
+        counts = sorted(runs)
+        first = runs[counts[0]]
+        ops = sorted(first["ops"], key=lambda op: -first["ops"][op]["s"])[:top]
+        head = " | ".join(f"{t} thread(s) ms" for t in counts)
+        ratio = f" | {counts[0]} / {counts[-1]} threads" if len(counts) > 1 else ""
+        lines += ["", f"{model} {scheme} batch {batch}, the {top} costliest ops:", "",
+                  f"| op | calls | {head}{ratio} |", "| --- | --- | " + "--- | " * len(counts) + ("--- |" if ratio else "")]
+        for op in ops:
+            cells = " | ".join(f"{runs[t]['ops'].get(op, {'s': 0})['s'] * 1e3:.2f}" for t in counts)
+            scale = ""
+            if ratio:
+                last = runs[counts[-1]]["ops"].get(op, {"s": 0})["s"]
+                scale = f" | {first['ops'][op]['s'] / last:.2f}x" if last > 0 else " | -"
+            lines.append(f"| {op} | {first['ops'][op]['calls']} | {cells}{scale} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenetv2", choices=list(configs.MODELS))
+    p.add_argument("--scheme", default="bias-only", choices=list(configs.SCHEMES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", default="1,2", help="comma-separated thread counts, a process each")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=12, help="ops listed per configuration")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(profile(args.model, args.scheme, args.batch, args.child, args.steps)))
+        return
+    results = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        cmd = [sys.executable, "-m", "bench.profile", "--model", args.model, "--scheme", args.scheme,
+               "--batch", str(args.batch), "--steps", str(args.steps), "--child", str(threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(report(results, args.top))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
