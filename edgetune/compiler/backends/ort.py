@@ -63,9 +63,9 @@ class OrtStep:
         options = session_options(ort, threads)
         options.enable_cpu_mem_arena = arena
         names = [spec["name"] for spec in exported.manifest["frozen"] if spec["name"] in shared]
-        if names:
-            options.add_external_initializers(names, [ort.OrtValue.ortvalue_from_numpy(frozen[n].detach().numpy())
-                                                      for n in names])
+        if names:  # onnxruntime copies them in: a non-contiguous one may as well be made contiguous here
+            values = [ort.OrtValue.ortvalue_from_numpy(frozen[n].detach().contiguous().numpy()) for n in names]
+            options.add_external_initializers(names, values)
         try:
             self.session = _session(ort, exported.model, options)
         except Exception as err:  # onnxruntime's own classes; most often a kernel it lacks (float64 Conv)
