@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -149,7 +150,7 @@ def _lm_parsers(sub) -> None:
     gen.set_defaults(run=run_generate)
 
 
-def _common(p: argparse.ArgumentParser, batch: int, size: int | None, scheme: str | None = "bias_only",
+def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str | None = "bias_only",
             optimizer: str = "sgd") -> None:
     default = f" (default {scheme})" if scheme else f" (default: bias_only; {DEFAULT_LM_SCHEME} for a language model)"
     p.add_argument("--scheme", default=scheme, help="full | bias_only | last:K | a published TTE scheme (mbv2-49kb ... "
@@ -252,7 +253,8 @@ def _model_to_export(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, tu
     if args.model not in PRETRAINED:
         model, inputs, targets = _built_model(args)
         return model, _loss_for(args.model), inputs, targets
-    p = load_pretrained(args.model, args.classes, **({"max_len": args.size} if args.model == "minilm-l6" else {}))
+    takes_length = "max_len" in inspect.signature(PRETRAINED[args.model]).parameters  # a text model
+    p = load_pretrained(args.model, args.classes, **({"max_len": args.size} if takes_length else {}))
     p.model.train(args.train_mode)
     inputs, targets = _example(p.model, args)
     if p.kind == "image":
@@ -262,12 +264,10 @@ def _model_to_export(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, tu
 
 def _lm_to_export(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, tuple, tuple]:
     """A language model (--size tokens a row) and an example batch of ids, mask and labels."""
-    from edgetune.apps.lm import load_lm
+    from edgetune.apps.lm import lm_example, load_lm
     from edgetune.models.hf import causal_lm_loss
 
-    model = load_lm(args.model, seq_len=args.size).model
-    ids = torch.zeros(args.batch, args.size, dtype=torch.int64)
-    return model, causal_lm_loss, (ids, torch.ones_like(ids)), (torch.zeros_like(ids),)
+    return load_lm(args.model, seq_len=args.size).model, causal_lm_loss, *lm_example(args.batch, args.size)
 
 
 def _built_model(args: argparse.Namespace) -> tuple[torch.nn.Module, tuple, tuple]:

@@ -78,9 +78,15 @@ def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, op
     """A compiled step for batches of [batch_size, seq_len] token ids, mask and labels. The
     example's values do not matter, only its shapes (padding masks are honoured either way).
     `frozen_weights="int8"`: see et.compile."""
+    inputs, targets = lm_example(batch_size, seq_len)
+    return et.compile(model, causal_lm_loss, inputs, targets, scheme=scheme, optimizer=optimizer,
+                      frozen_weights=frozen_weights)
+
+
+def lm_example(batch_size: int, seq_len: int) -> tuple[tuple, tuple]:
+    """((ids, mask), (labels,)) shaped as the step takes them; their values do not matter."""
     ids = torch.zeros(batch_size, seq_len, dtype=torch.int64)
-    return et.compile(model, causal_lm_loss, (ids, torch.ones_like(ids)), (torch.zeros_like(ids),),
-                      scheme=scheme, optimizer=optimizer, frozen_weights=frozen_weights)
+    return (ids, torch.ones_like(ids)), (torch.zeros_like(ids),)
 
 
 # -- evaluation ------------------------------------------------------------------------------
