@@ -6,9 +6,9 @@ In the compiled graph such a weight is one held input, which the update op write
 chosen channels (`attrs["part"]`). Before lowering, `split_parts` rewrites the graph so that
 the input is the trained slice, the rest is a constant, and the forward reads the weight put
 back together (`cat`, then `index_select` into channel order when the channels are not the
-first k); the update then writes the slice whole. Nothing reads a weight after its update
-(the torch backend updates in place and matches PyTorch, so no later reader exists), so the
-reassembled weight never goes stale within a step.
+first k); the update then writes the slice whole. The reassembled weight would be stale for
+a reader after the update, so a weight with one stays whole (none is expected: the torch
+backend updates in place and matches PyTorch).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from edgetune.compiler.passes.rewrite import rewrite
 
 @dataclass(frozen=True)
 class Part:
-    """The trained channels of one weight: `index` (sorted) along `axis` of `size`."""
+    """The trained channels of one weight: `index` (sorted) along `axis`."""
 
     axis: int
     index: torch.Tensor
@@ -42,9 +42,12 @@ class Part:
 
 def partial_weights(graph: Graph) -> dict[str, Part]:
     """{parameter key: its trained part} for every weight an update writes only in part."""
-    parts = {}
+    parts, users = {}, graph.users()
+    position = {n: k for k, n in enumerate(graph.nodes)}
     for n in graph.nodes:
         if is_effect(n) and n.attrs.get("part") is not None:
+            if any(position[u] > position[n] for u in users[n.inputs[0]]):
+                continue  # read after its update: split, that reader would see the old weight
             axis, k = n.attrs["part"]
             index = _index_operand(n)
             parts[n.inputs[0].attrs["target"]] = Part(axis, torch.arange(k) if index is None
