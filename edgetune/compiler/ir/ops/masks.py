@@ -98,7 +98,7 @@ def _chunk_scratch(n) -> int:
 # over eight times as many entries.
 
 def _pack_mask_onnx(ctx, n, xs):
-    """The rule's own lowering on (ones, y) gives 0/1 per element; rows of eight times the bit
+    """The rule's own lowering on (1, y) gives 0/1 per element; rows of eight times the bit
     values sum to their byte (exact in float32: distinct powers of two below 256)."""
     from edgetune.compiler.ir.graph import Node
     from edgetune.compiler.ir.ops.registry import OPS
@@ -113,7 +113,7 @@ def _pack_mask_onnx(ctx, n, xs):
     pad = (-math.prod(y.shape)) % 8
     if pad:
         rows = ctx.op("Pad", rows, ctx.ints([0, pad]))
-    # The bit values as a column [8, 1]: onnxruntime's MatMul by a 1-D [8] is 25x slower.
+    # The bit values as a column [8, 1]: onnxruntime's MatMul by a 1-D [8] is 28x slower.
     column = ctx.const(_bit_values(exact, torch.device("cpu")).reshape(8, 1))
     byte = ctx.op("MatMul", ctx.op("Reshape", rows, ctx.ints([-1, 8])), column)
     return ctx.cast(ctx.op("Reshape", byte, ctx.ints([-1])), torch.uint8)
@@ -122,7 +122,8 @@ def _pack_mask_onnx(ctx, n, xs):
 def _masked_grad_onnx(ctx, n, xs):
     g, packed = xs
     count = math.prod(n.shape)
-    bits = ctx.op("Gather", ctx.const(_bits_of_byte(n.dtype, torch.device("cpu"))), ctx.cast(packed, torch.int32), axis=0)
+    table = ctx.const(_bits_of_byte(n.dtype, torch.device("cpu")))
+    bits = ctx.op("Gather", table, ctx.cast(packed, torch.int32), axis=0)
     flat = ctx.op("Slice", ctx.op("Reshape", bits, ctx.ints([-1])), ctx.ints([0]), ctx.ints([count]))
     kept = ctx.op("Mul", ctx.op("Reshape", g, ctx.ints([-1])), flat)
     return ctx.op("Reshape", kept, ctx.ints(n.shape))
