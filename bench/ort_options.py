@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune
-from edgetune.apps.baseline import freeze_to
+from edgetune.apps.baseline import eager_step
 from edgetune.compiler.backends import ort as ort_backend
 from edgetune.compiler.backends import onnx as onnx_backend
 from edgetune.compiler.backends.onnx import held_values
@@ -85,17 +85,8 @@ def steps(scheme_name: str, batch: int, variants: list[str]) -> dict:
         patch_options(v)
         frozen = {} if v == "frozen-inputs" else held_values(trainer)
         out[f"ort:{v}"] = (lambda s: lambda: s(*args()))(ort_backend.OrtStep(trainer.graph, trainer.device, 1, frozen))
-    # eager on the same scheme, last: freeze_to changes requires_grad, which the compile has read
-    masks = freeze_to(model, scheme)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=configs.LR, momentum=configs.MOMENTUM)
-
-    def eager():
-        F.cross_entropy(model(x), y).backward()
-        for p, mask in masks:
-            p.grad.mul_(mask)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    # eager on the same scheme, last: eager_step sets requires_grad, which the compile has read
+    eager = eager_step(model, F.cross_entropy, (x,), (y,), scheme, edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
     return {"eager": eager, **out}
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import edgetune
-from edgetune.apps.baseline import freeze_to
+from edgetune.apps.baseline import eager_step
 
 from bench import configs
 
@@ -75,15 +75,8 @@ def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: 
                                optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
     args = lambda: trainer._arguments([x, y], step=trainer.steps + 1)  # noqa: E731
     fn, seconds, calls = timed_step(trainer.compiled)
-    masks = freeze_to(model, scheme)  # after the compile: it reads requires_grad
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=configs.LR, momentum=configs.MOMENTUM)
-
-    def eager():
-        F.cross_entropy(model(x), y).backward()
-        for p, mask in masks:
-            p.grad.mul_(mask)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    # after the compile: eager_step sets requires_grad, which the compile has read
+    eager = eager_step(model, F.cross_entropy, (x,), (y,), scheme, edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
 
     def as_compiled():
         with torch.no_grad():
