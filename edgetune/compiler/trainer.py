@@ -95,8 +95,8 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     `backend`: what runs the step. "torch": torch kernels called from generated Python.
     "onnxruntime": the step lowered to ONNX and run by an onnxruntime session (CPU; needs the
     `onnx` extra), which holds its own copy of the frozen weights (change them through
-    Trainer.load, or compile again). "auto": times each backend available here on the example batch (a few
-    steps each, parameters and optimizer state restored after) and keeps the faster;
+    Trainer.load, or compile again). "auto": times each backend available here on the
+    example batch (a few steps each, parameters and optimizer state restored after) and keeps the faster;
     `report()` says which ran and each one's time. The Trainer behaves the same on each.
     """
     if frozen_weights not in ("float", "int8"):

@@ -102,7 +102,7 @@ class OrtStep:
 
 def _session(ort: Any, model: Any, options: Any) -> Any:
     """A session over `model`, from a file: onnxruntime checks that the file its placeholder
-    initializers name exists, even though add_initializer supplies their data (an empty
+    initializers name exists, even though add_external_initializers supplies their data (an empty
     file, then, which it never reads)."""
     import tempfile
 
