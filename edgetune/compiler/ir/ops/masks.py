@@ -11,11 +11,46 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 from edgetune.compiler.ir.ops.registry import register
 
-# Packing: the 0/1 mask, viewed as rows of eight, times (1, 2, 4, ..., 128) is one BLAS
+# On the CPU, in a dtype numpy has, the two rules the pass masks (ReLU, ReLU6) are packed
+# by numpy: its comparisons are vectorised and write one byte per element, and
+# np.packbits / np.unpackbits turn eight of those into a byte and back. Against the BLAS
+# route below, on this project's 2-core machine, one thread, float32: pack 0.07 ms instead
+# of 0.46 for 256K elements (1.6 instead of 4.6 for 2M); unpack and multiply 0.33 instead of
+# 0.45. The bits are the same either way.
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _passes(y: np.ndarray, rule: str, attrs: dict) -> np.ndarray | None:
+    """Where `rule` lets the gradient through, as its vectorised kernel decides it, or None for
+    a rule this does not know. (On a NaN, torch's own hardtanh_backward blocks in its
+    vectorised body and passes in its scalar tail; this blocks.)"""
+    if rule == "relu_grad":  # threshold_backward(g, y, 0): zero where y <= 0, so NaN passes
+        return np.logical_not(y <= 0)
+    if rule == "hardtanh_grad":  # hardtanh_backward: g where min < y < max
+        return np.logical_and(y > attrs["min"], y < attrs["max"])
+    return None
+
+
+def _numpy_pack(part: torch.Tensor, rule: str, attrs: dict) -> torch.Tensor | None:
+    if part.device.type != "cpu" or part.dtype not in _NUMPY_DTYPES:
+        return None
+    passes = _passes(part.numpy(), rule, attrs)
+    return None if passes is None else torch.from_numpy(np.packbits(passes, bitorder="little"))
+
+
+def _numpy_unpack(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The first n bits as uint8 0/1 (a multiply promotes them to the gradient's dtype)."""
+    if packed.device.type != "cpu" or dtype not in _NUMPY_DTYPES:
+        return None
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little"))
+
+
+# Elsewhere (CUDA, bfloat16, other rules): the 0/1 mask, viewed as rows of eight, times (1, 2, 4, ..., 128) is one BLAS
 # matrix-vector product giving each byte (exact: sums of distinct powers of two below 256).
 # Unpacking looks each byte up in a 256 x 8 table of its bits, already in the gradient's
 # dtype. Both are a handful of kernel calls: at batch 1, where a mask is a few kilobytes,
@@ -54,32 +89,54 @@ def _unpack(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
 _CHUNK = 1 << 18
 
 
-def _pack_mask(y, *, rule, rule_attrs):
-    """Bits of "the gradient passes here": the activation's own gradient rule applied to ones,
-    so the mask agrees with it exactly, bounds included."""
+def _pack_part(part: torch.Tensor, rule: str, attrs: dict) -> torch.Tensor:
+    """Bits of "the gradient passes here" for a flat chunk: where numpy knows the rule, its
+    comparisons; else the activation's own gradient rule applied to ones. Either way the
+    mask agrees with the rule exactly, bounds included."""
     from edgetune.compiler.ir.ops.registry import OPS
 
-    flat, one = y.reshape(-1), torch.ones((), dtype=y.dtype, device=y.device)
+    packed = _numpy_pack(part, rule, attrs)
+    if packed is not None:
+        return packed
+    one = torch.ones((), dtype=part.dtype, device=part.device)
+    return _pack(OPS[rule].kernel(one.expand(part.shape), part, **attrs))
+
+
+def _bits(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    bits = _numpy_unpack(packed, n, dtype)
+    return bits if bits is not None else _unpack(packed, n, dtype)
+
+
+def _pack_mask(y, *, rule, rule_attrs):
+    flat = y.reshape(-1)
     if flat.numel() <= _CHUNK:
-        return _pack(OPS[rule].kernel(one.expand(flat.shape), flat, **rule_attrs))
+        return _pack_part(flat, rule, rule_attrs)
     packed = torch.empty(math.ceil(flat.numel() / 8), dtype=torch.uint8, device=y.device)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start: start + _CHUNK]
-        passes = OPS[rule].kernel(one.expand(part.shape), part, **rule_attrs)
-        packed[start // 8: start // 8 + math.ceil(part.numel() / 8)] = _pack(passes)
+        packed[start // 8: start // 8 + math.ceil(part.numel() / 8)] = _pack_part(part, rule, rule_attrs)
     return packed
 
 
-def _masked_grad(g, packed):
-    flat = g.reshape(-1)
-    if flat.numel() <= _CHUNK:
-        return (flat * _unpack(packed, flat.numel(), g.dtype)).view(g.shape)
-    out = torch.empty_like(flat)
+def _masked_grad_into(out, g, packed):
+    """out = g where the bits say the gradient passes, else 0; `out` may be `g` itself."""
+    flat, into = g.reshape(-1), out.view(-1)
     for start in range(0, flat.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat.numel())
-        bits = _unpack(packed[start // 8: math.ceil(stop / 8)], stop - start, g.dtype)
-        torch.mul(flat[start:stop], bits, out=out[start:stop])
-    return out.view(g.shape)
+        bits = _bits(packed[start // 8: math.ceil(stop / 8)], stop - start, g.dtype)
+        torch.mul(flat[start:stop], bits, out=into[start:stop])
+    return out
+
+
+def _masked_grad(g, packed):
+    return _masked_grad_into(torch.empty_like(g, memory_format=torch.contiguous_format), g, packed)
+
+
+def _masked_grad_inplace(g, packed):
+    # The gradient dies here (passes/inplace.py): its memory takes the result.
+    if not g.is_contiguous():
+        return _masked_grad(g, packed)
+    return _masked_grad_into(g, g, packed)
 
 
 def _packed_shape(y, rule, rule_attrs):
@@ -131,7 +188,7 @@ def _masked_grad_onnx(ctx, n, xs):
 
 register("pack_mask", _pack_mask, shape=_packed_shape, scratch=_chunk_scratch, onnx=_pack_mask_onnx)
 register("masked_grad", _masked_grad, shape=lambda g, packed: (tuple(g.shape), g.dtype), scratch=_chunk_scratch,
-         onnx=_masked_grad_onnx)
+         inplace=_masked_grad_inplace, onnx=_masked_grad_onnx)
 
 
 # A fresh contiguous copy: a saved slice must not keep the whole tensor it was cut from alive.

@@ -70,7 +70,8 @@ def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Ca
     OPS[name] = OpDef(name, kernel, vjp, **kw)
     if inplace is not None:
         # Writing over input 0 is a memory matter: as a value it is the same op.
-        register(f"{name}_inplace", inplace, shape=kw.get("shape"), view=True, onnx=kw.get("onnx"))
+        register(f"{name}_inplace", inplace, shape=kw.get("shape"), scratch=kw.get("scratch"), view=True,
+                 onnx=kw.get("onnx"))
     return OPS[name]
 
 

@@ -1,0 +1,61 @@
+"""The bit-mask kernels: a masked gradient equals the activation's own backward, element for
+element, on either packing route (numpy on the CPU, the generic one elsewhere), at the
+rule's bounds, across chunk edges, and written over its input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgetune.compiler.ir.ops import masks
+from edgetune.compiler.ir.ops.registry import OPS
+
+RULES = {"relu_grad": ("relu", {}), "hardtanh_grad": ("hardtanh", {"min": 0.0, "max": 6.0})}
+
+
+def activation_output(rule: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A forward output with values exactly at the rule's bounds; for ReLU a NaN among them
+    (torch's hardtanh_backward itself treats a NaN one way or the other by its position)."""
+    forward, attrs = RULES[rule]
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) * 5
+    x[: n // 4] = torch.tensor([0.0, 6.0, -0.0, 7.0])[torch.arange(n // 4) % 4].to(dtype)
+    y = OPS[forward].kernel(x, **attrs)
+    if rule == "relu_grad":
+        y[n // 2] = float("nan")
+    return y
+
+
+@pytest.fixture(params=["numpy", "generic"])
+def route(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setattr(masks, "_numpy_pack", lambda *a: None)
+        monkeypatch.setattr(masks, "_numpy_unpack", lambda *a: None)
+    return request.param
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("n", [5, 8, 1001, 2 * masks._CHUNK + 13], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_masked_grad_is_the_rules_backward(route, rule, n, dtype):
+    attrs = RULES[rule][1]
+    y = activation_output(rule, n, dtype).view(1, -1)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    packed = masks._pack_mask(y, rule=rule, rule_attrs=attrs)
+    assert packed.dtype == torch.uint8 and packed.shape == ((n + 7) // 8,)
+    expected = OPS[rule].kernel(g, y, **attrs)
+    assert torch.equal(masks._masked_grad(g, packed), expected)
+    into = g.clone()
+    assert torch.equal(masks._masked_grad_inplace(into, packed), expected) and torch.equal(into, expected)
+
+
+def test_both_routes_pack_the_same_bits(monkeypatch):
+    y = activation_output("hardtanh_grad", 3 * masks._CHUNK + 5, torch.float32)
+    by_numpy = masks._pack_mask(y, rule="hardtanh_grad", rule_attrs=RULES["hardtanh_grad"][1])
+    monkeypatch.setattr(masks, "_numpy_pack", lambda *a: None)
+    assert torch.equal(by_numpy, masks._pack_mask(y, rule="hardtanh_grad", rule_attrs=RULES["hardtanh_grad"][1]))
+
+
+def test_inplace_over_a_non_contiguous_gradient_returns_a_fresh_result():
+    y = activation_output("relu_grad", 64, torch.float32).view(8, 8)
+    g = torch.randn(8, 8).t()
+    packed = masks._pack_mask(y, rule="relu_grad", rule_attrs={})
+    assert torch.equal(masks._masked_grad_inplace(g, packed), OPS["relu_grad"].kernel(g, y))
