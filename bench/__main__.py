@@ -6,8 +6,11 @@
     python -m bench --full --models vit --schemes tte,bias-only --batches 8
     python -m bench --engines eager,edgetune,edgetune-ort,edgetune-auto  # edgetune's other backends (opt-in)
 
-Each engine x configuration runs twice, each time in a fresh subprocess (bench/run_one.py):
-once for peak memory (with MALLOC_MMAP_THRESHOLD_=65536), once for step time (without it).
+    python -m bench --threads 1      # step times at one thread only (default: 1 and torch's default)
+
+Each engine x configuration runs in fresh subprocesses (bench/run_one.py): one for peak memory
+(with MALLOC_MMAP_THRESHOLD_=65536), then one per thread count for step time (without it), the
+engines of a model and batch timed in turns (bench/interleave.py).
 Writes a markdown report (--out, default BENCHMARKS.md) and the raw results (--json).
 """
 from __future__ import annotations
@@ -28,9 +31,10 @@ import torch
 
 from bench import configs
 from bench.child import run_child
-from bench.sections import LM_BEGIN, cpu_model, edgetune_revision
+from bench.sections import LM_BEGIN, compared, cpu_model, edgetune_revision, time_modes
 from bench.configs import Config
 from bench.goals import goals_section
+from bench.interleave import STEPS_PER_TURN, time_in_turns
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2 ** 20
@@ -47,37 +51,61 @@ def write_report(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def run_config(config: Config, mode: str, args, env: dict) -> dict:
+def run_memory(config: Config, args, env: dict) -> dict:
     """One subprocess; its JSON result, or {"ok": False, "error": ...} if it failed or hung."""
-    cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", mode, "--steps", str(args.steps),
-           "--threads", str(args.threads)]
-    return run_child(cmd, mode, env, args.timeout)
+    cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", "memory", "--threads", str(args.threads[0])]
+    return run_child(cmd, "memory", {**env, "OMP_NUM_THREADS": str(args.threads[0])}, args.timeout)
 
 
 def run_all(selected: list[Config], args) -> list[dict]:
+    """Peak memory of each configuration in a process of its own (at the first thread count);
+    then step times at each thread count, every engine of a model and batch in turns
+    (bench/interleave.py)."""
     # A fresh Inductor cache per invocation: torch.compile's setup time is then a cold compile
-    # in the memory run (which runs first) and a cache hit in the time run, whatever ran before.
+    # in the memory run (which runs first) and a cache hit in the time runs, whatever ran before.
     cache = tempfile.mkdtemp(prefix="edgetune-bench-inductor-")
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": str(args.threads)}
-    results = []
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # timing runs keep the allocator's defaults
+    rows = [{"config": vars(c), "time_by_threads": {}} for c in selected]
     try:
-        for i, config in enumerate(selected, 1):
+        for n, row in enumerate(rows, 1):
             t0 = time.perf_counter()
-            row = {"config": vars(config),
-                   "memory": run_config(config, "memory", args, env),
-                   "time": run_config(config, "time", args, env)}
-            results.append(row)
-            print(f"[{i}/{len(selected)}] {progress_line(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+            row["memory"] = run_memory(Config(**row["config"]), args, env)
+            print(f"[{n}/{len(rows)}] memory: {memory_line(row)} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        for group in model_batch_groups(rows):
+            for threads in args.threads:
+                t0 = time.perf_counter()
+                times = time_in_turns([Config(**r["config"]) for r in group], threads, args.steps,
+                                      {**env, "OMP_NUM_THREADS": str(threads)}, args.timeout)
+                for row, result in zip(group, times):
+                    row["time_by_threads"][str(threads)] = result
+                c = group[0]["config"]
+                print(f"time, {c['model']} b{c['batch']}, {threads} thread(s), {len(group)} engines in turns "
+                      f"({time.perf_counter() - t0:.0f} s): " + "; ".join(time_line(r, threads) for r in group),
+                      file=sys.stderr)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    return results
+    for row in rows:
+        row["time"] = row["time_by_threads"][str(args.threads[0])]
+    return rows
 
 
-def progress_line(row: dict) -> str:
-    c, m, t = row["config"], row["memory"], row["time"]
-    mem = f"{m['peak_bytes'] / MB:.1f} MB" if m["ok"] else f"memory n/a ({m['error']})"
-    ms = f"{t['median_s'] * 1e3:.1f} ms" if t["ok"] else f"time n/a ({t['error']})"
-    return f"{c['model']} b{c['batch']} {c['scheme']} {c['engine']}: {mem}, {ms}"
+def model_batch_groups(rows: list[dict]) -> list[list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["config"]["model"], r["config"]["batch"]), []).append(r)
+    return list(groups.values())
+
+
+def memory_line(row: dict) -> str:
+    c, m = row["config"], row["memory"]
+    mem = f"{m['peak_bytes'] / MB:.1f} MB" if m["ok"] else f"n/a ({m['error']})"
+    return f"{c['model']} b{c['batch']} {c['scheme']} {c['engine']}: {mem}"
+
+
+def time_line(row: dict, threads: int) -> str:
+    c, t = row["config"], row["time_by_threads"][str(threads)]
+    return f"{c['scheme']} {c['engine']} " + (f"{t['median_s'] * 1e3:.1f} ms" if t["ok"] else f"n/a ({t['error']})")
 
 
 # -- selecting ------------------------------------------------------------------------------------
@@ -105,10 +133,13 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=csv(int), help=f"comma-separated subset of {configs.BATCHES}")
     p.add_argument("--engines", type=csv(), help=f"comma-separated subset of {configs.ALL_ENGINES}; {configs.OPT_IN_ENGINES} (edgetune's onnxruntime "
                    "and auto backends) run only when named here")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median reported)")
-    # One thread by default: on a 2-core machine shared with other jobs, torch's default of 2
-    # OpenMP threads sometimes stalled a 7 ms step to ~440 ms, waiting on a busy core.
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every engine")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per configuration and thread count "
+                   "(median reported)")
+    # One thread, and torch's default: users run with the default, while one thread shows each
+    # engine's own work (its CPU time) through the load of a shared machine.
+    p.add_argument("--threads", type=csv(int), default=sorted({1, torch.get_num_threads()}),
+                   help="comma-separated intra-op thread counts; step times are measured at each, peak "
+                   "memory at the first (default: 1 and torch's default here)")
     p.add_argument("--timeout", type=int, default=600, help="seconds before a subprocess counts as n/a")
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     p.add_argument("--json", default=str(ROOT / "bench" / "results.json"),
@@ -119,6 +150,8 @@ def parse_args(argv=None):
         bad = set(getattr(args, name) or []) - set(known)
         if bad:
             p.error(f"unknown {name}: {sorted(bad)}; known: {list(known)}")
+    if not args.threads or min(args.threads) < 1 or args.steps < 1:
+        p.error("--threads needs at least one count of 1 or more, and --steps at least 1")
     return args
 
 
@@ -159,8 +192,13 @@ class Cells:
         self.notes: list[str] = []
 
     def get(self, model, scheme, batch, engine, mode):
+        """mode: "memory", "time" (at the run's first thread count) or "time@N" (at N threads)."""
         r = self.by_key.get((model, "-" if engine in configs.SCHEME_FREE else scheme, batch, engine))
-        return None if r is None else r[mode]
+        if r is None:
+            return None
+        if mode.startswith("time@"):
+            return r.get("time_by_threads", {}).get(mode.removeprefix("time@"))
+        return r[mode]
 
     def value(self, model, scheme, batch, engine, mode, key):
         r = self.get(model, scheme, batch, engine, mode)
@@ -246,25 +284,26 @@ def _above(r: dict | None) -> int | None:
     return r["steps_peak_bytes"] - r["warm_rss_bytes"] if r and r["ok"] else None
 
 
-def time_table(cells: Cells, model: str) -> list[str]:
+def time_table(cells: Cells, model: str, mode: str = "time", threads: int | None = None) -> list[str]:
     engines = columns(cells)
+    key, kind = compared(threads)
     head = (["scheme", "batch"] + engines
-            + ["edgetune / eager (CPU)", "edgetune / eager-full (CPU)", "setup s: edgetune", "setup s: compile"])
+            + [f"edgetune / eager ({kind})", f"edgetune / eager-full ({kind})", "setup s: edgetune", "setup s: compile"])
     out = [table_row(head), table_row(["---"] * len(head))]
     for scheme, batch in rows(cells, model):
-        v = lambda e: cells.value(model, scheme, batch, e, "time", "cpu_median_s")  # noqa: E731
+        v = lambda e: cells.value(model, scheme, batch, e, mode, key)  # noqa: E731
         setup = lambda e: cells.text(model, scheme, batch, e, "memory", "setup_s", 1)  # noqa: E731
         out.append(table_row(
-            [scheme, str(batch)] + [time_cell(cells, model, scheme, batch, e) for e in engines]
+            [scheme, str(batch)] + [time_cell(cells, model, scheme, batch, e, mode) for e in engines]
             + [ratio(v("edgetune"), v("eager")), ratio(v("edgetune"), v("eager-full")),
                setup("edgetune"), setup("compile")]))
     return out
 
 
-def time_cell(cells: Cells, model, scheme, batch, engine) -> str:
+def time_cell(cells: Cells, model, scheme, batch, engine, mode: str = "time") -> str:
     """'wall (CPU)' in ms."""
-    wall = cells.text(model, scheme, batch, engine, "time", "median_s", 1e3)
-    cpu = cells.value(model, scheme, batch, engine, "time", "cpu_median_s")
+    wall = cells.text(model, scheme, batch, engine, mode, "median_s", 1e3)
+    cpu = cells.value(model, scheme, batch, engine, mode, "cpu_median_s")
     return wall if cpu is None else f"{wall} ({cpu * 1e3:.1f})"
 
 
@@ -273,7 +312,8 @@ def table_row(cols: list[str]) -> str:
 
 
 def loads(results: list[dict]) -> list[float]:
-    return [t[k] for r in results if (t := r["time"])["ok"] for k in ("load_before", "load_after")]
+    timed = [t for r in results for t in (r.get("time_by_threads") or {"": r["time"]}).values()]
+    return [t[k] for t in timed if t["ok"] for k in ("load_before", "load_after")]
 
 
 def modules_summary(results: list[dict]) -> str:
@@ -294,23 +334,19 @@ def method(env: dict, results: list[dict], args) -> list[str]:
     return [
         "## Method", "",
         f"- Machine: {env['cpu']}, {env['cores']} cores; torch {env['torch']}; Python {env['python']}. "
-        f"{env['threads']} intra-op thread(s) in every engine (`--threads`; torch's default here is "
-        f"{env['default_threads']}, but on this shared machine its OpenMP threads sometimes stalled a "
-        "few-millisecond step by hundreds of milliseconds while waiting on a busy core). "
+        f"Intra-op threads in every engine: {thread_counts(env)} (`--threads`; torch's default here is "
+        f"{env['default_threads']}). "
         f"Run on {env['date']}, edgetune/ as of commit {env['revision']}; the whole run took "
         f"{env['runtime_s'] / 60:.1f} min.",
         f"- Load: {load}. Other jobs shared the machine, so step times are noisier than the memory "
         "figures; the raw per-step times are in `bench/results.json`.",
-        "- Every engine x configuration runs in its own subprocess (`bench/run_one.py`), twice: "
+        "- Every engine x configuration runs in its own subprocess (`bench/run_one.py`): "
         "**peak memory** with `MALLOC_MMAP_THRESHOLD_=65536` (freed activations go back to the OS, so the "
         "high-water mark follows live memory): build the model and batch, reset VmHWM (`5` to "
         "`/proc/self/clear_refs`), read it, then setup (compile / optimizer) + 1 warm-up + 5 steps, read "
         "VmHWM again; the table shows the difference. Python modules that an engine imports on its first "
-        f"use count like any other memory: {modules_summary(results)}. **Step time** in a second "
-        f"subprocess without that variable: setup, 2 warm-ups, then the median of {args.steps} steps, as wall "
-        "time and, in parentheses, CPU time of the process. With one thread the CPU time is the step's own "
-        "work while the wall time also holds the waits for a core other jobs took, so the time ratios "
-        "use CPU time (shared caches still let some of the load through).",
+        f"use count like any other memory: {modules_summary(results)}; it is measured at the first thread "
+        "count. " + step_time_method(results, args),
         "- Engines: **edgetune** = `edgetune.compile` with the scheme; **eager** = PyTorch eager on the same "
         "scheme (`requires_grad` only on trained parameters; partially trained weights get their gradient "
         "multiplied by a channel mask after backward, channels chosen by edgetune's own rule); "
@@ -340,6 +376,25 @@ def method(env: dict, results: list[dict], args) -> list[str]:
         + ("." if args.full else "; the quick default leaves torch.compile out at batch 1, where each "
            "configuration would cost another cold Inductor compile of minutes (`--full` runs it)."),
     ]
+
+
+def thread_counts(env: dict) -> str:
+    counts = env["threads"] if isinstance(env["threads"], list) else [env["threads"]]
+    return " and ".join(map(str, counts))
+
+
+def step_time_method(results: list[dict], args) -> str:
+    if not any("time_by_threads" in r for r in results):  # a run from before the turns
+        return (f"**Step time** in a second subprocess without that variable: setup, 2 warm-ups, then the "
+                f"median of {args.steps} steps, as wall time and, in parentheses, CPU time of the process; "
+                "the ratios use CPU time.")
+    return ("**Step time**, at each thread count, in another subprocess per engine x configuration, "
+            "without that variable: setup, 2 warm-ups, then the engines of a model and batch take turns "
+            f"(`bench/interleave.py`), {STEPS_PER_TURN} steps each per turn, until each has run {args.steps}: "
+            "a busy spell on this shared machine then stretches every engine, not one. The tables show the "
+            "median step as wall time and, in parentheses, CPU time of the process. With one thread the "
+            "ratios use CPU time, the step's own work (the wall time also holds waits for a core another "
+            "job took); with more threads they use wall time, since CPU time then counts every thread.")
 
 
 def schemes_section() -> list[str]:
@@ -375,11 +430,13 @@ def report(results: list[dict], env: dict, args) -> str:
         lines += memory_table(cells, model) + [""]
         lines += ["Peak of the 5 steps above the RSS left after setup + warm-up (that RSS in parentheses), MB:", ""]
         lines += step_memory_table(cells, model) + [""]
-        lines += ["Median step time, ms: wall (CPU):", ""] + time_table(cells, model) + [""]
+        for mode, threads in time_modes(results):
+            at = "" if threads is None else f" at {threads} thread{'s' if threads > 1 else ''}"
+            lines += [f"Median step time{at}, ms: wall (CPU):", ""] + time_table(cells, model, mode, threads) + [""]
     lines += ["## Checks", "", same_entries(results), ""]
     goals = goals_section(cells)
     if goals:
-        lines += ["## Against the goals (MobileNetV2 width 1.0, 128x128, eval-mode BN, SGD momentum)", "",
+        lines += ["## Against the goals (MobileNetV2 width 1.0 unless a row names another model, 128x128, eval-mode BN, SGD momentum)", "",
                   "Computed from the tables above. Ratios of medians on a shared machine: runs differ "
                   "by 5-15% in step time.", ""] + goals + [""]
     if cells.notes:
@@ -400,7 +457,8 @@ def main(argv=None) -> None:
     selected = select(args)
     if not selected:
         sys.exit("nothing selected: check --models/--schemes/--batches/--engines (or add --full)")
-    print(f"{len(selected)} configurations, 2 subprocesses each", file=sys.stderr)
+    print(f"{len(selected)} configurations; a memory subprocess each, then a timing one per thread count "
+          f"{args.threads}", file=sys.stderr)
     results = run_all(selected, args)
     env = environment(started, load_start, revision, args)
     Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1) + "\n")

@@ -7,6 +7,8 @@
 with MALLOC_MMAP_THRESHOLD_=65536 (the parent does) so that freed activations go back to the
 OS instead of staying in glibc's heap, and the high-water mark tracks live memory.
 --mode time: median wall time of --steps steps after 2 warm-ups.
+--mode serve: set up and warm up, then run steps when asked, so that the parent can time the
+engines of a configuration in turns (bench/interleave.py).
 A process of its own per measurement, because VmHWM only ever grows and caches (allocator,
 Dynamo, Inductor) outlive the configuration that filled them.
 """
@@ -154,12 +156,38 @@ def measure_time(setup, model, x, y, scheme, steps: int) -> dict:
             "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def run(args) -> dict:
+def serve(setup, model, x, y, scheme) -> None:
+    """Set up and warm up, print one JSON line ({"ok", "setup_s", facts}); then, for each line
+    `k` on stdin, run k steps and print their wall and CPU times as one JSON line; end at EOF."""
+    t0 = time.perf_counter()
+    step, info = setup(model, x, y, scheme)
+    step()
+    setup_s = time.perf_counter() - t0
+    step()
+    _reply({"ok": True, "setup_s": setup_s, **info})
+    for line in sys.stdin:
+        wall, cpu = [], []
+        for _ in range(int(line)):
+            t, c = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        _reply({"ok": True, "times_s": wall, "cpu_times_s": cpu})
+
+
+def _reply(result: dict) -> None:
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def run(args) -> dict | None:
     model, (x, y) = configs.build_model(args.model), configs.build_batch(args.batch)
     scheme = configs.scheme(args.model, args.scheme) if args.scheme != "-" else schemes.full()
     setup = ENGINES[args.engine]
     if args.mode == "memory":
         return measure_memory(setup, model, x, y, scheme)
+    if args.mode == "serve":
+        return serve(setup, model, x, y, scheme)
     return measure_time(setup, model, x, y, scheme, args.steps)
 
 
@@ -169,18 +197,18 @@ def main(argv=None) -> None:
     p.add_argument("--scheme", choices=configs.SCHEMES + ["-"], required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--engine", choices=list(ENGINES), required=True)
-    p.add_argument("--mode", choices=["memory", "time"], required=True)
+    p.add_argument("--mode", choices=["memory", "time", "serve"], required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        result = {"ok": True, **run(args)}
+        result = run(args)
     except Exception as e:  # reported as "n/a" with its reason, not as a crash of the whole bench
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-    sys.stdout.flush()
-    print(json.dumps(result))
+    if result is not None:  # serve has replied as it went
+        _reply({"ok": True, **result})
 
 
 if __name__ == "__main__":

@@ -42,3 +42,16 @@ def edgetune_revision() -> str:
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
     rev = git("log", "-1", "--format=%h", "--", "edgetune") or "unknown"
     return rev + (" with uncommitted changes" if git("status", "--porcelain", "edgetune") else "")
+
+
+def time_modes(results: list[dict]) -> list[tuple[str, int | None]]:
+    """(cells mode, thread count) of each time table: one per thread count measured, or the one
+    "time" of results from before thread counts were recorded per run."""
+    counts = sorted({int(t) for r in results for t in r.get("time_by_threads", {})})
+    return [(f"time@{t}", t) for t in counts] or [("time", None)]
+
+
+def compared(threads: int | None) -> tuple[str, str]:
+    """Which median the ratios compare: CPU time with one thread (the step's own work, whatever
+    the load), wall time with more (CPU time then counts every thread, spinning ones too)."""
+    return ("cpu_median_s", "CPU") if threads in (1, None) else ("median_s", "wall")

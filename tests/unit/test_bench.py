@@ -42,8 +42,13 @@ def test_goals_are_computed_from_the_results():
     assert "290.0 MB / 100.0 MB = 2.90x | **missed** by 42% |" in missed
 
 
-def test_goals_need_mobilenet():
-    assert goals_section(cells_of([row("resnet", "full", 8, "edgetune", 10, 10)])) == []
+def test_without_mobilenet_only_the_speed_goals():
+    text = "\n".join(goals_section(cells_of([row("resnet", "full", 8, "edgetune", 10, 10),
+                                             row("resnet", "full", 8, "eager", 10, 12)])))
+    assert "| resnet: step no slower than eager, full, batch 8 (CPU time) | 12.0 ms / 10.0 ms = 1.20x | met |" in text
+    assert "resnet: batch 1: step >= 1.3x faster than eager, tte (CPU time) | not measured" in text
+    assert "peak" not in text and "TTE-style" not in text
+    assert goals_section(cells_of([row("resnet", "full", 8, "eager", 10, 10)])) == []
 
 
 def test_runs_render_together(tmp_path, monkeypatch):
@@ -96,3 +101,64 @@ def test_the_profile_times_every_kernel_call_of_the_same_step(monkeypatch):
     result = {"model": "m", "scheme": "s", "batch": 4, "threads": 1, "eager_s": 0.002, "step_s": 0.001,
               "kernels_s": 0.0008, "between_s": 0.0002, "calls": 3, "ops": {"conv": {"s": 0.0008, "calls": 3}}}
     assert "| m | s | 4 | 1 | 2.0 | 1.0 | 0.8 | 0.2 (20%) | 3 |" in report([result], top=5)
+
+
+def test_engines_take_turns_and_each_runs_its_steps():
+    """bench/interleave.py: every engine of a group runs the asked number of steps, a few per
+    turn, each turn starting with the next engine; a failing engine is reported, not fatal."""
+    from bench.configs import Config
+    from bench.interleave import STEPS_PER_TURN, time_in_turns
+
+    calls = []
+
+    class FakeServer:
+        def __init__(self, config, threads, env, timeout):
+            self.name, self.replies = config.engine, [{"ok": True, "setup_s": 1.0}]
+
+        def reply(self):
+            return self.replies.pop(0)
+
+        def steps(self, count):
+            calls.append((self.name, count))
+            if self.name == "broken":
+                return {"ok": False, "error": "RuntimeError: boom"}
+            return {"ok": True, "times_s": [0.01 * (1 + len(calls))] * count, "cpu_times_s": [0.005] * count}
+
+        def close(self):
+            calls.append((self.name, "closed"))
+
+    group = [Config("mobilenetv2", "tte", 1, e) for e in ("edgetune", "eager", "broken")]
+    steps = 2 * STEPS_PER_TURN + 1
+    results = time_in_turns(group, 2, steps, {}, 10, start=FakeServer)
+    ran = [c for c in calls if c[1] != "closed"]
+    assert [name for name, _ in ran[:3]] == ["edgetune", "eager", "broken"]
+    assert [name for name, _ in ran[3:5]] == ["eager", "edgetune"]  # turn 2 starts with the next engine
+    for r, engine in zip(results[:2], ("edgetune", "eager")):
+        assert r["ok"] and len(r["times_s"]) == steps and r["threads"] == 2 and r["cpu_median_s"] == 0.005
+        assert sum(count for name, count in ran if name == engine) == steps
+    assert results[2] == {"ok": False, "error": "RuntimeError: boom"}
+    assert sum(1 for c in calls if c[1] == "closed") == 3
+
+
+def test_a_time_table_per_thread_count(tmp_path, monkeypatch):
+    """Results timed at 1 and 2 threads render as two tables: CPU-time ratios at one thread,
+    wall-time ratios at two."""
+    results = mobilenet_results()
+    for r in results:
+        one = r["time"]
+        r["time_by_threads"] = {"1": one, "2": {**one, "median_s": one["median_s"] / 2, "cpu_median_s": one["cpu_median_s"]}}
+    eager = next(r for r in results if r["config"]["engine"] == "eager" and r["config"]["scheme"] == "tte")
+    eager["time_by_threads"]["2"]["median_s"] = 0.090  # edgetune's two-thread wall median is 0.0405
+    env = {"command": "python -m bench", "date": "2026-12-01 12:00", "revision": "abc", "cpu": "cpu", "cores": 2,
+           "torch": "2", "threads": [1, 2], "default_threads": 2, "python": "3.11", "runtime_s": 60.0,
+           "load_start": [1.0], "load_end": [1.0]}
+    path, out = tmp_path / "r.json", tmp_path / "B.md"
+    path.write_text(json.dumps({"environment": env, "results": results}))
+    monkeypatch.setattr(sys, "argv", ["bench"])
+    bench_main.main(["--render", "--json", str(path), "--out", str(out)])
+    text = out.read_text()
+    assert "Median step time at 1 thread, ms" in text and "Median step time at 2 threads, ms" in text
+    assert "Intra-op threads in every engine: 1 and 2" in text
+    two = text[text.index("at 2 threads, ms"):]
+    assert "edgetune / eager (wall)" in two and "| tte | 8 | 40.5 (81.0) | 90.0 (90.0) |" in two
+    assert "| 0.45 |" in two.splitlines()[6]  # 40.5 / 90.0, in the tte row
