@@ -1,6 +1,7 @@
 """This process's memory as Linux reports it, and glibc's knobs that make the figures mean
 something: used to measure a step's peak (edgetune.apps.measure, bench/), and what a kernel
-allocates (edgetune.compiler.backends.scratch).
+allocates (edgetune.compiler.backends.scratch); and the knobs that spare a step its page
+faults (keep_freed_memory, edgetune.compiler.backends.choice).
 
 With MALLOC_MMAP_THRESHOLD_ (or set_mmap_threshold) at 64 KiB, glibc serves every larger
 allocation with its own mmap, so a freed tensor leaves the resident set at once and the
@@ -11,10 +12,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import re
 
 MMAP_THRESHOLD = 65536  # bytes; the benchmarks' MALLOC_MMAP_THRESHOLD_=65536
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
+_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+# The largest M_MMAP_THRESHOLD glibc takes on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); the trim
+# threshold is a C int.
+_LARGEST_MMAP_THRESHOLD, _NEVER_TRIM = 32 * 2**20, 2**31 - 1
+_pinned = False  # set_mmap_threshold was called: a measurement depends on the threshold
 
 
 def vm_hwm_bytes() -> int:
@@ -57,8 +64,30 @@ def _libc() -> ctypes.CDLL:
 
 def set_mmap_threshold(nbytes: int) -> bool:
     """glibc's M_MMAP_THRESHOLD for this process (as MALLOC_MMAP_THRESHOLD_ would set it at
-    start-up); False where there is no glibc mallopt."""
+    start-up), with the default trim threshold; False where there is no glibc mallopt. From
+    then on keep_freed_memory leaves the allocator alone: a measurement depends on it."""
+    global _pinned
+    _pinned = True
+    return _mallopt(_M_MMAP_THRESHOLD, nbytes) and _mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse in this process: allocations up to 32 MiB come from
+    its heap instead of a fresh mmap each, and the heap is not trimmed. A training step frees
+    and allocates the same large buffers every step; given back to the OS, they come back as
+    fresh pages whose first touch is a page fault each. The peak resident set stays what it
+    was (the same buffers, reused); what changes is that it stays resident between steps.
+
+    Not done (False) where the process already chose: MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ in the environment, or set_mmap_threshold called (a measurement),
+    or no glibc."""
+    if _pinned or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
+        return False
+    return _mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
+
+
+def _mallopt(param: int, value: int) -> bool:
     try:
-        return bool(_libc().mallopt(_M_MMAP_THRESHOLD, nbytes))
+        return bool(_libc().mallopt(param, value))
     except (OSError, AttributeError):
         return False

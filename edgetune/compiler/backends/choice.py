@@ -34,10 +34,15 @@ class BackendChoice:
 
     def describe(self) -> str:
         notes = ["with its memory arena (its steps page-faulted without)"] if getattr(self.step, "arena", False) else []
+        watch = getattr(self.step, "watch", None)
+        if watch is not None and watch.kept_freed:
+            notes.append(f"glibc keeps freed memory for reuse: the first steps page-faulted "
+                         f"{watch.faults_per_step:.0f} times a step")
         if self.seconds:
             notes.append("per step: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in self.seconds.items()))
         notes += [f"{name} not tried: {why}" for name, why in self.unavailable.items()]
-        return f"{self.name} (auto, {'; '.join(notes)})" if notes else self.name
+        chosen = "auto, " if self.seconds or self.unavailable else ""
+        return f"{self.name} ({chosen}{'; '.join(notes)})" if notes else self.name
 
 
 def choose_backend(trainer: Any, name: str) -> BackendChoice:
