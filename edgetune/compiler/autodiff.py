@@ -28,13 +28,41 @@ def differentiate(graph: Graph, loss: Node, trainable: dict[Node, Want], b: Buil
     for node in reversed(graph.nodes):
         if node not in on_path or node.op == "input" or node not in grads:
             continue
-        g = b.add_all(grads.pop(node))
+        g = _sum(b, grads.pop(node))
         want = [trainable.get(i, True) if i in on_path else False for i in node.inputs]
         for i, gi in zip(node.inputs, _vjp(b, node, g, want)):
             if gi is not None:
                 grads.setdefault(i, []).append(_check_shape(i, gi, trainable.get(i), node))
     b.meta = {}
-    return {p: b.add_all(grads[p]) for p in trainable if p in grads}
+    return {p: _sum(b, grads[p]) for p in trainable if p in grads}
+
+
+def _sum(b: Builder, terms: list[Node]) -> Node:
+    """The gradient terms of one value, summed. Where the value was split into pieces that
+    cover it (a fused qkv projection cut into q, k and v; split, chunk, unbind), each piece's
+    gradient came back as a zero-filled tensor of the whole shape with that piece written in
+    (slice_grad, select_grad); their sum is the pieces' gradients side by side, one cat."""
+    tiles: dict[tuple, list[Node]] = {}
+    for t in terms:
+        if t.op in ("slice_grad", "select_grad") and t.attrs.get("step", 1) == 1:
+            tiles.setdefault((t.attrs["dim"], tuple(t.attrs["input_shape"])), []).append(t)
+    for (dim, shape), pieces in tiles.items():
+        ordered = sorted(pieces, key=_piece_start)
+        bounds = [(_piece_start(p), _piece_start(p) + _piece_length(p)) for p in ordered]
+        if len(ordered) < 2 or [lo for lo, _ in bounds] != [0] + [hi for _, hi in bounds[:-1]] or bounds[-1][1] != shape[dim]:
+            continue
+        parts = [p.inputs[0] if p.op == "slice_grad" else
+                 b.emit("reshape", p.inputs[0], shape=shape[:dim] + (1,) + shape[dim + 1:]) for p in ordered]
+        terms = [t for t in terms if t not in pieces] + [b.emit("cat", *parts, dim=dim)]
+    return b.add_all(terms)
+
+
+def _piece_start(t: Node) -> int:
+    return t.attrs["start"] if t.op == "slice_grad" else t.attrs["index"]
+
+
+def _piece_length(t: Node) -> int:
+    return t.attrs["end"] - t.attrs["start"] if t.op == "slice_grad" else 1
 
 
 def _prune(graph: Graph, loss: Node, trainable: dict[Node, Want]) -> set[Node]:

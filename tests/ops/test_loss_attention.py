@@ -101,6 +101,26 @@ def test_sdpa_plain():
     check_grads(F.scaled_dot_product_attention, *_qkv(t_q=3, t_k=5))  # cross-attention lengths
 
 
+def test_sdpa_backward_reads_the_output_gradient_unpadded():
+    """The fused op packs its output with the log-sum-exp; the gradient of the output reaches
+    the backward kernel as it is, not copied into a zero-padded tensor of the packed width."""
+    import edgetune as et
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q).sum((1, 3))
+
+    trainer = et.compile(Attention(), F.mse_loss, (torch.randn(2, 5, 8),), (torch.randn(2, 5),),
+                         scheme=et.schemes.full(), optimizer=et.SGD(0.1))
+    ops = [n.op for n in trainer.graph.nodes]
+    assert "sdpa_grad" in ops and "slice_grad" not in ops
+
+
 def test_sdpa_causal():
     check_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), *_qkv(t_q=5, t_k=5))
 

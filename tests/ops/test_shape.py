@@ -92,6 +92,38 @@ def test_chunk_qkv():
     check_grads(fn, t(2, 3, 4), t(12, 4))
 
 
+def test_every_piece_of_an_unbind_and_a_select_used():
+    check_grads(lambda x: (lambda a, b, c: a * b + c)(*x.unbind(1)), t(2, 3, 4))
+    check_grads(lambda x: x[:, 0] * x[:, 1].exp() + x[:, 2], t(2, 3, 4))
+    check_grads(lambda x: x[:, 0] * x[:, 2], t(2, 3, 4))  # the middle piece unused: no tiling
+
+
+@pytest.mark.parametrize("cut", ["chunk", "unbind", "select"])
+def test_the_gradient_of_a_value_cut_into_pieces_is_one_cat(cut):
+    """q, k and v cut from one projection, all used: their gradients go side by side (one cat),
+    not each into a zero-filled tensor of the whole, added up."""
+    import edgetune as et
+
+    class QKV(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 12)
+
+        def forward(self, x):
+            y = self.proj(x)
+            if cut == "chunk":
+                q, k, v = y.chunk(3, dim=-1)
+            else:
+                y = y.unflatten(-1, (3, 4))
+                q, k, v = y.unbind(-2) if cut == "unbind" else (y[..., 0, :], y[..., 1, :], y[..., 2, :])
+            return (q * k + v).sum(-1)
+
+    trainer = et.compile(QKV(), torch.nn.functional.mse_loss, (torch.randn(2, 4),), (torch.randn(2),),
+                         scheme=et.schemes.full(), optimizer=et.SGD(0.1))
+    ops = [n.op for n in trainer.graph.nodes]
+    assert "cat" in ops and "slice_grad" not in ops and "select_grad" not in ops
+
+
 def test_views_on_a_parameter_used_twice():
     check_grads(lambda w: w[:2] * w[2:] + w.t()[:, :2].t(), t(4, 3))
 

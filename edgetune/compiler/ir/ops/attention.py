@@ -41,7 +41,8 @@ def _sdpa(q, k, v, mask=None, *, is_causal, scale):
 
 
 def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
-    """dq, dk, dv flattened into one buffer (one kernel computes all three)."""
+    """dq, dk, dv flattened into one buffer (one kernel computes all three). g: the gradient of
+    the packed output, or of its first Dv columns alone."""
     mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
     d = v.shape[-1]
     out, lse = packed[..., :d], packed[..., d].contiguous()
@@ -54,6 +55,12 @@ def _sdpa_vjp(b, n, g, want):
     q, k, v = n.inputs[:3]
     if len(n.inputs) == 4 and want[3]:
         raise NotImplementedError("a trainable attention mask (its gradient) is not supported")
+    d = v.shape[-1]
+    if g.op == "slice_grad" and (g.attrs["dim"], g.attrs["start"], g.attrs["end"], g.attrs["step"]) == \
+            (len(n.shape) - 1, 0, d, 1):
+        # The output's gradient, padded with zeros where the log-sum-exp sits: the kernel reads
+        # only the first Dv columns, so it takes the unpadded one (the padding is never made).
+        g = g.inputs[0]
     flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs)
     grads, start = [], 0
     for x, w in zip((q, k, v), want[:3]):
