@@ -28,6 +28,7 @@ that out of a training process, run the search through edgetune.compiler.isolate
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -296,6 +297,13 @@ def search(space: SearchSpace, gains: Contributions, predictor: PeakPredictor, b
         raise BudgetError(f"even training only the head needs {(smallest + overhead_bytes) / MB:.2f} MB "
                           f"({smallest + overhead_bytes} bytes) above the weights, over the budget of "
                           f"{budget_bytes / MB:.2f} MB: the smallest achievable peak")
+    if space.size <= population * generations:
+        # No more schemes than the evolution would try: try them all, and the answer is exact.
+        fitting = [g for g in itertools.product(*(range(n) for n in evo.choices)) if evo.fits(g)]
+        best = evo.ranked(fitting or [evo.zero])[0]
+        history = [{"exhaustive": True, "best_gain": evo.gain(best), "best_peak_bytes": evo.peak(best),
+                    "predictions": len(evo.peaks)}]
+        return SearchResult(space.scheme_of(best), evo.gain(best), evo.peak(best), history, budget_bytes)
     members = evo.initial(population)
     history = []
     for generation in range(generations):
@@ -304,7 +312,9 @@ def search(space: SearchSpace, gains: Contributions, predictor: PeakPredictor, b
         best = evo.ranked(members)[0]
         history.append({"generation": generation, "best_gain": evo.gain(best), "best_peak_bytes": evo.peak(best),
                         "predictions": len(evo.peaks)})
-    best = evo.ranked(members)[0]
+    best = evo.polish(evo.ranked(members)[0], predictions=population * generations)
+    history.append({"polished": True, "best_gain": evo.gain(best), "best_peak_bytes": evo.peak(best),
+                    "predictions": len(evo.peaks)})
     return SearchResult(space.scheme_of(best), evo.gain(best), evo.peak(best), history, budget_bytes)
 
 
@@ -410,6 +420,30 @@ class _Evolution:
         for i, n in enumerate(self.choices):
             for value in range(genome[i] + 1, n):
                 yield i, genome[:i] + (value,) + genome[i + 1:]
+
+    def polish(self, genome: Genome, predictions: int) -> Genome:
+        """Local search from `genome`: the change of one gene, or of two at once (one down: memory
+        moved from one layer to another), with the largest gain that still fits, until none
+        does or `predictions` new peaks have been predicted. The evolution gets near the best;
+        this finishes the way there."""
+        start = len(self.peaks)
+        while True:
+            near = {self._changed(genome, {i: v}) for i, n in enumerate(self.choices) for v in range(n)}
+            near |= {self._changed(genome, {i: v, j: w}) for i, n in enumerate(self.choices) for v in range(n)
+                     for j in range(len(self.choices)) if j != i for w in range(genome[j])}
+            better = sorted((g for g in near if self.gain(g) > self.gain(genome)), key=lambda g: (-self.gain(g), g))
+            for candidate in better:
+                if len(self.peaks) - start >= predictions:
+                    return genome
+                if self.fits(candidate):
+                    genome = candidate
+                    break
+            else:
+                return genome
+
+    @staticmethod
+    def _changed(genome: Genome, genes: dict[int, int]) -> Genome:
+        return tuple(genes.get(i, g) for i, g in enumerate(genome))
 
     def children(self, parents: list[Genome], count: int) -> list[Genome]:
         seen, born = set(parents), []

@@ -58,7 +58,8 @@ def test_bitmask_replaces_saved_activations_with_bits():
     # relu(bn(stem)) is the larger map, live when the backward starts: it becomes bits. The
     # relu6 output is freed before the peak either way, so it keeps its float (no pack cost).
     assert "relu_grad" not in ops(after) and "hardtanh_grad" in ops(after)
-    assert ops(after).count("pack_mask") == ops(after).count("masked_grad") == 1
+    unpacks = [op for op in ops(after) if op in ("masked_grad", "masked_grad_inplace")]  # over a dying gradient
+    assert ops(after).count("pack_mask") == len(unpacks) == 1
     saved = lambda t: sum(n.nbytes for n in saved_for_backward(t.graph.nodes))  # noqa: E731
     assert saved(after) < saved(before)
     assert estimated_peak(after) < estimated_peak(before)

@@ -176,3 +176,12 @@ def test_measured_peak_of_the_searched_scheme_fits_the_budget():
     result = search_verified(space, gains, predictor, budget, population=8, generations=4)
     assert result.measured_peak_bytes <= budget
     assert result.predicted_gain > 0
+
+
+def test_a_space_no_larger_than_the_evolution_would_try_is_searched_whole(estimated):
+    space, predictor, gains = estimated
+    genomes = [(gains.total(*space.decode(g)), predictor.predict(space.scheme_of(g))) for g in all_genomes(space)]
+    budget = sorted(p for _, p in genomes)[len(genomes) // 2]
+    result = search(space, gains, predictor, budget, population=10, generations=space.size // 10)
+    assert result.history[0]["exhaustive"] and result.predicted_peak_bytes <= budget
+    assert result.predicted_gain == pytest.approx(max(gain for gain, peak in genomes if peak <= budget))
