@@ -157,6 +157,16 @@ def test_layer_norm(affine, shape, normalized):
     check_grads(lambda x, w, b: F.layer_norm(x, normalized, w, b, eps=1e-5), t(*shape), w, b)
 
 
+def test_layer_norm_gradients_share_one_statistics_op():
+    import edgetune as et
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
+    trainer = et.compile(model, F.mse_loss, (torch.randn(3, 4),), (torch.randn(3, 6),), scheme=et.schemes.full(),
+                         optimizer=et.SGD(0.1))
+    ops = [n.op for n in trainer.graph.nodes]
+    assert ops.count("ln_stats") == 1 and "ln_grad_input" in ops and "ln_grad_weight" in ops
+
+
 def test_layer_norm_of_transposed_input():
     check_grads(lambda x, w, b: F.layer_norm(x.transpose(1, 2), (3,), w, b), t(2, 3, 4), t(3), t(3))
 

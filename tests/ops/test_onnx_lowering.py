@@ -418,6 +418,20 @@ def _group_norm_cases(a):
     return cases
 
 
+def _ln_with_stats_cases(a):
+    """The gradients reading the statistics that ln_stats computed once for both (the statistics
+    come from the kernel: the lowering must read them as it packs them)."""
+    out = []
+    for shape, normalized in (((2, 3, 4), (4,)), ((2, 3, 4), (3, 4))):
+        x, ln = a.r(*shape), dict(normalized_shape=normalized, eps=1e-5)
+        stats = OPS["ln_stats"].kernel(x, **ln)
+        tag = "-".join(map(str, normalized))
+        out += [(f"ln_stats-{tag}", "ln_stats", [x], ln),
+                (f"ln_grad_input-stats-{tag}", "ln_grad_input", [a.r(*shape), x, a.r(*normalized), stats], ln),
+                (f"ln_grad_weight-stats-{tag}", "ln_grad_weight", [a.r(*shape), x, stats], ln)]
+    return out
+
+
 def _norm_cases(a):
     x, g, c = a.r(2, 3, 4, 4), a.r(2, 3, 4, 4), 3
     return [
@@ -435,6 +449,7 @@ def _norm_cases(a):
         ("ln_grad_input", "ln_grad_input", [a.r(2, 3, 4), a.r(2, 3, 4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight", "ln_grad_weight", [a.r(2, 3, 4), a.r(2, 3, 4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight-all", "ln_grad_weight", [a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-5)),
+        *_ln_with_stats_cases(a),
         *_group_norm_cases(a),
         ("adaptive_avg_pool2d", "adaptive_avg_pool2d", [a.r(2, 3, 4, 6)], dict(output_size=(1, 1))),
         ("max_pool2d", "max_pool2d", [a.r(2, 3, 7, 6)], POOL),
