@@ -288,7 +288,8 @@ def time_table(cells: Cells, model: str, mode: str = "time", threads: int | None
     engines = columns(cells)
     key, kind = compared(threads)
     head = (["scheme", "batch"] + engines
-            + [f"edgetune / eager ({kind})", f"edgetune / eager-full ({kind})", "setup s: edgetune", "setup s: compile"])
+            + [f"edgetune / eager ({kind})", f"edgetune / eager-full ({kind})",
+               "setup s: edgetune", "setup s: compile"])
     out = [table_row(head), table_row(["---"] * len(head))]
     for scheme, batch in rows(cells, model):
         v = lambda e: cells.value(model, scheme, batch, e, mode, key)  # noqa: E731
@@ -436,7 +437,8 @@ def report(results: list[dict], env: dict, args) -> str:
     lines += ["## Checks", "", same_entries(results), ""]
     goals = goals_section(cells)
     if goals:
-        lines += ["## Against the goals (MobileNetV2 width 1.0 unless a row names another model, 128x128, eval-mode BN, SGD momentum)", "",
+        lines += ["## Against the goals (MobileNetV2 width 1.0 unless a row names another model, 128x128, "
+                  "eval-mode BN, SGD momentum)", "",
                   "Computed from the tables above. Ratios of medians on a shared machine: runs differ "
                   "by 5-15% in step time.", ""] + goals + [""]
     if cells.notes:

@@ -48,13 +48,22 @@ def _sum(b: Builder, terms: list[Node]) -> Node:
             tiles.setdefault((t.attrs["dim"], tuple(t.attrs["input_shape"])), []).append(t)
     for (dim, shape), pieces in tiles.items():
         ordered = sorted(pieces, key=_piece_start)
-        bounds = [(_piece_start(p), _piece_start(p) + _piece_length(p)) for p in ordered]
-        if len(ordered) < 2 or [lo for lo, _ in bounds] != [0] + [hi for _, hi in bounds[:-1]] or bounds[-1][1] != shape[dim]:
+        if len(ordered) < 2 or not _cover(ordered, shape[dim]):
             continue
         parts = [p.inputs[0] if p.op == "slice_grad" else
                  b.emit("reshape", p.inputs[0], shape=shape[:dim] + (1,) + shape[dim + 1:]) for p in ordered]
         terms = [t for t in terms if t not in pieces] + [b.emit("cat", *parts, dim=dim)]
     return b.add_all(terms)
+
+
+def _cover(ordered: list[Node], size: int) -> bool:
+    """Whether the pieces, in order, lie end to end from 0 to `size` (no gap, no overlap)."""
+    end = 0
+    for p in ordered:
+        if _piece_start(p) != end:
+            return False
+        end += _piece_length(p)
+    return end == size
 
 
 def _piece_start(t: Node) -> int:

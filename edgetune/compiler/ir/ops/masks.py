@@ -50,8 +50,9 @@ def _numpy_unpack(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Ten
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little"))
 
 
-# Elsewhere (CUDA, bfloat16, other rules): the 0/1 mask, viewed as rows of eight, times (1, 2, 4, ..., 128) is one BLAS
-# matrix-vector product giving each byte (exact: sums of distinct powers of two below 256).
+# Elsewhere (CUDA, bfloat16, other rules): the 0/1 mask, viewed as rows of eight, times
+# (1, 2, 4, ..., 128) is one BLAS matrix-vector product giving each byte (exact: sums of
+# distinct powers of two below 256).
 # Unpacking looks each byte up in a 256 x 8 table of its bits, already in the gradient's
 # dtype. Both are a handful of kernel calls: at batch 1, where a mask is a few kilobytes,
 # the calls cost more than the arithmetic.
