@@ -43,6 +43,16 @@ def _status_bytes(field: str) -> int:
         return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
+def minor_faults() -> int | None:
+    """Minor page faults of this process so far (a fresh page's first touch), or None where
+    the platform has no getrusage (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def reset_hwm() -> None:
     """Reset VmHWM to the current RSS (Linux: '5' to clear_refs)."""
     with open("/proc/self/clear_refs", "w") as f:

@@ -22,7 +22,7 @@ def faults(monkeypatch):
         state["count"] += state["per_call"]
         return state["count"]
 
-    monkeypatch.setattr(torch_backend, "_minor_faults", read)
+    monkeypatch.setattr("edgetune.procmem.minor_faults", read)
     monkeypatch.setattr("edgetune.procmem.keep_freed_memory", lambda: state["kept"].append(True) or True)
     return state
 

@@ -12,6 +12,7 @@ import torch
 
 from edgetune.compiler.backends.torch import CompiledStep, NonFiniteError
 from edgetune.compiler.ir.ops import is_effect, mutated_inputs, storage_of
+from edgetune import procmem
 
 BACKENDS = ("torch", "onnxruntime", "auto")
 # Steps per backend when choosing: the first ones warm caches and allocators, the median of
@@ -95,14 +96,12 @@ def _ort_step(trainer: Any) -> Callable:
 def _faults_per_step(trainer: Any, step: Callable) -> float:
     """Minor page faults of one `step` on the example batch (after one to warm up), with
     the trainer restored after."""
-    import resource
-
     with _restored(trainer) as arguments:
         _run(step, arguments())
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = procmem.minor_faults()
         for _ in range(WARM_STEPS):
             _run(step, arguments())
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / WARM_STEPS
+        return (procmem.minor_faults() - before) / WARM_STEPS if before is not None else 0.0
 
 
 def _onnxruntime_missing(device: torch.device) -> str | None:

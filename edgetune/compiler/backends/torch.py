@@ -16,13 +16,9 @@ from typing import Any
 
 import torch
 
-try:
-    import resource  # POSIX: the page-fault count
-except ImportError:  # Windows
-    resource = None
-
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect
+from edgetune import procmem
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,25 +50,19 @@ class FaultWatch:
 
     def before_step(self) -> None:
         if self.steps == 1 and self.start is None:
-            self.start = _minor_faults()
+            self.start = procmem.minor_faults()
 
     def after_step(self) -> None:
         self.steps += 1
         if self.steps == 1 + WATCHED_STEPS:
-            from edgetune.procmem import keep_freed_memory
-
-            self.faults_per_step = (_minor_faults() - self.start) / WATCHED_STEPS
-            self.kept_freed = self.faults_per_step > FAULTS_FOR_KEEPING and keep_freed_memory()
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            self.faults_per_step = (procmem.minor_faults() - self.start) / WATCHED_STEPS
+            self.kept_freed = self.faults_per_step > FAULTS_FOR_KEEPING and procmem.keep_freed_memory()
 
 
 class CompiledStep:
     def __init__(self, graph: Graph, device: torch.device) -> None:
         self.inputs = graph.inputs
-        self.watch = FaultWatch() if device.type == "cpu" and resource is not None else None
+        self.watch = FaultWatch() if device.type == "cpu" and procmem.minor_faults() is not None else None
         self.source = generate(graph)
         namespace: dict[str, Any] = {"torch": torch, "device": torch.device, "NonFiniteError": NonFiniteError}
         namespace.update({f"_op_{name}": op.kernel for name, op in OPS.items()})
