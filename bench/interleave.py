@@ -84,8 +84,8 @@ class Server:
 
 def time_in_turns(group: list[Config], threads: int, steps: int, env: dict, timeout: float,
                   start: Callable[..., Server] = Server) -> list[dict]:
-    """The step times of each config of `group`, in its order, as `run_one --mode time` reports
-    them (median_s, cpu_median_s, the raw times, setup_s, facts), measured in turns.
+    """The step times of each config of `group`, in its order (median_s, cpu_median_s, the raw
+    times, setup_s, the engine's facts), measured in turns.
     `start(config, threads, env, timeout)` starts an engine's server."""
     servers, results = [], []
     for config in group:  # set up one at a time: a compile does not share the cores with another

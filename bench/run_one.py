@@ -6,9 +6,8 @@
 --mode memory: VmHWM above the built model and batch over setup + 1 warm-up + 5 steps. Run it
 with MALLOC_MMAP_THRESHOLD_=65536 (the parent does) so that freed activations go back to the
 OS instead of staying in glibc's heap, and the high-water mark tracks live memory.
---mode time: median wall time of --steps steps after 2 warm-ups.
 --mode serve: set up and warm up, then run steps when asked, so that the parent can time the
-engines of a configuration in turns (bench/interleave.py).
+engines of a model and batch in turns (bench/interleave.py): the step times.
 A process of its own per measurement, because VmHWM only ever grows and caches (allocator,
 Dynamo, Inductor) outlive the configuration that filled them.
 """
@@ -16,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import statistics
 import sys
 import time
 import traceback
@@ -136,26 +133,6 @@ def child_peak_above(base: int) -> int | None:
     return kb * 1024 - base if kb else None
 
 
-def measure_time(setup, model, x, y, scheme, steps: int) -> dict:
-    """Wall and CPU time per step. CPU time counts only this process's work, so on a machine
-    shared with other jobs it stays put while the wall time stretches with the load."""
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    step, info = setup(model, x, y, scheme)
-    step()
-    setup_s = time.perf_counter() - t0
-    step()
-    wall, cpu = [], []
-    for _ in range(steps):
-        t, c = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return {**info, "median_s": statistics.median(wall), "cpu_median_s": statistics.median(cpu),
-            "times_s": wall, "cpu_times_s": cpu, "setup_s": setup_s,
-            "load_before": load_before, "load_after": os.getloadavg()[0]}
-
-
 def serve(setup, model, x, y, scheme) -> None:
     """Set up and warm up, print one JSON line ({"ok", "setup_s", facts}); then, for each line
     `k` on stdin, run k steps and print their wall and CPU times as one JSON line; end at EOF."""
@@ -186,9 +163,7 @@ def run(args) -> dict | None:
     setup = ENGINES[args.engine]
     if args.mode == "memory":
         return measure_memory(setup, model, x, y, scheme)
-    if args.mode == "serve":
-        return serve(setup, model, x, y, scheme)
-    return measure_time(setup, model, x, y, scheme, args.steps)
+    return serve(setup, model, x, y, scheme)
 
 
 def main(argv=None) -> None:
@@ -197,8 +172,7 @@ def main(argv=None) -> None:
     p.add_argument("--scheme", choices=configs.SCHEMES + ["-"], required=True)
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--engine", choices=list(ENGINES), required=True)
-    p.add_argument("--mode", choices=["memory", "time", "serve"], required=True)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--mode", choices=["memory", "serve"], required=True)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
