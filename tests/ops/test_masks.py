@@ -59,3 +59,28 @@ def test_inplace_over_a_non_contiguous_gradient_returns_a_fresh_result():
     g = torch.randn(8, 8).t()
     packed = masks._pack_mask(y, rule="relu_grad", rule_attrs={})
     assert torch.equal(masks._masked_grad_inplace(g, packed), OPS["relu_grad"].kernel(g, y))
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("y_layout, g_layout", [("cl", "cl"), ("cl", "nchw"), ("nchw", "cl"), ("nchw", "nchw")])
+def test_image_masks_whatever_the_layouts(monkeypatch, channels_last, y_layout, g_layout):
+    """On the CPU the bits of an image tensor follow its pixels (ops/layout.py); an activation
+    and its gradient in different layouts still pair element for element."""
+    from edgetune.compiler.ir.ops import layout
+
+    monkeypatch.setattr(layout, "CPU_CHANNELS_LAST", channels_last)
+
+    def laid_out(t, name):
+        return t.contiguous(memory_format=torch.channels_last if name == "cl" else torch.contiguous_format)
+
+    y = laid_out(activation_output("hardtanh_grad", 2 * 5 * 7 * 3, torch.float32).view(2, 5, 7, 3), y_layout)
+    g = laid_out(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)), g_layout)
+    attrs = RULES["hardtanh_grad"][1]
+    packed = masks._pack_mask(y, rule="hardtanh_grad", rule_attrs=attrs)
+    expected = OPS["hardtanh_grad"].kernel(g, y, **attrs)
+    assert torch.equal(masks._masked_grad(g, packed), expected)
+    into = g.clone(memory_format=torch.preserve_format)
+    out = masks._masked_grad_inplace(into, packed)
+    assert torch.equal(out, expected)
+    # written over the gradient wherever its memory is in the bits' order
+    assert (out.data_ptr() == into.data_ptr()) == (not channels_last and g_layout == "nchw" or channels_last and g_layout == "cl")

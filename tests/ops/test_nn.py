@@ -79,6 +79,46 @@ def test_pointwise_conv_runs_as_a_matrix_product(bias):
     check_grads(lambda x, w: F.conv1d(x, w), t(1, 4, 7), t(2, 4, 1))
 
 
+@pytest.fixture(params=["channels_last", "nchw"])
+def layout(request, monkeypatch):
+    """The CPU kernels' image layout (ops/layout.py): channels-last, as steps run on the CPU,
+    or plain NCHW, as on other devices."""
+    from edgetune.compiler.ir.ops import layout
+
+    monkeypatch.setattr(layout, "CPU_CHANNELS_LAST", request.param == "channels_last")
+    return request.param
+
+
+@pytest.mark.parametrize("kw, shapes", [
+    (dict(), ((3, 4, 5, 3), (6, 4, 1, 1))),                      # pointwise: a product over pixels
+    (dict(stride=2, padding=1, groups=4), ((2, 4, 7, 6), (4, 1, 3, 3))),  # depthwise, strided
+    (dict(padding=1, dilation=2, groups=2), ((2, 4, 6, 6), (6, 2, 3, 3))),
+    (dict(stride=(2, 1)), ((1, 3, 5, 5), (2, 3, 2, 2))),
+], ids=["pointwise", "depthwise", "grouped", "strided"])
+def test_conv_in_both_layouts(layout, kw, shapes):
+    x, w = (t(*s) for s in shapes)
+    check_grads(lambda x, w, b: F.conv2d(x, w, b, **kw), x, w, t(w.shape[0]))
+    # an input in the other layout than the kernels' reaches them too (a permuted input)
+    check_grads(lambda x, w: F.conv2d(x.permute(0, 3, 1, 2), w, **kw), x.permute(0, 2, 3, 1).detach(), w)
+
+
+def test_conv_kernels_give_channels_last_on_the_cpu(layout):
+    from edgetune.compiler.ir.ops.registry import OPS
+
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
+    for kw in (dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4),
+               dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)):
+        weight = w if kw["groups"] == 4 else torch.randn(5, 4, 1, 1)
+        y = OPS["conv"].kernel(x, weight, **kw)
+        g = torch.randn(y.shape)
+        gx = OPS["conv_grad_input"].kernel(g, weight, input_shape=tuple(x.shape), **kw)
+        expected = F.conv2d(x, weight, **{k: v for k, v in kw.items()})
+        assert torch.allclose(y, expected, atol=1e-5)
+        cl = layout == "channels_last"
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl and y.is_contiguous() != cl
+        assert gx.is_contiguous(memory_format=torch.channels_last) == cl
+
+
 def test_conv_padding_same():
     check_grads(lambda x, w: F.conv2d(x, w, padding="same"), t(1, 2, 6, 5), t(3, 2, 3, 3))
     check_grads(lambda x, w: F.conv1d(x, w, padding="same", dilation=2), t(2, 2, 7), t(3, 2, 4))

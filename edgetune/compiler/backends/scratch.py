@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from edgetune.compiler.ir.graph import Graph, Node
-from edgetune.compiler.ir.ops import OPS
+from edgetune.compiler.ir.ops import OPS, layout
 from edgetune.procmem import MMAP_THRESHOLD, release_free_heap, reset_hwm, set_mmap_threshold, vm_hwm_bytes, vm_rss_bytes
 
 _MEASURED: dict[tuple, int | None] = {}  # call signature -> bytes (None: could not measure), for this process
@@ -71,13 +71,19 @@ def signature(n: Node) -> tuple:
 
 
 def _layout(n: Node) -> tuple:
-    """An operand as the kernel sees it: its storage's shape and dtype and the views on it
-    (an expanded or sliced operand may be copied to dense memory by the kernel)."""
+    """An operand as the kernel sees it: its storage's shape, dtype and memory format and the
+    views on it (an expanded or sliced operand may be copied to dense memory by the kernel)."""
     views = []
     while _pure_view(n):
         views.append((n.op, repr(sorted(n.attrs.items()))))
         n = n.inputs[0]
-    return tuple(n.shape), str(n.dtype), tuple(reversed(views))
+    return tuple(n.shape), str(n.dtype), _channels_last(n), tuple(reversed(views))
+
+
+def _channels_last(n: Node) -> bool:
+    """Whether the step holds this value channels-last (ops/layout.py): on the CPU, the image
+    tensors the kernels compute are, the batch and constants as given are not."""
+    return layout.CPU_CHANNELS_LAST and len(n.shape) == 4 and n.op not in ("input", "const")
 
 
 def _pure_view(n: Node) -> bool:
@@ -92,6 +98,8 @@ def _operand(n: Node) -> torch.Tensor:
         return OPS[n.op].kernel(_operand(n.inputs[0]), **n.attrs)
     if n.op == "const":
         return n.attrs["value"].clone()
+    if _channels_last(n):
+        return torch.ones(n.shape, dtype=n.dtype).contiguous(memory_format=torch.channels_last)
     return torch.ones(n.shape, dtype=n.dtype)
 
 

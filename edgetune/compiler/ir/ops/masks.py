@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from edgetune.compiler.ir.ops.layout import channels_last_here, empty_channels_last, pixel_major
 from edgetune.compiler.ir.ops.registry import register
 
 # On the CPU, in a dtype numpy has, the two rules the pass masks (ReLU, ReLU6) are packed
@@ -108,8 +109,20 @@ def _bits(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return bits if bits is not None else _unpack(packed, n, dtype)
 
 
+def _in_mask_order(t: torch.Tensor) -> torch.Tensor:
+    """t's elements flat, in the order the mask's bits follow: pixel by pixel for an image
+    tensor the CPU kernels keep channels-last (layout.py; then a view), else t's own order."""
+    return pixel_major(t).reshape(-1) if channels_last_here(t) else t.reshape(-1)
+
+
+def _dense_in_mask_order(t: torch.Tensor) -> bool:
+    if channels_last_here(t):
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.is_contiguous()
+
+
 def _pack_mask(y, *, rule, rule_attrs):
-    flat = y.reshape(-1)
+    flat = _in_mask_order(y)
     if flat.numel() <= _CHUNK:
         return _pack_part(flat, rule, rule_attrs)
     packed = torch.empty(math.ceil(flat.numel() / 8), dtype=torch.uint8, device=y.device)
@@ -121,7 +134,7 @@ def _pack_mask(y, *, rule, rule_attrs):
 
 def _masked_grad_into(out, g, packed):
     """out = g where the bits say the gradient passes, else 0; `out` may be `g` itself."""
-    flat, into = g.reshape(-1), out.view(-1)
+    flat, into = _in_mask_order(g), _in_mask_order(out)
     for start in range(0, flat.numel(), _CHUNK):
         stop = min(start + _CHUNK, flat.numel())
         bits = _bits(packed[start // 8: math.ceil(stop / 8)], stop - start, g.dtype)
@@ -130,12 +143,16 @@ def _masked_grad_into(out, g, packed):
 
 
 def _masked_grad(g, packed):
-    return _masked_grad_into(torch.empty_like(g, memory_format=torch.contiguous_format), g, packed)
+    if channels_last_here(g):
+        out = empty_channels_last(g.shape, g)
+    else:
+        out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    return _masked_grad_into(out, g, packed)
 
 
 def _masked_grad_inplace(g, packed):
     # The gradient dies here (passes/inplace.py): its memory takes the result.
-    if not g.is_contiguous():
+    if not _dense_in_mask_order(g):
         return _masked_grad(g, packed)
     return _masked_grad_into(g, g, packed)
 
