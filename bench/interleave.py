@@ -33,12 +33,12 @@ PAUSE_S = 0.02
 
 
 class Server:
-    """One engine x configuration in `bench.run_one --mode serve`, answering step requests."""
+    """One engine in a process of its own (`cmd`, which set up, warm up and then serve steps
+    as `serve_steps` does), answering step requests."""
 
-    def __init__(self, config: Config, threads: int, env: dict, timeout: float):
+    def __init__(self, cmd: list[str], env: dict, timeout: float):
         self.timeout = timeout
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", "serve", "--threads", str(threads)]
         # Its own process group, so that ending it also ends its children (edgetune's compile child).
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, start_new_session=True)
@@ -82,17 +82,44 @@ class Server:
         self.stderr.close()
 
 
-def time_in_turns(group: list[Config], threads: int, steps: int, env: dict, timeout: float,
-                  start: Callable[..., Server] = Server) -> list[dict]:
-    """The step times of each config of `group`, in its order (median_s, cpu_median_s, the raw
-    times, setup_s, the engine's facts), measured in turns.
-    `start(config, threads, env, timeout)` starts an engine's server."""
+def vision_server(config: Config, threads: int, env: dict, timeout: float) -> Server:
+    """A vision engine x configuration in `bench.run_one --mode serve`."""
+    cmd = [sys.executable, "-m", "bench.run_one", *config.argv(), "--mode", "serve", "--threads", str(threads)]
+    return Server(cmd, env, timeout)
+
+
+def serve_steps(step: Callable[[], float], ready: dict) -> None:
+    """The engine's side, once it is set up and warmed up: print `ready` as one JSON line;
+    then, for each line `k` on stdin, run k steps and print their wall and CPU times and
+    losses as one JSON line; end at EOF."""
+    reply({"ok": True, **ready})
+    for line in sys.stdin:
+        wall, cpu, losses = [], [], []
+        for _ in range(int(line)):
+            t, c = time.perf_counter(), time.process_time()
+            losses.append(step())
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        reply({"ok": True, "times_s": wall, "cpu_times_s": cpu, "losses": losses})
+
+
+def reply(result: dict) -> None:
+    """One JSON line on stdout, at once (the parent waits for it)."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def time_in_turns(group: list, threads: int, steps: int, env: dict, timeout: float,
+                  start: Callable[..., Server] = vision_server) -> list[dict]:
+    """The step times of each engine of `group`, in its order (median_s, cpu_median_s, the raw
+    times, the losses, setup_s, the engine's facts), measured in turns.
+    `start(member, threads, env, timeout)` starts a member's server."""
     servers, results = [], []
     for config in group:  # set up one at a time: a compile does not share the cores with another
         server = start(config, threads, env, timeout)
         ready = server.reply()
         servers.append(server)
-        results.append({**ready, "times_s": [], "cpu_times_s": [], "load_before": os.getloadavg()[0]})
+        results.append({"losses": [], **ready, "times_s": [], "cpu_times_s": [], "load_before": os.getloadavg()[0]})
     try:
         turns = math.ceil(steps / STEPS_PER_TURN)
         for turn in range(turns):
@@ -108,6 +135,7 @@ def time_in_turns(group: list[Config], threads: int, steps: int, env: dict, time
                     continue
                 results[i]["times_s"] += answer["times_s"]
                 results[i]["cpu_times_s"] += answer["cpu_times_s"]
+                results[i]["losses"] += answer.get("losses", [])
                 time.sleep(PAUSE_S)
     finally:
         for server in servers:

@@ -6,7 +6,8 @@
     python -m bench.lm --render                          # measure nothing: rewrite the section from --json
 
 Each engine runs twice, each time in a fresh subprocess (bench/lm_one.py): once for peak memory
-(with MALLOC_MMAP_THRESHOLD_=65536), once for step time (without it). Prints a table, writes the
+(with MALLOC_MMAP_THRESHOLD_=65536), one engine after another; then once for step time (without
+it), all engines set up side by side and timed in turns of a few steps (bench/interleave.py). Prints a table, writes the
 raw results (--json, default bench/results/lm.json) and replaces the LM section of --out
 (default BENCHMARKS.md) between the markers below, appending it where they are absent; the rest
 of that file is left as it was. With --tiny the defaults are bench/results/lm-tiny.json and no
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from bench import sections
 from bench.child import run_child
+from bench.interleave import STEPS_PER_TURN, Server, time_in_turns
 from bench.lm_one import ENGINES, EDGETUNE_LORA, LORA_ALPHA, LORA_RANK, LORA_TARGETS, LR, SPARSE_BLOCKS, WARMUP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,30 +41,49 @@ TRAINING = [e for e in ENGINES if e != "forward"]
 
 # -- running ------------------------------------------------------------------------------------
 
-def run_engine(engine: str, mode: str, args) -> dict:
-    """One subprocess; its JSON result, or {"ok": False, "error": ...} if it failed or hung."""
+def engine_cmd(engine: str, mode: str, args) -> list[str]:
     cmd = [sys.executable, "-m", "bench.lm_one", "--engine", engine, "--mode", mode, "--steps", str(args.steps),
            "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-    cmd += ["--tiny"] if args.tiny else []
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    return run_child(cmd, mode, env, args.timeout)
+    return cmd + (["--tiny"] if args.tiny else [])
+
+
+def engine_env(args) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
 
 
 def run_all(args) -> dict[str, dict]:
+    """Each engine's peak memory in a process of its own, one after another; then the step
+    times of all of them in turns (bench/interleave.py), so that the machine's load changes
+    slow every engine alike."""
     results = {}
     for i, engine in enumerate(args.engines, 1):
         t0 = time.perf_counter()
-        results[engine] = {"memory": run_engine(engine, "memory", args), "time": run_engine(engine, "time", args)}
-        print(f"[{i}/{len(args.engines)}] {engine}: {progress(results[engine])} "
+        results[engine] = {"memory": run_child(engine_cmd(engine, "memory", args), "memory", engine_env(args),
+                                               args.timeout)}
+        print(f"[{i}/{len(args.engines)}] {engine}: {memory_line(results[engine]['memory'])} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    t0 = time.perf_counter()
+    env = {k: v for k, v in engine_env(args).items() if not k.startswith("MALLOC_")}
+
+    def start(engine: str, threads: int, env: dict, timeout: float) -> Server:
+        return Server(engine_cmd(engine, "serve", args), env, timeout)
+
+    for engine, timed in zip(args.engines, time_in_turns(args.engines, args.threads, args.steps, env,
+                                                         args.timeout, start=start)):
+        if timed["ok"]:
+            timed["tokens_per_s"] = timed["tokens"] / timed["median_s"]
+        results[engine]["time"] = timed
+        print(f"time, in turns: {engine}: {time_line(timed)}", file=sys.stderr)
+    print(f"({time.perf_counter() - t0:.0f} s for the timed turns)", file=sys.stderr)
     return results
 
 
-def progress(row: dict) -> str:
-    m, t = row["memory"], row["time"]
-    mem = f"{m['peak_bytes'] / MB:.0f} MB" if m["ok"] else f"memory n/a ({m['error']})"
-    tps = f"{t['tokens_per_s']:.0f} tok/s" if t["ok"] else f"time n/a ({t['error']})"
-    return f"{mem}, {tps}"
+def memory_line(m: dict) -> str:
+    return f"{m['peak_bytes'] / MB:.0f} MB" if m["ok"] else f"memory n/a ({m['error']})"
+
+
+def time_line(t: dict) -> str:
+    return f"{t['tokens_per_s']:.0f} tok/s" if t["ok"] else f"time n/a ({t['error']})"
 
 
 # -- numbers ---------------------------------------------------------------------------------------
@@ -193,8 +214,10 @@ def section(results: dict, env: dict) -> str:
         "channels (chosen by magnitude), `self_attn.v_proj.weight` full, `mlp.up_proj.weight` at 1/4, "
         "`input_layernorm.weight` and `post_attention_layernorm.weight` full.", "",
         f"**tok/s** = {env['batch']}·{env['seq']} tokens / the median wall time of {env['steps']} steps after "
-        f"{WARMUP} warm-ups, in a fresh process without `MALLOC_MMAP_THRESHOLD_` (in parentheses in the step "
-        "column: the median CPU time of the process). **peak MB above model**: a second fresh process with "
+        f"{WARMUP} warm-ups, each engine in a fresh process without `MALLOC_MMAP_THRESHOLD_`, all set up side by "
+        f"side and timed in turns of {STEPS_PER_TURN} steps (`bench/interleave.py`), so that a busy spell of the "
+        "machine slows every engine alike (in parentheses in the step column: the median CPU time of the "
+        "process). **peak MB above model**: a second fresh process with "
         "`MALLOC_MMAP_THRESHOLD_=65536` loads the model and builds the batch (libraries torch, transformers, "
         "peft, edgetune imported before), returns free heap to the OS (`malloc_trim`), resets VmHWM, then runs "
         f"setup (PEFT wrapping / edgetune compile / optimizer creation) + {WARMUP} warm-ups + {env['steps']} "
@@ -277,7 +300,7 @@ def main(argv=None) -> None:
         results, env = saved["results"], saved["environment"]
     else:
         started = time.perf_counter()
-        print(f"{len(args.engines)} engines, 2 subprocesses each", file=sys.stderr)
+        print(f"{len(args.engines)} engines: a memory process each, then their steps timed in turns", file=sys.stderr)
         results = run_all(args)
         env = environment(args, started)
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,21 @@
-"""One language-model engine in a process of its own; prints one JSON line on stdout.
+"""One language-model engine in a process of its own, replying in JSON lines on stdout.
 
     python -m bench.lm_one --engine edgetune-sparse --mode memory --steps 5   # SmolLM2-135M
-    python -m bench.lm_one --engine peft-lora --mode time --steps 5 --tiny    # tiny random Llama
+    python -m bench.lm_one --engine peft-lora --mode serve --tiny             # then "3" on stdin: 3 steps
 
 --mode memory: VmHWM above the loaded model and batch over setup (compile / adapters /
 optimizer) + 2 warm-up steps + --steps steps. Run it with MALLOC_MMAP_THRESHOLD_=65536 (bench.lm
 does) so that freed activations go back to the OS and the high-water mark follows live memory.
---mode time: median wall time of --steps steps after 2 warm-ups (without that variable).
+--mode serve: set up and run 2 warm-ups, then run steps when asked (bench/interleave.py):
+bench.lm times every engine in turns, a few steps each, without that variable.
 Both record the loss of every step; the first one is computed before any update, so every
 engine must report the same step-1 loss.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import statistics
 import sys
 import time
 import traceback
@@ -32,6 +31,8 @@ from edgetune.compiler import scheme as schemes  # noqa: E402
 from edgetune.apps.baseline import eager_step  # noqa: E402
 from edgetune.procmem import release_free_heap, reset_hwm, vm_hwm_bytes, vm_rss_bytes  # noqa: E402
 from edgetune.models.hf import causal_lm_loss, load_causal_lm, tiny_causal_lm  # noqa: E402
+
+from bench.interleave import reply, serve_steps  # noqa: E402
 
 LR = 1e-4
 WARMUP = 2
@@ -164,41 +165,39 @@ def _children_peak_kb() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 
 
-def measure_time(setup, model, batch, scheme, steps: int) -> dict:
-    """Wall and CPU time per step: median over `steps` steps after the warm-ups."""
-    load_before = os.getloadavg()[0]
+def warmed_up(engine: str, tiny: bool, batch: int, seq: int) -> tuple[Step, dict]:
+    """The engine set up on the model and batch, after its warm-up steps: (step, its facts with
+    setup_s, the warm-ups' losses and the tokens a step sees)."""
+    model, data, setup, scheme = _prepared(engine, tiny, batch, seq)
     t0 = time.perf_counter()
-    step, info = setup(model, batch, scheme)
+    step, info = setup(model, data, scheme)
     setup_s = time.perf_counter() - t0
     losses = [step() for _ in range(WARMUP)]
-    wall, cpu = [], []
-    for _ in range(steps):
-        t, c = time.perf_counter(), time.process_time()
-        losses.append(step())
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    tokens = batch[0].numel()
-    median = statistics.median(wall)
-    return {**info, "median_s": median, "cpu_median_s": statistics.median(cpu), "tokens_per_s": tokens / median,
-            "times_s": wall, "cpu_times_s": cpu, "setup_s": setup_s, "losses": losses,
-            "load_before": load_before, "load_after": os.getloadavg()[0]}
+    return step, {**info, "setup_s": setup_s, "losses": losses, "tokens": batch * seq}
 
 
-def run(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: int) -> dict:
+def _prepared(engine: str, tiny: bool, batch: int, seq: int):
     # The first heap trim looks glibc up, which forks: do it while this process is small, so that
     # no child as large as the loaded model hides edgetune's compile child.
     release_free_heap()
     model = load_model(tiny)
-    data = make_batch(model, batch, seq)
     setup, scheme_of = ENGINES[engine]
-    measure = measure_memory if mode == "memory" else measure_time
-    return {"tokens": batch * seq, **measure(setup, model, data, scheme_of(model.config.num_hidden_layers), steps)}
+    return model, make_batch(model, batch, seq), setup, scheme_of(model.config.num_hidden_layers)
 
 
-def run_safely(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: int) -> dict:
-    """run(), or {"ok": False, "error": ...}: a failing engine is a row of the report, not a crash."""
+def run(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: int) -> dict | None:
+    if mode == "serve":  # steps when bench.lm asks, in turns with the other engines (bench/interleave.py)
+        return serve_steps(*warmed_up(engine, tiny, batch, seq))
+    model, data, setup, scheme = _prepared(engine, tiny, batch, seq)
+    return {"tokens": batch * seq, **measure_memory(setup, model, data, scheme, steps)}
+
+
+def run_safely(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: int) -> dict | None:
+    """run(), or {"ok": False, "error": ...}: a failing engine is a row of the report, not a crash.
+    None where it served steps (it has replied as it went)."""
     try:
-        return {"ok": True, **run(engine, mode, steps, tiny, batch, seq)}
+        result = run(engine, mode, steps, tiny, batch, seq)
+        return None if result is None else {"ok": True, **result}
     except Exception as e:
         traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -208,7 +207,7 @@ def run_safely(engine: str, mode: str, steps: int, tiny: bool, batch: int, seq: 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", choices=list(ENGINES), required=True)
-    p.add_argument("--mode", choices=["memory", "time"], required=True)
+    p.add_argument("--mode", choices=["memory", "serve"], required=True)
     p.add_argument("--steps", type=int, default=5, help="steps after the warm-ups")
     p.add_argument("--tiny", action="store_true", help="a tiny random HF Llama instead of SmolLM2-135M")
     p.add_argument("--batch", type=int, default=4)
@@ -217,8 +216,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run_safely(args.engine, args.mode, args.steps, args.tiny, args.batch, args.seq)
-    sys.stdout.flush()
-    print(json.dumps(result))
+    if result is not None:
+        reply(result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Dynamo, Inductor) outlive the configuration that filled them.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -30,6 +29,7 @@ from edgetune.compiler import scheme as schemes
 from edgetune.procmem import reset_hwm, vm_hwm_bytes, vm_rss_bytes
 
 from bench import configs
+from bench.interleave import reply, serve_steps
 
 MEMORY_STEPS = 5
 Step = Callable[[], float]
@@ -134,27 +134,13 @@ def child_peak_above(base: int) -> int | None:
 
 
 def serve(setup, model, x, y, scheme) -> None:
-    """Set up and warm up, print one JSON line ({"ok", "setup_s", facts}); then, for each line
-    `k` on stdin, run k steps and print their wall and CPU times as one JSON line; end at EOF."""
+    """Set up and warm up (two steps), then serve steps (bench/interleave.py: serve_steps)."""
     t0 = time.perf_counter()
     step, info = setup(model, x, y, scheme)
-    step()
+    losses = [step()]
     setup_s = time.perf_counter() - t0
-    step()
-    _reply({"ok": True, "setup_s": setup_s, **info})
-    for line in sys.stdin:
-        wall, cpu = [], []
-        for _ in range(int(line)):
-            t, c = time.perf_counter(), time.process_time()
-            step()
-            wall.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-        _reply({"ok": True, "times_s": wall, "cpu_times_s": cpu})
-
-
-def _reply(result: dict) -> None:
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    losses.append(step())
+    serve_steps(step, {"setup_s": setup_s, "losses": losses, **info})
 
 
 def run(args) -> dict | None:
@@ -182,7 +168,7 @@ def main(argv=None) -> None:
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
     if result is not None:  # serve has replied as it went
-        _reply({"ok": True, **result})
+        reply({"ok": True, **result})
 
 
 if __name__ == "__main__":

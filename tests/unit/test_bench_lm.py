@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,10 +21,24 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(tiny=True, batch=2, seq=16)
 
 
+def one_timed_step(engine: str) -> dict:
+    """The engine warmed up as its serving process does, then one step timed, as bench.lm
+    records it (bench/interleave.py adds the times and losses of each turn)."""
+    try:
+        step, ready = lm_one.warmed_up(engine, **TINY)
+    except Exception as e:  # noqa: BLE001  (reported as the serving process does)
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    t = time.perf_counter()
+    loss = step()
+    wall = time.perf_counter() - t
+    return {"ok": True, **ready, "losses": ready["losses"] + [loss], "times_s": [wall], "median_s": wall,
+            "cpu_median_s": wall, "tokens_per_s": ready["tokens"] / wall, "load_before": 0.0, "load_after": 0.0}
+
+
 @pytest.fixture(scope="module")
 def timed():
-    """Every engine in this process, timing mode: 2 warm-ups + 1 timed step each."""
-    return {e: lm_one.run_safely(e, "time", steps=1, **TINY) for e in lm_one.ENGINES}
+    """Every engine in this process: 2 warm-ups + 1 timed step each."""
+    return {e: one_timed_step(e) for e in lm_one.ENGINES}
 
 
 @pytest.mark.parametrize("engine", [e for e in lm_one.ENGINES if e != "edgetune-lora"])
@@ -82,16 +97,29 @@ def test_memory_run_in_a_fresh_process():
     assert r["peak_bytes"] >= 0 and r["base_bytes"] > 0 and len(r["losses"]) == lm_one.WARMUP + 1
 
 
+def test_engine_serves_steps_in_a_fresh_process():
+    """--mode serve: ready once set up and warmed up, then the steps asked for, until EOF."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "bench.lm_one", "--engine", "forward", "--mode", "serve",
+                           "--tiny", "--seq", "16", "--threads", "1"],
+                          input="2\n1\n", cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=120)
+    ready, *answers = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert ready["ok"] and ready["tokens"] == 4 * 16 and len(ready["losses"]) == lm_one.WARMUP
+    assert [len(a["times_s"]) for a in answers] == [2, 1] and all(len(a["losses"]) == len(a["times_s"]) for a in answers)
+
+
 def test_driver_writes_json_and_section(timed, tmp_path, monkeypatch):
     """The driver with its subprocesses replaced by the in-process results above."""
-    def fake(engine, mode, args):
-        if engine == "eager-full":
-            return {"ok": False, "error": "did not finish within 300 s"}
-        if mode == "time":
-            return timed[engine]
+    def memory(cmd, mode, env, timeout):
+        engine = cmd[cmd.index("--engine") + 1]
         return {**timed[engine], "peak_bytes": 100 * lm.MB, "setup_s": 0.1, "child_peak_bytes": None}
 
-    monkeypatch.setattr(lm, "run_engine", fake)
+    def in_turns(engines, threads, steps, env, timeout, start):
+        return [{"ok": False, "error": "did not answer within 300 s"} if e == "eager-full" else timed[e]
+                for e in engines]
+
+    monkeypatch.setattr(lm, "run_child", memory)
+    monkeypatch.setattr(lm, "time_in_turns", in_turns)
     out, raw = tmp_path / "B.md", tmp_path / "lm.json"
     lm.main(["--tiny", "--steps", "1", "--out", str(out), "--json", str(raw)])
     saved = json.loads(raw.read_text())
@@ -99,5 +127,5 @@ def test_driver_writes_json_and_section(timed, tmp_path, monkeypatch):
     assert saved["environment"]["peft"] and saved["environment"]["tiny"]
     text = out.read_text()
     assert text.startswith(lm.BEGIN) and text.rstrip().endswith(lm.END)
-    assert "| eager-full [^1] | — |" in text and "did not finish within 300 s" in text
+    assert "| eager-full [^1] | — |" in text and "did not answer within 300 s" in text
     assert "peak <= 0.5x PEFT LoRA: 1.00x — **missed**" in text
