@@ -3,7 +3,7 @@
 oneDNN's CPU convolutions work in NHWC; given plain NCHW tensors they reorder every operand
 on every call. Measured one kernel at a time on MobileNetV2's shapes (128x128, one thread),
 NHWC against NCHW: depthwise 3x3 forward, input and weight gradient 1.8-2.6x faster; a 1x1
-conv, as one matrix product over all the batch's pixels, 1.25-1.3x faster at batch 8. So on
+conv, as one matrix product over all the batch's pixels, 1.3x faster at batch 8. So on
 the CPU a 2-D convolution takes and gives channels-last tensors, and the elementwise ops
 after it keep that layout. It changes no value, only the strides: a 4-D tensor's shape
 stays [N, C, H, W].
