@@ -65,7 +65,6 @@ def run_all(selected: list[Config], args) -> list[dict]:
     # in the memory run (which runs first) and a cache hit in the time runs, whatever ran before.
     cache = tempfile.mkdtemp(prefix="edgetune-bench-inductor-")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # timing runs keep the allocator's defaults
     rows = [{"config": vars(c), "time_by_threads": {}} for c in selected]
     try:
         for n, row in enumerate(rows, 1):

@@ -114,6 +114,8 @@ def time_in_turns(group: list, threads: int, steps: int, env: dict, timeout: flo
     """The step times of each engine of `group`, in its order (median_s, cpu_median_s, the raw
     times, the losses, setup_s, the engine's facts), measured in turns.
     `start(member, threads, env, timeout)` starts a member's server."""
+    # Timing runs keep the allocator's defaults (memory runs set this, bench/child.py).
+    env = {k: v for k, v in env.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     servers, results = [], []
     for config in group:  # set up one at a time: a compile does not share the cores with another
         server = start(config, threads, env, timeout)

@@ -7,11 +7,12 @@
 
 Each engine runs twice, each time in a fresh subprocess (bench/lm_one.py): once for peak memory
 (with MALLOC_MMAP_THRESHOLD_=65536), one engine after another; then once for step time (without
-it), all engines set up side by side and timed in turns of a few steps (bench/interleave.py). Prints a table, writes the
-raw results (--json, default bench/results/lm.json) and replaces the LM section of --out
-(default BENCHMARKS.md) between the markers below, appending it where they are absent; the rest
-of that file is left as it was. With --tiny the defaults are bench/results/lm-tiny.json and no
-markdown file, so development runs never overwrite the real numbers.
+it), all engines set up side by side and timed in turns of a few steps (bench/interleave.py).
+Prints a table, writes the raw results (--json, default bench/results/lm.json) and replaces
+the LM section of --out (default BENCHMARKS.md) between the markers below, appending it where
+they are absent; the rest of that file is left as it was. With --tiny the defaults are
+bench/results/lm-tiny.json and no markdown file, so development runs never overwrite the real
+numbers.
 """
 from __future__ import annotations
 
@@ -63,12 +64,11 @@ def run_all(args) -> dict[str, dict]:
         print(f"[{i}/{len(args.engines)}] {engine}: {memory_line(results[engine]['memory'])} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     t0 = time.perf_counter()
-    env = {k: v for k, v in engine_env(args).items() if not k.startswith("MALLOC_")}
 
     def start(engine: str, threads: int, env: dict, timeout: float) -> Server:
         return Server(engine_cmd(engine, "serve", args), env, timeout)
 
-    for engine, timed in zip(args.engines, time_in_turns(args.engines, args.threads, args.steps, env,
+    for engine, timed in zip(args.engines, time_in_turns(args.engines, args.threads, args.steps, engine_env(args),
                                                          args.timeout, start=start)):
         if timed["ok"]:
             timed["tokens_per_s"] = timed["tokens"] / timed["median_s"]

@@ -114,6 +114,7 @@ def test_engines_take_turns_and_each_runs_its_steps():
     class FakeServer:
         def __init__(self, config, threads, env, timeout):
             self.name, self.replies = config.engine, [{"ok": True, "setup_s": 1.0}]
+            calls.append((self.name, env))
 
         def reply(self):
             return self.replies.pop(0)
@@ -129,8 +130,11 @@ def test_engines_take_turns_and_each_runs_its_steps():
 
     group = [Config("mobilenetv2", "tte", 1, e) for e in ("edgetune", "eager", "broken")]
     steps = 2 * STEPS_PER_TURN + 1
-    results = time_in_turns(group, 2, steps, {}, 10, start=FakeServer)
-    ran = [c for c in calls if c[1] != "closed"]
+    results = time_in_turns(group, 2, steps, {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"}, 10,
+                            start=FakeServer)
+    # timing runs keep the allocator's defaults: the memory runs' setting is not passed on
+    assert [c[1] for c in calls[:3]] == [{"OMP_NUM_THREADS": "2"}] * 3
+    ran = [c for c in calls[3:] if c[1] != "closed"]
     assert [name for name, _ in ran[:3]] == ["edgetune", "eager", "broken"]
     assert [name for name, _ in ran[3:5]] == ["eager", "edgetune"]  # turn 2 starts with the next engine
     for r, engine in zip(results[:2], ("edgetune", "eager")):
