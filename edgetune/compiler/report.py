@@ -29,6 +29,9 @@ class Report:
     int8_bytes: int = 0          # of which int8 values and scales of frozen linears
     int8_float_bytes: int = 0    # what those weights would take as floats
     backend: str = "torch"       # what runs the step; under "auto", each backend's measured time
+    # Each compiled batch shape (compile(max_shapes=...)), the one reported above first:
+    # (shapes of the batch's tensors, predicted peak bytes, {compile phase: seconds}).
+    variants: list[tuple[tuple, int, dict[str, float]]] = field(default_factory=list)
 
     def __str__(self) -> str:
         return self.format()
@@ -51,7 +54,15 @@ class Report:
         rows.append(f"predicted peak of one step: {self.predicted_peak_bytes / 2**20:.2f} MB "
                     "(activations, gradients and optimizer state; parameters and the batch excluded)")
         rows.append(f"backend: {self.backend}")
+        for shapes, peak, seconds in self.variants:
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items())
+            rows.append(f"step for batch shapes {_shapes_text(shapes)}: predicted peak {peak / 2**20:.2f} MB, "
+                        f"compiled in {sum(seconds.values()):.2f} s ({phases})")
         return "\n".join(rows)
+
+
+def _shapes_text(shapes: tuple) -> str:
+    return " ".join("x".join(map(str, s)) or "scalar" for s in shapes)
 
 
 def build_report(trainer) -> Report:
@@ -79,7 +90,9 @@ def build_report(trainer) -> Report:
     return Report(trainer.trainable_params, total, plan.peak_bytes, plan.state_bytes, list(rows.values()),
                   weight_bytes=floats + int8_bytes, int8_bytes=int8_bytes,
                   int8_float_bytes=sum(q.numel() * scale.element_size() for q, scale in int8),
-                  backend=trainer.backend.describe())
+                  backend=trainer.backend.describe(),
+                  variants=[(v.shapes, v.plan.peak_bytes, dict(v.seconds))
+                            for v in [trainer.active, *(v for v in trainer.variants.values() if v is not trainer.active)]])
 
 
 def _rows_by_layer(nodes: list[Node], layers: set[str]) -> dict[str, str]:

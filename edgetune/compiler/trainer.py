@@ -8,9 +8,9 @@ against the examples before it runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -73,7 +73,7 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
             scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
             memory_budget: int | str | None = None, on_nonfinite: str = "skip",
-            backend: str = "torch") -> "Trainer":
+            backend: str = "torch", max_shapes: int = 1) -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
 
     `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
@@ -98,6 +98,13 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     Trainer.load, or compile again). "auto": times each backend available here on the
     example batch (a few steps each, parameters and optimizer state restored after) and keeps the faster;
     `report()` says which ran and each one's time. The Trainer behaves the same on each.
+    `max_shapes`: how many batch shapes the Trainer keeps a compiled step for. 1 (default):
+    the examples' shape only; a batch of another shape is refused. N > 1: a batch of a new
+    shape (the last partial batch, a longer sequence bucket) compiles a step for it on first
+    use, sharing the parameters, optimizer state, LoRA adapters and int8 weights with the
+    others, and the partial-channel choice of the first; beyond N, the step of the shape
+    used least recently is dropped. Each new shape costs a compile (`report()` lists each
+    shape's compile time and predicted peak) and is held to `memory_budget` too.
     """
     if frozen_weights not in ("float", "int8"):
         raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
@@ -106,47 +113,181 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     budget = None if memory_budget is None else parse_bytes(memory_budget)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
+        raise ValueError(f"max_shapes must be a whole number >= 1, got {max_shapes!r}")
     return Trainer(model, loss_fn, example_inputs, example_targets,
                    schemes.full() if scheme is None else scheme, optimizer or SGD(lr=0.01), passes,
-                   int8=frozen_weights == "int8", memory_budget=budget, on_nonfinite=on_nonfinite, backend=backend)
+                   int8=frozen_weights == "int8", memory_budget=budget, on_nonfinite=on_nonfinite, backend=backend,
+                   max_shapes=max_shapes)
+
+
+@dataclass
+class Variant:
+    """The step compiled for one batch shape: its examples, graph, updates, memory plan and
+    backend, and how long each phase of its compile took (seconds: export, graph = autodiff
+    and passes, plan = memory plan and scratch, backend = code generation or session)."""
+
+    examples: tuple[tuple, tuple]
+    graph: Graph
+    updates: list[Update]
+    plan: MemoryPlan
+    seconds: dict[str, float]
+    backend: Any = None     # a BackendChoice, once the Trainer holds what the step binds
+    bindings: Any = None
+    index_uses: list[IndexUse] | None = None  # the batch tensors that index a table, read once
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return _shapes(self.examples[0] + self.examples[1])
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def finish(self, trainer: "Trainer", backend: str) -> None:
+        started = time.perf_counter()
+        self.bindings = Bindings(step_inputs(self.graph), trainer.held())
+        self.backend = choose_backend(trainer, backend)
+        self.seconds["backend"] = time.perf_counter() - started
 
 
 class Trainer:
     def __init__(self, model, loss_fn, example_inputs, example_targets, scheme, optimizer, passes=None,
                  int8: bool = False, memory_budget: int | None = None, on_nonfinite: str = "skip",
-                 backend: str = "torch") -> None:
-        self.model, self.optimizer, self.lr = model, optimizer, optimizer.lr
-        self.examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
+                 backend: str = "torch", max_shapes: int = 1) -> None:
+        self.model, self.loss_fn, self.optimizer, self.lr = model, loss_fn, optimizer, optimizer.lr
+        examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
         # LoRA adapters by name ("<layer>.lora_A.weight"); updated in place like parameters.
         self.adapters = lora.init_adapters(model, self.rules)
-        self.device = _device_of(model, self.examples[0])
-        self.graph, self.updates = run_isolated(
-            lambda: _training_graph(model, loss_fn, self.examples, self.rules, optimizer, passes, int8, on_nonfinite),
-            self.device)
-        self.plan: MemoryPlan = plan(self.graph, measure_scratch(self.graph, self.device))
-        if memory_budget is not None:
-            _check_budget(self.plan, memory_budget, self.rules)
+        self.device = _device_of(model, examples[0])
+        self._compile_options = dict(passes=passes, int8=int8, on_nonfinite=on_nonfinite)
+        self.memory_budget, self.max_shapes, self.on_nonfinite = memory_budget, max_shapes, on_nonfinite
+        self._channels: dict[str, torch.Tensor] | None = None  # set by the first compile, kept by the rest
+        # Compiled steps by batch shape, the one used last at the end (edgetune's shape buckets).
+        self.variants: dict[tuple, Variant] = {}
+        self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # none yet: the first trace has the floats
+        self.active = self._compile_variant(examples)
+        self._channels = {u.name: u.part.index.attrs["value"] for u in self.updates if u.part is not None}
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
                       for u in self.updates for n in u.state}
         # Frozen linear weights held as int8: {parameter name: (int8 values, per-row scales)}.
         self.int8 = self._quantize_and_release()
-        self._bindings = self._bind()
         self.steps = 0
         self.last_step: StepResult | None = None
-        self._writes = sum(1 for n in self.graph.nodes if is_effect(n))
-        self.on_nonfinite = on_nonfinite
         # What runs the step (edgetune.compiler.backends.choice): set last, as "auto" steps the
-        # trainer to time each backend.
-        self.backend = choose_backend(self, backend)
-        self.compiled = self.backend.step
+        # trainer to time each backend. Later shapes take the backend chosen here.
+        self.active.finish(self, backend)
+        self.variants[self.active.shapes] = self.active
+
+    # -- the active step (the one for the shape of the last batch) ---------------------------
+
+    @property
+    def examples(self) -> tuple[tuple, tuple]:
+        return self.active.examples
+
+    @property
+    def graph(self) -> Graph:
+        return self.active.graph
+
+    @property
+    def updates(self) -> list[Update]:
+        return self.active.updates
+
+    @property
+    def plan(self) -> MemoryPlan:
+        return self.active.plan
+
+    @property
+    def backend(self):
+        return self.active.backend
+
+    @property
+    def compiled(self) -> Callable:
+        return self.active.backend.step
+
+    @compiled.setter
+    def compiled(self, step: Callable) -> None:
+        self.active.backend.step = step
+
+    @property
+    def _bindings(self) -> Bindings:
+        return self.active.bindings
+
+    @property
+    def _writes(self) -> int:
+        return sum(1 for n in self.graph.nodes if is_effect(n))
+
+    # -- compiling ----------------------------------------------------------------------------
+
+    def _compile_variant(self, examples: tuple[tuple, tuple]) -> Variant:
+        """The step for `examples`' shapes, not yet bound (Variant.finish binds it): traced and
+        optimized in a forked child (edgetune.compiler.isolate), then planned here."""
+        model, rules, options, channels = self.model, self.rules, self._compile_options, self._channels
+
+        def build():
+            with self.dequantized():  # int8 weights lend their floats to the trace; in the child only, if forked
+                return _training_graph(model, self.loss_fn, examples, rules, self.optimizer, channels=channels,
+                                       **options)
+
+        graph, updates, seconds = run_isolated(build, self.device)
+        started = time.perf_counter()
+        memory = plan(graph, measure_scratch(graph, self.device))
+        seconds["plan"] = time.perf_counter() - started
+        if self.memory_budget is not None:
+            _check_budget(memory, self.memory_budget, rules, _shapes(examples[0] + examples[1]))
+        if os.environ.get("EDGETUNE_DEBUG"):
+            phases = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+            print(f"[edgetune] compiled the step for batch shapes {_shapes(examples[0] + examples[1])}: {phases}")
+        return Variant(examples, graph, updates, memory, seconds)
+
+    def _use_step_for(self, inputs: tuple, targets: tuple) -> None:
+        """Make the step for this batch's shapes the active one, compiling it if it is new and
+        max_shapes allows; BatchError (nothing changed) where the batch cannot be taken."""
+        self._check_kind(inputs, targets)
+        shapes = _shapes(inputs + targets)
+        if shapes == self.active.shapes:
+            return
+        variant = self.variants.pop(shapes, None)
+        if variant is None:
+            variant = self._new_variant(inputs, targets)
+        self.variants[shapes] = variant  # now the most recently used
+        while len(self.variants) > self.max_shapes:
+            del self.variants[next(iter(self.variants))]
+        self.active = variant
+
+    def _new_variant(self, inputs: tuple, targets: tuple) -> Variant:
+        if self.max_shapes == 1:
+            batch, examples = inputs + targets, self.examples[0] + self.examples[1]
+            k = next(k for k, (t, e) in enumerate(zip(batch, examples)) if t.shape != e.shape)
+            raise BatchError(f"{self._batch_names(inputs, targets)[k]} is {_describe(batch[k])} but the step was "
+                             f"compiled for {_describe(examples[k])}; compile with max_shapes=N to take up to N batch "
+                             "shapes (each compiled on first use), or drop the last partial batch")
+        examples = (tuple(t.detach() for t in inputs), tuple(t.detach() for t in targets))
+        try:
+            variant = self._compile_variant(examples)
+        except BudgetError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- the batch is refused; why is in the message and the cause
+            raise BatchError(f"no step could be compiled for batch shapes {_shapes(inputs + targets)} (the first "
+                             f"step's were {self.active.shapes}): {type(err).__name__}: {err}") from err
+        previous = self.active
+        try:
+            self.active = variant
+            variant.finish(self, previous.backend.name)
+        finally:
+            self.active = previous
+        return variant
 
     # -- running --------------------------------------------------------------------------
 
     def step(self, inputs: tuple, targets: tuple) -> float:
-        """One training step on a batch shaped like the examples; returns the loss."""
-        batch = self._check_batch(_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
+        """One training step on a batch; returns the loss. A batch of a shape unlike the
+        examples' runs the step compiled for its shape (compile(max_shapes=...))."""
+        inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
+        self._use_step_for(inputs, targets)
+        batch = self._check_batch(inputs, targets)
         try:
             out = self.compiled(*self._arguments(batch, step=self.steps + 1))
         except NonFiniteError:
@@ -160,9 +301,6 @@ class Trainer:
         hyper = {"lr": float(self.lr), "step": step}
         return self._bindings.arguments({"hyper": hyper, "input": batch, "target": batch})
 
-    def _bind(self) -> Bindings:
-        return Bindings(step_inputs(self.graph), self.held())
-
     def held(self) -> dict[str, dict[str, torch.Tensor]]:
         """Every tensor a step may hold, by kind and key (edgetune.compiler.inputs): the model's
         parameters and buffers, and what the Trainer holds (optimizer state, LoRA adapters,
@@ -173,26 +311,35 @@ class Trainer:
                 "int8": {k: q for k, (q, _) in self.int8.items()},
                 "int8_scale": {k: scale for k, (_, scale) in self.int8.items()}}
 
-    def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
-        """The batch as the step takes it (inputs, then targets), or a BatchError before anything
-        changes: a count, shape, dtype or device unlike the examples'; a value outside the table
-        it indexes (a token id beyond an embedding's rows, a class label beyond the loss's
-        classes); a NaN or inf in a float tensor. The last is refused unless on_nonfinite="apply":
-        the step's guard is there for overflows a step makes, whereas a non-finite batch is bad
-        data that would come back every epoch, silently skipped; with "apply" (no checks) it
-        runs, as asked. The value checks are one reduction per tensor: 0.1-1.5% of a small
-        ConvNet's CPU step (batch 32x3x64x64 .. 4x3x8x8), most of it fixed per-call overhead."""
+    @staticmethod
+    def _batch_names(inputs: tuple, targets: tuple) -> list[str]:
+        return [f"input {k}" for k in range(len(inputs))] + [f"target {k}" for k in range(len(targets))]
+
+    def _check_kind(self, inputs: tuple, targets: tuple) -> None:
+        """BatchError unless the batch has the examples' count of tensors, each of their
+        dtype, device and number of dimensions (only sizes may differ, with max_shapes > 1)."""
         batch, examples = list(inputs) + list(targets), list(self.examples[0]) + list(self.examples[1])
         if len(inputs) != len(self.examples[0]) or len(targets) != len(self.examples[1]):
             raise BatchError(f"step() got {len(inputs)} inputs and {len(targets)} targets; the examples had "
                              f"{len(self.examples[0])} and {len(self.examples[1])}")
-        names = [f"input {k}" if k < len(inputs) else f"target {k - len(inputs)}" for k in range(len(batch))]
-        for what, t, e in zip(names, batch, examples):
+        for what, t, e in zip(self._batch_names(inputs, targets), batch, examples):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{what} must be a tensor, got {type(t).__name__}")
-            if t.shape != e.shape or t.dtype != e.dtype or t.device != e.device:
+            if t.dtype != e.dtype or t.device != e.device or t.dim() != e.dim():
                 raise BatchError(f"{what} is {_describe(t)} but the step was compiled for {_describe(e)}; "
-                                 "recompile with an example batch of this shape (or drop the last partial batch)")
+                                 "give it the examples' dtype, device and number of dimensions")
+
+    def _check_batch(self, inputs: tuple, targets: tuple) -> list[torch.Tensor]:
+        """The batch as the step takes it (inputs, then targets), or a BatchError before anything
+        changes (its count, dtype, device and shape were checked by _use_step_for): a value
+        outside the table it indexes (a token id beyond an embedding's rows, a class label
+        beyond the loss's classes); a NaN or inf in a float tensor. The last is refused unless
+        on_nonfinite="apply": the step's guard is there for overflows a step makes, whereas a
+        non-finite batch is bad data that would come back every epoch, silently skipped; with
+        "apply" (no checks) it runs, as asked. The value checks are one reduction per tensor:
+        0.1-1.5% of a small ConvNet's CPU step (batch 32x3x64x64 .. 4x3x8x8), most of it
+        fixed per-call overhead."""
+        batch, names = list(inputs) + list(targets), self._batch_names(inputs, targets)
         for use in self._index_uses:
             refuse_out_of_range(batch[use.position], names[use.position], use)
         if self.on_nonfinite != "apply":
@@ -200,10 +347,12 @@ class Trainer:
                 refuse_nonfinite(t, what)
         return batch
 
-    @functools.cached_property
+    @property
     def _index_uses(self) -> list[IndexUse]:
-        """The batch tensors that index a table, and its size: read once from the step's graph."""
-        return index_uses(self.graph)
+        """The batch tensors that index a table, and its size: read from the step's graph."""
+        if self.active.index_uses is None:
+            self.active.index_uses = index_uses(self.graph)
+        return self.active.index_uses
 
     # -- int8 frozen weights ----------------------------------------------------------------
 
@@ -300,8 +449,17 @@ class Trainer:
                 mine[k].copy_(v)
         self.steps, self.lr = int(state["step"]), float(state["lr"])
         if state.get("frozen", True):
-            self.backend.frozen_changed(self)
-            self.compiled = self.backend.step
+            self._frozen_changed()
+
+    def _frozen_changed(self) -> None:
+        """Every compiled shape's backend sees the frozen weights as they are now."""
+        active = self.active
+        try:
+            for variant in self.variants.values():
+                self.active = variant
+                variant.backend.frozen_changed(self)
+        finally:
+            self.active = active
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (safetensors, edgetune.compiler.checkpoint) atomically: a crash
@@ -322,7 +480,7 @@ class Trainer:
         return export_step(self, path)
 
 
-def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]) -> None:
+def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule], shapes: tuple) -> None:
     """BudgetError where the predicted peak is over `budget`, naming the three layers that hold
     most of it and the scheme rules that train them."""
     if plan_.peak_bytes <= budget:
@@ -332,7 +490,8 @@ def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]
     layers = ", ".join(f"{layer or '<model>'} {mb(n)}" for layer, n in top)
     trained = [name for name in rules if any(layer and name.startswith(layer + ".") for layer, _ in top)]
     drop = f"train fewer of these layers (the scheme trains {', '.join(trained)} there), " if trained else ""
-    raise BudgetError(f"the step's predicted peak is {mb(plan_.peak_bytes)}, over the memory budget of {mb(budget)}; "
+    raise BudgetError(f"the step's predicted peak is {mb(plan_.peak_bytes)} (batch shapes {shapes}), over the "
+                      f"memory budget of {mb(budget)}; "
                       f"most of it is held by {layers}. To fit: {drop}use a smaller batch, or run "
                       f"`edgetune search --budget {budget / 2**20:.0f}MB` for a scheme that fits")
 
@@ -351,21 +510,29 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
 
 # -- building the training graph ------------------------------------------------------------
 
-def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False,
-                    on_nonfinite="skip") -> tuple[Graph, list[Update]]:
-    """Trace, differentiate under the scheme, add the updates, optimize: the whole compile."""
+def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False, on_nonfinite="skip",
+                    channels=None) -> tuple[Graph, list[Update], dict[str, float]]:
+    """Trace, differentiate under the scheme, add the updates, optimize: the whole compile,
+    with the seconds its two phases took (export, graph)."""
     from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
 
-    return training_graph(export(model, loss_fn, *examples), model, rules, optimizer, passes, int8, on_nonfinite)
+    started = time.perf_counter()
+    forward = export(model, loss_fn, *examples)
+    traced = time.perf_counter()
+    graph, updates = training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels)
+    return graph, updates, {"export": traced - started, "graph": time.perf_counter() - traced}
 
 
 def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None,
-                   int8: bool = False, on_nonfinite: str = "skip") -> tuple[Graph, list[Update]]:
+                   int8: bool = False, on_nonfinite: str = "skip",
+                   channels: dict[str, torch.Tensor] | None = None) -> tuple[Graph, list[Update]]:
     """Everything after the trace: differentiate under `rules`, add the updates, optimize.
 
     `forward` is only read, so one export serves many schemes (edgetune.apps.search does that).
     LoRA rules first rewrite their linears to run the adapters, which then train instead.
-    `on_nonfinite`: see `compile`."""
+    `on_nonfinite`: see `compile`. `channels`: the channels each partial rule trains, by
+    parameter name, where an earlier compile chose them (a magnitude choice made again on
+    trained weights could differ); else chosen here."""
     params = dict(model.named_parameters())
     before_autodiff, after_autodiff = split_passes(passes)
     if on_nonfinite == "raise":  # every gradient is checked before the first update changes anything
@@ -378,8 +545,9 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]
     loss_ok = b.emit("is_finite", loss) if on_nonfinite != "apply" else None  # before the backward starts
-    parts = {forward.params[name]: _part(b, forward, name, rule, params[name]) for name, rule in rules.items()
-             if name in forward.params and not rule.lora}
+    channels = channels or {}
+    parts = {forward.params[name]: _part(b, forward, name, rule, params[name], channels.get(name))
+             for name, rule in rules.items() if name in forward.params and not rule.lora}
     trainable = {**{n: (p if p else True) for n, p in parts.items()}, **{a: True for a in adapters.values()}}
     grads = differentiate(graph, loss, trainable, b)
     lr = b.input("lr", (), torch.float64, kind="hyper")
@@ -434,11 +602,12 @@ def _guards(b: Builder, mode: str, loss_ok: Node | None, grads: dict[Node, Node]
     return _Guards(mode, {**{node: everything for node in grads}, None: everything})
 
 
-def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor):
+def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor,
+          index: torch.Tensor | None = None):
     if not rule.partial:
         return None
     axis = _channel_axis(forward, name)
-    index = schemes.choose_channels(weight, axis, rule)
+    index = schemes.choose_channels(weight, axis, rule) if index is None else index
     first = bool(torch.equal(index, torch.arange(len(index))))
     return ChannelSlice(axis, b.const(index), first)
 
@@ -473,6 +642,10 @@ def _as_tuple(x: Any, what: str) -> tuple:
 def _device_of(model: torch.nn.Module, inputs: tuple) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else (inputs[0].device if inputs else torch.device("cpu"))
+
+
+def _shapes(tensors: tuple) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors)
 
 
 def _describe(t: torch.Tensor) -> str:
