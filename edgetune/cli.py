@@ -118,6 +118,9 @@ def _lm_parsers(sub) -> None:
     length.add_argument("--epochs", type=int, help="passes over the training examples instead of --steps")
     lm.add_argument("--batch", type=int, default=4)
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per example: longer ones are cut, shorter padded")
+    lm.add_argument("--buckets", default="auto", help="lengths a batch is cut to, the shortest that holds it, each "
+                    "compiled on first use: auto (64, 128, ... below --seq-len, and --seq-len) | none (--seq-len "
+                    "only) | comma-separated token counts")
     lm.add_argument("--lr", type=float, default=1e-4)
     lm.add_argument("--weight-decay", type=float, default=0.0)
     lm.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8 (a quarter of their "
@@ -426,8 +429,10 @@ def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
     # A given scheme is held to --budget by the plan's prediction; a searched one (--scheme
     # auto) has been measured under it already.
     budget = args.budget if args.scheme != "auto" else None
+    # max_shapes=2: the last partial batch of an epoch trains (edgetune.apps.finetune).
     return et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
-                      optimizer=by_name(args.optimizer, args.lr, args.weight_decay), memory_budget=budget)
+                      optimizer=by_name(args.optimizer, args.lr, args.weight_decay), memory_budget=budget,
+                      max_shapes=2)
 
 
 def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:
@@ -459,8 +464,9 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
+    buckets = length_ladder(args.buckets, args.seq_len)
     trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, by_name("adamw", args.lr, args.weight_decay),
-                         frozen_weights="int8" if args.int8 else "float")
+                         frozen_weights="int8" if args.int8 else "float", buckets=buckets)
     args.out = args.out or _default_out(f"lm-{args.model}")
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
@@ -468,13 +474,31 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
                           batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
                           eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
-                          checkpoints=_checkpoints(args, trainer, {}))
+                          checkpoints=_checkpoints(args, trainer, {}), buckets=buckets)
     out, saved = _save_lm_run(args, trainer, history)
     first, last = history.evals[0], history.final
     print(f"\ntraining loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, held-out loss {first['loss']:.4f} "
           f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
           f"plot and report in {out}/")
     return 0
+
+
+def length_ladder(spec: str, seq_len: int) -> list[int]:
+    """--buckets as lengths, ending with seq_len."""
+    from edgetune.data.chat import length_buckets
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return length_buckets(seq_len)
+    if spec == "none":
+        return [seq_len]
+    try:
+        lengths = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--buckets takes auto, none or comma-separated token counts, got {spec!r}") from None
+    if not lengths or lengths[0] < 2 or lengths[-1] > seq_len:
+        raise ValueError(f"--buckets {spec}: each length must be between 2 and --seq-len ({seq_len})")
+    return lengths if lengths[-1] == seq_len else lengths + [seq_len]
 
 
 def _lm_data(args: argparse.Namespace):

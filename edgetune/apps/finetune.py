@@ -5,8 +5,10 @@ history, checkpoints to resume from (edgetune.apps.runs) and plot.
     history = finetune(trainer, train, val, task, epochs=3, batch_size=32, lr=0.01)
     save_weights(model, "runs/x/model.safetensors"); history.plot("runs/x/curves.png")
 
-The trainer was compiled for one batch shape, so training drops the last partial batch;
-evaluation runs the plain PyTorch model (which the trainer updates in place) on every item.
+The last partial batch of an epoch trains too where the trainer takes a second batch shape
+(compile(max_shapes=2) or more; `edgetune finetune` does), else it is dropped; a last batch
+of one item is always dropped (a train-mode norm's statistics of one item are degenerate).
+Evaluation runs the plain PyTorch model (which the trainer updates in place) on every item.
 """
 from __future__ import annotations
 
@@ -157,7 +159,8 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
     evaluation; where one exists, the loop goes on from it."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    per_epoch = len(train) // batch_size
+    partial = getattr(trainer, "max_shapes", 1) > 1 and len(train) % batch_size >= 2
+    per_epoch = len(train) // batch_size + partial
     total = epochs * per_epoch
     if total == 0:
         raise ValueError(f"{len(train)} training items cannot fill one batch of {batch_size}; use a smaller --batch")
@@ -176,7 +179,8 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
         save()
     for epoch in range(_epochs_evaluated(history) + 1, epochs + 1):
         done_before = (epoch - 1) * per_epoch  # steps of the earlier epochs
-        for i, (items, labels) in enumerate(train.batches(batch_size, shuffle=True, seed=seed + epoch)):
+        batches = train.batches(batch_size, shuffle=True, seed=seed + epoch, drop_last=not partial)
+        for i, (items, labels) in enumerate(batches):
             if done_before + i < len(history.losses):
                 continue  # trained on before the checkpoint this run resumed from
             trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)

@@ -24,7 +24,7 @@ import itertools
 import math
 import os
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +74,15 @@ def tiny_chat_tokenizer():
 
 
 def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, optimizer,
-               frozen_weights: str = "float") -> et.Trainer:
+               frozen_weights: str = "float", buckets: Sequence[int] = ()) -> et.Trainer:
     """A compiled step for batches of [batch_size, seq_len] token ids, mask and labels. The
     example's values do not matter, only its shapes (padding masks are honoured either way).
+    `buckets`: the shorter lengths batches may be cut to (LMData.batches), each compiled on
+    first use; the step for seq_len, the longest, is compiled now and held to any budget.
     `frozen_weights="int8"`: see et.compile."""
     inputs, targets = lm_example(batch_size, seq_len)
     return et.compile(model, causal_lm_loss, inputs, targets, scheme=scheme, optimizer=optimizer,
-                      frozen_weights=frozen_weights)
+                      frozen_weights=frozen_weights, max_shapes=len(set(buckets) | {seq_len}))
 
 
 def lm_example(batch_size: int, seq_len: int) -> tuple[tuple, tuple]:
@@ -119,13 +121,16 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
                 epochs: int | None = None, batch_size: int, lr: float, schedule: str = "cosine",
                 warmup: int = 0, eval_every: int | None = None, seed: int = 0, progress: bool = True,
                 train_eval_size: int = 64, log: Callable[[str], None] | None = None,
-                checkpoints=None) -> History:
+                checkpoints=None, buckets: Sequence[int] | None = None) -> History:
     """Train for `steps` steps (or `epochs` passes over `train`), evaluating before, every
     `eval_every` steps and at the end. Each evaluation records the held-out loss ("loss") and
     the loss on a fixed sample of `train_eval_size` training examples ("train_loss"): the same
     measure on both, so fitting and generalising can be told apart. `checkpoints`
     (edgetune.apps.runs.Checkpoints): saved every N steps, after each evaluation and at the
-    end of each pass over the data; where one exists, the loop goes on from it."""
+    end of each pass over the data; where one exists, the loop goes on from it.
+    `buckets`: batches are cut to the shortest of these lengths that holds them (the
+    trainer must take those shapes: compile_lm(buckets=...)). The last batch of a pass is
+    filled up with rows that learn nothing (LMData.batches(fill=True)), so it trains too."""
     total = _total_steps(len(train), batch_size, steps, epochs)
     train_sample = train.subset(range(min(train_eval_size, len(train))))
     history = (checkpoints and checkpoints.restore(History)) or History()
@@ -141,7 +146,8 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
     if not history.evals:
         _record(history, trainer, train_sample, val, batch_size, log)
         save()
-    for ids, mask, labels in itertools.islice(_endless(train, batch_size, seed, total), len(history.losses), None):
+    batches = _endless(train, batch_size, seed, total, buckets)
+    for ids, mask, labels in itertools.islice(batches, len(history.losses), None):
         trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
         loss = trainer.step((ids, mask), (labels,))
         if not math.isfinite(loss):
@@ -153,7 +159,7 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
         evaluate = len(history.losses) == total or (eval_every and len(history.losses) % eval_every == 0)
         if evaluate:
             _record(history, trainer, train_sample, val, batch_size, log)
-        epoch_end = len(history.losses) % (len(train) // batch_size) == 0
+        epoch_end = len(history.losses) % _steps_per_pass(len(train), batch_size) == 0
         if evaluate or epoch_end or (checkpoints and checkpoints.due(len(history.losses))):
             save()
     bar.close()
@@ -164,21 +170,24 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
 def _total_steps(n: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
     if (steps is None) == (epochs is None):
         raise ValueError("give either steps or epochs (one of them)")
-    per_epoch = n // batch_size
-    if per_epoch == 0:
+    if n < batch_size:
         raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}; use a smaller batch")
-    total = steps if steps is not None else epochs * per_epoch
+    total = steps if steps is not None else epochs * _steps_per_pass(n, batch_size)
     if total < 1:
         raise ValueError(f"nothing to train: {total} steps")
     return total
 
 
-def _endless(data: LMData, batch_size: int, seed: int, total: int) -> Iterable[Batch]:
-    """`total` full batches, reshuffled at every pass over the data."""
+def _steps_per_pass(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)  # the last batch, filled up, trains too
+
+
+def _endless(data: LMData, batch_size: int, seed: int, total: int, buckets: Sequence[int] | None) -> Iterable[Batch]:
+    """`total` batches of `batch_size` rows, reshuffled at every pass over the data."""
     done, epoch = 0, 0
     while True:
         epoch += 1
-        for batch in data.batches(batch_size, shuffle=True, seed=seed + epoch, drop_last=True):
+        for batch in data.batches(batch_size, shuffle=True, seed=seed + epoch, fill=True, buckets=buckets):
             if done == total:
                 return
             done += 1

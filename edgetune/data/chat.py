@@ -4,8 +4,9 @@
     train, val = data.split(val_fraction=0.05)
     for input_ids, attention_mask, labels in train.batches(4, shuffle=True, drop_last=True): ...
 
-Every example is cut or right-padded to `seq_len` tokens, so every batch has one shape (a
-compiled step runs one shape). Chats are rendered with the tokenizer's own chat template;
+Every example is cut or right-padded to `seq_len` tokens; a batch may be cut further to the
+shortest of a ladder of lengths that holds it (`batches(buckets=...)`), one compiled step
+per length. Chats are rendered with the tokenizer's own chat template;
 `labels` hold the token ids of assistant turns only and -100 on system and user turns and on
 padding, so only the answers are learned. Plain text is learned everywhere but padding.
 Labels are not shifted: the loss (models.hf.causal_lm_loss) predicts labels[t + 1] from t.
@@ -71,10 +72,18 @@ class LMData:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.subset(order[n_val:].sort().values), self.subset(order[:n_val].sort().values)
 
-    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(input_ids, attention_mask, labels) of `batch_size` examples each. Training wants
-        drop_last=True: a compiled step takes one batch shape, so the last partial batch goes."""
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                fill: bool = False, buckets: Sequence[int] | None = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(input_ids, attention_mask, labels) of `batch_size` examples each.
+
+        The last batch may be short: drop_last=True leaves it out; fill=True fills it up to
+        `batch_size` with copies of its first row labelled IGNORE, which the loss (a mean
+        over learned tokens) and so every gradient never see: the same update as the short
+        batch, in the shape of the others (one compiled step fewer).
+        `buckets` (sorted token counts, the last of them >= seq_len): each batch is cut to the
+        shortest bucket that holds its longest example, so a batch of short chats does not
+        pay for seq_len tokens; only right padding is cut."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
         order = (torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle
@@ -82,12 +91,45 @@ class LMData:
         stop = len(self) - len(self) % batch_size if drop_last else len(self)
         for i in range(0, stop, batch_size):
             b = order[i:i + batch_size]
-            yield self.input_ids[b], self.attention_mask[b], self.labels[b]
+            ids, mask, labels = self.input_ids[b], self.attention_mask[b], self.labels[b]
+            if fill and len(b) < batch_size:
+                ids, mask, labels = _filled(ids, mask, labels, batch_size)
+            if buckets:
+                ids, mask, labels = _cut_to_bucket(ids, mask, labels, buckets)
+            yield ids, mask, labels
 
     def describe(self) -> str:
         lost = f", {self.dropped} dropped (nothing left to learn after truncation)" if self.dropped else ""
         return (f"{len(self)} examples of {self.seq_len} tokens, {self.target_tokens:,} learned tokens, "
                 f"{self.truncated} truncated{lost}")
+
+
+def length_buckets(seq_len: int, smallest: int = 64) -> list[int]:
+    """The default ladder of batch lengths: powers of two from `smallest` below seq_len, and
+    seq_len itself (e.g. 512 -> [64, 128, 256, 512]); each is one compiled step."""
+    ladder = []
+    length = smallest
+    while length < seq_len:
+        ladder.append(length)
+        length *= 2
+    return ladder + [seq_len]
+
+
+def _filled(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, rows: int) -> tuple:
+    extra = rows - len(ids)
+    return (torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([mask, mask[:1].expand(extra, -1)]),
+            torch.cat([labels, torch.full((extra, labels.shape[1]), IGNORE, dtype=labels.dtype)]))
+
+
+def _cut_to_bucket(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, buckets: Sequence[int]) -> tuple:
+    """The batch cut to the shortest bucket that holds every attended token (right padding only)."""
+    attended = mask.any(0).nonzero()
+    used = int(attended[-1]) + 1 if len(attended) else 1
+    fits = [b for b in buckets if b >= used]
+    if not fits:
+        raise ValueError(f"the longest bucket, {max(buckets)} tokens, is shorter than a batch's {used} tokens")
+    length = min(min(fits), ids.shape[1])
+    return ids[:, :length], mask[:, :length], labels[:, :length]
 
 
 def _val_size(n: int, fraction: float | None, count: int | None) -> int:

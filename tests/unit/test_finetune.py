@@ -137,3 +137,19 @@ def test_evaluation_takes_a_held_out_split_smaller_than_a_batch_and_refuses_an_e
     assert metrics.accuracy in (0, 1 / 3, 2 / 3, 1) and metrics.loss > 0
     with pytest.raises(ValueError, match="held-out split is empty"):
         evaluate(model, val.subset(torch.tensor([], dtype=torch.int64)), _prepare)
+
+
+@pytest.mark.parametrize("items, max_shapes, steps", [(10, 2, [4, 4, 2]), (10, 1, [4, 4]), (9, 2, [4, 4])],
+                         ids=["partial-trains", "one-shape-drops-it", "one-item-left-drops-it"])
+def test_the_last_partial_batch_trains_where_the_trainer_takes_its_shape(items, max_shapes, steps):
+    model = build("resnet", num_classes=2).eval()
+    train = _blobs(items, 0)
+    trainer = et.compile(model, F.cross_entropy, _prepare(train.items[:4], True), (train.labels[:4],),
+                         max_shapes=max_shapes)
+    rows = []
+    real_step = trainer.step
+    trainer.step = lambda inputs, targets: rows.append(len(targets[0])) or real_step(inputs, targets)
+    history = finetune(trainer, train, train, _prepare, epochs=2, batch_size=4, lr=0.1, progress=False,
+                       evaluate_before=False, log=lambda _: None)
+    assert rows == steps * 2 and len(history.losses) == len(rows)
+    assert sorted(len(v.examples[1][0]) for v in trainer.variants.values()) == sorted(set(steps))

@@ -245,3 +245,57 @@ def test_cli_generate_names_a_missing_weights_file(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-llama", "--weights", str(tmp_path / "gone.safetensors"),
                  "--prompt", "hi"]) == 2
     assert "no weights file" in capsys.readouterr().err
+
+
+def _loss_and_grads(model, ids, mask, labels):
+    model.zero_grad()
+    loss = causal_lm_loss(model(input_ids=ids, attention_mask=mask), labels)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_filled_last_batch_is_the_short_batch_to_the_loss_and_every_gradient(lm, data):
+    short = list(data.batches(5))[-1]  # 13 examples: the last batch holds 3
+    filled = list(data.batches(5, fill=True))[-1]
+    assert short[0].shape[0] == 3 and all(t.shape[0] == 5 for t in filled)
+    assert (filled[2][3:] == IGNORE).all()
+    want, want_grads = _loss_and_grads(lm.model, *short)
+    got, got_grads = _loss_and_grads(lm.model, *filled)
+    assert got == pytest.approx(want, rel=1e-6) and got_grads.keys() == want_grads.keys()
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_batches_cut_to_their_length_bucket_lose_only_padding(lm, data):
+    buckets = [8, 16, 24, 32, 40]
+    for (ids, mask, labels), whole in zip(data.batches(4, buckets=buckets), data.batches(4)):
+        length = ids.shape[1]
+        assert length in buckets and whole[1][:, length:].sum() == 0  # only padding went
+        assert length == 8 or whole[1][:, buckets[buckets.index(length) - 1]:].any()  # the shortest that fits
+        with torch.no_grad():
+            assert float(causal_lm_loss(lm.model(input_ids=ids, attention_mask=mask), labels)) == pytest.approx(
+                float(causal_lm_loss(lm.model(input_ids=whole[0], attention_mask=whole[1]), whole[2])), rel=1e-5)
+
+
+def test_finetune_lm_trains_in_length_buckets_with_a_step_for_each(lm):
+    records = [qa(i) for i in range(6)] + [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 4
+    data = tokenize_records(records, lm.tokenizer, seq_len=48)
+    train, val = data.split(val_count=2)
+    trainer = compile_lm(lm.model, et.schemes.full(), 4, 48, et.AdamW(lr=3e-3), buckets=[16, 32])
+    history = finetune_lm(trainer, train, val, epochs=2, batch_size=4, lr=3e-3, progress=False, log=lambda _: None,
+                          buckets=[16, 32, 48])
+    assert len(history.losses) == 2 * 2  # 8 training examples: two batches a pass, none dropped
+    lengths = {v.examples[0][0].shape[1] for v in trainer.variants.values()}
+    assert 48 in lengths and lengths - {48} and lengths <= {16, 32, 48}
+    assert "step for batch shapes 4x" in str(trainer.report())
+
+
+def test_the_length_ladder_ends_at_the_sequence_length():
+    from edgetune.cli import length_ladder
+
+    assert length_ladder("auto", 512) == [64, 128, 256, 512] and length_ladder("auto", 100) == [64, 100]
+    assert length_ladder("auto", 48) == [48] and length_ladder("none", 512) == [512]
+    assert length_ladder("96, 32", 128) == [32, 96, 128] and length_ladder("64,128", 128) == [64, 128]
+    for bad, why in [("x", "comma-separated token counts"), ("256", "between 2 and --seq-len"), ("1", "between 2")]:
+        with pytest.raises(ValueError, match=why):
+            length_ladder(bad, 128)
