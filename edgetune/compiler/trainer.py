@@ -613,7 +613,10 @@ def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, we
 
 
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:
-    """Input channels: axis 1 of a conv/linear weight, axis 0 of a depthwise conv's."""
+    """Input channels of the op that consumes the weight: axis 1 of a conv/linear weight,
+    axis 0 of a depthwise conv's and of a transposed linear's (x @ W, transformers' Conv1D);
+    the hidden axis (1) of an embedding table and of the LM head in the fused vocabulary loss
+    (a tied embedding is both)."""
     node = forward.params[name]
     users = [n for n in forward.graph.nodes if node in n.inputs]
     axes = set()
@@ -621,11 +624,15 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
         if u.op == "conv" and u.inputs[1] is node:
             depthwise = u.attrs["groups"] > 1 and u.attrs["groups"] == u.inputs[0].shape[1]
             axes.add(0 if depthwise else 1)
-        elif u.op == "linear" and u.inputs[1] is node:
+        elif u.op in ("linear", "vocab_log_prob") and u.inputs[1] is node:
             axes.add(1)
+        elif u.op == "embedding" and u.inputs[0] is node:
+            axes.add(1)
+        elif u.op == "mm" and u.inputs[1] is node and u.inputs[0] is not node:
+            axes.add(0)
         else:
-            raise schemes.SchemeError(f"a ratio rule needs the weight of a conv or linear layer, but {name!r} is used "
-                                      f"by op '{u.op}' (module '{u.meta.get('module', '?')}')")
+            raise schemes.SchemeError(f"a ratio rule needs the weight of a conv, linear or embedding layer, but "
+                                      f"{name!r} is used by op '{u.op}' (module '{u.meta.get('module', '?')}')")
     if len(axes) != 1:
         raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
     return axes.pop()

@@ -107,3 +107,46 @@ def test_labels_may_be_the_input_ids_tensor_itself():
     with torch.no_grad():
         want = causal_lm_loss(model(ids, mask), labels).item()
     assert trainer.step((ids, mask), (labels,)) == pytest.approx(want, rel=1e-5)
+
+
+class ByKeyword(torch.nn.Module):
+    """GPT-2 takes past_key_values second: the batch goes in by keyword."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def tiny_gpt2():
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False)
+    torch.manual_seed(0)
+    return ByKeyword(transformers.GPT2LMHeadModel(config).eval())
+
+
+def test_ratio_rules_on_transposed_linears_train_rows():
+    # transformers' Conv1D holds W as [in, out] and computes x @ W: its input channels are W's rows.
+    scheme = {"lm.transformer.h.1.attn.c_attn.weight": 0.5, "lm.transformer.h.1.mlp.c_fc.weight": 0.25,
+              "lm.transformer.h.1.ln_*.weight": "full"}
+    trainer = check_against_eager(tiny_gpt2(), causal_lm_loss, lm_batches(), scheme, "adamw")
+    mask = trainer.trained_masks()["lm.transformer.h.1.attn.c_attn.weight"]
+    assert mask.any(1).sum() == 16 and mask.all(1).sum() == 16  # 16 of 32 rows, each whole
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_ratio_rules_on_the_lm_head_and_embeddings_train_hidden_columns(tied):
+    # The head inside the fused vocabulary loss, and the embedding table: a ratio is over the
+    # hidden axis, the head's input channels (a tied weight is both, one rule).
+    model = tiny_causal_lm("llama", tie_word_embeddings=tied)
+    rules = {"model.embed_tokens.weight": 0.25} if tied else {"lm_head.weight": 0.25, "model.embed_tokens.weight": 0.5}
+    trainer = check_against_eager(model, causal_lm_loss, lm_batches(), {**rules, "model.norm.weight": "full"}, "sgd",
+                                  rtol=DECODER_RTOL)
+    assert "vocab_log_prob" in {n.op for n in trainer.graph.nodes}
+    masks = trainer.trained_masks()
+    for name, ratio in rules.items():
+        columns = int(32 * ratio)  # of the 32 hidden columns, each whole
+        assert masks[name].all(0).sum() == columns and masks[name].any(0).sum() == columns, name

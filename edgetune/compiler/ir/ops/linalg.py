@@ -49,8 +49,16 @@ register("linear_grad_weight", _linear_grad_weight, onnx=_linear_grad_weight_onn
 
 def _mm_vjp(b, n, g, want, perm):
     x, y = n.inputs
+    if isinstance(want[0], ChannelSlice) or (isinstance(want[1], ChannelSlice) and (n.op != "mm" or want[1].axis != 0)):
+        raise NotImplementedError(f"a partial update through {n.op} is only of its right operand's rows (a "
+                                  "transposed linear weight, transformers' Conv1D)")
     gx = b.emit(n.op, g, b.emit("permute", y, dims=perm)) if want[0] else None
-    gy = b.emit(n.op, b.emit("permute", x, dims=perm), g) if want[1] else None
+    gy = None
+    if want[1]:
+        # x @ W with W [in, out]: a ratio rule trains k of W's rows, which need only the k
+        # matching columns of x.
+        xs = take_channels(b, x, want[1], dim=1) if isinstance(want[1], ChannelSlice) else x
+        gy = b.emit(n.op, b.emit("permute", xs, dims=perm), g)
     return gx, gy
 
 

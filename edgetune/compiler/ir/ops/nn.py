@@ -93,7 +93,13 @@ def _conv_weight_grad(b, n, g, want, conv):
         shape = (want.k,) + tuple(w.shape[1:])
         xs, gs = take_channels(b, x, want, dim=1), take_channels(b, g, want, dim=1)
         return b.emit("conv_grad_weight", xs, gs, weight_shape=shape, **{**conv, "groups": want.k})
-    raise NotImplementedError(f"partial-channel update of a grouped conv weight {w.name} (groups={conv['groups']})")
+    if want.axis == 1:
+        # Grouped (RegNet, ResNeXt): the chosen channels are the same input channel of every
+        # group, strided through x; the whole weight's gradient, then its chosen slices.
+        full = b.emit("conv_grad_weight", x, g, weight_shape=tuple(w.shape), **conv)
+        return take_channels(b, full, want, dim=1)
+    raise NotImplementedError(f"partial-channel update of a grouped conv weight {w.name} (groups={conv['groups']}) "
+                              f"along axis {want.axis}")
 
 
 def take_channels(b, x, part: ChannelSlice, dim: int):
@@ -1010,7 +1016,9 @@ def _embedding_vjp(b, n, g, want):
     if not want[0]:
         return None, None
     if isinstance(want[0], ChannelSlice):
-        raise NotImplementedError(f"partial-channel update of embedding {w.name}")
+        if want[0].axis != 1:
+            raise NotImplementedError(f"partial update of embedding {w.name} along axis {want[0].axis}")
+        g = take_channels(b, g, want[0], dim=len(g.shape) - 1)  # the chosen columns of every looked-up row
     return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=n.attrs["padding_idx"]), None
 
 

@@ -51,19 +51,22 @@ def _grad_h(g, packed):
     return g[:, :1] * packed[:, 1:]
 
 
-def _grad_w(g, h, w, target, packed, *, chunk):
+def _grad_w(g, h, w, target, packed, h_part=None, *, chunk):
+    """The weight's gradient; given h_part (h's chosen columns: a ratio rule on the weight's
+    hidden axis), only those columns of it, [V, k]: the logits still need all of h."""
     g = g[:, :1]
     target = target[:, 0]
     log_sum_exp = (h * w[target]).sum(1, keepdim=True) - packed[:, :1]
     rows = torch.arange(h.shape[0], device=h.device)
-    grad = torch.empty_like(w)
+    h_out = h if h_part is None else h_part
+    grad = w.new_empty((w.shape[0], h_out.shape[1]))
     for start in range(0, w.shape[0], chunk):
         w_slice = w[start:start + chunk]
         # d loss / d logits = g * (onehot(target) - softmax)
         g_logits = (h @ w_slice.T).sub_(log_sum_exp).exp_().mul_(-g)
         inside = (target >= start) & (target < start + w_slice.shape[0])
         g_logits[rows[inside], target[inside] - start] += g[inside, 0]
-        grad[start:start + chunk] = g_logits.T @ h
+        grad[start:start + chunk] = g_logits.T @ h_out
     return grad
 
 
@@ -72,9 +75,11 @@ def _vjp(b, n, g, want):
     gh = b.emit("vocab_log_prob_grad_h", g, n) if want[0] else None
     gw = None
     if want[1]:
-        gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, chunk=n.attrs["chunk"])
-        if isinstance(want[1], ChannelSlice):
-            gw = take_channels(b, gw, want[1], dim=want[1].axis)
+        part = want[1] if isinstance(want[1], ChannelSlice) else None
+        if part is not None and part.axis != 1:
+            raise NotImplementedError(f"partial update of LM head weight {w.name} along axis {part.axis}")
+        h_part = [take_channels(b, h, part, dim=1)] if part is not None else []
+        gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, *h_part, chunk=n.attrs["chunk"])
     return gh, gw, None
 
 
@@ -143,7 +148,8 @@ def _grad_h_onnx(ctx, n, xs):
 def _grad_w_onnx(ctx, n, xs):
     """Per slice: g * (onehot(target) - softmax) as the kernel adds it (-g * p, then + g at each
     row's target), its transpose times h; the slices' rows concatenated."""
-    g, h, w, target, packed = xs
+    g, h, w, target, packed = xs[:5]
+    h_out = xs[5] if len(xs) == 6 else h  # the chosen columns of h, under a ratio rule
     first = lambda v: ctx.op("Slice", v, ctx.ints([0]), ctx.ints([1]), ctx.ints([1]))  # noqa: E731  (column 0)
     g = first(g)
     dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, _onnx_target_rows(ctx, w, target)), [1], keepdims=True)
@@ -156,12 +162,14 @@ def _grad_w_onnx(ctx, n, xs):
         words = ctx.op("Reshape", ctx.op("Range", word(start), word(stop), word(1)), ctx.ints([1, -1]))
         at_target = ctx.op("Where", ctx.op("Equal", target, words), g, ctx.scalar(0, n.dtype))  # [N, slice]
         g_logits = ctx.op("Add", g_logits, at_target)
-        grads.append(ctx.op("MatMul", ctx.op("Transpose", g_logits, perm=[1, 0]), h))
+        grads.append(ctx.op("MatMul", ctx.op("Transpose", g_logits, perm=[1, 0]), h_out))
     return grads[0] if len(grads) == 1 else ctx.op("Concat", *grads, axis=0)
 
 
 register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch, onnx=_vocab_log_prob_onnx)
 register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype),
          onnx=_grad_h_onnx)
-register("vocab_log_prob_grad_w", _grad_w, shape=lambda g, h, w, target, packed, chunk: (tuple(w.shape), w.dtype),
+register("vocab_log_prob_grad_w", _grad_w,
+         shape=lambda g, h, w, target, packed, h_part=None, chunk=0: ((w.shape[0], (h if h_part is None else h_part)
+                                                                       .shape[1]), w.dtype),
          scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize, onnx=_grad_w_onnx)
