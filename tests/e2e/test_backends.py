@@ -85,9 +85,10 @@ def test_onnxruntime_backend_matches_torch_backend(case, monkeypatch):
 
 
 HF_CASES = {
-    # A padded batch (attention mask as an input), the fused vocabulary loss, rotary tables.
+    # A padded batch (attention mask as an input), the fused vocabulary loss, rotary tables; a
+    # ratio on the tied embedding: the head's gradient for chosen hidden columns, and the table's.
     "hf-llama-partial": ("llama", {"model.layers.1.self_attn.q_proj.weight": 0.5, "model.layers.1.*norm.weight": "full",
-                                   "model.layers.1.mlp.up_proj.weight": 0.25}),
+                                   "model.layers.1.mlp.up_proj.weight": 0.25, "model.embed_tokens.weight": 0.25}),
     "hf-bert-partial-biases": ("bert", {"classifier.*": "full", "*.bias": "full",
                                         "bert.encoder.layer.1.attention.self.query.weight": 0.5}),
 }
