@@ -168,6 +168,7 @@ class Trainer:
         self.variants: dict[tuple, Variant] = {}
         self.int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # none yet: the first trace has the floats
         self.active = self._compile_variant(examples)
+        self.first_examples = examples  # compile()'s: export_onnx writes their step
         self._channels = {u.name: u.part.index.attrs["value"] for u in self.updates if u.part is not None}
         # Optimizer state by "<parameter>:<name>", e.g. "fc.weight:momentum_buffer".
         self.state = {n.attrs["target"]: torch.zeros(n.shape, dtype=n.dtype, device=self.device)
@@ -270,15 +271,22 @@ class Trainer:
         except BudgetError:
             raise
         except Exception as err:  # noqa: BLE001 -- the batch is refused; why is in the message and the cause
-            raise BatchError(f"no step could be compiled for batch shapes {_shapes(inputs + targets)} (the first "
-                             f"step's were {self.active.shapes}): {type(err).__name__}: {err}") from err
-        previous = self.active
+            first = _shapes(self.first_examples[0] + self.first_examples[1])
+            raise BatchError(f"no step could be compiled for batch shapes {_shapes(inputs + targets)} (the "
+                             f"examples' were {first}): {type(err).__name__}: {err}") from err
+        backend = self.backend.name
+        with self._using(variant):
+            variant.finish(self, backend)
+        return variant
+
+    @contextlib.contextmanager
+    def _using(self, variant: Variant):
+        """`variant` active inside (to bind, time or export it), the active one back after."""
+        previous, self.active = self.active, variant
         try:
-            self.active = variant
-            variant.finish(self, previous.backend.name)
+            yield variant
         finally:
             self.active = previous
-        return variant
 
     # -- running --------------------------------------------------------------------------
 
@@ -453,13 +461,9 @@ class Trainer:
 
     def _frozen_changed(self) -> None:
         """Every compiled shape's backend sees the frozen weights as they are now."""
-        active = self.active
-        try:
-            for variant in self.variants.values():
-                self.active = variant
+        for variant in self.variants.values():
+            with self._using(variant):
                 variant.backend.frozen_changed(self)
-        finally:
-            self.active = active
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a checkpoint (safetensors, edgetune.compiler.checkpoint) atomically: a crash
@@ -474,10 +478,14 @@ class Trainer:
         """Write the whole training step as one plain ONNX graph into folder `path`: step.onnx,
         manifest.json (inputs, outputs, which output feeds which input next step, the scheme
         and optimizer) and state.safetensors (what step 1 takes). Returns the onnx.ModelProto.
+        The step is that of the examples' shapes (compiled again if max_shapes let it go).
         See edgetune.compiler.backends.onnx; needs the `onnx` extra."""
         from edgetune.compiler.backends.onnx import export_step
 
-        return export_step(self, path)
+        first = self.first_examples
+        variant = self.variants.get(_shapes(first[0] + first[1])) or self._new_variant(*first)
+        with self._using(variant):
+            return export_step(self, path)
 
 
 def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule], shapes: tuple) -> None:

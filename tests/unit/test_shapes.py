@@ -123,3 +123,17 @@ def test_a_language_model_takes_sequence_buckets():
     assert losses == pytest.approx(want, rel=1e-5)  # transformers' float32 RMSNorm: see test_hf_models
     assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
     assert sorted(v.shapes[0][1] for v in trainer.variants.values()) == [8, 12]
+
+
+def test_onnx_export_writes_the_examples_step_whatever_ran_last(tmp_path):
+    pytest.importorskip("onnx")
+    import json
+
+    model = ConvNet().eval()
+    trainer = et.compile(model, F.cross_entropy, *batch(4), scheme=SCHEME, max_shapes=2)
+    trainer.step(*batch(3))
+    trainer.step(*batch(2))  # the examples' step is no longer held
+    trainer.export_onnx(tmp_path / "step")
+    manifest = json.loads((tmp_path / "step" / "manifest.json").read_text())
+    shapes = [i["shape"] for i in manifest["inputs"] if i["kind"] in ("input", "target")]
+    assert shapes == [[4, 3, 8, 8], [4]]
