@@ -218,3 +218,25 @@ def test_scatter_and_scatter_add():
     idx = torch.tensor([[0, 2], [1, 1], [3, 0]])
     check_grads(lambda x, i, src: x.scatter(1, i[:, :1], src[:, :1]) + x.scatter_add(1, i, src), t(3, 4), idx, t(3, 2))
     check_grads(lambda x, i: x.scatter(0, i.t(), 0.5), t(4, 3), idx)
+
+
+# -- as_strided: only where it reshapes (edgetune/compiler/frontend/torch.py) ------------------
+
+def test_adaptive_avg_pool1d_as_swin_pools():
+    # Its decomposition ends in an as_strided that only restores the layout of the pooled mean.
+    check_grads(lambda x: F.adaptive_avg_pool1d(x.transpose(1, 2), 1).flatten(1), t(2, 5, 4))
+    check_grads(lambda x: F.adaptive_avg_pool1d(x, 1), t(2, 3, 4))
+
+
+def test_as_strided_that_reshapes():
+    check_grads(lambda x: torch.as_strided(x * 2, (6, 2), (2, 1)), t(3, 4))
+    check_grads(lambda x: torch.as_strided(x * 2, (2, 1, 6), (6, 5, 1)), t(3, 4))  # any stride on a size-1 dim
+
+
+@pytest.mark.parametrize("size, stride, offset", [((3, 3), (1, 1), 0), ((2, 4), (4, 1), 4), ((4, 3), (1, 4), 0)],
+                         ids=["overlapping", "offset", "transposed"])
+def test_as_strided_that_reads_memory_is_refused(size, stride, offset):
+    from edgetune.compiler.frontend.torch import UnsupportedOpError
+
+    with pytest.raises(UnsupportedOpError, match="as_strided"):
+        check_grads(lambda x: torch.as_strided(x * 2, size, stride, offset), t(3, 4))

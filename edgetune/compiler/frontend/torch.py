@@ -6,6 +6,7 @@ mutates (`"buffer:<name>"`, e.g. BatchNorm running statistics in train mode).
 """
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -164,6 +165,9 @@ class _Converter:
             if value is None:
                 raise UnsupportedOpError(f"output {args[1]} of {fx.args[0].target} {self._where(fx)} is not supported")
             return value
+        if fx.target is torch.ops.aten.as_strided.default:
+            self.b.meta = self._module_meta(fx)
+            return self._as_strided(fx, *args)
         convert = ATEN.get(fx.target)
         if convert is None:
             raise UnsupportedOpError(f"unsupported op {fx.target} {self._where(fx)}; edgetune compiles the ops "
@@ -173,6 +177,19 @@ class _Converter:
             return convert(self.b, *args, **_map(fx.kwargs, self.env))
         except NotImplementedError as err:
             raise UnsupportedOpError(f"unsupported: {err} in op {fx.target} {self._where(fx)}") from err
+
+    def _as_strided(self, fx: Any, x: Node, size: list, stride: list, storage_offset: int | None = None) -> Node:
+        """as_strided where it only reshapes: a contiguous input read whole, in its own order (as
+        adaptive_avg_pool1d's decomposition restores a layout). Any other as_strided reads memory
+        as laid out in eager PyTorch, which edgetune's value graph does not model."""
+        val = fx.args[0].meta["val"]
+        offset = val.storage_offset() if storage_offset is None else storage_offset
+        if (val.is_contiguous() and offset == val.storage_offset() and math.prod(size) == val.numel()
+                and _contiguous_strides(size, stride)):
+            return ATEN[torch.ops.aten.view.default](self.b, x, list(size))
+        raise UnsupportedOpError(f"unsupported op {fx.target} {self._where(fx)}: only an as_strided that reshapes a "
+                                 f"contiguous tensor is supported, not size {list(size)}, stride {list(stride)}, "
+                                 f"offset {offset} of a tensor of shape {list(val.shape)}, stride {list(val.stride())}")
 
     def _module_meta(self, fx: Any) -> dict:
         stack = fx.meta.get("nn_module_stack") or {}
@@ -201,6 +218,16 @@ class _Converter:
             else:
                 raise UnsupportedOpError(f"model output of kind {spec.kind.name} is not supported")
         return outputs
+
+
+def _contiguous_strides(size: list, stride: list) -> bool:
+    """`stride` is row-major for `size` (a dimension of size 1 may have any stride)."""
+    expected = 1
+    for n, s in zip(reversed(size), reversed(stride)):
+        if n != 1 and s != expected:
+            return False
+        expected *= n
+    return True
 
 
 def _check_loss(value: Any) -> Node:
