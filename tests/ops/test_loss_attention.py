@@ -151,6 +151,19 @@ def test_sdpa_float_mask():
     check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(), bias)
 
 
+@pytest.mark.parametrize("mask_shape", [(4, 6), (1, 2, 4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
+def test_sdpa_trained_float_mask(mask_shape):
+    # A relative position bias trained through the mask (Swin, T5): its gradient is the scores',
+    # summed over the dimensions the mask is broadcast along.
+    check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(t_q=4, t_k=6),
+                t(*mask_shape))
+
+
+def test_sdpa_only_the_mask_trained():
+    q, k, v = (x.detach() for x in _qkv())
+    check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), q, k, v, t(2, 1, 4, 4))
+
+
 def test_sdpa_gqa_by_expand():
     # Llama-style grouped-query attention: 4 query heads share 2 kv heads, repeated by expand.
     def attend(q, k, v):

@@ -607,6 +607,9 @@ def _attention_cases(a):
         packed = _sdpa(q, k, v, *mask, **attrs)
         cases.append((f"sdpa-{name}", "sdpa", [q, k, v, *mask], attrs))
         cases.append((f"sdpa_grad-{name}", "sdpa_grad", [a.r(2, 2, 3, 5), q, k, v, *mask, packed], attrs))
+    bias = a.r(2, 1, 3, 5)  # a trained mask, broadcast over the heads
+    packed = _sdpa(q, k, v, bias, **attention)
+    cases.append(("sdpa_grad_mask", "sdpa_grad_mask", [a.r(2, 2, 3, 5), q, k, v, bias, packed], attention))
     return cases
 
 

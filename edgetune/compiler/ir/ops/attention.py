@@ -7,6 +7,8 @@ The frontend keeps the op whole where this kernel applies (CPU, 4-D, float32/64,
 many key as query heads: `fused_attention_applies`) and lets torch decompose it elsewhere.
 
 `sdpa` returns [..., T, Dv + 1]: the output, then the log-sum-exp, so one node carries both.
+A trained float mask (Swin's and T5's relative position biases) gets its gradient from
+`sdpa_grad_mask`, the scores' gradient, which holds the [..., T, S] scores once.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import math
 
 import torch
 
+from edgetune.compiler.ir.ops.core import grad_like
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
@@ -51,24 +54,38 @@ def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
     return torch.cat([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)])
 
 
+def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
+    """The gradient of the (additive, float) mask: that of the scores, ds = p * (g v^T -
+    rowsum(g * out)) with p = exp(s - lse), over the broadcast [..., T, S]. A row that sees
+    no key (lse = -inf) has no gradient, as in the kernel's backward."""
+    d = v.shape[-1]
+    g, out, lse = g[..., :d], packed[..., :d], packed[..., d:]
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale + mask
+    if is_causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    p = torch.where(torch.isneginf(lse), 0.0, torch.exp(s - lse))
+    return p * (torch.matmul(g, v.transpose(-2, -1)) - (g * out).sum(-1, keepdim=True))
+
+
 def _sdpa_vjp(b, n, g, want):
     q, k, v = n.inputs[:3]
-    if len(n.inputs) == 4 and want[3]:
-        raise NotImplementedError("a trainable attention mask (its gradient) is not supported")
     d = v.shape[-1]
     if g.op == "slice_grad" and (g.attrs["dim"], g.attrs["start"], g.attrs["end"], g.attrs["step"]) == \
             (len(n.shape) - 1, 0, d, 1):
         # The output's gradient, padded with zeros where the log-sum-exp sits: the kernel reads
         # only the first Dv columns, so it takes the unpadded one (the padding is never made).
         g = g.inputs[0]
-    flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs)
+    flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs) if any(want[:3]) else None
     grads, start = [], 0
     for x, w in zip((q, k, v), want[:3]):
         size = math.prod(x.shape)
         piece = b.emit("slice", flat, dim=0, start=start, end=start + size, step=1) if w else None
         grads.append(b.emit("reshape", piece, shape=tuple(x.shape)) if w else None)
         start += size
-    return tuple(grads) + ((None,) if len(n.inputs) == 4 else ())
+    if len(n.inputs) == 4:
+        mask = n.inputs[3]
+        grads.append(grad_like(b, b.emit("sdpa_grad_mask", g, *n.inputs, n, **n.attrs), mask) if want[3] else None)
+    return tuple(grads)
 
 
 # ONNX: the same packing, computed without blocks (the runtime holds the [..., T, S] scores).
@@ -103,9 +120,9 @@ def _sdpa_onnx(ctx, n, xs):
     return ctx.op("Concat", out, lse, axis=-1)
 
 
-def _sdpa_grad_onnx(ctx, n, xs):
-    """The attention backward from the kept output and log-sum-exp: with p = exp(s - lse),
-    dv = p^T g, ds = p * (g v^T - rowsum(g * out)), dq = scale ds k, dk = scale ds^T q."""
+def _onnx_score_grad(ctx, n, xs):
+    """(p, ds, the output's gradient) of a backward node (sdpa_grad, sdpa_grad_mask): with
+    p = exp(s - lse), ds = p * (g v^T - rowsum(g * out))."""
     g, q, k, v, *rest = xs
     mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
     qn, vn = n.inputs[1], n.inputs[3]
@@ -113,9 +130,19 @@ def _sdpa_grad_onnx(ctx, n, xs):
     last = lambda x, start, end: ctx.op("Slice", x, ctx.ints([start]), ctx.ints([end]), ctx.ints([-1]))  # noqa: E731
     gout, out, lse = last(g, 0, d), last(packed, 0, d), last(packed, d, d + 1)
     p = ctx.op("Exp", ctx.op("Sub", _onnx_scores(ctx, n.attrs, n.inputs[1:-1], q, k, mask), lse))
-    dv = ctx.op("MatMul", _onnx_transposed(ctx, p, rank), gout)
     row = ctx.reduce("ReduceSum", ctx.op("Mul", gout, out), [-1], keepdims=True)
     ds = ctx.op("Mul", p, ctx.op("Sub", ctx.op("MatMul", gout, _onnx_transposed(ctx, v, rank)), row))
+    return p, ds, gout
+
+
+def _sdpa_grad_onnx(ctx, n, xs):
+    """The attention backward from the kept output and log-sum-exp: dv = p^T g,
+    dq = scale ds k, dk = scale ds^T q (p, ds: _onnx_score_grad)."""
+    q, k = xs[1], xs[2]
+    qn = n.inputs[1]
+    rank = len(qn.shape)
+    p, ds, gout = _onnx_score_grad(ctx, n, xs)
+    dv = ctx.op("MatMul", _onnx_transposed(ctx, p, rank), gout)
     scale = ctx.scalar(n.attrs["scale"], qn.dtype)
     dq = ctx.op("Mul", ctx.op("MatMul", ds, k), scale)
     dk = ctx.op("Mul", ctx.op("MatMul", _onnx_transposed(ctx, ds, rank), q), scale)
@@ -125,6 +152,10 @@ def _sdpa_grad_onnx(ctx, n, xs):
 
 register("sdpa", _sdpa, _sdpa_vjp,
          shape=lambda q, k, v, *mask, is_causal, scale: ((*q.shape[:-1], v.shape[-1] + 1), q.dtype), onnx=_sdpa_onnx)
+register("sdpa_grad_mask", _sdpa_grad_mask,
+         shape=lambda g, q, k, v, mask, packed, is_causal, scale: (
+             tuple(torch.broadcast_shapes((*q.shape[:-1], k.shape[-2]), mask.shape)), q.dtype),
+         onnx=lambda ctx, n, xs: _onnx_score_grad(ctx, n, xs)[1])
 register("sdpa_grad", _sdpa_grad,
          shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype),
          onnx=_sdpa_grad_onnx)
