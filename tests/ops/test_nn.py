@@ -54,6 +54,34 @@ def test_depthwise_with_channel_multiplier():
     check_grads(lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=3), t(2, 3, 7, 6), t(6, 1, 3, 3), t(6))
 
 
+@pytest.mark.parametrize("select", ["magnitude", "first"])
+def test_partial_channels_of_a_grouped_conv(select):
+    # RegNet's 3x3 convs are grouped, not depthwise: a ratio rule trains the chosen input
+    # channels of every group. Three SGD steps against eager autograd with the same masks.
+    import copy
+
+    import edgetune as et
+    from tests.reference import assert_models_match, train_eager
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 6, 3, padding=1, groups=3, stride=2), torch.nn.Tanh(),
+                                torch.nn.Conv2d(6, 2, 1)).double()
+    reference, initial = copy.deepcopy(model), model[2].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64),),
+                (torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64),)) for _ in range(3)]
+    trainer = et.compile(model, F.mse_loss, *batches[0], scheme={"2.weight": {"ratio": 0.5, "select": select}},
+                         optimizer=et.SGD(lr=0.1, momentum=0.9))
+    masks = trainer.trained_masks()
+    assert masks["2.weight"].sum() == 6 * 1 * 9  # one of each group's two input channels
+    losses = [trainer.step(*batch) for batch in batches]
+    want = train_eager(reference, F.mse_loss, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert losses == pytest.approx(want, rel=1e-10)
+    assert_models_match(model, reference, rtol=1e-10, atol=1e-12)
+    assert not torch.equal(model[2].weight.detach(), initial)
+
+
 @pytest.mark.parametrize("trained", ["input", "weight", "bias"])
 def test_conv_one_operand_trained(trained):
     args = [t(2, 4, 6, 6, grad=trained == "input"), t(5, 4, 3, 3, grad=trained == "weight"),
