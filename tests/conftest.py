@@ -18,3 +18,22 @@ def _seed_torch():
     # or on which xdist worker runs it.
     torch.manual_seed(0)
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo-full", action="store_true", default=False,
+                     help="tests/e2e/test_zoo.py: every Hugging Face family under every scheme "
+                          "(by default, the families of zoo.DEFAULT under the combined scheme)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "zoo_full: a zoo case that runs only with --zoo-full")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--zoo-full"):
+        return
+    skip = pytest.mark.skip(reason="a --zoo-full case (tests/e2e/test_zoo.py)")
+    for item in items:
+        if "zoo_full" in item.keywords:
+            item.add_marker(skip)
