@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.compiler.frontend.torch import UnsupportedOpError
-from edgetune.compiler.scheme import SchemeError
 from edgetune.models.hf import causal_lm_loss
 from tests.reference import padded_lm_batches
 
@@ -355,12 +354,8 @@ NOT_EXPORTABLE: dict[str, str] = {
 _GROUPED_MM = ("transformers' default MoE experts ('grouped_mm') export to ops edgetune lacks: aten.div.Tensor_mode, "
                "aten.histc, aten.empty_permuted and the custom op transformers.grouped_mm_fallback "
                "(edgetune/compiler/ir/ops; with experts_implementation='batched_mm' Mixtral passes)")
-_CONV1D_RATIO = ("a ratio rule on GPT-2's Conv1D weight: it is x @ W (op 'mm', W [in, out]), not a linear or conv, "
-                 "and only those take ratio rules (edgetune/compiler/trainer.py, _channel_axis)")
 
 # Families that export but fail in edgetune: (name, scheme, or "*" for every scheme) -> the gap.
 FAILS: dict[tuple[str, str], Gap] = {
     ("mixtral", "*"): Gap(UnsupportedOpError, _GROUPED_MM),
-    ("gpt2", "partial"): Gap(SchemeError, _CONV1D_RATIO),
-    ("gpt2", "combined"): Gap(SchemeError, _CONV1D_RATIO),
 }
