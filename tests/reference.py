@@ -22,7 +22,7 @@ def train_eager(model, loss_fn, batches, masks, make_optimizer, lrs=None):
                 group["lr"] = lrs[k]
         frozen = {n: params[n].detach().clone() for n in masks}
         opt.zero_grad()
-        loss = loss_fn(model(*inputs), *targets)
+        loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(*inputs), *targets)
         loss.backward()
         for n, mask in masks.items():
             if params[n].grad is not None:

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -75,6 +75,11 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
             memory_budget: int | str | None = None, on_nonfinite: str = "skip",
             backend: str = "torch", max_shapes: int = 1) -> "Trainer":
     """Compile one training step of `model` under `scheme` (default: full) with `optimizer`.
+
+    The step computes `loss_fn(model(*inputs), *targets)`; `example_inputs` may instead be a
+    dict, passed by keyword (`model(**inputs)`: {"input_ids": ..., "attention_mask": ...} for a
+    model whose forward takes other arguments between them), and `step()` then takes a dict
+    with the same keys.
 
     `passes` replaces the optimization passes (default: edgetune.compiler.passes.FORWARD_PIPELINE, run
     before autodiff, then PIPELINE); a list may take entries of both.
@@ -156,7 +161,9 @@ class Trainer:
                  int8: bool = False, memory_budget: int | None = None, on_nonfinite: str = "skip",
                  backend: str = "torch", max_shapes: int = 1) -> None:
         self.model, self.loss_fn, self.optimizer, self.lr = model, loss_fn, optimizer, optimizer.lr
-        examples = (_as_tuple(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
+        # Inputs given as a dict go to the model by keyword (model(**inputs)), in this order.
+        self.input_names = tuple(example_inputs) if isinstance(example_inputs, Mapping) else None
+        examples = (self._inputs(example_inputs, "example_inputs"), _as_tuple(example_targets, "example_targets"))
         self.rules = schemes.resolve(scheme, model)
         # LoRA adapters by name ("<layer>.lora_A.weight"); updated in place like parameters.
         self.adapters = lora.init_adapters(model, self.rules)
@@ -230,7 +237,7 @@ class Trainer:
         def build():
             with self.dequantized():  # int8 weights lend their floats to the trace; in the child only, if forked
                 return _training_graph(model, self.loss_fn, examples, rules, self.optimizer, channels=channels,
-                                       **options)
+                                       input_names=self.input_names, **options)
 
         graph, updates, seconds = run_isolated(build, self.device)
         started = time.perf_counter()
@@ -293,7 +300,7 @@ class Trainer:
     def step(self, inputs: tuple, targets: tuple) -> float:
         """One training step on a batch; returns the loss. A batch of a shape unlike the
         examples' runs the step compiled for its shape (compile(max_shapes=...))."""
-        inputs, targets = _as_tuple(inputs, "inputs"), _as_tuple(targets, "targets")
+        inputs, targets = self._inputs(inputs, "inputs"), _as_tuple(targets, "targets")
         self._use_step_for(inputs, targets)
         batch = self._check_batch(inputs, targets)
         try:
@@ -319,9 +326,23 @@ class Trainer:
                 "int8": {k: q for k, (q, _) in self.int8.items()},
                 "int8_scale": {k: scale for k, (_, scale) in self.int8.items()}}
 
-    @staticmethod
-    def _batch_names(inputs: tuple, targets: tuple) -> list[str]:
-        return [f"input {k}" for k in range(len(inputs))] + [f"target {k}" for k in range(len(targets))]
+    def _batch_names(self, inputs: tuple, targets: tuple) -> list[str]:
+        names = [f"input {k!r}" for k in self.input_names] if self.input_names else [
+            f"input {k}" for k in range(len(inputs))]
+        return names + [f"target {k}" for k in range(len(targets))]
+
+    def _inputs(self, inputs: Any, what: str) -> tuple:
+        """The model's inputs as a tuple: positional, or a dict's values in the examples' key order."""
+        if not isinstance(inputs, Mapping):
+            if self.input_names:
+                raise TypeError(f"{what} must be a dict of {', '.join(self.input_names)} (as the examples were), "
+                                f"got {type(inputs).__name__}")
+            return _as_tuple(inputs, what)
+        if self.input_names is None:
+            raise TypeError(f"{what} must be a tuple of tensors (as the examples were), got a dict")
+        if set(inputs) != set(self.input_names):
+            raise BatchError(f"{what} has keys {sorted(inputs)}; the examples had {sorted(self.input_names)}")
+        return tuple(inputs[k] for k in self.input_names)
 
     def _check_kind(self, inputs: tuple, targets: tuple) -> None:
         """BatchError unless the batch has the examples' count of tensors, each of their
@@ -519,13 +540,13 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
 # -- building the training graph ------------------------------------------------------------
 
 def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False, on_nonfinite="skip",
-                    channels=None) -> tuple[Graph, list[Update], dict[str, float]]:
+                    channels=None, input_names=None) -> tuple[Graph, list[Update], dict[str, float]]:
     """Trace, differentiate under the scheme, add the updates, optimize: the whole compile,
     with the seconds its two phases took (export, graph)."""
     from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
 
     started = time.perf_counter()
-    forward = export(model, loss_fn, *examples)
+    forward = export(model, loss_fn, *examples, input_names=input_names)
     traced = time.perf_counter()
     graph, updates = training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels)
     return graph, updates, {"export": traced - started, "graph": time.perf_counter() - traced}

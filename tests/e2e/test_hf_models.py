@@ -109,32 +109,40 @@ def test_labels_may_be_the_input_ids_tensor_itself():
     assert trainer.step((ids, mask), (labels,)) == pytest.approx(want, rel=1e-5)
 
 
-class ByKeyword(torch.nn.Module):
-    """GPT-2 takes past_key_values second: the batch goes in by keyword."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.lm = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask)
-
-
 def tiny_gpt2():
     import transformers
 
     config = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False)
     torch.manual_seed(0)
-    return ByKeyword(transformers.GPT2LMHeadModel(config).eval())
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def keyword_batches():
+    # GPT-2's forward takes past_key_values second: the batch goes in by keyword.
+    return [({"input_ids": ids, "attention_mask": mask}, targets) for (ids, mask), targets in lm_batches()]
 
 
 def test_ratio_rules_on_transposed_linears_train_rows():
     # transformers' Conv1D holds W as [in, out] and computes x @ W: its input channels are W's rows.
-    scheme = {"lm.transformer.h.1.attn.c_attn.weight": 0.5, "lm.transformer.h.1.mlp.c_fc.weight": 0.25,
-              "lm.transformer.h.1.ln_*.weight": "full"}
-    trainer = check_against_eager(tiny_gpt2(), causal_lm_loss, lm_batches(), scheme, "adamw")
-    mask = trainer.trained_masks()["lm.transformer.h.1.attn.c_attn.weight"]
+    scheme = {"transformer.h.1.attn.c_attn.weight": 0.5, "transformer.h.1.mlp.c_fc.weight": 0.25,
+              "transformer.h.1.ln_*.weight": "full"}
+    trainer = check_against_eager(tiny_gpt2(), causal_lm_loss, keyword_batches(), scheme, "adamw")
+    mask = trainer.trained_masks()["transformer.h.1.attn.c_attn.weight"]
     assert mask.any(1).sum() == 16 and mask.all(1).sum() == 16  # 16 of 32 rows, each whole
+
+
+def test_keyword_inputs_are_checked_by_name():
+    model = tiny_gpt2()
+    batch, (labels,) = keyword_batches()[0]
+    trainer = et.compile(model, causal_lm_loss, batch, (labels,), scheme={"transformer.ln_f.*": "full"})
+    reordered = {"attention_mask": batch["attention_mask"], "input_ids": batch["input_ids"]}
+    with torch.no_grad():
+        want = causal_lm_loss(model(**batch), labels).item()
+    assert trainer.step(reordered, (labels,)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(et.BatchError, match=r"has keys \['input_ids'\]; the examples had"):
+        trainer.step({"input_ids": batch["input_ids"]}, (labels,))
+    with pytest.raises(TypeError, match="must be a dict of input_ids, attention_mask"):
+        trainer.step((batch["input_ids"], batch["attention_mask"]), (labels,))
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])

@@ -512,7 +512,8 @@ def prediction_graph(trainer: Any) -> Graph:
     try:
         model.eval()
         with trainer.dequantized():  # torch.export reads float weights
-            forward = export(model, _prediction, trainer.examples[0], (), prediction=True)
+            forward = export(model, _prediction, trainer.examples[0], (), prediction=True,
+                             input_names=trainer.input_names)
     finally:
         model.train(was_training)
     graph, _ = lora.attach(forward.graph, forward.params, trainer.rules)

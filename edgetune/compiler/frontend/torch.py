@@ -39,19 +39,26 @@ class ForwardGraph:
 
 
 class _WithLoss(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int) -> None:
+    """model + loss as one module of positional tensors; `input_names` passes the model's
+    inputs by keyword instead (a model whose forward takes a cache second, e.g. GPT-2)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int,
+                 input_names: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        self.model, self.loss_fn, self.n_inputs = model, loss_fn, n_inputs
+        self.model, self.loss_fn, self.n_inputs, self.input_names = model, loss_fn, n_inputs, input_names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model(*args[: self.n_inputs]), *args[self.n_inputs:])
+        inputs = args[: self.n_inputs]
+        out = self.model(**dict(zip(self.input_names, inputs))) if self.input_names else self.model(*inputs)
+        return self.loss_fn(out, *args[self.n_inputs:])
 
 
 def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple,
-           prediction: bool = False) -> ForwardGraph:
+           prediction: bool = False, input_names: tuple[str, ...] | None = None) -> ForwardGraph:
     """Trace model + loss once, in the module's current train()/eval() mode. `prediction`:
-    loss_fn picks the model's prediction (any shape) instead, the graph's output "output"."""
-    wrapped = _WithLoss(model, loss_fn, len(inputs))
+    loss_fn picks the model's prediction (any shape) instead, the graph's output "output".
+    `input_names`: the model takes `inputs` by these keywords."""
+    wrapped = _WithLoss(model, loss_fn, len(inputs), input_names)
     targets = _unaliased(inputs, targets)
     with warnings.catch_warnings():
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
