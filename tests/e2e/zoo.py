@@ -107,9 +107,8 @@ class Family:
     partial: tuple[str, str]       # two weight matrices for ratio rules
     rtol: float = 1e-7
     setup: Callable[[nn.Module], None] = field(default=lambda model: None)
-    # The step calls model(*inputs); a model whose forward takes other arguments between
-    # these (GPT-2 and Falcon take `cache` second) gets them by keyword, through a subclass
-    # that keeps every parameter name.
+    # A model whose forward takes other arguments between its inputs (GPT-2 and Falcon take
+    # `cache` second) gets them by keyword: its batches' inputs are dicts of these names.
     keywords: tuple[str, ...] = ()
 
     def build(self, seed: int = 0):
@@ -117,10 +116,12 @@ class Family:
         import transformers
 
         torch.manual_seed(seed)
-        cls = getattr(transformers, self.model_class)
-        model = (_by_keyword(cls, self.keywords) if self.keywords else cls)(self.config())
+        model = getattr(transformers, self.model_class)(self.config())
         self.setup(model)
-        return model.double().eval(), self.loss, self.batches()
+        batches = self.batches()
+        if self.keywords:
+            batches = [(dict(zip(self.keywords, inputs)), targets) for inputs, targets in batches]
+        return model.double().eval(), self.loss, batches
 
 
 def _unit_gain(model):
@@ -132,13 +133,6 @@ def _unit_gain(model):
             nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
             nn.init.ones_(module.weight)
-
-
-def _by_keyword(cls, names):
-    def forward(self, *args):
-        return cls.forward(self, **dict(zip(names, args)))
-
-    return type(cls.__name__, (cls,), {"forward": forward})
 
 
 def _tf():
