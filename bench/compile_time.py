@@ -8,7 +8,9 @@ step and its recompile for the new length. Each engine runs in a fresh process.
 A compile's time is that of its first step (or compile() call and first step) less a steady
 step's, the median of the steps after it. torch.compile compiles the model's forward and
 backward (AOTAutograd); its optimizer step stays eager, and partial rules train their whole
-weights there (its cost is the compile, not the scheme). Results: bench/results/compile.json.
+weights there (its cost is the compile, not the scheme); its on-disk caches start empty in
+each run (a fresh TORCHINDUCTOR_CACHE_DIR), as on a user's first run. Results:
+bench/results/compile.json.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,7 +101,9 @@ def run_all(args) -> dict:
         cmd = [sys.executable, "-m", "bench.compile_time", "--engine", engine, "--scheme", args.scheme,
                "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--bucket", str(args.bucket)]
         cmd += ["--tiny"] if args.tiny else []
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        with tempfile.TemporaryDirectory() as cache:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
+            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if out.returncode:
             results[engine] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
         else:
