@@ -137,3 +137,23 @@ def test_onnx_export_writes_the_examples_step_whatever_ran_last(tmp_path):
     manifest = json.loads((tmp_path / "step" / "manifest.json").read_text())
     shapes = [i["shape"] for i in manifest["inputs"] if i["kind"] in ("input", "target")]
     assert shapes == [[4, 3, 8, 8], [4]]
+
+
+def test_each_compile_says_its_phases_under_edgetune_debug(monkeypatch, capsys):
+    monkeypatch.setenv("EDGETUNE_DEBUG", "1")
+    trainer = et.compile(ConvNet().eval(), F.cross_entropy, *batch(4), scheme=SCHEME, max_shapes=2)
+    trainer.step(*batch(3))
+    said = [line for line in capsys.readouterr().out.splitlines() if "compiled the step for batch shapes" in line]
+    assert len(said) == 2 and all(phase in said[1] for phase in ("export", "graph", "plan"))
+    assert ", (3,)):" in said[1]
+    phases = [v.seconds for v in trainer.variants.values()]
+    assert all(set(p) == {"export", "graph", "plan", "backend"} and min(p.values()) > 0 for p in phases)
+
+
+def test_the_compile_time_bench_times_a_first_compile_and_a_new_bucket():
+    pytest.importorskip("transformers")
+    from bench.compile_time import parse_args, run_edgetune
+
+    result = run_edgetune(parse_args(["--tiny", "--scheme", "lm-sparse:1", "--seq-len", "16", "--bucket", "8"]))
+    assert set(result["phases"]) == {"16", "8"} and result["first"] > 0 and result["new_bucket"] > 0
+    assert result["phases"]["8"]["export"] > result["phases"]["8"]["backend"]
