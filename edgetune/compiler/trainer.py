@@ -145,10 +145,6 @@ class Variant:
     def shapes(self) -> tuple[tuple[int, ...], ...]:
         return _shapes(self.examples[0] + self.examples[1])
 
-    @property
-    def compile_seconds(self) -> float:
-        return sum(self.seconds.values())
-
     def finish(self, trainer: "Trainer", backend: str) -> None:
         started = time.perf_counter()
         self.bindings = Bindings(step_inputs(self.graph), trainer.held())
