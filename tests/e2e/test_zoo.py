@@ -44,6 +44,7 @@ def test_family_matches_eager(name, scheme):
     family = zoo.FAMILIES[name]
     model, loss_fn, batches = family.build()
     reference = copy.deepcopy(model)
+    family.reference_setup(reference)
     trainer = et.compile(model, loss_fn, *batches[0], scheme=zoo.schemes(family, model)[scheme],
                          optimizer=et.SGD(lr=LR, momentum=MOMENTUM))
     masks = trainer.trained_masks()

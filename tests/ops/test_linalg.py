@@ -123,3 +123,18 @@ def test_tied_embedding_and_output_head():
 
 def test_tied_weight_used_three_ways():
     check_grads(lambda x, w, b: F.linear(x, w, b) + (w * w).sum() + torch.mm(x, w.t()) * b, t(3, 4), t(2, 4), t(2))
+
+
+def _routed_experts(x, w, token_expert_pairs):
+    """transformers' default MoE experts as they export: rows sorted by expert, counted per
+    expert (floor division of the pair index, histc, cumsum) into offsets, one product each."""
+    experts = torch.div(token_expert_pairs, 2, rounding_mode="floor")
+    counts = torch.histc(experts.to(x.dtype), bins=w.shape[0], min=0, max=w.shape[0] - 1)
+    return torch.ops.transformers.grouped_mm_fallback(x, w, counts.cumsum(0).to(torch.int64))
+
+
+def test_grouped_mm_of_moe_experts():
+    pytest.importorskip("transformers.integrations.moe")  # registers the custom op
+    pairs = torch.tensor([0, 1, 2, 3, 3, 6, 7, 7, 7])  # experts 0, 0, 1, 1, 1, 3, 3, 3, 3: expert 2 gets none
+    check_grads(_routed_experts, t(9, 4), t(4, 4, 3), pairs)
+    check_grads(_routed_experts, t(9, 4, grad=False), t(4, 4, 3), pairs)

@@ -18,7 +18,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.ops.attention import fused_attention_applies
 from edgetune.compiler.ir.graph import Graph, Node
-from edgetune.compiler.ir.ops import ATEN
+from edgetune.compiler.ir.ops import ATEN, ATEN_NAMED
 from edgetune.compiler.passes.dce import dce
 from edgetune.compiler.passes.vocab_loss import fuse_vocab_log_prob
 
@@ -175,7 +175,7 @@ class _Converter:
         if fx.target is torch.ops.aten.as_strided.default:
             self.b.meta = self._module_meta(fx)
             return self._as_strided(fx, *args)
-        convert = ATEN.get(fx.target)
+        convert = ATEN.get(fx.target) or ATEN_NAMED.get(str(fx.target))
         if convert is None:
             raise UnsupportedOpError(f"unsupported op {fx.target} {self._where(fx)}; edgetune compiles the ops "
                                      "registered in edgetune/compiler/ir/ops")

@@ -61,6 +61,9 @@ class ChannelSlice:
 
 OPS: dict[str, OpDef] = {}
 ATEN: dict[Any, Callable[..., Any]] = {}
+# Converters of ops that exist only once a library registers them (a transformers custom op),
+# by the name torch.export gives them: "namespace.op.overload".
+ATEN_NAMED: dict[str, Callable[..., Any]] = {}
 
 
 def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Callable | None = None,
@@ -81,6 +84,17 @@ def aten(*overloads: Any) -> Callable:
     def deco(fn: Callable) -> Callable:
         for ov in overloads:
             ATEN[ov] = fn
+        return fn
+
+    return deco
+
+
+def aten_named(*names: str) -> Callable:
+    """Decorator: as `aten`, for ops known by name only (see ATEN_NAMED)."""
+
+    def deco(fn: Callable) -> Callable:
+        for name in names:
+            ATEN_NAMED[name] = fn
         return fn
 
     return deco
