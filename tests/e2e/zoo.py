@@ -332,7 +332,7 @@ SCHEMES = ("full", "norms-biases", "partial", "combined")
 # and window attention, depthwise and grouped convs, audio front ends, encoder-decoder), as
 # `make test` has ~90 s for the zoo: torch.export alone takes 2-20 s a family here. The rest,
 # and every other scheme, run with --zoo-full.
-DEFAULT = ("llama", "qwen3", "phi3", "opt", "mixtral-batched-mm", "bert", "deberta-v2", "vit", "swin", "convnext",
+DEFAULT = ("llama", "qwen3", "phi3", "opt", "mixtral", "bert", "deberta-v2", "vit", "swin", "convnext",
            "regnet", "wav2vec2", "whisper-encoder", "t5")
 
 
