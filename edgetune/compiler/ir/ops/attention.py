@@ -155,6 +155,8 @@ register("sdpa", _sdpa, _sdpa_vjp,
 register("sdpa_grad_mask", _sdpa_grad_mask,
          shape=lambda g, q, k, v, mask, packed, is_causal, scale: (
              tuple(torch.broadcast_shapes((*q.shape[:-1], k.shape[-2]), mask.shape)), q.dtype),
+         # The scores, their exponentials and g v^T, each the size of the output, live at once.
+         scratch=lambda n: 3 * n.nbytes,
          onnx=lambda ctx, n, xs: _onnx_score_grad(ctx, n, xs)[1])
 register("sdpa_grad", _sdpa_grad,
          shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype),
