@@ -48,6 +48,19 @@ def assert_models_match(got, want, rtol=1e-4, atol=1e-6):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def padded_classifier_batches(vocab: int = 100, n: int = 3, t: int = 10, labels: int = 3, low: int = 0) -> list:
+    """3 seeded ((input_ids, attention_mask), (labels,)) batches for a sequence classifier:
+    token ids in [low, vocab), the first row padded after 6 tokens."""
+    g = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(3):
+        mask = torch.ones(n, t, dtype=torch.int64)
+        mask[0, 6:] = 0
+        batches.append(((torch.randint(low, vocab, (n, t), generator=g), mask),
+                        (torch.randint(0, labels, (n,), generator=g),)))
+    return batches
+
+
 def padded_lm_batches(n: int = 3, rows: int = 2, length: int = 12, vocab: int = 128, padded_row: int = 1,
                       padding: int = 4) -> list:
     """`n` seeded ((input_ids, attention_mask), (labels,)) batches for a causal LM: the last

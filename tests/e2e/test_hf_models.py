@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.models.hf import causal_lm_loss, tiny_causal_lm, tiny_sequence_classifier
-from tests.reference import assert_models_match, padded_lm_batches, train_eager
+from tests.reference import assert_models_match, padded_classifier_batches, padded_lm_batches, train_eager
 
 pytest.importorskip("transformers")
 
@@ -20,15 +20,8 @@ def lm_batches():
     return padded_lm_batches()  # the second sequence padded
 
 
-def classifier_batches(vocab=100, n=3, t=10, labels=3):
-    g = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(3):
-        mask = torch.ones(n, t, dtype=torch.int64)
-        mask[0, 6:] = 0
-        batches.append(((torch.randint(0, vocab, (n, t), generator=g), mask),
-                        (torch.randint(0, labels, (n,), generator=g),)))
-    return batches
+def classifier_batches():
+    return padded_classifier_batches()
 
 
 def classifier_loss(outputs, labels):

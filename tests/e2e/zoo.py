@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetune.models.hf import causal_lm_loss
-from tests.reference import padded_lm_batches
+from tests.reference import padded_classifier_batches, padded_lm_batches
 
 VOCAB = 128
 LABELS = 3
@@ -34,16 +34,10 @@ def lm_batches():
     return padded_lm_batches(vocab=VOCAB)  # ((ids, mask), (labels,)): the second row padded
 
 
-def text_batches(n=3, t=10):
-    """((input_ids, attention_mask), (labels,)), the first row padded after 6 tokens."""
-    g = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(3):
-        mask = torch.ones(n, t, dtype=torch.int64)
-        mask[0, 6:] = 0
-        batches.append(((torch.randint(3, VOCAB, (n, t), generator=g), mask),
-                        (torch.randint(0, LABELS, (n,), generator=g),)))
-    return batches
+def text_batches():
+    """((input_ids, attention_mask), (labels,)), the first row padded after 6 tokens; no id is
+    one of the special tokens (pad, bos, eos: 0-2)."""
+    return padded_classifier_batches(vocab=VOCAB, labels=LABELS, low=3)
 
 
 def image_batches(n=2, size=32):

@@ -80,21 +80,18 @@ def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Ca
 
 def aten(*overloads: Any) -> Callable:
     """Decorator: `fn(b, *args, **kwargs)` builds IR for these ATen overloads."""
-
-    def deco(fn: Callable) -> Callable:
-        for ov in overloads:
-            ATEN[ov] = fn
-        return fn
-
-    return deco
+    return _converter_of(ATEN, overloads)
 
 
 def aten_named(*names: str) -> Callable:
     """Decorator: as `aten`, for ops known by name only (see ATEN_NAMED)."""
+    return _converter_of(ATEN_NAMED, names)
 
+
+def _converter_of(table: dict, keys: tuple) -> Callable:
     def deco(fn: Callable) -> Callable:
-        for name in names:
-            ATEN_NAMED[name] = fn
+        for key in keys:
+            table[key] = fn
         return fn
 
     return deco
