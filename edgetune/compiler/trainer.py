@@ -109,7 +109,8 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     use, sharing the parameters, optimizer state, LoRA adapters and int8 weights with the
     others, and the partial-channel choice of the first; beyond N, the step of the shape
     used least recently is dropped. Each new shape costs a compile (`report()` lists each
-    shape's compile time and predicted peak) and is held to `memory_budget` too.
+    shape's compile time and predicted peak) and is held to `memory_budget` too; under
+    backend="onnxruntime" each shape's session holds its own copy of the frozen weights.
     """
     if frozen_weights not in ("float", "int8"):
         raise ValueError(f"frozen_weights must be 'float' or 'int8', got {frozen_weights!r}")
