@@ -141,6 +141,7 @@ class Variant:
     backend: Any = None     # a BackendChoice, once the Trainer holds what the step binds
     bindings: Any = None
     index_uses: list[IndexUse] | None = None  # the batch tensors that index a table, read once
+    writes: int = 0  # parameter updates and buffer writes of one step (StepResult.writes)
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -149,6 +150,7 @@ class Variant:
     def finish(self, trainer: "Trainer", backend: str) -> None:
         started = time.perf_counter()
         self.bindings = Bindings(step_inputs(self.graph), trainer.held())
+        self.writes = sum(1 for n in self.graph.nodes if is_effect(n))
         self.backend = choose_backend(trainer, backend)
         self.seconds["backend"] = time.perf_counter() - started
 
@@ -222,7 +224,7 @@ class Trainer:
 
     @property
     def _writes(self) -> int:
-        return sum(1 for n in self.graph.nodes if is_effect(n))
+        return self.active.writes
 
     # -- compiling ----------------------------------------------------------------------------
 

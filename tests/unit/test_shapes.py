@@ -10,21 +10,12 @@ import edgetune as et
 from edgetune.compiler.inputs import BatchError
 from edgetune.compiler.memory import BudgetError
 from tests.reference import assert_models_match, padded_lm_batches, train_eager
+from tests.unit.test_hostile import assert_unchanged, snapshot
 from tests.unit.nets import ConvNet, batch
 
 # Magnitude-chosen channels: a compile for a later shape must keep the first compile's
 # choice, not choose again on the trained weights.
 SCHEME = {"pw.weight": 0.5, "stem.weight": 0.25, "*.bias": "full", "head.*": "full"}
-
-
-def state_of(model, trainer):
-    return copy.deepcopy(model.state_dict()), {k: v.clone() for k, v in trainer.state.items()}, trainer.steps
-
-
-def assert_unchanged(before, after):
-    for b, a in zip(before[:2], after[:2]):
-        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
-    assert before[2] == after[2]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -62,22 +53,22 @@ def test_one_shape_by_default_and_a_new_shape_is_refused_with_nothing_changed():
     model = ConvNet().eval()
     trainer = et.compile(model, F.cross_entropy, *batch(4), scheme=SCHEME)
     trainer.step(*batch(4))
-    before = state_of(model, trainer)
+    before = snapshot(model, trainer)
     with pytest.raises(BatchError, match=r"input 0 is float32\[3, 3, 8, 8\].*max_shapes=N"):
         trainer.step(*batch(3))
-    assert_unchanged(before, state_of(model, trainer))
+    assert_unchanged(before, model, trainer)
 
 
 def test_a_shape_the_model_cannot_take_is_refused_with_nothing_changed():
     model = ConvNet().eval()
     trainer = et.compile(model, F.cross_entropy, *batch(4), scheme=SCHEME, max_shapes=4)
     (x,), (y,) = batch(4)
-    before = state_of(model, trainer)
+    before = snapshot(model, trainer)
     with pytest.raises(BatchError, match="no step could be compiled for batch shapes"):
         trainer.step((x[:, :2],), (y,))  # two colour channels: the stem's conv takes three
     with pytest.raises(BatchError, match="number of dimensions"):
         trainer.step((x[0],), (y,))
-    assert_unchanged(before, state_of(model, trainer))
+    assert_unchanged(before, model, trainer)
     assert len(trainer.variants) == 1
 
 
@@ -87,10 +78,10 @@ def test_each_new_shape_is_held_to_the_memory_budget():
     budget = 2 * et.compile(copy.deepcopy(model), F.cross_entropy, *batch(4), scheme=SCHEME).report().predicted_peak_bytes
     trainer = et.compile(model, F.cross_entropy, *batch(4), scheme=SCHEME, memory_budget=budget, max_shapes=4)
     trainer.step(*batch(2))
-    before = state_of(model, trainer)
+    before = snapshot(model, trainer)
     with pytest.raises(BudgetError, match=r"batch shapes \(\(256, 3, 8, 8\), \(256,\)\)"):
         trainer.step(*batch(256))
-    assert_unchanged(before, state_of(model, trainer))
+    assert_unchanged(before, model, trainer)
     assert len(trainer.variants) == 2
 
 
