@@ -159,7 +159,7 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
     evaluation; where one exists, the loop goes on from it."""
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
-    partial = getattr(trainer, "max_shapes", 1) > 1 and len(train) % batch_size >= 2
+    partial = trainer.max_shapes > 1 and len(train) % batch_size >= 2
     per_epoch = len(train) // batch_size + partial
     total = epochs * per_epoch
     if total == 0:
