@@ -119,8 +119,9 @@ def _lm_parsers(sub) -> None:
     lm.add_argument("--batch", type=int, default=4)
     lm.add_argument("--seq-len", type=int, default=128, help="tokens per example: longer ones are cut, shorter padded")
     lm.add_argument("--buckets", default="auto", help="lengths a batch is cut to, the shortest that holds it, each "
-                    "compiled on first use: auto (64, 128, ... below --seq-len, and --seq-len) | none (--seq-len "
-                    "only) | comma-separated token counts")
+                    "compiled on first use; batches then group examples of similar length: auto (64, 128, ... "
+                    "below --seq-len, and --seq-len) | none (--seq-len only, batches of random examples) | "
+                    "comma-separated token counts")
     lm.add_argument("--lr", type=float, default=1e-4)
     lm.add_argument("--weight-decay", type=float, default=0.0)
     lm.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8 (a quarter of their "

@@ -121,7 +121,8 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
                 epochs: int | None = None, batch_size: int, lr: float, schedule: str = "cosine",
                 warmup: int = 0, eval_every: int | None = None, seed: int = 0, progress: bool = True,
                 train_eval_size: int = 64, log: Callable[[str], None] | None = None,
-                checkpoints=None, buckets: Sequence[int] | None = None) -> History:
+                checkpoints=None, buckets: Sequence[int] | None = None,
+                group_by_length: bool | None = None) -> History:
     """Train for `steps` steps (or `epochs` passes over `train`), evaluating before, every
     `eval_every` steps and at the end. Each evaluation records the held-out loss ("loss") and
     the loss on a fixed sample of `train_eval_size` training examples ("train_loss"): the same
@@ -130,7 +131,9 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
     end of each pass over the data; where one exists, the loop goes on from it.
     `buckets`: batches are cut to the shortest of these lengths that holds them (the
     trainer must take those shapes: compile_lm(buckets=...)). The last batch of a pass is
-    filled up with rows that learn nothing (LMData.batches(fill=True)), so it trains too."""
+    filled up with rows that learn nothing (LMData.batches(fill=True)), so it trains too.
+    `group_by_length` (default: whenever there are buckets to cut to): batches of examples of
+    similar length (LMData.batches), so that buckets cut more."""
     total = _total_steps(len(train), batch_size, steps, epochs)
     train_sample = train.subset(range(min(train_eval_size, len(train))))
     history = (checkpoints and checkpoints.restore(History)) or History()
@@ -146,7 +149,9 @@ def finetune_lm(trainer: et.Trainer, train: LMData, val: LMData, *, steps: int |
     if not history.evals:
         _record(history, trainer, train_sample, val, batch_size, log)
         save()
-    batches = _endless(train, batch_size, seed, total, buckets)
+    if group_by_length is None:  # without a shorter bucket, grouping would cut nothing
+        group_by_length = bool(buckets) and min(buckets) < train.seq_len
+    batches = _endless(train, batch_size, seed, total, buckets, group_by_length)
     for ids, mask, labels in itertools.islice(batches, len(history.losses), None):
         trainer.lr = learning_rate(len(history.losses), total, lr, schedule, warmup)
         loss = trainer.step((ids, mask), (labels,))
@@ -182,12 +187,14 @@ def _steps_per_pass(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)  # the last batch, filled up, trains too
 
 
-def _endless(data: LMData, batch_size: int, seed: int, total: int, buckets: Sequence[int] | None) -> Iterable[Batch]:
+def _endless(data: LMData, batch_size: int, seed: int, total: int, buckets: Sequence[int] | None,
+             group_by_length: bool = False) -> Iterable[Batch]:
     """`total` batches of `batch_size` rows, reshuffled at every pass over the data."""
     done, epoch = 0, 0
     while True:
         epoch += 1
-        for batch in data.batches(batch_size, shuffle=True, seed=seed + epoch, fill=True, buckets=buckets):
+        for batch in data.batches(batch_size, shuffle=True, seed=seed + epoch, fill=True, buckets=buckets,
+                                  group_by_length=group_by_length):
             if done == total:
                 return
             done += 1

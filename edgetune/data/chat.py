@@ -73,7 +73,7 @@ class LMData:
         return self.subset(order[n_val:].sort().values), self.subset(order[:n_val].sort().values)
 
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                fill: bool = False, buckets: Sequence[int] | None = None
+                fill: bool = False, buckets: Sequence[int] | None = None, group_by_length: bool = False
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(input_ids, attention_mask, labels) of `batch_size` examples each.
 
@@ -83,14 +83,23 @@ class LMData:
         batch, in the shape of the others (one compiled step fewer).
         `buckets` (sorted token counts, the last of them >= seq_len): each batch is cut to the
         shortest bucket that holds its longest example, so a batch of short chats does not
-        pay for seq_len tokens; only right padding is cut."""
+        pay for seq_len tokens; only right padding is cut.
+        `group_by_length` (as Hugging Face's Trainer does): examples of similar length share a
+        batch, so with buckets fewer batches pay for their longest example's bucket. The
+        shuffled order is cut into mega-batches of MEGA_BATCHES batches, each sorted by length
+        and cut into batches, and the batches are shuffled; every example still comes once a
+        pass, and the one short batch (if any) still comes last."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, got {batch_size}")
-        order = (torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if shuffle
-                 else torch.arange(len(self)))
-        stop = len(self) - len(self) % batch_size if drop_last else len(self)
-        for i in range(0, stop, batch_size):
-            b = order[i:i + batch_size]
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        groups = list(order.split(batch_size))
+        if group_by_length:
+            # Examples are right-padded, so attended tokens = the length a bucket must hold.
+            groups = _grouped_by_length(order, self.attention_mask.sum(1), batch_size, shuffle, generator)
+        if drop_last and groups and len(groups[-1]) < batch_size:
+            groups = groups[:-1]
+        for b in groups:
             ids, mask, labels = self.input_ids[b], self.attention_mask[b], self.labels[b]
             if fill and len(b) < batch_size:
                 ids, mask, labels = _filled(ids, mask, labels, batch_size)
@@ -113,6 +122,22 @@ def length_buckets(seq_len: int, smallest: int = 64) -> list[int]:
         ladder.append(length)
         length *= 2
     return ladder + [seq_len]
+
+
+MEGA_BATCHES = 50  # Hugging Face's mega-batch size: random enough between batches, alike enough within
+
+
+def _grouped_by_length(order: torch.Tensor, lengths: torch.Tensor, batch_size: int, shuffle: bool,
+                       generator: torch.Generator) -> list[torch.Tensor]:
+    """`order` cut into batches of examples of similar length (LMData.batches(group_by_length))."""
+    groups = []
+    for mega in order.split(MEGA_BATCHES * batch_size):
+        # Longest first, stable: the shortest examples of the last mega-batch make the short batch.
+        groups += mega[lengths[mega].argsort(descending=True, stable=True)].split(batch_size)
+    short = [groups.pop()] if groups and len(groups[-1]) < batch_size else []
+    if shuffle:  # else mega-batch by mega-batch, longest batch first
+        groups = [groups[i] for i in torch.randperm(len(groups), generator=generator)]
+    return groups + short
 
 
 def _filled(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, rows: int) -> tuple:

@@ -145,3 +145,35 @@ def test_holding_out_too_many_says_how_many_can_be(tok):
     data = tokenize_records([chat("s", "q", f"a{i}") for i in range(5)], tok, seq_len=64)
     with pytest.raises(ValueError, match="cannot hold out 9 of 5 examples.*hold out at most 4"):
         data.split(val_count=9)
+
+
+def varied_lengths(tok, n=203):
+    # Plain texts of 1 to 60 characters in a scrambled order, one token a character: every
+    # row differs (so rows identify examples) and lengths vary as chats do.
+    return tokenize_records([f"{i:03d}" + "x" * (i * 37 % 60) for i in range(n)], tok, seq_len=64)
+
+
+def test_length_grouped_batches_hold_every_example_once_and_only_the_last_is_short(tok):
+    data = varied_lengths(tok)  # 203 = 50 batches of 4 + 3: more than one mega-batch, and a short batch
+    batches = [b for b, _, _ in data.batches(4, shuffle=True, seed=1, group_by_length=True)]
+    rows = [tuple(r) for b in batches for r in b.tolist()]
+    assert sorted(rows) == sorted(tuple(r) for r in data.input_ids.tolist())  # a permutation
+    assert [len(b) for b in batches] == [4] * 50 + [3]
+    filled = list(data.batches(4, shuffle=True, seed=1, group_by_length=True, fill=True))
+    assert len(filled) == 51 and filled[-1][0].shape[0] == 4 and (filled[-1][2][3:] == IGNORE).all()
+    assert len(list(data.batches(4, shuffle=True, seed=1, group_by_length=True, drop_last=True))) == 50
+
+
+def test_length_grouped_batches_are_shorter_and_deterministic(tok):
+    data = varied_lengths(tok)
+    longest = lambda **kw: [int(m.sum(1).max()) for _, m, _ in data.batches(4, shuffle=True, **kw)]
+    grouped, plain = longest(seed=2, group_by_length=True), longest(seed=2)
+    assert sum(grouped) < 0.8 * sum(plain)  # the tokens a batch pays for, cut to its longest example
+    assert grouped == longest(seed=2, group_by_length=True) and grouped != longest(seed=3, group_by_length=True)
+    # The batch order is shuffled too: not longest first in each mega-batch.
+    assert grouped != sorted(grouped[:50], reverse=True) + grouped[50:]
+    # Without grouping, batches are the seeded permutation's slices, as before grouping existed
+    # (a checkpoint's run resumes on the same batches).
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(b, data.input_ids[order[4 * i:4 * i + 4]])
+               for i, (b, _, _) in enumerate(data.batches(4, shuffle=True, seed=2)))
