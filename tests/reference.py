@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def train_eager(model, loss_fn, batches, masks, make_optimizer, lrs=None):
+def train_eager(model, loss_fn, batches, masks, make_optimizer, lrs=None, lazy_rows=None):
     """Train `model` in eager PyTorch on `batches`, updating only the entries in `masks`.
 
     Gradients outside a mask are zeroed; entries outside it are restored after each step
-    (AdamW's decoupled weight decay would otherwise shrink them). Returns the losses.
+    (AdamW's decoupled weight decay would otherwise shrink them). `lazy_rows`: {parameter
+    name: function of a batch's inputs -> the rows that step updates}; those rows alone change,
+    optimizer state included (a sparse optimizer's update). Returns the losses.
     """
     params = dict(model.named_parameters())
     for name, p in params.items():
@@ -20,19 +22,35 @@ def train_eager(model, loss_fn, batches, masks, make_optimizer, lrs=None):
         if lrs is not None:
             for group in opt.param_groups:
                 group["lr"] = lrs[k]
+        step_masks = {**masks, **{n: _row_mask(params[n], rows(inputs)) for n, rows in (lazy_rows or {}).items()}}
         frozen = {n: params[n].detach().clone() for n in masks}
+        state_before = {n: {key: v.clone() for key, v in _state_of(opt, params[n]).items()} for n in lazy_rows or {}}
         opt.zero_grad()
         loss = loss_fn(model(**inputs) if isinstance(inputs, dict) else model(*inputs), *targets)
         loss.backward()
-        for n, mask in masks.items():
+        for n, mask in step_masks.items():
             if params[n].grad is not None:
                 params[n].grad.mul_(mask)
         opt.step()
         with torch.no_grad():
-            for n, mask in masks.items():
+            for n, mask in step_masks.items():
                 params[n].copy_(torch.where(mask, params[n], frozen[n]))
+            for n, before in state_before.items():
+                for key, value in _state_of(opt, params[n]).items():
+                    value.copy_(torch.where(step_masks[n], value, before.get(key, torch.zeros_like(value))))
         losses.append(loss.item())
     return losses
+
+
+def _row_mask(p, rows):
+    mask = torch.zeros(p.shape[0], *[1] * (p.dim() - 1), dtype=torch.bool)
+    mask[rows] = True
+    return mask
+
+
+def _state_of(opt, p):
+    """The optimizer's state tensors of p that have its shape (momentum, moments)."""
+    return {k: v for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
 
 
 def assert_models_match(got, want, rtol=1e-4, atol=1e-6):

@@ -53,6 +53,9 @@ def freeze_to(model: torch.nn.Module, scheme) -> list[tuple[torch.Tensor, torch.
     masks = []
     for name, p in model.named_parameters():
         rule = rules.get(name)
+        if rule is not None and rule.touched:
+            raise schemes.SchemeError(f"{name!r}: the eager baseline has no sparse optimizer for a 'touched' rows "
+                                      "rule; give it the table's chosen rows or 'full'")
         p.requires_grad_(rule is not None)
         if rule is not None and rule.partial:
             masks.append((p, channel_mask(model, name, p, rule)))
@@ -60,7 +63,11 @@ def freeze_to(model: torch.nn.Module, scheme) -> list[tuple[torch.Tensor, torch.
 
 
 def channel_mask(model: torch.nn.Module, name: str, p: torch.Tensor, rule: schemes.Rule) -> torch.Tensor:
-    """A mask broadcastable to `p`: 1 on the chosen input channels, 0 elsewhere."""
+    """A mask broadcastable to `p`: 1 on the chosen input channels (or rows), 0 elsewhere."""
+    if rule.rows:
+        mask = torch.zeros([p.shape[0]] + [1] * (p.dim() - 1), dtype=p.dtype)
+        mask[list(rule.rows)] = 1
+        return mask
     module = model.get_submodule(name.rpartition(".")[0])
     depthwise = isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels
     axis = 0 if depthwise else 1  # the same axis rule as edgetune's partial-channel slicing

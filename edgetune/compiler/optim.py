@@ -76,8 +76,14 @@ def _check(ok: bool, msg: str) -> None:
 
 # -- the update kernels: inputs (param, grad, lr, step, *state[, index]) ---------------------
 
-def _trained_part(p, part, index):
-    """The entries of p that train, and how to write them back (a view needs nothing)."""
+def _trained_part(p, part, index, touched=False):
+    """The entries of p that train, and how to write them back (a view needs nothing).
+
+    `touched`: `index` holds the rows a batch looked up, a row as often as it was read; each
+    copy of a row computes the same new values (its gradient is the row's summed gradient),
+    so writing them all back in any order leaves that value."""
+    if touched:
+        return p.index_select(0, index), lambda v: p.index_copy_(0, index, v)
     if part is None:
         return p, lambda v: None
     axis, k = part
@@ -90,9 +96,19 @@ def _split_state(rest, n_state):
     return rest[:n_state], (rest[n_state] if len(rest) > n_state else None)
 
 
-def _sgd_update(p, g, lr, step, *rest, momentum, dampening, weight_decay, nesterov, part, n_state):
-    state, index = _split_state(rest, n_state)
-    w, write_back = _trained_part(p, part, index)
+def _touched_state(state, index, touched):
+    """The optimizer state of the trained entries, and how to write it back: under a
+    'touched' rule the state covers the whole table and is read and written by rows."""
+    if not touched:
+        return list(state), lambda: None
+    rows = [s.index_select(0, index) for s in state]
+    return rows, lambda: [s.index_copy_(0, index, r) for s, r in zip(state, rows)]
+
+
+def _sgd_update(p, g, lr, step, *rest, momentum, dampening, weight_decay, nesterov, part, n_state, touched=False):
+    whole_state, index = _split_state(rest, n_state)
+    w, write_back = _trained_part(p, part, index, touched)
+    state, write_state = _touched_state(whole_state, index, touched)
     d = g if weight_decay == 0 else g.add(w, alpha=weight_decay)
     if momentum:
         buf = state[0]
@@ -103,11 +119,13 @@ def _sgd_update(p, g, lr, step, *rest, momentum, dampening, weight_decay, nester
         d = d.add(buf, alpha=momentum) if nesterov else buf
     w.add_(d, alpha=-lr)
     write_back(w)
+    write_state()
 
 
-def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, n_state):
-    (m, v), index = _split_state(rest, n_state)
-    w, write_back = _trained_part(p, part, index)
+def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, n_state, touched=False):
+    whole_state, index = _split_state(rest, n_state)
+    w, write_back = _trained_part(p, part, index, touched)
+    (m, v), write_state = _touched_state(whole_state, index, touched)
     w.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -115,6 +133,7 @@ def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, 
     denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
     w.addcdiv_(m, denom, value=-step_size)
     write_back(w)
+    write_state()
 
 
 def _bool_scalar(*inputs, **attrs):
@@ -160,6 +179,8 @@ def _onnx_all(ctx, n, conditions):
 
 def _onnx_read_part(ctx, n, p, index):
     """The trained entries of p (as _trained_part)."""
+    if n.attrs.get("touched"):
+        return ctx.op("Gather", p, index[0], axis=0)
     if n.attrs["part"] is None:
         return p
     axis, k = n.attrs["part"]
@@ -170,6 +191,8 @@ def _onnx_read_part(ctx, n, p, index):
 
 def _onnx_write_part(ctx, n, p, new, index):
     """p with its trained entries replaced by `new`; the other entries are copied unchanged."""
+    if n.attrs.get("touched"):  # repeated rows carry equal values: any order of writes leaves them
+        return ctx.op("ScatterND", p, ctx.op("Unsqueeze", index[0], ctx.ints([-1])), new)
     if n.attrs["part"] is None:
         return new
     axis, k = n.attrs["part"]
@@ -188,9 +211,23 @@ def _onnx_update_operands(n, names):
     return p, g, lr, step, rest[:n.attrs["n_state"]], rest[n.attrs["n_state"]:]
 
 
+def _onnx_state_rows(ctx, n, state, index):
+    """The state of the trained entries: all of it, or under a 'touched' rule the looked-up rows."""
+    return [ctx.op("Gather", s, index[0], axis=0) for s in state] if n.attrs.get("touched") else list(state)
+
+
+def _onnx_new_state(ctx, n, state, new, index):
+    """The whole new state: the rows written back into the table's state under 'touched'."""
+    if not n.attrs.get("touched"):
+        return list(new)
+    rows = ctx.op("Unsqueeze", index[0], ctx.ints([-1]))
+    return [ctx.op("ScatterND", s, rows, v) for s, v in zip(state, new)]
+
+
 def _sgd_update_onnx(ctx, n, xs):
     a, dtype = n.attrs, n.inputs[0].dtype
-    p, g, lr, step, state, index = _onnx_update_operands(n, xs)
+    p, g, lr, step, whole_state, index = _onnx_update_operands(n, xs)
+    state = _onnx_state_rows(ctx, n, whole_state, index)
     c = lambda v: ctx.scalar(v, dtype)  # noqa: E731
     w = _onnx_read_part(ctx, n, p, index)
     d = g if a["weight_decay"] == 0 else ctx.op("Add", g, ctx.op("Mul", w, c(a["weight_decay"])))
@@ -203,7 +240,7 @@ def _sgd_update_onnx(ctx, n, xs):
         new_state.append(buf)
         d = ctx.op("Add", d, ctx.op("Mul", buf, c(a["momentum"]))) if a["nesterov"] else buf
     new_w = ctx.op("Sub", w, ctx.op("Mul", d, ctx.cast(lr, dtype)))
-    return (_onnx_write_part(ctx, n, p, new_w, index), *new_state)
+    return (_onnx_write_part(ctx, n, p, new_w, index), *_onnx_new_state(ctx, n, whole_state, new_state, index))
 
 
 def _onnx_lerp(ctx, start, end, weight, dtype):
@@ -216,7 +253,8 @@ def _onnx_lerp(ctx, start, end, weight, dtype):
 
 def _adamw_update_onnx(ctx, n, xs):
     a, dtype = n.attrs, n.inputs[0].dtype
-    p, g, lr, step, (m, v), index = _onnx_update_operands(n, xs)
+    p, g, lr, step, whole_state, index = _onnx_update_operands(n, xs)
+    m, v = _onnx_state_rows(ctx, n, whole_state, index)
     f64 = lambda v: ctx.scalar(v, torch.float64)  # noqa: E731
     w = _onnx_read_part(ctx, n, p, index)
     decay = ctx.op("Sub", f64(1.0), ctx.op("Mul", lr, f64(a["weight_decay"])))
@@ -230,7 +268,7 @@ def _adamw_update_onnx(ctx, n, xs):
     root = ctx.cast(ctx.op("Sqrt", correction(a["beta2"])), dtype)
     denom = ctx.op("Add", ctx.op("Div", ctx.op("Sqrt", v), root), ctx.scalar(a["eps"], dtype))
     new_w = ctx.op("Sub", w, ctx.op("Mul", step_size, ctx.op("Div", m, denom)))
-    return _onnx_write_part(ctx, n, p, new_w, index), m, v
+    return _onnx_write_part(ctx, n, p, new_w, index), *_onnx_new_state(ctx, n, whole_state, (m, v), index)
 
 
 register("is_finite", _is_finite, shape=_bool_scalar, onnx=lambda ctx, n, xs: _onnx_finite(ctx, xs[0]))

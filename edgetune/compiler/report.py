@@ -120,6 +120,10 @@ def _mode(trainer, module: str) -> str:
     for leaf, rule in rules.items():
         if rule.lora:
             parts.append(f"lora r={rule.lora}" if leaf == "weight" else f"{leaf} lora r={rule.lora}")
+        elif rule.touched:
+            parts.append(f"{leaf}@touched rows")
+        elif rule.rows:
+            parts.append(f"{leaf}@{len(rule.rows)} rows")
         else:
             parts.append(leaf if not rule.partial else f"{leaf}@{rule.ratio:g}")
     return "+".join(parts)

@@ -3,8 +3,11 @@
 A scheme is an ordered mapping from fnmatch patterns over `model.named_parameters()` names
 to a rule; the first matching pattern decides and unmatched parameters are frozen. Rules:
 "full", "frozen", a ratio r in (0, 1] (ceil(r*C) channels chosen by weight magnitude),
-{"ratio": r, "select": "magnitude" | "first"}, or {"lora": r, "alpha": a} on a linear weight
-(the weight stays frozen; two trainer-owned adapters train, see edgetune.compiler.lora). Presets build
+{"ratio": r, "select": "magnitude" | "first"}, {"lora": r, "alpha": a} on a linear weight
+(the weight stays frozen; two trainer-owned adapters train, see edgetune.compiler.lora), or
+{"rows": [i, ...]} / {"rows": "touched"} on an embedding table (only those token rows train, or
+only the rows each batch looks up, with the optimizer state of a row moving only when it is
+looked up: a sparse, "lazy" update). Presets build
 such mappings; those that need the model's structure (`last`, `tte`, the language-model
 presets `lm_last`, `lm_sparse`, `norms_only`, `lora`) return a `Scheme` that resolves against
 the model. `from_string` reads the short spellings the CLI takes ("lm-sparse:6", "lora:8").
@@ -23,6 +26,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 SELECTIONS = ("magnitude", "first")
+TOUCHED = "touched"  # {"rows": "touched"}: the rows each batch looks up
 # PEFT's LoraConfig default (lora_alpha=8, whatever r is): scale = alpha / r, so 1.0 at r = 8
 # and 0.5 at r = 16. Kept so an adapter behaves the same here and in PEFT with defaults.
 LORA_ALPHA = 8.0
@@ -30,17 +34,24 @@ LORA_ALPHA = 8.0
 
 @dataclass(frozen=True)
 class Rule:
-    """The resolved rule of one parameter: trained fully, on a ratio of its channels, or
-    through a rank-`lora` adapter (the parameter itself then stays frozen)."""
+    """The resolved rule of one parameter: trained fully, on a ratio of its channels, on some
+    rows of an embedding table, or through a rank-`lora` adapter (the parameter itself then
+    stays frozen)."""
 
     ratio: float = 1.0
     select: str = "magnitude"
     lora: int = 0  # LoRA rank; 0 = the parameter itself trains
     alpha: float = LORA_ALPHA  # LoRA only: the adapter's output is scaled by alpha / lora
+    rows: tuple[int, ...] | str = ()  # embedding rows that train: sorted token ids, or TOUCHED
 
     @property
     def partial(self) -> bool:
-        return self.ratio < 1.0
+        """Trained on a fixed part of the weight (a ratio of channels or chosen rows)."""
+        return self.ratio < 1.0 or isinstance(self.rows, tuple) and bool(self.rows)
+
+    @property
+    def touched(self) -> bool:
+        return self.rows == TOUCHED
 
     @property
     def scale(self) -> float:
@@ -49,6 +60,8 @@ class Rule:
     def __repr__(self) -> str:
         if self.lora:
             return f"Rule(lora={self.lora}, alpha={self.alpha:g})"
+        if self.rows:
+            return f"Rule(rows={self.rows if self.touched else list(self.rows)!r})"
         return f"Rule(ratio={self.ratio:g}, select={self.select!r})"
 
     def channels(self, size: int) -> int:
@@ -130,6 +143,8 @@ def parse_rule(pattern: str, rule: Any) -> Rule | None:
         return Rule()
     if isinstance(rule, Mapping) and "lora" in rule:
         return _lora_rule(pattern, rule)
+    if isinstance(rule, Mapping) and "rows" in rule:
+        return _rows_rule(pattern, rule)
     if isinstance(rule, Mapping):
         unknown = set(rule) - {"ratio", "select"}
         if unknown or "ratio" not in rule:
@@ -138,7 +153,22 @@ def parse_rule(pattern: str, rule: Any) -> Rule | None:
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
         return Rule(_ratio(pattern, rule))
     raise SchemeError(f"unknown rule {rule!r} for {pattern!r}: use 'full', 'frozen', a ratio in (0, 1], "
-                      "{'ratio': r, 'select': 'magnitude'|'first'}, or {'lora': rank, 'alpha': a}")
+                      "{'ratio': r, 'select': 'magnitude'|'first'}, {'lora': rank, 'alpha': a}, "
+                      "or {'rows': [token ids] | 'touched'}")
+
+
+def _rows_rule(pattern: str, rule: Mapping) -> Rule:
+    if set(rule) != {"rows"}:
+        raise SchemeError(f"rows rule for {pattern!r}: expected {{'rows': [token ids]}} or {{'rows': 'touched'}}, "
+                          f"got {dict(rule)}")
+    rows = rule["rows"]
+    if rows == TOUCHED:
+        return Rule(rows=TOUCHED)
+    if (isinstance(rows, (str, bytes, Mapping)) or not hasattr(rows, "__iter__")
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in rows) or not rows):
+        raise SchemeError(f"rows for {pattern!r} must be 'touched' or a non-empty list of token ids >= 0, "
+                          f"got {rows!r}")
+    return Rule(rows=tuple(sorted(set(rows))))
 
 
 def _lora_rule(pattern: str, rule: Mapping) -> Rule:
@@ -178,6 +208,8 @@ def as_mapping(rules: Mapping[str, Rule]) -> dict[str, Any]:
 def _as_plain(rule: Rule) -> Any:
     if rule.lora:
         return {"lora": rule.lora, "alpha": rule.alpha}
+    if rule.rows:
+        return {"rows": rule.rows if rule.touched else list(rule.rows)}
     return "full" if not rule.partial else {"ratio": rule.ratio, "select": rule.select}
 
 

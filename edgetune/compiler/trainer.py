@@ -585,13 +585,16 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     for node, grad in grads.items():
         part, target = parts.get(node), node.attrs["target"]
         module = lora.layer_of(target) if node.attrs["kind"] == "adapter" else target.rpartition(".")[0]
-        state = [b.input(f"{node.name}_{s}", grad.shape, grad.dtype, kind="state", target=f"{target}:{s}")
-                 for s in optimizer.state_names]
+        touched = bool(part and part.touched)  # the state covers the whole table; a row's moves when it is read
+        state = [b.input(f"{node.name}_{s}", node.shape if touched else grad.shape, grad.dtype, kind="state",
+                         target=f"{target}:{s}") for s in optimizer.state_names]
         index = [part.index] if part and not part.first else []
         b.meta = {"module": module, "update_of": target}
+        fixed = None if touched else part
         b.emit(optimizer.op, node, grad, lr, step, *state, *index, *guard.condition(node),
-               part=(part.axis, part.k) if part else None, n_state=len(state), **optimizer.attrs(), **guard.attrs)
-        updates.append(Update(target, node, part, state, module))
+               part=(fixed.axis, fixed.k) if fixed else None, n_state=len(state), **optimizer.attrs(), **guard.attrs,
+               **({"touched": True} if touched else {}))
+        updates.append(Update(target, node, fixed, state, module))
     b.meta = {}
     for key, value in graph.outputs.items():
         if key.startswith("buffer:"):
@@ -632,12 +635,53 @@ def _guards(b: Builder, mode: str, loss_ok: Node | None, grads: dict[Node, Node]
 
 def _part(b: Builder, forward: "ForwardGraph", name: str, rule: schemes.Rule, weight: torch.Tensor,
           index: torch.Tensor | None = None):
+    if rule.touched:
+        return _touched_rows(b, forward, name)
     if not rule.partial:
         return None
-    axis = _channel_axis(forward, name)
-    index = schemes.choose_channels(weight, axis, rule) if index is None else index
+    if rule.rows:
+        axis, index = _rows_axis(forward, name), _chosen_rows(name, rule, weight)
+    else:
+        axis = _channel_axis(forward, name)
+        index = schemes.choose_channels(weight, axis, rule) if index is None else index
     first = bool(torch.equal(index, torch.arange(len(index))))
     return ChannelSlice(axis, b.const(index), first)
+
+
+def _chosen_rows(name: str, rule: schemes.Rule, weight: torch.Tensor) -> torch.Tensor:
+    if rule.rows[-1] >= weight.shape[0]:
+        raise schemes.SchemeError(f"rows rule on {name!r}: row {rule.rows[-1]} is out of range, the table has "
+                                  f"{weight.shape[0]} rows (token ids 0..{weight.shape[0] - 1})")
+    return torch.tensor(rule.rows, dtype=torch.int64)
+
+
+def _rows_axis(forward: "ForwardGraph", name: str) -> int:
+    """Axis 0, where every op that reads the weight reads it by rows: an embedding lookup, or
+    the output features of a linear layer or of the fused vocabulary loss (a tied LM head)."""
+    node = forward.params[name]
+    for u in forward.graph.nodes:
+        if node not in u.inputs:
+            continue
+        by_rows = (u.op == "embedding" and u.inputs[0] is node) or (
+            u.op in ("linear", "vocab_log_prob") and u.inputs[1] is node and u.inputs[0] is not node)
+        if not by_rows:
+            raise schemes.SchemeError(f"a rows rule needs an embedding table or an LM head (a layer whose rows are its outputs), but {name!r} is "
+                                      f"used by op '{u.op}' (module '{u.meta.get('module', '?')}')")
+    return 0
+
+
+def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlice:
+    """The rows the batch looks up, as the one embedding lookup of the table reads them."""
+    node = forward.params[name]
+    users = [u for u in forward.graph.nodes if node in u.inputs]
+    if len(users) != 1 or users[0].op != "embedding" or users[0].inputs[0] is not node:
+        uses = ", ".join(f"'{u.op}' (module '{u.meta.get('module', '?')}')" for u in users) or "nothing"
+        raise schemes.SchemeError(
+            f"a 'touched' rows rule needs a table that one embedding lookup alone reads, but {name!r} is read by "
+            f"{uses}; a tied LM head gives every row a gradient: train chosen rows ({{'rows': [ids]}}) or a "
+            "ratio of its hidden axis instead")
+    ids = users[0].inputs[1]
+    return ChannelSlice(0, b.emit("reshape", ids, shape=(math.prod(ids.shape),)), first=False, touched=True)
 
 
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:

@@ -151,3 +151,57 @@ def test_ratio_rules_on_the_lm_head_and_embeddings_train_hidden_columns(tied):
     for name, ratio in rules.items():
         columns = int(32 * ratio)  # of the 32 hidden columns, each whole
         assert masks[name].all(0).sum() == columns and masks[name].any(0).sum() == columns, name
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_rows_rules_train_only_the_chosen_tokens(tied):
+    # New tokens' embeddings: only their rows train, through the lookup and (tied, or as the
+    # untied head's own rule) through the fused vocabulary loss.
+    model = tiny_causal_lm("llama", tie_word_embeddings=tied)
+    rows = {"model.embed_tokens.weight": [1, 5, 7, 100, 127], **({} if tied else {"lm_head.weight": [3, 5, 9]})}
+    scheme = {**{name: {"rows": ids} for name, ids in rows.items()}, "model.norm.weight": "full"}
+    trainer = check_against_eager(model, causal_lm_loss, lm_batches(), scheme, "adamw", rtol=DECODER_RTOL)
+    masks = trainer.trained_masks()
+    for name, ids in rows.items():
+        assert masks[name].all(1).nonzero().flatten().tolist() == ids and masks[name].any(1).sum() == len(ids)
+
+
+def lazy_reference(model, loss_fn, batches, trainer, optimizer, table, lazy=True):
+    rows = {table: lambda inputs: inputs[0].flatten()} if lazy else None
+    return train_eager(model, loss_fn, batches, trainer.trained_masks(), OPTIMIZERS[optimizer][1], lazy_rows=rows)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_touched_rows_update_as_a_sparse_optimizer_does(optimizer):
+    # Only the rows a batch looks up move, optimizer state included; the rest wait unchanged
+    # (momentum and weight decay would move them in a dense update). BERT's table has a
+    # padding row (0), which gets no gradient.
+    for model, loss_fn, batches, table, also, rtol in (
+            (tiny_causal_lm("llama", tie_word_embeddings=False), causal_lm_loss, padded_lm_batches(n=4, vocab=40),
+             "model.embed_tokens.weight", "model.norm.weight", DECODER_RTOL),
+            (tiny_sequence_classifier(), classifier_loss, padded_classifier_batches(vocab=20),
+             "bert.embeddings.word_embeddings.weight", "classifier.*", 1e-7)):
+        model = model.double()
+        reference, dense = copy.deepcopy(model), copy.deepcopy(model)
+        trainer = et.compile(model, loss_fn, *batches[0], scheme={table: {"rows": "touched"}, also: "full"},
+                             optimizer=OPTIMIZERS[optimizer][0])
+        losses = [trainer.step(*batch) for batch in batches]
+        assert losses == pytest.approx(lazy_reference(reference, loss_fn, batches, trainer, optimizer, table), rel=rtol)
+        assert_models_match(model, reference, rtol=rtol, atol=rtol / 10)
+        assert trainer.state[f"{table}:{OPTIMIZERS[optimizer][0].state_names[0]}"].shape == model.get_parameter(
+            table).shape
+        # The test can tell: a dense update of the same table ends elsewhere.
+        lazy_reference(dense, loss_fn, batches, trainer, optimizer, table, lazy=False)
+        assert not torch.allclose(dense.get_parameter(table), model.get_parameter(table), rtol=1e-3)
+
+
+@pytest.mark.parametrize("scheme, message", [
+    ({"model.embed_tokens.weight": {"rows": "touched"}}, "a 'touched' rows rule needs a table that one embedding "
+                                                         "lookup alone reads.*vocab_log_prob"),
+    ({"model.embed_tokens.weight": {"rows": [3, 128]}}, "row 128 is out of range, the table has 128 rows"),
+    ({"model.norm.weight": {"rows": [1]}}, "a rows rule needs an embedding table.*is used by op"),
+])
+def test_rows_rules_that_cannot_hold_say_why(scheme, message):
+    (ids, mask), targets = lm_batches()[0]
+    with pytest.raises(et.schemes.SchemeError, match=message):
+        et.compile(tiny_causal_lm("llama"), causal_lm_loss, (ids, mask), targets, scheme=scheme)

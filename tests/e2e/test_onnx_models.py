@@ -3,7 +3,8 @@ StepRunner), against the same steps on the torch backend: the losses of three st
 tensor the runner carries (trained parameters, optimizer state) against the trainer's.
 
 A tiny Llama under a sparse scheme exports the fused LM loss (vocab_log_prob and both its
-gradients: the tied embedding trains); the model zoo has no group norm or transposed
+gradients: the tied embedding trains), and again with only a few token rows training; a BERT
+classifier trains the embedding rows each batch looks up; the model zoo has no group norm or transposed
 convolution, so a small decoder-style net here exercises them with pooling and upsampling; a
 ViT under a partial-channel scheme. The Llama runs in float64; the conv nets in float32
 (onnxruntime has no float64 Conv).
@@ -23,6 +24,7 @@ from edgetune.models import build  # noqa: E402
 from edgetune.runtime import StepRunner, put_part  # noqa: E402
 from tests.e2e.test_models import image_batches, next_token_loss, token_batches  # noqa: E402
 from tests.ops.test_onnx_lowering import single_threaded  # noqa: E402
+from tests.reference import padded_classifier_batches  # noqa: E402
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-9, atol=1e-12)}
 
@@ -53,6 +55,21 @@ def llama():
     return model, next_token_loss, token_batches(), scheme, et.AdamW(lr=1e-3, eps=1e-4, weight_decay=0.01)
 
 
+def llama_rows():
+    model = build("llama", num_classes=256).double()
+    scheme = {"embed_tokens.weight": {"rows": [2, 9, 40, 41, 200]}, "norm.weight": "full"}  # new tokens, tied head
+    return model, next_token_loss, token_batches(), scheme, et.AdamW(lr=1e-3, eps=1e-4, weight_decay=0.01)
+
+
+def bert_touched():
+    pytest.importorskip("transformers")
+    from edgetune.models.hf import tiny_sequence_classifier
+
+    scheme = {"bert.embeddings.word_embeddings.weight": {"rows": "touched"}, "classifier.*": "full"}
+    return (tiny_sequence_classifier(), lambda outputs, labels: F.cross_entropy(outputs.logits, labels),
+            padded_classifier_batches(vocab=20), scheme, et.SGD(lr=0.1, momentum=0.9, weight_decay=0.01))
+
+
 def decoder():
     return Decoder(), F.cross_entropy, image_batches(n=4, size=16), et.schemes.full(), et.SGD(lr=0.05, momentum=0.9)
 
@@ -66,6 +83,8 @@ def vit():
 
 MODELS = {  # name: (maker, the ops its exported step must hold)
     "llama-sparse": (llama, {"vocab_log_prob", "vocab_log_prob_grad_h", "vocab_log_prob_grad_w", "sdpa_grad"}),
+    "llama-rows": (llama_rows, {"embedding_rows_grad", "vocab_log_prob_grad_w"}),
+    "bert-touched": (bert_touched, {"embedding_touched_grad", "sgd_update"}),
     "decoder-full": (decoder, {"group_norm", "gn_grad_input", "gn_grad_weight", "conv_transpose",
                                "conv_transpose_grad_input", "conv_transpose_grad_weight", "elu_grad",
                                "upsample2d_grad", "avg_pool2d_grad", "adaptive_max_pool2d_grad"}),

@@ -518,6 +518,14 @@ def _indexing_cases(a):
          dict(num_weights=6, padding_idx=-1)),
         ("embedding_grad-padding", "embedding_grad", [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]])],
          dict(num_weights=6, padding_idx=2)),
+        ("embedding_rows_grad", "embedding_rows_grad",
+         [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]]), Const(torch.tensor([1, 2, 4]))], dict(padding_idx=-1)),
+        ("embedding_rows_grad-padding", "embedding_rows_grad",
+         [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]]), Const(torch.tensor([1, 2, 4]))], dict(padding_idx=2)),
+        ("embedding_touched_grad", "embedding_touched_grad", [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]])],
+         dict(padding_idx=-1)),
+        ("embedding_touched_grad-padding", "embedding_touched_grad",
+         [a.r(2, 3, 4), torch.tensor([[1, 5, 1], [0, 2, 2]])], dict(padding_idx=5)),
     ]
 
 
@@ -561,10 +569,16 @@ def _mask_cases(a):
     ]
 
 
+def _repeated(rows):
+    """The summed gradient of rows 4, 1, 0 given per lookup of `touched` (4, 1, 4, 0, 1)."""
+    return rows[[0, 1, 0, 2, 1]]
+
+
 def _optimizer_cases(a):
     sgd = dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, part=None, n_state=1)
     adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, part=None, n_state=2)
     chosen = Const(torch.tensor([0, 2]))
+    touched = torch.tensor([4, 1, 4, 0, 1])  # the rows a batch looked up, in lookup order
     cases = [
         ("sgd-plain", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.1, 1], dict(sgd, momentum=0.0, n_state=0)),
         ("sgd-momentum-step1", "sgd_update", [a.r(4, 3), a.r(4, 3), 0.1, 1, a.r(4, 3)], sgd),
@@ -581,6 +595,11 @@ def _optimizer_cases(a):
                                          torch.zeros(5, dtype=a.dtype)], adamw),
         ("adamw-partial-index", "adamw_update", [a.r(3, 4), a.r(2, 4), 0.01, 2, a.r(2, 4), a.pos(2, 4), chosen],
          dict(adamw, part=(0, 2))),
+        # 'touched' rows: the state covers the table; a repeated row brings the same gradient
+        ("sgd-touched-rows", "sgd_update", [a.r(6, 3), _repeated(a.r(3, 3)), 0.1, 2, a.r(6, 3), touched],
+         dict(sgd, touched=True)),
+        ("adamw-touched-rows", "adamw_update", [a.r(6, 3), _repeated(a.r(3, 3)), 0.01, 2, a.r(6, 3), a.pos(6, 3),
+                                                touched], dict(adamw, touched=True)),
         ("assign", "assign", [a.r(3), a.r(3)], {}),
         ("assign-int64", "assign", [torch.tensor(4), torch.tensor(5)], {}),
     ]
@@ -622,7 +641,9 @@ def _vocab_cases(a):
         packed = _vocab_log_prob(h, w, target, chunk=chunk)
         cases += [(f"vocab_log_prob-chunk{chunk}", "vocab_log_prob", [h, w, target], dict(chunk=chunk)),
                   (f"vocab_log_prob_grad_w-chunk{chunk}", "vocab_log_prob_grad_w", [a.r(6, 6), h, w, target, packed],
-                   dict(chunk=chunk))]
+                   dict(chunk=chunk)),
+                  (f"vocab_log_prob_grad_w-rows-chunk{chunk}", "vocab_log_prob_grad_w",  # rows of a rows rule
+                   [a.r(6, 6), h, w, target, packed, Const(torch.tensor([0, 3, 4, 7, 10]))], dict(chunk=chunk, rows=True))]
     big = h * 300  # logits of ~1000: the online log-sum-exp rescales earlier slices
     return cases + [
         ("vocab_log_prob-large-logits", "vocab_log_prob", [big, w, target], dict(chunk=4)),

@@ -24,10 +24,21 @@ def test_dict_rule_with_selection():
     ({"pw.weight": "half"}, "unknown rule 'half' for 'pw.weight'"),
     ({"pw.weight": {"ratio": 0.5, "select": "random"}}, "select for 'pw.weight'"),
     ({"pw.weight": {"fraction": 0.5}}, "rule for 'pw.weight'"),
+    ({"pw.weight": {"rows": []}}, "rows for 'pw.weight' must be 'touched' or a non-empty list"),
+    ({"pw.weight": {"rows": [1, -2]}}, "rows for 'pw.weight'"),
+    ({"pw.weight": {"rows": "all"}}, "rows for 'pw.weight'"),
+    ({"pw.weight": {"rows": [1], "ratio": 0.5}}, "rows rule for 'pw.weight': expected"),
 ])
 def test_bad_schemes_name_the_culprit(scheme, message):
     with pytest.raises(SchemeError, match=message):
         resolve(scheme, ConvNet())
+
+
+def test_rows_rules_are_sorted_token_ids_or_touched_and_round_trip():
+    rules = resolve({"pw.weight": {"rows": [7, 1, 7]}, "head.weight": {"rows": "touched"}}, ConvNet())
+    assert rules["pw.weight"] == Rule(rows=(1, 7)) and rules["pw.weight"].partial
+    assert rules["head.weight"].touched and not rules["head.weight"].partial
+    assert resolve(schemes.as_mapping(rules), ConvNet()) == rules
 
 
 def test_presets():

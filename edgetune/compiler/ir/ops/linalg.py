@@ -20,11 +20,12 @@ def _linear_vjp(b, n, g, want):
     gx = b.emit("linear_grad_input", g, w) if want[0] else None
     gw = None
     if want[1]:
-        # A partial rule on axis 1 needs only the k chosen input features of x.
-        xs = take_channels(b, x, want[1], dim=len(x.shape) - 1) if isinstance(want[1], ChannelSlice) else x
-        if isinstance(want[1], ChannelSlice) and want[1].axis != 1:
-            raise NotImplementedError(f"partial update of linear weight {w.name} along axis {want[1].axis}")
-        gw = b.emit("linear_grad_weight", g, xs)
+        # A ratio rule (axis 1) needs only the k chosen input features of x; a rows rule
+        # (axis 0: a tied table's chosen tokens) only the chosen output features of g.
+        part = want[1] if isinstance(want[1], ChannelSlice) else None
+        xs = take_channels(b, x, part, dim=len(x.shape) - 1) if part and part.axis == 1 else x
+        gs = take_channels(b, g, part, dim=len(g.shape) - 1) if part and part.axis == 0 else g
+        gw = b.emit("linear_grad_weight", gs, xs)
     gb = b.sum_to(g, n.inputs[2].shape) if len(n.inputs) == 3 and want[2] else None
     return (gx, gw, gb)[: len(n.inputs)]
 

@@ -1013,13 +1013,16 @@ aten(A.upsample_bilinear2d.vec)(lambda b, x, output_size, align_corners, scale_f
 
 def _embedding_vjp(b, n, g, want):
     w, idx = n.inputs
-    if not want[0]:
+    part, padding_idx = want[0], n.attrs["padding_idx"]
+    if not part:
         return None, None
-    if isinstance(want[0], ChannelSlice):
-        if want[0].axis != 1:
-            raise NotImplementedError(f"partial update of embedding {w.name} along axis {want[0].axis}")
-        g = take_channels(b, g, want[0], dim=len(g.shape) - 1)  # the chosen columns of every looked-up row
-    return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=n.attrs["padding_idx"]), None
+    if isinstance(part, ChannelSlice) and part.touched:  # a row per lookup, repeats included
+        return b.emit("embedding_touched_grad", g, idx, padding_idx=padding_idx), None
+    if isinstance(part, ChannelSlice) and part.axis == 0:  # chosen rows: only lookups of those add up
+        return b.emit("embedding_rows_grad", g, idx, part.index, padding_idx=padding_idx), None
+    if isinstance(part, ChannelSlice):
+        g = take_channels(b, g, part, dim=len(g.shape) - 1)  # the chosen columns of every looked-up row
+    return b.emit("embedding_grad", g, idx, num_weights=w.shape[0], padding_idx=padding_idx), None
 
 
 def _embedding_grad_onnx(ctx, n, xs):
@@ -1034,6 +1037,72 @@ def _embedding_grad_onnx(ctx, n, xs):
     return ctx.op("ScatterND", zeros, rows, g, reduction="add")
 
 
+def _flat_lookups(g, idx):
+    """g as one row per lookup [N, D], and the looked-up ids [N]."""
+    return g.reshape(-1, g.shape[-1]), idx.reshape(-1)
+
+
+def _embedding_rows_grad(g, idx, rows, *, padding_idx):
+    """The gradient of the chosen rows (sorted ids) of a table: [k, D]."""
+    g, idx = _flat_lookups(g, idx)
+    at = torch.searchsorted(rows, idx).clamp_(max=len(rows) - 1)
+    hit = (rows[at] == idx) & (idx != padding_idx)
+    return g.new_zeros((len(rows), g.shape[1])).index_add_(0, at[hit], g[hit])
+
+
+def _embedding_touched_grad(g, idx, *, padding_idx):
+    """[N, D]: for each lookup, the summed gradient of the row it read (what a sparse
+    gradient holds, repeated per lookup so that its shape is fixed)."""
+    g, idx = _flat_lookups(g, idx)
+    rows, inverse = torch.unique(idx, return_inverse=True)
+    summed = g.new_zeros((len(rows), g.shape[1])).index_add_(0, inverse, g)
+    summed[rows == padding_idx] = 0
+    return summed[inverse]
+
+
+def _onnx_flat_lookups(ctx, n, g, idx):
+    width = n.inputs[0].shape[-1]
+    return ctx.op("Reshape", g, ctx.ints([-1, width])), ctx.op("Reshape", idx, ctx.ints([-1]))
+
+
+def _without_padding(ctx, n, g, idx):
+    """g with the rows of lookups of the padding row zeroed."""
+    padding = n.attrs["padding_idx"]
+    if padding < 0:
+        return g
+    at_padding = ctx.op("Unsqueeze", ctx.op("Equal", idx, ctx.scalar(padding, torch.int64)), ctx.ints([-1]))
+    return ctx.op("Where", at_padding, ctx.scalar(0, n.dtype), g)
+
+
+def _embedding_rows_grad_onnx(ctx, n, xs):
+    """Each lookup matched against the chosen ids ([N, k] of booleans); the matched ones added
+    into their row's place."""
+    g, idx = _onnx_flat_lookups(ctx, n, *xs[:2])
+    g = _without_padding(ctx, n, g, idx)
+    matches = ctx.op("Equal", ctx.op("Unsqueeze", idx, ctx.ints([-1])),
+                     ctx.op("Unsqueeze", xs[2], ctx.ints([0])))
+    at = ctx.op("ArgMax", ctx.cast(matches, torch.int32), axis=1, keepdims=1)  # [N, 1]
+    hit = ctx.reduce("ReduceMax", ctx.cast(matches, torch.int32), [1], keepdims=True)
+    g = ctx.op("Where", ctx.cast(hit, torch.bool), g, ctx.scalar(0, n.dtype))
+    return ctx.op("ScatterND", ctx.full(n.shape, 0, n.dtype), at, g, reduction="add")
+
+
+def _embedding_touched_grad_onnx(ctx, n, xs):
+    g, idx = _onnx_flat_lookups(ctx, n, *xs)
+    g = _without_padding(ctx, n, g, idx)
+    rows, _, inverse, _ = ctx.op("Unique", idx, outputs=4, sorted=1)
+    zeros = ctx.op("Expand", ctx.scalar(0, n.dtype), ctx.op("Concat", ctx.op("Shape", rows), ctx.ints([n.shape[1]]),
+                                                             axis=0))
+    summed = ctx.op("ScatterND", zeros, ctx.op("Unsqueeze", inverse, ctx.ints([-1])), g, reduction="add")
+    return ctx.op("Gather", summed, inverse, axis=0)
+
+
+register("embedding_rows_grad", _embedding_rows_grad,
+         shape=lambda g, idx, rows, padding_idx: ((rows.shape[0], g.shape[-1]), g.dtype),
+         onnx=_embedding_rows_grad_onnx)
+register("embedding_touched_grad", _embedding_touched_grad,
+         shape=lambda g, idx, padding_idx: ((math.prod(idx.shape), g.shape[-1]), g.dtype),
+         scratch=lambda n: 2 * n.nbytes, onnx=_embedding_touched_grad_onnx)
 register("embedding", lambda w, idx, padding_idx: A.embedding(w, idx, padding_idx), _embedding_vjp,
          onnx=lambda ctx, n, xs: ctx.op("Gather", *xs, axis=0))
 register("embedding_grad", lambda g, idx, num_weights, padding_idx:

@@ -48,11 +48,15 @@ def storage_of(node: Node) -> Node:
 
 @dataclass(frozen=True)
 class ChannelSlice:
-    """The trainable part of a weight: entries `index` along `axis` (k of them)."""
+    """The trainable part of a weight: entries `index` along `axis` (k of them).
+
+    `touched`: the rows of an embedding table that the batch looks up; `index` is then the
+    lookup's token ids, flattened (a value of the step, with repeats), not a const."""
 
     axis: int
-    index: Node  # const int64 tensor of the chosen channels, sorted
+    index: Node  # const int64 tensor of the chosen channels, sorted (or the looked-up rows)
     first: bool  # channels are 0..k-1, so a narrow view serves instead of a gather
+    touched: bool = False
 
     @property
     def k(self) -> int:

@@ -51,21 +51,26 @@ def _grad_h(g, packed):
     return g[:, :1] * packed[:, 1:]
 
 
-def _grad_w(g, h, w, target, packed, h_part=None, *, chunk):
-    """The weight's gradient; given h_part (h's chosen columns: a ratio rule on the weight's
-    hidden axis), only those columns of it, [V, k]: the logits still need all of h."""
+def _grad_w(g, h, w, target, packed, extra=None, *, chunk, rows=False):
+    """The weight's gradient. `extra` is h_part (h's chosen columns: a ratio rule on the
+    weight's hidden axis), giving only those columns of it, [V, k] (the logits still need all
+    of h); or, where `rows`, the sorted ids of the chosen rows (a rows rule on a tied table),
+    giving only those rows, [k, D]."""
     g = g[:, :1]
     target = target[:, 0]
     log_sum_exp = (h * w[target]).sum(1, keepdim=True) - packed[:, :1]
-    rows = torch.arange(h.shape[0], device=h.device)
-    h_out = h if h_part is None else h_part
-    grad = w.new_empty((w.shape[0], h_out.shape[1]))
-    for start in range(0, w.shape[0], chunk):
-        w_slice = w[start:start + chunk]
+    h_out = extra if extra is not None and not rows else h
+    ids = extra if rows else torch.arange(w.shape[0], device=w.device)
+    positions = torch.arange(h.shape[0], device=h.device)
+    grad = w.new_empty((len(ids), h_out.shape[1]))
+    for start in range(0, len(ids), chunk):
+        chunk_ids = ids[start:start + chunk]
+        w_slice = w.index_select(0, chunk_ids) if rows else w[start:start + chunk]
         # d loss / d logits = g * (onehot(target) - softmax)
         g_logits = (h @ w_slice.T).sub_(log_sum_exp).exp_().mul_(-g)
-        inside = (target >= start) & (target < start + w_slice.shape[0])
-        g_logits[rows[inside], target[inside] - start] += g[inside, 0]
+        at = torch.searchsorted(chunk_ids, target).clamp_(max=len(chunk_ids) - 1)  # each row's target column
+        hit = chunk_ids[at] == target
+        g_logits[positions[hit], at[hit]] += g[hit, 0]
         grad[start:start + chunk] = g_logits.T @ h_out
     return grad
 
@@ -76,10 +81,11 @@ def _vjp(b, n, g, want):
     gw = None
     if want[1]:
         part = want[1] if isinstance(want[1], ChannelSlice) else None
-        if part is not None and part.axis != 1:
-            raise NotImplementedError(f"partial update of LM head weight {w.name} along axis {part.axis}")
-        h_part = [take_channels(b, h, part, dim=1)] if part is not None else []
-        gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, *h_part, chunk=n.attrs["chunk"])
+        if part is not None and part.axis == 0:  # chosen rows (tokens) of a tied table
+            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, part.index, chunk=n.attrs["chunk"], rows=True)
+        else:
+            h_part = [take_channels(b, h, part, dim=1)] if part is not None else []
+            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, *h_part, chunk=n.attrs["chunk"])
     return gh, gw, None
 
 
@@ -149,17 +155,24 @@ def _grad_w_onnx(ctx, n, xs):
     """Per slice: g * (onehot(target) - softmax) as the kernel adds it (-g * p, then + g at each
     row's target), its transpose times h; the slices' rows concatenated."""
     g, h, w, target, packed = xs[:5]
-    h_out = xs[5] if len(xs) == 6 else h  # the chosen columns of h, under a ratio rule
+    rows = n.attrs.get("rows")
+    h_out = xs[5] if len(xs) == 6 and not rows else h  # the chosen columns of h, under a ratio rule
+    ids = xs[5] if rows else None  # the chosen rows, under a rows rule
     first = lambda v: ctx.op("Slice", v, ctx.ints([0]), ctx.ints([1]), ctx.ints([1]))  # noqa: E731  (column 0)
     g = first(g)
     dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, _onnx_target_rows(ctx, w, target)), [1], keepdims=True)
     log_sum_exp, minus_g, grads = ctx.op("Sub", dot, first(packed)), ctx.op("Neg", g), []
     word = lambda v: ctx.scalar(v, torch.int64)  # noqa: E731
-    for start, stop in _onnx_slices(n.inputs[2].shape[0], n.attrs["chunk"]):
-        w_slice = _onnx_rows(ctx, w, start, stop)
+    for start, stop in _onnx_slices(n.shape[0], n.attrs["chunk"]):
+        if rows:
+            chunk_ids = _onnx_rows(ctx, ids, start, stop)
+            w_slice = ctx.op("Gather", w, chunk_ids, axis=0)
+        else:
+            chunk_ids = ctx.op("Range", word(start), word(stop), word(1))
+            w_slice = _onnx_rows(ctx, w, start, stop)
         logits = ctx.op("MatMul", h, ctx.op("Transpose", w_slice, perm=[1, 0]))
         g_logits = ctx.op("Mul", ctx.op("Exp", ctx.op("Sub", logits, log_sum_exp)), minus_g)
-        words = ctx.op("Reshape", ctx.op("Range", word(start), word(stop), word(1)), ctx.ints([1, -1]))
+        words = ctx.op("Reshape", chunk_ids, ctx.ints([1, -1]))
         at_target = ctx.op("Where", ctx.op("Equal", target, words), g, ctx.scalar(0, n.dtype))  # [N, slice]
         g_logits = ctx.op("Add", g_logits, at_target)
         grads.append(ctx.op("MatMul", ctx.op("Transpose", g_logits, perm=[1, 0]), h_out))
@@ -170,6 +183,6 @@ register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch
 register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype),
          onnx=_grad_h_onnx)
 register("vocab_log_prob_grad_w", _grad_w,
-         shape=lambda g, h, w, target, packed, h_part=None, chunk=0: ((w.shape[0], (h if h_part is None else h_part)
-                                                                       .shape[1]), w.dtype),
+         shape=lambda g, h, w, target, packed, extra=None, chunk=0, rows=False: (
+             (extra.shape[0], h.shape[1]) if rows else (w.shape[0], (h if extra is None else extra).shape[1]), w.dtype),
          scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize, onnx=_grad_w_onnx)
