@@ -72,8 +72,8 @@ def tiny_causal_lm(kind: str = "llama", seed: int = 0, **overrides) -> nn.Module
 def tiny_sequence_classifier(num_labels: int = 3, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised transformers BertForSequenceClassification of a tiny config."""
     transformers = _transformers()
-    options = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, **overrides)
+    options = {**dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=64, num_labels=num_labels), **overrides}
     torch.manual_seed(seed)
     return transformers.BertForSequenceClassification(transformers.BertConfig(**options)).eval()
 
