@@ -6,7 +6,8 @@ step and its recompile for the new length. Each engine runs in a fresh process.
     python -m bench.compile_time --tiny               # a tiny random Llama (seconds)
 
 A compile's time is that of its first step (or compile() call and first step) less a steady
-step's, the median of the steps after it. torch.compile compiles the model's forward and
+step's, the median of the steps after it; for edgetune also the compile's own clock (the sum
+of its phases), and its runs are repeated (--repeat, 3) with medians reported. torch.compile compiles the model's forward and
 backward (AOTAutograd); its optimizer step stays eager, and partial rules train their whole
 weights there (its cost is the compile, not the scheme); its on-disk caches start empty in
 each run (a fresh TORCHINDUCTOR_CACHE_DIR), as on a user's first run. Results:
@@ -65,7 +66,11 @@ def run_edgetune(args) -> dict:
     first_step, steady = _first_and_steady(lambda b: trainer.step(*b), _batch(args.batch, args.seq_len))
     new_first, new_steady = _first_and_steady(lambda b: trainer.step(*b), _batch(args.batch, args.bucket))
     phases = {f"{len(v.examples[0][0][0])}": v.seconds for v in trainer.variants.values()}
+    # The compiles' own clocks (the sum of their phases), free of the steady step subtracted
+    # above, whose noise on a busy machine is as large as a compile.
+    compiles = [sum(v.seconds.values()) for v in trainer.variants.values()]
     return {"first": first_compile + first_step - steady, "new_bucket": new_first - new_steady,
+            "compile_first": compiles[0], "compile_new_bucket": compiles[1],
             "phases": phases, "steady_step": steady, "steady_step_bucket": new_steady}
 
 
@@ -96,20 +101,31 @@ def run_torch_compile(args) -> dict:
 
 
 def run_all(args) -> dict:
+    """Each engine in fresh processes: edgetune `args.repeat` times (the medians are reported,
+    each run under "runs"), torch.compile once (minutes a run)."""
     results = {}
     for engine in ENGINES:
-        cmd = [sys.executable, "-m", "bench.compile_time", "--engine", engine, "--scheme", args.scheme,
-               "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--bucket", str(args.bucket)]
-        cmd += ["--tiny"] if args.tiny else []
-        with tempfile.TemporaryDirectory() as cache:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-        if out.returncode:
-            results[engine] = {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-        else:
-            results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs = [_run_engine(engine, args) for _ in range(args.repeat if engine == "edgetune" else 1)]
+        results[engine] = runs[0] if len(runs) == 1 or any("error" in r for r in runs) else _medians(runs)
         print(f"{engine}: {results[engine]}", file=sys.stderr)
     return results
+
+
+def _run_engine(engine: str, args) -> dict:
+    cmd = [sys.executable, "-m", "bench.compile_time", "--engine", engine, "--scheme", args.scheme,
+           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--bucket", str(args.bucket)]
+    cmd += ["--tiny"] if args.tiny else []
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TORCHINDUCTOR_CACHE_DIR": cache}
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _medians(runs: list[dict]) -> dict:
+    numbers = [k for k, v in runs[0].items() if isinstance(v, float)]
+    return {**{k: statistics.median(r[k] for r in runs) for k in numbers}, "runs": runs}
 
 
 def parse_args(argv=None):
@@ -120,6 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--bucket", type=int, default=64, help="the shorter length compiled second")
+    p.add_argument("--repeat", type=int, default=3, help="fresh edgetune processes (medians reported)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile.json"))
     return p.parse_args(argv)
 
@@ -129,7 +146,7 @@ def main(argv=None) -> None:
     if args.engine:
         print(json.dumps((run_edgetune if args.engine == "edgetune" else run_torch_compile)(args)))
         return
-    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("engine", "out")},
+    results = {"settings": {k: v for k, v in vars(args).items() if k not in ("engine", "out", "repeat")},
                "engines": run_all(args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
