@@ -13,6 +13,9 @@ it, with batches grouped by length (LMData.batches(group_by_length=True)). Each 
 process, run in turns (fixed, buckets, fixed, buckets, one shuffle seed per pair), so that
 whatever else loads the machine hits both. Step times are wall times of trainer.step; a step
 that compiled a new shape is left out of the throughput and counted as that shape's compile.
+The rate the goal is judged on times each step at its length's median (other work on this
+shared machine slows single steps several-fold); the plain rate over all steps is kept too.
+The held-out loss is evaluated once after each run (and once before training, for all).
 Results go to experiments/results/lm_buckets.json (finished runs are kept, so an interrupted
 run resumes); the RESULTS.md section between the markers below is rewritten.
 """
@@ -56,7 +59,7 @@ def split(settings: dict):
 
 def run_one(config: str, seed: int, settings: dict) -> dict:
     import edgetune as et
-    from edgetune.apps.lm import compile_lm, finetune_lm
+    from edgetune.apps.lm import adapters_merged, compile_lm, evaluate_lm, finetune_lm
     from edgetune.data.chat import IGNORE
 
     buckets, group = CONFIGS[config]["buckets"], CONFIGS[config]["group_by_length"]
@@ -78,27 +81,64 @@ def run_one(config: str, seed: int, settings: dict) -> dict:
         return loss
 
     trainer.step = timed
-    history = finetune_lm(trainer, train, held, epochs=settings["passes"], batch_size=settings["batch"],
-                          lr=settings["lr"], warmup=settings["warmup"], seed=seed, progress=False,
-                          log=lambda _: None, train_eval_size=16, buckets=buckets, group_by_length=group)
+    cpu = _cpu_times()
+    # finetune_lm's own evaluations (before, after) on one batch only: the held-out loss is
+    # evaluated once, below, and before training once for all runs (--before).
+    finetune_lm(trainer, train, held.subset(range(settings["batch"])), epochs=settings["passes"],
+                batch_size=settings["batch"], lr=settings["lr"], warmup=settings["warmup"], seed=seed,
+                progress=False, log=lambda _: None, train_eval_size=settings["batch"], buckets=buckets,
+                group_by_length=group)
+    cpu = [b - a for a, b in zip(cpu, _cpu_times())]
+    with adapters_merged(trainer) as model:
+        held_after = evaluate_lm(model, held, settings["batch"])
     steady = [s for s in steps if not s["new"]]
     lengths = sorted({s["length"] for s in steps})
     median = {L: statistics.median([s["seconds"] for s in steady if s["length"] == L] or [0.0]) for L in lengths}
     used_once = {L for L in lengths if not any(s["length"] == L for s in steady)}  # its compile counts its one step
-    return {"config": config, "seed": seed, "buckets": buckets, "group_by_length": group,
-            "held_before": history.evals[0]["loss"], "held_after": history.evals[-1]["loss"],
-            "steps": len(steps), "real_tokens": sum(s["real"] for s in steps),
-            "padded_tokens": sum(s["padded"] for s in steps),
-            # the goal's measure: real tokens per second of the steps that compiled nothing
-            "real_tokens_per_s": sum(s["real"] for s in steady) / sum(s["seconds"] for s in steady),
+    real = sum(s["real"] for s in steps)
+    return {"config": config, "seed": seed, "buckets": buckets, "group_by_length": group, "held_after": held_after,
+            "steps": len(steps), "real_tokens": real, "padded_tokens": sum(s["padded"] for s in steps),
+            # the goal's measure, "median over the run": every step timed at the median step time
+            # of its length, so a step slowed by something else on the machine counts as a usual one
+            "real_tokens_per_s": sum(s["real"] for s in steps if s["length"] not in used_once)
+                                 / sum(median[s["length"]] for s in steps if s["length"] not in used_once),
+            # the plain one: real tokens / seconds of the steps that compiled nothing, slow ones included
+            "real_tokens_per_s_all": sum(s["real"] for s in steady) / sum(s["seconds"] for s in steady),
             "step_seconds": {str(L): median[L] for L in lengths if L not in used_once},
             "batches": {str(L): sum(s["length"] == L for s in steps) for L in lengths},
             # a new shape's compile: its first step less a steady step of that length
             "compile_seconds": {str(s["length"]): s["seconds"] - median[s["length"]] for s in steps if s["new"]},
             "first_compile_seconds": first_compile,
             "compile_phases": {"x".join(map(str, shapes[0])): seconds for shapes, _, seconds in trainer.report().variants},
-            "training_seconds": sum(s["seconds"] for s in steps), "run_seconds": history.seconds,
+            "training_seconds": sum(s["seconds"] for s in steps),
+            # the machine's CPU time that went to other work while this run trained
+            "others_cpu_share": cpu[1] / max(1e-9, cpu[0]),
+            "trace": [[s["length"], round(s["seconds"], 4)] for s in steps],
             "examples": {"train": len(train), "held_out": len(held)}}
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(CPU seconds of the whole machine, of them busy outside this process and its compile
+    children) so far: other processes share this machine's cores (zeros without /proc/stat)."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0, 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    ours = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+    busy = sum(jiffies) - jiffies[3] - jiffies[4] - jiffies[7]  # less idle, iowait and steal
+    return sum(jiffies) / hz, busy / hz - ours
+
+
+def held_out_before(settings: dict) -> float:
+    from edgetune.apps.lm import evaluate_lm
+
+    lm, _, held = split(settings)
+    return evaluate_lm(lm.model, held, settings["batch"])
 
 
 def token_counts(settings: dict) -> dict:
@@ -144,6 +184,7 @@ def measure(settings: dict) -> dict:
                                           cpu=platform.processor() or platform.machine(), commit=_commit())
     runs = results.setdefault("runs", {})
     if "tokens" not in results:
+        results["held_before"] = _child(["--before"])
         results["tokens"] = _child(["--tokens"])
         results["auto_batches"] = _child(["--auto-batches"])
         _save(results)
@@ -187,31 +228,34 @@ def _save(results: dict) -> None:
 
 def summary(results: dict) -> dict:
     """Medians over the runs of each configuration, the ratios, and the compile cost."""
-    runs = results["runs"]
+    runs, seeds = results["runs"], results["meta"]["settings"]["seeds"]
     by = {c: [r for r in runs.values() if r["config"] == c] for c in CONFIGS}
-    rate = {c: statistics.median(r["real_tokens_per_s"] for r in rs) for c, rs in by.items()}
-    pairs = [runs[f"buckets@{s}"]["real_tokens_per_s"] / runs[f"fixed@{s}"]["real_tokens_per_s"]
-             for s in results["meta"]["settings"]["seeds"] if f"buckets@{s}" in runs and f"fixed@{s}" in runs]
+    med = lambda key, c: statistics.median(r[key] for r in by[c])
+    rate, rate_all = ({c: med(key, c) for c in CONFIGS} for key in ("real_tokens_per_s", "real_tokens_per_s_all"))
+    pairs = [(runs[f"buckets@{s}"]["real_tokens_per_s"] / runs[f"fixed@{s}"]["real_tokens_per_s"],
+              runs[f"buckets@{s}"]["real_tokens_per_s_all"] / runs[f"fixed@{s}"]["real_tokens_per_s_all"])
+             for s in seeds if f"buckets@{s}" in runs and f"fixed@{s}" in runs]
     held = {c: [r["held_after"] for r in rs] for c, rs in by.items()}
     compiles = [sum(r["compile_seconds"].values()) for r in by["buckets"]]
     times = {L: statistics.median(r["step_seconds"][L] for r in by["buckets"] if L in r["step_seconds"])
              for L in sorted({L for r in by["buckets"] for L in r["step_seconds"]}, key=int)}
-    fixed_step = statistics.median(r["step_seconds"]["128"] for r in by["fixed"])
-    # end to end: the first compile, every step (compiling ones included); then the seconds a
-    # step saves once compiled, and after how many steps that pays for the extra compiles
-    total = {c: statistics.median(r["first_compile_seconds"] + r["training_seconds"] for r in rs) for c, rs in by.items()}
-    saved = statistics.median((r["training_seconds"] - sum(r["compile_seconds"].values())) / r["steps"]
-                              for r in by["fixed"]) - statistics.median(
-        (r["training_seconds"] - sum(r["compile_seconds"].values())) / r["steps"] for r in by["buckets"])
+    # a compiled step's usual seconds (its length's median), and after how many steps the
+    # seconds a step saves pay for the extra compiles
+    usual = {c: statistics.median(r["real_tokens"] / r["real_tokens_per_s"] / r["steps"] for r in by[c]) for c in CONFIGS}
+    saved = usual["fixed"] - usual["buckets"]
     auto = results["auto_batches"]  # `--buckets auto`, from the measured step times of 64 and 128 tokens
     auto_seconds = sum(n * times[L] for L, n in auto.items()) / sum(auto.values())
-    return dict(rate=rate, ratio=rate["buckets"] / rate["fixed"], pairs=pairs, held=held,
+    return dict(rate=rate, ratio=rate["buckets"] / rate["fixed"], rate_all=rate_all,
+                ratio_all=rate_all["buckets"] / rate_all["fixed"], pairs=pairs, held=held,
                 held_mean={c: statistics.mean(v) for c, v in held.items()}, compile=statistics.median(compiles),
                 compiled=sorted({L for r in by["buckets"] for L in r["compile_seconds"]}, key=int),
-                first_compile=statistics.median(r["first_compile_seconds"] for r in runs.values()),
-                step_seconds=times, fixed_step=fixed_step, total=total, saved=saved,
-                breakeven=statistics.median(compiles) / saved if saved > 0 else None,
-                auto_ratio=fixed_step / auto_seconds)
+                first_compile=med("first_compile_seconds", "fixed"), step_seconds=times,
+                fixed_step=statistics.median(r["step_seconds"]["128"] for r in by["fixed"]),
+                # end to end: the first compile and every step, compiling and slowed ones included
+                total={c: statistics.median(r["first_compile_seconds"] + r["training_seconds"] for r in by[c])
+                       for c in CONFIGS},
+                saved=saved, breakeven=statistics.median(compiles) / saved if saved > 0 else None,
+                auto_ratio=usual["fixed"] / auto_seconds)
 
 
 def section(results: dict) -> str:
@@ -223,29 +267,35 @@ def section(results: dict) -> str:
              f"cosine after {s['warmup']} warm-up steps, batch {s['batch']}, {s['seq_len']} tokens, {s['passes']} passes "
              f"({run['steps']} steps) over {run['examples']['train']} training conversations (the ShareGPT subset "
              f"`finetune-lm --seq-len 128` takes: up to {s['max_chars']} characters), held-out loss on "
-             f"{run['examples']['held_out']} others, evaluated alike for both. *fixed*: every batch padded to 128 "
+             f"{run['examples']['held_out']} others, evaluated alike for all runs. *fixed*: every batch padded to 128 "
              f"tokens, random batches. *buckets*: each batch cut to the shortest of {', '.join(map(str, LADDER))} "
              f"that holds it, batches grouped by length (mega-batches of 50 batches). One fresh process a run, in "
-             f"turns (fixed, buckets, ...), shuffle seeds {', '.join(map(str, s['seeds']))}; real tokens = attended, "
-             f"non-padding tokens of real examples; a rate = real tokens / seconds of the steps that compiled "
-             f"nothing; {meta.get('date', '?')}, {meta['cpu']}, 2 cores shared with other work, commit "
-             f"{meta['commit']}.", "",
-             "| run | real tokens/s | tokens paid / real token | held-out loss (before -> after) | step time "
-             "128 tokens | compiles during training |", "|---|---:|---:|---:|---:|---:|"]
+             f"turns (fixed, buckets, ...), shuffle seeds {', '.join(map(str, s['seeds']))}. Real tokens = attended, "
+             f"non-padding tokens of real examples. Rate (medians) = real tokens / the run's steps each timed at "
+             f"the median step time of its length (the goal's measure: a step that something else on the machine "
+             f"slowed counts as a usual one); rate (all steps) = real tokens / the seconds of every step that "
+             f"compiled nothing. Others = the share of the machine's CPU time that other work took while the run "
+             f"trained. {meta.get('date', '?')}, {meta['cpu']}, 2 cores shared with other work, commit "
+             f"{meta['commit']}. Held-out loss before training: {results['held_before']:.4f}.", "",
+             "| run | real tokens/s (medians) | real tokens/s (all steps) | tokens paid / real token | held-out "
+             "loss | step, 128 tokens | others | compiles during training |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for key, r in results["runs"].items():
-        compiled = ", ".join(f"{L}: {v:.1f} s" for L, v in r["compile_seconds"].items()) or "-"
-        lines.append(f"| {key} | {r['real_tokens_per_s']:.0f} | {r['padded_tokens'] / r['real_tokens']:.3f} | "
-                     f"{r['held_before']:.4f} -> {r['held_after']:.4f} | {r['step_seconds']['128']:.3f} s | "
-                     f"{compiled} |")
-    pairs = ", ".join(f"{p:.2f}x" for p in m["pairs"])
+        compiled = ", ".join(f"{L}: {v:.1f} s" for L, v in sorted(r["compile_seconds"].items(), key=lambda kv: int(kv[0])))
+        lines.append(f"| {key} | {r['real_tokens_per_s']:.0f} | {r['real_tokens_per_s_all']:.0f} | "
+                     f"{r['padded_tokens'] / r['real_tokens']:.3f} | {r['held_after']:.4f} | "
+                     f"{r['step_seconds']['128']:.3f} s | {100 * r['others_cpu_share']:.0f}% | {compiled or '-'} |")
+    pairs = ", ".join(f"{p:.2f}x" for p, _ in m["pairs"])
+    pairs_all = ", ".join(f"{p:.2f}x" for _, p in m["pairs"])
     held_gap = m["held_mean"]["buckets"] - m["held_mean"]["fixed"]
     spread = max(max(v) - min(v) for v in m["held"].values())
     steps = ", ".join(f"{L}: {v:.3f} s" for L, v in m["step_seconds"].items())
     lines += ["",
-              f"- Real tokens per second, median of the runs: fixed {m['rate']['fixed']:.0f}, buckets "
+              f"- Real tokens per second (medians), median of the runs: fixed {m['rate']['fixed']:.0f}, buckets "
               f"{m['rate']['buckets']:.0f}: **{m['ratio']:.2f}x** (each pair: {pairs}). Goal >= 1.3x: "
               f"**{'met' if m['ratio'] >= 1.3 else 'missed'}**" + ("." if m["ratio"] >= 1.3 else
-              f", by {1.3 - m['ratio']:.2f}x."),
+              f", by {1.3 - m['ratio']:.2f}x.") + f" Over all steps, slowed ones included: fixed "
+              f"{m['rate_all']['fixed']:.0f}, buckets {m['rate_all']['buckets']:.0f}, {m['ratio_all']:.2f}x "
+              f"(each pair: {pairs_all}).",
               f"- Held-out loss after training, mean over the seeds: fixed {m['held_mean']['fixed']:.4f}, buckets "
               f"{m['held_mean']['buckets']:.4f} ({held_gap:+.4f}, {100 * held_gap / m['held_mean']['fixed']:+.2f}%); "
               f"the seeds of one configuration differ by up to {spread:.4f}. Cutting padding changes no number "
@@ -258,7 +308,7 @@ def section(results: dict) -> str:
               f"mostly holds one long chat).",
               f"- Compile cost: the 128-token step {m['first_compile']:.1f} s in both; the buckets runs compiled "
               f"{', '.join(m['compiled'])} tokens on first use, {m['compile']:.0f} s in all (median of the runs; each a "
-              f"first step less a steady one of its length). A compiled step saves {m['saved']:.3f} s on average, so "
+              f"first step less a steady one of its length). A usual step saves {m['saved']:.3f} s on average, so "
               f"the extra compiles are paid back after " + (f"about {m['breakeven']:.0f} steps" if m["breakeven"]
               else "no number of steps") + f". End to end (first compile and every step, evaluations excluded) "
               f"these {run['steps']}-step runs took {m['total']['fixed']:.0f} s fixed and {m['total']['buckets']:.0f} s "
@@ -291,11 +341,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--tokens", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--auto-batches", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from lm_buckets.json")
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.seed, SETTINGS)))
+    elif args.before:
+        print(json.dumps(held_out_before(SETTINGS)))
     elif args.tokens:
         print(json.dumps(token_counts(SETTINGS)))
     elif args.auto_batches:
