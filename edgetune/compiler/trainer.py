@@ -12,11 +12,11 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
-from edgetune.compiler import lora
+from edgetune.compiler import lora, zo
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.autodiff import differentiate
 from edgetune.compiler.backends.choice import BACKENDS, choose_backend
@@ -33,9 +33,10 @@ from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
 from edgetune.compiler.optim import SGD, AdamW
-from edgetune.compiler.passes import run_forward_pipeline, run_pipeline, split_passes
+from edgetune.compiler.passes import PIPELINE, run_forward_pipeline, run_pipeline, split_passes
 from edgetune.compiler.passes.int8 import int8_frozen_linears
 from edgetune.compiler.report import Report, build_report
+from edgetune.compiler.zo import MeZO
 
 if TYPE_CHECKING:
     from edgetune.compiler.frontend.torch import ForwardGraph
@@ -50,6 +51,9 @@ class StepResult:
     loss: float
     skipped: int
     writes: int
+    # MeZO: (seed, projected gradient) of each direction; the update is a function of these
+    # alone (Trainer.replay applies such pairs: FedKSeed sends nothing else)
+    directions: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -70,7 +74,7 @@ class Update:
 
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
-            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | None = None,
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | MeZO | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
             memory_budget: int | str | None = None, on_nonfinite: str = "skip",
             backend: str = "torch", max_shapes: int = 1) -> "Trainer":
@@ -308,11 +312,31 @@ class Trainer:
             raise NonFiniteError(f"step {self.steps + 1}: the loss or a gradient is NaN or infinite; nothing was "
                                  "updated (lower the learning rate, or check the batch)") from None
         self.steps += 1
-        self.last_step = StepResult(float(out["loss"]), int(out["skipped"]), self._writes)
+        directions = ()
+        if "zo_grads" in out:
+            directions = tuple(zip(self.optimizer.seeds_for(self.steps), out["zo_grads"].tolist()))
+        self.last_step = StepResult(float(out["loss"]), int(out["skipped"]), self._writes, directions)
         return self.last_step.loss
+
+    def replay(self, directions: Sequence[tuple[int, float]], lr: float | None = None) -> None:
+        """Apply zeroth-order updates given as (seed, projected gradient) pairs, with no forward
+        pass: every trained entry moves by -lr * sum of g * z(seed) (the trainer's lr unless
+        given; no weight decay). A MeZO step of d directions is its pairs with g / d; FedKSeed
+        replays the pairs a server aggregated from other clients' steps."""
+        if not isinstance(self.optimizer, MeZO):
+            raise TypeError(f"replay() applies MeZO updates; this trainer's optimizer is "
+                            f"{type(self.optimizer).__name__}")
+        scale = -float(self.lr if lr is None else lr)
+        terms = [(int(seed), scale * float(g)) for seed, g in directions]
+        held = {**dict(self.model.named_parameters()), **self.adapters}
+        with torch.no_grad():
+            for u in self.updates:
+                zo.add_to_trained(held[u.name], zo.parameter_key(u.name), u.part, terms)
 
     def _arguments(self, batch: list[torch.Tensor], step: int) -> list[Any]:
         hyper = {"lr": float(self.lr), "step": step}
+        if isinstance(self.optimizer, MeZO):
+            hyper.update({f"zo_seed{d}": s for d, s in enumerate(self.optimizer.seeds_for(step))})
         return self._bindings.arguments({"hyper": hyper, "input": batch, "target": batch})
 
     def held(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -562,6 +586,8 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     parameter name, where an earlier compile chose them (a magnitude choice made again on
     trained weights could differ); else chosen here."""
     params = dict(model.named_parameters())
+    if isinstance(optimizer, MeZO):
+        return _zo_training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels)
     before_autodiff, after_autodiff = split_passes(passes)
     if on_nonfinite == "raise":  # every gradient is checked before the first update changes anything
         after_autodiff = [p for p in after_autodiff if p[0] != "reorder"]
@@ -603,6 +629,37 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     if checks_enabled():
         verify(graph, where="autodiff")
     return run_pipeline(graph, after_autodiff), updates
+
+
+def _zo_training_graph(forward: "ForwardGraph", model, rules: dict, optimizer: MeZO, passes, int8: bool,
+                       on_nonfinite: str, channels) -> tuple[Graph, list[Update]]:
+    """A zeroth-order step (edgetune.compiler.zo): forward passes at perturbed weights, no autodiff."""
+    params = dict(model.named_parameters())
+    before_autodiff, _ = split_passes(passes)
+    graph, adapters = lora.attach(forward.graph, forward.params, rules)
+    trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
+    if int8:
+        graph = int8_frozen_linears(graph, trained)
+    graph = run_forward_pipeline(graph, trained, before_autodiff)
+    b = Builder(graph.nodes)
+    moved = []
+    for name, rule in rules.items():
+        if name not in forward.params or rule.lora:
+            continue
+        if rule.touched:
+            raise schemes.SchemeError(f"{name!r}: a 'touched' rows rule is for gradients; with MeZO give the table "
+                                      "chosen rows ({'rows': [ids]}) or 'full'")
+        part = _part(b, forward, name, rule, params[name], (channels or {}).get(name))
+        moved.append(zo.Trained(forward.params[name], part, zo.parameter_key(name)))
+    moved += [zo.Trained(node, None, zo.parameter_key(name)) for name, node in adapters.items()]
+    graph = zo.zo_graph(Graph(b.nodes, graph.outputs), moved, optimizer, forward.buffers, on_nonfinite)
+    graph = run_pipeline(leaves_first(graph), [p for p in PIPELINE if p[0] == "dce"])
+    if checks_enabled():
+        verify(graph, where="zo")
+    updates = [Update(t.node.attrs["target"], t.node, t.part, [],
+                      lora.layer_of(t.node.attrs["target"]) if t.node.attrs["kind"] == "adapter"
+                      else t.node.attrs["target"].rpartition(".")[0]) for t in moved]
+    return graph, updates
 
 
 @dataclass

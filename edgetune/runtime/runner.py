@@ -14,6 +14,7 @@ import numpy as np
 
 # Plain file handling only: `import edgetune` loads no compiler (and no torch) until asked.
 from edgetune.files import atomic_write
+from edgetune.runtime.seeds import seeds_for
 
 MANIFEST = "manifest.json"
 BATCH_KINDS = ("input", "target")
@@ -54,7 +55,8 @@ class StepRunner:
         for spec, array in zip(self.batch_inputs, _checked(batch, self.batch_inputs, "step() takes inputs, then targets")):
             binding.bind_cpu_input(spec["name"], array)
         binding.bind_cpu_input("lr", np.asarray(self.lr, dtype=np.float64))
-        binding.bind_cpu_input("step", np.asarray(self.steps + 1, dtype=np.int64))
+        for name, value in self._hyper(self.steps + 1).items():
+            binding.bind_cpu_input(name, np.asarray(value, dtype=np.int64))
         for name, value in self._values.items():
             binding.bind_ortvalue_input(name, value)
         names = [o["name"] for o in self.manifest["outputs"]]
@@ -70,6 +72,15 @@ class StepRunner:
             self._values[carried] = outputs[output]
         self.steps, self.last_skipped = self.steps + 1, skipped
         return float(outputs["loss"].numpy())
+
+    def _hyper(self, step: int) -> dict[str, int]:
+        """The step's integer hyperparameters: its count, or a MeZO step's seeds."""
+        opt = self.manifest["optimizer"]
+        if opt["name"] != "MeZO":
+            return {"step": step}
+        seeds = seeds_for(step, opt["seed"], opt["directions"], opt["seeds"])
+        self.last_seeds = seeds
+        return {f"zo_seed{d}": s for d, s in enumerate(seeds)}
 
     def predict(self, *inputs: np.ndarray) -> np.ndarray:
         """The model's output (eval mode: norms use their running statistics, no dropout) on

@@ -4,7 +4,8 @@ tensor the runner carries (trained parameters, optimizer state) against the trai
 
 A tiny Llama under a sparse scheme exports the fused LM loss (vocab_log_prob and both its
 gradients: the tied embedding trains), and again with only a few token rows training; a BERT
-classifier trains the embedding rows each batch looks up; the model zoo has no group norm or transposed
+classifier trains the embedding rows each batch looks up; the Llama's zeroth-order (MeZO) step
+regenerates the same directions from the same seeds; the model zoo has no group norm or transposed
 convolution, so a small decoder-style net here exercises them with pooling and upsampling; a
 ViT under a partial-channel scheme. The Llama runs in float64; the conv nets in float32
 (onnxruntime has no float64 Conv).
@@ -61,6 +62,12 @@ def llama_rows():
     return model, next_token_loss, token_batches(), scheme, et.AdamW(lr=1e-3, eps=1e-4, weight_decay=0.01)
 
 
+def llama_mezo():
+    model = build("llama", num_classes=256).double()
+    scheme = {"layers.1.self_attn.q_proj.weight": 0.5, "layers.1.mlp.up_proj.weight": "full", "*norm.weight": "full"}
+    return model, next_token_loss, token_batches(), scheme, et.MeZO(lr=1e-3, directions=2, weight_decay=0.01)
+
+
 def bert_touched():
     pytest.importorskip("transformers")
     from edgetune.models.hf import tiny_sequence_classifier
@@ -84,6 +91,7 @@ def vit():
 MODELS = {  # name: (maker, the ops its exported step must hold)
     "llama-sparse": (llama, {"vocab_log_prob", "vocab_log_prob_grad_h", "vocab_log_prob_grad_w", "sdpa_grad"}),
     "llama-rows": (llama_rows, {"embedding_rows_grad", "vocab_log_prob_grad_w"}),
+    "llama-mezo": (llama_mezo, {"zo_perturb_inplace", "zo_update"}),
     "bert-touched": (bert_touched, {"embedding_touched_grad", "sgd_update"}),
     "decoder-full": (decoder, {"group_norm", "gn_grad_input", "gn_grad_weight", "conv_transpose",
                                "conv_transpose_grad_input", "conv_transpose_grad_weight", "elu_grad",

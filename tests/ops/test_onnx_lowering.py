@@ -23,6 +23,7 @@ from edgetune.compiler.ir.graph import Graph  # noqa: E402
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs  # noqa: E402
 from edgetune.compiler.ir.ops.quant import quantize_per_channel  # noqa: E402
 import edgetune.compiler.optim  # noqa: E402,F401  (registers the optimizer ops: the file also runs alone)
+import edgetune.compiler.zo  # noqa: E402,F401  (registers MeZO's ops)
 
 # The operands are O(1): atol covers a float32 sum of a few dozen of them that cancels to near 0,
 # which onnxruntime adds up in another order.
@@ -651,9 +652,25 @@ def _vocab_cases(a):
     ]
 
 
+def _zo_cases(a):
+    """MeZO's perturbation and update (edgetune.compiler.zo): the hash regenerates the same
+    +-1 directions in ONNX's uint32 arithmetic as in torch's int64 emulation of it."""
+    chosen = Const(torch.tensor([0, 2]))
+    update = dict(key=123456789, weight_decay=0.01, directions=2)
+    return [
+        ("zo_perturb", "zo_perturb_inplace", [a.r(40, 30), 3, a.r()], dict(scale=1e-3, key=987654321, part=None)),
+        ("zo_perturb-part", "zo_perturb_inplace", [a.r(3, 4, 2), 2**32 - 1, a.r(), chosen],
+         dict(scale=-2e-3, key=5, part=(1, 2))),
+        ("zo_update", "zo_update", [a.r(40, 30), 0.01, a.r(2), 7, 8], dict(update, part=None)),
+        ("zo_update-part", "zo_update", [a.r(3, 4, 2), 0.01, a.r(2), 7, 8, chosen], dict(update, part=(1, 2))),
+        ("zo_grads", "zo_grads", [a.r(), a.r(), a.r(), a.r()], dict(eps=1e-3)),
+        ("zo_loss", "zo_loss", [a.r(), a.r()], {}),
+    ]
+
+
 FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
             _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
-            _optimizer_cases, _vocab_cases]
+            _optimizer_cases, _vocab_cases, _zo_cases]
 
 
 @functools.cache

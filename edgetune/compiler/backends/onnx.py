@@ -49,7 +49,7 @@ PREDICT_FILE, PREDICT_DATA_FILE = "predict.onnx", "predict.onnx.data"
 
 _ELEM_TYPES = {torch.float32: "FLOAT", torch.float64: "DOUBLE", torch.float16: "FLOAT16",
                torch.bfloat16: "BFLOAT16", torch.int64: "INT64", torch.int32: "INT32", torch.int16: "INT16",
-               torch.int8: "INT8", torch.uint8: "UINT8", torch.bool: "BOOL"}
+               torch.int8: "INT8", torch.uint8: "UINT8", torch.uint32: "UINT32", torch.bool: "BOOL"}
 
 
 class ExportError(ValueError):
@@ -204,7 +204,7 @@ def _written_inputs(graph: Graph) -> set[Node]:
             continue
         for k in mutated_inputs(n):
             target = storage_of(n.inputs[k])
-            if target.op != "input" or target is not n.inputs[k]:
+            if target.op != "input" or _whole_view_of(n.inputs[k]) is not target:
                 raise ExportError(f"op '{n.op}'{_where(n)} writes {n.inputs[k]!r}, which is not a graph input; "
                                   "ONNX export carries only whole graph inputs from step to step")
             written.add(target)
@@ -232,6 +232,18 @@ def _lower(ctx: LoweringContext, n: Node, current: dict[Node, str], guards: "_Gu
     condition = current[n.inputs[-1]] if guarded else None
     for target, new in zip(targets, news):
         current[target] = guards.apply(ctx, n, condition, new, current[target], target)
+        current[_whole_view_of(target)] = current[target]  # a write through an in-place view is the input's
+
+
+# Views that stand for their whole input, moved in place (the graph reads the input's new
+# value through them): writing one writes the input.
+WHOLE_VIEWS = ("zo_perturb_inplace",)
+
+
+def _whole_view_of(node: Node) -> Node:
+    while node.op in WHOLE_VIEWS:
+        node = node.inputs[0]
+    return node
 
 
 @dataclass

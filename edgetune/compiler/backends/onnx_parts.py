@@ -45,7 +45,9 @@ def partial_weights(graph: Graph) -> dict[str, Part]:
     parts, users = {}, graph.users()
     position = {n: k for k, n in enumerate(graph.nodes)}
     for n in graph.nodes:
-        if is_effect(n) and n.attrs.get("part") is not None:
+        # A MeZO update (no optimizer state) writes through the weight's perturbed views, which
+        # read it whole: such a weight stays whole.
+        if is_effect(n) and n.attrs.get("part") is not None and "n_state" in n.attrs:
             if any(position[u] > position[n] for u in users[n.inputs[0]]):
                 continue  # read after its update: split, that reader would see the old weight
             axis, k = n.attrs["part"]
