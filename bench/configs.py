@@ -30,7 +30,8 @@ BATCHES = [8, 1]
 ENGINES = ["edgetune", "eager", "eager-full", "compile", "forward"]
 # edgetune on its other backends (compile(backend=...)): run only when --engines names them.
 # "edgetune" above is the torch backend, the default.
-OPT_IN_ENGINES = ["edgetune-ort", "edgetune-auto"]
+# "edgetune-mezo": the same scheme trained by MeZO (forward passes only), next to "forward".
+OPT_IN_ENGINES = ["edgetune-ort", "edgetune-auto", "edgetune-mezo"]
 ALL_ENGINES = ENGINES + OPT_IN_ENGINES
 # Engines whose step does not depend on the scheme: measured once per model and batch.
 SCHEME_FREE = ("eager-full", "forward")

@@ -37,9 +37,9 @@ Step = Callable[[], float]
 
 # -- engines: each returns a step closure and facts about what it built -----------------------
 
-def setup_edgetune(model, x, y, scheme, backend: str = "torch") -> tuple[Step, dict]:
-    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
-                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM), backend=backend)
+def setup_edgetune(model, x, y, scheme, backend: str = "torch", optimizer=None) -> tuple[Step, dict]:
+    optimizer = optimizer or edgetune.SGD(configs.LR, momentum=configs.MOMENTUM)
+    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme, optimizer=optimizer, backend=backend)
     report = trainer.report()
     # The optimizer state is allocated by compile, before the timed steps: the steps' own rise
     # above the RSS setup left is comparable with the prediction minus it.
@@ -85,6 +85,7 @@ ENGINES = {
     "edgetune": setup_edgetune,
     "edgetune-ort": lambda m, x, y, s: setup_edgetune(m, x, y, s, backend="onnxruntime"),
     "edgetune-auto": lambda m, x, y, s: setup_edgetune(m, x, y, s, backend="auto"),
+    "edgetune-mezo": lambda m, x, y, s: setup_edgetune(m, x, y, s, optimizer=edgetune.MeZO(lr=1e-6)),
     "eager": setup_eager,
     "eager-full": lambda m, x, y, s: setup_eager(m, x, y, schemes.full()),
     "compile": lambda m, x, y, s: setup_eager(m, x, y, s, compiled=True),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.compiler.memory import parse_bytes
-from edgetune.compiler.optim import by_name
+from edgetune.compiler.optim import OPTIMIZERS, by_name
 from edgetune.compiler.scheme import SchemeError
 from edgetune.files import write_json, write_text
 
@@ -162,7 +162,7 @@ def _common(p: argparse.ArgumentParser, batch: int, size: int, scheme: str | Non
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--size", type=int, default=size, help="image side in pixels (tokens for a text model)")
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=optimizer)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=optimizer)
     p.add_argument("--train-mode", action="store_true", help="batch statistics in BatchNorm (default: eval mode)")
 
 
@@ -175,8 +175,10 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--train-limit", type=int, help="use only this many training items (stratified)")
     p.add_argument("--val-limit", type=int, help="evaluate on only this many held-out items (stratified)")
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.003 for sgd, 3e-4 for adamw)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd (momentum 0.9), adamw, or mezo (zeroth-order: forward passes only, the memory of "
+                        "inference; many more steps)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.003 for sgd, 3e-4 for adamw, 1e-5 for mezo)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
@@ -402,8 +404,9 @@ def _ratios(text: str) -> tuple[float, ...]:
 def _default_lr(args: argparse.Namespace) -> None:
     # Measured on ImageNet MobileNetV2 -> Fashion-MNIST with frozen BN statistics: SGD with
     # momentum at 0.01 already diverges for full fine-tuning; 0.003 trains every scheme tried.
+    # MeZO: no measurement here yet; 1e-5 is the top of the range its paper uses.
     if args.lr is None:
-        args.lr = 0.003 if args.optimizer == "sgd" else 3e-4
+        args.lr = {"sgd": 0.003, "adamw": 3e-4, "mezo": 1e-5}[args.optimizer]
 
 
 def run_search(args: argparse.Namespace) -> int:

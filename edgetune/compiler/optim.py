@@ -58,15 +58,23 @@ class AdamW:
         return dict(beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay)
 
 
-def by_name(name: str, lr: float, weight_decay: float | None = None) -> SGD | AdamW:
+OPTIMIZERS = ("sgd", "adamw", "mezo")
+
+
+def by_name(name: str, lr: float, weight_decay: float | None = None):
     """The optimizer a command line or a settings file names: "sgd" (with momentum 0.9, as
-    every edgetune run uses it) or "adamw"; weight decay defaults to each one's own default."""
+    every edgetune run uses it), "adamw", or "mezo" (zeroth-order, forward passes only:
+    edgetune.compiler.zo); weight decay defaults to each one's own default."""
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "sgd":
         return SGD(lr=lr, momentum=0.9, **decay)
     if name == "adamw":
         return AdamW(lr=lr, **decay)
-    raise ValueError(f"unknown optimizer {name!r}: use 'sgd' or 'adamw'")
+    if name == "mezo":
+        from edgetune.compiler.zo import MeZO  # zo registers its ops on import; optim's importers need not
+
+        return MeZO(lr=lr, **decay)
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def _check(ok: bool, msg: str) -> None:
