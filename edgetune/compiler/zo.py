@@ -28,10 +28,10 @@ import torch
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import register
-from edgetune.runtime.seeds import MASK32, direction_base, mix32, parameter_key, seeds_for
+from edgetune.runtime.seeds import MASK32, direction_base, mix32, parameter_key, seeds_for, signs
 
 __all__ = ["MeZO", "direction", "add_directions", "parameter_key", "zo_graph"]
-CHUNK = 1 << 18  # entries hashed at a time: bounds the step's scratch (a few MB) whatever the weight
+CHUNK = 1 << 16  # entries hashed at a time: the scratch stays in cache (4x faster than 1 << 18 here)
 
 
 @dataclass
@@ -75,7 +75,10 @@ def _check(ok: bool, msg: str) -> None:
 # -- the directions ------------------------------------------------------------------------
 
 def direction(seed: int, key: int, start: int, stop: int, dtype: torch.dtype, device=None) -> torch.Tensor:
-    """z[start:stop] of the direction for (seed, parameter key): +-1 entries."""
+    """z[start:stop] of the direction for (seed, parameter key): +-1 entries. On the CPU numpy's
+    wrapping uint32 arithmetic; elsewhere the same hash emulated in int64 on the device."""
+    if torch.device(device or "cpu").type == "cpu":
+        return torch.from_numpy(signs(seed, key, start, stop)).to(dtype)
     h = mix32(torch.arange(start, stop, dtype=torch.int64, device=device) ^ direction_base(seed, key))
     return ((h >> 31) * 2 - 1).to(dtype)
 
@@ -84,6 +87,8 @@ def add_directions(w: torch.Tensor, key: int, terms: list[tuple[int, float]]) ->
     """w += sum of scale * z(seed) over (seed, scale) terms, in place, a chunk at a time. w is
     a parameter's trained part (contiguous, or a copy written back by the caller)."""
     flat = w.view(-1)
+    if flat.numel() > MASK32:
+        raise ValueError(f"a zeroth-order step indexes a tensor's entries in 32 bits; this one has {flat.numel():,}")
     for start in range(0, flat.numel(), CHUNK):
         stop = min(start + CHUNK, flat.numel())
         for seed, scale in terms:

