@@ -87,9 +87,10 @@ def setup_peft(model, batch, _scheme) -> tuple[Step, dict]:
     return step, {"trainable_params": sum(p.numel() for p in trained)}
 
 
-def setup_edgetune(model, batch, scheme) -> tuple[Step, dict]:
+def setup_edgetune(model, batch, scheme, optimizer=None) -> tuple[Step, dict]:
     ids, mask = batch
-    trainer = edgetune.compile(model, causal_lm_loss, (ids, mask), (ids,), scheme=scheme, optimizer=adamw())
+    trainer = edgetune.compile(model, causal_lm_loss, (ids, mask), (ids,), scheme=scheme,
+                               optimizer=optimizer or adamw())
     info = {"trainable_params": trainer.trainable_params,
             "predicted_peak_bytes": trainer.report().predicted_peak_bytes}
     return (lambda: trainer.step((ids, mask), (ids,))), info
@@ -113,6 +114,8 @@ ENGINES: dict[str, tuple[Callable, Callable[[int], object]]] = {
     "edgetune-sparse": (setup_edgetune, sparse_scheme),
     "edgetune-lora": (setup_edgetune, lambda n: dict(EDGETUNE_LORA)),
     "forward": (setup_forward, lambda n: None),
+    # the sparse scheme trained zeroth-order (two forward passes a step): run when named
+    "edgetune-mezo-sparse": (lambda m, b, s: setup_edgetune(m, b, s, edgetune.MeZO(lr=1e-6)), sparse_scheme),
 }
 
 
