@@ -591,11 +591,7 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     before_autodiff, after_autodiff = split_passes(passes)
     if on_nonfinite == "raise":  # every gradient is checked before the first update changes anything
         after_autodiff = [p for p in after_autodiff if p[0] != "reorder"]
-    graph, adapters = lora.attach(forward.graph, forward.params, rules)
-    trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
-    if int8:
-        graph = int8_frozen_linears(graph, trained)
-    graph = run_forward_pipeline(graph, trained, before_autodiff)
+    graph, adapters = _prepared_forward(forward, rules, int8, before_autodiff)
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]
     loss_ok = b.emit("is_finite", loss) if on_nonfinite != "apply" else None  # before the backward starts
@@ -631,16 +627,21 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     return run_pipeline(graph, after_autodiff), updates
 
 
-def _zo_training_graph(forward: "ForwardGraph", model, rules: dict, optimizer: MeZO, passes, int8: bool,
-                       on_nonfinite: str, channels) -> tuple[Graph, list[Update]]:
-    """A zeroth-order step (edgetune.compiler.zo): forward passes at perturbed weights, no autodiff."""
-    params = dict(model.named_parameters())
-    before_autodiff, _ = split_passes(passes)
+def _prepared_forward(forward: "ForwardGraph", rules: dict, int8: bool, pipeline: list) -> tuple[Graph, dict]:
+    """The forward graph running the LoRA adapters, with frozen linears as int8 if asked and
+    the forward passes run: (graph, {adapter name: its input node})."""
     graph, adapters = lora.attach(forward.graph, forward.params, rules)
     trained = {forward.params[name] for name, rule in rules.items() if name in forward.params and not rule.lora}
     if int8:
         graph = int8_frozen_linears(graph, trained)
-    graph = run_forward_pipeline(graph, trained, before_autodiff)
+    return run_forward_pipeline(graph, trained, pipeline), adapters
+
+
+def _zo_training_graph(forward: "ForwardGraph", model, rules: dict, optimizer: MeZO, passes, int8: bool,
+                       on_nonfinite: str, channels) -> tuple[Graph, list[Update]]:
+    """A zeroth-order step (edgetune.compiler.zo): forward passes at perturbed weights, no autodiff."""
+    params = dict(model.named_parameters())
+    graph, adapters = _prepared_forward(forward, rules, int8, split_passes(passes)[0])
     b = Builder(graph.nodes)
     moved = []
     for name, rule in rules.items():
