@@ -205,3 +205,19 @@ def test_rows_rules_that_cannot_hold_say_why(scheme, message):
     (ids, mask), targets = lm_batches()[0]
     with pytest.raises(et.schemes.SchemeError, match=message):
         et.compile(tiny_causal_lm("llama"), causal_lm_loss, (ids, mask), targets, scheme=scheme)
+
+
+def test_mezo_on_a_decoder_equals_mezo_by_hand():
+    # The zeroth-order step over a transformer (attention, rotary tables, the fused LM loss),
+    # under a partial scheme, against MeZO written out in eager PyTorch.
+    from tests.unit.test_zo import eager_mezo
+
+    model = tiny_causal_lm("llama").double()
+    reference = copy.deepcopy(model)
+    batches = lm_batches()
+    opt = et.MeZO(lr=1e-2, directions=2)
+    trainer = et.compile(model, causal_lm_loss, *batches[0], optimizer=opt,
+                         scheme={"model.layers.1.self_attn.q_proj.weight": 0.5, "model.layers.1.*norm.weight": "full"})
+    losses = [trainer.step(*batch) for batch in batches]
+    assert losses == pytest.approx(eager_mezo(reference, causal_lm_loss, batches, trainer, opt), rel=DECODER_RTOL)
+    assert_models_match(model, reference, rtol=DECODER_RTOL, atol=DECODER_RTOL / 10)
