@@ -292,3 +292,40 @@ def test_the_server_leaves_a_bad_reply_out_of_the_average(refusing):
     (refused,) = history.rounds[1]["refused"]
     assert refused["node"] == 12 and "'0.weight' has shape (16, 8), this trainer trains (16, 4)" in refused["reason"]
     assert [c["node"] for c in history.rounds[1]["clients"]] == [11]
+
+
+def test_mezo_nodes_perturb_in_their_own_directions():
+    t = task()
+    t.optimizer = et.MeZO(lr=0.05, eps=1e-3)
+    app = fclient.client_app(t)
+    server = mlp_trainer()
+    channels = {"channels/0.weight": slices.layout(server)["0.weight"].channels}
+    node, seeds, sent = None, {}, {}
+    for partition in (0, 1):
+        reply = app(_message(to_record(server), **channels), _context(partition))
+        node = fclient.node_for(t, partition, 3)
+        seeds[partition] = [s for s, _ in node.trainer.last_step.directions]
+        sent[partition] = reply.content["arrays"]
+    assert seeds[0] != seeds[1]  # each node (and round) draws its own seeds
+    assert not np.array_equal(sent[0]["2.weight"].numpy(), server.model[2].weight.detach().numpy())
+    assert_frozen_equal(node.trainer, build())
+
+
+def test_received_slices_reach_an_onnxruntime_step():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    x, y = toy(3, 16)
+    x = (x[0].float(),)
+
+    def compile_(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        return et.compile(model, F.cross_entropy, x, y, scheme=SCHEME, optimizer=et.SGD(lr=0.5), **kw)
+
+    sender, on_torch, on_ort = compile_(), compile_(), compile_(backend="onnxruntime")
+    for _ in range(3):
+        sender.step(x, y)
+    for t in (on_torch, on_ort):
+        load_record(t, to_record(sender))
+    losses = [t.step(x, y) for t in (sender, on_torch, on_ort)]
+    assert losses[1] == losses[0] and losses[2] == pytest.approx(losses[0], rel=1e-6)
