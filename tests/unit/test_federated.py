@@ -329,3 +329,29 @@ def test_received_slices_reach_an_onnxruntime_step():
         load_record(t, to_record(sender))
     losses = [t.step(x, y) for t in (sender, on_torch, on_ort)]
     assert losses[1] == losses[0] and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+class Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(20, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("rule, shape", [({"rows": [2, 5, 7]}, (3, 6)), ({"rows": "touched"}, (20, 6))])
+def test_rows_rules_send_their_rows_or_the_whole_table(rule, shape):
+    ids, labels = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 0])
+    trainer = et.compile(Bag(), F.cross_entropy, (ids,), (labels,), scheme={"emb.weight": rule, "head.bias": "full"},
+                         optimizer=et.SGD(lr=0.5))
+    trainer.step((ids,), (labels,))
+    record = to_record(trainer)
+    assert record["emb.weight"].shape == shape and record["head.bias"].shape == (3,)
+    rows = [2, 5, 7] if shape[0] == 3 else list(range(20))  # a batch's rows change each step: all travel
+    assert np.array_equal(record["emb.weight"].numpy(), trainer.model.emb.weight.detach()[rows].numpy())
+    receiver = et.compile(Bag(), F.cross_entropy, (ids,), (labels,), scheme={"emb.weight": rule, "head.bias": "full"})
+    load_record(receiver, record)
+    assert torch.equal(receiver.model.emb.weight, trainer.model.emb.weight)
+    assert torch.equal(receiver.model.head.weight, Bag().head.weight)  # frozen
