@@ -75,6 +75,8 @@ def test_partial_channels_of_a_grouped_conv(select):
                          optimizer=et.SGD(lr=0.1, momentum=0.9))
     masks = trainer.trained_masks()
     assert masks["2.weight"].sum() == 6 * 1 * 9  # one of each group's two input channels
+    shapes = {n.attrs["weight_shape"] for n in trainer.graph.nodes if n.op == "conv_grad_weight"}
+    assert shapes == {(6, 1, 3, 3)}  # the chosen slices' gradient alone, not the whole weight's
     losses = [trainer.step(*batch) for batch in batches]
     want = train_eager(reference, F.mse_loss, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     assert losses == pytest.approx(want, rel=1e-10)

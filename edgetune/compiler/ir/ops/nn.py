@@ -94,10 +94,13 @@ def _conv_weight_grad(b, n, g, want, conv):
         xs, gs = take_channels(b, x, want, dim=1), take_channels(b, g, want, dim=1)
         return b.emit("conv_grad_weight", xs, gs, weight_shape=shape, **{**conv, "groups": want.k})
     if want.axis == 1:
-        # Grouped (RegNet, ResNeXt): the chosen channels are the same input channel of every
-        # group, strided through x; the whole weight's gradient, then its chosen slices.
-        full = b.emit("conv_grad_weight", x, g, weight_shape=tuple(w.shape), **conv)
-        return take_channels(b, full, want, dim=1)
+        # Grouped (RegNet, ResNeXt): the chosen channels are the same input channels of every
+        # group; those of x alone, group after group, make a grouped conv of k channels a group.
+        groups, per_group = conv["groups"], w.shape[1]
+        chosen = (torch.arange(groups)[:, None] * per_group + want.index.attrs["value"][None, :]).flatten()
+        xs = b.emit("index_select", x, b.const(chosen), dim=1)
+        shape = (w.shape[0], want.k) + tuple(w.shape[2:])
+        return b.emit("conv_grad_weight", xs, g, weight_shape=shape, **conv)
     raise NotImplementedError(f"partial-channel update of a grouped conv weight {w.name} (groups={conv['groups']}) "
                               f"along axis {want.axis}")
 
