@@ -22,6 +22,14 @@ from edgetune.federated.slices import SliceError  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 from tests.unit.nets import ConvNet, batch  # noqa: E402
 
+@pytest.fixture(scope="module", autouse=True)
+def compile_in_process():
+    """This file compiles some twenty small trainers: in-process each takes ~0.2 s, forked ~1.3 s."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGETUNE_COMPILE_IN_PROCESS", "1")
+        yield
+
+
 # -- a toy task: 3 linearly separable classes of 8 features, an MLP in float64 ---------------
 
 W = torch.tensor([[1., -1, 0], [0, 1, -1], [-1, 0, 1], [1, 1, -2], [0, 0, 0], [1, 0, 0], [0, -1, 0], [0, 0, 1]],
