@@ -115,6 +115,7 @@ class Node:
         self.task = task
         self.trainer = task.compile(data)
         self.layout = slices.layout(self.trainer)
+        self.lr = self.trainer.lr  # the task optimizer's, where a message sets none
         # Buffers a train-mode step writes (BatchNorm statistics) start each message afresh.
         self.buffers = {n: b.detach().clone() for n, b in self.trainer.model.named_buffers()} \
             if self.trainer.model.training else {}
@@ -154,8 +155,7 @@ class Node:
         if n < task.batch_size:
             raise ValueError(f"partition {partition} holds {n} training examples, fewer than the batch size "
                              f"{task.batch_size}")
-        if lr is not None:
-            t.lr = float(lr)
+        t.lr = self.lr if lr is None else float(lr)
         seed = mix(task.seed, partition, server_round)
         if hasattr(t.optimizer, "seeds_for"):  # MeZO: each node and round its own directions
             t.optimizer.seed = seed

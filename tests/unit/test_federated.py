@@ -363,3 +363,19 @@ def test_rows_rules_send_their_rows_or_the_whole_table(rule, shape):
     load_record(receiver, record)
     assert torch.equal(receiver.model.emb.weight, trainer.model.emb.weight)
     assert torch.equal(receiver.model.head.weight, Bag().head.weight)  # frozen
+
+
+def test_a_train_message_sets_lr_and_local_steps_for_its_round_only():
+    t = task()
+    app = fclient.client_app(t)
+    server = mlp_trainer()
+    sent = to_record(server)
+    channels = {"channels/0.weight": slices.layout(server)["0.weight"].channels}
+    still = app(_message(sent, lr=0.0, **channels), _context(0)).content["arrays"]
+    for k in sent:
+        assert np.array_equal(still[k].numpy(), sent[k].numpy()), k  # lr 0: nothing moved
+    moved = app(_message(sent, **channels), _context(0)).content["arrays"]  # the task's lr again
+    assert not np.array_equal(moved["2.weight"].numpy(), sent["2.weight"].numpy())
+    none = app(_message(sent, **{"local-steps": 0}, **channels), _context(0)).content
+    assert np.array_equal(none["arrays"]["2.weight"].numpy(), sent["2.weight"].numpy())
+    assert np.isnan(none["metrics"]["train-loss"])
