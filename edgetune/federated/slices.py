@@ -53,7 +53,7 @@ class Slice:
 
 def held_tensors(trainer) -> dict[str, torch.Tensor]:
     """The tensors a step updates in place, by update name: model parameters and LoRA adapters."""
-    return {**dict(trainer.model.named_parameters()), **trainer.adapters}
+    return {**dict(trainer.model.named_parameters(remove_duplicate=False)), **trainer.adapters}
 
 
 def layout(trainer) -> dict[str, Slice]:

@@ -379,3 +379,115 @@ def test_a_train_message_sets_lr_and_local_steps_for_its_round_only():
     none = app(_message(sent, **{"local-steps": 0}, **channels), _context(0)).content
     assert np.array_equal(none["arrays"]["2.weight"].numpy(), sent["2.weight"].numpy())
     assert np.isnan(none["metrics"]["train-loss"])
+
+
+# -- opt-in: Flower's Deployment Engine (a SuperLink, two SuperNodes, `flwr run`) ----------------
+
+DEPLOY_APP = '''
+import os
+import torch, torch.nn as nn, torch.nn.functional as F
+import edgetune as et
+from edgetune.federated import Task, client_app, server_app
+
+W = torch.tensor({w}, dtype=torch.float64)
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+
+def toy(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g, dtype=torch.float64)
+    return (x,), ((x @ W).argmax(-1),)
+
+task = Task(model=build, loss=F.cross_entropy, train_data=lambda p, n: toy(100 + p, 32 + 32 * p),
+            test_data=lambda p, n: toy(200 + p, 64), central_test_data=lambda: toy(999, 128),
+            scheme={scheme!r}, optimizer=et.SGD(lr=0.2, momentum=0.9), local_steps=8, batch_size=16)
+client = client_app(task)
+server = server_app(task, num_rounds=2, history_path=os.environ["EDGEFED_HISTORY"])
+'''
+
+DEPLOY_PYPROJECT = '''
+[project]
+name = "edgefed"
+version = "1.0.0"
+description = "edgetune as Flower's client trainer, on the Deployment Engine"
+license = "Apache-2.0"
+dependencies = ["flwr[simulation]==1.42.0"]
+
+[tool.flwr.app]
+publisher = "edgetune"
+
+[tool.flwr.app.components]
+serverapp = "edgefed.apps:server"
+clientapp = "edgefed.apps:client"
+'''
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(os.environ.get("EDGETUNE_FLOWER_DEPLOY") != "1",
+                    reason="about a minute and five processes: EDGETUNE_FLOWER_DEPLOY=1 runs it")
+def test_the_apps_run_on_flowers_deployment_engine(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    app = tmp_path / "app"
+    (app / "edgefed").mkdir(parents=True)
+    (app / "pyproject.toml").write_text(DEPLOY_PYPROJECT)
+    (app / "edgefed" / "__init__.py").write_text("")
+    (app / "edgefed" / "apps.py").write_text(DEPLOY_APP.format(w=W.tolist(), scheme=SCHEME))
+    link = _free_port()
+    home = tmp_path / "flwrhome"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "here"\n\n[superlink.here]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    history = tmp_path / "history.json"
+    bin_ = os.path.dirname(sys.executable)
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "EDGEFED_HISTORY": str(history),
+           "PATH": bin_ + os.pathsep + os.environ.get("PATH", "")}
+    logs = [open(tmp_path / f"{name}.log", "w") for name in ("superlink", "node0", "node1")]
+    procs = [subprocess.Popen([f"{bin_}/flower-superlink", "--insecure", "--port", str(link)], env=env,
+                              stdout=logs[0], stderr=subprocess.STDOUT)]
+    try:
+        deadline = time.time() + 60
+        while True:  # the SuperLink listening
+            try:
+                socket.create_connection(("127.0.0.1", link), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, (tmp_path / "superlink.log").read_text()
+                time.sleep(0.5)
+        for p in (0, 1):
+            procs.append(subprocess.Popen(
+                [f"{bin_}/flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
+                 str(_free_port()), "--node-config", f"partition-id={p} num-partitions=2"],
+                env=env, stdout=logs[1 + p], stderr=subprocess.STDOUT))
+        run = subprocess.run([f"{bin_}/flwr", "run", str(app), "here", "--stream"], env=env, capture_output=True,
+                             text=True, timeout=400)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        h = json.loads(history.read_text())
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs:
+            f.close()
+    assert h["slice_bytes"] == 8 * h["trained_entries"] and h["trained_entries"] == 131
+    for r in h["rounds"][1:]:
+        assert len(r["clients"]) == 2 and not r["refused"]
+        assert all(c["bytes-up"] == c["bytes-down"] == h["slice_bytes"] for c in r["clients"])
+    central = [r["central"]["eval-loss"] for r in h["rounds"]]
+    assert central[2] < central[1] < central[0]
