@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
