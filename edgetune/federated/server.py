@@ -35,8 +35,9 @@ IDENTITY = ("partition-id",)               # per-client labels, not averaged
 class History:
     """What a federated run did. `rounds[r]`: {"round", "clients": [{"node", "partition-id",
     "num-examples", "train-loss", "bytes-down", "bytes-up", "wire-down", "wire-up"}, ...],
-    "refused": [{"node", "reason"}], "train": FedAvg's aggregated train metrics, "evaluate":
-    the nodes' aggregated held-out metrics, "central": the server's own evaluation}. Round 0
+    "refused": [{"node", "reason"}], "train": FedAvg's aggregated train metrics,
+    "evaluate-down": [{"node", "bytes-down"}] of the evaluate messages, "evaluate": the nodes'
+    aggregated held-out metrics, "central": the server's own evaluation}. Round 0
     holds the central evaluation of the initial model. Bytes: tensor entries x itemsize
     ("wire-*": Flower's serialized count, with .npy headers and keys)."""
 
