@@ -21,7 +21,7 @@ from edgetune.version import __version__
 # The API, imported on first use (PEP 562): `import edgetune.runtime` on a device that has
 # onnxruntime but no PyTorch must not import the compiler, which needs torch.
 _API = {"compile": "edgetune.compiler.trainer", "Trainer": "edgetune.compiler.trainer",
-        "SGD": "edgetune.compiler.optim", "AdamW": "edgetune.compiler.optim", "MeZO": "edgetune.compiler.zo",
+        "SGD": "edgetune.compiler.optim", "AdamW": "edgetune.compiler.optim", "MeZO": "edgetune.compiler.optim",
         "Scheme": "edgetune.compiler.scheme",
         "NonFiniteError": "edgetune.compiler.backends.torch", "BatchError": "edgetune.compiler.inputs"}
 __all__ = [*_API, "schemes", "__version__"]

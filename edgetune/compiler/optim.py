@@ -3,16 +3,19 @@
 Each optimizer contributes one in-place update op per trainable parameter. The learning
 rate and the step count are runtime inputs (`hyper`), so `trainer.lr` can change between
 steps without recompiling. A partially trained parameter is updated only on its chosen
-channels; its optimizer state has the shape of that slice.
+channels; its optimizer state has the shape of that slice. MeZO, the zeroth-order one, is
+specified here too; its step is no update op but a graph of its own (edgetune.compiler.zo).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
 from edgetune.compiler.ir.ops import register
+from edgetune.runtime.seeds import MASK32, seeds_for
 
 
 @dataclass
@@ -58,6 +61,39 @@ class AdamW:
         return dict(beta1=self.betas[0], beta2=self.betas[1], eps=self.eps, weight_decay=self.weight_decay)
 
 
+@dataclass
+class MeZO:
+    """Zeroth-order SGD (MeZO): `directions` SPSA estimates a step, each from two forward passes
+    at theta +- eps z. `seeds`: a fixed pool the step's directions are drawn from (FedKSeed's
+    K seeds); default: a fresh 32-bit seed each step, derived from `seed` and the step count
+    (a resumed run draws the same ones)."""
+
+    lr: float
+    eps: float = 1e-3
+    directions: int = 1
+    weight_decay: float = 0.0
+    seed: int = 0
+    seeds: Sequence[int] | None = None
+    op: str = field(default="zo_update", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, f"MeZO lr must be >= 0, got {self.lr}")
+        _check(self.eps > 0, f"MeZO eps must be > 0, got {self.eps}")
+        _check(isinstance(self.directions, int) and self.directions >= 1,
+               f"MeZO directions must be a whole number >= 1, got {self.directions!r}")
+        _check(self.weight_decay >= 0, f"MeZO weight_decay must be >= 0, got {self.weight_decay}")
+        if self.seeds is not None:
+            self.seeds = tuple(int(s) for s in self.seeds)
+            _check(bool(self.seeds) and all(0 <= s <= MASK32 for s in self.seeds),
+                   "MeZO seeds must be a non-empty list of 32-bit seeds (0 .. 2**32 - 1)")
+
+    state_names = ()  # nothing kept between steps but the seed
+
+    def seeds_for(self, step: int) -> list[int]:
+        """The seeds of step `step`'s directions: a function of the step count alone."""
+        return seeds_for(step, self.seed, self.directions, self.seeds)
+
+
 OPTIMIZERS = ("sgd", "adamw", "mezo")
 
 
@@ -71,8 +107,6 @@ def by_name(name: str, lr: float, weight_decay: float | None = None):
     if name == "adamw":
         return AdamW(lr=lr, **decay)
     if name == "mezo":
-        from edgetune.compiler.zo import MeZO  # zo registers its ops on import; optim's importers need not
-
         return MeZO(lr=lr, **decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 

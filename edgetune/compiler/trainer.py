@@ -32,11 +32,10 @@ from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
-from edgetune.compiler.optim import SGD, AdamW
+from edgetune.compiler.optim import SGD, AdamW, MeZO
 from edgetune.compiler.passes import PIPELINE, run_forward_pipeline, run_pipeline, split_passes
 from edgetune.compiler.passes.int8 import int8_frozen_linears
 from edgetune.compiler.report import Report, build_report
-from edgetune.compiler.zo import MeZO
 
 if TYPE_CHECKING:
     from edgetune.compiler.frontend.torch import ForwardGraph

@@ -20,56 +20,18 @@ data dependence, which any pass keeps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import register
-from edgetune.runtime.seeds import MASK32, direction_base, mix32, parameter_key, seeds_for, signs
+from edgetune.compiler.optim import MeZO, _onnx_read_part, _onnx_write_part
+from edgetune.runtime.seeds import MASK32, direction_base, mix32, parameter_key, signs
 
 __all__ = ["MeZO", "direction", "add_directions", "parameter_key", "zo_graph"]
 CHUNK = 1 << 16  # entries hashed at a time: the scratch stays in cache (4x faster than 1 << 18 here)
-
-
-@dataclass
-class MeZO:
-    """Zeroth-order SGD (MeZO): `directions` SPSA estimates a step, each from two forward passes
-    at theta +- eps z. `seeds`: a fixed pool the step's directions are drawn from (FedKSeed's
-    K seeds); default: a fresh 32-bit seed each step, derived from `seed` and the step count
-    (a resumed run draws the same ones)."""
-
-    lr: float
-    eps: float = 1e-3
-    directions: int = 1
-    weight_decay: float = 0.0
-    seed: int = 0
-    seeds: Sequence[int] | None = None
-    op: str = field(default="zo_update", init=False)
-
-    def __post_init__(self) -> None:
-        _check(self.lr >= 0, f"MeZO lr must be >= 0, got {self.lr}")
-        _check(self.eps > 0, f"MeZO eps must be > 0, got {self.eps}")
-        _check(isinstance(self.directions, int) and self.directions >= 1,
-               f"MeZO directions must be a whole number >= 1, got {self.directions!r}")
-        _check(self.weight_decay >= 0, f"MeZO weight_decay must be >= 0, got {self.weight_decay}")
-        if self.seeds is not None:
-            self.seeds = tuple(int(s) for s in self.seeds)
-            _check(bool(self.seeds) and all(0 <= s <= MASK32 for s in self.seeds),
-                   "MeZO seeds must be a non-empty list of 32-bit seeds (0 .. 2**32 - 1)")
-
-    state_names = ()  # nothing kept between steps but the seed
-
-    def seeds_for(self, step: int) -> list[int]:
-        """The seeds of step `step`'s directions: a function of the step count alone."""
-        return seeds_for(step, self.seed, self.directions, self.seeds)
-
-
-def _check(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(msg)
 
 
 # -- the directions ------------------------------------------------------------------------
@@ -180,8 +142,6 @@ def _onnx_direction(ctx, seed: str, key: int, count: int, dtype: torch.dtype) ->
 
 def _onnx_trained(ctx, n: Node, p: str, index: list[str]) -> tuple[str, int]:
     """The trained part of p, flat, and its entry count."""
-    from edgetune.compiler.optim import _onnx_read_part
-
     shape = list(n.inputs[0].shape)
     if n.attrs["part"] is not None:
         axis, k = n.attrs["part"]
@@ -190,8 +150,6 @@ def _onnx_trained(ctx, n: Node, p: str, index: list[str]) -> tuple[str, int]:
 
 
 def _onnx_written(ctx, n: Node, p: str, flat: str, index: list[str]) -> str:
-    from edgetune.compiler.optim import _onnx_write_part
-
     shape = list(n.inputs[0].shape)
     if n.attrs["part"] is not None:
         axis, k = n.attrs["part"]
