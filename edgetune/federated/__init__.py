@@ -7,6 +7,8 @@ adapters. The frozen rest stays where the model was built, on every node and on 
     client   Task (what every node builds) and client_app(task): a flwr ClientApp
     server   server_app(task, num_rounds): a flwr ServerApp with FedAvg over the slices and a
              History; run_simulation(task, num_clients, num_rounds) on Flower's Simulation Engine
+    fedkseed FedKSeed: MeZO nodes send (seed index, gradient) pairs, the server K per-seed
+             sums; fedkseed.run_simulation(task, num_clients, num_rounds, k=1024)
     slices   which entries train (no Flower)
 
 Flower is imported here and nowhere else in edgetune; `import edgetune` never imports it.
@@ -16,7 +18,7 @@ import importlib
 _API = {"Task": "client", "client_app": "client", "evaluate": "client",
         "server_app": "server", "run_simulation": "server", "History": "server", "SparseFedAvg": "server",
         "to_record": "records", "load_record": "records", "payload_bytes": "records",
-        "SliceError": "slices", "layout": "slices"}
+        "SliceError": "slices", "layout": "slices", "FedKSeed": "fedkseed", "FedKSeedError": "fedkseed"}
 __all__ = list(_API)
 
 

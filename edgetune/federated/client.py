@@ -114,6 +114,8 @@ class Node:
         self.task = task
         self.trainer = task.compile(data)
         self.layout = slices.layout(self.trainer)
+        self.initial = slices.read(self.trainer, self.layout)  # the built model's trained entries (FedKSeed)
+        self.pairs: list[tuple[int, float]] = []  # the last train()'s applied MeZO (seed, gradient) pairs
         self.lr = self.trainer.lr  # the task optimizer's, where a message sets none
         # Buffers a train-mode step writes (BatchNorm statistics) start each message afresh.
         self.buffers = {n: b.detach().clone() for n, b in self.trainer.model.named_buffers()} \
@@ -159,13 +161,15 @@ class Node:
         if hasattr(t.optimizer, "seeds_for"):  # MeZO: each node and round its own directions
             t.optimizer.seed = seed
         g = torch.Generator().manual_seed(seed)
-        order, at, losses = torch.randperm(n, generator=g), 0, []
+        order, at, losses, self.pairs = torch.randperm(n, generator=g), 0, [], []
         for _ in range(steps):
             if at + task.batch_size > n:
                 order, at = torch.randperm(n, generator=g), 0
             inputs, targets = rows(data, order[at:at + task.batch_size])
             at += task.batch_size
             losses.append(t.step(inputs, targets))
+            if not t.last_step.skipped:
+                self.pairs.extend(t.last_step.directions)
         return {"train-loss": sum(losses) / len(losses) if losses else float("nan"), "num-examples": n}
 
 

@@ -46,6 +46,7 @@ class History:
     trained_entries: int = 0
     model_entries: int = 0
     tensors: list[str] = field(default_factory=list)
+    strategy: dict = field(default_factory=dict)  # FedKSeed's settings (k, pool-seed, lr, local-steps)
     rounds: list[dict] = field(default_factory=list)
 
     def round(self, r: int) -> dict:
