@@ -10,8 +10,10 @@ configurations train on the same examples for the same passes and are evaluated 
 held-out examples the same way (plain model, unbucketed batches): "fixed" pads every batch to
 128 tokens in random batches; "buckets" cuts each batch to the shortest of LADDER that holds
 it, with batches grouped by length (LMData.batches(group_by_length=True)). Each run is a fresh
-process, run in turns (fixed, buckets, fixed, buckets, one shuffle seed per pair), so that
-whatever else loads the machine hits both. Step times are wall times of trainer.step; a step
+process; the two runs of a shuffle seed go side by side and take turns step by step (one
+steps while the other waits), so that whatever else loads the machine hits both alike: on
+this shared 2-core machine other work slows single steps up to 15x, for minutes at a time,
+and whole runs in turns (an earlier schedule) could not compare. Step times are wall times of trainer.step; a step
 that compiled a new shape is left out of the throughput and counted as that shape's compile.
 The rate the goal is judged on times each step at its length's median (other work on this
 shared machine slows single steps several-fold); the plain rate over all steps is kept too.
@@ -57,7 +59,9 @@ def split(settings: dict):
     return lm, train, held
 
 
-def run_one(config: str, seed: int, settings: dict) -> dict:
+def run_one(config: str, seed: int, settings: dict, turns: tuple[str, str] | None = None) -> dict:
+    """One configuration's run. `turns` (this run's FIFO, the other run's): each step waits for
+    a byte on the first and, done, writes one to the second, so the two runs step by turns."""
     import edgetune as et
     from edgetune.apps.lm import adapters_merged, compile_lm, evaluate_lm, finetune_lm
     from edgetune.data.chat import IGNORE
@@ -68,27 +72,32 @@ def run_one(config: str, seed: int, settings: dict) -> dict:
     trainer = compile_lm(lm.model, et.schemes.from_string(settings["scheme"]), settings["batch"],
                          settings["seq_len"], et.AdamW(lr=settings["lr"], weight_decay=0.0), buckets=buckets)
     first_compile = time.perf_counter() - started
-    steps, step = [], trainer.step
+    steps, step, cpu = [], trainer.step, [0.0, 0.0]
+    mine, theirs = (os.open(path, os.O_RDWR) for path in turns) if turns else (None, None)
 
     def timed(inputs, targets):  # finetune_lm calls trainer.step: time each call, count its real tokens
         ids, mask = inputs
         real = (targets[0] != IGNORE).any(1)  # rows filled in (fill=True) learn nothing and are not data
         new = all(s["length"] != ids.shape[1] for s in steps) and ids.shape[1] != settings["seq_len"]
-        t = time.perf_counter()
+        if mine is not None:
+            _wait_turn(mine)
+        before, t = _cpu_times(), time.perf_counter()
         loss = step(inputs, targets)
-        steps.append(dict(length=ids.shape[1], seconds=time.perf_counter() - t, new=new,
-                          real=int(mask[real].sum()), padded=ids.numel()))
+        seconds = time.perf_counter() - t
+        cpu[:] = [c + b - a for c, a, b in zip(cpu, before, _cpu_times())]
+        if theirs is not None:
+            os.write(theirs, b".")
+        steps.append(dict(length=ids.shape[1], seconds=seconds, new=new, real=int(mask[real].sum()),
+                          padded=ids.numel()))
         return loss
 
     trainer.step = timed
-    cpu = _cpu_times()
     # finetune_lm's own evaluations (before, after) on one batch only: the held-out loss is
     # evaluated once, below, and before training once for all runs (--before).
     finetune_lm(trainer, train, held.subset(range(settings["batch"])), epochs=settings["passes"],
                 batch_size=settings["batch"], lr=settings["lr"], warmup=settings["warmup"], seed=seed,
                 progress=False, log=lambda _: None, train_eval_size=settings["batch"], buckets=buckets,
                 group_by_length=group)
-    cpu = [b - a for a, b in zip(cpu, _cpu_times())]
     with adapters_merged(trainer) as model:
         held_after = evaluate_lm(model, held, settings["batch"])
     steady = [s for s in steps if not s["new"]]
@@ -111,10 +120,18 @@ def run_one(config: str, seed: int, settings: dict) -> dict:
             "first_compile_seconds": first_compile,
             "compile_phases": {"x".join(map(str, shapes[0])): seconds for shapes, _, seconds in trainer.report().variants},
             "training_seconds": sum(s["seconds"] for s in steps),
-            # the machine's CPU time that went to other work while this run trained
+            # the machine's CPU time that went to other work during this run's steps
             "others_cpu_share": cpu[1] / max(1e-9, cpu[0]),
             "trace": [[s["length"], round(s["seconds"], 4)] for s in steps],
             "examples": {"train": len(train), "held_out": len(held)}}
+
+
+def _wait_turn(fd: int, timeout: float = 1800.0) -> None:
+    import select
+
+    if not select.select([fd], [], [], timeout)[0]:  # the other run died: fail, do not hang
+        raise TimeoutError(f"no turn for {timeout:.0f} s: the other run stopped")
+    os.read(fd, 1)
 
 
 def _cpu_times() -> tuple[float, float]:
@@ -189,22 +206,43 @@ def measure(settings: dict) -> dict:
         results["auto_batches"] = _child(["--auto-batches"])
         _save(results)
     for seed in settings["seeds"]:
-        for config in CONFIGS:  # in turns: fixed, buckets, fixed, buckets
-            key = f"{config}@{seed}"
-            if key in runs:
-                continue
-            print(f"[lm_buckets] {key} ...", flush=True)
-            started = time.perf_counter()
-            runs[key] = _child(["--one", config, "--seed", str(seed)])
-            runs[key]["process_seconds"] = time.perf_counter() - started
-            results["meta"]["date"] = datetime.date.today().isoformat()
-            _save(results)
+        if f"buckets@{seed}" in runs and f"fixed@{seed}" in runs:
+            continue
+        print(f"[lm_buckets] fixed@{seed} and buckets@{seed}, step by step in turns ...", flush=True)
+        started = time.perf_counter()
+        for config, out in _pair(seed).items():
+            runs[f"{config}@{seed}"] = dict(out, process_seconds=time.perf_counter() - started)
+        results["meta"]["date"] = datetime.date.today().isoformat()
+        _save(results)
     return results
 
 
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True).stdout.strip() or "?"
+
+
+def _pair(seed: int) -> dict:
+    """Both configurations at once, in two processes that take turns step by step (FIFOs pass
+    the turn), so that other work on the machine slows steps of both alike."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        fifos = {c: os.path.join(folder, c) for c in CONFIGS}
+        for path in fifos.values():
+            os.mkfifo(path)
+        other = dict(zip(CONFIGS, reversed(list(CONFIGS))))
+        procs = {c: subprocess.Popen([sys.executable, "-m", "experiments.lm_buckets", "--one", c, "--seed", str(seed),
+                                      "--turns", fifos[c], fifos[other[c]]], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                 for c in CONFIGS}
+        first = os.open(fifos["fixed"], os.O_RDWR)
+        os.write(first, b".")  # fixed steps first
+        outs = {c: p.communicate()[0] for c, p in procs.items()}
+        os.close(first)
+    for c, p in procs.items():
+        if p.returncode:
+            raise RuntimeError(f"the {c} run failed (exit {p.returncode})")
+    return {c: json.loads(out.strip().splitlines()[-1]) for c, out in outs.items()}
 
 
 def _child(args: list[str]):
@@ -269,13 +307,13 @@ def section(results: dict) -> str:
              f"`finetune-lm --seq-len 128` takes: up to {s['max_chars']} characters), held-out loss on "
              f"{run['examples']['held_out']} others, evaluated alike for all runs. *fixed*: every batch padded to 128 "
              f"tokens, random batches. *buckets*: each batch cut to the shortest of {', '.join(map(str, LADDER))} "
-             f"that holds it, batches grouped by length (mega-batches of 50 batches). One fresh process a run, in "
-             f"turns (fixed, buckets, ...), shuffle seeds {', '.join(map(str, s['seeds']))}. Real tokens = attended, "
+             f"that holds it, batches grouped by length (mega-batches of 50 batches). One fresh process a run; the "
+             f"two runs of a shuffle seed ({', '.join(map(str, s['seeds']))}) side by side, taking turns step by step. "
+             f"Real tokens = attended, "
              f"non-padding tokens of real examples. Rate (medians) = real tokens / the run's steps each timed at "
              f"the median step time of its length (the goal's measure: a step that something else on the machine "
              f"slowed counts as a usual one); rate (all steps) = real tokens / the seconds of every step that "
-             f"compiled nothing. Others = the share of the machine's CPU time that other work took while the run "
-             f"trained. {meta.get('date', '?')}, {meta['cpu']}, 2 cores shared with other work, commit "
+             f"compiled nothing. Others = the share of the machine's CPU time that other work took during the run's steps. {meta.get('date', '?')}, {meta['cpu']}, 2 cores shared with other work, commit "
              f"{meta['commit']}. Held-out loss before training: {results['held_before']:.4f}.", "",
              "| run | real tokens/s (medians) | real tokens/s (all steps) | tokens paid / real token | held-out "
              "loss | step, 128 tokens | others | compiles during training |", "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -316,11 +354,28 @@ def section(results: dict) -> str:
               f"- The default ladder (`--buckets auto`: 64, 128) with grouping: about {m['auto_ratio']:.2f}x, from "
               f"the measured step times of 64 and 128 tokens and its batches over the same passes and seeds (not "
               f"run); its batches of 65..127 tokens pay for 128. This ladder is `--buckets {','.join(map(str, LADDER))}`.",
+              *_serial(results),
               f"- On lm_quality's data (up to 1,024 characters) {100 * tok['1024']['full_length_share']:.0f}% of "
               f"the conversations fill all 128 tokens (truncated): a pass pays {tok['1024']['fixed']:.3f} tokens "
               f"per real token when fixed and {tok['1024']['ladder']:.3f} with this ladder, so no bucketing can "
               f"reach 1.3x there (at most {tok['1024']['fixed']:.2f}x with no padding at all)."]
     return "\n".join(lines)
+
+
+def _serial(results: dict) -> list[str]:
+    """The earlier schedule's pairs (whole runs one after the other), where kept."""
+    old = results.get("serial_runs")
+    if not old:
+        return []
+    pairs = "; ".join(f"seed {s}: {old[f'buckets@{s}']['real_tokens_per_s'] / old[f'fixed@{s}']['real_tokens_per_s']:.2f}x "
+                      f"(other work {100 * old[f'fixed@{s}']['others_cpu_share']:.0f}% of the CPU during the fixed run, "
+                      f"{100 * old[f'buckets@{s}']['others_cpu_share']:.0f}% during the buckets run)"
+                      for s in results["meta"]["settings"]["seeds"])
+    return [f"- An earlier schedule ran whole runs one after the other (fixed, buckets, fixed, buckets; commit "
+            f"{old['commit']}), same settings and medians: {pairs}. Other work slowed most steps of one run for "
+            f"minutes, medians included, so those runs could not be compared; the runs above take turns step "
+            f"by step instead. Their held-out losses: "
+            + ", ".join(f"{k} {r['held_after']:.4f}" for k, r in old.items() if k != "commit") + "."]
 
 
 def write_section(results: dict) -> None:
@@ -340,13 +395,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--turns", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--tokens", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--auto-batches", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--report", action="store_true", help="only rewrite the RESULTS.md section from lm_buckets.json")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.seed, SETTINGS)))
+        print(json.dumps(run_one(args.one, args.seed, SETTINGS, args.turns)))
     elif args.before:
         print(json.dumps(held_out_before(SETTINGS)))
     elif args.tokens:
