@@ -56,8 +56,11 @@ def test_edgetune_lora_runs_or_says_why(timed):
 
 
 def test_every_engine_starts_from_the_same_loss(timed):
-    first = [r["losses"][0] for r in timed.values() if r["ok"]]
-    assert max(first) - min(first) < 1e-5
+    # MeZO reports the mean of its two perturbed passes (theta +- eps z): near, not equal.
+    first = {e: r["losses"][0] for e, r in timed.items() if r["ok"]}
+    exact = [loss for e, loss in first.items() if "mezo" not in e]
+    assert max(exact) - min(exact) < 1e-5
+    assert all(abs(loss - exact[0]) < 1e-3 for e, loss in first.items() if "mezo" in e)
 
 
 def test_sparse_engines_train_the_same_entries_the_same_way(timed):
