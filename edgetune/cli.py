@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     demo_job.add_arguments(demo)
     demo.set_defaults(run=demo_job.run)
     _lm_parsers(sub)
+    _federate_parser(sub)
     return parser
 
 
@@ -449,6 +450,93 @@ def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> st
     write_text(os.path.join(args.out, "report.txt"), str(trainer.report()) + "\n")
     return args.out
 
+
+
+# -- federated fine-tuning (edgetune.federated, Flower's Simulation Engine) -------------------
+
+def _federate_parser(sub) -> None:
+    fed = sub.add_parser("federate", help="fine-tune a model across simulated clients with Flower: FedAvg over "
+                         "the trained slices, or FedKSeed with --optimizer mezo")
+    fed.add_argument("--model", default="resnet", help="a built-in or pretrained model (as finetune's --model)")
+    fed.add_argument("--data", default="digits", help="a dataset finetune takes (digits, fashion-mnist, a folder, ...)")
+    fed.add_argument("--scheme", default="bias_only", help="what trains and travels (as finetune's --scheme); the "
+                     "new head always trains")
+    fed.add_argument("--clients", type=int, default=4, help="simulated clients, each its own partition")
+    fed.add_argument("--rounds", type=int, default=5)
+    fed.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA (label skew; small ALPHA: a few "
+                     "classes a client)")
+    fed.add_argument("--local-steps", type=int, default=10, help="training steps a client runs each round")
+    fed.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                     help="sgd or adamw: FedAvg over the trained slices; mezo: FedKSeed (seeds and scalars travel)")
+    fed.add_argument("--lr", type=float, help="learning rate (default: 0.003 for sgd, 3e-4 for adamw, 1e-5 for mezo)")
+    fed.add_argument("--pool", type=int, default=1024, help="FedKSeed's K: the seeds MeZO's directions come from")
+    fed.add_argument("--batch", type=int, default=16)
+    fed.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
+    fed.add_argument("--train-limit", type=int, help="use only this many training items (stratified)")
+    fed.add_argument("--val-limit", type=int, help="evaluate on only this many held-out items (stratified)")
+    fed.add_argument("--seed", type=int, default=0)
+    fed.add_argument("--out", help="folder for history.json, the plot and the weights "
+                     "(default: runs/federate-<model>-<data>-<time>)")
+    fed.set_defaults(run=run_federate)
+
+
+def run_federate(args: argparse.Namespace) -> int:
+    import logging
+
+    from edgetune.apps.finetune import save_weights
+    from edgetune.apps.jobs import build_job
+    from edgetune.federated import job as fjob
+
+    for name in ("clients", "rounds", "local_steps", "pool"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    _default_lr(args)
+    torch.manual_seed(args.seed)
+    job = build_job(args.model, args.data, size=args.size, train_limit=args.train_limit, val_limit=args.val_limit,
+                    seed=args.seed, augment=False)
+    parts = fjob.partition(job.train.labels, args.clients, args.partition, seed=args.seed, min_size=args.batch)
+    task = fjob.job_task(job, parts, et.schemes.with_head(et.schemes.parse(args.scheme), job.head),
+                         by_name(args.optimizer, args.lr), local_steps=args.local_steps, batch_size=args.batch,
+                         seed=args.seed)
+    args.out = args.out or _default_out(f"federate-{args.model}-{os.path.basename(args.data.rstrip('/'))}")
+    fedkseed = args.optimizer == "mezo"
+    print(f"{args.model} on {args.data}: {len(job.train)} train items over {args.clients} clients "
+          f"({args.partition}: {', '.join(str(len(p)) for p in parts)}), {len(job.val)} held-out; "
+          f"{'FedKSeed, K=' + str(args.pool) if fedkseed else 'FedAvg'} for {args.rounds} rounds", flush=True)
+
+    def progress(r: int, history) -> None:
+        central = history.rounds[r]["central"] or {}
+        down, up = fjob.round_bytes(history.rounds[r])
+        clients = max(1, len(history.rounds[r]["clients"]))
+        score = (f"held-out accuracy {100 * central['eval-accuracy']:.2f}%" if "eval-accuracy" in central
+                 else f"held-out loss {central.get('eval-loss', float('nan')):.4f}")
+        moved = f"; per client {down // clients:,} B down, {up // clients:,} B up" if r else " (the initial model)"
+        print(f"round {r}/{args.rounds}: {score}, loss {central.get('eval-loss', float('nan')):.4f}{moved}", flush=True)
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's own per-round log: the line above instead
+    options = dict(num_rounds=args.rounds, fraction_evaluate=0.0, on_round=progress)
+    if fedkseed:
+        from edgetune.federated.fedkseed import run_simulation
+
+        server = run_simulation(task, args.clients, k=args.pool, pool_seed=args.seed, **options)
+    else:
+        from edgetune.federated.server import run_simulation
+
+        server = run_simulation(task, args.clients, **options)
+    history = server.history
+    if len(history.rounds) <= args.rounds:
+        raise ValueError(f"the simulation ended after {len(history.rounds) - 1} of {args.rounds} rounds "
+                         "(see Flower's log above)")
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    write_json(os.path.join(args.out, "history.json"), {"settings": settings, **history.to_dict()})
+    fjob.plot(history, os.path.join(args.out, "curves.png"),
+              title=f"{args.model} on {args.data}, {args.clients} clients, {args.optimizer}")
+    save_weights(server.trainer.model, os.path.join(args.out, "model.safetensors"),
+                 metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
+    moved = sum(sum(fjob.round_bytes(r)) for r in history.rounds)
+    print(f"{moved:,} bytes moved in all (sending the whole model would move {history.model_bytes:,} per client "
+          f"each way a round); history, plot and weights in {args.out}/")
+    return 0
 
 # -- language models -------------------------------------------------------------------------
 

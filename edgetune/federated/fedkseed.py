@@ -305,11 +305,12 @@ class FedKSeed(FedAvg):
 def server_app(task: Task, num_rounds: int = 3, *, k: int = 1024, pool_seed: int = 0, fraction_train: float = 1.0,
                fraction_evaluate: float = 1.0, min_nodes: int = 2, lr: float | None = None,
                local_steps: int | None = None, timeout: float = 3600,
-               history_path: str | os.PathLike | None = None) -> ServerApp:
+               history_path: str | os.PathLike | None = None, on_round=None) -> ServerApp:
     """A ServerApp running FedKSeed over `task` (a MeZO task) with a pool of `k` seeds derived
     from `pool_seed`. After the run: `app.history`, `app.result`, `app.strategy` (its
     `model.coefficients`, `last_aggregate`) and `app.trainer`, the server's Trainer holding
-    the global model (theta_0 replayed with the final coefficients)."""
+    the global model (theta_0 replayed with the final coefficients). `on_round(round, history)`
+    is called after each round's central evaluation (round 0's too)."""
     check_mezo(task)
     seeds = pool(k, pool_seed)
     app = ServerApp()
@@ -338,11 +339,11 @@ def server_app(task: Task, num_rounds: int = 3, *, k: int = 1024, pool_seed: int
             c = arrays_of(arrays, "the global record")[COEFFICIENTS]
             if not np.array_equal(c, model.coefficients):
                 model.set(c)
-            if central is None:
-                return None
-            metrics = evaluate(trainer, task.loss, central)
+            metrics = evaluate(trainer, task.loss, central) if central is not None else None
             history.round(server_round)["central"] = metrics
-            return MetricRecord(metrics)
+            if on_round is not None:  # a progress line: the round's bytes and central metrics are in
+                on_round(server_round, history)
+            return MetricRecord(metrics) if metrics is not None else None
 
         strategy = app.strategy = FedKSeed(
             model, history, rate, steps * trainer.optimizer.directions, fraction_train=fraction_train,

@@ -151,13 +151,15 @@ class SparseFedAvg(FedAvg):
 
 def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                min_nodes: int = 2, lr: float | None = None, local_steps: int | None = None,
-               timeout: float = 3600, history_path: str | os.PathLike | None = None) -> ServerApp:
+               timeout: float = 3600, history_path: str | os.PathLike | None = None,
+               on_round=None) -> ServerApp:
     """A ServerApp running FedAvg over `task`'s trained slices for `num_rounds` rounds
     (`num-server-rounds` in the run config overrides it). `lr` and `local_steps` go to the
     nodes in each train message (default: the task's). After the run, `app.history` (a
     History, also written to `history_path` if given), `app.result` (Flower's Result),
     `app.strategy` (the SparseFedAvg: its last round's replies) and `app.trainer`: the
-    server's Trainer holding the final global slices and the frozen rest."""
+    server's Trainer holding the final global slices and the frozen rest. `on_round(round,
+    history)` is called after each round's central evaluation (round 0's too)."""
     app = ServerApp()
     app.history, app.result, app.trainer, app.strategy = History(), None, None, None
 
@@ -182,11 +184,11 @@ def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, 
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             load_record(trainer, arrays, layout, what="the global record")
-            if central is None:
-                return None
-            metrics = evaluate(trainer, task.loss, central)
+            metrics = evaluate(trainer, task.loss, central) if central is not None else None
             history.round(server_round)["central"] = metrics
-            return MetricRecord(metrics)
+            if on_round is not None:  # a progress line: the round's bytes and central metrics are in
+                on_round(server_round, history)
+            return MetricRecord(metrics) if metrics is not None else None
 
         strategy = app.strategy = SparseFedAvg(
             layout, history, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
