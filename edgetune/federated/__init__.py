@@ -9,6 +9,7 @@ adapters. The frozen rest stays where the model was built, on every node and on 
              History; run_simulation(task, num_clients, num_rounds) on Flower's Simulation Engine
     fedkseed FedKSeed: MeZO nodes send (seed index, gradient) pairs, the server K per-seed
              sums; fedkseed.run_simulation(task, num_clients, num_rounds, k=1024)
+    job      `edgetune federate`'s parts: a Task from an edgetune job, iid/Dirichlet partitions, the plot
     slices   which entries train (no Flower)
 
 Flower is imported here and nowhere else in edgetune; `import edgetune` never imports it.
