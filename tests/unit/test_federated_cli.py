@@ -75,3 +75,14 @@ def test_partitions_cover_every_example_once():
         partition(labels, 4, "dirichlet:-1")
     with pytest.raises(ValueError, match="cannot give 4 clients 100 each"):
         partition(labels, 4, "iid", min_size=100)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--partition", "dirichlet:x"], "--partition takes iid or dirichlet:ALPHA"),
+    (["--clients", "0"], "--clients must be at least 1"),
+    (["--clients", "20", "--batch", "16"], "cannot give 20 clients 16 each"),
+])
+def test_federate_refuses_bad_settings_before_any_simulation(tmp_path, capsys, flags, message):
+    assert main(["federate", *SMALL, "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
