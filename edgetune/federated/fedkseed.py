@@ -72,11 +72,15 @@ def pool(k: int, pool_seed: int = 0) -> tuple[int, ...]:
     return tuple(out)
 
 
-def layout_digest(layout: Mapping[str, slices.Slice]) -> int:
-    """A 32-bit digest of what trains (names, shapes, dtypes, chosen channels): a node whose
-    model or scheme differs from the server's refuses the message instead of drifting."""
+def layout_digest(layout: Mapping[str, slices.Slice], initial: Mapping[str, np.ndarray] | None = None) -> int:
+    """A 32-bit digest of what trains (names, shapes, dtypes, chosen channels) and, given
+    `initial`, of its initial values: a node whose model, weights or scheme differ from the
+    server's refuses the message instead of drifting (only c travels, never theta_0)."""
     text = repr([(n, s.shape, str(s.dtype), s.axis, s.channels) for n, s in layout.items()])
-    return zlib.crc32(text.encode())
+    digest = zlib.crc32(text.encode())
+    for name in layout if initial is not None else ():
+        digest = zlib.crc32(np.ascontiguousarray(initial[name]).tobytes(), digest)
+    return digest
 
 
 def check_mezo(task: Task) -> None:
@@ -99,6 +103,7 @@ class Model:
         self.layout = slices.layout(trainer)
         self.initial = initial if initial is not None else {
             n: t.numpy() for n, t in slices.read(trainer, self.layout).items()}
+        self.digest = layout_digest(self.layout, self.initial)
         self.coefficients = np.zeros(len(seeds))
 
     def set(self, coefficients: np.ndarray) -> None:
@@ -161,8 +166,8 @@ def _node_model(task: Task, partition: int, num_partitions: int, seeds: tuple[in
 def _received(msg: Message, k: int, digest: int, model: Model) -> tuple[ArrayRecord, ConfigRecord]:
     config = msg.content.get("config", ConfigRecord())
     if int(config.get("layout-digest", -1)) != digest:
-        raise FedKSeedError("the server trains other tensors or channels than this node (the models were not built "
-                            "from the same weights, or the schemes differ); nothing was changed")
+        raise FedKSeedError("the server trains other tensors, channels or initial values than this node (the models "
+                            "were not built from the same weights, or the schemes differ); nothing was changed")
     records = list(msg.content.array_records.values())
     if len(records) != 1 or COEFFICIENTS not in records[0] or len(records[0]) != 1:
         raise FedKSeedError(f"expected one ArrayRecord holding {COEFFICIENTS!r} alone")
@@ -181,7 +186,7 @@ def client_app(task: Task) -> ClientApp:
         config = msg.content.get("config", ConfigRecord())
         seeds = pool(int(config["pool-size"]), int(config["pool-seed"]))
         node, model = _node_model(task, partition, num_partitions, seeds)
-        record, config = _received(msg, len(seeds), layout_digest(model.layout), model)
+        record, config = _received(msg, len(seeds), model.digest, model)
         return partition, num_partitions, node, model, record, config
 
     @app.train()
@@ -332,7 +337,7 @@ def server_app(task: Task, num_rounds: int = 3, *, k: int = 1024, pool_seed: int
         history.model_entries = sum(t.numel() for t in trainer.model.state_dict().values())
         history.strategy = {"name": "fedkseed", "k": k, "pool-seed": pool_seed, "lr": rate, "local-steps": steps}
 
-        config = ConfigRecord({"pool-size": k, "pool-seed": pool_seed, "layout-digest": layout_digest(model.layout)})
+        config = ConfigRecord({"pool-size": k, "pool-seed": pool_seed, "layout-digest": model.digest})
         train_config = ConfigRecord({**dict(config), "lr": rate, "local-steps": steps})
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

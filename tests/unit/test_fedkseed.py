@@ -79,7 +79,7 @@ class Federation:
         self.history = History()
         self.strategy = fk.FedKSeed(self.model, self.history, LR, STEPS)
         self.app = fk.client_app(t)
-        self.config = {"pool-size": k, "pool-seed": 0, "layout-digest": fk.layout_digest(self.model.layout),
+        self.config = {"pool-size": k, "pool-seed": 0, "layout-digest": self.model.digest,
                        "lr": LR, "local-steps": STEPS}
         self.coefficients = np.zeros(k)
 
@@ -230,8 +230,13 @@ def test_a_node_refuses_bad_coefficients_and_another_layout():
     with pytest.raises(fk.FedKSeedError, match="NaN or infinite"):
         fed.send(0, coefficients=np.full(64, np.nan))
     fed.config["layout-digest"] += 1
-    with pytest.raises(fk.FedKSeedError, match="trains other tensors or channels"):
+    with pytest.raises(fk.FedKSeedError, match="trains other tensors, channels or initial values"):
         fed.send(0)
+    # the digest covers the initial values of the trained entries: other weights, another digest
+    layout, initial = fed.model.layout, dict(fed.model.initial)
+    assert fk.layout_digest(layout, initial) == fed.model.digest != fk.layout_digest(layout)
+    initial["2.bias"] = initial["2.bias"] + 1e-12
+    assert fk.layout_digest(layout, initial) != fed.model.digest
     with pytest.raises(ValueError, match="FedKSeed trains with MeZO"):
         fk.client_app(fclient.Task(model=builder(16), loss=F.cross_entropy, train_data=train_data,
                                    optimizer=et.SGD(lr=0.1)))
