@@ -42,12 +42,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from edgetune.federated import slices
 from edgetune.federated.client import Task, evaluate, mix, node_for, num_examples, partition_of
 from edgetune.federated.records import arrays_of, payload_bytes, wire_bytes
-from edgetune.federated.server import History, aggregate_metrics
+from edgetune.federated.server import CountingFedAvg, History
 from edgetune.federated.slices import SliceError
 
 COEFFICIENTS = "coefficients"  # the down record: the global per-seed sums, float64 [K]
@@ -222,30 +221,14 @@ def client_app(task: Task) -> ClientApp:
 
 # -- the server ----------------------------------------------------------------------------
 
-class FedKSeed(FedAvg):
+class FedKSeed(CountingFedAvg):
     """Flower's FedAvg sampling and metrics, with FedKSeed's arrays: down, the global
     coefficients; up, (index, gradient) pairs, checked and summed per seed by examples."""
 
     def __init__(self, model: Model, history: History, lr: float, max_pairs: int, **kw) -> None:
-        kw.setdefault("train_metrics_aggr_fn", aggregate_metrics)
-        kw.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
-        super().__init__(**kw)
-        self.model, self.history, self.lr, self.max_pairs = model, history, float(lr), int(max_pairs)
+        super().__init__(history, **kw)
+        self.model, self.lr, self.max_pairs = model, float(lr), int(max_pairs)
         self.last_aggregate: np.ndarray | None = None  # the last round's example-weighted per-seed sums
-        self._down: dict[int, tuple[int, int]] = {}
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._down = {m.metadata.dst_node_id: (payload_bytes(arrays), wire_bytes(arrays)) for m in messages}
-        return messages
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.history.round(server_round)["evaluate-down"] = [
-            {"node": m.metadata.dst_node_id, "bytes-down": payload_bytes(arrays)} for m in messages]
-        return messages
 
     def check(self, msg: Message) -> tuple[np.ndarray, np.ndarray, dict, ArrayRecord]:
         node = msg.metadata.src_node_id

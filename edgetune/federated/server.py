@@ -81,17 +81,15 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return out
 
 
-class SparseFedAvg(FedAvg):
-    """Flower's FedAvg, checking each reply against the trained slices and keeping a History."""
+class CountingFedAvg(FedAvg):
+    """Flower's FedAvg that records the bytes each train message carries down (`_down`, by
+    node) and each evaluate message's in the History; the strategies below build on it."""
 
-    def __init__(self, layout: dict[str, slices.Slice], history: History, **kw) -> None:
+    def __init__(self, history: History, **kw) -> None:
         kw.setdefault("train_metrics_aggr_fn", aggregate_metrics)
         kw.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**kw)
-        self.layout, self.history = layout, history
-        # The last round's accepted replies, (node, metrics, {name: ndarray}), and its average.
-        self.last_replies: list[tuple[int, dict, dict]] = []
-        self.last_global: ArrayRecord | None = None
+        self.history = history
         self._down: dict[int, tuple[int, int]] = {}  # this round's train messages: node -> (bytes, wire bytes)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -106,6 +104,17 @@ class SparseFedAvg(FedAvg):
         self.history.round(server_round)["evaluate-down"] = [
             {"node": m.metadata.dst_node_id, "bytes-down": payload_bytes(arrays)} for m in messages]
         return messages
+
+
+class SparseFedAvg(CountingFedAvg):
+    """Flower's FedAvg, checking each reply against the trained slices and keeping a History."""
+
+    def __init__(self, layout: dict[str, slices.Slice], history: History, **kw) -> None:
+        super().__init__(history, **kw)
+        self.layout = layout
+        # The last round's accepted replies, (node, metrics, {name: ndarray}), and its average.
+        self.last_replies: list[tuple[int, dict, dict]] = []
+        self.last_global: ArrayRecord | None = None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         entry = self.history.round(server_round)
