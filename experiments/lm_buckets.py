@@ -336,7 +336,9 @@ def section(results: dict) -> str:
               f"(each pair: {pairs_all}).",
               f"- Held-out loss after training, mean over the seeds: fixed {m['held_mean']['fixed']:.4f}, buckets "
               f"{m['held_mean']['buckets']:.4f} ({held_gap:+.4f}, {100 * held_gap / m['held_mean']['fixed']:+.2f}%); "
-              f"the seeds of one configuration differ by up to {spread:.4f}. Cutting padding changes no number "
+              f"the seeds of one configuration differ by up to {spread:.4f}, so the gap is "
+              + ("within" if abs(held_gap) <= spread else "beyond") + " what two shuffles give (two seeds each: a "
+              f"coarse yardstick). Cutting padding changes no number "
               f"(tests/unit/test_lm.py); grouping changes which examples share a batch, so the runs differ as "
               f"two shuffles do.",
               f"- Median step time by length (buckets runs): {steps}; the fixed runs' 128-token step "
