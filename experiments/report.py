@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import lm_quality
+from experiments import lm_buckets, lm_quality
 from experiments.finetune_table import RESULTS, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,9 @@ def main() -> int:
     lm = lm_quality.load()
     if lm.get("runs"):
         lines += [lm_quality.section(lm), ""]
+    buckets = lm_buckets.load()
+    if buckets.get("runs"):
+        lines += [lm_buckets.MARKERS[0], lm_buckets.section(buckets), lm_buckets.MARKERS[1], ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
