@@ -268,11 +268,16 @@ def client_app(task: Task) -> ClientApp:
         node = node_for(task, partition, num_partitions)
         record, config = msg.content["arrays"], msg.content.get("config", ConfigRecord())
         node.start(record, config)
-        data = node.data("test", partition, num_partitions)
-        metrics = evaluate(node.trainer, task.loss, data)
-        metrics.update({"num-examples": num_examples(data), "bytes-received": payload_bytes(record),
-                        "partition-id": partition})
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return evaluation_reply(task, node, partition, num_partitions, record, msg)
 
     return app
+
+
+def evaluation_reply(task: Task, node, partition: int, num_partitions: int, record, msg: Message) -> Message:
+    """The held-out metrics of the node's model on its partition's test data."""
+    data = node.data("test", partition, num_partitions)
+    metrics = evaluate(node.trainer, task.loss, data)
+    metrics.update({"num-examples": num_examples(data), "bytes-received": payload_bytes(record),
+                    "partition-id": partition})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from logging import WARNING
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -44,7 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from edgetune.federated import slices
-from edgetune.federated.client import Task, evaluate, mix, node_for, num_examples, partition_of
+from edgetune.federated.client import Task, evaluate, evaluation_reply, mix, node_for, partition_of
 from edgetune.federated.records import arrays_of, payload_bytes, wire_bytes
 from edgetune.federated.server import CountingFedAvg, History
 from edgetune.federated.slices import SliceError
@@ -210,11 +209,7 @@ def client_app(task: Task) -> ClientApp:
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
         partition, num_partitions, node, model, record, _ = setup(msg, context)
-        data = node.data("test", partition, num_partitions)
-        metrics = evaluate(node.trainer, task.loss, data)
-        metrics.update({"num-examples": num_examples(data), "bytes-received": payload_bytes(record),
-                        "partition-id": partition})
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return evaluation_reply(task, node, partition, num_partitions, record, msg)
 
     return app
 
@@ -278,16 +273,6 @@ class FedKSeed(CountingFedAvg):
         entry["train"] = dict(metrics)
         return ArrayRecord({COEFFICIENTS: Array(coefficients)}), metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        metrics = super().aggregate_evaluate(server_round, replies)
-        self.history.round(server_round)["evaluate"] = dict(metrics) if metrics is not None else None
-        return metrics
-
-    @staticmethod
-    def _log(text: str) -> None:
-        from flwr.supercore import log
-
-        log(WARNING, "%s", text)
 
 
 def server_app(task: Task, num_rounds: int = 3, *, k: int = 1024, pool_seed: int = 0, fraction_train: float = 1.0,

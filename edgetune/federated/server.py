@@ -105,6 +105,17 @@ class CountingFedAvg(FedAvg):
             {"node": m.metadata.dst_node_id, "bytes-down": payload_bytes(arrays)} for m in messages]
         return messages
 
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        metrics = super().aggregate_evaluate(server_round, replies)
+        self.history.round(server_round)["evaluate"] = dict(metrics) if metrics is not None else None
+        return metrics
+
+    @staticmethod
+    def _log(text: str) -> None:
+        from flwr.supercore import log
+
+        log(WARNING, "%s", text)
+
 
 class SparseFedAvg(CountingFedAvg):
     """Flower's FedAvg, checking each reply against the trained slices and keeping a History."""
@@ -146,16 +157,6 @@ class SparseFedAvg(CountingFedAvg):
         self.last_global = arrays
         return arrays, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        metrics = super().aggregate_evaluate(server_round, replies)
-        self.history.round(server_round)["evaluate"] = dict(metrics) if metrics is not None else None
-        return metrics
-
-    @staticmethod
-    def _log(text: str) -> None:
-        from flwr.supercore import log
-
-        log(WARNING, "%s", text)
 
 
 def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
