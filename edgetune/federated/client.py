@@ -251,10 +251,7 @@ def client_app(task: Task) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        partition, num_partitions = partition_of(context)
-        node = node_for(task, partition, num_partitions)
-        record, config = msg.content["arrays"], msg.content.get("config", ConfigRecord())
-        node.start(record, config)
+        partition, num_partitions, node, record, config = _started(task, msg, context)
         metrics = node.train(partition, num_partitions, int(config.get("server-round", 0)),
                              int(config.get("local-steps", task.local_steps)), config.get("lr"))
         reply = to_record(node.trainer, node.layout)
@@ -264,13 +261,20 @@ def client_app(task: Task) -> ClientApp:
 
     @app.evaluate()
     def evaluate_(msg: Message, context: Context) -> Message:
-        partition, num_partitions = partition_of(context)
-        node = node_for(task, partition, num_partitions)
-        record, config = msg.content["arrays"], msg.content.get("config", ConfigRecord())
-        node.start(record, config)
+        partition, num_partitions, node, record, _ = _started(task, msg, context)
         return evaluation_reply(task, node, partition, num_partitions, record, msg)
 
     return app
+
+
+def _started(task: Task, msg: Message, context: Context):
+    """(partition, partitions, node, received record, config): the node's trainer holding the
+    received slices, ready for the message."""
+    partition, num_partitions = partition_of(context)
+    node = node_for(task, partition, num_partitions)
+    record, config = msg.content["arrays"], msg.content.get("config", ConfigRecord())
+    node.start(record, config)
+    return partition, num_partitions, node, record, config
 
 
 def evaluation_reply(task: Task, node, partition: int, num_partitions: int, record, msg: Message) -> Message:

@@ -45,7 +45,7 @@ from flwr.serverapp import Grid, ServerApp
 from edgetune.federated import slices
 from edgetune.federated.client import Task, evaluate, evaluation_reply, mix, node_for, partition_of
 from edgetune.federated.records import arrays_of, payload_bytes, wire_bytes
-from edgetune.federated.server import CountingFedAvg, History
+from edgetune.federated.server import CountingFedAvg, History, server_trainer
 from edgetune.federated.slices import SliceError
 
 COEFFICIENTS = "coefficients"  # the down record: the global per-seed sums, float64 [K]
@@ -292,8 +292,8 @@ def server_app(task: Task, num_rounds: int = 3, *, k: int = 1024, pool_seed: int
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         history = app.history = History()
-        central = task.central_test_data() if task.central_test_data is not None else None
-        trainer = app.trainer = task.compile(central if central is not None else task.train_data(0, 1))
+        central, trainer = server_trainer(task)
+        app.trainer = trainer
         trainer.optimizer.seeds = seeds
         model = Model(trainer, seeds)
         steps = int(local_steps if local_steps is not None else task.local_steps)

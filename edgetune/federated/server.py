@@ -159,6 +159,13 @@ class SparseFedAvg(CountingFedAvg):
 
 
 
+def server_trainer(task: Task):
+    """(the central test data or None, the server's Trainer compiled on it, else on the
+    whole training set's first batch shape): the server never steps it."""
+    central = task.central_test_data() if task.central_test_data is not None else None
+    return central, task.compile(central if central is not None else task.train_data(0, 1))
+
+
 def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                min_nodes: int = 2, lr: float | None = None, local_steps: int | None = None,
                timeout: float = 3600, history_path: str | os.PathLike | None = None,
@@ -176,8 +183,8 @@ def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         history = app.history = History()
-        central = task.central_test_data() if task.central_test_data is not None else None
-        trainer = app.trainer = task.compile(central if central is not None else task.train_data(0, 1))
+        central, trainer = server_trainer(task)
+        app.trainer = trainer
         layout = slices.layout(trainer)
         history.tensors = list(layout)
         history.slice_bytes = sum(s.nbytes for s in layout.values())
