@@ -34,6 +34,7 @@ import sys
 import time
 
 from edgetune.files import write_json, write_text
+from experiments.children import load_json, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm_buckets.json")
@@ -246,16 +247,11 @@ def _pair(seed: int) -> dict:
 
 
 def _child(args: list[str]):
-    out = subprocess.run([sys.executable, "-m", "experiments.lm_buckets", *args], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child("experiments.lm_buckets", args)
 
 
 def load() -> dict:
-    if not os.path.exists(RESULTS_JSON):
-        return {}
-    with open(RESULTS_JSON) as f:
-        return json.load(f)
+    return load_json(RESULTS_JSON)
 
 
 def _save(results: dict) -> None:

@@ -17,11 +17,10 @@ import datetime
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 from edgetune.files import write_json
+from experiments.children import load_json, run_child
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm.json")
@@ -101,16 +100,11 @@ def sweep(settings: dict) -> dict:
 
 
 def _child(args: list[str]):
-    out = subprocess.run([sys.executable, "-m", "experiments.lm_quality", *args], cwd=ROOT, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child("experiments.lm_quality", args)
 
 
 def load() -> dict:
-    if not os.path.exists(RESULTS_JSON):
-        return {}
-    with open(RESULTS_JSON) as f:
-        return json.load(f)
+    return load_json(RESULTS_JSON)
 
 
 def _save(results: dict) -> None:
