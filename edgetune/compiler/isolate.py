@@ -4,7 +4,9 @@ torch.export loads tens of MB of modules and caches that a training step never n
 50 MB for MobileNetV2 here). Forking shares the model copy-on-write; the child traces and
 compiles, sends back the finished graph (plain data, pickled) and exits, taking that memory
 with it. Where forking is not safe -- no fork() on this platform, a CUDA model (CUDA does not
-survive a fork), or EDGETUNE_COMPILE_IN_PROCESS=1 -- the same function runs in-process.
+survive a fork), other Python threads alive (a Flower server or Ray actor: a thread that
+holds a lock at the fork, an import's module lock say, leaves the child waiting on it forever),
+or EDGETUNE_COMPILE_IN_PROCESS=1 -- the same function runs in-process.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import gc
 import os
 import pickle
 import sys
+import threading
 import traceback
 from typing import Callable, TypeVar
 
@@ -20,8 +23,13 @@ import torch
 T = TypeVar("T")
 
 
+def fork_is_safe() -> bool:
+    """This platform forks, and this process runs no other Python thread."""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
 def can_fork(device: torch.device) -> bool:
-    return (hasattr(os, "fork") and device.type == "cpu"
+    return (fork_is_safe() and device.type == "cpu"
             and os.environ.get("EDGETUNE_COMPILE_IN_PROCESS", "0") in ("", "0"))
 
 

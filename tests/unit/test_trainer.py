@@ -1,6 +1,7 @@
 import copy
 import os
 import re
+import threading
 
 import pytest
 import safetensors.torch
@@ -218,6 +219,28 @@ def test_forked_and_in_process_compiles_agree(monkeypatch):
     local = run()
     assert forked[0] == local[0] and forked[1] == local[1]
     assert all(torch.equal(a, b) for a, b in zip(forked[2].values(), local[2].values()))
+
+
+def test_no_fork_while_another_thread_runs():
+    """A fork copies the locks other threads hold (an import's module lock, say) and never
+    their releases: with a Flower server thread or a Ray actor's threads alive, edgetune
+    compiles and measures in-process instead."""
+    from edgetune.compiler.backends.scratch import can_measure
+    from edgetune.compiler.isolate import run_isolated
+
+    cpu = torch.device("cpu")
+    alone = threading.active_count() == 1  # an in-process compile earlier leaves tqdm's monitor thread
+    assert (run_isolated(os.getpid, cpu) != os.getpid()) == alone and can_measure(cpu) == alone
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert run_isolated(os.getpid, cpu) == os.getpid() and not can_measure(cpu)
+        model = ConvNet()
+        et.compile(model, F.cross_entropy, *batch(), scheme=SCHEME, optimizer=et.SGD(lr=0.1)).step(*batch())
+    finally:
+        release.set()
+        other.join()
 
 
 def test_a_loss_that_is_not_a_scalar_is_an_error():

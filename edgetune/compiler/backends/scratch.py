@@ -61,7 +61,10 @@ def _measured_or_nothing(nodes: list[Node]) -> list[int | None]:
 
 
 def can_measure(device: torch.device) -> bool:
-    return (device.type == "cpu" and sys.platform.startswith("linux") and hasattr(os, "fork")
+    """Measured in a forked child: not where other threads run (see edgetune.compiler.isolate)."""
+    from edgetune.compiler.isolate import fork_is_safe
+
+    return (device.type == "cpu" and sys.platform.startswith("linux") and fork_is_safe()
             and os.environ.get("EDGETUNE_MEASURE_SCRATCH", "1") not in ("", "0"))
 
 
