@@ -1,0 +1,322 @@
+"""Federated sparse fine-tuning on Flower against centralized training and against Flower's own
+whole-model FedAvg: ImageNet MobileNetV2 -> Fashion-MNIST (issue 14, experiment a).
+
+    python -m experiments.federated_vision            # the three runs (finished ones are kept), then RESULTS.md
+    python -m experiments.federated_vision --report   # only rewrite RESULTS.md
+
+The three runs see the same data (the training subset cut into 10 clients by a Dirichlet(0.5)
+draw over the labels; the held-out split kept by the server), the same batch and the same
+number of examples in all (rounds x clients x local steps x batch, about 3 passes):
+- `federated-sparse`: edgetune's ClientApp/ServerApp (edgetune.federated) on Flower's
+  Simulation Engine, the `mbv2-99kb` scheme plus the new head; only its trained slices travel.
+- `centralized-sparse`: one edgetune Trainer, the same scheme, rate and batch, on the whole
+  training subset for the same number of steps in all, scored after each round's worth.
+- `federated-whole`: Flower's quickstart pattern: a ClientApp that loads the received
+  state_dict into a PyTorch model, trains all of it eagerly with torch.optim.SGD and sends its
+  whole state_dict back; a ServerApp running Flower's own FedAvg strategy.
+Learning rates are the ones experiments.finetune_table tuned for these schemes centrally
+(mbv2-99kb: 0.01, full: 0.001), not re-tuned here. Each run is a fresh process; results go
+to experiments/results/federated_vision.json and the section into RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+from edgetune.files import write_json
+from experiments.children import load_json, run_child
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "federated_vision.json")
+SETTINGS = dict(model="mobilenetv2-imagenet", data="fashion-mnist", size=96, train_limit=6000, test_limit=3000,
+                clients=10, partition="dirichlet:0.5", rounds=8, local_steps=7, batch=32, scheme="mbv2-99kb",
+                lr_sparse=0.01, lr_whole=0.001, momentum=0.9, seed=0)
+RUNS = ("federated-sparse", "centralized-sparse", "federated-whole")
+
+
+# -- the shared setup ------------------------------------------------------------------------
+
+def setup(s: dict):
+    """(job, partitions, edgetune Task) the same in every run."""
+    import torch
+
+    import edgetune as et
+    from edgetune.apps.jobs import build_job
+    from edgetune.compiler.optim import by_name
+    from edgetune.federated import job as fjob
+
+    torch.manual_seed(s["seed"])
+    job = build_job(s["model"], s["data"], size=s["size"], train_limit=s["train_limit"], val_limit=s["test_limit"],
+                    seed=s["seed"], augment=False)
+    parts = fjob.partition(job.train.labels, s["clients"], s["partition"], seed=s["seed"], min_size=s["batch"])
+    scheme = et.schemes.with_head(et.schemes.parse(s["scheme"]), job.head)
+    task = fjob.job_task(job, parts, scheme, by_name("sgd", s["lr_sparse"]), local_steps=s["local_steps"],
+                         batch_size=s["batch"], seed=s["seed"])
+    return job, parts, task
+
+
+def total_steps(s: dict) -> int:
+    """Steps of one batch all clients take in all: what the centralized run takes."""
+    return s["rounds"] * s["clients"] * s["local_steps"]
+
+
+# -- the runs --------------------------------------------------------------------------------
+
+def run_federated_sparse(s: dict) -> dict:
+    from edgetune.federated.job import round_bytes
+    from edgetune.federated.server import run_simulation
+
+    _, parts, task = setup(s)
+    start = time.perf_counter()
+    server = run_simulation(task, s["clients"], s["rounds"], fraction_evaluate=0.0)
+    seconds = time.perf_counter() - start
+    h = server.history
+    if len(h.rounds) <= s["rounds"]:
+        raise RuntimeError(f"the simulation ended after {len(h.rounds) - 1} of {s['rounds']} rounds")
+    rounds = []
+    for r in h.rounds:
+        down, up = round_bytes(r)
+        clients = max(1, len(r["clients"]))
+        rounds.append({"round": r["round"], "accuracy": r["central"]["eval-accuracy"],
+                       "loss": r["central"]["eval-loss"], "down_per_client": down // clients,
+                       "up_per_client": up // clients, "refused": len(r["refused"])})
+    return {"rounds": rounds, "seconds": seconds, "trained_entries": h.trained_entries,
+            "model_entries": h.model_entries, "slice_bytes": h.slice_bytes, "model_bytes": h.model_bytes,
+            "partition_sizes": [len(p) for p in parts]}
+
+
+def run_centralized_sparse(s: dict) -> dict:
+    import torch
+
+    from edgetune.federated.client import evaluate, rows
+
+    _, _, task = setup(s)
+    train, test = task.train_data.inputs + (task.train_data.labels,), task.central_test_data()
+    data = (train[:-1], (train[-1],))
+    n = len(train[-1])
+    trainer = task.compile(data)
+    g = torch.Generator().manual_seed(s["seed"])
+    order, at, start = torch.randperm(n, generator=g), 0, time.perf_counter()
+    rounds = [{"round": 0, **_scores(evaluate(trainer, task.loss, test))}]
+    per_round = s["clients"] * s["local_steps"]  # one round's examples, in steps of one batch
+    for step in range(1, total_steps(s) + 1):
+        if at + s["batch"] > n:
+            order, at = torch.randperm(n, generator=g), 0
+        trainer.step(*rows(data, order[at:at + s["batch"]]))
+        at += s["batch"]
+        if step % per_round == 0:
+            rounds.append({"round": step // per_round, **_scores(evaluate(trainer, task.loss, test))})
+    return {"rounds": rounds, "seconds": time.perf_counter() - start, "steps": total_steps(s),
+            "trained_entries": trainer.report().trainable_params}
+
+
+def _scores(metrics: dict) -> dict:
+    return {"accuracy": metrics["eval-accuracy"], "loss": metrics["eval-loss"]}
+
+
+def run_federated_whole(s: dict) -> dict:
+    """Flower's quickstart pattern: whole state_dicts both ways, Flower's FedAvg, eager PyTorch."""
+    from flwr.simulation import run_simulation
+
+    _, parts, task = setup(s)
+    client, server = whole_model_apps(task, s)
+    start = time.perf_counter()
+    run_simulation(server_app=server, client_app=client, num_supernodes=s["clients"],
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    if len(server.rounds) <= s["rounds"]:
+        raise RuntimeError(f"the simulation ended after {len(server.rounds) - 1} of {s['rounds']} rounds")
+    return {"rounds": server.rounds, "seconds": time.perf_counter() - start,
+            "trained_entries": server.trained_entries, "partition_sizes": [len(p) for p in parts]}
+
+
+def whole_model_apps(task, s: dict):
+    """(ClientApp, ServerApp) as Flower's PyTorch quickstart writes them, on this task's model,
+    data and sampling: the client trains the whole model in train mode and returns its
+    state_dict; the server runs flwr's FedAvg and evaluates each round's global model."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+
+    from edgetune.federated.client import mix, rows
+    from edgetune.federated.records import payload_bytes
+
+    client = ClientApp()
+
+    @client.train()
+    def train(msg: Message, context: Context) -> Message:
+        partition, num_partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        model = task.model()
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        inputs, targets = task.train_data(partition, num_partitions)
+        n = len(targets[0])
+        optimizer = torch.optim.SGD(model.parameters(), lr=float(msg.content["config"]["lr"]), momentum=s["momentum"])
+        g = torch.Generator().manual_seed(mix(s["seed"], partition, int(msg.content["config"]["server-round"])))
+        order, at, losses = torch.randperm(n, generator=g), 0, []
+        model.train()
+        for _ in range(s["local_steps"]):
+            if at + s["batch"] > n:
+                order, at = torch.randperm(n, generator=g), 0
+            x, y = rows((inputs, targets), order[at:at + s["batch"]])
+            at += s["batch"]
+            optimizer.zero_grad()
+            loss = task.loss(model(*x), *y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        reply = ArrayRecord(model.state_dict())
+        metrics = MetricRecord({"train-loss": sum(losses) / len(losses), "num-examples": n,
+                                "bytes-received": payload_bytes(msg.content["arrays"]),
+                                "bytes-sent": payload_bytes(reply)})
+        return Message(RecordDict({"arrays": reply, "metrics": metrics}), reply_to=msg)
+
+    server = ServerApp()
+    server.rounds, server.trained_entries = [], 0
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        model = task.model()
+        server.trained_entries = sum(p.numel() for p in model.parameters())
+        test = task.central_test_data()
+        sent: dict[int, int] = {}
+
+        class CountingFedAvg(FedAvg):  # the bytes each round's replies carried up, for the table
+            def aggregate_train(self, server_round, replies):
+                replies = list(replies)
+                sent[server_round] = [int(next(iter(m.content.metric_records.values()))["bytes-sent"])
+                                      for m in replies if not m.has_error()]
+                return super().aggregate_train(server_round, replies)
+
+        def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            metrics = _evaluate_eager(model, task.loss, test)
+            up = sent.get(server_round, [])
+            server.rounds.append({"round": server_round, **_scores(metrics),
+                                  "down_per_client": payload_bytes(arrays) if server_round else 0,
+                                  "up_per_client": sum(up) // max(1, len(up)), "refused": 0})
+            return MetricRecord(metrics)
+
+        strategy = CountingFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=s["clients"],
+                                  min_available_nodes=s["clients"])
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=s["rounds"],
+                       train_config=ConfigRecord({"lr": s["lr_whole"]}), evaluate_fn=central_evaluate)
+
+    return client, server
+
+
+def _evaluate_eager(model, loss_fn, data, batch_size: int = 256) -> dict:
+    import torch
+
+    from edgetune.federated.client import num_examples, rows
+
+    n, loss_sum, correct = num_examples(data), 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            x, y = rows(data, range(start, min(n, start + batch_size)))
+            out = model(*x)
+            loss_sum += float(loss_fn(out, *y)) * len(y[0])
+            correct += int((out.argmax(-1) == y[0]).sum())
+    return {"eval-loss": loss_sum / n, "eval-accuracy": correct / n}
+
+
+RUNNERS = {"federated-sparse": run_federated_sparse, "centralized-sparse": run_centralized_sparse,
+           "federated-whole": run_federated_whole}
+
+
+# -- the sweep and the report ----------------------------------------------------------------
+
+def sweep(settings: dict) -> dict:
+    results = load()
+    if results.get("meta", {}).get("settings") not in (None, settings):
+        results = {}  # other settings: the old runs do not compare
+    results.setdefault("meta", {}).update(settings=settings, cpu=platform.processor() or platform.machine())
+    runs = results.setdefault("runs", {})
+    for name in RUNS:
+        if name in runs:
+            continue
+        print(f"[federated_vision] {name} ...", flush=True)
+        runs[name] = run_child("experiments.federated_vision", ["--one", name])
+        results["meta"]["date"] = datetime.date.today().isoformat()
+        write_json(RESULTS_JSON, results)
+    return results
+
+
+def load() -> dict:
+    return load_json(RESULTS_JSON)
+
+
+def section(results: dict) -> str:
+    s, runs = results["meta"]["settings"], results["runs"]
+    lines = ["## ImageNet MobileNetV2 -> Fashion-MNIST, federated: sparse FedAvg on Flower against centralized "
+             "and whole-model FedAvg (issue 14)", "",
+             f"`python -m experiments.federated_vision` — {s['train_limit']} training images cut into {s['clients']} "
+             f"clients ({s['partition']} over the labels), {s['test_limit']} held-out images scored by the server, "
+             f"{s['size']}x{s['size']} px, {s['rounds']} rounds of {s['local_steps']} local steps of batch "
+             f"{s['batch']} on every client ({total_steps(s) * s['batch']:,} examples in all, "
+             f"{total_steps(s) * s['batch'] / s['train_limit']:.1f} passes); the centralized run takes the same "
+             f"{total_steps(s)} steps on the whole subset and is scored after each round's worth. SGD with "
+             f"momentum {s['momentum']}: {s['lr_sparse']:g} for `{s['scheme']}`, {s['lr_whole']:g} for the whole "
+             f"model (experiments.finetune_table's tuned rates); {results['meta'].get('date', '?')}, "
+             f"{results['meta']['cpu']}. Bytes = tensor entries x itemsize, per client, each way.", "",
+             "| run | trained entries | accuracy per round (0 = before training) | final | bytes down / up per "
+             "client per round | wall time |", "|---|---:|---|---:|---:|---:|"]
+    for name in RUNS:
+        r = runs.get(name)
+        if r is None:
+            lines.append(f"| {name} | not run | | | | |")
+            continue
+        curve = " ".join(f"{100 * x['accuracy']:.1f}" for x in r["rounds"])
+        last = r["rounds"][-1]
+        moved = (f"{last['down_per_client'] / 2**20:.2f} MB / {last['up_per_client'] / 2**20:.2f} MB"
+                 if "down_per_client" in last else "none (one machine)")
+        lines.append(f"| {name} | {r['trained_entries']:,} | {curve} | {100 * last['accuracy']:.2f}% | {moved} | "
+                     f"{r['seconds']:.0f} s |")
+    lines += ["", *verdicts(runs)]
+    return "\n".join(lines)
+
+
+def verdicts(runs: dict) -> list[str]:
+    fed, central, whole = (runs.get(n) for n in RUNS)
+    out = []
+    if fed and central:
+        gap = 100 * (central["rounds"][-1]["accuracy"] - fed["rounds"][-1]["accuracy"])
+        out.append(f"- Goal (federated sparse within 2 points of centralized with the same scheme): "
+                   f"{gap:+.2f} points behind — {'met' if gap <= 2 else 'missed'}.")
+    if fed and whole:
+        ratio = _round_bytes(whole) / _round_bytes(fed)
+        out.append(f"- Goal (at least 4x fewer bytes per round than whole-model FedAvg): {ratio:.1f}x fewer — "
+                   f"{'met' if ratio >= 4 else 'missed'}. Accuracy against whole-model FedAvg after "
+                   f"{len(fed['rounds']) - 1} rounds: {100 * fed['rounds'][-1]['accuracy']:.2f}% against "
+                   f"{100 * whole['rounds'][-1]['accuracy']:.2f}%.")
+    return out
+
+
+def _round_bytes(run: dict) -> int:
+    last = run["rounds"][-1]
+    return last["down_per_client"] + last["up_per_client"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
+    p.add_argument("--report", action="store_true", help="only rewrite RESULTS.md from federated_vision.json")
+    args = p.parse_args(argv)
+    if args.one:
+        result = RUNNERS[args.one](SETTINGS)
+        print(json.dumps(result), flush=True)
+        return
+    results = load() if args.report else sweep(SETTINGS)
+    from experiments import report
+
+    report.main()
+    print(section(results))
+
+
+if __name__ == "__main__":
+    main()
