@@ -381,13 +381,14 @@ def test_a_train_message_sets_lr_and_local_steps_for_its_round_only():
     assert np.isnan(none["metrics"]["train-loss"])
 
 
-# -- opt-in: Flower's Deployment Engine (a SuperLink, two SuperNodes, `flwr run`) ----------------
+# -- Flower's Deployment Engine (a SuperLink, two SuperNodes, `flwr run`), FedAvg and FedKSeed --
 
 DEPLOY_APP = '''
 import os
 import torch, torch.nn as nn, torch.nn.functional as F
 import edgetune as et
-from edgetune.federated import Task, client_app, server_app
+from {apps} import client_app, server_app
+from edgetune.federated import Task
 
 W = torch.tensor({w}, dtype=torch.float64)
 
@@ -402,9 +403,9 @@ def toy(seed, n):
 
 task = Task(model=build, loss=F.cross_entropy, train_data=lambda p, n: toy(100 + p, 32 + 32 * p),
             test_data=lambda p, n: toy(200 + p, 64), central_test_data=lambda: toy(999, 128),
-            scheme={scheme!r}, optimizer=et.SGD(lr=0.2, momentum=0.9), local_steps=8, batch_size=16)
+            scheme={scheme!r}, optimizer={optimizer}, local_steps={steps}, batch_size=16)
 client = client_app(task)
-server = server_app(task, num_rounds=2, history_path=os.environ["EDGEFED_HISTORY"])
+server = server_app(task, num_rounds=2, history_path=os.environ["EDGEFED_HISTORY"]{options})
 '''
 
 DEPLOY_PYPROJECT = '''
@@ -432,9 +433,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(os.environ.get("EDGETUNE_FLOWER_DEPLOY") != "1",
-                    reason="about a minute and five processes: EDGETUNE_FLOWER_DEPLOY=1 runs it")
-def test_the_apps_run_on_flowers_deployment_engine(tmp_path):
+# (the apps' module, the task's optimizer, its local steps, server_app's options)
+DEPLOYED = {"fedavg": ("edgetune.federated", "et.SGD(lr=0.2, momentum=0.9)", 8, ""),
+            "fedkseed": ("edgetune.federated.fedkseed", "et.MeZO(lr=0.05, eps=1e-3)", 20, ", k=64")}
+
+
+@pytest.mark.parametrize("strategy", list(DEPLOYED))
+def test_the_apps_run_on_flowers_deployment_engine(tmp_path, strategy):
     import json
     import socket
     import subprocess
@@ -444,7 +449,9 @@ def test_the_apps_run_on_flowers_deployment_engine(tmp_path):
     (app / "edgefed").mkdir(parents=True)
     (app / "pyproject.toml").write_text(DEPLOY_PYPROJECT)
     (app / "edgefed" / "__init__.py").write_text("")
-    (app / "edgefed" / "apps.py").write_text(DEPLOY_APP.format(w=W.tolist(), scheme=SCHEME))
+    apps, optimizer, steps, options = DEPLOYED[strategy]
+    (app / "edgefed" / "apps.py").write_text(DEPLOY_APP.format(w=W.tolist(), scheme=SCHEME, apps=apps,
+                                                               optimizer=optimizer, steps=steps, options=options))
     link = _free_port()
     home = tmp_path / "flwrhome"
     home.mkdir()
@@ -486,8 +493,10 @@ def test_the_apps_run_on_flowers_deployment_engine(tmp_path):
         for f in logs:
             f.close()
     assert h["slice_bytes"] == 8 * h["trained_entries"] and h["trained_entries"] == 131
+    # FedAvg moves the trained slices each way; FedKSeed K coefficients down, a (seed, gradient) pair a step up
+    down, up = (h["slice_bytes"], h["slice_bytes"]) if strategy == "fedavg" else (8 * 64, 12 * steps)
     for r in h["rounds"][1:]:
         assert len(r["clients"]) == 2 and not r["refused"]
-        assert all(c["bytes-up"] == c["bytes-down"] == h["slice_bytes"] for c in r["clients"])
+        assert all(c["bytes-down"] == down and c["bytes-up"] == up for c in r["clients"])
     central = [r["central"]["eval-loss"] for r in h["rounds"]]
     assert central[2] < central[1] < central[0]
