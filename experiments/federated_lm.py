@@ -120,6 +120,28 @@ class Whole:
         return (self.ids, self.mask), (self.labels,)
 
 
+def lm_loss(outputs, labels, rows: int = 8):
+    """causal_lm_loss (the mean over learned tokens), computed `rows` examples at a time where a
+    batch has more: the server scores 100 conversations in one forward, and the flattened copy
+    and log-softmax of all their logits at once would add 5 GB on a machine shared with others.
+    A training batch of `rows` or fewer is causal_lm_loss itself."""
+    import torch.nn.functional as F
+
+    from edgetune.data.chat import IGNORE
+    from edgetune.models.hf import causal_lm_loss
+
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    if logits.shape[0] <= rows:
+        return causal_lm_loss(logits, labels)
+    total, count = 0.0, 0
+    for i in range(0, logits.shape[0], rows):
+        target = labels[i:i + rows, 1:]
+        total = total + F.cross_entropy(logits[i:i + rows, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                        ignore_index=IGNORE, reduction="sum")
+        count += int((target != IGNORE).sum())
+    return total / count
+
+
 def optimizer(method: str, lr: float, settings: dict):
     import edgetune as et
 
@@ -133,7 +155,6 @@ def make_task(method: str, lr: float, settings: dict, data=None):
     import edgetune as et
     from edgetune.federated.client import Task
     from edgetune.federated.job import partition
-    from edgetune.models.hf import causal_lm_loss
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: {', '.join(METHODS)}")
@@ -141,7 +162,7 @@ def make_task(method: str, lr: float, settings: dict, data=None):
     parts = partition(list(range(len(train))), settings["clients"], settings["partition"], seed=settings["seed"],
                       min_size=settings["batch"])
     scheme = settings["mezo_scheme"] if method == "fedkseed" else settings["lora_scheme"]
-    task = Task(model=Builder(settings["model"], settings["seq_len"], settings.get("threads")), loss=causal_lm_loss,
+    task = Task(model=Builder(settings["model"], settings["seq_len"], settings.get("threads")), loss=lm_loss,
                 train_data=Partitions(train, parts), central_test_data=Whole(test),
                 scheme=et.schemes.from_string(scheme), optimizer=optimizer(method, lr, settings),
                 local_steps=settings["local_steps"], batch_size=settings["batch"], seed=settings["seed"])

@@ -97,3 +97,17 @@ def test_the_section_before_any_federated_run():
     del r["federated"]
     text = fl.section(copy.deepcopy(r))
     assert "not measured" in text and "Pretrained: test loss 1.9000" in text
+
+
+def test_the_chunked_loss_is_causal_lm_loss():
+    import torch
+
+    from edgetune.models.hf import causal_lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(20, 16, 50, generator=g)
+    labels = torch.randint(0, 50, (20, 16), generator=g)
+    labels[:, :5] = -100
+    labels[3] = -100  # an example with nothing to learn
+    assert torch.allclose(fl.lm_loss(logits, labels), causal_lm_loss(logits, labels), rtol=1e-6)
+    assert torch.equal(fl.lm_loss(logits[:4], labels[:4]), causal_lm_loss(logits[:4], labels[:4]))
