@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import lm_buckets, lm_quality
+from experiments import federated_lm, federated_vision, lm_buckets, lm_quality, mezo_vs_backprop
 from experiments.finetune_table import RESULTS, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +95,10 @@ def main() -> int:
     buckets = lm_buckets.load()
     if buckets.get("runs"):
         lines += [lm_buckets.MARKERS[0], lm_buckets.section(buckets), lm_buckets.MARKERS[1], ""]
+    for experiment, measured in ((federated_vision, "runs"), (federated_lm, "federated"), (mezo_vs_backprop, "runs")):
+        results = experiment.load()  # issue 14's experiments, each once it has measured something
+        if results.get(measured):
+            lines += [experiment.section(results), ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
