@@ -114,6 +114,18 @@ def write_chats(path, n=16):
     return str(path)
 
 
+def test_cli_finetune_lm_with_mezo_learns_with_forward_passes_alone(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl"), "--scheme",
+            "lm-sparse:1", "--optimizer", "mezo", "--steps", "20", "--batch", "4", "--seq-len", "32", "--lr", "3e-2",
+            "--val-count", "4", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["losses"]) == 20 and history["evals"][-1]["loss"] < history["evals"][0]["loss"]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["optimizer"] == "mezo" and settings["lr"] == 3e-2
+
+
 def test_cli_finetune_lm_then_generate(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl"), "--scheme", "full",
