@@ -426,11 +426,14 @@ def _conclusions(results: dict, bp: dict | None, mz: dict | None) -> list[str]:
                       if share < 0.5 else
                       "MeZO comes close to backprop at equal wall time." if share < 0.9 else
                       "MeZO matches backprop at equal wall time."))
-        out.append(f"- Training loss (mean of the first / last 10 steps): backprop {bp['train_loss_first10']:.4f} / "
-                   f"{bp['train_loss_last10']:.4f}, MeZO {mz['train_loss_first10']:.4f} / {mz['train_loss_last10']:.4f}. "
-                   f"The runs' own training seconds (one run after another, so other work weighed on them "
-                   f"differently): backprop {bp['training_seconds']:.0f} s, MeZO {mz['training_seconds']:.0f} s "
-                   f"(budget {equal_wall_time(results)['wall']:.0f} s).")
+        n = min(len(mz["losses"]), len(bp["losses"]))
+        k = min(10, n)
+        out.append(f"- Training loss on the same batches (both runs draw them in the same order), mean of steps "
+                   f"1-{k}: backprop {_mean(bp['losses'][:k]):.4f}, MeZO {_mean(mz['losses'][:k]):.4f}; of steps "
+                   f"{n - k + 1}-{n} (MeZO's last): backprop {_mean(bp['losses'][n - k:n]):.4f}, MeZO "
+                   f"{_mean(mz['losses'][n - k:n]):.4f}. The runs' own training seconds (one run after another, so "
+                   f"other work weighed on them differently): backprop {bp['training_seconds']:.0f} s, MeZO "
+                   f"{mz['training_seconds']:.0f} s (budget {equal_wall_time(results)['wall']:.0f} s).")
         lrs = sorted((r for r in results["runs"].values() if r["kind"] == "mezo"), key=lambda r: r["lr"])
         out.append("- MeZO's rates tried, validation loss after their run of the same steps: "
                    + ", ".join(f"{r['lr']:g}: " + ("diverged" if r["val"] is None else f"{r['val']:.4f}") for r in lrs)
