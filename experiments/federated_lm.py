@@ -364,8 +364,12 @@ def section(results: dict) -> str:
             k = fed["fedkseed"]
             lines += [f"A FedKSeed message costs the node a replay of the global coefficients into its "
                       f"{k['trained_entries']:,} trained entries before its steps: {k['replay_seconds']:.1f} s for "
-                      f"the {k['replayed_seeds']} seeds of the pool in use after the last round (the server pays "
-                      f"the same once a round).", ""]
+                      f"the {k['replayed_seeds']} seeds of the pool in use after the last round "
+                      f"({1000 * k['replay_seconds'] / max(1, k['replayed_seeds']):.0f} ms a seed, so up to "
+                      f"{k['replay_seconds'] / max(1, k['replayed_seeds']) * s['k']:.0f} s once all {s['k']} are; "
+                      f"the server pays the same once a round). Times are wall-clock since the run began, "
+                      f"round 0 the server's load, compile and first evaluation, round 1 also each Ray "
+                      f"actor's.", ""]
     lines += verdicts(results)
     return "\n".join(lines)
 
@@ -401,7 +405,7 @@ def verdicts(results: dict) -> list[str]:
         all(u == want[1] for r in run["rounds"][1:] for u in r["up"])
     out = [f"- Goal (FedKSeed under 18 KB = {GOAL_BYTES:,} B per client per round): {total:,} B "
            f"({down:,} down + {up:,} up) — {'met' if total < GOAL_BYTES else 'missed'}.",
-           f"- Goal (independent of the model size): every client in every round moved exactly 8 K + 12 x local "
+           f"- Goal (independent of the model size): every client in every round moved exactly 8 x K + 12 x local "
            f"steps = {want[0]:,} + {want[1]:,} B, a formula with no model term, while its "
            f"{run['trained_entries']:,} trained entries would be {run['slice_bytes'] / 2**20:.1f} MB as slices — "
            f"{'met' if exact else 'missed (the bytes differ from the formula)'}."]
