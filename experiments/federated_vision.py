@@ -81,6 +81,8 @@ def run_federated_sparse(s: dict) -> dict:
     h = server.history
     if len(h.rounds) <= s["rounds"]:
         raise RuntimeError(f"the simulation ended after {len(h.rounds) - 1} of {s['rounds']} rounds")
+    for r in h.rounds[1:]:
+        _check_round(r["round"], len(r["clients"]), s, r["refused"])
     rounds = []
     for r in h.rounds:
         down, up = round_bytes(r)
@@ -91,6 +93,12 @@ def run_federated_sparse(s: dict) -> dict:
     return {"rounds": rounds, "seconds": seconds, "trained_entries": h.trained_entries,
             "model_entries": h.model_entries, "slice_bytes": h.slice_bytes, "model_bytes": h.model_bytes,
             "partition_sizes": [len(p) for p in parts]}
+
+
+def _check_round(r: int, replies: int, s: dict, why=()) -> None:
+    """A round some client's reply missed (a Ray worker killed for memory, say) is no result."""
+    if replies != s["clients"]:
+        raise RuntimeError(f"round {r} averaged {replies} of {s['clients']} clients' replies: {list(why)[:2]}")
 
 
 def run_centralized_sparse(s: dict) -> dict:
@@ -194,6 +202,8 @@ def whole_model_apps(task, s: dict):
                 replies = list(replies)
                 sent[server_round] = [int(next(iter(m.content.metric_records.values()))["bytes-sent"])
                                       for m in replies if not m.has_error()]
+                _check_round(server_round, len(sent[server_round]), s,
+                             [m.error.reason for m in replies if m.has_error()])
                 return super().aggregate_train(server_round, replies)
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
