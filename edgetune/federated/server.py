@@ -7,7 +7,9 @@ channels train, and holds the model's frozen rest there: it never sends it. The 
 record, each round's global record and every reply hold the trained slices alone. FedAvg
 (flwr.serverapp.strategy.FedAvg) averages them weighted by each reply's num-examples; a
 reply whose tensors do not match the slices (missing, extra, misshaped, mistyped or
-non-finite) is left out of the average and recorded as refused. The global slices are loaded
+non-finite) is left out of the average and recorded as refused. Any strategy built on FedAvg
+works the same way (`server_app(..., strategy=FedAvgM, strategy_options=...)`): its
+server-side update moves the slices alone. The global slices are loaded
 into the server's Trainer after each round and evaluated on `task.central_test_data` when
 the task has it; nodes evaluate them on their own test data too. `app.history` records each
 round: per client the bytes down and up, examples and loss; the aggregated metrics.
@@ -81,9 +83,9 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
     return out
 
 
-class CountingFedAvg(FedAvg):
-    """Flower's FedAvg that records the bytes each train message carries down (`_down`, by
-    node) and each evaluate message's in the History; the strategies below build on it."""
+class Counting:
+    """Over one of Flower's FedAvg-family strategies: records the bytes each train message
+    carries down (`_down`, by node) and each evaluate message's in the History."""
 
     def __init__(self, history: History, **kw) -> None:
         kw.setdefault("train_metrics_aggr_fn", aggregate_metrics)
@@ -117,8 +119,13 @@ class CountingFedAvg(FedAvg):
         log(WARNING, "%s", text)
 
 
-class SparseFedAvg(CountingFedAvg):
-    """Flower's FedAvg, checking each reply against the trained slices and keeping a History."""
+class CountingFedAvg(Counting, FedAvg):
+    """Flower's FedAvg, counting bytes (FedKSeed builds on it)."""
+
+
+class Sparse(Counting):
+    """Over one of Flower's FedAvg-family strategies: each reply checked against the trained
+    slices (a mismatch is refused and recorded), a History kept."""
 
     def __init__(self, layout: dict[str, slices.Slice], history: History, **kw) -> None:
         super().__init__(history, **kw)
@@ -158,6 +165,19 @@ class SparseFedAvg(CountingFedAvg):
         return arrays, metrics
 
 
+class SparseFedAvg(Sparse, FedAvg):
+    """Flower's FedAvg over the trained slices."""
+
+
+def sparse_strategy(base: type = FedAvg) -> type:
+    """Flower's strategy class `base` over the trained slices: FedAvg or one built on it that
+    averages the same records (FedAvgM's server momentum, FedAdam, FedYogi, FedAdagrad,
+    FedTrimmedAvg, ...): its server-side update then moves the slices alone."""
+    if not (isinstance(base, type) and issubclass(base, FedAvg)):
+        raise TypeError(f"strategy must be Flower's FedAvg or a subclass of it (flwr.serverapp.strategy), got {base!r}")
+    return SparseFedAvg if base is FedAvg else type(f"Sparse{base.__name__}", (Sparse, base), {})
+
+
 
 def server_trainer(task: Task):
     """(the central test data or None, the server's Trainer compiled on it, else on the
@@ -169,14 +189,17 @@ def server_trainer(task: Task):
 def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, fraction_evaluate: float = 1.0,
                min_nodes: int = 2, lr: float | None = None, local_steps: int | None = None,
                timeout: float = 3600, history_path: str | os.PathLike | None = None,
-               on_round=None) -> ServerApp:
+               on_round=None, strategy: type = FedAvg, strategy_options: dict | None = None) -> ServerApp:
     """A ServerApp running FedAvg over `task`'s trained slices for `num_rounds` rounds
     (`num-server-rounds` in the run config overrides it). `lr` and `local_steps` go to the
     nodes in each train message (default: the task's). After the run, `app.history` (a
     History, also written to `history_path` if given), `app.result` (Flower's Result),
     `app.strategy` (the SparseFedAvg: its last round's replies) and `app.trainer`: the
     server's Trainer holding the final global slices and the frozen rest. `on_round(round,
-    history)` is called after each round's central evaluation (round 0's too)."""
+    history)` is called after each round's central evaluation (round 0's too). `strategy`:
+    Flower's FedAvg or a subclass (sparse_strategy), built with `strategy_options` besides the
+    node counts, e.g. strategy=FedAvgM, strategy_options={"server_momentum": 0.9}."""
+    strategy_class = sparse_strategy(strategy)
     app = ServerApp()
     app.history, app.result, app.trainer, app.strategy = History(), None, None, None
 
@@ -207,12 +230,12 @@ def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, 
                 on_round(server_round, history)
             return MetricRecord(metrics) if metrics is not None else None
 
-        strategy = app.strategy = SparseFedAvg(
+        running = app.strategy = strategy_class(
             layout, history, fraction_train=fraction_train, fraction_evaluate=fraction_evaluate,
             min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes if fraction_evaluate else 0,
-            min_available_nodes=min_nodes)
+            min_available_nodes=min_nodes, **(strategy_options or {}))
         rounds = int(context.run_config.get("num-server-rounds", num_rounds))
-        app.result = strategy.start(grid=grid, initial_arrays=to_record(trainer, layout), num_rounds=rounds,
+        app.result = running.start(grid=grid, initial_arrays=to_record(trainer, layout), num_rounds=rounds,
                                     timeout=timeout, train_config=train_config,
                                     evaluate_config=ConfigRecord(dict(config)), evaluate_fn=central_evaluate)
         if len(app.result.arrays):  # empty where no round had a reply to average

@@ -302,6 +302,28 @@ def test_the_server_leaves_a_bad_reply_out_of_the_average(refusing):
     assert [c["node"] for c in history.rounds[1]["clients"]] == [11]
 
 
+def test_a_server_momentum_strategy_moves_the_slices_alone_and_still_refuses(refusing):
+    from flwr.serverapp.strategy import FedAvgM
+
+    from edgetune.federated.server import History, sparse_strategy
+
+    history, layout = History(), slices.layout(refusing)
+    strategy = sparse_strategy(FedAvgM)(layout, history, server_learning_rate=1.0, server_momentum=0.5)
+    start = to_record(refusing, layout)
+    strategy.current_arrays = start  # what FedAvgM's configure_train keeps in the first round
+    first = _altered(refusing, lambda a: None)  # start + 1
+    bad = _altered(refusing, lambda a: a.update({"0.weight": np.zeros((16, 8))}))
+    one, _ = strategy.aggregate_train(1, [_reply(11, first, 32), _reply(12, bad, 64)])
+    second = _altered(refusing, lambda a: a.update({k: v + 2.0 for k, v in a.items()}))  # start + 3
+    two, _ = strategy.aggregate_train(2, [_reply(11, second, 32)])
+    for k in start:  # pseudo-gradients -1, then -2 from one: with momentum 0.5 the second step is -2.5
+        np.testing.assert_allclose(one[k].numpy(), start[k].numpy() + 1.0)
+        np.testing.assert_allclose(two[k].numpy(), start[k].numpy() + 1.0 + 2.5)
+    assert set(one) == set(layout) and [r["node"] for r in history.rounds[1]["refused"]] == [12]
+    with pytest.raises(TypeError, match="Flower's FedAvg or a subclass"):
+        sparse_strategy(dict)
+
+
 def test_mezo_nodes_perturb_in_their_own_directions():
     t = task()
     t.optimizer = et.MeZO(lr=0.05, eps=1e-3)
