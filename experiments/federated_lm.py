@@ -49,7 +49,9 @@ GOAL_BYTES = 18 * 1024  # FedKSeed's title: "communication cost under 18 kilobyt
 
 # threads=1: two other jobs share this 2-core machine, and two intra-op threads per process spin at
 # their barriers against them (experiments.mezo_vs_backprop measured a forward 6.5x slower so);
-# cpus_per_client=1: Ray runs two single-threaded clients at once, each loading the model once.
+# cpus_per_client (Ray's CPUs per client): FedKSeed ran two single-threaded clients at once, each actor
+# loading the model once; LoRA's run that way lost both actors to Ray's memory monitor in round 2 (the
+# node at 95% memory with other jobs' runs: kept under "failed"), so LoRA runs one client at a time.
 # Sizes: a MeZO step (two forwards of 4 x 128 tokens) took ~2.4 s here, a LoRA step ~3.5 s, the
 # server's evaluation of 100 conversations ~45 s, replaying 1,024 seeds into lm-sparse:6's 3 M
 # entries ~5 s (once per message): 6 rounds x 4 clients x 10 steps fit the hour this sweep had.
@@ -60,7 +62,7 @@ SETTINGS = dict(model="smollm2-135m", data="sharegpt", max_chars=1024, seq_len=1
                 seed=0, clients=4, partition="iid", rounds=6, local_steps=10, k=1024, pool_seed=0,
                 mezo_scheme="lm-sparse:6", mezo_eps=1e-3, mezo_lrs=[1e-5, 1e-4, 1e-3],
                 lora_scheme="lora:8:q_proj,v_proj,alpha=16", lora_lrs=[1e-3, 3e-3], tune_steps=40,
-                threads=1, cpus_per_client=1)
+                threads=1, cpus_per_client={"fedkseed": 1, "lora": 2})
 
 
 # -- the shared setup ------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def run_federated(method: str, lr: float, settings: dict) -> dict:
         loss = history.rounds[r]["central"]["eval-loss"]
         print(f"[federated_lm] {method} round {r}: test loss {loss:.4f} at {marks[r]:.0f} s", flush=True)
 
-    common = dict(cpus_per_client=settings["cpus_per_client"], fraction_evaluate=0.0, on_round=on_round)
+    common = dict(cpus_per_client=settings["cpus_per_client"][method], fraction_evaluate=0.0, on_round=on_round)
     if method == "fedkseed":
         app = fedkseed.run_simulation(task, settings["clients"], settings["rounds"], k=settings["k"],
                                       pool_seed=settings["pool_seed"], **common)
@@ -277,8 +279,14 @@ def sweep(settings: dict) -> dict:
         if method not in fed:
             lr = best_lr(results, method)
             print(f"[federated_lm] federated {method} at lr {lr:g} ...", flush=True)
-            fed[method] = _child(["--federated", method, "--lr", str(lr)])
-            results["meta"]["date"] = datetime.date.today().isoformat()
+            run = _child(["--federated", method, "--lr", str(lr)])
+            if any(r["refused"] for r in run["rounds"]):  # a client's reply failed: not a valid run
+                print(f"[federated_lm] {method}: replies failed in some rounds; kept under 'failed', run again",
+                      flush=True)
+                results.setdefault("failed", []).append(run)
+            else:
+                fed[method] = run
+                results["meta"]["date"] = datetime.date.today().isoformat()
             _save(results)
     plot(results, PLOT)
     return results
@@ -338,7 +346,7 @@ def section(results: dict) -> str:
              f"`{s['lora_scheme']}`, AdamW. Each rate chosen on the validation split by a {s['tune_steps']}-step "
              f"centralized run ({_tried(results)}). Bytes = tensor entries x itemsize, per client per round, each "
              f"way; {results['meta'].get('date', '?')}, {results['meta']['cpu']}, one intra-op thread a process, "
-             f"two clients at once, on a machine shared with other jobs.", ""]
+             f"{_at_once(s)}, on a 2-core machine shared with other jobs.", ""]
     if before:
         lines += [f"Pretrained: test loss {before['test']:.4f}, validation loss {before['val']:.4f}.", ""]
     runs = [m for m in METHODS if m in fed]
@@ -372,6 +380,11 @@ def section(results: dict) -> str:
                       f"actor's.", ""]
     lines += verdicts(results)
     return "\n".join(lines)
+
+
+def _at_once(s: dict) -> str:
+    cpus = s["cpus_per_client"]
+    return ", ".join(f"{NAMES[m]} {2 // cpus[m]} client{'s' if 2 // cpus[m] > 1 else ''} at once" for m in METHODS)
 
 
 def _tried(results: dict) -> str:
