@@ -175,6 +175,11 @@ def sparse_strategy(base: type = FedAvg) -> type:
     FedTrimmedAvg, ...): its server-side update then moves the slices alone."""
     if not (isinstance(base, type) and issubclass(base, FedAvg)):
         raise TypeError(f"strategy must be Flower's FedAvg or a subclass of it (flwr.serverapp.strategy), got {base!r}")
+    from flwr.serverapp.strategy import FedProx
+
+    if issubclass(base, FedProx):
+        raise ValueError("FedProx adds a proximal term to each client's loss, which edgetune's client does not: "
+                         "use FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad or FedTrimmedAvg")
     return SparseFedAvg if base is FedAvg else type(f"Sparse{base.__name__}", (Sparse, base), {})
 
 

@@ -303,7 +303,7 @@ def test_the_server_leaves_a_bad_reply_out_of_the_average(refusing):
 
 
 def test_a_server_momentum_strategy_moves_the_slices_alone_and_still_refuses(refusing):
-    from flwr.serverapp.strategy import FedAvgM
+    from flwr.serverapp.strategy import FedAvgM, FedProx
 
     from edgetune.federated.server import History, sparse_strategy
 
@@ -322,6 +322,8 @@ def test_a_server_momentum_strategy_moves_the_slices_alone_and_still_refuses(ref
     assert set(one) == set(layout) and [r["node"] for r in history.rounds[1]["refused"]] == [12]
     with pytest.raises(TypeError, match="Flower's FedAvg or a subclass"):
         sparse_strategy(dict)
+    with pytest.raises(ValueError, match="proximal term"):  # a client-side loss edgetune's client lacks
+        sparse_strategy(FedProx)
 
 
 def test_mezo_nodes_perturb_in_their_own_directions():
