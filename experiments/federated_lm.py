@@ -378,6 +378,9 @@ def section(results: dict) -> str:
                       f"the server pays the same once a round). Times are wall-clock since the run began, "
                       f"round 0 the server's load, compile and first evaluation, round 1 also each Ray "
                       f"actor's.", ""]
+    for bad in results.get("failed", []):
+        lines += [f"Not in the tables: an earlier {NAMES[bad['method']]} run whose clients failed: "
+                  f"{bad.get('failure', 'replies failed')}. It is kept in the results file under `failed`.", ""]
     lines += verdicts(results)
     return "\n".join(lines)
 
