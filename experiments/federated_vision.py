@@ -16,6 +16,8 @@ number of examples in all (rounds x clients x local steps x batch, about 3 passe
   whole state_dict back; a ServerApp running Flower's own FedAvg strategy.
 - `federated-sparse-14x4`: the first run's examples in 14 rounds of 4 local steps (less drift
   of each client's model from the others' between averages, more messages).
+- `federated-sparse-avgm`: the first run with server momentum 0.5 (Flower's FedAvgM over the
+  slices, server rate 1).
 Learning rates are the ones experiments.finetune_table tuned for these schemes centrally
 (mbv2-99kb: 0.01, full: 0.001), not re-tuned here. Each run is a fresh process; results go
 to experiments/results/federated_vision.json and the section into RESULTS.md.
@@ -37,9 +39,11 @@ RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "federated_vision.js
 SETTINGS = dict(model="mobilenetv2-imagenet", data="fashion-mnist", size=96, train_limit=6000, test_limit=3000,
                 clients=10, partition="dirichlet:0.5", rounds=8, local_steps=7, batch=32, scheme="mbv2-99kb",
                 lr_sparse=0.01, lr_whole=0.001, momentum=0.9, seed=0)
-RUNS = ("federated-sparse", "centralized-sparse", "federated-whole", "federated-sparse-14x4")
-# Runs with other settings than SETTINGS: the same examples in all, in more rounds of fewer local steps.
-VARIANTS = {"federated-sparse-14x4": dict(rounds=14, local_steps=4)}
+RUNS = ("federated-sparse", "centralized-sparse", "federated-whole", "federated-sparse-14x4", "federated-sparse-avgm")
+# Runs with other settings than SETTINGS, the same examples in all: more rounds of fewer local
+# steps; server momentum (FedAvgM, Hsu et al. 2019, a remedy for label skew) over the slices.
+VARIANTS = {"federated-sparse-14x4": dict(rounds=14, local_steps=4),
+            "federated-sparse-avgm": dict(server_momentum=0.5)}
 
 
 # -- the shared setup ------------------------------------------------------------------------
@@ -71,12 +75,16 @@ def total_steps(s: dict) -> int:
 # -- the runs --------------------------------------------------------------------------------
 
 def run_federated_sparse(s: dict) -> dict:
+    from flwr.serverapp.strategy import FedAvgM
+
     from edgetune.federated.job import round_bytes
     from edgetune.federated.server import run_simulation
 
     _, parts, task = setup(s)
     start = time.perf_counter()
-    server = run_simulation(task, s["clients"], s["rounds"], fraction_evaluate=0.0)
+    momentum = {"strategy": FedAvgM, "strategy_options": {"server_momentum": s["server_momentum"]}} \
+        if s.get("server_momentum") else {}
+    server = run_simulation(task, s["clients"], s["rounds"], fraction_evaluate=0.0, **momentum)
     seconds = time.perf_counter() - start
     h = server.history
     if len(h.rounds) <= s["rounds"]:
@@ -240,7 +248,8 @@ def _evaluate_eager(model, loss_fn, data, batch_size: int = 256) -> dict:
 
 
 RUNNERS = {"federated-sparse": run_federated_sparse, "centralized-sparse": run_centralized_sparse,
-           "federated-whole": run_federated_whole, "federated-sparse-14x4": run_federated_sparse}
+           "federated-whole": run_federated_whole, "federated-sparse-14x4": run_federated_sparse,
+           "federated-sparse-avgm": run_federated_sparse}
 
 
 def settings_of(name: str, settings: dict) -> dict:
@@ -281,7 +290,8 @@ def section(results: dict) -> str:
              f"{total_steps(s)} steps on the whole subset and is scored after each round's worth. SGD with "
              f"momentum {s['momentum']}: {s['lr_sparse']:g} for `{s['scheme']}`, {s['lr_whole']:g} for the whole "
              f"model (experiments.finetune_table's tuned rates); {results['meta'].get('date', '?')}, "
-             f"{results['meta']['cpu']}. Bytes = tensor entries x itemsize, per client, each way.", "",
+             f"{results['meta']['cpu']}. Bytes = tensor entries x itemsize, per client, each way. Wall times are "
+             f"each run's own, on a machine other experiments shared: not a speed comparison.", "",
              "| run | rounds x local steps | trained entries | accuracy per round (0 = before training) | final | "
              "bytes down / up per client per round | bytes per client, whole run | wall time |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -291,13 +301,15 @@ def section(results: dict) -> str:
             lines.append(f"| {name} | | not run | | | | | |")
             continue
         curve = " ".join(f"{100 * x['accuracy']:.1f}" for x in r["rounds"])
-        shape = (f"{v['rounds']} x {v['local_steps']}" if name.startswith("federated")
+        shape = (f"{v['rounds']} x {v['local_steps']}" + (f", server momentum {v['server_momentum']:g}"
+                                                          if v.get("server_momentum") else "")
+                 if name.startswith("federated")
                  else f"{total_steps(v)} steps, scored every {v['clients'] * v['local_steps']}")
         last, total = r["rounds"][-1], sum(x.get("down_per_client", 0) + x.get("up_per_client", 0) for x in r["rounds"])
         moved = (f"{last['down_per_client'] / 2**20:.2f} MB / {last['up_per_client'] / 2**20:.2f} MB"
                  if "down_per_client" in last else "none (one machine)")
         lines.append(f"| {name} | {shape} | {r['trained_entries']:,} | {curve} | {100 * last['accuracy']:.2f}% | "
-                     f"{moved} | {total / 2**20:.1f} MB | {r['seconds']:.0f} s |")
+                     f"{moved} | {f'{total / 2**20:.1f} MB' if total else '-'} | {r['seconds']:.0f} s |")
     lines += ["", *verdicts(runs)]
     return "\n".join(lines)
 
