@@ -497,6 +497,10 @@ def main(argv: list[str] | None = None) -> None:
             out = run_federated(args.federated, args.lr, SETTINGS)
         print(json.dumps(out), flush=True)
         return
+    # Large tensors freed go back to the system at once (glibc's threshold would grow and keep them in the
+    # heap): the children and their Ray actors inherit it. Ray's memory monitor kills its own actors when the
+    # node (shared with other jobs' runs) reaches 95% of its memory.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     results = load() if args.report else sweep(SETTINGS)
     print(section(results))
 
