@@ -24,8 +24,25 @@ T = TypeVar("T")
 
 
 def fork_is_safe() -> bool:
-    """This platform forks, and this process runs no other Python thread."""
-    return hasattr(os, "fork") and threading.active_count() == 1
+    """This platform forks, and this process runs no other Python thread (once tqdm's idle
+    monitor is stopped)."""
+    if not hasattr(os, "fork"):
+        return False
+    _stop_tqdm_monitors()
+    return threading.active_count() == 1
+
+
+def _stop_tqdm_monitors() -> None:
+    """Any tqdm progress bar, torch.fx's silent ones in an in-process compile included, starts
+    a monitor thread that wakes every 10 s and takes tqdm's lock for a moment: forked then,
+    the child would wait on that lock forever. tqdm starts a new one with its next bar."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm._monitor import TMonitor
+
+    for thread in threading.enumerate():
+        if isinstance(thread, TMonitor):
+            thread.exit()  # wakes it and joins it
 
 
 def can_fork(device: torch.device) -> bool:
