@@ -475,6 +475,9 @@ def _federate_parser(sub) -> None:
                      help="sgd or adamw: FedAvg over the trained slices; mezo: FedKSeed (seeds and scalars travel)")
     fed.add_argument("--lr", type=float, help="learning rate (default: 0.003 for sgd, 3e-4 for adamw, 1e-5 for mezo)")
     fed.add_argument("--pool", type=int, default=1024, help="FedKSeed's K: the seeds MeZO's directions come from")
+    fed.add_argument("--server-momentum", type=float, default=0.0,
+                     help="FedAvgM: the server moves the slices by this momentum times its last move plus the "
+                          "round's average change (0: plain FedAvg; sgd and adamw only)")
     fed.add_argument("--batch", type=int, default=16)
     fed.add_argument("--size", type=int, help="image side in pixels (default: the model's native size)")
     fed.add_argument("--train-limit", type=int, help="use only this many training items (stratified)")
@@ -495,6 +498,11 @@ def run_federate(args: argparse.Namespace) -> int:
     for name in ("clients", "rounds", "local_steps", "pool"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.server_momentum < 1:
+        raise ValueError(f"--server-momentum must be in [0, 1), got {args.server_momentum}")
+    if args.server_momentum and args.optimizer == "mezo":
+        raise ValueError("--server-momentum is FedAvgM's, over averaged slices; FedKSeed (--optimizer mezo) "
+                         "sums seeds' gradients instead")
     _default_lr(args)
     torch.manual_seed(args.seed)
     job = build_job(args.model, args.data, size=args.size, train_limit=args.train_limit, val_limit=args.val_limit,
@@ -520,6 +528,10 @@ def run_federate(args: argparse.Namespace) -> int:
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's own per-round log: the line above instead
     options = dict(num_rounds=args.rounds, fraction_evaluate=0.0, on_round=progress)
+    if args.server_momentum:
+        from flwr.serverapp.strategy import FedAvgM
+
+        options.update(strategy=FedAvgM, strategy_options={"server_momentum": args.server_momentum})
     if fedkseed:
         from edgetune.federated.fedkseed import run_simulation
 

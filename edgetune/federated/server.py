@@ -48,7 +48,8 @@ class History:
     trained_entries: int = 0
     model_entries: int = 0
     tensors: list[str] = field(default_factory=list)
-    strategy: dict = field(default_factory=dict)  # FedKSeed's settings (k, pool-seed, lr, local-steps)
+    # FedKSeed's settings (k, pool-seed, lr, local-steps), or another strategy's name and options; {} for FedAvg
+    strategy: dict = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
 
     def round(self, r: int) -> dict:
@@ -219,6 +220,8 @@ def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, 
         history.model_bytes = slices.model_bytes(trainer.model)
         history.trained_entries = sum(s.entries for s in layout.values())
         history.model_entries = sum(t.numel() for t in trainer.model.state_dict().values())
+        if strategy is not FedAvg:
+            history.strategy = {"name": strategy.__name__.lower(), **(strategy_options or {})}
 
         config = ConfigRecord({CHANNELS + n: s.channels for n, s in layout.items() if s.index is not None})
         train_config = ConfigRecord(dict(config))

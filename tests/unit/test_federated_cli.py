@@ -42,9 +42,10 @@ def _run(tmp_path, capsys, *extra):
     return h, weights
 
 
-def test_federate_fedavg_moves_exactly_the_trained_slices(tmp_path, capsys):
-    h, weights = _run(tmp_path, capsys)  # sgd, scheme bias_only (+ the new head)
-    assert h["strategy"] == {}
+@pytest.mark.parametrize("momentum", [None, "0.5"])
+def test_federate_fedavg_moves_exactly_the_trained_slices(tmp_path, capsys, momentum):
+    h, weights = _run(tmp_path, capsys, *(["--server-momentum", momentum] if momentum else []))  # sgd, bias_only
+    assert h["strategy"] == ({"name": "fedavgm", "server_momentum": 0.5} if momentum else {})
     for r in h["rounds"][1:]:
         for c in r["clients"]:
             assert c["bytes-down"] == c["bytes-up"] == h["slice_bytes"] == 4 * h["trained_entries"]
@@ -81,6 +82,8 @@ def test_partitions_cover_every_example_once():
     (["--partition", "dirichlet:x"], "--partition takes iid or dirichlet:ALPHA"),
     (["--clients", "0"], "--clients must be at least 1"),
     (["--clients", "20", "--batch", "16"], "cannot give 20 clients 16 each"),
+    (["--server-momentum", "1"], "--server-momentum must be in [0, 1)"),
+    (["--server-momentum", "0.9", "--optimizer", "mezo"], "FedKSeed (--optimizer mezo) sums"),
 ])
 def test_federate_refuses_bad_settings_before_any_simulation(tmp_path, capsys, flags, message):
     assert main(["federate", *SMALL, "--out", str(tmp_path / "run"), *flags]) == 2
