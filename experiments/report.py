@@ -99,6 +99,10 @@ def main() -> int:
         results = experiment.load()  # issue 14's experiments, each once it has measured something
         if results.get(measured):
             lines += [experiment.section(results), ""]
+    federated_notes = os.path.join(os.path.dirname(__file__), "federated_notes.md")
+    if os.path.exists(federated_notes):
+        with open(federated_notes) as f:
+            lines += [f.read().rstrip(), ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:
