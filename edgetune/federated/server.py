@@ -184,7 +184,6 @@ def sparse_strategy(base: type = FedAvg) -> type:
     return SparseFedAvg if base is FedAvg else type(f"Sparse{base.__name__}", (Sparse, base), {})
 
 
-
 def server_trainer(task: Task):
     """(the central test data or None, the server's Trainer compiled on it, else on the
     whole training set's first batch shape): the server never steps it."""
@@ -200,7 +199,7 @@ def server_app(task: Task, num_rounds: int = 3, *, fraction_train: float = 1.0, 
     (`num-server-rounds` in the run config overrides it). `lr` and `local_steps` go to the
     nodes in each train message (default: the task's). After the run, `app.history` (a
     History, also written to `history_path` if given), `app.result` (Flower's Result),
-    `app.strategy` (the SparseFedAvg: its last round's replies) and `app.trainer`: the
+    `app.strategy` (the running strategy: its last round's replies) and `app.trainer`: the
     server's Trainer holding the final global slices and the frozen rest. `on_round(round,
     history)` is called after each round's central evaluation (round 0's too). `strategy`:
     Flower's FedAvg or a subclass (sparse_strategy), built with `strategy_options` besides the
