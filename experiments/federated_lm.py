@@ -69,14 +69,9 @@ SETTINGS = dict(model="smollm2-135m", data="sharegpt", max_chars=1024, seq_len=1
 
 def split(settings: dict):
     """(tokenizer-bearing LM, train, val, test): lm_quality's split, the same in every run."""
-    from edgetune.apps.lm import load_lm
-    from edgetune.data.chat import load_lm_data
+    from experiments.lm_quality import split as lm_quality_split
 
-    lm = load_lm(settings["model"], seq_len=settings["seq_len"])
-    data = load_lm_data(settings["data"], lm.tokenizer, settings["seq_len"], max_chars=settings["max_chars"])
-    rest, test = data.split(val_count=settings["test"], seed=settings["seed"])
-    train, val = rest.split(val_count=settings["val"], seed=settings["seed"])
-    return lm, train, val, test
+    return lm_quality_split(settings)
 
 
 class Builder:
@@ -186,22 +181,15 @@ def run_before(settings: dict) -> dict:
 def run_tune(method: str, lr: float, settings: dict) -> dict:
     """TUNE_STEPS centralized steps at a constant rate on all the training conversations, scored
     on the validation split: how each method's rate is chosen."""
-    import torch
-
-    from edgetune.federated.client import evaluate, rows
+    from edgetune.federated.client import batches, evaluate
 
     task, parts, val, _ = make_task(method, lr, settings)
-    train = task.train_data.ids, task.train_data.mask, task.train_data.labels
-    data = ((train[0], train[1]), (train[2],))
-    n = len(train[2])
+    train = task.train_data
+    data = ((train.ids, train.mask), (train.labels,))
     trainer = task.compile(data)
-    g = torch.Generator().manual_seed(settings["seed"])
-    order, at, losses, start = torch.randperm(n, generator=g), 0, [], time.perf_counter()
-    for _ in range(settings["tune_steps"]):
-        if at + settings["batch"] > n:
-            order, at = torch.randperm(n, generator=g), 0
-        losses.append(trainer.step(*rows(data, order[at:at + settings["batch"]])))
-        at += settings["batch"]
+    losses, start = [], time.perf_counter()
+    for batch in batches(data, settings["batch"], settings["tune_steps"], settings["seed"]):
+        losses.append(trainer.step(*batch))
     seconds = time.perf_counter() - start
     score = evaluate(trainer, task.loss, Whole(val)())["eval-loss"]
     return {"method": method, "lr": lr, "steps": settings["tune_steps"], "val": score,

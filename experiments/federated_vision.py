@@ -110,24 +110,16 @@ def _check_round(r: int, replies: int, s: dict, why=()) -> None:
 
 
 def run_centralized_sparse(s: dict) -> dict:
-    import torch
-
-    from edgetune.federated.client import evaluate, rows
+    from edgetune.federated.client import batches, evaluate
 
     _, _, task = setup(s)
-    train, test = task.train_data.inputs + (task.train_data.labels,), task.central_test_data()
-    data = (train[:-1], (train[-1],))
-    n = len(train[-1])
+    data, test = (task.train_data.inputs, (task.train_data.labels,)), task.central_test_data()
     trainer = task.compile(data)
-    g = torch.Generator().manual_seed(s["seed"])
-    order, at, start = torch.randperm(n, generator=g), 0, time.perf_counter()
+    start = time.perf_counter()
     rounds = [{"round": 0, **_scores(evaluate(trainer, task.loss, test))}]
     per_round = s["clients"] * s["local_steps"]  # one round's examples, in steps of one batch
-    for step in range(1, total_steps(s) + 1):
-        if at + s["batch"] > n:
-            order, at = torch.randperm(n, generator=g), 0
-        trainer.step(*rows(data, order[at:at + s["batch"]]))
-        at += s["batch"]
+    for step, batch in enumerate(batches(data, s["batch"], total_steps(s), s["seed"]), 1):
+        trainer.step(*batch)
         if step % per_round == 0:
             rounds.append({"round": step // per_round, **_scores(evaluate(trainer, task.loss, test))})
     return {"rounds": rounds, "seconds": time.perf_counter() - start, "steps": total_steps(s),
@@ -163,27 +155,22 @@ def whole_model_apps(task, s: dict):
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from edgetune.federated.client import mix, rows
+    from edgetune.federated.client import batches, evaluate_model, mix, partition_of
     from edgetune.federated.records import payload_bytes
 
     client = ClientApp()
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        partition, num_partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+        partition, num_partitions = partition_of(context)
         model = task.model()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        inputs, targets = task.train_data(partition, num_partitions)
-        n = len(targets[0])
+        data = task.train_data(partition, num_partitions)
+        n = len(data[1][0])
         optimizer = torch.optim.SGD(model.parameters(), lr=float(msg.content["config"]["lr"]), momentum=s["momentum"])
-        g = torch.Generator().manual_seed(mix(s["seed"], partition, int(msg.content["config"]["server-round"])))
-        order, at, losses = torch.randperm(n, generator=g), 0, []
+        seed, losses = mix(s["seed"], partition, int(msg.content["config"]["server-round"])), []
         model.train()
-        for _ in range(s["local_steps"]):
-            if at + s["batch"] > n:
-                order, at = torch.randperm(n, generator=g), 0
-            x, y = rows((inputs, targets), order[at:at + s["batch"]])
-            at += s["batch"]
+        for x, y in batches(data, s["batch"], s["local_steps"], seed):  # the edgetune node's batches
             optimizer.zero_grad()
             loss = task.loss(model(*x), *y)
             loss.backward()
@@ -216,7 +203,7 @@ def whole_model_apps(task, s: dict):
 
         def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = _evaluate_eager(model, task.loss, test)
+            metrics = evaluate_model(model, task.loss, test)
             up = sent.get(server_round, [])
             server.rounds.append({"round": server_round, **_scores(metrics),
                                   "down_per_client": payload_bytes(arrays) if server_round else 0,
@@ -229,22 +216,6 @@ def whole_model_apps(task, s: dict):
                        train_config=ConfigRecord({"lr": s["lr_whole"]}), evaluate_fn=central_evaluate)
 
     return client, server
-
-
-def _evaluate_eager(model, loss_fn, data, batch_size: int = 256) -> dict:
-    import torch
-
-    from edgetune.federated.client import num_examples, rows
-
-    n, loss_sum, correct = num_examples(data), 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            x, y = rows(data, range(start, min(n, start + batch_size)))
-            out = model(*x)
-            loss_sum += float(loss_fn(out, *y)) * len(y[0])
-            correct += int((out.argmax(-1) == y[0]).sum())
-    return {"eval-loss": loss_sum / n, "eval-accuracy": correct / n}
 
 
 RUNNERS = {"federated-sparse": run_federated_sparse, "centralized-sparse": run_centralized_sparse,

@@ -334,9 +334,9 @@ def section(results: dict) -> str:
               f"{m['held_mean']['buckets']:.4f} ({held_gap:+.4f}, {100 * held_gap / m['held_mean']['fixed']:+.2f}%); "
               f"the seeds of one configuration differ by up to {spread:.4f}, so the gap is "
               + ("within" if abs(held_gap) <= spread else "beyond") + " what two shuffles give (two seeds each: a "
-              f"coarse yardstick). Cutting padding changes no number "
-              f"(tests/unit/test_lm.py); grouping changes which examples share a batch, so the runs differ as "
-              f"two shuffles do.",
+              "coarse yardstick). Cutting padding changes no number "
+              "(tests/unit/test_lm.py); grouping changes which examples share a batch, so the runs differ as "
+              "two shuffles do.",
               f"- Median step time by length (buckets runs): {steps}; the fixed runs' 128-token step "
               f"{m['fixed_step']:.3f} s. Tokens a pass pays for per real token: {tok['512']['fixed']:.3f} fixed, "
               f"{tok['512']['ladder']:.3f} with this ladder and grouping ({tok['512']['fixed'] / tok['512']['ladder']:.2f}x "

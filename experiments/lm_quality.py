@@ -43,7 +43,7 @@ def split(settings: dict):
     from edgetune.data.chat import load_lm_data
     from edgetune.apps.lm import load_lm
 
-    lm = load_lm(settings["model"])
+    lm = load_lm(settings["model"], seq_len=settings["seq_len"])  # a tiny model's positions fit seq_len
     data = load_lm_data(settings["data"], lm.tokenizer, settings["seq_len"], max_chars=settings["max_chars"])
     rest, test = data.split(val_count=settings["test"], seed=settings["seed"])
     train, val = rest.split(val_count=settings["val"], seed=settings["seed"])

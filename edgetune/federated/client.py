@@ -26,7 +26,7 @@ import copy
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -160,17 +160,25 @@ class Node:
         seed = mix(task.seed, partition, server_round)
         if hasattr(t.optimizer, "seeds_for"):  # MeZO: each node and round its own directions
             t.optimizer.seed = seed
-        g = torch.Generator().manual_seed(seed)
-        order, at, losses, self.pairs = torch.randperm(n, generator=g), 0, [], []
-        for _ in range(steps):
-            if at + task.batch_size > n:
-                order, at = torch.randperm(n, generator=g), 0
-            inputs, targets = rows(data, order[at:at + task.batch_size])
-            at += task.batch_size
+        losses, self.pairs = [], []
+        for inputs, targets in batches(data, task.batch_size, steps, seed):
             losses.append(t.step(inputs, targets))
             if not t.last_step.skipped:
                 self.pairs.extend(t.last_step.directions)
         return {"train-loss": sum(losses) / len(losses) if losses else float("nan"), "num-examples": n}
+
+
+def batches(data: Data, batch_size: int, steps: int, seed: int) -> Iterator[Data]:
+    """`steps` batches of `data`: passes over a shuffle seeded by `seed`, a new shuffle when
+    the rest of a pass cannot fill a batch (no batch spans two passes)."""
+    n = num_examples(data)
+    g = torch.Generator().manual_seed(seed)
+    order, at = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if at + batch_size > n:
+            order, at = torch.randperm(n, generator=g), 0
+        yield rows(data, order[at:at + batch_size])
+        at += batch_size
 
 
 _NODES: dict[str, Node] = {}  # task token -> this process's Node
@@ -198,25 +206,31 @@ def evaluate(trainer, loss_fn: Callable, data: Data, batch_size: int = 256) -> d
     """Mean loss (and accuracy, where the output is [N, classes] logits and the first target
     holds class ids) of the trainer's model in eval mode on `data`, as plain PyTorch sees the
     trained step: int8 weights dequantized, LoRA adapters folded in (and taken out again)."""
+    with _as_trained(trainer) as model:
+        return evaluate_model(model, loss_fn, data, batch_size)
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loss_fn: Callable, data: Data, batch_size: int = 256) -> dict[str, float]:
+    """evaluate() for a plain PyTorch model: its mean loss (and accuracy) in eval mode."""
     n = num_examples(data)
     loss_sum, correct, classifier = 0.0, 0, True
-    with _as_trained(trainer) as model:
-        was_training = model.training
-        model.eval()
-        try:
-            for start in range(0, n, batch_size):
-                inputs, targets = rows(data, range(start, min(n, start + batch_size)))
-                out = model(*inputs)
-                k = num_examples((inputs, targets))
-                loss_sum += float(loss_fn(out, *targets)) * k
-                y = targets[0] if targets else None
-                if (classifier and isinstance(out, torch.Tensor) and out.dim() == 2 and y is not None
-                        and y.dim() == 1 and not y.is_floating_point()):
-                    correct += int((out.argmax(-1) == y).sum())
-                else:
-                    classifier = False
-        finally:
-            model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            inputs, targets = rows(data, range(start, min(n, start + batch_size)))
+            out = model(*inputs)
+            k = num_examples((inputs, targets))
+            loss_sum += float(loss_fn(out, *targets)) * k
+            y = targets[0] if targets else None
+            if (classifier and isinstance(out, torch.Tensor) and out.dim() == 2 and y is not None
+                    and y.dim() == 1 and not y.is_floating_point()):
+                correct += int((out.argmax(-1) == y).sum())
+            else:
+                classifier = False
+    finally:
+        model.train(was_training)
     metrics = {"eval-loss": loss_sum / n}
     if classifier:
         metrics["eval-accuracy"] = correct / n
