@@ -70,8 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                         "efficientnet-lite0-imagenet, minilm-l6) or a language model (" + ", ".join(lm_names()) + ")")
     export.add_argument("--weights", help="start from these weights: the model.safetensors of `edgetune finetune` "
                         "(same --model and --classes) or the trained/model.safetensors of `finetune-lm`")
-    export.add_argument("--out", required=True, help="folder for step.onnx, predict.onnx, manifest.json and "
-                        "state.safetensors")
+    where = export.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="folder for step.onnx, predict.onnx, manifest.json and state.safetensors")
+    where.add_argument("--web", metavar="DIR", help="a static web folder instead: the export in DIR/model, "
+                       "onnxruntime-web, edgetune-web.js and a fine-tuning page (image classifiers); any web "
+                       "server can host it (`python -m edgetune.web.serve DIR` sends the headers threads need)")
     export.add_argument("--lr", type=float, default=0.01, help="the learning rate the step starts with (a runner "
                         "can change it)")
     export.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8, dequantized in "
@@ -100,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 
     demo_job.add_arguments(demo)
     demo.set_defaults(run=demo_job.run)
+    web_demo = sub.add_parser("web-demo", help="fine-tune ImageNet MobileNetV2 inside a web page on symbols you "
+                              "draw: builds the page and serves it on localhost")
+    from edgetune.web import demo as web_demo_job
+
+    web_demo_job.add_arguments(web_demo)
+    web_demo.set_defaults(run=web_demo_job.run)
     _lm_parsers(sub)
     _federate_parser(sub)
     return parser
@@ -248,12 +257,20 @@ def run_export(args: argparse.Namespace) -> int:
         load_trained(model, args.weights)
     trainer = et.compile(model, loss_fn, inputs, targets, scheme=scheme, optimizer=by_name(args.optimizer, args.lr),
                          frozen_weights="int8" if args.int8 else "float")
-    trainer.export_onnx(args.out)
-    files = sorted(os.listdir(args.out))
-    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files) / 2**20
+    if args.web:
+        from edgetune.web import export_web
+
+        export_web(trainer, args.web)
+    else:
+        trainer.export_onnx(args.out)
+    folder = os.path.join(args.web, "model") if args.web else args.out
+    files = sorted(os.listdir(folder))
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in files) / 2**20
     print(f"{args.model}, scheme {args.scheme}, batch {args.batch}: the whole training step ({trainer.trainable_params:,} "
-          f"trainable parameters, {args.optimizer}) as ONNX in {args.out}/ ({', '.join(files)}; {size:.1f} MB). "
-          "Run it with edgetune.runtime.StepRunner, or any ONNX runtime (manifest.json says what feeds what)")
+          f"trainable parameters, {args.optimizer}) as ONNX in {folder}/ ({', '.join(files)}; {size:.1f} MB). " +
+          (f"The page: serve {args.web}/ (python -m edgetune.web.serve {args.web}) and open it; edgetune-web.js "
+           "steps the model from any page" if args.web else
+           "Run it with edgetune.runtime.StepRunner, or any ONNX runtime (manifest.json says what feeds what)"))
     return 0
 
 

@@ -1,0 +1,107 @@
+"""`edgetune web-demo` (and `make web-demo`): an ImageNet MobileNetV2 exported for the browser
+with a sparse scheme and a new 10-class head, fine-tuned in the page on symbols the user draws,
+or on scikit-learn's handwritten digits packaged beside it, then served on localhost.
+
+The page (static/index.html, demo.js) holds everything in the tab: the model, the user's
+drawings, the trained weights. The same digits, as the same uint8 images, are what
+experiments.web_accuracy fine-tunes with `edgetune finetune` to compare accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+
+MODEL = "mobilenetv2-imagenet"
+CLASSES = [str(d) for d in range(10)]  # the sample set's; the user may draw anything in their place
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=os.path.join("runs", "web-demo"), help="the folder to write and serve")
+    p.add_argument("--scheme", default="mbv2-99kb", help="what trains (any --scheme value; the head always trains)")
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.01, help="SGD (momentum 0.9) learning rate the page starts with")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--no-serve", action="store_true", help="write the folder and stop")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = build(args.out, scheme=args.scheme, size=args.size, batch=args.batch, lr=args.lr)
+    if args.no_serve:
+        print(f"the page is in {folder}/: serve it with any web server (threads need the headers of edgetune.web.serve)")
+        return 0
+    from edgetune.web.serve import address, make_server
+
+    server = make_server(folder, args.port)
+    print(f"edgetune web demo: open {address(server)} in a browser (Ctrl-C stops the server). "
+          "Training runs in the page; nothing you draw leaves it.", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8,
+          lr: float = 0.01, samples_per_class_train: int = 20) -> Path:
+    """Compile, export for the web and write the sample digits into `out`; returns it."""
+    import torch
+    import torch.nn.functional as F
+
+    import edgetune as et
+    from edgetune.models.pretrained import load_pretrained
+    from edgetune.web import export_web, onnxruntime_web_dist
+
+    onnxruntime_web_dist()  # said before the compile, not after
+    pre = load_pretrained(MODEL, len(CLASSES))
+    pre.model.eval()  # BatchNorm keeps ImageNet's statistics: a few examples cannot estimate them
+    rules = et.schemes.with_head(et.schemes.parse(scheme), pre.head)
+    example = (torch.zeros(batch, 3, size, size),), (torch.zeros(batch, dtype=torch.int64),)
+    trainer = et.compile(pre.model, F.cross_entropy, *example, scheme=rules,
+                         optimizer=et.SGD(lr=lr, momentum=0.9))
+    folder = Path(out)
+    images, labels = digit_samples(size)
+    train, test = sample_split(labels, samples_per_class_train)
+    samples = write_samples(folder / "samples", images, labels, train, test)
+    plan = trainer.plan
+    export_web(trainer, folder, extra={
+        "demo": {"model": "MobileNetV2 (ImageNet weights), new 10-class head", "scheme": scheme,
+                 "classes": CLASSES, "size": size, "mean": list(pre.mean), "std": list(pre.std),
+                 "trainable_params": trainer.trainable_params,
+                 "total_params": sum(p.numel() for p in pre.model.parameters()),
+                 "predicted_peak_bytes": plan.peak_bytes, "samples": samples}})
+    return folder
+
+
+def digit_samples(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits as uint8 grey images [N, size, size] (ink bright on
+    dark, as the page's drawing pad makes them), upsampled bilinearly as ImagePreprocess would."""
+    import torch
+    import torch.nn.functional as F
+
+    from edgetune.data import load_digits
+
+    data = load_digits()
+    x = F.interpolate(data.items.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy(), data.labels.numpy()
+
+
+def sample_split(labels: np.ndarray, per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: `per_class` training examples of each class, the rest held out."""
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)])
+    train = rng.permutation(train)
+    return train, np.setdiff1d(np.arange(len(labels)), train)
+
+
+def write_samples(folder: Path, images: np.ndarray, labels: np.ndarray, train: np.ndarray,
+                  test: np.ndarray) -> dict:
+    """The images as one raw uint8 file, and their labels and split for the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.ascontiguousarray(images).tofile(folder / "digits.bin")
+    return {"file": "samples/digits.bin", "count": int(len(images)), "size": int(images.shape[-1]),
+            "labels": labels.tolist(), "train": train.tolist(), "test": test.tolist(),
+            "source": "scikit-learn's handwritten digits (8x8, upsampled)"}

@@ -1,0 +1,156 @@
+// Drives an exported edgetune page in headless Chromium (Debian's /usr/bin/chromium, through
+// playwright-core) for the browser tests and benchmarks. Python serves the folder and checks
+// what this writes; this script only runs the page and reports.
+//
+//   node web/drive.mjs check URL OUT [--steps 20]    train on OUT's batch, save, reload, resume
+//   node web/drive.mjs bench URL OUT [--steps 20]    time steps, read the tab's memory
+//   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
+//
+// The batch comes from URL/test/batch.json (+ the .bin files it names), written by the test.
+// OUT gets results.json, the downloaded state, screenshots; the browser's console goes into
+// results.json and, on a failure, to stderr.
+import { chromium } from "playwright-core";
+import { mkdirSync, readFileSync, writeFileSync, readdirSync } from "node:fs";
+import { join } from "node:path";
+
+const [mode, url, out, ...rest] = process.argv.slice(2);
+const option = (name, fallback) => {
+  const at = rest.indexOf(`--${name}`);
+  return at >= 0 ? rest[at + 1] : fallback;
+};
+const steps = Number(option("steps", 20));
+const threads = Number(option("threads", 0)) || undefined;
+mkdirSync(out, { recursive: true });
+
+// The flags a closed network needs: without them Chromium keeps trying to reach Google's hosts.
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+});
+const consoleLines = [];
+const results = { mode, console: consoleLines };
+let failed = false;
+try {
+  const context = await browser.newContext({ acceptDownloads: true, viewport: { width: 1100, height: 900 } });
+  const page = await context.newPage();
+  page.on("console", (m) => consoleLines.push(`${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.stack || e}`));
+  page.setDefaultTimeout(300_000);
+  await page.addInitScript(defineTestBatch);
+  await openPage(page, url + (threads ? `?threads=${threads}` : ""));
+  if (mode === "check") await check(page);
+  else if (mode === "bench") await bench(page);
+  else if (mode === "demo") await demo(page);
+  else throw new Error(`unknown mode ${mode}: check, bench or demo`);
+} catch (err) {
+  failed = true;
+  results.error = String(err.stack || err);
+} finally {
+  writeFileSync(join(out, "results.json"), JSON.stringify(results, null, 1));
+  if (failed) process.stderr.write(`${results.error}\n--- browser console ---\n${consoleLines.join("\n")}\n`);
+  await browser.close();
+}
+process.exit(failed ? 1 : 0);
+
+// window.edgetuneTestBatch(): the test's batch, from test/batch.json and the raw files it names.
+function defineTestBatch() {
+  const arrays = { float32: Float32Array, int64: BigInt64Array, uint8: Uint8Array };
+  window.edgetuneTestBatch = async () => {
+    const spec = await (await fetch("test/batch.json")).json();
+    const read = async ({ file, dtype }) => new arrays[dtype](await (await fetch(`test/${file}`)).arrayBuffer());
+    return { x: await read(spec.x), y: await read(spec.y), rows: spec.x.shape[0], lr: spec.lr };
+  };
+}
+
+async function openPage(page, address) {
+  await page.goto(address);
+  await page.waitForFunction(() => window.edgetune && (window.edgetune.trainer || window.edgetune.error));
+  const error = await page.evaluate(() => window.edgetune.error);
+  if (error) throw new Error(`the page could not load its model: ${error}`);
+}
+
+// Steps on the test's batch, predicts, saves the state in IndexedDB; then a reload must resume.
+async function check(page) {
+  Object.assign(results, await page.evaluate(trainOnTestBatch, steps));
+  writeFileSync(join(out, "state.safetensors"), Buffer.from(results.state, "base64"));
+  delete results.state;
+  await page.screenshot({ path: join(out, "after-training.png"), fullPage: true });
+  await page.reload();
+  await openPage(page, page.url());
+  results.afterReload = await page.evaluate(async () => {
+    const { trainer, resumed } = window.edgetune;
+    const { x, rows } = await window.edgetuneTestBatch();
+    return { resumed, steps: trainer.steps, logits: Array.from((await trainer.predict(x)).data), rows };
+  });
+}
+
+async function trainOnTestBatch(steps) {
+  const { trainer } = window.edgetune;
+  const { x, y, lr } = await window.edgetuneTestBatch();
+  if (lr !== undefined) trainer.lr = lr;
+  const losses = [];
+  for (let s = 0; s < steps; s++) losses.push(await trainer.step(x, y));
+  const logits = Array.from((await trainer.predict(x)).data);
+  await trainer.saveState();
+  const bytes = trainer.stateBytes();
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return { losses, logits, state: btoa(binary), device: trainer.device, threads: trainer.threads, steps: trainer.steps };
+}
+
+// Per-step times after warm-up steps, and the tab's memory (its renderer's resident set).
+async function bench(page) {
+  Object.assign(results, await page.evaluate(async (steps) => {
+    const { trainer } = window.edgetune;
+    const { x, y } = await window.edgetuneTestBatch();
+    for (let s = 0; s < 3; s++) await trainer.step(x, y);
+    const times = [];
+    for (let s = 0; s < steps; s++) {
+      const start = performance.now();
+      await trainer.step(x, y);
+      times.push(performance.now() - start);
+    }
+    return { times_ms: times, device: trainer.device, threads: trainer.threads, isolated: crossOriginIsolated };
+  }, steps));
+  results.renderers = renderersMemory(process.pid); // Chromium runs as this process's child
+}
+
+// The renderer processes under the browser's: [{pid, rss_kb, hwm_kb}] from /proc.
+function renderersMemory(root) {
+  const children = new Map();
+  for (const pid of readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
+    try {
+      const ppid = Number(readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1].split(" ")[1]);
+      children.set(Number(pid), ppid);
+    } catch { /* exited */ }
+  }
+  const under = (pid) => { for (let p = pid; p > 1; p = children.get(p) || 0) if (p === root) return true; return false; };
+  const found = [];
+  for (const pid of children.keys()) {
+    if (pid === root || !under(pid)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+      if (!cmd.includes("--type=renderer")) continue;
+      const status = readFileSync(`/proc/${pid}/status`, "utf8");
+      const kb = (key) => Number((status.match(new RegExp(`${key}:\\s+(\\d+)`)) || [0, 0])[1]);
+      found.push({ pid, rss_kb: kb("VmRSS"), hwm_kb: kb("VmHWM") });
+    } catch { /* exited */ }
+  }
+  return found;
+}
+
+// A user's path through the demo page: the sample data, train, the accuracy after, download.
+async function demo(page) {
+  await page.click("#use-samples");
+  results.before = await page.evaluate(() => window.edgetune.lastAccuracy ?? null);
+  await page.click("#train");
+  await page.waitForFunction(() => window.edgetune.training === false && window.edgetune.trainedSteps > 0);
+  Object.assign(results, await page.evaluate(() => ({
+    after: window.edgetune.lastAccuracy, steps: window.edgetune.trainedSteps, losses: window.edgetune.losses,
+  })));
+  const download = page.waitForEvent("download");
+  await page.click("#download");
+  await (await download).saveAs(join(out, "downloaded.safetensors"));
+  await page.screenshot({ path: join(out, "demo.png"), fullPage: true });
+}
