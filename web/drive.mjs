@@ -2,7 +2,7 @@
 // playwright-core) for the browser tests and benchmarks. Python serves the folder and checks
 // what this writes; this script only runs the page and reports.
 //
-//   node web/drive.mjs check URL OUT [--steps 20]    train on OUT's batch, save, reload, resume
+//   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
 //   node web/drive.mjs bench URL OUT [--steps 20]    time steps, read the tab's memory
 //   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
 //
@@ -70,11 +70,15 @@ async function openPage(page, address) {
   if (error) throw new Error(`the page could not load its model: ${error}`);
 }
 
-// Steps on the test's batch, predicts, saves the state in IndexedDB; then a reload must resume.
+// Steps on the test's batch, keeping the state after some steps (for Python to step from), predicts,
+// saves the state in IndexedDB; then a reload must resume.
 async function check(page) {
-  Object.assign(results, await page.evaluate(trainOnTestBatch, steps));
-  writeFileSync(join(out, "state.safetensors"), Buffer.from(results.state, "base64"));
-  delete results.state;
+  const keep = option("keep", "").split(",").filter(Boolean).map(Number);
+  Object.assign(results, await page.evaluate(trainOnTestBatch, { steps, keep }));
+  for (const [step, state] of Object.entries(results.states)) {
+    writeFileSync(join(out, `state-${step}.safetensors`), Buffer.from(state, "base64"));
+  }
+  delete results.states;
   await page.screenshot({ path: join(out, "after-training.png"), fullPage: true });
   await page.reload();
   await openPage(page, page.url());
@@ -85,18 +89,24 @@ async function check(page) {
   });
 }
 
-async function trainOnTestBatch(steps) {
+async function trainOnTestBatch({ steps, keep }) {
   const { trainer } = window.edgetune;
   const { x, y, lr } = await window.edgetuneTestBatch();
   if (lr !== undefined) trainer.lr = lr;
+  const base64 = (bytes) => {
+    let binary = "";
+    for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return btoa(binary);
+  };
   const losses = [];
-  for (let s = 0; s < steps; s++) losses.push(await trainer.step(x, y));
+  const states = {};
+  for (let s = 1; s <= steps; s++) {
+    losses.push(await trainer.step(x, y));
+    if (keep.includes(s) || s === steps) states[s] = base64(trainer.stateBytes());
+  }
   const logits = Array.from((await trainer.predict(x)).data);
   await trainer.saveState();
-  const bytes = trainer.stateBytes();
-  let binary = "";
-  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
-  return { losses, logits, state: btoa(binary), device: trainer.device, threads: trainer.threads, steps: trainer.steps };
+  return { losses, logits, states, device: trainer.device, threads: trainer.threads, steps: trainer.steps };
 }
 
 // Per-step times after warm-up steps, and the tab's memory (its renderer's resident set).
