@@ -3,7 +3,7 @@
 // what this writes; this script only runs the page and reports.
 //
 //   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
-//   node web/drive.mjs bench URL OUT [--steps 20]    time steps, read the tab's memory
+//   node web/drive.mjs bench URL OUT [--steps 20] [--warmup 3] [--threads N]   time steps, read the tab's memory
 //   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
 //
 // The batch comes from URL/test/batch.json (+ the .bin files it names), written by the test.
@@ -20,6 +20,7 @@ const option = (name, fallback) => {
 };
 const steps = Number(option("steps", 20));
 const threads = Number(option("threads", 0)) || undefined;
+const warmup = Number(option("warmup", 3));
 mkdirSync(out, { recursive: true });
 
 // The flags a closed network needs: without them Chromium keeps trying to reach Google's hosts.
@@ -111,18 +112,24 @@ async function trainOnTestBatch({ steps, keep }) {
 
 // Per-step times after warm-up steps, and the tab's memory (its renderer's resident set).
 async function bench(page) {
-  Object.assign(results, await page.evaluate(async (steps) => {
+  Object.assign(results, await page.evaluate(async ({ steps, warmup }) => {
     const { trainer } = window.edgetune;
     const { x, y } = await window.edgetuneTestBatch();
-    for (let s = 0; s < 3; s++) await trainer.step(x, y);
+    const warmupMs = [];
+    for (let s = 0; s < warmup; s++) {
+      const start = performance.now();
+      await trainer.step(x, y);
+      warmupMs.push(performance.now() - start);
+    }
     const times = [];
     for (let s = 0; s < steps; s++) {
       const start = performance.now();
       await trainer.step(x, y);
       times.push(performance.now() - start);
     }
-    return { times_ms: times, device: trainer.device, threads: trainer.threads, isolated: crossOriginIsolated };
-  }, steps));
+    return { times_ms: times, warmup_ms: warmupMs, device: trainer.device, threads: trainer.threads,
+      isolated: crossOriginIsolated };
+  }, { steps, warmup }));
   results.renderers = renderersMemory(process.pid); // Chromium runs as this process's child
 }
 

@@ -9,6 +9,7 @@ experiments.web_accuracy fine-tunes with `edgetune finetune` to compare accuracy
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -48,20 +49,10 @@ def run(args: argparse.Namespace) -> int:
 def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8,
           lr: float = 0.01, samples_per_class_train: int = 20) -> Path:
     """Compile, export for the web and write the sample digits into `out`; returns it."""
-    import torch
-    import torch.nn.functional as F
-
-    import edgetune as et
-    from edgetune.models.pretrained import load_pretrained
     from edgetune.web import export_web, onnxruntime_web_dist
 
     onnxruntime_web_dist()  # said before the compile, not after
-    pre = load_pretrained(MODEL, len(CLASSES))
-    pre.model.eval()  # BatchNorm keeps ImageNet's statistics: a few examples cannot estimate them
-    rules = et.schemes.with_head(et.schemes.parse(scheme), pre.head)
-    example = (torch.zeros(batch, 3, size, size),), (torch.zeros(batch, dtype=torch.int64),)
-    trainer = et.compile(pre.model, F.cross_entropy, *example, scheme=rules,
-                         optimizer=et.SGD(lr=lr, momentum=0.9))
+    trainer, pre = demo_trainer(scheme, size, batch, lr)
     folder = Path(out)
     images, labels = digit_samples(size)
     train, test = sample_split(labels, samples_per_class_train)
@@ -74,6 +65,23 @@ def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, bat
                  "total_params": sum(p.numel() for p in pre.model.parameters()),
                  "predicted_peak_bytes": plan.peak_bytes, "samples": samples}})
     return folder
+
+
+def demo_trainer(scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8, lr: float = 0.01) -> tuple:
+    """(the compiled Trainer, the Pretrained model) of the demo: MobileNetV2 with ImageNet weights
+    and a new 10-class head, eval-mode BatchNorm, `scheme` plus the head, SGD momentum 0.9."""
+    import torch
+    import torch.nn.functional as F
+
+    import edgetune as et
+    from edgetune.models.pretrained import load_pretrained
+
+    pre = load_pretrained(MODEL, len(CLASSES))
+    pre.model.eval()  # BatchNorm keeps ImageNet's statistics: a few examples cannot estimate them
+    rules = et.schemes.with_head(et.schemes.parse(scheme), pre.head)
+    example = (torch.zeros(batch, 3, size, size),), (torch.zeros(batch, dtype=torch.int64),)
+    trainer = et.compile(pre.model, F.cross_entropy, *example, scheme=rules, optimizer=et.SGD(lr=lr, momentum=0.9))
+    return trainer, pre
 
 
 def digit_samples(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,3 +113,16 @@ def write_samples(folder: Path, images: np.ndarray, labels: np.ndarray, train: n
     return {"file": "samples/digits.bin", "count": int(len(images)), "size": int(images.shape[-1]),
             "labels": labels.tolist(), "train": train.tolist(), "test": test.tolist(),
             "source": "scikit-learn's handwritten digits (8x8, upsampled)"}
+
+
+def sample_batch(folder: str | os.PathLike, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The first `rows` packaged training digits of a built folder, as the page makes its inputs:
+    (float32 [rows, 3, S, S] normalised per channel, int64 labels [rows])."""
+    folder = Path(folder)
+    demo = json.loads((folder / "model" / "manifest.json").read_text())["web"]["demo"]
+    s = demo["samples"]
+    images = np.fromfile(folder / s["file"], np.uint8).reshape(s["count"], s["size"], s["size"])
+    take = np.array(s["train"][:rows])
+    grey = images[take].astype(np.float32)[:, None] / 255
+    mean, std = (np.array(demo[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
+    return np.ascontiguousarray((grey - mean) / std, dtype=np.float32), np.array(s["labels"], np.int64)[take]

@@ -40,11 +40,11 @@ needs_browser = pytest.mark.skipif(_browser_missing() is not None,
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The demo page built small (64 px), a batch of 8 packaged digits for the driver, served."""
-    from edgetune.web.demo import build
+    from edgetune.web.demo import build, sample_batch
     from edgetune.web.serve import address, make_server, start_in_thread
 
     folder = build(tmp_path_factory.mktemp("web") / "site", size=64)
-    x, y = _digit_batch(folder)
+    x, y = sample_batch(folder)
     test = folder / "test"
     test.mkdir()
     x.tofile(test / "x.bin")
@@ -56,17 +56,6 @@ def site(tmp_path_factory):
     start_in_thread(server)
     yield folder, address(server), x, y
     server.shutdown()
-
-
-def _digit_batch(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Eight of the packaged training digits, as the page makes its inputs."""
-    demo = json.loads((folder / "model" / "manifest.json").read_text())["web"]["demo"]
-    s = demo["samples"]
-    images = np.fromfile(folder / s["file"], np.uint8).reshape(s["count"], s["size"], s["size"])
-    take = np.array(s["train"][:8])
-    grey = images[take].astype(np.float32)[:, None] / 255
-    mean, std = (np.array(demo[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
-    return np.ascontiguousarray((grey - mean) / std, dtype=np.float32), np.array(s["labels"], np.int64)[take]
 
 
 def _drive(mode: str, url: str, out: Path, *args: str) -> dict:
