@@ -13,7 +13,7 @@ const $ = (id) => document.getElementById(id);
 const HOLD_OUT_EVERY = 4;   // every 4th example added to a class is held out
 const PAD_STROKE = 18;      // px on the 192 px pad: about as thick as the sample digits' strokes
 const EVAL_CHUNK = 64;      // rows per predict() while measuring: keeps the page responsive
-const THUMBS = 8;           // thumbnails shown per class
+const THUMBS = 6;           // thumbnails shown per class
 const WEIGHTS_FILE = "edgetune-weights.safetensors";
 
 const api = { training: false, trainedSteps: 0, losses: [], lastAccuracy: null };
@@ -127,6 +127,7 @@ function addExample(k, example) {
 function examplesChanged(rows) {
   app.heldOutVersion += 1;
   app.before = app.after = null; // measured again at the next run, on the examples as they are now
+  $("top3").replaceChildren();    // its classes may be gone
   rows.forEach(renderClassRow);
   showAccuracy();
   updateButtons();
@@ -225,7 +226,8 @@ async function loadSamples() {
   } catch (err) {
     showError("Could not measure the model on the sample digits", err);
   }
-  note.textContent = `${fmt(s.train.length)} digits to train on, ${fmt(s.test.length)} held out (${s.source}). Replaces your examples.`;
+  note.textContent = `${fmt(s.train.length)} to train on and ${fmt(s.test.length)} held out, from ${s.source}. ` +
+    "They replace your examples.";
   app.samplesReady = true;
   updateButtons();
 }
@@ -570,6 +572,7 @@ async function train() {
     showError("Could not finish the run", err);
   } finally {
     app.plannedEnd = api.losses.length;
+    $("top3").replaceChildren(); // said by the model before this run
     api.training = false;
     showAccuracy();
     renderCard();
