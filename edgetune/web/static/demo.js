@@ -656,7 +656,7 @@ function drawLoss() {
     ctx.fillText("The training loss appears here, step by step.", 12, h / 2);
     return;
   }
-  const m = { left: 44, right: 12, top: 10, bottom: 26 };
+  const m = { left: 58, right: 12, top: 10, bottom: 26 };
   const pw = w - m.left - m.right, ph = h - m.top - m.bottom;
   const xmax = Math.max(app.plannedEnd, losses.length, 2);
   const ymax = niceCeil(Math.max(...losses.filter(Number.isFinite), 1e-6));
@@ -670,10 +670,9 @@ function drawLoss() {
   ctx.lineWidth = 1;
   ctx.strokeStyle = "#9ec5ee";
   line(ctx, losses.map((v, i) => [X(i), Y(v)]));
-  ctx.lineWidth = 2; // the trend: an exponential moving average, since batches of 8 are noisy
+  ctx.lineWidth = 2; // the trend: the mean of the last few steps, since batches of 8 are noisy
   ctx.strokeStyle = "#1565c0";
-  let avg = losses[0];
-  line(ctx, losses.map((v, i) => { avg = i ? 0.85 * avg + 0.15 * v : v; return [X(i), Y(avg)]; }));
+  line(ctx, losses.map((_, i) => [X(i), Y(mean(losses.slice(Math.max(0, i - 5), i + 1)))]));
   ctx.lineWidth = 1;
 }
 
@@ -700,6 +699,8 @@ function line(ctx, points) {
   points.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
   ctx.stroke();
 }
+
+const mean = (a) => a.reduce((x, y) => x + y, 0) / a.length;
 
 function niceCeil(v) {
   const p = 10 ** Math.floor(Math.log10(v));
