@@ -4,6 +4,7 @@
 //
 //   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
 //   node web/drive.mjs bench URL OUT [--steps 20] [--warmup 3] [--threads N]   time steps, read the tab's memory
+//   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01]   fine-tune on the packaged digits
 //   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
 //
 // The batch comes from URL/test/batch.json (+ the .bin files it names), written by the test.
@@ -42,8 +43,11 @@ try {
   await openPage(page, url + (threads ? `?threads=${threads}` : ""));
   if (mode === "check") await check(page);
   else if (mode === "bench") await bench(page);
+  else if (mode === "fit") Object.assign(results, await page.evaluate(fitSamples, {
+    epochs: Number(option("epochs", 5)), seed: Number(option("seed", 0)), lr: Number(option("lr", 0)) || undefined,
+  }));
   else if (mode === "demo") await demo(page);
-  else throw new Error(`unknown mode ${mode}: check, bench or demo`);
+  else throw new Error(`unknown mode ${mode}: check, bench, fit or demo`);
 } catch (err) {
   failed = true;
   results.error = String(err.stack || err);
@@ -155,6 +159,62 @@ function renderersMemory(root) {
     } catch { /* exited */ }
   }
   return found;
+}
+
+// Fine-tunes on the demo's packaged training digits (no augmentation, each epoch in a seeded
+// shuffled order, the last partial batch dropped, as \`edgetune finetune\` does), with the held-out
+// digits' accuracy before and after: the browser's half of experiments.web_accuracy.
+async function fitSamples({ epochs, seed, lr }) {
+  const { trainer } = window.edgetune;
+  const demo = trainer.manifest.web.demo;
+  const s = demo.samples;
+  const images = new Uint8Array(await (await fetch(s.file)).arrayBuffer());
+  const pixels = s.size * s.size;
+  const inputs = (indices) => {
+    const x = new Float32Array(indices.length * 3 * pixels);
+    indices.forEach((image, row) => {
+      for (let c = 0; c < 3; c++) {
+        const at = (row * 3 + c) * pixels;
+        for (let p = 0; p < pixels; p++) x[at + p] = (images[image * pixels + p] / 255 - demo.mean[c]) / demo.std[c];
+      }
+    });
+    return x;
+  };
+  const accuracy = async () => {
+    const { data, dims } = await trainer.predict(inputs(s.test));
+    let right = 0;
+    s.test.forEach((image, row) => {
+      const logits = data.subarray(row * dims[1], (row + 1) * dims[1]);
+      if (logits.indexOf(Math.max(...logits)) === s.labels[image]) right += 1;
+    });
+    return right / s.test.length;
+  };
+  if (lr) trainer.lr = lr;
+  const before = await accuracy();
+  let state = seed + 0x9e3779b9;
+  const random = () => { // mulberry32: a seeded generator, so a run can be repeated
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = Math.imul(state ^ (state >>> 15), 1 | state);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const losses = [];
+  const started = performance.now();
+  const b = trainer.batchSize;
+  for (let epoch = 0; epoch < epochs; epoch++) {
+    const order = [...s.train];
+    for (let i = order.length - 1; i > 0; i--) {
+      const j = Math.floor(random() * (i + 1));
+      [order[i], order[j]] = [order[j], order[i]];
+    }
+    for (let at = 0; at + b <= order.length; at += b) {
+      const batch = order.slice(at, at + b);
+      losses.push(await trainer.step(inputs(batch), batch.map((i) => s.labels[i])));
+    }
+  }
+  const seconds = (performance.now() - started) / 1000;
+  return { before, after: await accuracy(), losses, seconds, steps: losses.length, lr: trainer.lr,
+    train: s.train.length, test: s.test.length, threads: trainer.threads };
 }
 
 // A user's path through the demo page: the sample data, train, the accuracy after, download.

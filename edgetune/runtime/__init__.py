@@ -6,6 +6,6 @@ runtime, this is the whole of edgetune it needs.
     loss = runner.step(images, labels)      # numpy arrays shaped like the export's batch
     runner.save("runner-state.safetensors")
 """
-from edgetune.runtime.runner import RunnerError, StepRunner, put_part
+from edgetune.runtime.runner import RunnerError, StepRunner, put_part, trained_weights
 
-__all__ = ["StepRunner", "RunnerError", "put_part"]
+__all__ = ["StepRunner", "RunnerError", "put_part", "trained_weights"]

@@ -174,6 +174,32 @@ def put_part(weight: np.ndarray, trained: np.ndarray, part: dict) -> np.ndarray:
     return out
 
 
+def trained_weights(folder: str | os.PathLike, state: str | os.PathLike,
+                    weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's parameters as a runner state file holds them trained (StepRunner.save, or the
+    browser's downloadWeights), put back into `weights` (the model's state dict as numpy arrays,
+    e.g. its pretrained weights): every trained parameter whole, the frozen ones untouched. A
+    partially trained weight gets its trained channels put in place. Optimizer state is left
+    out. Load the result into the model the step was exported from."""
+    from safetensors.numpy import load_file
+
+    manifest = _read_manifest(os.fspath(folder))
+    arrays = load_file(os.fspath(state))
+    params = {i["key"]: i for i in manifest["inputs"] if i["kind"] == "param"}
+    out = dict(weights)
+    for key, spec in params.items():
+        if key not in arrays:
+            raise RunnerError(f"{state} holds no {key!r}: give a state of this export (StepRunner.save)")
+        if key not in weights:
+            raise RunnerError(f"the model has no {key!r}, which the step trains: give the state dict of the "
+                              "model this folder was exported from")
+        part = spec.get("part")
+        out[key] = put_part(weights[key], arrays[key], part) if part else arrays[key]
+        if out[key].shape != weights[key].shape:
+            raise RunnerError(f"{key}: the state's {out[key].shape} does not fit the model's {weights[key].shape}")
+    return out
+
+
 def lean_session_options(ort: Any) -> Any:
     """onnxruntime's defaults less its CPU arena and memory patterns, which raise a training
     step's peak by 13-37% (BENCHMARKS.md, the onnxruntime section). Where a step's large

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -58,6 +59,14 @@ def site(tmp_path_factory):
     server.shutdown()
 
 
+def _pretrained_demo_model() -> torch.nn.Module:
+    from edgetune.models.pretrained import load_pretrained
+    from edgetune.web.demo import CLASSES, MODEL
+
+    torch.manual_seed(0)  # the new head's initial values are overwritten: it trains
+    return load_pretrained(MODEL, len(CLASSES)).model.eval()
+
+
 def _drive(mode: str, url: str, out: Path, *args: str) -> dict:
     run = subprocess.run(["node", str(DRIVER), mode, url, str(out), *args], capture_output=True, text=True,
                          timeout=600)
@@ -74,13 +83,14 @@ def _keep(out: Path, name: str) -> None:
 @needs_browser
 def test_page_steps_as_python_does(site, tmp_path):
     """20 steps in Chromium on one batch: each step's loss is the Python runner's from the same
-    state, the downloaded state gives Python the page's logits, and a reload resumes.
+    state, the downloaded state gives Python (StepRunner, and the PyTorch model through
+    trained_weights) the page's logits, and a reload resumes.
 
     The whole 20-step loss curves are not compared: on this model a 1e-6 relative change of the
     input alone moves Python's own loss by ~2e-4 by step 20 (ReLU6 masks flip as weights move),
     so two correct runtimes that round differently (WASM against x86 kernels) drift apart. Each
     step is compared from the same state instead; the first steps also from the start."""
-    from edgetune.runtime import StepRunner
+    from edgetune.runtime import StepRunner, trained_weights
 
     folder, url, x, y = site
     keep = [4, 9, 14, 19]
@@ -107,6 +117,13 @@ def test_page_steps_as_python_does(site, tmp_path):
     logits = np.array(got["logits"], np.float32).reshape(len(x), -1)
     np.testing.assert_allclose(page_final.predict(x), logits, atol=1e-4, rtol=0)
     assert not np.allclose(StepRunner(folder / "model").predict(x), logits, atol=1e-2)  # it trained
+    # ... and in the PyTorch model the folder was exported from
+    model = _pretrained_demo_model()
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                           trained_weights(folder / "model", tmp_path / "state-20.safetensors", weights).items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(model(torch.from_numpy(x)).numpy(), logits, atol=1e-4, rtol=0)
 
     # a reload resumed from IndexedDB: same step count, same predictions
     again = got["afterReload"]
