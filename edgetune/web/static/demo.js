@@ -27,9 +27,7 @@ const app = {
   heldOutVersion: 0,       // bumped whenever the examples change: a cached accuracy is then stale
   accuracy: { key: null, value: null },
   before: null, after: null, afterSteps: 0,
-  samples: null,           // {bytes} once samples/digits.bin arrived
-  samplesReady: false,     // and the model was measured on them (or that failed)
-  baseline: null,          // {steps, value}: accuracy on the sample held-out set, measured at load
+  samples: null,           // {bytes} once samples/digits.bin was fetched
   measuring: false,
   stop: false,
   stepTimes: [],
@@ -104,7 +102,9 @@ async function main() {
     setStatus(resumed ? `Ready: resumed the training saved in this browser (step ${trainer.steps}).`
       : "Ready: draw an example, or use the sample digits.");
   }
-  loadSamples();
+  const s = app.demo.samples;
+  $("samples-note").textContent = s ? `${fmt(s.train.length)} to train on and ${fmt(s.test.length)} held out, from ` +
+    `${s.source}. They replace your examples.` : "This build has no sample digits.";
 }
 
 // -- examples and classes -------------------------------------------------------------------------
@@ -200,36 +200,17 @@ function thumbnail(example, heldOut) {
 
 // -- the sample digits ----------------------------------------------------------------------------
 
-// Fetched at load, and the model measured on their held-out set while the user looks around, so
-// that "Use the sample digits" shows the accuracy before training at once.
-async function loadSamples() {
+// Fetched when asked for, not at load: the page does nothing at load beyond loading the model,
+// so that the tests and benchmarks that drive its trainer directly have the tab to themselves.
+async function fetchSamples() {
   const s = app.demo.samples;
-  const note = $("samples-note");
-  if (!s) { note.textContent = "This build has no sample digits."; return; }
-  try {
-    const response = await fetch(s.file);
-    if (!response.ok) throw new Error(`${s.file}: ${response.status} ${response.statusText}`);
-    const bytes = new Uint8Array(await response.arrayBuffer());
-    if (bytes.length !== s.count * s.size * s.size) throw new Error(`${s.file} holds ${bytes.length} bytes, not ${s.count} images`);
-    app.samples = { bytes };
-  } catch (err) {
-    note.textContent = "The sample digits could not be loaded.";
-    showError("Could not load the sample digits", err);
-    return;
-  }
-  const set = s.test.map((i) => ({ example: sampleExample(i), label: s.labels[i] }));
-  const steps = app.trainer.steps;
-  try {
-    const value = await evaluate(set, app.classes.map((_, k) => k),
-      (done) => { note.textContent = `Measuring the model on ${fmt(set.length)} held-out digits… ${Math.round(100 * done / set.length)}%`; });
-    if (value !== null) app.baseline = { steps, value };
-  } catch (err) {
-    showError("Could not measure the model on the sample digits", err);
-  }
-  note.textContent = `${fmt(s.train.length)} to train on and ${fmt(s.test.length)} held out, from ${s.source}. ` +
-    "They replace your examples.";
-  app.samplesReady = true;
-  updateButtons();
+  if (app.samples) return;
+  setStatus("Fetching the sample digits…");
+  const response = await fetch(s.file);
+  if (!response.ok) throw new Error(`${s.file}: ${response.status} ${response.statusText}`);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  if (bytes.length !== s.count * s.size * s.size) throw new Error(`${s.file} holds ${bytes.length} bytes, not ${s.count} images`);
+  app.samples = { bytes };
 }
 
 function sampleExample(i) {
@@ -237,27 +218,27 @@ function sampleExample(i) {
   return { pixels: app.samples.bytes.subarray(i * size * size, (i + 1) * size * size), side: size };
 }
 
+// Replaces the examples with the sample digits (the manifest's split) and measures the model on
+// their held-out set: the accuracy "before".
 function useSamples() {
-  if (busy() || !app.samplesReady) return;
+  if (busy() || !app.demo.samples) return;
   const s = app.demo.samples;
-  app.classes = makeClasses(app.demo.classes.map(String));
-  s.train.forEach((i) => app.classes[s.labels[i]].train.push(sampleExample(i)));
-  s.test.forEach((i) => app.classes[s.labels[i]].test.push(sampleExample(i)));
-  for (const cls of app.classes) {
-    cls.added = cls.train.length + cls.test.length;
-    cls.recent = cls.train.slice(0, THUMBS).map((example) => ({ example, heldOut: false }));
-  }
-  examplesChanged(app.classes.map((_, k) => k));
-  updateAddLabel();
-  // Set here, not after an await: the accuracy "before" is there as soon as the click returns.
-  if (app.baseline && app.baseline.steps === app.trainer.steps) {
-    app.accuracy = { key: accuracyKey(), value: app.baseline.value };
-    app.before = api.lastAccuracy = app.baseline.value;
-    showAccuracy();
-    setStatus(`Loaded ${fmt(s.train.length)} sample digits to train on and ${fmt(s.test.length)} held out. Now train.`);
-    return;
-  }
   runExclusive(async () => {
+    try {
+      await fetchSamples();
+    } catch (err) {
+      showError("Could not fetch the sample digits", err);
+      return;
+    }
+    app.classes = makeClasses(app.demo.classes.map(String));
+    s.train.forEach((i) => app.classes[s.labels[i]].train.push(sampleExample(i)));
+    s.test.forEach((i) => app.classes[s.labels[i]].test.push(sampleExample(i)));
+    for (const cls of app.classes) {
+      cls.added = cls.train.length + cls.test.length;
+      cls.recent = cls.train.slice(0, THUMBS).map((example) => ({ example, heldOut: false }));
+    }
+    examplesChanged(app.classes.map((_, k) => k));
+    updateAddLabel();
     app.before = await measure("before training");
     setStatus(`Loaded ${fmt(s.train.length)} sample digits to train on and ${fmt(s.test.length)} held out. Now train.`);
   });
@@ -750,7 +731,7 @@ async function runExclusive(fn) {
 function updateButtons() {
   const off = busy();
   for (const id of ["add", "files", "train", "download", "reset"]) $(id).disabled = off;
-  $("use-samples").disabled = off || !app.samplesReady;
+  $("use-samples").disabled = off || !app.demo.samples;
   $("stop").disabled = !api.training;
   $("predict").disabled = !app.trainer;
   for (const b of document.querySelectorAll("#classes button")) b.disabled = off;
