@@ -5,6 +5,7 @@
 //   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
 //   node web/drive.mjs bench URL OUT [--steps 20] [--warmup 3] [--threads N]   time steps, read the tab's memory
 //   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01]   fine-tune on the packaged digits
+//   node web/drive.mjs gpu   URL OUT [--steps 2]      steps with onnxruntime-web's WebGPU provider (SwiftShader)
 //   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
 //
 // The batch comes from URL/test/batch.json (+ the .bin files it names), written by the test.
@@ -25,10 +26,13 @@ const warmup = Number(option("warmup", 3));
 mkdirSync(out, { recursive: true });
 
 // The flags a closed network needs: without them Chromium keeps trying to reach Google's hosts.
+// WebGPU (mode gpu) runs on SwiftShader, Chromium's software Vulkan: no GPU is needed.
+const gpu = ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan",
+  "--use-vulkan=swiftshader", "--use-angle=swiftshader"];
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"],
+  args: ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", ...(mode === "gpu" ? gpu : ["--disable-gpu"])],
 });
 const consoleLines = [];
 const results = { mode, console: consoleLines };
@@ -46,8 +50,9 @@ try {
   else if (mode === "fit") Object.assign(results, await page.evaluate(fitSamples, {
     epochs: Number(option("epochs", 5)), seed: Number(option("seed", 0)), lr: Number(option("lr", 0)) || undefined,
   }));
+  else if (mode === "gpu") Object.assign(results, await page.evaluate(stepOnWebGpu, steps));
   else if (mode === "demo") await demo(page);
-  else throw new Error(`unknown mode ${mode}: check, bench, fit or demo`);
+  else throw new Error(`unknown mode ${mode}: check, bench, fit, gpu or demo`);
 } catch (err) {
   failed = true;
   results.error = String(err.stack || err);
@@ -112,6 +117,17 @@ async function trainOnTestBatch({ steps, keep }) {
   const logits = Array.from((await trainer.predict(x)).data);
   await trainer.saveState();
   return { losses, logits, states, device: trainer.device, threads: trainer.threads, steps: trainer.steps };
+}
+
+// The page's model loaded again with device "webgpu", stepped on the test batch.
+async function stepOnWebGpu(steps) {
+  const { Trainer } = await import("./edgetune-web.js");
+  const trainer = await Trainer.load("./model/", { device: "webgpu" });
+  const { x, y, lr } = await window.edgetuneTestBatch();
+  if (lr !== undefined) trainer.lr = lr;
+  const losses = [];
+  for (let s = 0; s < steps; s++) losses.push(await trainer.step(x, y));
+  return { device: trainer.device, losses };
 }
 
 // Per-step times after warm-up steps, and the tab's memory (its renderer's resident set).
@@ -220,6 +236,7 @@ async function fitSamples({ epochs, seed, lr }) {
 // A user's path through the demo page: the sample data, train, the accuracy after, download.
 async function demo(page) {
   await page.click("#use-samples");
+  await page.waitForFunction(() => window.edgetune.lastAccuracy !== null); // measured on the held-out digits
   results.before = await page.evaluate(() => window.edgetune.lastAccuracy ?? null);
   await page.click("#train");
   await page.waitForFunction(() => window.edgetune.training === false && window.edgetune.trainedSteps > 0);

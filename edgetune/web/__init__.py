@@ -23,9 +23,9 @@ from edgetune.files import write_json
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = ("edgetune-web.js", "index.html", "demo.js", "demo.css")
-# onnxruntime-web's WASM build (default) and its WebGPU build, each an ES module and its binary
+# onnxruntime-web's WASM build (default) and its build with WebGPU, each an ES module and its binary
 ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
-             "ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+             "ort.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 REPO_WEB = Path(__file__).resolve().parents[2] / "web"
 
 
@@ -33,15 +33,19 @@ class WebExportError(RuntimeError):
     """What the web export needs and does not have, and how to get it."""
 
 
-def export_web(trainer: Any, folder: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write `trainer`'s step as a static web folder (see the module's doc). `extra` goes into
-    the manifest's "web" entry (e.g. the page's class names and preprocessing). Returns the
-    folder."""
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def export_web(trainer: Any, folder: str | os.PathLike, demo: dict[str, Any] | None = None) -> Path:
+    """Write `trainer`'s step as a static web folder (see the module's doc). For an image
+    classifier (input [B, 3, S, S], output [B, classes]) the manifest's web.demo describes it to
+    the page (class names, input size and normalisation, memory); `demo` overrides any of that.
+    Returns the folder."""
     folder = Path(folder)
     ort_dist = onnxruntime_web_dist()  # checked before the export's work
     model = folder / "model"
     trainer.export_onnx(model)
-    describe_for_web(model, extra or {})
+    describe_for_web(model, trainer, demo or {})
     copy_files(ort_dist, folder / "ort", ORT_FILES)
     copy_files(STATIC, folder, PAGE_FILES)
     return folder
@@ -58,22 +62,41 @@ def onnxruntime_web_dist() -> Path:
     return dist
 
 
-def describe_for_web(model_folder: Path, extra: dict[str, Any]) -> None:
+def describe_for_web(model_folder: Path, trainer: Any, demo: dict[str, Any]) -> None:
     """Add to the export's manifest what a page needs and cannot find out without parsing ONNX:
-    which data files each graph reads (onnxruntime-web takes them as buffers), and a
-    fingerprint of the export under which the page keeps its saved state."""
+    which data files each graph reads (onnxruntime-web takes them as buffers), a fingerprint
+    of the export under which the page keeps its saved state, and for the demo page, what the
+    model is (web.demo)."""
     import onnx
 
     path = model_folder / "manifest.json"
     manifest = json.loads(path.read_text())
+    described = {**(_image_classifier(manifest, trainer) or {}), **demo}
     graphs = [manifest["model"]] + ([manifest["predict"]["model"]] if "predict" in manifest else [])
     external = {g: _external_files(onnx.load(str(model_folder / g), load_external_data=False)) for g in graphs}
     digest = hashlib.sha256()
     for name in graphs + [manifest.get("state")] + sorted({f for fs in external.values() for f in fs}):
         if name:
             digest.update(name.encode() + (model_folder / name).read_bytes())
-    manifest["web"] = {**extra, "external_data": external, "fingerprint": digest.hexdigest()[:16]}
+    manifest["web"] = {"external_data": external, "fingerprint": digest.hexdigest()[:16],
+                       **({"demo": described} if described else {})}
     write_json(str(path), manifest)
+
+
+def _image_classifier(manifest: dict, trainer: Any) -> dict[str, Any] | None:
+    """What the demo page needs of an image classifier (one input [B, 3, S, S], output
+    [B, classes]), with ImageNet's normalisation; None for any other model."""
+    predict = manifest.get("predict")
+    if not predict:
+        return None
+    inputs = [i for i in predict["inputs"] if i["kind"] == "input"]
+    shape, out = (inputs[0]["shape"] if len(inputs) == 1 else []), predict["output"]["shape"]
+    if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3] or len(out) != 2:
+        return None
+    return {"model": type(trainer.model).__name__, "scheme": "as exported", "classes": [str(c) for c in range(out[1])],
+            "size": shape[2], "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "trainable_params": trainer.trainable_params,
+            "total_params": sum(p.numel() for p in trainer.model.parameters()),
+            "predicted_peak_bytes": trainer.plan.peak_bytes}
 
 
 def _external_files(model: Any) -> list[str]:

@@ -58,13 +58,9 @@ def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, bat
     images, labels = digit_samples(size)
     train, test = sample_split(labels, samples_per_class_train)
     samples = write_samples(folder / "samples", images, labels, train, test)
-    plan = trainer.plan
-    export_web(trainer, folder, extra={
-        "demo": {"model": "MobileNetV2 (ImageNet weights), new 10-class head", "scheme": scheme,
-                 "classes": CLASSES, "size": size, "mean": list(pre.mean), "std": list(pre.std),
-                 "trainable_params": trainer.trainable_params,
-                 "total_params": sum(p.numel() for p in pre.model.parameters()),
-                 "predicted_peak_bytes": plan.peak_bytes, "samples": samples}})
+    export_web(trainer, folder, demo={"model": "MobileNetV2 (ImageNet weights), new 10-class head", "scheme": scheme,
+                                      "classes": CLASSES, "mean": list(pre.mean), "std": list(pre.std),
+                                      "samples": samples})
     return folder
 
 

@@ -46,17 +46,22 @@ def site(tmp_path_factory):
 
     folder = build(tmp_path_factory.mktemp("web") / "site", size=64)
     x, y = sample_batch(folder)
+    _write_batch(folder, x, y, lr=LR)
+    server = make_server(folder)
+    start_in_thread(server)
+    yield folder, address(server), x, y
+    server.shutdown()
+
+
+def _write_batch(folder: Path, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> None:
+    """test/ of a site: the batch the driver's page-side code fetches (and the rate to use)."""
     test = folder / "test"
     test.mkdir()
     x.tofile(test / "x.bin")
     y.tofile(test / "y.bin")
     (test / "batch.json").write_text(json.dumps({
         "x": {"file": "x.bin", "dtype": "float32", "shape": list(x.shape)},
-        "y": {"file": "y.bin", "dtype": "int64", "shape": list(y.shape)}, "lr": LR}))
-    server = make_server(folder)
-    start_in_thread(server)
-    yield folder, address(server), x, y
-    server.shutdown()
+        "y": {"file": "y.bin", "dtype": "int64", "shape": list(y.shape)}, **({"lr": lr} if lr else {})}))
 
 
 def _pretrained_demo_model() -> torch.nn.Module:
@@ -129,6 +134,60 @@ def test_page_steps_as_python_does(site, tmp_path):
     again = got["afterReload"]
     assert again["resumed"] and again["steps"] == 20
     np.testing.assert_allclose(np.array(again["logits"], np.float32).reshape(logits.shape), logits, atol=1e-6)
+
+
+@needs_browser
+def test_demo_page_as_a_user_would(site, tmp_path):
+    """The demo's path through its buttons: the sample digits, Train (60 steps, augmented), the
+    held-out accuracy before and after, and a download that Python's runner loads."""
+    from edgetune.runtime import StepRunner
+
+    folder, url, _, _ = site
+    got = _drive("demo", url, tmp_path)
+    _keep(tmp_path, "demo.png")
+    assert got["steps"] == 60 and len(got["losses"]) == 60, got
+    assert got["after"] > got["before"] + 0.2, (got["before"], got["after"])  # 10 classes: chance is 0.1
+    runner = StepRunner(folder / "model")
+    runner.load(tmp_path / "downloaded.safetensors")
+    assert runner.steps == 60
+
+
+@pytest.fixture(scope="module")
+def small_site(tmp_path_factory):
+    """`export_web` of a small CNN (convolutions, BatchNorm, ReLU, a partially trained conv,
+    AdamW), not the demo's model, with a batch for the driver, served."""
+    import edgetune as et
+    from edgetune.web import export_web
+    from edgetune.web.serve import address, make_server, start_in_thread
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 4])
+    scheme = {"3.weight": 0.5, "7.weight": "full", "7.bias": "full", "1.bias": "full"}
+    trainer = et.compile(model, torch.nn.functional.cross_entropy, (x,), (y,), scheme=scheme,
+                         optimizer=et.AdamW(lr=LR))
+    folder = export_web(trainer, tmp_path_factory.mktemp("web") / "small")
+    _write_batch(folder, x.numpy(), y.numpy())
+    server = make_server(folder)
+    start_in_thread(server)
+    yield folder, address(server), x.numpy(), y.numpy()
+    server.shutdown()
+
+
+@needs_browser
+def test_page_steps_on_webgpu(small_site, tmp_path):
+    """onnxruntime-web's WebGPU provider (on SwiftShader, Chromium's software GPU: slow, but the
+    same shaders a GPU runs) steps an exported model as Python does."""
+    from edgetune.runtime import StepRunner
+
+    folder, url, x, y = small_site
+    got = _drive("gpu", url, tmp_path, "--steps", "3")
+    assert got["device"] == "webgpu", got
+    python = StepRunner(folder / "model")
+    np.testing.assert_allclose(got["losses"], [python.step(x, y) for _ in range(3)], atol=1e-4, rtol=0)
 
 
 JS_HELPERS = """

@@ -71,7 +71,6 @@ async function main() {
   let trainer;
   try {
     trainer = await Trainer.load("./model/", { device, threads });
-    if (!trainer.manifest.web.demo) throw new Error("model/manifest.json has no web.demo: build it with `edgetune web-demo`");
   } catch (err) {
     showError("Could not load the model", err);
     window.edgetune = { error: String(err.stack || err) };
@@ -82,6 +81,12 @@ async function main() {
     resumed = await trainer.restoreState();
   } catch (err) {
     showError("Could not resume the state saved in this browser, starting from the pretrained model", err);
+  }
+  if (!trainer.manifest.web.demo) { // not an image classifier: the trainer is there for a page of one's own
+    window.edgetune = Object.assign(api, { trainer, resumed });
+    setStatus("This model is not an image classifier (input [B, 3, S, S], output [B, classes]), so this page " +
+      "cannot draw for it. Its trainer is loaded: window.edgetune.trainer; edgetune-web.js steps it from any page.");
+    return;
   }
   app.trainer = trainer;
   app.demo = trainer.manifest.web.demo;
@@ -513,6 +518,8 @@ function readRunSettings() {
   return { steps, lr };
 }
 
+const SAVE_EVERY = 20; // steps between saves to IndexedDB while training (a save takes a few ms)
+
 async function train() {
   if (busy()) return;
   let settings;
@@ -588,6 +595,8 @@ async function runSteps(pool, count) {
       (skipped ? ` (${skipped} steps skipped: not finite; lower the learning rate)` : ""));
     drawLoss();
     renderCard();
+    // Saved as it goes: closing the tab mid-run keeps all but the last few steps.
+    if (done % SAVE_EVERY === 0) await trainer.saveState();
     await nextFrame();
   }
   return done;

@@ -12,7 +12,10 @@
 //   await trainer.saveState();                            // IndexedDB: a reload resumes
 //   trainer.downloadWeights();                            // safetensors that StepRunner.load reads
 
-const ORT_BUILDS = { wasm: "./ort/ort.wasm.min.mjs", webgpu: "./ort/ort.webgpu.min.mjs" };
+// onnxruntime-web's WASM-only build, and its build with the JS WebGPU provider (WASM for the
+// ops WebGPU lacks). Its other WebGPU build (ort.webgpu.min.mjs, 1.31.1) cannot create a session
+// for a training step: it leaves the optimizer's Cast nodes without a provider.
+const ORT_BUILDS = { wasm: "./ort/ort.wasm.min.mjs", webgpu: "./ort/ort.min.mjs" };
 const DB_NAME = "edgetune";
 const DB_STORE = "states";
 
@@ -25,7 +28,7 @@ export class Trainer {
   static async load(url, { device = "wasm", threads } = {}) {
     const base = new URL(url.endsWith("/") ? url : url + "/", location.href);
     const manifest = await fetchJson(new URL("manifest.json", base));
-    const useGpu = device === "webgpu" && typeof navigator !== "undefined" && "gpu" in navigator;
+    const useGpu = device === "webgpu" && await hasWebGpu();
     const ort = await import(new URL(ORT_BUILDS[useGpu ? "webgpu" : "wasm"], import.meta.url).href);
     ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;
     ort.env.wasm.numThreads = threads ?? (globalThis.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1);
@@ -48,6 +51,7 @@ export class Trainer {
     this.session = session;
     this._sessionArgs = sessionArgs;
     this._predictSession = null;
+    this._queue = Promise.resolve(); // one session run at a time: a step never sees a half-updated state
     const inputs = manifest.inputs;
     // The batch as step() takes it: the model's inputs, then the targets (by their position).
     this.batchInputs = inputs.filter((i) => i.kind === "input" || i.kind === "target").sort((a, b) => a.key - b.key);
@@ -72,7 +76,11 @@ export class Trainer {
   // exported shape (flat, row-major); returns the loss. With on_nonfinite "raise", a step whose
   // loss or a gradient is not finite throws and keeps the previous state; with "skip" it keeps
   // the previous state and sets lastSkipped.
-  async step(...batch) {
+  step(...batch) {
+    return this._exclusive(() => this._step(batch));
+  }
+
+  async _step(batch) {
     const feeds = this._batchFeeds(batch, this.batchInputs, "step() takes inputs, then targets");
     feeds.lr = new this.ort.Tensor("float64", Float64Array.of(this.lr), []);
     for (const [name, value] of Object.entries(this._hyper(this.steps + 1))) {
@@ -102,7 +110,11 @@ export class Trainer {
   // The model's output in eval mode, with the weights as trained so far, for `rows` rows of
   // inputs (each input flat, row-major). Rows go through in batches of the export's size, the
   // last one padded with copies of its last row. Returns {data, dims}.
-  async predict(...inputs) {
+  predict(...inputs) {
+    return this._exclusive(() => this._predict(inputs));
+  }
+
+  async _predict(inputs) {
     const spec = this.manifest.predict;
     if (!spec) throw new TrainerError("this export has no inference graph: export it again with this edgetune");
     if (!this._predictSession) {
@@ -135,6 +147,14 @@ export class Trainer {
       result.set(out[spec.output.name].data.subarray(0, n * outRow), start * outRow);
     }
     return { data: result, dims: [rows, ...spec.output.shape.slice(1)] };
+  }
+
+  // Runs `fn` after every call queued before it (steps and predictions interleaved by a page's
+  // event handlers would otherwise read the carried state while a step replaces it).
+  _exclusive(fn) {
+    const run = this._queue.then(fn);
+    this._queue = run.catch(() => {});
+    return run;
   }
 
   _batchFeeds(batch, specs, what) {
@@ -203,6 +223,15 @@ export class Trainer {
 }
 
 // -- loading ------------------------------------------------------------------------------------
+
+// navigator.gpu can be there without an adapter behind it (no GPU, or one the browser blocks).
+async function hasWebGpu() {
+  try {
+    return Boolean(globalThis.navigator?.gpu && await navigator.gpu.requestAdapter());
+  } catch {
+    return false;
+  }
+}
 
 async function fetchBytes(url) {
   const response = await fetch(url);
