@@ -55,12 +55,9 @@ def write_batch(folder: Path) -> None:
 
 
 def run_browser(url: str, threads: int, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        run = subprocess.run(["node", str(ROOT / "web" / "drive.mjs"), "bench", url, out, "--steps", str(steps),
-                              "--threads", str(threads), "--warmup", str(WARMUP)], capture_output=True, text=True, timeout=900)
-        if run.returncode:
-            raise RuntimeError(f"the browser run failed: {run.stderr[-3000:]}")
-        got = json.loads((Path(out) / "results.json").read_text())
+    from edgetune.web.browser import drive
+
+    got = drive("bench", url, "--steps", str(steps), "--threads", str(threads), "--warmup", str(WARMUP))
     if got["threads"] != threads:
         raise RuntimeError(f"the page ran {got['threads']} threads, not {threads} (cross-origin isolated: "
                            f"{got.get('isolated')})")

@@ -4,7 +4,7 @@
 //
 //   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
 //   node web/drive.mjs bench URL OUT [--steps 20] [--warmup 3] [--threads N]   time steps, read the tab's memory
-//   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01]   fine-tune on the packaged digits
+//   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01] [--order FILE]   fine-tune on the packaged digits
 //   node web/drive.mjs gpu   URL OUT [--steps 2]      steps with onnxruntime-web's WebGPU provider (SwiftShader)
 //   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
 //
@@ -49,6 +49,7 @@ try {
   else if (mode === "bench") await bench(page);
   else if (mode === "fit") Object.assign(results, await page.evaluate(fitSamples, {
     epochs: Number(option("epochs", 5)), seed: Number(option("seed", 0)), lr: Number(option("lr", 0)) || undefined,
+    order: option("order", null),
   }));
   else if (mode === "gpu") Object.assign(results, await page.evaluate(stepOnWebGpu, steps));
   else if (mode === "demo") await demo(page);
@@ -179,8 +180,9 @@ function renderersMemory(root) {
 
 // Fine-tunes on the demo's packaged training digits (no augmentation, each epoch in a seeded
 // shuffled order, the last partial batch dropped, as \`edgetune finetune\` does), with the held-out
-// digits' accuracy before and after: the browser's half of experiments.web_accuracy.
-async function fitSamples({ epochs, seed, lr }) {
+// digits' accuracy before and after: the browser's half of experiments.web_accuracy. \`order\`: a
+// file of the site with the batches to take instead (lists of sample indices), e.g. finetune's.
+async function fitSamples({ epochs, seed, lr, order }) {
   const { trainer } = window.edgetune;
   const demo = trainer.manifest.web.demo;
   const s = demo.samples;
@@ -217,17 +219,16 @@ async function fitSamples({ epochs, seed, lr }) {
   const losses = [];
   const started = performance.now();
   const b = trainer.batchSize;
-  for (let epoch = 0; epoch < epochs; epoch++) {
-    const order = [...s.train];
-    for (let i = order.length - 1; i > 0; i--) {
+  const batches = order ? await (await fetch(order)).json() : [];
+  for (let epoch = 0; epoch < epochs && !order; epoch++) {
+    const shuffled = [...s.train];
+    for (let i = shuffled.length - 1; i > 0; i--) {
       const j = Math.floor(random() * (i + 1));
-      [order[i], order[j]] = [order[j], order[i]];
+      [shuffled[i], shuffled[j]] = [shuffled[j], shuffled[i]];
     }
-    for (let at = 0; at + b <= order.length; at += b) {
-      const batch = order.slice(at, at + b);
-      losses.push(await trainer.step(inputs(batch), batch.map((i) => s.labels[i])));
-    }
+    for (let at = 0; at + b <= shuffled.length; at += b) batches.push(shuffled.slice(at, at + b));
   }
+  for (const batch of batches) losses.push(await trainer.step(inputs(batch), batch.map((i) => s.labels[i])));
   const seconds = (performance.now() - started) / 1000;
   return { before, after: await accuracy(), losses, seconds, steps: losses.length, lr: trainer.lr,
     train: s.train.length, test: s.test.length, threads: trainer.threads };

@@ -17,10 +17,12 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from edgetune.web import ORT_FILES  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
-DRIVER = REPO / "web" / "drive.mjs"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("EDGETUNE_TEST_ARTIFACTS", REPO / "runs" / "test-artifacts")) / "web"
+
 LR = 0.001  # the batch is the same at every step: a small rate keeps the run far from diverging
 
 
@@ -41,6 +43,8 @@ needs_browser = pytest.mark.skipif(_browser_missing() is not None,
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """The demo page built small (64 px), a batch of 8 packaged digits for the driver, served."""
+    if _browser_missing():
+        pytest.skip(f"browser tests: {_browser_missing()}")
     from edgetune.web.demo import build, sample_batch
     from edgetune.web.serve import address, make_server, start_in_thread
 
@@ -73,11 +77,9 @@ def _pretrained_demo_model() -> torch.nn.Module:
 
 
 def _drive(mode: str, url: str, out: Path, *args: str) -> dict:
-    run = subprocess.run(["node", str(DRIVER), mode, url, str(out), *args], capture_output=True, text=True,
-                         timeout=600)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    assert run.returncode == 0, f"the browser run failed:\n{run.stderr[-6000:]}"
-    return results
+    from edgetune.web.browser import drive
+
+    return drive(mode, url, *args, out=out, timeout=600)
 
 
 def _keep(out: Path, name: str) -> None:
@@ -154,6 +156,8 @@ def test_demo_page_as_a_user_would(site, tmp_path):
 
 @pytest.fixture(scope="module")
 def small_site(tmp_path_factory):
+    if not (REPO / "web" / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.skip("web/node_modules is not installed (npm ci --prefix web); `make test` installs it")
     """`export_web` of a small CNN (convolutions, BatchNorm, ReLU, a partially trained conv,
     AdamW), not the demo's model, with a batch for the driver, served."""
     import edgetune as et
@@ -175,6 +179,19 @@ def small_site(tmp_path_factory):
     start_in_thread(server)
     yield folder, address(server), x.numpy(), y.numpy()
     server.shutdown()
+
+
+def test_export_web_describes_an_image_classifier(small_site):
+    """What the page reads of any exported image classifier, and the files it fetches."""
+    folder = small_site[0]
+    web = json.loads((folder / "model" / "manifest.json").read_text())["web"]
+    assert web["demo"]["classes"] == ["0", "1", "2", "3", "4"] and web["demo"]["size"] == 16
+    assert web["demo"]["trainable_params"] > 0 and web["demo"]["predicted_peak_bytes"] > 0
+    assert set(web["external_data"]) == {"step.onnx", "predict.onnx"} and len(web["fingerprint"]) == 16
+    for files in web["external_data"].values():
+        assert all((folder / "model" / f).is_file() for f in files)
+    assert all((folder / "ort" / f).is_file() for f in ORT_FILES)
+    assert all((folder / f).is_file() for f in ("index.html", "demo.js", "edgetune-web.js"))
 
 
 @needs_browser

@@ -208,6 +208,8 @@ export class Trainer {
       checkTensor(key, t, this.carried[name_]);
       values[name_] = new this.ort.Tensor(t.dtype, t.data, t.dims);
     }
+    const missing = Object.keys(this.carried).filter((n) => !(n in values));
+    if (missing.length) throw new TrainerError(`the saved state lacks ${missing.slice(0, 3)}: clearState() and train again`);
     this._values = values;
     this.steps = record.steps;
     this.lr = record.lr;
