@@ -37,7 +37,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from edgetune.web.serve import address, make_server
 
-    server = make_server(folder, args.port)
+    try:
+        server = make_server(folder, args.port)
+    except OSError as err:  # the port is taken: any free one serves as well
+        server = make_server(folder, 0)
+        print(f"port {args.port} is not free ({err.strerror}); using another", flush=True)
     print(f"edgetune web demo: open {address(server)} in a browser (Ctrl-C stops the server). "
           "Training runs in the page; nothing you draw leaves it.", flush=True)
     try:
