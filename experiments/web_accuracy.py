@@ -30,15 +30,15 @@ TITLE = "## Fine-tuning in the browser against `edgetune finetune` (issue 15)"
 SIZE, BATCH, SCHEME = 96, 8, "mbv2-99kb"
 
 
-def browser_run(url: str, epochs: int, seed: int, lr: float, order: str | None = None) -> dict:
+def browser_run(url: str, epochs: int, seed: int, lr: float, schedule: str, order: str | None = None) -> dict:
     from edgetune.web.browser import drive
 
-    got = drive("fit", url, "--epochs", str(epochs), "--seed", str(seed), "--lr", str(lr),
+    got = drive("fit", url, "--epochs", str(epochs), "--seed", str(seed), "--lr", str(lr), "--schedule", schedule,
                 *(["--order", order] if order else []), timeout=3600)
     return {k: got[k] for k in ("before", "after", "seconds", "steps", "losses", "threads")}
 
 
-def python_run(folder: Path, epochs: int, seed: int, lr: float, work: Path) -> dict:
+def python_run(folder: Path, epochs: int, seed: int, lr: float, schedule: str, work: Path) -> dict:
     """`edgetune finetune` on the page's images (written once as train.npz / test.npz)."""
     train, test = work / "train.npz", work / "test.npz"
     if not train.exists():
@@ -50,7 +50,7 @@ def python_run(folder: Path, epochs: int, seed: int, lr: float, work: Path) -> d
             np.savez(path, x=images[idx], y=labels[idx], classes=np.array(demo["classes"]))
     cmd = [sys.executable, "-m", "edgetune.cli", "finetune", "--model", "mobilenetv2-imagenet", "--data", str(train),
            "--val-data", str(test), "--scheme", SCHEME, "--size", str(SIZE), "--batch", str(BATCH),
-           "--epochs", str(epochs), "--lr", str(lr), "--schedule", "constant", "--no-augment", "--seed", str(seed),
+           "--epochs", str(epochs), "--lr", str(lr), "--schedule", schedule, "--no-augment", "--seed", str(seed),
            "--no-progress", "--out", str(work / f"run-{seed}-{lr:g}")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     if run.returncode:
@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lr", type=float, default=0.001, help="the demo's rate: the best of 3e-4..3e-2 "
                         "for this job in a scan with the torch backend")
+    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                        help="the rate over the run (finetune's schedules; the page follows the same formula)")
     parser.add_argument("--sides", default=",".join(SIDES), help="which to run: browser (the page's own data "
                         "order), browser_same_order (finetune's batches), python (edgetune finetune); the "
                         "others are kept from the last results with the same settings")
@@ -91,7 +93,7 @@ def main() -> int:
     from edgetune.web.serve import address, make_server, start_in_thread
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    meta = {"epochs": args.epochs, "lr": args.lr, "seeds": seeds, "scheme": SCHEME, "size": SIZE, "batch": BATCH}
+    meta = {"epochs": args.epochs, "lr": args.lr, "schedule": args.schedule, "seeds": seeds, "scheme": SCHEME, "size": SIZE, "batch": BATCH}
     old = load()
     same = old.get("meta", {}) | {"date": None} == meta | {"date": None}
     runs = {side: (old["runs"].get(side, {}) if same else {}) for side in SIDES}
@@ -103,12 +105,13 @@ def main() -> int:
         for seed in seeds:  # in turns, so that the machine's drift hits every side alike
             key = str(seed)
             if "browser" in sides:
-                runs["browser"][key] = browser_run(address(server), args.epochs, seed, args.lr)
+                runs["browser"][key] = browser_run(address(server), args.epochs, seed, args.lr, args.schedule)
             if "browser_same_order" in sides:
                 order = finetune_order(folder, args.epochs, seed)
-                runs["browser_same_order"][key] = browser_run(address(server), args.epochs, seed, args.lr, order)
+                runs["browser_same_order"][key] = browser_run(address(server), args.epochs, seed, args.lr,
+                                                              args.schedule, order)
             if "python" in sides:
-                runs["python"][key] = python_run(folder, args.epochs, seed, args.lr, Path(tmp))
+                runs["python"][key] = python_run(folder, args.epochs, seed, args.lr, args.schedule, Path(tmp))
             print(f"seed {seed}: " + ", ".join(f"{side} {100 * runs[side][key]['after']:.2f}%" for side in SIDES
                                                 if key in runs[side]), flush=True)
         server.shutdown()
@@ -130,7 +133,7 @@ def section(results: dict) -> str:
     lines = [TITLE, "",
              f"`python -m experiments.web_accuracy` — the web demo's model and scheme (ImageNet MobileNetV2, "
              f"`{meta['scheme']}` + a new 10-class head, {meta['size']}x{meta['size']}, batch {meta['batch']}, SGD "
-             f"momentum 0.9 at a constant {meta['lr']:g}, eval-mode BatchNorm) on the demo's packaged digits: 20 "
+             f"momentum 0.9 at {meta['lr']:g}, {meta.get('schedule', 'constant')} schedule, eval-mode BatchNorm) on the demo's packaged digits: 20 "
              f"of each class to train on, the other 1,597 held out, the same uint8 images on both sides, no "
              f"augmentation, {meta['epochs']} epochs; seeds {meta['seeds']} (data order); {meta['date']}. In "
              "Chromium: onnxruntime-web, WASM, 2 threads (web/drive.mjs fit).", "",

@@ -4,9 +4,11 @@
 //
 //   node web/drive.mjs check URL OUT [--steps 20] [--keep 5,10]   train on the test batch, save, reload, resume
 //   node web/drive.mjs bench URL OUT [--steps 20] [--warmup 3] [--threads N]   time steps, read the tab's memory
-//   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01] [--order FILE]   fine-tune on the packaged digits
+//   node web/drive.mjs fit   URL OUT [--epochs 5] [--seed 0] [--lr 0.01] [--order FILE] [--schedule cosine]
+//                                                   fine-tune on the packaged digits
 //   node web/drive.mjs gpu   URL OUT [--steps 2]      steps with onnxruntime-web's WebGPU provider (SwiftShader)
-//   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would
+//   node web/drive.mjs demo  URL OUT                 click through the demo page as a user would (sample digits)
+//   node web/drive.mjs draw  URL OUT                 draw two symbols on the pad, train, ask for a prediction
 //
 // The batch comes from URL/test/batch.json (+ the .bin files it names), written by the test.
 // OUT gets results.json, the downloaded state, screenshots; the browser's console goes into
@@ -49,11 +51,12 @@ try {
   else if (mode === "bench") await bench(page);
   else if (mode === "fit") Object.assign(results, await page.evaluate(fitSamples, {
     epochs: Number(option("epochs", 5)), seed: Number(option("seed", 0)), lr: Number(option("lr", 0)) || undefined,
-    order: option("order", null),
+    order: option("order", null), cosine: option("schedule", "constant") === "cosine",
   }));
   else if (mode === "gpu") Object.assign(results, await page.evaluate(stepOnWebGpu, steps));
   else if (mode === "demo") await demo(page);
-  else throw new Error(`unknown mode ${mode}: check, bench, fit, gpu or demo`);
+  else if (mode === "draw") await draw(page);
+  else throw new Error(`unknown mode ${mode}: check, bench, fit, gpu, demo or draw`);
 } catch (err) {
   failed = true;
   results.error = String(err.stack || err);
@@ -182,7 +185,8 @@ function renderersMemory(root) {
 // shuffled order, the last partial batch dropped, as \`edgetune finetune\` does), with the held-out
 // digits' accuracy before and after: the browser's half of experiments.web_accuracy. \`order\`: a
 // file of the site with the batches to take instead (lists of sample indices), e.g. finetune's.
-async function fitSamples({ epochs, seed, lr, order }) {
+// \`cosine\`: the rate decays as edgetune.apps.finetune.learning_rate's cosine schedule does.
+async function fitSamples({ epochs, seed, lr, order, cosine }) {
   const { trainer } = window.edgetune;
   const demo = trainer.manifest.web.demo;
   const s = demo.samples;
@@ -228,7 +232,11 @@ async function fitSamples({ epochs, seed, lr, order }) {
     }
     for (let at = 0; at + b <= shuffled.length; at += b) batches.push(shuffled.slice(at, at + b));
   }
-  for (const batch of batches) losses.push(await trainer.step(inputs(batch), batch.map((i) => s.labels[i])));
+  const base = trainer.lr;
+  for (const [step, batch] of batches.entries()) {
+    if (cosine) trainer.lr = base * 0.5 * (1 + Math.cos(Math.PI * Math.min(step / Math.max(1, batches.length), 1)));
+    losses.push(await trainer.step(inputs(batch), batch.map((i) => s.labels[i])));
+  }
   const seconds = (performance.now() - started) / 1000;
   return { before, after: await accuracy(), losses, seconds, steps: losses.length, lr: trainer.lr,
     train: s.train.length, test: s.test.length, threads: trainer.threads };
@@ -248,4 +256,46 @@ async function demo(page) {
   await page.click("#download");
   await (await download).saveAs(join(out, "downloaded.safetensors"));
   await page.screenshot({ path: join(out, "demo.png"), fullPage: true });
+}
+
+// A user's path with their own drawings: two classes renamed "O" and "X", four drawings of
+// each (the fourth is held out), 10 steps, then the pad's new drawing classified.
+async function draw(page) {
+  const pad = await page.locator("#pad").boundingBox();
+  const stroke = async (points) => {
+    await page.mouse.move(pad.x + points[0][0] * pad.width, pad.y + points[0][1] * pad.height);
+    await page.mouse.down();
+    for (const [x, y] of points.slice(1)) await page.mouse.move(pad.x + x * pad.width, pad.y + y * pad.height, { steps: 3 });
+    await page.mouse.up();
+  };
+  const circle = (r, jitter) => Array.from({ length: 25 }, (_, i) =>
+    [0.5 + jitter + r * Math.cos((i / 24) * 2 * Math.PI), 0.5 - jitter + r * Math.sin((i / 24) * 2 * Math.PI)]);
+  const cross = async (j) => {
+    await stroke([[0.25 + j, 0.25], [0.75 + j, 0.75]]);
+    await stroke([[0.75 + j, 0.25], [0.25 + j, 0.75]]);
+  };
+  const rows = page.locator("#classes tbody tr");
+  for (const [k, name] of [[0, "O"], [1, "X"]]) {
+    await rows.nth(k).locator("input.name").fill(name);
+    await rows.nth(k).locator("input[type=radio]").check();
+    for (let i = 0; i < 4; i++) {
+      await page.click("#clear");
+      if (name === "O") await stroke(circle(0.25 + 0.03 * i, 0.02 * (i - 2)));
+      else await cross(0.02 * (i - 2));
+      await page.click("#add");
+    }
+  }
+  await page.fill("#steps", "10");
+  await page.click("#train");
+  await page.waitForFunction(() => window.edgetune.training === false && window.edgetune.trainedSteps > 0);
+  await page.click("#clear");
+  await stroke(circle(0.3, 0));
+  await page.click("#predict");
+  await page.waitForFunction(() => document.querySelectorAll("#top3 li").length > 0);
+  Object.assign(results, await page.evaluate(() => ({
+    steps: window.edgetune.trainedSteps, losses: window.edgetune.losses, after: window.edgetune.lastAccuracy,
+    top3: Array.from(document.querySelectorAll("#top3 li"), (li) => li.textContent),
+    status: document.querySelector("#status").textContent,
+  })));
+  await page.screenshot({ path: join(out, "draw.png"), fullPage: true });
 }

@@ -154,6 +154,18 @@ def test_demo_page_as_a_user_would(site, tmp_path):
     assert runner.steps == 60
 
 
+@needs_browser
+def test_demo_page_learns_what_a_user_draws(site, tmp_path):
+    """Drawing on the pad: two classes renamed "O" and "X", four drawings each (the fourth held
+    out), 10 steps; a new circle is then classified among those two classes only, as "O"."""
+    folder, url, _, _ = site
+    got = _drive("draw", url, tmp_path)
+    _keep(tmp_path, "draw.png")
+    assert got["steps"] == 10 and got["after"] == 1.0, got  # both held-out drawings right
+    names = [row.rstrip("0123456789.%") for row in got["top3"]]
+    assert names == ["O", "X"], got["top3"]
+
+
 @pytest.fixture(scope="module")
 def small_site(tmp_path_factory):
     if not (REPO / "web" / "node_modules" / "onnxruntime-web").is_dir():
