@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import federated_lm, federated_vision, lm_buckets, lm_quality, mezo_vs_backprop
+from experiments import federated_lm, federated_vision, lm_buckets, lm_quality, mezo_vs_backprop, web_accuracy
 from experiments.finetune_table import RESULTS, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +103,9 @@ def main() -> int:
     if os.path.exists(federated_notes):
         with open(federated_notes) as f:
             lines += [f.read().rstrip(), ""]
+    web = web_accuracy.load()  # issue 15: fine-tuning in the browser
+    if web.get("runs"):
+        lines += [web_accuracy.section(web), ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:

@@ -99,17 +99,18 @@ def main() -> int:
     runs = {side: (old["runs"].get(side, {}) if same else {}) for side in SIDES}
     sides = args.sides.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build(Path(tmp) / "site", SCHEME, SIZE, BATCH, lr=args.lr)
-        server = make_server(folder)
+        server = make_server(tmp)
         start_in_thread(server)
         for seed in seeds:  # in turns, so that the machine's drift hits every side alike
             key = str(seed)
+            # the page starts from the head `edgetune finetune --seed` draws
+            folder = build(Path(tmp) / f"site-{seed}", SCHEME, SIZE, BATCH, lr=args.lr, seed=seed)
+            url = f"{address(server)}site-{seed}/"
             if "browser" in sides:
-                runs["browser"][key] = browser_run(address(server), args.epochs, seed, args.lr, args.schedule)
+                runs["browser"][key] = browser_run(url, args.epochs, seed, args.lr, args.schedule)
             if "browser_same_order" in sides:
                 order = finetune_order(folder, args.epochs, seed)
-                runs["browser_same_order"][key] = browser_run(address(server), args.epochs, seed, args.lr,
-                                                              args.schedule, order)
+                runs["browser_same_order"][key] = browser_run(url, args.epochs, seed, args.lr, args.schedule, order)
             if "python" in sides:
                 runs["python"][key] = python_run(folder, args.epochs, seed, args.lr, args.schedule, Path(tmp))
             print(f"seed {seed}: " + ", ".join(f"{side} {100 * runs[side][key]['after']:.2f}%" for side in SIDES
@@ -143,6 +144,12 @@ def section(results: dict) -> str:
         lines.append(f"| {names[side]} | {pct(statistics.mean(after))} ({pct(min(after))}..{pct(max(after))}) | "
                      f"{', '.join(pct(a) for a in after)} |")
     python = runs.get("python", {})
+    page = runs.get("browser_same_order") or runs.get("browser") or {}
+    both = sorted(set(page) & set(python))
+    if both:
+        lines += ["", "Before training (each seed's new head, the same on both sides): the page "
+                  f"{', '.join(pct(page[k]['before']) for k in both)}, `edgetune finetune` "
+                  f"{', '.join(pct(python[k]['before']) for k in both)}."]
     for side in ("browser_same_order", "browser"):
         if side not in runs or not python:
             continue

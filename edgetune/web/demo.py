@@ -52,12 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8,
-          lr: float = 0.001, samples_per_class_train: int = 20) -> Path:
-    """Compile, export for the web and write the sample digits into `out`; returns it."""
+          lr: float = 0.001, samples_per_class_train: int = 20, seed: int = 0) -> Path:
+    """Compile, export for the web and write the sample digits into `out`; returns it. `seed`
+    draws the new head."""
     from edgetune.web import export_web, onnxruntime_web_dist
 
     onnxruntime_web_dist()  # said before the compile, not after
-    trainer, pre = demo_trainer(scheme, size, batch, lr)
+    trainer, pre = demo_trainer(scheme, size, batch, lr, seed)
     folder = Path(out)
     images, labels = digit_samples(size)
     train, test = sample_split(labels, samples_per_class_train)
@@ -68,15 +69,18 @@ def build(out: str | os.PathLike, scheme: str = "mbv2-99kb", size: int = 96, bat
     return folder
 
 
-def demo_trainer(scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8, lr: float = 0.001) -> tuple:
+def demo_trainer(scheme: str = "mbv2-99kb", size: int = 96, batch: int = 8, lr: float = 0.001,
+                 seed: int = 0) -> tuple:
     """(the compiled Trainer, the Pretrained model) of the demo: MobileNetV2 with ImageNet weights
-    and a new 10-class head, eval-mode BatchNorm, `scheme` plus the head, SGD momentum 0.9."""
+    and a new 10-class head drawn after torch.manual_seed(seed) (as `edgetune finetune --seed`
+    draws it), eval-mode BatchNorm, `scheme` plus the head, SGD momentum 0.9."""
     import torch
     import torch.nn.functional as F
 
     import edgetune as et
     from edgetune.models.pretrained import load_pretrained
 
+    torch.manual_seed(seed)
     pre = load_pretrained(MODEL, len(CLASSES))
     pre.model.eval()  # BatchNorm keeps ImageNet's statistics: a few examples cannot estimate them
     rules = et.schemes.with_head(et.schemes.parse(scheme), pre.head)
