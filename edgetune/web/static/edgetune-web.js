@@ -40,7 +40,8 @@ export class Trainer {
     const state = manifest.state ? readSafetensors(await fetchBytes(new URL(manifest.state, base))).tensors : {};
     const trainer = new Trainer(ort, base, manifest, step, state, { dataFiles, options });
     trainer.device = useGpu ? "webgpu" : "wasm";
-    trainer.threads = ort.env.wasm.numThreads;
+    // without cross-origin isolation onnxruntime-web runs one thread, whatever was asked
+    trainer.threads = globalThis.crossOriginIsolated ? ort.env.wasm.numThreads : 1;
     return trainer;
   }
 
