@@ -106,6 +106,10 @@ def main() -> int:
     web = web_accuracy.load()  # issue 15: fine-tuning in the browser
     if web.get("runs"):
         lines += [web_accuracy.section(web), ""]
+        web_notes = os.path.join(os.path.dirname(__file__), "web_notes.md")
+        if os.path.exists(web_notes):
+            with open(web_notes) as f:
+                lines += [f.read().rstrip(), ""]
     if tasks:
         plot(tasks, os.path.join(RESULTS, "pareto.png"))
     with open(os.path.join(ROOT, "RESULTS.md"), "w") as f:

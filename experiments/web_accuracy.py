@@ -156,7 +156,7 @@ def section(results: dict) -> str:
         seeds = sorted(set(runs[side]) & set(python))
         gaps = [100 * (runs[side][k]["after"] - python[k]["after"]) for k in seeds]
         gap = statistics.mean(gaps)
-        lines += ["", f"{names[side].capitalize()}: {gap:+.2f} points from `edgetune finetune` on average "
+        lines += ["", f"{names[side][0].upper() + names[side][1:]}: {gap:+.2f} points from `edgetune finetune` on average "
                   f"(per seed {', '.join(f'{g:+.2f}' for g in gaps)}): within 1 point "
                   f"**{'met' if abs(gap) <= 1 else 'missed'}**."]
     return "\n".join(lines)
