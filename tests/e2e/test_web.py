@@ -193,6 +193,18 @@ def small_site(tmp_path_factory):
     server.shutdown()
 
 
+def test_export_web_from_the_command_line(small_site, tmp_path, capsys):
+    """`edgetune export --web DIR` writes the folder the page loads (small_site: node_modules is there)."""
+    from edgetune.cli import main
+
+    assert main(["export", "--model", "resnet", "--scheme", "bias_only", "--size", "16", "--batch", "2",
+                 "--classes", "3", "--web", str(tmp_path / "site")]) == 0
+    manifest = json.loads((tmp_path / "site" / "model" / "manifest.json").read_text())
+    assert manifest["web"]["demo"]["classes"] == ["0", "1", "2"] and manifest["web"]["demo"]["size"] == 16
+    assert (tmp_path / "site" / "edgetune-web.js").is_file() and (tmp_path / "site" / "ort" / ORT_FILES[0]).is_file()
+    assert "python -m edgetune.web.serve" in capsys.readouterr().out
+
+
 def test_export_web_describes_an_image_classifier(small_site):
     """What the page reads of any exported image classifier, and the files it fetches."""
     folder = small_site[0]
