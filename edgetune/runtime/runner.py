@@ -176,16 +176,18 @@ def put_part(weight: np.ndarray, trained: np.ndarray, part: dict) -> np.ndarray:
 
 def trained_weights(folder: str | os.PathLike, state: str | os.PathLike,
                     weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The model's parameters as a runner state file holds them trained (StepRunner.save, or the
+    """The model's weights as a runner state file holds them trained (StepRunner.save, or the
     browser's downloadWeights), put back into `weights` (the model's state dict as numpy arrays,
-    e.g. its pretrained weights): every trained parameter whole, the frozen ones untouched. A
+    e.g. its pretrained weights): every trained parameter whole, and the buffers the step
+    writes (a train-mode BatchNorm's running statistics); the frozen ones untouched. A
     partially trained weight gets its trained channels put in place. Optimizer state is left
     out. Load the result into the model the step was exported from."""
     from safetensors.numpy import load_file
 
     manifest = _read_manifest(os.fspath(folder))
     arrays = load_file(os.fspath(state))
-    params = {i["key"]: i for i in manifest["inputs"] if i["kind"] == "param"}
+    carried = set(manifest["next_step"].values())
+    params = {i["key"]: i for i in manifest["inputs"] if i["kind"] in ("param", "buffer") and i["name"] in carried}
     out = dict(weights)
     for key, spec in params.items():
         if key not in arrays:

@@ -260,3 +260,24 @@ def test_without_torch_the_compiler_says_what_to_install():
                              capture_output=True, text=True)
     assert command.returncode == 1, command.stderr
     assert command.stderr.startswith("edgetune: error: the edgetune command needs PyTorch"), command.stderr
+
+
+def test_trained_weights_put_a_runner_state_back_into_the_model(exported, tmp_path):
+    """The runner's state after 5 steps, through trained_weights, is the torch backend's model
+    after 5 steps: whole trained tensors, partially trained ones with their channels in place,
+    frozen ones untouched; a state or model that does not fit is refused."""
+    from edgetune.runtime import RunnerError, StepRunner, trained_weights
+
+    folder, trainer, _, batches = exported
+    runner = StepRunner(folder)
+    for b in batches:
+        runner.step(b[0][0].numpy(), b[1][0].numpy())
+    runner.save(tmp_path / "after.safetensors")
+    start = {k: v.numpy() for k, v in seeded_convnet().state_dict().items()}
+    got = trained_weights(folder, tmp_path / "after.safetensors", start)
+    assert any("part" in i for i in json.loads((folder / "manifest.json").read_text())["inputs"])
+    for key, want in trainer.model.state_dict().items():
+        if key in got and got[key].dtype.kind == "f":
+            np.testing.assert_allclose(got[key], want.numpy(), atol=1e-5, rtol=1e-4, err_msg=key)
+    with pytest.raises(RunnerError, match="the model has no 'head.weight'"):
+        trained_weights(folder, tmp_path / "after.safetensors", {k: v for k, v in start.items() if k != "head.weight"})
