@@ -40,18 +40,13 @@ def write_batch(folder: Path) -> None:
     """test/ of the site: 8 packaged training digits as the page makes its inputs."""
     import numpy as np
 
+    from edgetune.web.browser import write_test_batch
     from edgetune.web.demo import sample_batch
 
     x, y = sample_batch(folder)
-    test = folder / "test"
-    test.mkdir(exist_ok=True)
-    x.tofile(test / "x.bin")
-    y.tofile(test / "y.bin")
-    (test / "batch.json").write_text(json.dumps({
-        "x": {"file": "x.bin", "dtype": "float32", "shape": list(x.shape)},
-        "y": {"file": "y.bin", "dtype": "int64", "shape": list(y.shape)}}))
-    np.save(test / "x.npy", x)
-    np.save(test / "y.npy", y)
+    write_test_batch(folder, [x, y], ["input", "target"])
+    np.save(folder / "test" / "x.npy", x)
+    np.save(folder / "test" / "y.npy", y)
 
 
 def run_browser(url: str, threads: int, steps: int) -> dict:

@@ -67,13 +67,17 @@ try {
 }
 process.exit(failed ? 1 : 0);
 
-// window.edgetuneTestBatch(): the test's batch, from test/batch.json and the raw files it names.
+// window.edgetuneTestBatch(): the test's batch, from test/batch.json ({arrays: [{file, dtype,
+// shape, kind}], lr}) and the raw files it names: {batch} in step()'s order, {inputs} (the
+// model's inputs, for predict()), rows, lr.
 function defineTestBatch() {
-  const arrays = { float32: Float32Array, int64: BigInt64Array, uint8: Uint8Array };
+  const types = { float32: Float32Array, int64: BigInt64Array, uint8: Uint8Array };
   window.edgetuneTestBatch = async () => {
     const spec = await (await fetch("test/batch.json")).json();
-    const read = async ({ file, dtype }) => new arrays[dtype](await (await fetch(`test/${file}`)).arrayBuffer());
-    return { x: await read(spec.x), y: await read(spec.y), rows: spec.x.shape[0], lr: spec.lr };
+    const read = async ({ file, dtype }) => new types[dtype](await (await fetch(`test/${file}`)).arrayBuffer());
+    const batch = await Promise.all(spec.arrays.map(read));
+    const inputs = batch.filter((_, k) => spec.arrays[k].kind === "input");
+    return { batch, inputs, rows: spec.arrays[0].shape[0], lr: spec.lr };
   };
 }
 
@@ -98,14 +102,14 @@ async function check(page) {
   await openPage(page, page.url());
   results.afterReload = await page.evaluate(async () => {
     const { trainer, resumed } = window.edgetune;
-    const { x, rows } = await window.edgetuneTestBatch();
-    return { resumed, steps: trainer.steps, logits: Array.from((await trainer.predict(x)).data), rows };
+    const { inputs, rows } = await window.edgetuneTestBatch();
+    return { resumed, steps: trainer.steps, logits: Array.from((await trainer.predict(...inputs)).data), rows };
   });
 }
 
 async function trainOnTestBatch({ steps, keep }) {
   const { trainer } = window.edgetune;
-  const { x, y, lr } = await window.edgetuneTestBatch();
+  const { batch, inputs, lr } = await window.edgetuneTestBatch();
   if (lr !== undefined) trainer.lr = lr;
   const base64 = (bytes) => {
     let binary = "";
@@ -115,10 +119,10 @@ async function trainOnTestBatch({ steps, keep }) {
   const losses = [];
   const states = {};
   for (let s = 1; s <= steps; s++) {
-    losses.push(await trainer.step(x, y));
+    losses.push(await trainer.step(...batch));
     if (keep.includes(s) || s === steps) states[s] = base64(trainer.stateBytes());
   }
-  const logits = Array.from((await trainer.predict(x)).data);
+  const logits = Array.from((await trainer.predict(...inputs)).data);
   await trainer.saveState();
   return { losses, logits, states, device: trainer.device, threads: trainer.threads, steps: trainer.steps };
 }
@@ -127,10 +131,10 @@ async function trainOnTestBatch({ steps, keep }) {
 async function stepOnWebGpu(steps) {
   const { Trainer } = await import("./edgetune-web.js");
   const trainer = await Trainer.load("./model/", { device: "webgpu" });
-  const { x, y, lr } = await window.edgetuneTestBatch();
+  const { batch, lr } = await window.edgetuneTestBatch();
   if (lr !== undefined) trainer.lr = lr;
   const losses = [];
-  for (let s = 0; s < steps; s++) losses.push(await trainer.step(x, y));
+  for (let s = 0; s < steps; s++) losses.push(await trainer.step(...batch));
   return { device: trainer.device, losses };
 }
 
@@ -138,17 +142,17 @@ async function stepOnWebGpu(steps) {
 async function bench(page) {
   Object.assign(results, await page.evaluate(async ({ steps, warmup }) => {
     const { trainer } = window.edgetune;
-    const { x, y } = await window.edgetuneTestBatch();
+    const { batch } = await window.edgetuneTestBatch();
     const warmupMs = [];
     for (let s = 0; s < warmup; s++) {
       const start = performance.now();
-      await trainer.step(x, y);
+      await trainer.step(...batch);
       warmupMs.push(performance.now() - start);
     }
     const times = [];
     for (let s = 0; s < steps; s++) {
       const start = performance.now();
-      await trainer.step(x, y);
+      await trainer.step(...batch);
       times.push(performance.now() - start);
     }
     return { times_ms: times, warmup_ms: warmupMs, device: trainer.device, threads: trainer.threads,

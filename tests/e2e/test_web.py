@@ -58,14 +58,9 @@ def site(tmp_path_factory):
 
 
 def _write_batch(folder: Path, x: np.ndarray, y: np.ndarray, lr: float | None = None) -> None:
-    """test/ of a site: the batch the driver's page-side code fetches (and the rate to use)."""
-    test = folder / "test"
-    test.mkdir()
-    x.tofile(test / "x.bin")
-    y.tofile(test / "y.bin")
-    (test / "batch.json").write_text(json.dumps({
-        "x": {"file": "x.bin", "dtype": "float32", "shape": list(x.shape)},
-        "y": {"file": "y.bin", "dtype": "int64", "shape": list(y.shape)}, **({"lr": lr} if lr else {})}))
+    from edgetune.web.browser import write_test_batch
+
+    write_test_batch(folder, [x, y], ["input", "target"], lr)
 
 
 def _pretrained_demo_model() -> torch.nn.Module:
@@ -203,6 +198,34 @@ def test_export_web_from_the_command_line(small_site, tmp_path, capsys):
     assert manifest["web"]["demo"]["classes"] == ["0", "1", "2"] and manifest["web"]["demo"]["size"] == 16
     assert (tmp_path / "site" / "edgetune-web.js").is_file() and (tmp_path / "site" / "ort" / ORT_FILES[0]).is_file()
     assert "python -m edgetune.web.serve" in capsys.readouterr().out
+
+
+@needs_browser
+def test_a_language_model_steps_in_the_page(tmp_path):
+    """A Llama-style LM (ids, mask and labels; the fused vocabulary loss; lm-sparse:2) exported
+    with `export --web`: the page, which has no drawing for it, still loads its trainer, which
+    steps as Python's runner does, predicts its logits, and resumes after a reload."""
+    from edgetune.cli import main
+    from edgetune.runtime import StepRunner
+    from edgetune.web.browser import write_test_batch
+    from edgetune.web.serve import address, make_server, start_in_thread
+
+    site = tmp_path / "site"
+    assert main(["export", "--model", "tiny-llama", "--scheme", "lm-sparse:2", "--batch", "2", "--size", "16",
+                 "--lr", "0.01", "--web", str(site)]) == 0
+    ids = np.random.default_rng(0).integers(0, 100, (2, 16)).astype(np.int64)
+    mask = np.ones_like(ids)
+    write_test_batch(site, [ids, mask, ids], ["input", "input", "target"])
+    server = make_server(site)
+    start_in_thread(server)
+    try:
+        got = _drive("check", address(server), tmp_path / "out", "--steps", "5")
+    finally:
+        server.shutdown()
+    python = StepRunner(site / "model")
+    np.testing.assert_allclose(got["losses"], [python.step(ids, mask, ids) for _ in range(5)], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.array(got["logits"]), python.predict(ids, mask).ravel(), atol=1e-4, rtol=0)
+    assert got["afterReload"]["resumed"] and got["afterReload"]["steps"] == 5
 
 
 def test_export_web_describes_an_image_classifier(small_site):
