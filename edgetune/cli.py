@@ -247,6 +247,10 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError("exporting needs the onnx package: pip install -e '.[onnx]'")
     from edgetune.apps.lm import lm_names
 
+    if args.web:  # said before the model builds and compiles
+        from edgetune.web import onnxruntime_web_dist
+
+        onnxruntime_web_dist()
     is_lm = args.model in lm_names()
     args.scheme = args.scheme or (DEFAULT_LM_SCHEME if is_lm else "bias_only")
     scheme = et.schemes.parse(args.scheme)  # a bad scheme fails before the model loads

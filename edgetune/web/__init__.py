@@ -29,7 +29,7 @@ ORT_FILES = ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-th
 REPO_WEB = Path(__file__).resolve().parents[2] / "web"
 
 
-class WebExportError(RuntimeError):
+class WebExportError(FileNotFoundError):
     """What the web export needs and does not have, and how to get it."""
 
 

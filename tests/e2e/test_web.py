@@ -294,9 +294,13 @@ def test_js_seeds_and_safetensors_match_python(tmp_path):
         np.testing.assert_array_equal(back[key], value)
 
 
-def test_export_web_says_how_to_install_onnxruntime_web(monkeypatch, tmp_path):
+def test_export_web_says_how_to_install_onnxruntime_web(monkeypatch, tmp_path, capsys):
+    from edgetune.cli import main
     from edgetune.web import WebExportError, onnxruntime_web_dist
 
     monkeypatch.setenv("EDGETUNE_ORT_WEB", str(tmp_path))
     with pytest.raises(WebExportError, match="npm ci --prefix"):
         onnxruntime_web_dist()
+    assert main(["export", "--model", "resnet", "--web", str(tmp_path / "site")]) == 2  # before any compile
+    assert "onnxruntime-web is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()
