@@ -62,30 +62,34 @@ class _Copy:
 
 
 class _Rows:
-    """partition p of n: its rows of the prepared (inputs, labels)."""
+    """partition p of n: its rows of a split, prepared (as for evaluation) when a node asks. The
+    task carries the stored items (uint8 images, texts) into every node, not the prepared
+    tensors of every partition: those are 10-100x larger (float32 at the model's size), and a
+    Simulation Engine actor held all of them (about 4.8 GB each in experiments.federated_vision)."""
 
-    def __init__(self, inputs: tuple, labels: torch.Tensor, parts: list[np.ndarray]) -> None:
-        self.inputs, self.labels, self.parts = inputs, labels, parts
+    def __init__(self, data, prepare, parts: list[np.ndarray]) -> None:
+        self.data, self.prepare, self.parts = data, prepare, parts
 
     def __call__(self, p: int, n: int):
         if n != len(self.parts):
             raise ValueError(f"the data were split for {len(self.parts)} clients, not {n}")
-        index = torch.from_numpy(np.array(self.parts[p], dtype=np.int64))  # a writable copy
-        return tuple(t[index] for t in self.inputs), (self.labels[index],)
+        return prepared(self.prepare, self.data.subset(torch.from_numpy(np.array(self.parts[p], dtype=np.int64))))
 
 
 class _Whole:
-    def __init__(self, inputs: tuple, labels: torch.Tensor) -> None:
-        self.inputs, self.labels = inputs, labels
+    """The whole split, prepared when the server asks (the nodes never do)."""
+
+    def __init__(self, data, prepare) -> None:
+        self.data, self.prepare = data, prepare
 
     def __call__(self):
-        return self.inputs, (self.labels,)
+        return prepared(self.prepare, self.data)
 
 
-def prepared(job, data) -> tuple[tuple, torch.Tensor]:
-    """(inputs, labels) of a whole split, prepared once as for evaluation (no augmentation)."""
-    inputs = job.prepare(data.items, False)
-    return tuple(t.contiguous() for t in inputs), data.labels.clone()
+def prepared(prepare, data) -> tuple[tuple, tuple]:
+    """(inputs, (labels,)) of `data`, prepared as for evaluation (no augmentation)."""
+    inputs = prepare(data.items, False)
+    return tuple(t.contiguous() for t in inputs), (data.labels.clone(),)
 
 
 def job_task(job, parts: list[np.ndarray], scheme, optimizer, *, local_steps: int, batch_size: int, seed: int = 0):
@@ -93,11 +97,9 @@ def job_task(job, parts: list[np.ndarray], scheme, optimizer, *, local_steps: in
     evaluated centrally on its held-out split."""
     from edgetune.federated.client import Task
 
-    x, y = prepared(job, job.train)
-    vx, vy = prepared(job, job.val)
-    return Task(model=_Copy(job.model), loss=job.loss_fn, train_data=_Rows(x, y, parts),
-                central_test_data=_Whole(vx, vy), scheme=scheme, optimizer=optimizer, local_steps=local_steps,
-                batch_size=batch_size, seed=seed)
+    return Task(model=_Copy(job.model), loss=job.loss_fn, train_data=_Rows(job.train, job.prepare, parts),
+                central_test_data=_Whole(job.val, job.prepare), scheme=scheme, optimizer=optimizer,
+                local_steps=local_steps, batch_size=batch_size, seed=seed)
 
 
 def round_bytes(entry: dict) -> tuple[int, int]:

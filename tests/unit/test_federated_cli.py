@@ -89,3 +89,29 @@ def test_federate_refuses_bad_settings_before_any_simulation(tmp_path, capsys, f
     assert main(["federate", *SMALL, "--out", str(tmp_path / "run"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_carries_stored_items_and_prepares_a_partition_when_asked():
+    """What a Simulation Engine actor is sent: the stored uint8 images (and the model), not every
+    partition's prepared float tensors; a node's partition is prepared on its own request, the
+    same rows, as for evaluation."""
+    import cloudpickle
+    import torch
+
+    import edgetune as et
+    from edgetune.apps.jobs import build_job
+    from edgetune.federated.job import job_task
+
+    job = build_job("resnet", "digits", size=64, train_limit=400, val_limit=100, augment=False)
+    parts = partition(job.train.labels, 4, "iid", seed=0, min_size=16)
+    task = job_task(job, parts, et.schemes.parse("bias_only"), et.SGD(lr=0.01), local_steps=2, batch_size=16)
+    prepared_bytes = 400 * 3 * 64 * 64 * 4
+    assert len(cloudpickle.dumps(task)) < prepared_bytes / 4
+    (x,), (y,) = task.train_data(2, 4)
+    index = torch.from_numpy(parts[2])
+    assert torch.equal(y, job.train.labels[index])
+    assert torch.equal(x, job.prepare(job.train.subset(index).items, False)[0])
+    (cx,), (cy,) = task.central_test_data()
+    assert cx.shape == (100, 3, 64, 64) and torch.equal(cy, job.val.labels)
+    with pytest.raises(ValueError, match="split for 4 clients, not 3"):
+        task.train_data(0, 3)
