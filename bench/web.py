@@ -74,6 +74,8 @@ def child(engine: str, folder: Path, threads: int, steps: int) -> None:
     """One engine's timed steps, in this (fresh) process; prints one JSON line."""
     import numpy as np
 
+    from edgetune.procmem import vm_hwm_bytes  # no torch: the onnxruntime child never imports it
+
     x, y = np.load(folder / "test" / "x.npy"), np.load(folder / "test" / "y.npy")
     if engine == "python-ort":
         import onnxruntime as ort
@@ -101,12 +103,7 @@ def child(engine: str, folder: Path, threads: int, steps: int) -> None:
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000)
-    print(json.dumps({"times_ms": times, "peak_mb": _peak_kb() / 1024}))
-
-
-def _peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"times_ms": times, "peak_mb": vm_hwm_bytes() / 2**20}))
 
 
 def measure(folder: Path, url: str, threads_list: list[int], rounds: int, steps: int) -> list[dict]:

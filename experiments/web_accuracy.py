@@ -42,12 +42,11 @@ def python_run(folder: Path, epochs: int, seed: int, lr: float, schedule: str, w
     """`edgetune finetune` on the page's images (written once as train.npz / test.npz)."""
     train, test = work / "train.npz", work / "test.npz"
     if not train.exists():
-        demo = json.loads((folder / "model" / "manifest.json").read_text())["web"]["demo"]
-        s = demo["samples"]
-        images = np.fromfile(folder / s["file"], np.uint8).reshape(s["count"], 1, s["size"], s["size"])
-        labels = np.array(s["labels"], np.int64)
-        for path, idx in ((train, s["train"]), (test, s["test"])):
-            np.savez(path, x=images[idx], y=labels[idx], classes=np.array(demo["classes"]))
+        from edgetune.web.demo import built_samples
+
+        demo, images, labels = built_samples(folder)
+        for path, idx in ((train, demo["samples"]["train"]), (test, demo["samples"]["test"])):
+            np.savez(path, x=images[idx][:, None], y=labels[idx], classes=np.array(demo["classes"]))
     cmd = [sys.executable, "-m", "edgetune.cli", "finetune", "--model", "mobilenetv2-imagenet", "--data", str(train),
            "--val-data", str(test), "--scheme", SCHEME, "--size", str(SIZE), "--batch", str(BATCH),
            "--epochs", str(epochs), "--lr", str(lr), "--schedule", schedule, "--no-augment", "--seed", str(seed),
@@ -68,8 +67,9 @@ def finetune_order(folder: Path, epochs: int, seed: int) -> str:
     """The batches `edgetune finetune --seed seed` trains on (as sample indices), written into the
     site for the page to take: test/order-<seed>.json."""
     from edgetune.data.core import batch_indices
+    from edgetune.web.demo import built_samples
 
-    train = json.loads((folder / "model" / "manifest.json").read_text())["web"]["demo"]["samples"]["train"]
+    train = built_samples(folder)[0]["samples"]["train"]
     batches = [[train[i] for i in idx.tolist()] for epoch in range(epochs)
                for idx in batch_indices(len(train), BATCH, shuffle=True, seed=seed + epoch, drop_last=True)]
     (folder / "test").mkdir(exist_ok=True)

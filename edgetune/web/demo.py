@@ -35,19 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_serve:
         print(f"the page is in {folder}/: serve it with any web server (threads need the headers of edgetune.web.serve)")
         return 0
-    from edgetune.web.serve import address, make_server
+    from edgetune.web.serve import serve
 
-    try:
-        server = make_server(folder, args.port)
-    except OSError as err:  # the port is taken: any free one serves as well
-        server = make_server(folder, 0)
-        print(f"port {args.port} is not free ({err.strerror}); using another", flush=True)
-    print(f"edgetune web demo: open {address(server)} in a browser (Ctrl-C stops the server). "
-          "Training runs in the page; nothing you draw leaves it.", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(folder, args.port, "edgetune web demo: open {address} in a browser (Ctrl-C stops the server). "
+          "Training runs in the page; nothing you draw leaves it.")
     return 0
 
 
@@ -120,14 +111,21 @@ def write_samples(folder: Path, images: np.ndarray, labels: np.ndarray, train: n
             "source": "scikit-learn's handwritten digits (8x8, upsampled)"}
 
 
-def sample_batch(folder: str | os.PathLike, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """The first `rows` packaged training digits of a built folder, as the page makes its inputs:
-    (float32 [rows, 3, S, S] normalised per channel, int64 labels [rows])."""
+def built_samples(folder: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(the manifest's web.demo, the packaged images uint8 [N, S, S], their labels int64 [N]) of
+    a folder `build` wrote."""
     folder = Path(folder)
     demo = json.loads((folder / "model" / "manifest.json").read_text())["web"]["demo"]
     s = demo["samples"]
     images = np.fromfile(folder / s["file"], np.uint8).reshape(s["count"], s["size"], s["size"])
-    take = np.array(s["train"][:rows])
+    return demo, images, np.array(s["labels"], np.int64)
+
+
+def sample_batch(folder: str | os.PathLike, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The first `rows` packaged training digits of a built folder, as the page makes its inputs:
+    (float32 [rows, 3, S, S] normalised per channel, int64 labels [rows])."""
+    demo, images, labels = built_samples(folder)
+    take = np.array(demo["samples"]["train"][:rows])
     grey = images[take].astype(np.float32)[:, None] / 255
     mean, std = (np.array(demo[k], np.float32).reshape(1, 3, 1, 1) for k in ("mean", "std"))
-    return np.ascontiguousarray((grey - mean) / std, dtype=np.float32), np.array(s["labels"], np.int64)[take]
+    return np.ascontiguousarray((grey - mean) / std, dtype=np.float32), labels[take]

@@ -43,6 +43,21 @@ def address(server: http.server.ThreadingHTTPServer) -> str:
     return f"http://{host}:{port}/"
 
 
+def serve(folder: str | os.PathLike, port: int, message: str) -> None:
+    """Serve `folder` on localhost until Ctrl-C, first printing `message` with {address} filled
+    in. A taken port falls back to a free one, said."""
+    try:
+        server = make_server(folder, port)
+    except OSError as err:
+        server = make_server(folder, 0)
+        print(f"port {port} is not free ({err.strerror}); using another", flush=True)
+    print(message.format(address=address(server)), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
 def main() -> None:
     import argparse
 
@@ -50,12 +65,7 @@ def main() -> None:
     parser.add_argument("folder", help="a folder of `edgetune export --web`")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    server = make_server(args.folder, args.port)
-    print(f"serving {args.folder} at {address(server)} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    serve(args.folder, args.port, f"serving {args.folder} at {{address}} (Ctrl-C stops)")
 
 
 if __name__ == "__main__":
