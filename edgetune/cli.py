@@ -154,6 +154,7 @@ def _lm_parsers(sub) -> None:
     lm.add_argument("--out", help="folder for weights or adapter, history, plot, report (default: runs/lm-<model>-<time>)")
     lm.add_argument("--seed", type=int, default=0)
     lm.add_argument("--no-progress", action="store_true")
+    _lisa_args(lm)
     _run_args(lm)
     lm.set_defaults(run=run_finetune_lm)
     gen = sub.add_parser("generate", help="answer a prompt with a language model (optionally fine-tuned)")
@@ -590,16 +591,18 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     from edgetune.apps.lm import compile_lm, finetune_lm
 
     given, resumed = _resume_settings(args)
+    _check_lisa(args)  # before the model loads
     torch.manual_seed(args.seed)
     scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
     buckets = length_ladder(args.buckets, args.seq_len)
-    trainer = compile_lm(lm.model, scheme, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
-                         frozen_weights="int8" if args.int8 else "float", buckets=buckets)
+    trainer = _lisa_trainer(args, lm, buckets) if args.lisa_layers else compile_lm(
+        lm.model, scheme, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
+        frozen_weights="int8" if args.int8 else "float", buckets=buckets)
     args.out = args.out or _default_out(f"lm-{args.model}")
     _record_settings(args, given, resumed)
-    print(f"{args.model}, scheme {args.scheme or DEFAULT_LM_SCHEME}: {trainer.trainable_params:,} trainable "
+    print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
                           batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
@@ -611,6 +614,66 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
           f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
           f"plot and report in {out}/")
     return 0
+
+
+def _lisa_args(p: argparse.ArgumentParser) -> None:
+    from edgetune.apps.lisa import DEFAULT_INTERVAL
+
+    p.add_argument("--lisa-layers", type=int, metavar="GAMMA", help="LISA (edgetune.apps.lisa): train the embedding, "
+                   "the LM head and GAMMA blocks sampled anew every --lisa-interval steps, each period with a fresh "
+                   "AdamW; each period compiles its step (with --buckets, one per length). Takes no --scheme")
+    p.add_argument("--lisa-interval", type=int, metavar="K", help=f"steps a LISA period (default {DEFAULT_INTERVAL})")
+
+
+def _check_lisa(args: argparse.Namespace) -> None:
+    """LISA's flags, and what it does not go with, refused before the model loads."""
+    from edgetune.apps.lisa import _NOT_INT8, _NOT_MEZO
+
+    if args.lisa_layers is None:
+        if args.lisa_interval is not None:
+            raise ValueError("--lisa-interval needs --lisa-layers (the blocks LISA trains a period)")
+        return
+    for flag, value in (("--lisa-layers", args.lisa_layers), ("--lisa-interval", args.lisa_interval)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.scheme and _names_lora(args.scheme):
+        raise ValueError("LISA trains whole blocks, a LoRA scheme trains adapters beside frozen ones: drop --scheme "
+                         "for LISA, or --lisa-layers for LoRA")
+    if args.scheme:
+        raise ValueError(f"LISA chooses what trains each period (the embedding, the LM head and "
+                         f"{args.lisa_layers} sampled blocks): drop --scheme {args.scheme}")
+    if args.optimizer == "mezo":
+        raise ValueError(_NOT_MEZO)
+    if args.int8:
+        raise ValueError(_NOT_INT8)
+
+
+def _names_lora(spec: str) -> bool:
+    try:
+        scheme = et.schemes.parse(spec)
+    except (SchemeError, ValueError):
+        return False
+    if isinstance(scheme, et.schemes.Scheme):
+        return scheme.name.startswith("lora(")
+    return any(isinstance(rule, dict) and "lora" in rule for rule in scheme.values())
+
+
+def _lisa_trainer(args: argparse.Namespace, lm, buckets: list[int]):
+    from edgetune.apps.lisa import DEFAULT_INTERVAL, lisa_lm
+
+    trainer = lisa_lm(lm.model, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
+                      layers=args.lisa_layers, interval=args.lisa_interval or DEFAULT_INTERVAL, buckets=buckets,
+                      seed=args.seed)
+    print(trainer.describe())
+    return trainer
+
+
+def _lm_scheme_name(args: argparse.Namespace) -> str:
+    from edgetune.apps.lisa import DEFAULT_INTERVAL
+
+    if args.lisa_layers:
+        return f"lisa:layers={args.lisa_layers},interval={args.lisa_interval or DEFAULT_INTERVAL}"
+    return args.scheme or DEFAULT_LM_SCHEME
 
 
 def length_ladder(spec: str, seq_len: int) -> list[int]:
@@ -651,7 +714,7 @@ def _save_lm_run(args: argparse.Namespace, trainer: et.Trainer, history) -> tupl
     from edgetune.apps.lm import save_trained, trained_names, uses_lora
 
     out = args.out
-    meta = {"model": args.model, "data": args.data, "scheme": args.scheme or DEFAULT_LM_SCHEME}
+    meta = {"model": args.model, "data": args.data, "scheme": _lm_scheme_name(args)}
     saved = []
     if uses_lora(trainer):
         from edgetune.apps.peft import save_peft_adapter
