@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 # loads, so that --epochs 0 or --batch 0 fails at once, with the flag's name.
 _AT_LEAST = {"batch": 1, "epochs": 1, "steps": 1, "size": 1, "max_len": 1, "classes": 1, "seq_len": 2,
              "train_limit": 1, "val_limit": 1, "val_count": 1, "limit": 1, "max_chars": 1, "eval_every": 1,
-             "search_steps": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0, "checkpoint_every": 0}
+             "search_steps": 1, "search_seeds": 1, "search_bands": 1, "search_score_items": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0, "checkpoint_every": 0}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -122,7 +122,9 @@ def _lm_parsers(sub) -> None:
     lm.add_argument("--data", default="sharegpt", help="sharegpt (English two-turn subset) | FILE.jsonl "
                     "({messages: [...]}, {conversations: [...]} or {text: ...} a line) | FILE.json (a list) | FILE.txt")
     lm.add_argument("--scheme", help=f"{DEFAULT_LM_SCHEME} (default) | lm-last:K | norms | lora:R | full | last:K | "
-                    "a JSON file of patterns")
+                    "a JSON file of patterns | auto (searched under --budget, edgetune.apps.lm_search)")
+    lm.add_argument("--budget", help="with --scheme auto: memory for training on top of the weights, e.g. 300MB")
+    _lm_search_args(lm)
     length = lm.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (default 100)")
     length.add_argument("--epochs", type=int, help="passes over the training examples instead of --steps")
@@ -157,6 +159,7 @@ def _lm_parsers(sub) -> None:
     _lisa_args(lm)
     _run_args(lm)
     lm.set_defaults(run=run_finetune_lm)
+    _search_lm_parser(sub)
     gen = sub.add_parser("generate", help="answer a prompt with a language model (optionally fine-tuned)")
     gen.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()))
     trained = gen.add_mutually_exclusive_group()
@@ -222,6 +225,88 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="channel ratios a weight may train at (0 = frozen), comma-separated")
     p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
                    help="contributions measured once, reused by later searches with other budgets")
+
+
+def _search_lm_parser(sub) -> None:
+    from edgetune.apps.lm import lm_names
+
+    se = sub.add_parser("search-lm", help="find the language-model scheme (projections at channel ratios or as "
+                        "LoRA, norms) whose measured peak fits a memory budget, by contribution analysis")
+    se.add_argument("--model", default="smollm2-135m", help="one of " + ", ".join(lm_names()))
+    se.add_argument("--data", default="sharegpt", help="as finetune-lm's --data")
+    se.add_argument("--budget", required=True, help="memory for training on top of the weights, e.g. 300MB")
+    se.add_argument("--out", default="scheme.json", help="where to write the scheme (default: scheme.json)")
+    se.add_argument("--batch", type=int, default=4)
+    se.add_argument("--seq-len", type=int, default=128)
+    se.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    se.add_argument("--lr", type=float, default=1e-3, help="the contribution runs' learning rate")
+    held = se.add_mutually_exclusive_group()
+    held.add_argument("--val-fraction", type=float, help="share of the examples held out, never seen by the search "
+                      "(default 0.05): finetune-lm with the same --seed holds out the same ones")
+    held.add_argument("--val-count", type=int)
+    se.add_argument("--limit", type=int, help="use only the first N records")
+    se.add_argument("--max-chars", type=int, help="sharegpt: skip conversations longer than this (default 4 x --seq-len)")
+    se.add_argument("--seed", type=int, default=0)
+    _lm_search_args(se)
+    se.set_defaults(run=run_search_lm)
+
+
+def _lm_search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--search-steps", type=int, default=30,
+                   help="training steps of each contribution run (with --lr, --batch, --seq-len, --optimizer)")
+    p.add_argument("--search-seeds", type=int, default=2, help="runs per candidate, each with another data order; "
+                   "the search sums their mean gains and reports their spread")
+    p.add_argument("--search-bands", type=int, default=6, help="groups of consecutive blocks: one projection kind "
+                   "in one group is one candidate")
+    p.add_argument("--search-ratios", default="0.125,0.25,0.5,1", help="channel ratios a projection may train at")
+    p.add_argument("--search-lora", default="8", help="LoRA ranks a projection may train with instead, "
+                   "comma-separated (none: no LoRA candidates)")
+    p.add_argument("--search-kinds", help="the linear layers of a block to search, comma-separated names inside "
+                   "a block, e.g. self_attn.q_proj,mlp.up_proj (default: every one)")
+    p.add_argument("--search-score-items", type=int, default=64,
+                   help="training examples set aside to score the contribution runs")
+    p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
+                   help="contributions measured once, reused by later searches with other budgets")
+
+
+def _lm_search_settings(args: argparse.Namespace):
+    from edgetune.apps.lm_search import LMSearchSettings
+
+    lora = args.search_lora.strip().lower()
+    try:
+        ranks = () if lora in ("", "none") else tuple(int(r) for r in lora.split(","))
+    except ValueError:
+        raise ValueError(f"--search-lora takes LoRA ranks separated by commas, or none; got {args.search_lora!r}") \
+            from None
+    ratios = tuple(r for r in _ratios(args.search_ratios) if r > 0)
+    return LMSearchSettings(steps=args.search_steps, batch=args.batch, seq_len=args.seq_len, optimizer=args.optimizer,
+                            lr=args.lr, score_items=args.search_score_items, seeds=tuple(range(args.search_seeds)),
+                            bands=args.search_bands, ratios=ratios, lora_ranks=ranks, cache=args.search_cache,
+                            kinds=tuple(k.strip() for k in args.search_kinds.split(",")) if args.search_kinds else None)
+
+
+def _searched_lm_scheme(args: argparse.Namespace, lm, train):
+    """search_lm's result for this run (contributions from the cache where measured before)."""
+    from edgetune.apps.lm_search import search_lm
+
+    if args.optimizer == "mezo":
+        raise ValueError("the search scores schemes by backpropagation runs; --scheme auto does not take "
+                         "--optimizer mezo: search with adamw (edgetune search-lm), then pass the scheme file")
+    result, gains = search_lm(lm.model, args.model, args.data, train, parse_bytes(args.budget),
+                              _lm_search_settings(args))
+    print(f"searched scheme for {args.budget}: peak {result.measured_peak_bytes / 2**20:.1f} MB measured "
+          f"({result.predicted_peak_bytes / 2**20:.1f} MB predicted), predicted gain {result.predicted_gain:+.4f} "
+          f"in loss over the floor; {gains.noise_summary()}")
+    return result
+
+
+def run_search_lm(args: argparse.Namespace) -> int:
+    train, _, lm = _lm_data(args)
+    result = _searched_lm_scheme(args, lm, train)
+    side = result.save(args.out)
+    print(f"written to {args.out} (every gain with its spread: {side}); use it with: edgetune finetune-lm "
+          f"--model {args.model} --scheme {args.out} ...")
+    return 0
 
 
 def _models() -> list[str]:
@@ -593,14 +678,20 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     given, resumed = _resume_settings(args)
     _check_lisa(args)  # before the model loads
     torch.manual_seed(args.seed)
-    scheme = parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
+    auto = args.scheme == "auto"
+    if bool(args.budget) != auto:
+        raise ValueError("--scheme auto needs --budget, e.g. --budget 300MB" if auto else
+                         "--budget is the search's limit: it goes with --scheme auto")
+    scheme = None if auto else parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
+    args.out = args.out or _default_out(f"lm-{args.model}")
+    if auto:
+        scheme = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
     buckets = length_ladder(args.buckets, args.seq_len)
     trainer = _lisa_trainer(args, lm, buckets) if args.lisa_layers else compile_lm(
         lm.model, scheme, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
         frozen_weights="int8" if args.int8 else "float", buckets=buckets)
-    args.out = args.out or _default_out(f"lm-{args.model}")
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
@@ -614,6 +705,18 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
           f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
           f"plot and report in {out}/")
     return 0
+
+
+def _resumed_or_searched_lm_scheme(args: argparse.Namespace, resumed: bool, lm, train):
+    """A resumed run trains the scheme its search found (OUT/scheme.json); a new one searches
+    and writes it there."""
+    path = os.path.join(args.out, "scheme.json")
+    if resumed and os.path.isfile(path):
+        return et.schemes.from_file(path)
+    scheme = _searched_lm_scheme(args, lm, train).scheme
+    os.makedirs(args.out, exist_ok=True)
+    write_json(path, scheme)
+    return scheme
 
 
 def _lisa_args(p: argparse.ArgumentParser) -> None:

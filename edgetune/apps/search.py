@@ -93,6 +93,14 @@ class SearchSpace:
                 mapping[name] = "full" if ratio >= 1 else ratio
         return mapping
 
+    # How the contribution runs are named in the log (edgetune.apps.lm_search's space names its own).
+    floor_label = "head only"
+    metric = "accuracy"
+
+    @staticmethod
+    def bias_label(k: int) -> str:
+        return f"biases of the last {k}"
+
     def decode(self, genome: Genome) -> tuple[int, dict[str, float]]:
         return self.bias_choices[genome[0]], {u: self.ratios[g] for u, g in zip(self.weight_units, genome[1:]) if g}
 
@@ -164,7 +172,7 @@ class Contributions:
 
     def total(self, k: int, weights: Mapping[str, float]) -> float:
         """The predicted gain of a scheme, assuming the gains add up (as the paper does)."""
-        return self.bias[k] + sum(self.weight[name][r] for name, r in weights.items() if r > 0)
+        return self.bias[k] + sum(self.weight[name][r] for name, r in weights.items() if r)
 
 
 def contributions(space: SearchSpace, evaluate: Callable[[dict], float], *, cache: str | None = None,
@@ -180,26 +188,33 @@ def contributions(space: SearchSpace, evaluate: Callable[[dict], float], *, cach
         cached = store.get(scheme_key(scheme))
         accuracy[key] = cached if cached is not None else store.put(scheme_key(scheme), float(evaluate(scheme)))
         if progress:
-            progress(f"[{i}/{len(plan_)}] {label}: accuracy {accuracy[key]:.4f}{' (cached)' if cached is not None else ''}")
+            progress(f"[{i}/{len(plan_)}] {label}: {space.metric} {accuracy[key]:.4f}"
+                     f"{' (cached)' if cached is not None else ''}")
     return _gains(space, accuracy)
 
 
 def _measurement_plan(space: SearchSpace) -> list[tuple[str, tuple, dict]]:
     """(label, key, scheme) of every run: head, biases for each k, each weight at each ratio."""
     k_all = space.bias_choices[-1]
-    runs = [("head only", ("bias", 0), space.scheme(0))]
-    runs += [(f"biases of the last {k}", ("bias", k), space.scheme(k)) for k in space.bias_choices if k]
-    runs += [(f"{name} at ratio {r:g} + all biases", ("weight", name, r), space.scheme(k_all, {name: r}))
-             for name in space.weight_units for r in space.ratios if r > 0]
+    runs = [(space.floor_label, ("bias", 0), space.scheme(0))]
+    runs += [(space.bias_label(k), ("bias", k), space.scheme(k)) for k in space.bias_choices if k]
+    runs += [(f"{name} {option_label(r)} + {space.bias_label(k_all)}", ("weight", name, r), space.scheme(k_all, {name: r}))
+             for name in space.weight_units for r in space.ratios if r]
     return runs
 
 
 def _gains(space: SearchSpace, accuracy: dict) -> Contributions:
     base, all_biases = accuracy[("bias", 0)], accuracy[("bias", space.bias_choices[-1])]
     bias = {k: accuracy[("bias", k)] - base for k in space.bias_choices}
-    weight = {name: {r: accuracy[("weight", name, r)] - all_biases for r in space.ratios if r > 0}
+    weight = {name: {r: accuracy[("weight", name, r)] - all_biases for r in space.ratios if r}
               for name in space.weight_units}
     return Contributions(base, bias, weight)
+
+
+def option_label(option) -> str:
+    """How a unit's choice reads in a log: a channel ratio, or another option (e.g. "lora:8",
+    which edgetune.apps.lm_search's spaces offer). 0 (frozen) is never measured."""
+    return f"at ratio {option:g}" if isinstance(option, float) else f"as {option}"
 
 
 def scheme_key(scheme: Mapping[str, Any]) -> str:
