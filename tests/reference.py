@@ -91,3 +91,49 @@ def padded_lm_batches(n: int = 3, rows: int = 2, length: int = 12, vocab: int = 
         mask[padded_row, length - padding:] = 0
         batches.append(((ids, mask), (ids.masked_fill(mask == 0, -100),)))
     return batches
+
+
+class GaLoreAdamWReference(torch.optim.Optimizer):
+    """GaLore as galore-torch's GaLoreAdamW with proj_type "std", written out for eager PyTorch:
+    every parameter given is a 2-D weight whose gradient is projected to `rank` (give the
+    others to torch.optim.AdamW). The projector is the SVD's first `rank` right singular vectors
+    (rows >= columns) or left ones (else), recomputed from the gradient every `update_gap`
+    steps starting with the first; the moments live in the projected gradient's shape and are
+    not re-projected. The SVD runs in float32 at least (float64 stays float64)."""
+
+    def __init__(self, params, lr=1e-3, rank=128, update_gap=200, scale=0.25, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, betas=betas, eps=eps,
+                                      weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, self.state[p], group)
+
+    def _update(self, p, state, group):
+        grad, rank = p.grad, group["rank"]
+        right = grad.shape[0] >= grad.shape[1]
+        if not state:
+            state["step"] = 0
+        if state["step"] % group["update_gap"] == 0:
+            u, _, vh = torch.linalg.svd(grad.to(torch.promote_types(grad.dtype, torch.float32)), full_matrices=False)
+            state["projector"] = (vh[:rank, :] if right else u[:, :rank]).to(grad.dtype)
+        projector = state["projector"]
+        low = grad @ projector.t() if right else projector.t() @ grad
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(low), torch.zeros_like(low)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"] * (1.0 - beta2 ** state["step"]) ** 0.5 / (1.0 - beta1 ** state["step"])
+        norm_grad = exp_avg / denom
+        norm_grad = (norm_grad @ projector if right else projector @ norm_grad) * group["scale"]
+        p.add_(norm_grad, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])

@@ -32,7 +32,7 @@ from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
-from edgetune.compiler.optim import SGD, AdamW, MeZO
+from edgetune.compiler.optim import SGD, AdamW, GaLore, MeZO
 from edgetune.compiler.passes import PIPELINE, run_forward_pipeline, run_pipeline, split_passes
 from edgetune.compiler.passes.int8 import int8_frozen_linears
 from edgetune.compiler.report import Report, build_report
@@ -73,7 +73,7 @@ class Update:
 
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
-            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | MeZO | None = None,
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | GaLore | MeZO | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
             memory_budget: int | str | None = None, on_nonfinite: str = "skip",
             backend: str = "torch", max_shapes: int = 1) -> "Trainer":
@@ -603,17 +603,20 @@ def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passe
     step = b.input("step", (), torch.int64, kind="hyper")
     guard = _guards(b, on_nonfinite, loss_ok, grads)
     updates = []
+    tables = {n.inputs[0] for n in graph.nodes if n.op == "embedding"}  # GaLore leaves these to AdamW by default
     for node, grad in grads.items():
         part, target = parts.get(node), node.attrs["target"]
         module = lora.layer_of(target) if node.attrs["kind"] == "adapter" else target.rpartition(".")[0]
         touched = bool(part and part.touched)  # the state covers the whole table; a row's moves when it is read
-        state = [b.input(f"{node.name}_{s}", node.shape if touched else grad.shape, grad.dtype, kind="state",
-                         target=f"{target}:{s}") for s in optimizer.state_names]
+        rule = optimizer.update_for(target, node.shape if touched else grad.shape, table=node in tables,
+                                    touched=touched)
+        state = [b.input(f"{node.name}_{s}", shape, grad.dtype, kind="state", target=f"{target}:{s}")
+                 for s, shape in rule.state]
         index = [part.index] if part and not part.first else []
         b.meta = {"module": module, "update_of": target}
         fixed = None if touched else part
-        b.emit(optimizer.op, node, grad, lr, step, *state, *index, *guard.condition(node),
-               part=(fixed.axis, fixed.k) if fixed else None, n_state=len(state), **optimizer.attrs(), **guard.attrs,
+        b.emit(rule.op, node, grad, lr, step, *state, *index, *guard.condition(node),
+               part=(fixed.axis, fixed.k) if fixed else None, n_state=len(state), **rule.attrs, **guard.attrs,
                **({"touched": True} if touched else {}))
         updates.append(Update(target, node, fixed, state, module))
     b.meta = {}
