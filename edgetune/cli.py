@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.compiler.memory import parse_bytes
-from edgetune.compiler.optim import OPTIMIZERS, by_name
+from edgetune.compiler.optim import ALL_OPTIMIZERS, OPTIMIZERS, by_name
 from edgetune.compiler.scheme import SchemeError
 from edgetune.files import write_json, write_text
 
@@ -134,9 +134,14 @@ def _lm_parsers(sub) -> None:
                     "compiled on first use; batches then group examples of similar length: auto (64, 128, ... "
                     "below --seq-len, and --seq-len) | none (--seq-len only, batches of random examples) | "
                     "comma-separated token counts")
-    lm.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                    help="adamw (default), sgd (momentum 0.9), or mezo (zeroth-order: two forward passes a step, "
-                         "no activations or optimizer state kept; slower to learn)")
+    lm.add_argument("--optimizer", choices=ALL_OPTIMIZERS, default="adamw",
+                    help="adamw (default), sgd (momentum 0.9), mezo (zeroth-order: two forward passes a step, "
+                         "no activations or optimizer state kept; slower to learn), or galore (Adam on a low-rank "
+                         "projection of each trained 2-D weight's gradient but the embeddings': less optimizer state)")
+    lm.add_argument("--galore-rank", type=int, help="galore: the projection's rank (default 128; weights whose "
+                    "smaller side is not above it get AdamW)")
+    lm.add_argument("--galore-gap", type=int, help="galore: steps between recomputing each projection (default 200)")
+    lm.add_argument("--galore-scale", type=float, help="galore: the projected update's scale (default 0.25)")
     # 1e-4 suits MeZO too: on SmolLM2 lm-sparse:6 it was the best of 1e-5..1e-3 by validation
     # loss (experiments.mezo_vs_backprop); at 1e-3 the loss ended above the pretrained model's.
     lm.add_argument("--lr", type=float, default=1e-4)
@@ -683,6 +688,7 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
         raise ValueError("--scheme auto needs --budget, e.g. --budget 300MB" if auto else
                          "--budget is the search's limit: it goes with --scheme auto")
     scheme = None if auto else parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
+    optimizer = _lm_optimizer(args)  # as do bad optimizer settings
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
     args.out = args.out or _default_out(f"lm-{args.model}")
@@ -690,8 +696,8 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
         scheme = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
     buckets = length_ladder(args.buckets, args.seq_len)
     trainer = _lisa_trainer(args, lm, buckets) if args.lisa_layers else compile_lm(
-        lm.model, scheme, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
-        frozen_weights="int8" if args.int8 else "float", buckets=buckets)
+        lm.model, scheme, args.batch, args.seq_len, optimizer, frozen_weights="int8" if args.int8 else "float",
+        buckets=buckets)
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
@@ -777,6 +783,18 @@ def _lm_scheme_name(args: argparse.Namespace) -> str:
     if args.lisa_layers:
         return f"lisa:layers={args.lisa_layers},interval={args.lisa_interval or DEFAULT_INTERVAL}"
     return args.scheme or DEFAULT_LM_SCHEME
+
+
+def _lm_optimizer(args: argparse.Namespace):
+    """finetune-lm's optimizer; the --galore-* flags go with --optimizer galore only."""
+    galore = {"rank": args.galore_rank, "update_gap": args.galore_gap, "scale": args.galore_scale}
+    given = [f"--galore-{flag}" for flag, v in zip(("rank", "gap", "scale"), galore.values()) if v is not None]
+    if given and args.optimizer != "galore":
+        raise ValueError(f"{', '.join(given)} set GaLore, but the optimizer is {args.optimizer}: add --optimizer galore")
+    if args.optimizer == "galore" and args.lisa_layers:
+        raise ValueError("--optimizer galore with --lisa-layers is untried (LISA builds a step of its own each "
+                         "period): use one or the other")
+    return by_name(args.optimizer, args.lr, args.weight_decay, **(galore if args.optimizer == "galore" else {}))
 
 
 def length_ladder(spec: str, seq_len: int) -> list[int]:

@@ -188,7 +188,10 @@ class MeZO:
         return seeds_for(step, self.seed, self.directions, self.seeds)
 
 
-OPTIMIZERS = ("sgd", "adamw", "mezo", "galore")
+OPTIMIZERS = ("sgd", "adamw", "mezo")  # what every command offers
+# What by_name knows: GaLore is offered only where its rank, gap and scale can be given
+# (finetune-lm); ONNX export cannot run it.
+ALL_OPTIMIZERS = OPTIMIZERS + ("galore",)
 
 
 def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
@@ -208,7 +211,7 @@ def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
         return AdamW(lr=lr, **decay)
     if name == "mezo":
         return MeZO(lr=lr, **decay)
-    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
+    raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(ALL_OPTIMIZERS)}")
 
 
 def _check(ok: bool, msg: str) -> None:

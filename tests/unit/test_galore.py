@@ -2,8 +2,10 @@
 GaLoreAdamW (tests/reference.py), on whole and partially trained weights of both orientations,
 with the projector's refreshes, checkpoints, its refusals and its smaller optimizer state."""
 import copy
+import json
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -216,3 +218,46 @@ def test_the_plan_predicts_less_optimizer_state_than_adamw():
     galore_entries = 2 * 512 * 16 + 16 * 256 + 2 * (512 + 10 * 512 + 10)
     assert reports["adamw"].state_bytes == 4 * adamw_entries
     assert reports["galore"].state_bytes == 4 * galore_entries
+
+
+def test_cli_finetune_lm_with_galore_projects_the_blocks_weights(tmp_path, capsys):
+    from edgetune.cli import main
+    from tests.unit.test_lm import write_chats
+
+    out = tmp_path / "run"
+    args = ["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl"), "--scheme", "full",
+            "--optimizer", "galore", "--galore-rank", "8", "--galore-gap", "2", "--galore-scale", "0.5",
+            "--steps", "4", "--batch", "4", "--seq-len", "32", "--lr", "3e-3", "--val-count", "4", "--no-progress",
+            "--checkpoint-every", "2", "--out", str(out)]
+    assert main(args) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert len(history["losses"]) == 4 and history["evals"][-1]["loss"] < history["evals"][0]["loss"]
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert (settings["optimizer"], settings["galore_rank"], settings["galore_gap"]) == ("galore", 8, 2)
+    state = safetensors.torch.load_file(next(out.glob("checkpoint/*.safetensors")))
+    projected = {k.removeprefix("optimizer/").removesuffix(":projector") for k in state if k.endswith(":projector")}
+    linears = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+    # every block's linear (16 wide at least); not the tied embedding table, which gets AdamW
+    assert projected == {f"model.layers.{i}.{linear}.weight" for i in range(2) for linear in linears}
+    assert "optimizer/model.embed_tokens.weight:exp_avg" in state
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--galore-rank", "8"], "--galore-rank set GaLore, but the optimizer is adamw: add --optimizer galore"),
+    (["--optimizer", "galore", "--galore-rank", "0"], "GaLore rank must be a whole number >= 1"),
+])
+def test_cli_refuses_galore_settings_it_cannot_use(tmp_path, capsys, argv, message):
+    from edgetune.cli import main
+
+    assert main(["finetune-lm", "--model", "tiny-llama", "--data", str(tmp_path / "none.jsonl"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_by_name_makes_galore_with_its_settings_and_refuses_them_elsewhere():
+    from edgetune.compiler.optim import by_name
+
+    assert by_name("galore", 0.01, 0.1, rank=8, update_gap=None) == et.GaLore(lr=0.01, weight_decay=0.1, rank=8)
+    assert by_name("galore", 0.01) == et.GaLore(lr=0.01)
+    with pytest.raises(ValueError, match="rank are GaLore's settings, but the optimizer is 'adamw'"):
+        by_name("adamw", 0.01, rank=8)
