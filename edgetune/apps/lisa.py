@@ -73,7 +73,9 @@ def lm_blocks(model: torch.nn.Module) -> list[str]:
 def lm_always(model: torch.nn.Module) -> list[str]:
     """The modules LISA always trains: the input embedding and the LM head (the same weight
     where they are tied; it trains once). Found through transformers' get_input_embeddings /
-    get_output_embeddings, or else as the embeddings and the last linear layer outside the blocks."""
+    get_output_embeddings, or else as the embeddings and the last linear layer outside the blocks.
+    As the paper's Algorithm 1 has it; LMFlow's implementation trains everything outside the
+    blocks (the final norm too): pass that as `always` to do the same."""
     blocks = lm_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     if hasattr(model, "get_input_embeddings") and hasattr(model, "get_output_embeddings"):
