@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 # loads, so that --epochs 0 or --batch 0 fails at once, with the flag's name.
 _AT_LEAST = {"batch": 1, "epochs": 1, "steps": 1, "size": 1, "max_len": 1, "classes": 1, "seq_len": 2,
              "train_limit": 1, "val_limit": 1, "val_count": 1, "limit": 1, "max_chars": 1, "eval_every": 1,
-             "search_steps": 1, "search_seeds": 1, "search_bands": 1, "search_score_items": 1, "max_new_tokens": 1, "warmup": 0, "weight_decay": 0, "checkpoint_every": 0}
+             "search_steps": 1, "search_seeds": 1, "search_bands": 1, "search_score_items": 1, "qa_eval": 0,
+             "max_new_tokens": 1, "warmup": 0, "weight_decay": 0, "checkpoint_every": 0}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -154,6 +155,9 @@ def _lm_parsers(sub) -> None:
     held.add_argument("--val-fraction", type=float, help="share of the examples held out (default 0.05)")
     held.add_argument("--val-count", type=int, help="number of examples held out")
     lm.add_argument("--eval-every", type=int, help="steps between evaluations (default: before and after only)")
+    lm.add_argument("--qa-eval", type=int, default=0, metavar="N",
+                    help="also ask N packaged questions with known answers (edgetune.data.tasks) before and after "
+                         "training, and score the greedy replies (OUT/answers.json); 0: do not")
     lm.add_argument("--limit", type=int, help="use only the first N records (windows of a .txt)")
     lm.add_argument("--max-chars", type=int, help="sharegpt: skip conversations longer than this (default 4 x --seq-len)")
     lm.add_argument("--save", choices=["trained", "whole"], default="trained",
@@ -701,16 +705,41 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
+    answered = [_answer_scores(args, trainer, lm)] if args.qa_eval else []
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
                           batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
                           eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
                           checkpoints=_checkpoints(args, trainer, {}), buckets=buckets)
     out, saved = _save_lm_run(args, trainer, history)
+    if answered:
+        _write_answer_scores(args, answered[0], _answer_scores(args, trainer, lm))
     first, last = history.evals[0], history.final
     print(f"\ntraining loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, held-out loss {first['loss']:.4f} "
           f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
           f"plot and report in {out}/")
     return 0
+
+
+def _answer_scores(args: argparse.Namespace, trainer, lm) -> dict:
+    from edgetune.apps.lm import adapters_merged, answer_scores
+    from edgetune.data.tasks import instruction_questions
+
+    with adapters_merged(trainer) as model:
+        return answer_scores(model, lm.tokenizer, instruction_questions(args.qa_eval))
+
+
+def _write_answer_scores(args: argparse.Namespace, before: dict, after: dict) -> None:
+    from edgetune.data.tasks import instruction_questions
+
+    questions = instruction_questions(args.qa_eval)
+    write_json(os.path.join(args.out, "answers.json"), {
+        "before": {k: v for k, v in before.items() if k != "replies"},
+        "after": {k: v for k, v in after.items() if k != "replies"},
+        "questions": [{"prompt": q.prompt, "answer": q.answer, "kind": q.kind, "before": b, "after": a}
+                      for q, b, a in zip(questions, before["replies"], after["replies"])]})
+    print(f"{args.qa_eval} packaged questions, the answer in the reply: {before['contained']:.1%} -> "
+          f"{after['contained']:.1%} (the answer alone: {before['exact']:.1%} -> {after['exact']:.1%}); "
+          f"replies in {args.out}/answers.json")
 
 
 def _resumed_or_searched_lm_scheme(args: argparse.Namespace, resumed: bool, lm, train):

@@ -93,26 +93,34 @@ def lm_example(batch_size: int, seq_len: int) -> tuple[tuple, tuple]:
 
 # -- evaluation ------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate_lm(model: torch.nn.Module, batches: LMData | Iterable[Batch], batch_size: int = 8) -> float:
     """Mean next-token cross-entropy over every learned token of every batch (token-weighted,
     so a batch with more answer tokens counts more); on one batch it equals causal_lm_loss."""
+    return lm_metrics(model, batches, batch_size)["loss"]
+
+
+@torch.no_grad()
+def lm_metrics(model: torch.nn.Module, batches: LMData | Iterable[Batch], batch_size: int = 8) -> dict[str, float]:
+    """{"loss": evaluate_lm's loss, "token_accuracy": the share of learned tokens that are the
+    model's most likely next token}: a task measure beside the loss, from the same forward."""
     if isinstance(batches, LMData):
         batches = batches.batches(batch_size)
-    was_training, total, count = model.training, 0.0, 0
+    was_training, total, hits, count = model.training, 0.0, 0, 0
     model.eval()
     try:
         for ids, mask, labels in batches:
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
             target = labels[:, 1:]
-            total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                            ignore_index=IGNORE, reduction="sum"))
-            count += int((target != IGNORE).sum())
+            learned = target != IGNORE
+            hits += int((logits.argmax(-1)[learned] == target[learned]).sum())
+            count += int(learned.sum())
     finally:
         model.train(was_training)
     if count == 0:
         raise ValueError("no batch holds a token to learn: the evaluation set is empty or all masked")
-    return total / count
+    return {"loss": total / count, "token_accuracy": hits / count}
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -204,10 +212,11 @@ def _endless(data: LMData, batch_size: int, seed: int, total: int, buckets: Sequ
 def _record(history: History, trainer: et.Trainer, train_sample: LMData, val: LMData, batch_size: int, log) -> None:
     step = len(history.losses)
     with adapters_merged(trainer) as model:
-        held_out, fitted = evaluate_lm(model, val, batch_size), evaluate_lm(model, train_sample, batch_size)
-    history.evals.append({"step": step, "loss": held_out, "train_loss": fitted})
-    log(f"step {step}: held-out loss {held_out:.4f}, training loss {fitted:.4f} "
-        f"(on {len(train_sample)} training examples)")
+        held_out, fitted = lm_metrics(model, val, batch_size), evaluate_lm(model, train_sample, batch_size)
+    history.evals.append({"step": step, "loss": held_out["loss"], "train_loss": fitted,
+                          "token_accuracy": held_out["token_accuracy"]})
+    log(f"step {step}: held-out loss {held_out['loss']:.4f} (next-token accuracy {held_out['token_accuracy']:.2%}), "
+        f"training loss {fitted:.4f} (on {len(train_sample)} training examples)")
 
 
 @contextlib.contextmanager
@@ -268,6 +277,20 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int
                          **sampling)
     model.train(was_training)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def answer_scores(model: torch.nn.Module, tokenizer, questions, max_new_tokens: int = 32) -> dict:
+    """Greedy replies to `questions` (edgetune.data.tasks.Question) scored two ways:
+    {"exact": share whose reply is the answer alone, "contained": share whose reply says the
+    answer and no distractor, "by_kind": {kind: contained share}, "replies": what was said}."""
+    replies = [generate(model, tokenizer, q.prompt, max_new_tokens=max_new_tokens) for q in questions]
+    exact = [q.is_answered_by(r) for q, r in zip(questions, replies)]
+    said = [q.is_said_in(r) for q, r in zip(questions, replies)]
+    kinds: dict[str, list[bool]] = {}
+    for q, ok in zip(questions, said):
+        kinds.setdefault(q.kind, []).append(ok)
+    return {"exact": sum(exact) / len(exact), "contained": sum(said) / len(said),
+            "by_kind": {k: sum(v) / len(v) for k, v in kinds.items()}, "replies": replies}
 
 
 # -- saving ----------------------------------------------------------------------------------
