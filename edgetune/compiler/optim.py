@@ -102,7 +102,13 @@ class GaLore:
     (as galore-torch). Weight decay is applied after the update: p -= lr * weight_decay * p.
     Every other trained tensor (biases, norms, small or untargeted weights) gets AdamW with
     the same hyperparameters. `targets`: fnmatch patterns over parameter names; None: every
-    2-D trained weight but embedding tables (weights an embedding lookup reads)."""
+    2-D trained weight but embedding tables (weights an embedding lookup reads).
+
+    The refresh steps count the trainer's steps, as AdamW's bias correction does: a refresh
+    skipped for a non-finite gradient (on_nonfinite="skip") keeps the last projector until
+    the next one (at step 1 there is none yet: until the next refresh only weight decay moves
+    that weight). The memory plan counts the refresh's SVD at every step: the peak it predicts
+    is that of a refresh step. ONNX has no SVD: the step runs on backend="torch" only."""
 
     lr: float = 1e-3
     rank: int = 128
