@@ -48,7 +48,7 @@ import torch
 
 import edgetune as et
 from edgetune.compiler.optim import MeZO
-from edgetune.compiler.scheme import Rule, SchemeError, _blocks
+from edgetune.compiler.scheme import Rule, SchemeError, transformer_blocks
 
 CompileFn = Callable[[dict[str, str]], "et.Trainer"]
 DEFAULT_INTERVAL = 20  # steps a period (K): LMFlow's default for LISA
@@ -65,7 +65,7 @@ def lm_blocks(model: torch.nn.Module) -> list[str]:
     """The intermediate transformer blocks' module paths in order, e.g. ['model.layers.0', ...]
     (HF decoders; also the repo's own Llama's 'layers.N', GPT-2's 'h.N')."""
     try:
-        return _blocks(model, "LISA")
+        return transformer_blocks(model, "LISA")
     except SchemeError as err:
         raise LisaError(f"{err}; or give LisaTrainer the blocks to sample from (blocks=[...])") from None
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from edgetune.apps.search import Contributions, contributions, option_label
+from edgetune.compiler.scheme import transformer_blocks
 
 LM_RATIOS = (0.125, 0.25, 0.5, 1.0)
 LORA_RANKS = (8,)
@@ -69,6 +70,7 @@ class LMSearchSpace:
     weight_units: tuple[str, ...]  # unit names, e.g. "model.layers.{0-4}.self_attn.q_proj.weight"
     members: Mapping[str, tuple[str, ...]] = field(hash=False)  # unit name -> its parameter names
     ratios: tuple = (0.0, *LM_RATIOS, *map(lora_option, LORA_RANKS))
+    kinds: tuple[str, ...] = ()  # the projection kinds, names inside a block ("self_attn.q_proj")
 
     metric = "score (minus the loss)"
 
@@ -88,13 +90,13 @@ class LMSearchSpace:
     def from_model(cls, model: torch.nn.Module, *, bands: int = 6, ratios: Iterable[float] = LM_RATIOS,
                    lora_ranks: Iterable[int] = LORA_RANKS, kinds: Iterable[str] | None = None,
                    norm_steps: int = 6, floor: Sequence[str] | None = None) -> "LMSearchSpace":
-        """The space of `model`'s transformer blocks (the longest nn.ModuleList of modules with
-        nn.Linear layers), cut into `bands` bands (at most one a block). kinds: the projection kinds to search (names inside a block, e.g.
+        """The space of `model`'s transformer blocks (edgetune.compiler.scheme.transformer_blocks),
+        cut into `bands` bands (at most one a block). kinds: the projection kinds to search (names inside a block, e.g.
         "self_attn.q_proj"; default: every linear of a block). floor: parameter names always
         trained (default: the 1-D parameters after the last block, e.g. a causal LM's final
         norm). norm_steps: how many k besides 0 to analyse for the blocks' norms and biases."""
         options = _options(ratios, lora_ranks)
-        blocks = transformer_blocks(model)
+        blocks = transformer_blocks(model, "the LM search")
         if bands < 1:
             raise ValueError(f"bands must be at least 1, got {bands}")
         bands = min(bands, len(blocks))  # a model with fewer blocks: a band each
@@ -117,7 +119,7 @@ class LMSearchSpace:
         bias_units = tuple(tuple(n for n, p in params.items() if n.startswith(b + ".") and p.dim() == 1) for b in blocks)
         steps = max(1, min(norm_steps, len(blocks)))
         choices = tuple(sorted({round(len(blocks) * j / steps) for j in range(steps + 1)}))
-        return cls(floor, tuple(blocks), bias_units, choices, tuple(units), units, options)
+        return cls(floor, tuple(blocks), bias_units, choices, tuple(units), units, options, kinds)
 
     def scheme(self, k: int, weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The scheme dict: the floor, norms and biases of the last k blocks, each unit at its option."""
@@ -141,14 +143,11 @@ class LMSearchSpace:
 
     def describe(self) -> str:
         return (f"norms and biases of the last k of {len(self.blocks)} blocks (k in {list(self.bias_choices)}); "
-                f"{len(self.weight_units)} units ({len(self.weight_units) // max(1, len(self._kinds()))} bands x "
-                f"{len(self._kinds())} projections), each frozen, at a ratio of "
+                f"{len(self.weight_units)} units ({len(self.weight_units) // max(1, len(self.kinds))} bands x "
+                f"{len(self.kinds)} projections), each frozen, at a ratio of "
                 f"{', '.join(f'{o:g}' for o in self.ratios[1:] if not isinstance(o, str)) or '-'} or as "
                 f"{', '.join(o for o in self.ratios[1:] if isinstance(o, str)) or '-'}; "
                 f"always: {self.head}")
-
-    def _kinds(self) -> set[str]:
-        return {self.members[u][0].removeprefix(_block_of(self.members[u][0], self.blocks) + ".") for u in self.weight_units}
 
 
 def _options(ratios: Iterable[float], lora_ranks: Iterable[int]) -> tuple:
@@ -161,18 +160,6 @@ def _options(ratios: Iterable[float], lora_ranks: Iterable[int]) -> tuple:
     if not ratios and not ranks:
         raise ValueError("the search needs at least one way to train a weight: a channel ratio or a LoRA rank")
     return (0.0, *ratios, *map(lora_option, ranks))
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[str]:
-    """Module names of the model's transformer blocks: the children of its longest
-    nn.ModuleList whose members hold nn.Linear layers."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
-             and all(any(isinstance(x, torch.nn.Linear) for x in child.modules()) for child in m)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of blocks with linear layers (an nn.ModuleList of "
-                         "transformer layers) to search over")
-    name, blocks = max(lists, key=lambda item: len(item[1]))
-    return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
 
 
 def _block_linears(model: torch.nn.Module, block: str) -> list[str]:
@@ -200,10 +187,6 @@ def _unit_name(blocks: Sequence[str], band: range, kind: str) -> str:
         return f"{blocks[band[0]]}.{kind}.weight"
     prefix = re.sub(r"\d+$", "", blocks[band[0]])
     return f"{prefix}{{{band[0]}-{band[-1]}}}.{kind}.weight"
-
-
-def _block_of(param: str, blocks: Sequence[str]) -> str:
-    return next(b for b in blocks if param.startswith(b + "."))
 
 
 # -- contributions over seeds ----------------------------------------------------------------

@@ -466,7 +466,7 @@ def _check_k(what: str, k: Any) -> None:
         raise SchemeError(f"{what} needs a number of blocks >= 1, got {k!r}")
 
 
-def _blocks(model: torch.nn.Module, what: str) -> list[str]:
+def transformer_blocks(model: torch.nn.Module, what: str) -> list[str]:
     """The transformer blocks' module paths in order, e.g. ['model.layers.0', ...]. Where names
     match in several containers (encoder and decoder), the one with the most blocks wins."""
     found: dict[str, set[int]] = {}
@@ -482,7 +482,7 @@ def _blocks(model: torch.nn.Module, what: str) -> list[str]:
 
 
 def _last_blocks(model: torch.nn.Module, k: int, what: str) -> list[str]:
-    blocks = _blocks(model, what)
+    blocks = transformer_blocks(model, what)
     if k > len(blocks):
         raise SchemeError(f"{what}: asked for the last {k} blocks, but the model has {len(blocks)} "
                           f"({blocks[0]} .. {blocks[-1]})")
@@ -509,7 +509,7 @@ def _norm_modules(model: torch.nn.Module) -> list[str]:
 def _final_norms(model: torch.nn.Module) -> list[str]:
     """Norm modules after the last block (Llama's model.norm, GPT-2's ln_f); BERT has none."""
     names = [n for n, _ in model.named_modules()]
-    last = _blocks(model, "lm_last")[-1]
+    last = transformer_blocks(model, "lm_last")[-1]
     end = max(i for i, n in enumerate(names) if n == last or n.startswith(last + "."))
     norms = set(_norm_modules(model))
     return [n for n in names[end + 1:] if n in norms]

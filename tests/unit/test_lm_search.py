@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from edgetune.apps.lm import load_lm
-from edgetune.apps.lm_search import (LMSearchSettings, LMSearchSpace, seeded_contributions, short_lm_run,
-                                     transformer_blocks)
+from edgetune.apps.lm_search import LMSearchSettings, LMSearchSpace, seeded_contributions, short_lm_run
 from edgetune.apps.search import search
 from edgetune.cli import main
+from edgetune.compiler.scheme import SchemeError
 from edgetune.data.chat import tokenize_records
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +29,7 @@ def chats(n):
 
 def test_the_space_covers_every_block_in_bands_with_ratios_and_lora(lm):
     space = LMSearchSpace.from_model(lm.model, bands=2, ratios=(0.25, 1), lora_ranks=(4,))
-    assert transformer_blocks(lm.model) == ["model.layers.0", "model.layers.1"]
+    assert space.blocks == ("model.layers.0", "model.layers.1")
     assert space.floor == ("model.norm.weight",)
     assert space.ratios == (0.0, 0.25, 1.0, "lora:4")
     assert len(space.weight_units) == 14  # 2 bands x q, k, v, o, gate, up, down
@@ -61,8 +61,8 @@ def test_bad_spaces_are_refused_with_what_to_do(lm):
         LMSearchSpace.from_model(lm.model, ratios=(), lora_ranks=())
     with pytest.raises(ValueError, match="not parameters"):
         LMSearchSpace.from_model(lm.model, floor=["lm_head.bias"])
-    with pytest.raises(ValueError, match="no list of blocks"):
-        transformer_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(SchemeError, match="the LM search: found no transformer blocks"):
+        LMSearchSpace.from_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def additive_score(space, gains):
