@@ -302,7 +302,8 @@ def _galore_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, updat
     v.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     direction = m / v.sqrt().add_(eps)
     step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
-    w.add_((projector @ direction if wide else direction @ projector) * scale, alpha=-step_size)
+    back = projector @ direction if wide else direction @ projector
+    w.add_(back.mul_(scale), alpha=-step_size)  # scaled in place: one full-size temporary, not two
     if weight_decay > 0:
         w.add_(w, alpha=-lr * weight_decay)
     write_back(w)
