@@ -247,7 +247,7 @@ def _search_lm_parser(sub) -> None:
     se.add_argument("--out", default="scheme.json", help="where to write the scheme (default: scheme.json)")
     se.add_argument("--batch", type=int, default=4)
     se.add_argument("--seq-len", type=int, default=128)
-    se.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    se.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     se.add_argument("--lr", type=float, default=1e-3, help="the contribution runs' learning rate")
     held = se.add_mutually_exclusive_group()
     held.add_argument("--val-fraction", type=float, help="share of the examples held out, never seen by the search "
@@ -298,9 +298,6 @@ def _searched_lm_scheme(args: argparse.Namespace, lm, train):
     """search_lm's result for this run (contributions from the cache where measured before)."""
     from edgetune.apps.lm_search import search_lm
 
-    if args.optimizer == "mezo":
-        raise ValueError("the search scores schemes by backpropagation runs; --scheme auto does not take "
-                         "--optimizer mezo: search with adamw (edgetune search-lm), then pass the scheme file")
     result, gains = search_lm(lm.model, args.model, args.data, train, parse_bytes(args.budget),
                               _lm_search_settings(args))
     print(f"searched scheme for {args.budget}: peak {result.measured_peak_bytes / 2**20:.1f} MB measured "
@@ -691,6 +688,10 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     if bool(args.budget) != auto:
         raise ValueError("--scheme auto needs --budget, e.g. --budget 300MB" if auto else
                          "--budget is the search's limit: it goes with --scheme auto")
+    if auto and args.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"the search scores schemes by short AdamW or SGD runs; --scheme auto does not take "
+                         f"--optimizer {args.optimizer}: search with adamw (edgetune search-lm), then pass the "
+                         "scheme file")
     scheme = None if auto else parse_lm_scheme(args.scheme)  # a bad scheme fails before the model loads
     optimizer = _lm_optimizer(args)  # as do bad optimizer settings
     train, val, lm = _lm_data(args)

@@ -188,6 +188,9 @@ def test_auto_and_budget_go_together(tmp_path, capsys):
     assert "--scheme auto needs --budget" in capsys.readouterr().err
     assert main(["finetune-lm", "--model", "tiny-llama", "--data", data, "--budget", "10MB"]) == 2
     assert "goes with --scheme auto" in capsys.readouterr().err
+    assert main(["finetune-lm", "--model", "tiny-llama", "--data", data, "--scheme", "auto", "--budget", "10MB",
+                 "--optimizer", "mezo"]) == 2
+    assert "does not take --optimizer mezo" in capsys.readouterr().err
     assert main(["search-lm", "--model", "tiny-llama", "--data", data, "--budget", "10MB",
                  "--search-lora", "x"]) == 2
     assert "--search-lora takes LoRA ranks" in capsys.readouterr().err
