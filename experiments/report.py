@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import federated_lm, federated_vision, lm_buckets, lm_quality, mezo_vs_backprop, web_accuracy
+from experiments import (federated_lm, federated_vision, lm_buckets, lm_methods, lm_quality, mezo_vs_backprop,
+                         web_accuracy)
 from experiments.finetune_table import RESULTS, TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +96,9 @@ def main() -> int:
     buckets = lm_buckets.load()
     if buckets.get("runs"):
         lines += [lm_buckets.MARKERS[0], lm_buckets.section(buckets), lm_buckets.MARKERS[1], ""]
+    methods = lm_methods.load()  # issue 16's comparison, kept between its markers as lm_methods writes it
+    if methods.get("rows"):
+        lines += [lm_methods.MARKERS[0], lm_methods.section(methods), lm_methods.MARKERS[1], ""]
     for experiment, measured in ((federated_vision, "runs"), (federated_lm, "federated"), (mezo_vs_backprop, "runs")):
         results = experiment.load()  # issue 14's experiments, each once it has measured something
         if results.get(measured):
