@@ -232,6 +232,13 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    help="training steps of each contribution run (with --lr, --batch, --optimizer)")
     p.add_argument("--search-ratios", default="0,0.125,0.25,0.5,1",
                    help="channel ratios a weight may train at (0 = frozen), comma-separated")
+    p.add_argument("--search-space", choices=["auto", "layers", "blocks"], default="auto",
+                   help="layers: biases of the last k layers and the later half's weights (the Tiny Training "
+                        "Engine's); blocks: each projection kind of --search-bands bands over every transformer "
+                        "block, at the ratios or as LoRA (--search-lora); auto: blocks where the model has them")
+    p.add_argument("--search-bands", type=int, default=3, help="with the blocks space: groups of consecutive blocks")
+    p.add_argument("--search-lora", default="none", help="with the blocks space: LoRA ranks a projection may train "
+                   "with instead, comma-separated (none: no LoRA candidates)")
     p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
                    help="contributions measured once, reused by later searches with other budgets")
 
@@ -281,17 +288,20 @@ def _lm_search_args(p: argparse.ArgumentParser) -> None:
 def _lm_search_settings(args: argparse.Namespace):
     from edgetune.apps.lm_search import LMSearchSettings
 
-    lora = args.search_lora.strip().lower()
-    try:
-        ranks = () if lora in ("", "none") else tuple(int(r) for r in lora.split(","))
-    except ValueError:
-        raise ValueError(f"--search-lora takes LoRA ranks separated by commas, or none; got {args.search_lora!r}") \
-            from None
     ratios = tuple(r for r in _ratios(args.search_ratios) if r > 0)
     return LMSearchSettings(steps=args.search_steps, batch=args.batch, seq_len=args.seq_len, optimizer=args.optimizer,
                             lr=args.lr, score_items=args.search_score_items, seeds=tuple(range(args.search_seeds)),
-                            bands=args.search_bands, ratios=ratios, lora_ranks=ranks, cache=args.search_cache,
+                            bands=args.search_bands, ratios=ratios, lora_ranks=_lora_ranks(args.search_lora),
+                            cache=args.search_cache,
                             kinds=tuple(k.strip() for k in args.search_kinds.split(",")) if args.search_kinds else None)
+
+
+def _lora_ranks(text: str) -> tuple[int, ...]:
+    lora = text.strip().lower()
+    try:
+        return () if lora in ("", "none") else tuple(int(r) for r in lora.split(","))
+    except ValueError:
+        raise ValueError(f"--search-lora takes LoRA ranks separated by commas, or none; got {text!r}") from None
 
 
 def _searched_lm_scheme(args: argparse.Namespace, lm, train):
@@ -505,7 +515,8 @@ def _search_settings(args: argparse.Namespace):
     from edgetune.apps.jobs import SearchSettings
 
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
-                          seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios))
+                          seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios),
+                          space=args.search_space, bands=args.search_bands, lora_ranks=_lora_ranks(args.search_lora))
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -560,9 +571,11 @@ def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
 
 def _save_run(args: argparse.Namespace, job, trainer: et.Trainer, history) -> str:
     from edgetune.apps.finetune import save_weights
+    from edgetune.apps.peft import adapters_merged
 
-    save_weights(job.model, os.path.join(args.out, "model.safetensors"),
-                 metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
+    with adapters_merged(trainer) as model:  # the whole model as trained: LoRA adapters folded in
+        save_weights(model, os.path.join(args.out, "model.safetensors"),
+                     metadata={"model": args.model, "data": args.data, "classes": json.dumps(job.train.classes)})
     history.save(os.path.join(args.out, "history.json"))
     history.plot(os.path.join(args.out, "curves.png"), title=f"{args.model} on {args.data}, scheme {args.scheme}")
     write_text(os.path.join(args.out, "report.txt"), str(trainer.report()) + "\n")

@@ -175,7 +175,7 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
             checkpoints.save(history)
 
     if evaluate_before and not history.evals:
-        _record(history, trainer.model, val, prepare, step=0, epoch=0, log=log)
+        _record(history, trainer, val, prepare, step=0, epoch=0, log=log)
         save()
     for epoch in range(_epochs_evaluated(history) + 1, epochs + 1):
         done_before = (epoch - 1) * per_epoch  # steps of the earlier epochs
@@ -194,7 +194,7 @@ def finetune(trainer, train, val, prepare: Prepare, *, epochs: int, batch_size: 
             bar.update()
             if checkpoints and checkpoints.due(len(history.losses)):
                 save()
-        _record(history, trainer.model, val, prepare, step=len(history.losses), epoch=epoch, log=log)
+        _record(history, trainer, val, prepare, step=len(history.losses), epoch=epoch, log=log)
         save()
     bar.close()
     history.seconds = time.perf_counter() - start
@@ -205,8 +205,11 @@ def _epochs_evaluated(history: History) -> int:
     return max((e["epoch"] for e in history.evals), default=0)
 
 
-def _record(history: History, model, val, prepare: Prepare, step: int, epoch: int, log) -> None:
-    m = evaluate(model, val, prepare)
+def _record(history: History, trainer, val, prepare: Prepare, step: int, epoch: int, log) -> None:
+    from edgetune.apps.peft import adapters_merged
+
+    with adapters_merged(trainer) as model:  # LoRA adapters live in the trainer, int8 weights too
+        m = evaluate(model, val, prepare)
     history.evals.append({"step": step, "epoch": epoch, "accuracy": m.accuracy, "loss": m.loss})
     log(f"epoch {epoch}: held-out accuracy {100 * m.accuracy:.2f}%, loss {m.loss:.4f}")
 

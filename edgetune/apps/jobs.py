@@ -174,6 +174,12 @@ class SearchSettings:
     cache: str = os.path.join("runs", "search-cache.json")
     seed: int = 0
     weights: str | None = None  # fnmatch over module names of weight candidates (default: see search_space)
+    # "layers": the Tiny Training Engine's space (biases of the last k layers, the later half's
+    # weights at channel ratios); "blocks": edgetune.apps.lm_search's, over every transformer
+    # block in `bands` bands, with LoRA ranks as options too; "auto": blocks where the model has them.
+    space: str = "auto"
+    bands: int = 3
+    lora_ranks: tuple = ()
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
@@ -195,18 +201,41 @@ def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = No
 
 def measure_contributions(job: Job, settings: SearchSettings, log=print):
     """(search space, contributions) of `job`: one short run per candidate, or the cache's."""
-    from edgetune.apps.search import SearchSpace, contributions
+    from edgetune.apps.search import contributions
 
-    space = SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
-                                   weight_filter=_weight_filter(job.model, settings.weights))
-    log(f"search space: biases of the last k of {len(space.bias_units)} layers (k in {list(space.bias_choices)}), "
-        f"{len(space.weight_units)} weights at ratios {list(space.ratios)}")
+    space = search_space(job, settings)
+    log(f"search space: {space.describe()}")
     rest, score = _scoring_split(job, settings)
     batch = fit_batch(settings.batch, len(rest), "training items left for the search's short runs", log)
     train = rest.take(min(len(rest), settings.steps * batch), seed=settings.seed)
     gains = contributions(space, _short_run(job, settings, train, score, batch), cache=settings.cache,
                           context=_context(job, settings, batch), progress=lambda line: log(f"  {line}"))
     return space, gains
+
+
+def search_space(job: Job, settings: SearchSettings):
+    """The candidates of `job`'s search (settings.space): the head always trains."""
+    from edgetune.apps.search import SearchSpace
+
+    if settings.space not in ("auto", "layers", "blocks"):
+        raise ValueError(f"unknown search space {settings.space!r}: use auto, layers or blocks")
+    if settings.space == "layers" or (settings.space == "auto" and not _has_blocks(job.model)):
+        return SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
+                                      weight_filter=_weight_filter(job.model, settings.weights))
+    from edgetune.apps.lm_search import LMSearchSpace
+
+    head = [n for n, _ in job.model.named_parameters() if n.startswith(job.head + ".")]
+    return LMSearchSpace.from_model(job.model, bands=settings.bands, ratios=[r for r in settings.ratios if r > 0],
+                                    lora_ranks=settings.lora_ranks, floor=head, metric="accuracy")
+
+
+def _has_blocks(model: torch.nn.Module) -> bool:
+    from edgetune.compiler.scheme import SchemeError, transformer_blocks
+
+    try:
+        return bool(transformer_blocks(model, "the search"))
+    except SchemeError:
+        return False
 
 
 def _scoring_split(job: Job, s: SearchSettings):
@@ -221,6 +250,7 @@ def _scoring_split(job: Job, s: SearchSettings):
 def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callable[[dict], float]:
     """evaluate(scheme) -> accuracy after a short run, weights restored afterwards."""
     from edgetune.apps.finetune import evaluate, finetune
+    from edgetune.apps.peft import adapters_merged
     from edgetune.compiler.trainer import compile as compile_step
 
     initial = {k: v.clone() for k, v in job.model.state_dict().items()}
@@ -232,7 +262,8 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
                                    optimizer=by_name(s.optimizer, s.lr))
             finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr, schedule="constant",
                      seed=s.seed, progress=False, evaluate_before=False, log=lambda line: None)
-            return evaluate(job.model, score, job.prepare).accuracy
+            with adapters_merged(trainer) as model:  # a LoRA candidate's adapters live in the trainer
+                return evaluate(model, score, job.prepare).accuracy
         except FloatingPointError:
             return 0.0  # diverged: this candidate gains nothing at this learning rate
         finally:

@@ -19,7 +19,6 @@ whole=True)` writes the whole model. LoRA runs save a PEFT adapter (edgetune.com
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 import edgetune as et
 from edgetune.data.chat import IGNORE, LMData
 from edgetune.apps.finetune import History, _progress, learning_rate, save_weights
+from edgetune.apps.peft import adapters_merged  # noqa: F401  (the LM loops' evaluations; importers use it from here)
 from edgetune.files import atomic_write
 from edgetune.models.hf import CAUSAL_LMS, CausalLM, causal_lm_loss, load_causal_lm, tiny_causal_lm
 
@@ -217,39 +217,6 @@ def _record(history: History, trainer: et.Trainer, train_sample: LMData, val: LM
                           "token_accuracy": held_out["token_accuracy"]})
     log(f"step {step}: held-out loss {held_out['loss']:.4f} (next-token accuracy {held_out['token_accuracy']:.2%}), "
         f"training loss {fitted:.4f} (on {len(train_sample)} training examples)")
-
-
-@contextlib.contextmanager
-def adapters_merged(trainer: et.Trainer):
-    """The trainer's model as plain PyTorch should see the trained step, for evaluation:
-    weights the step holds as int8 lent back as floats (Trainer.dequantized), and LoRA
-    adapters folded in. The adapters live in the trainer, not the model, and the compiled
-    step adds them to the frozen weights itself, so the frozen weights are put back, bitwise,
-    afterwards."""
-    with trainer.dequantized():
-        if not getattr(trainer, "adapters", None):
-            yield trainer.model
-            return
-        with _lora_folded_in(trainer):
-            yield trainer.model
-
-
-@contextlib.contextmanager
-def _lora_folded_in(trainer: et.Trainer):
-    from edgetune.apps.peft import merged_state
-
-    params = dict(trainer.model.named_parameters())
-    merged = merged_state(trainer)
-    frozen = {n: params[n].detach().clone() for n in merged}
-    try:
-        with torch.no_grad():
-            for n, w in merged.items():
-                params[n].copy_(w)
-        yield
-    finally:
-        with torch.no_grad():
-            for n, w in frozen.items():
-                params[n].copy_(w)
 
 
 # -- generation ------------------------------------------------------------------------------

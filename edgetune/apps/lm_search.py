@@ -71,8 +71,7 @@ class LMSearchSpace:
     members: Mapping[str, tuple[str, ...]] = field(hash=False)  # unit name -> its parameter names
     ratios: tuple = (0.0, *LM_RATIOS, *map(lora_option, LORA_RANKS))
     kinds: tuple[str, ...] = ()  # the projection kinds, names inside a block ("self_attn.q_proj")
-
-    metric = "score (minus the loss)"
+    metric: str = "score (minus the loss)"  # what the contribution runs score, for the log
 
     @property
     def head(self) -> str:  # what search_verified's messages call the floor
@@ -89,12 +88,14 @@ class LMSearchSpace:
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, bands: int = 6, ratios: Iterable[float] = LM_RATIOS,
                    lora_ranks: Iterable[int] = LORA_RANKS, kinds: Iterable[str] | None = None,
-                   norm_steps: int = 6, floor: Sequence[str] | None = None) -> "LMSearchSpace":
+                   norm_steps: int = 6, floor: Sequence[str] | None = None,
+                   metric: str = "score (minus the loss)") -> "LMSearchSpace":
         """The space of `model`'s transformer blocks (edgetune.compiler.scheme.transformer_blocks),
-        cut into `bands` bands (at most one a block). kinds: the projection kinds to search (names inside a block, e.g.
-        "self_attn.q_proj"; default: every linear of a block). floor: parameter names always
+        cut into `bands` bands (at most one a block). kinds: the projection kinds to search
+        (names inside a block, e.g. "self_attn.q_proj"; default: every linear of a block). floor: parameter names always
         trained (default: the 1-D parameters after the last block, e.g. a causal LM's final
-        norm). norm_steps: how many k besides 0 to analyse for the blocks' norms and biases."""
+        norm; a classifier's new head is given here). norm_steps: how many k besides 0 to
+        analyse for the blocks' norms and biases."""
         options = _options(ratios, lora_ranks)
         blocks = transformer_blocks(model, "the LM search")
         if bands < 1:
@@ -119,7 +120,7 @@ class LMSearchSpace:
         bias_units = tuple(tuple(n for n, p in params.items() if n.startswith(b + ".") and p.dim() == 1) for b in blocks)
         steps = max(1, min(norm_steps, len(blocks)))
         choices = tuple(sorted({round(len(blocks) * j / steps) for j in range(steps + 1)}))
-        return cls(floor, tuple(blocks), bias_units, choices, tuple(units), units, options, kinds)
+        return cls(floor, tuple(blocks), bias_units, choices, tuple(units), units, options, kinds, metric)
 
     def scheme(self, k: int, weights: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The scheme dict: the floor, norms and biases of the last k blocks, each unit at its option."""

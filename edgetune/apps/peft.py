@@ -8,6 +8,7 @@ into the base weights.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -35,6 +36,37 @@ def merged_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         a, b = (trainer.adapters[k] for k in adapter_names(name))
         merged[name] = params[name].detach() + (b @ a) * rule.scale
     return merged
+
+
+@contextlib.contextmanager
+def adapters_merged(trainer: Trainer):
+    """The trainer's model as plain PyTorch should see the trained step, for evaluation:
+    weights the step holds as int8 lent back as floats (Trainer.dequantized), and LoRA
+    adapters folded in. The adapters live in the trainer, not the model, and the compiled
+    step adds them to the frozen weights itself, so the frozen weights are put back, bitwise,
+    afterwards."""
+    with trainer.dequantized():
+        if not getattr(trainer, "adapters", None):
+            yield trainer.model
+            return
+        with _lora_folded_in(trainer):
+            yield trainer.model
+
+
+@contextlib.contextmanager
+def _lora_folded_in(trainer: Trainer):
+    params = dict(trainer.model.named_parameters())
+    merged = merged_state(trainer)
+    frozen = {n: params[n].detach().clone() for n in merged}
+    try:
+        with torch.no_grad():
+            for n, w in merged.items():
+                params[n].copy_(w)
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in frozen.items():
+                params[n].copy_(w)
 
 
 def save_peft_adapter(trainer: Trainer, out_dir: str, base_model_name: str | None = None,

@@ -101,6 +101,10 @@ class SearchSpace:
     def bias_label(k: int) -> str:
         return f"biases of the last {k}"
 
+    def describe(self) -> str:
+        return (f"biases of the last k of {len(self.bias_units)} layers (k in {list(self.bias_choices)}), "
+                f"{len(self.weight_units)} weights at ratios {list(self.ratios)}")
+
     def decode(self, genome: Genome) -> tuple[int, dict[str, float]]:
         return self.bias_choices[genome[0]], {u: self.ratios[g] for u, g in zip(self.weight_units, genome[1:]) if g}
 

@@ -153,3 +153,20 @@ def test_the_last_partial_batch_trains_where_the_trainer_takes_its_shape(items, 
                        evaluate_before=False, log=lambda _: None)
     assert rows == steps * 2 and len(history.losses) == len(rows)
     assert sorted(len(v.examples[1][0]) for v in trainer.variants.values()) == sorted(set(steps))
+
+
+def test_finetune_evaluates_a_lora_scheme_with_its_adapters_folded_in():
+    from edgetune.apps.peft import adapters_merged
+
+    torch.manual_seed(0)
+    model = build("resnet", num_classes=2).eval()
+    train, val = _blobs(64, 0), _blobs(32, 1)
+    inputs, targets = _prepare(train.items[:16], True), (train.labels[:16],)
+    trainer = et.compile(model, F.cross_entropy, inputs, targets, scheme={"fc.weight": {"lora": 2, "alpha": 4}},
+                         optimizer=et.AdamW(lr=0.05))
+    history = finetune(trainer, train, val, _prepare, epochs=2, batch_size=16, lr=0.05, progress=False,
+                       log=lambda _: None)
+    with adapters_merged(trainer) as merged:
+        as_trained = evaluate(merged, val, _prepare).loss
+    assert history.final["loss"] == pytest.approx(as_trained)
+    assert evaluate(model, val, _prepare).loss != pytest.approx(as_trained)  # the bare model lacks the adapters

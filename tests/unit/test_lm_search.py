@@ -194,3 +194,21 @@ def test_auto_and_budget_go_together(tmp_path, capsys):
     assert main(["search-lm", "--model", "tiny-llama", "--data", data, "--budget", "10MB",
                  "--search-lora", "x"]) == 2
     assert "--search-lora takes LoRA ranks" in capsys.readouterr().err
+
+
+def test_a_classifier_job_searches_its_transformer_blocks_with_its_head_as_the_floor():
+    from edgetune.apps.jobs import SearchSettings, build_job, search_space
+    from edgetune.apps.search import SearchSpace
+
+    vit = build_job("vit", "digits", size=16, train_limit=40)
+    space = search_space(vit, SearchSettings(ratios=(0.0, 0.5, 1.0), lora_ranks=(2,), bands=1))
+    assert isinstance(space, LMSearchSpace) and space.metric == "accuracy"
+    assert space.floor == ("head.weight", "head.bias") and space.blocks == ("blocks.0", "blocks.1")
+    assert space.ratios == (0.0, 0.5, 1.0, "lora:2")
+    assert "blocks.{0-1}.attn.qkv.weight" in space.weight_units  # early blocks too
+    layers = search_space(vit, SearchSettings(space="layers"))
+    assert isinstance(layers, SearchSpace) and layers.head == "head"
+    resnet = build_job("resnet", "digits", size=16, train_limit=40)
+    assert isinstance(search_space(resnet, SearchSettings()), SearchSpace)  # no blocks: the layers space
+    with pytest.raises(ValueError, match="unknown search space"):
+        search_space(resnet, SearchSettings(space="everything"))
