@@ -21,7 +21,6 @@ optimizer's seed is drawn the same way, so nodes and rounds perturb in different
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import uuid
 from collections import OrderedDict
@@ -32,6 +31,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from edgetune.apps.peft import adapters_merged  # a node evaluates its model as trained: adapters folded in
 from edgetune.federated import slices
 from edgetune.federated.records import load_record, payload_bytes, to_record
 
@@ -206,7 +206,7 @@ def evaluate(trainer, loss_fn: Callable, data: Data, batch_size: int = 256) -> d
     """Mean loss (and accuracy, where the output is [N, classes] logits and the first target
     holds class ids) of the trainer's model in eval mode on `data`, as plain PyTorch sees the
     trained step: int8 weights dequantized, LoRA adapters folded in (and taken out again)."""
-    with _as_trained(trainer) as model:
+    with adapters_merged(trainer) as model:
         return evaluate_model(model, loss_fn, data, batch_size)
 
 
@@ -235,28 +235,6 @@ def evaluate_model(model: torch.nn.Module, loss_fn: Callable, data: Data, batch_
     if classifier:
         metrics["eval-accuracy"] = correct / n
     return metrics
-
-
-@contextlib.contextmanager
-def _as_trained(trainer):
-    with trainer.dequantized():
-        if not trainer.adapters:
-            yield trainer.model
-            return
-        from edgetune.apps.peft import merged_state
-
-        params = dict(trainer.model.named_parameters())
-        merged = merged_state(trainer)
-        frozen = {k: params[k].detach().clone() for k in merged}
-        try:
-            with torch.no_grad():
-                for k, w in merged.items():
-                    params[k].copy_(w)
-            yield trainer.model
-        finally:
-            with torch.no_grad():
-                for k, w in frozen.items():
-                    params[k].copy_(w)
 
 
 def client_app(task: Task) -> ClientApp:
