@@ -36,6 +36,21 @@ load: every step's time is kept in the results. Peaks: the predicted peak of the
 step (LISA: a period's), and with --measure-peaks the measured one (edgetune.apps.measure, one
 batch, once per row); LoRA's is measured whenever a searched row needs its budget.
 
+Cost (not run yet): one lm-sparse:6 run of 20 steps on SmolLM2 with these settings, timed on
+this project's 2-core VM while other work held it at a load of about 4, took 18 minutes:
+loading 31 s, compiling 8 s, 4.0 s a step (median), 1.1-1.4 s per evaluated conversation
+(an evaluation of 50 validation conversations and one training batch about 1 minute, the
+100 test conversations 112 s), the 40 questions 361 s. So a 150-step run with 7 evaluations
+takes about 26 minutes at that load, and the 81 runs of 9 rows x 3 rates x 3 seeds about 35
+hours, before any grid extension (3 runs each) and before the searches: their contributions,
+217 short runs (30 steps, 64 scored conversations) per search seed, 434 in all, shared by the
+three budgets through the cache, of the order of a day more at that load. lm_quality's
+150-step lm-sparse:6 run took 161 s with its evaluations on a quieter machine (1.07 s a
+step at most, 3.7x faster): about 9 hours of runs and 6 of search there. LoRA, GaLore and
+full steps are slower than lm-sparse:6's (lm_quality: 245 s for LoRA against 161 s), and
+the 20-step run evaluated 64 training conversations besides (now one batch: per-conversation
+costs carried over). --questions 10 cuts 5 of a run's minutes at that load.
+
 Results go to experiments/results/lm_methods.json (finished runs are kept, so an interrupted
 sweep resumes), and the RESULTS.md section between MARKERS is rewritten (experiments.report
 keeps it). --tiny writes lm_methods-tiny.json and no RESULTS.md unless --results-md is given.
@@ -211,7 +226,10 @@ def run_one(spec: dict, lr: float, seed: int, settings: dict) -> dict:
     try:
         history = finetune_lm(trainer, train, val, steps=settings["steps"], batch_size=settings["batch"], lr=lr,
                               warmup=settings["warmup"], eval_every=settings["eval_every"], seed=seed,
-                              progress=False, log=lambda _: None)
+                              progress=False, log=lambda _: None,
+                              # only the held-out loss is read: one batch of training loss, not 64
+                              # examples, keeps each evaluation half as long
+                              train_eval_size=settings["batch"])
     except FloatingPointError as err:
         return {"lr": lr, "seed": seed, "diverged": str(err), "val": None, "steps_done": len(clock.seconds)}
     with adapters_merged(trainer) as model:
