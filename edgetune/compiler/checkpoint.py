@@ -12,6 +12,7 @@ damaged file from a good one: safetensors checks the layout, not the data.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,19 +63,21 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file {path}")
     for _ in range(5):
-        before = _identity(path)
-        try:
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                metadata = f.metadata() or {}
-                _check_format(path, metadata)
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except SafetensorError as err:
-            raise ValueError(_unreadable(path, err)) from None
         # safetensors opens the path more than once: a writer that replaced the file meanwhile
         # (a run saving its next checkpoint) would hand us one file's header with the other's
-        # data. Read again until the file stayed the same throughout.
-        if _identity(path) == before:
-            break
+        # data. Where the OS can name the file we opened (Linux's /proc/self/fd), every open
+        # reads that one file; elsewhere, read again until the file stayed the same throughout.
+        with _pinned(path) as pinned:
+            before = _identity(pinned)
+            try:
+                with safe_open(pinned, framework="pt", device=str(device)) as f:
+                    metadata = f.metadata() or {}
+                    _check_format(path, metadata)
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}
+            except SafetensorError as err:
+                raise ValueError(_unreadable(path, err)) from None
+            if _identity(pinned) == before:
+                break
     if "digest" in metadata and metadata["digest"] != tensor_digest(tensors):
         raise _damaged(path, "its tensors do not match the digest written with them")
     try:
@@ -96,6 +99,17 @@ def _state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[s
     if "run" in metadata:
         state["run"] = json.loads(metadata["run"])
     return state
+
+
+@contextlib.contextmanager
+def _pinned(path: str):
+    """A path that names, until the block ends, the file `path` names now, whatever replaces it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        by_fd = f"/proc/self/fd/{fd}"
+        yield by_fd if os.path.exists(by_fd) else path
+    finally:
+        os.close(fd)
 
 
 def _identity(path: str) -> tuple[int, int, int]:
