@@ -1,5 +1,6 @@
 """What the language-model experiments share: a measurement run in a fresh process (its
-last stdout line is its JSON result), and a results file read back."""
+last stdout line is its JSON result), a results file read back, and their section of
+RESULTS.md written in place."""
 from __future__ import annotations
 
 import json
@@ -23,3 +24,18 @@ def load_json(path: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def write_marked_section(path: str, markers: tuple[str, str], body: str) -> None:
+    """Replace the text between `markers` in the markdown file `path` with `body`, or append
+    the marked body where the file has no such section yet."""
+    from edgetune.files import write_text
+
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{markers[0]}\n{body}\n{markers[1]}"
+    if markers[0] in text and markers[1] in text:
+        head, rest = text.split(markers[0], 1)
+        text = head + block + rest.split(markers[1], 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    write_text(path, text)

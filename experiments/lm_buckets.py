@@ -33,8 +33,8 @@ import subprocess
 import sys
 import time
 
-from edgetune.files import write_json, write_text
-from experiments.children import load_json, run_child
+from edgetune.files import write_json
+from experiments.children import load_json, run_child, write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm_buckets.json")
@@ -379,14 +379,7 @@ def _serial(results: dict) -> list[str]:
 def write_section(results: dict) -> None:
     """Replace this experiment's section of RESULTS.md (between MARKERS), or append it.
     experiments.report rewrites RESULTS.md without it: run --report after it."""
-    text = open(RESULTS_MD).read() if os.path.exists(RESULTS_MD) else ""
-    block = f"{MARKERS[0]}\n{section(results)}\n{MARKERS[1]}"
-    if MARKERS[0] in text and MARKERS[1] in text:
-        head, rest = text.split(MARKERS[0], 1)
-        text = head + block + rest.split(MARKERS[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(RESULTS_MD, text)
+    write_marked_section(RESULTS_MD, MARKERS, section(results))
 
 
 def main(argv: list[str] | None = None) -> None:

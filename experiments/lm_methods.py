@@ -76,8 +76,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from edgetune.files import write_json, write_text
-from experiments.children import load_json, run_child
+from edgetune.files import write_json
+from experiments.children import load_json, run_child, write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm_methods.json")
@@ -600,14 +600,7 @@ def _versus(name: str, r: dict, lora: dict, reference: str) -> str:
 
 def write_section(results: dict, path: str) -> None:
     """Replace this experiment's section of `path` (between MARKERS), or append it."""
-    text = open(path).read() if os.path.exists(path) else ""
-    block = f"{MARKERS[0]}\n{section(results)}\n{MARKERS[1]}"
-    if MARKERS[0] in text and MARKERS[1] in text:
-        head, rest = text.split(MARKERS[0], 1)
-        text = head + block + rest.split(MARKERS[1], 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
+    write_marked_section(path, MARKERS, section(results))
 
 
 def main(argv: list[str] | None = None) -> None:
