@@ -288,10 +288,9 @@ def _lm_search_args(p: argparse.ArgumentParser) -> None:
 def _lm_search_settings(args: argparse.Namespace):
     from edgetune.apps.lm_search import LMSearchSettings
 
-    ratios = tuple(r for r in _ratios(args.search_ratios) if r > 0)
     return LMSearchSettings(steps=args.search_steps, batch=args.batch, seq_len=args.seq_len, optimizer=args.optimizer,
                             lr=args.lr, score_items=args.search_score_items, seeds=tuple(range(args.search_seeds)),
-                            bands=args.search_bands, ratios=ratios, lora_ranks=_lora_ranks(args.search_lora),
+                            bands=args.search_bands, ratios=_ratios(args.search_ratios), lora_ranks=_lora_ranks(args.search_lora),
                             cache=args.search_cache,
                             kinds=tuple(k.strip() for k in args.search_kinds.split(",")) if args.search_kinds else None)
 
@@ -693,6 +692,7 @@ def parse_lm_scheme(spec: str | None) -> et.schemes.SchemeLike:
 def run_finetune_lm(args: argparse.Namespace) -> int:
     from edgetune.apps.finetune import fit_batch
     from edgetune.apps.lm import compile_lm, finetune_lm
+    from edgetune.data.tasks import instruction_questions
 
     given, resumed = _resume_settings(args)
     _check_lisa(args)  # before the model loads
@@ -713,20 +713,21 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     if auto:
         scheme = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
     buckets = length_ladder(args.buckets, args.seq_len)
-    trainer = _lisa_trainer(args, lm, buckets) if args.lisa_layers else compile_lm(
+    trainer = _lisa_trainer(args, lm, buckets, optimizer) if args.lisa_layers else compile_lm(
         lm.model, scheme, args.batch, args.seq_len, optimizer, frozen_weights="int8" if args.int8 else "float",
         buckets=buckets)
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
-    answered = [_answer_scores(args, trainer, lm)] if args.qa_eval else []
+    questions = instruction_questions(args.qa_eval) if args.qa_eval else []
+    before = _answer_scores(trainer, lm, questions) if questions else None
     history = finetune_lm(trainer, train, val, steps=None if args.epochs else (args.steps or 100), epochs=args.epochs,
                           batch_size=args.batch, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
                           eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress,
                           checkpoints=_checkpoints(args, trainer, {}), buckets=buckets)
     out, saved = _save_lm_run(args, trainer, history)
-    if answered:
-        _write_answer_scores(args, answered[0], _answer_scores(args, trainer, lm))
+    if questions:
+        _write_answer_scores(args, questions, before, _answer_scores(trainer, lm, questions))
     first, last = history.evals[0], history.final
     print(f"\ntraining loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, held-out loss {first['loss']:.4f} "
           f"-> {last['loss']:.4f} after {len(history.losses)} steps in {history.seconds:.0f}s\n{saved}; history, "
@@ -734,18 +735,15 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _answer_scores(args: argparse.Namespace, trainer, lm) -> dict:
-    from edgetune.apps.lm import adapters_merged, answer_scores
-    from edgetune.data.tasks import instruction_questions
+def _answer_scores(trainer, lm, questions) -> dict:
+    from edgetune.apps.lm import answer_scores
+    from edgetune.apps.peft import adapters_merged
 
     with adapters_merged(trainer) as model:
-        return answer_scores(model, lm.tokenizer, instruction_questions(args.qa_eval))
+        return answer_scores(model, lm.tokenizer, questions)
 
 
-def _write_answer_scores(args: argparse.Namespace, before: dict, after: dict) -> None:
-    from edgetune.data.tasks import instruction_questions
-
-    questions = instruction_questions(args.qa_eval)
+def _write_answer_scores(args: argparse.Namespace, questions, before: dict, after: dict) -> None:
     write_json(os.path.join(args.out, "answers.json"), {
         "before": {k: v for k, v in before.items() if k != "replies"},
         "after": {k: v for k, v in after.items() if k != "replies"},
@@ -810,10 +808,10 @@ def _names_lora(spec: str) -> bool:
     return any(isinstance(rule, dict) and "lora" in rule for rule in scheme.values())
 
 
-def _lisa_trainer(args: argparse.Namespace, lm, buckets: list[int]):
+def _lisa_trainer(args: argparse.Namespace, lm, buckets: list[int], optimizer):
     from edgetune.apps.lisa import DEFAULT_INTERVAL, lisa_lm
 
-    trainer = lisa_lm(lm.model, args.batch, args.seq_len, by_name(args.optimizer, args.lr, args.weight_decay),
+    trainer = lisa_lm(lm.model, args.batch, args.seq_len, optimizer,
                       layers=args.lisa_layers, interval=args.lisa_interval or DEFAULT_INTERVAL, buckets=buckets,
                       seed=args.seed)
     print(trainer.describe())

@@ -225,7 +225,7 @@ def search_space(job: Job, settings: SearchSettings):
     from edgetune.apps.lm_search import LMSearchSpace
 
     head = [n for n, _ in job.model.named_parameters() if n.startswith(job.head + ".")]
-    return LMSearchSpace.from_model(job.model, bands=settings.bands, ratios=[r for r in settings.ratios if r > 0],
+    return LMSearchSpace.from_model(job.model, bands=settings.bands, ratios=settings.ratios,
                                     lora_ranks=settings.lora_ranks, floor=head, metric="accuracy")
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import edgetune as et
 from edgetune.data.chat import IGNORE, LMData
 from edgetune.apps.finetune import History, _progress, learning_rate, save_weights
-from edgetune.apps.peft import adapters_merged  # noqa: F401  (the LM loops' evaluations; importers use it from here)
+from edgetune.apps.peft import adapters_merged
 from edgetune.files import atomic_write
 from edgetune.models.hf import CAUSAL_LMS, CausalLM, causal_lm_loss, load_causal_lm, tiny_causal_lm
 

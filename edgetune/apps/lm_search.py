@@ -279,7 +279,8 @@ def short_lm_run(model: torch.nn.Module, train, score, settings: LMSearchSetting
                  ) -> Callable[[dict], float]:
     """evaluate(scheme) -> minus the held-out loss after a short run; the weights restored after."""
     from edgetune.apps.finetune import learning_rate
-    from edgetune.apps.lm import adapters_merged, compile_lm, evaluate_lm, trained_names
+    from edgetune.apps.lm import _endless, compile_lm, evaluate_lm, trained_names
+    from edgetune.apps.peft import adapters_merged
     from edgetune.compiler.optim import by_name
 
     params = dict(model.named_parameters())
@@ -288,7 +289,8 @@ def short_lm_run(model: torch.nn.Module, train, score, settings: LMSearchSetting
         trainer = compile_lm(model, scheme, settings.batch, settings.seq_len, by_name(settings.optimizer, settings.lr))
         before = {n: params[n].detach().clone() for n in trained_names(trainer)}
         try:
-            for i, (ids, mask, labels) in enumerate(_batches(train, settings, seed)):
+            # Batches as finetune_lm draws them: reshuffled each pass, a short last one filled.
+            for i, (ids, mask, labels) in enumerate(_endless(train, settings.batch, seed, settings.steps, None)):
                 trainer.lr = learning_rate(i, settings.steps, settings.lr, "cosine")
                 trainer.step((ids, mask), (labels,))
             with adapters_merged(trainer) as trained:
@@ -300,18 +302,6 @@ def short_lm_run(model: torch.nn.Module, train, score, settings: LMSearchSetting
                     params[n].copy_(value)
 
     return run
-
-
-def _batches(data, s: LMSearchSettings, seed: int):
-    """`s.steps` full batches of shuffled examples, passes repeated with new orders as needed."""
-    done, epoch = 0, 0
-    while done < s.steps:
-        for batch in data.batches(s.batch, shuffle=True, seed=seed * 1000 + epoch, drop_last=True):
-            yield batch
-            done += 1
-            if done == s.steps:
-                return
-        epoch += 1
 
 
 def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, budget_bytes: int,
