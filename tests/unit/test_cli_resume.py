@@ -15,24 +15,26 @@ from edgetune.cli import main
 from tests.unit.test_lm import write_chats
 
 # A new process with this edgetune on the path, the same thread count as this one (so that
-# its kernels compute bitwise the same), which SIGKILLs itself when a step is about to run
-# with KILL_AT steps done.
+# its kernels compute bitwise the same), which SIGKILLs itself when STEPPER's step ("module:Class":
+# the Trainer, or a schedule that steps like one) is about to run with KILL_AT steps done.
 DRIVER = """
-import os, signal, sys
+import importlib, os, signal, sys
 import torch
-import edgetune.compiler.trainer as trainer
+module, name = os.environ["STEPPER"].split(":")
+stepper = getattr(importlib.import_module(module), name)
 torch.set_num_threads(int(os.environ["THREADS"]))
-kill_at, step = int(os.environ["KILL_AT"]), trainer.Trainer.step
+kill_at, step = int(os.environ["KILL_AT"]), stepper.step
 
 def step_or_die(self, *args, **kwargs):
     if self.steps == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
     return step(self, *args, **kwargs)
 
-trainer.Trainer.step = step_or_die
+stepper.step = step_or_die
 from edgetune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+TRAINER = "edgetune.compiler.trainer:Trainer"
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +42,8 @@ def quick_plan(monkeypatch):
     monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")  # a plan from estimates: same numbers, less time
 
 
-def _killed_at(args: list[str], steps_done: int) -> int:
-    env = dict(os.environ, KILL_AT=str(steps_done), THREADS=str(torch.get_num_threads()),
+def _killed_at(args: list[str], steps_done: int, stepper: str = TRAINER) -> int:
+    env = dict(os.environ, KILL_AT=str(steps_done), STEPPER=stepper, THREADS=str(torch.get_num_threads()),
                PYTHONPATH=os.getcwd())
     return subprocess.run([sys.executable, "-c", DRIVER, *args], env=env, capture_output=True).returncode
 

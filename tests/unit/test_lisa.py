@@ -225,44 +225,19 @@ def test_cli_lisa_interval_alone_is_refused(tmp_path, capsys):
     assert "--lisa-interval needs --lisa-layers" in capsys.readouterr().err
 
 
-# A process that SIGKILLs itself when a LISA step is about to run with KILL_AT steps done
-# (tests/unit/test_cli_resume.py's driver, at the schedule's step count).
-KILLING_DRIVER = """
-import os, signal, sys
-import torch
-import edgetune.apps.lisa as lisa
-torch.set_num_threads(int(os.environ["THREADS"]))
-kill_at, step = int(os.environ["KILL_AT"]), lisa.LisaTrainer.step
-
-def step_or_die(self, *args, **kwargs):
-    if self.steps == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return step(self, *args, **kwargs)
-
-lisa.LisaTrainer.step = step_or_die
-from edgetune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_cli_lisa_killed_mid_period_then_resumed_ends_as_if_never_stopped(tmp_path):
     import signal
-    import subprocess
-    import sys
 
-    from safetensors.torch import load_file
+    from tests.unit.test_cli_resume import _killed_at, _losses, _same_tensors
 
     run = ["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl"), "--lisa-layers", "1",
            "--lisa-interval", "3", "--steps", "7", "--batch", "4", "--seq-len", "32", "--lr", "3e-3", "--val-count",
            "4", "--buckets", "none", "--checkpoint-every", "2", "--no-progress"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    env = dict(os.environ, KILL_AT="5", THREADS=str(torch.get_num_threads()), PYTHONPATH=os.getcwd())
-    died = subprocess.run([sys.executable, "-c", KILLING_DRIVER, *run, "--out", str(killed)], env=env,
-                          capture_output=True)
-    assert died.returncode == -signal.SIGKILL, died.stderr.decode()[-2000:]  # its checkpoint: step 4, 1 into period 1
+    # its checkpoint: step 4, 1 into period 1
+    assert _killed_at(run + ["--out", str(killed)], steps_done=5, stepper="edgetune.apps.lisa:LisaTrainer") == \
+        -signal.SIGKILL
     assert main(["finetune-lm", "--resume", str(killed)]) == 0
     assert main(run + ["--out", str(whole)]) == 0
-    losses = [json.loads((f / "history.json").read_text())["losses"] for f in (killed, whole)]
-    assert losses[0] == losses[1] and len(losses[1]) == 7
-    got, want = (load_file(str(f / "trained.safetensors")) for f in (killed, whole))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert _losses(killed) == _losses(whole) and len(_losses(whole)) == 7
+    assert _same_tensors(killed / "trained.safetensors", whole / "trained.safetensors")
