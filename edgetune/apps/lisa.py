@@ -341,13 +341,14 @@ _NOT_INT8 = ("LISA cannot hold frozen weights as int8: a block frozen in one per
 
 
 def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    if set(got) != set(want):
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise ValueError(f"the checkpoint's {what} do not fit this LISA run: missing {missing[:3]}, unexpected "
-                         f"{extra[:3]} (resume with the same model, seed, --lisa-layers and --lisa-interval)")
-    wrong = [k for k in got if tuple(got[k].shape) != tuple(want[k].shape)]
-    if wrong:
-        raise ValueError(f"the checkpoint's {what} have other shapes than this run's: {wrong[:3]}")
+    """The Trainer's check of a checkpoint's names, shapes and dtypes, with what to do for LISA."""
+    from edgetune.compiler.trainer import _check_same as check
+
+    try:
+        check(what, got, want)
+    except ValueError as err:
+        raise ValueError(f"the checkpoint's {what} do not fit this LISA run ({err}): resume with the same model, "
+                         "seed, --lisa-layers and --lisa-interval") from None
 
 
 # -- builders -----------------------------------------------------------------------------------
