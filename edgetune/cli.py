@@ -239,6 +239,8 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-bands", type=int, default=3, help="with the blocks space: groups of consecutive blocks")
     p.add_argument("--search-lora", default="none", help="with the blocks space: LoRA ranks a projection may train "
                    "with instead, comma-separated (none: no LoRA candidates)")
+    p.add_argument("--search-seeds", type=int, default=1, help="contribution runs per candidate, each with another "
+                   "draw and order of the training items; the search uses their mean gain and logs their spread")
     p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
                    help="contributions measured once, reused by later searches with other budgets")
 
@@ -515,7 +517,8 @@ def _search_settings(args: argparse.Namespace):
 
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
                           seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios),
-                          space=args.search_space, bands=args.search_bands, lora_ranks=_lora_ranks(args.search_lora))
+                          space=args.search_space, bands=args.search_bands, lora_ranks=_lora_ranks(args.search_lora),
+                          seeds=args.search_seeds)
 
 
 def _ratios(text: str) -> tuple[float, ...]:

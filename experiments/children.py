@@ -1,9 +1,10 @@
-"""What the language-model experiments share: a measurement run in a fresh process (its
-last stdout line is its JSON result), a results file read back, and their section of
-RESULTS.md written in place."""
+"""What the experiments share: a measurement run in a fresh process (its last stdout line is
+its JSON result), a results file read back, their section of RESULTS.md written in place, and
+the rule that keeps a tuned learning rate off its grid's edge."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,3 +40,18 @@ def write_marked_section(path: str, markers: tuple[str, str], body: str) -> None
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_text(path, text)
+
+
+def choose_lr(grid: list[float], loss: dict[float, float]) -> tuple[float, float | None]:
+    """(the rate with the lowest `loss`, the rate to add or None). A best at the top of the grid
+    asks for one 3x above it, at the bottom for one 3x below, so that a tuned rate is never a
+    grid's edge; where every rate diverged (inf), lower rates are tried."""
+    grid = sorted(grid)
+    best = min(grid, key=lambda lr: (loss[lr], lr))
+    if math.isinf(loss[best]):
+        return best, grid[0] / 3
+    if best == grid[-1]:
+        return best, best * 3
+    if best == grid[0]:
+        return best, best / 3
+    return best, None

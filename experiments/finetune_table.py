@@ -4,12 +4,15 @@ its measured peak memory.
 
     python -m experiments.finetune_table vision            # MobileNetV2-ImageNet -> Fashion-MNIST
     python -m experiments.finetune_table text              # MiniLM-L6 -> Rotten Tomatoes
-    python -m experiments.finetune_table vision --rows full,bias_only --quick
+    python -m experiments.finetune_table vision --rows full bias_only --quick
 
 Protocol, the same for every row of a task: the learning rate is chosen from the task's grid
 by a short run (1 epoch) on 80% of the training subset, scored on the other 20% (never on the
-test split); then the row trains `epochs` epochs on the whole training subset with that rate
-and is scored on the test split. Peak = memory of a training step above the weights, measured
+test split); where the best rate is the grid's lowest or highest, one 3x beyond that edge is
+tried too, up to `max_extensions` times, so that a tuned rate is not an edge. Then the row
+trains `epochs` epochs on the whole training subset with that rate, once per seed of the
+task (the seed orders the batches and draws the new head), and is scored on the test split:
+the mean over the seeds, with their standard deviation. Peak = memory of a training step above the weights, measured
 in a forked process (edgetune.apps.measure). Results go to experiments/results/<task>.json, one
 entry per row, re-run rows replace old ones; `python -m experiments.report` writes RESULTS.md.
 """
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +35,7 @@ from edgetune.apps.finetune import evaluate, finetune
 from edgetune.apps.jobs import build_job
 from edgetune.compiler.optim import by_name
 from edgetune.files import write_json
+from experiments.children import choose_lr
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -50,6 +56,15 @@ class Task:
     search_ratios: tuple = (0.0, 0.125, 0.25, 0.5, 1.0)
     search_weights: str | None = None  # module-name pattern of weight candidates (default: edgetune's)
     search_steps: int = 50  # training steps of each contribution run
+    # edgetune.apps.jobs.SearchSettings.space: "layers" (the Tiny Training Engine's) or "blocks"
+    # (every transformer block, in search_bands bands, LoRA ranks search_lora as options too).
+    # A row "auto:<fraction>:<space>" overrides it.
+    search_space: str = "layers"
+    search_bands: int = 3
+    search_lora: tuple = ()
+    search_seeds: int = 1  # contribution runs per candidate (their mean gain is searched)
+    seeds: tuple = (0,)  # the final training's seeds
+    max_extensions: int = 2  # how often the rate grid may grow past an edge best
 
 
 TASKS = {
@@ -58,9 +73,11 @@ TASKS = {
                     "auto:0.5"],
                    size=96, train_limit=6000, test_limit=3000),
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
-                 ["full", "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25", "auto:0.3",
-                  "auto:0.5"], epochs=2, max_len=32, train_limit=2000, test_limit=2000,
-                 search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*", search_steps=30),
+                 ["full", "lora:8:query,value,alpha=16", "last:8", "bias_only", "experiments/schemes/bert-sparse.json",
+                  "auto:0.25:layers", "auto:0.25", "auto:0.5"], epochs=2, max_len=32, train_limit=2000,
+                 test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
+                 search_steps=30, search_space="blocks", search_bands=6, search_lora=(8,), search_seeds=2,
+                 seeds=(0, 1, 2)),
 }
 
 
@@ -70,32 +87,42 @@ def job_for(task: Task, seed: int = 0):
 
 
 def scheme_for(task: Task, spec: str, full_peak: int | None, args):
-    """A scheme spec: a preset or file (see `edgetune finetune --scheme`), or auto:<fraction>."""
+    """A scheme spec: a preset or file (see `edgetune finetune --scheme`), or
+    auto:<fraction of full's peak>[:<search space>]."""
     if not spec.startswith("auto:"):
         return et.schemes.parse(spec), {}
     if full_peak is None:
         raise ValueError("a searched row needs the full row's measured peak first: run the 'full' row")
     from edgetune.apps.jobs import search_job
 
-    budget = int(float(spec.split(":")[1]) * full_peak)
-    found = search_job(job_for(task), budget, search_settings(task, args))
-    return found.scheme, {"budget_bytes": budget, "search_predicted_peak_bytes": found.predicted_peak_bytes,
+    fraction, space = searched_row(task, spec)
+    budget = int(fraction * full_peak)
+    found = search_job(job_for(task), budget, search_settings(task, args, space))
+    return found.scheme, {"budget_bytes": budget, "search_space": space,
+                          "search_predicted_peak_bytes": found.predicted_peak_bytes,
                           "search_measured_peak_bytes": found.measured_peak_bytes,
                           "search_predicted_gain": found.predicted_gain}
 
 
-def search_settings(task: Task, args):
+def searched_row(task: Task, spec: str) -> tuple[float, str]:
+    """"auto:0.25" -> (0.25, the task's search space); "auto:0.25:layers" -> (0.25, "layers")."""
+    _, fraction, *space = spec.split(":")
+    return float(fraction), space[0] if space else task.search_space
+
+
+def search_settings(task: Task, args, space: str | None = None):
     from edgetune.apps.jobs import SearchSettings
 
     return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
                           steps=20 if args.quick else task.search_steps, ratios=task.search_ratios,
-                          weights=task.search_weights,
-                          cache=os.path.join(RESULTS, "search-cache.json"))
+                          weights=task.search_weights, space=space or task.search_space, bands=task.search_bands,
+                          lora_ranks=task.search_lora, seeds=task.search_seeds, cache=os.path.join(RESULTS, "search-cache.json"))
 
 
-def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
-    """Fresh pretrained weights, one run; returns (job, trainer, history)."""
-    torch.manual_seed(0)
+def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool, seed: int = 0):
+    """Fresh pretrained weights, one run (seed: the head's draw and the batches' order);
+    returns (job, trainer, history)."""
+    torch.manual_seed(seed)
     job = job_for(task)
     if tuning:  # choose the rate on part of the training data, never on the test split
         job.train, job.val = job.train.split(0.2, seed=1)
@@ -103,7 +130,7 @@ def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool):
     trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
                          optimizer=by_name(task.optimizer, lr))
     history = finetune(trainer, job.train, job.val, job.prepare, epochs=epochs, batch_size=task.batch, lr=lr,
-                       evaluate_before=False, log=lambda line: None, progress=False)
+                       seed=seed, evaluate_before=False, log=lambda line: None, progress=False)
     return job, trainer, history
 
 
@@ -118,32 +145,56 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
     inputs, targets = job.example(task.batch)
     peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
                         by_name(task.optimizer, task.lrs[0]))
-    tuning = {}
-    for lr in task.lrs:
-        try:
-            tuning[lr] = train_once(task, scheme, lr, epochs=1, tuning=True)[2].final["accuracy"]
-        except FloatingPointError:
-            tuning[lr] = float("nan")
-        print(f"  {spec}: lr {lr:g} -> {100 * tuning[lr]:.2f}% (tuning split)", flush=True)
-    lr = max((a, lr) for lr, a in tuning.items() if a == a)[1]
-    job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False)
+    lr, tuning = tune_lr(task, lambda rate: _tuning_accuracy(task, scheme, rate, spec))
+    accuracies, per_epoch, seconds = [], [], []
+    for seed in task.seeds:
+        job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False, seed=seed)
+        accuracies.append(evaluate(job.model, job.val, job.prepare).accuracy)
+        per_epoch.append([e["accuracy"] for e in history.evals])
+        seconds.append(history.seconds)
+        print(f"  {spec}: seed {seed} -> {100 * accuracies[-1]:.2f}% (test split)", flush=True)
     report = trainer.report()
     return {"scheme": spec, "lr": lr, "tuning": {str(k): v for k, v in tuning.items()},
-            "accuracy": evaluate(job.model, job.val, job.prepare).accuracy,
-            "per_epoch": [e["accuracy"] for e in history.evals], "measured_peak_bytes": peak,
+            "accuracy": statistics.fmean(accuracies), "accuracies": accuracies,
+            "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+            "seeds": list(task.seeds), "per_epoch": per_epoch, "measured_peak_bytes": peak,
             "predicted_peak_bytes": report.predicted_peak_bytes, "trainable_params": trainer.trainable_params,
-            "total_params": sum(p.numel() for p in job.model.parameters()), "train_seconds": history.seconds,
+            "total_params": sum(p.numel() for p in job.model.parameters()), "train_seconds": statistics.fmean(seconds),
             "row_seconds": time.perf_counter() - start, "rules": _rules(trainer), **info}
 
 
+def tune_lr(task: Task, accuracy_at) -> tuple[float, dict[float, float]]:
+    """(the rate with the best tuning accuracy, every rate tried -> its accuracy): the task's
+    grid, grown 3x past an edge best up to task.max_extensions times (children.choose_lr)."""
+    tuning = {lr: accuracy_at(lr) for lr in task.lrs}
+    while True:
+        # choose_lr minimises a loss: a diverged run (nan) counts as the worst
+        best, extra = choose_lr(list(tuning), {lr: -a if a == a else math.inf for lr, a in tuning.items()})
+        if extra is None or len(tuning) >= len(task.lrs) + task.max_extensions:
+            return best, tuning
+        tuning[extra] = accuracy_at(extra)
+
+
+def _tuning_accuracy(task: Task, scheme, lr: float, spec: str) -> float:
+    try:
+        accuracy = train_once(task, scheme, lr, epochs=1, tuning=True)[2].final["accuracy"]
+    except FloatingPointError:
+        accuracy = float("nan")
+    print(f"  {spec}: lr {lr:g} -> {100 * accuracy:.2f}% (tuning split)", flush=True)
+    return accuracy
+
+
 def _rules(trainer) -> dict:
-    return {n: "full" if not r.partial else r.ratio for n, r in trainer.rules.items()}
+    """The resolved scheme (exact names; LoRA and channel rules kept as such), as --remeasure reads it."""
+    from edgetune.compiler.scheme import as_mapping
+
+    return as_mapping(trainer.rules)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", choices=sorted(TASKS))
-    p.add_argument("--rows", help="comma-separated scheme specs (default: the task's rows)")
+    p.add_argument("--rows", nargs="+", help="scheme specs, one argument each (default: the task's rows)")
     p.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks the pipeline, not a result")
     p.add_argument("--remeasure", action="store_true",
                    help="measure the peak of every stored row again (its resolved scheme), nothing else")
@@ -153,6 +204,7 @@ def main(argv=None) -> int:
     task = TASKS[args.task]
     if args.quick:
         task.train_limit, task.test_limit, task.epochs, task.lrs = 320, 200, 1, task.lrs[1:2]
+        task.seeds, task.max_extensions = task.seeds[:1], 0
     if args.remeasure:
         return remeasure(args)
     if args.contributions_only:
@@ -164,7 +216,7 @@ def main(argv=None) -> int:
     results = _load(path)
     meta = {"task": vars(task), "date": time.strftime("%Y-%m-%d"), "cpu": _cpu(),
             "threads": torch.get_num_threads()}
-    specs = args.rows.split(",") if args.rows else task.rows
+    specs = args.rows or task.rows
     if args.row_process:  # the child of the loop below: one row, result as JSON on the last line
         (spec,) = specs
         full_peak = results.get("full", {}).get("measured_peak_bytes")

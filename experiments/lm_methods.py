@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edgetune.files import write_json
-from experiments.children import load_json, run_child, write_marked_section
+from experiments.children import choose_lr, load_json, run_child, write_marked_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_JSON = os.path.join(ROOT, "experiments", "results", "lm_methods.json")
@@ -335,21 +335,6 @@ def mean_val_by_lr(runs: dict, seeds: list[int]) -> dict[float, float]:
             by_lr.setdefault(run["lr"], []).append(run["val"])
     return {lr: (math.inf if any(v is None or not math.isfinite(v) for v in vals) else statistics.fmean(vals))
             for lr, vals in by_lr.items() if len(vals) == len(seeds)}
-
-
-def choose_lr(grid: list[float], mean_val: dict[float, float]) -> tuple[float, float | None]:
-    """(the rate with the lowest mean validation loss, the rate to add or None). A best at the
-    top of the grid asks for one 3x above it, at the bottom for one 3x below; where every rate
-    diverged, lower rates are tried."""
-    grid = sorted(grid)
-    best = min(grid, key=lambda lr: (mean_val[lr], lr))
-    if math.isinf(mean_val[best]):
-        return best, grid[0] / 3
-    if best == grid[-1]:
-        return best, best * 3
-    if best == grid[0]:
-        return best, best / 3
-    return best, None
 
 
 # -- the sweep -------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ def table(task: str, data: dict) -> list[str]:
              f"`python -m experiments.finetune_table {task}` — {t['model']} on {t['data']}: {t['train_limit']} "
              f"training items, {t['test_limit']} test items, {t['epochs']} epochs, batch {t['batch']}"
              + (f", {t['size']}x{t['size']} px" if t.get("size") else f", {t['max_len']} tokens")
-             + f", {t['optimizer']} with its rate tuned per row over {t['lrs']}; {meta['date']}, {meta['cpu']}.", "",
+             + f", {t['optimizer']} with its rate tuned per row over {t['lrs']}"
+             + (" (grown 3x past a best at its edge)" if t.get("max_extensions") else "")
+             + (f"; test accuracy: mean ± standard deviation over seeds {t['seeds']}" if len(t.get("seeds", ())) > 1
+                else "") + f"; {meta['date']}, {meta['cpu']}.", "",
              "| scheme | test accuracy | vs full | peak above weights (measured) | vs full | predicted peak "
              "| trainable params | lr |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -44,12 +47,32 @@ def table(task: str, data: dict) -> list[str]:
         if r is None or "error" in r:
             lines.append(f"| {spec} | {'not run' if r is None else 'failed: ' + r['error']} | | | | | | |")
             continue
-        name = spec if not spec.startswith("auto:") else f"searched, budget {r['budget_bytes'] / MB:.1f} MB"
         d_acc = f"{100 * (r['accuracy'] - full['accuracy']):+.2f}" if full else ""
         d_mem = f"{r['measured_peak_bytes'] / full['measured_peak_bytes']:.2f}x" if full else ""
-        lines.append(f"| {name} | {100 * r['accuracy']:.2f}% | {d_acc} | {r['measured_peak_bytes'] / MB:.1f} MB "
-                     f"| {d_mem} | {r['predicted_peak_bytes'] / MB:.1f} MB | {r['trainable_params']:,} | {r['lr']:g} |")
+        lines.append(f"| {_row_name(spec, r)} | {_accuracy(r)} | {d_acc} | {r['measured_peak_bytes'] / MB:.1f} MB "
+                     f"| {d_mem} | {r['predicted_peak_bytes'] / MB:.1f} MB | {r['trainable_params']:,} "
+                     f"| {_rate(r, t['lrs'])} |")
     return lines + [""]
+
+
+def _row_name(spec: str, r: dict) -> str:
+    if not spec.startswith("auto:"):
+        return spec
+    space = f" ({r['search_space']} space)" if "search_space" in r else ""
+    return f"searched{space}, budget {r['budget_bytes'] / MB:.1f} MB"
+
+
+def _accuracy(r: dict) -> str:
+    """The mean test accuracy, ± the seeds' standard deviation where several seeds ran."""
+    if len(r.get("accuracies", ())) > 1:
+        return f"{100 * r['accuracy']:.2f} ± {100 * r['accuracy_std']:.2f}%"
+    return f"{100 * r['accuracy']:.2f}%"
+
+
+def _rate(r: dict, grid: list[float]) -> str:
+    """The chosen rate, and the rates tried beyond the task's grid (its edge extensions)."""
+    extra = sorted(float(lr) for lr in r.get("tuning", {}) if float(lr) not in grid)
+    return f"{r['lr']:g}" + (f" (grid grown by {', '.join(f'{lr:g}' for lr in extra)})" if extra else "")
 
 
 def plot(tasks: dict[str, dict], path: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -180,6 +180,9 @@ class SearchSettings:
     space: str = "auto"
     bands: int = 3
     lora_ranks: tuple = ()
+    # Contribution runs per candidate, each with another draw and order of the training items
+    # (seeds seed, seed+1, ...): the search uses their mean gain and logs their spread.
+    seeds: int = 1
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
@@ -203,14 +206,30 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     """(search space, contributions) of `job`: one short run per candidate, or the cache's."""
     from edgetune.apps.search import contributions
 
-    space = search_space(job, settings)
+    from edgetune.apps.lm_search import seeded_contributions
+
+    s = settings
+    if s.seeds < 1:
+        raise ValueError(f"the search needs at least one seed of contribution runs, got {s.seeds}")
+    space = search_space(job, s)
     log(f"search space: {space.describe()}")
-    rest, score = _scoring_split(job, settings)
-    batch = fit_batch(settings.batch, len(rest), "training items left for the search's short runs", log)
-    train = rest.take(min(len(rest), settings.steps * batch), seed=settings.seed)
-    gains = contributions(space, _short_run(job, settings, train, score, batch), cache=settings.cache,
-                          context=_context(job, settings, batch), progress=lambda line: log(f"  {line}"))
-    return space, gains
+    rest, score = _scoring_split(job, s)  # the same scoring items for every seed
+    batch = fit_batch(s.batch, len(rest), "training items left for the search's short runs", log)
+
+    def run_with_seed(seed: int):
+        train = rest.take(min(len(rest), s.steps * batch), seed=seed)
+        return _short_run(job, replace(s, seed=seed), train, score, batch)
+
+    seeds = range(s.seed, s.seed + s.seeds)
+    progress = lambda line: log(f"  {line}")  # noqa: E731
+    if len(seeds) == 1:
+        return space, contributions(space, run_with_seed(s.seed), cache=s.cache,
+                                    context=f"{_context(job, s, batch)} | seed {s.seed}", progress=progress)
+    # Each seed is cached under the same key as a one-seed search with that seed.
+    gains = seeded_contributions(space, run_with_seed, seeds, cache=s.cache, context=_context(job, s, batch),
+                                 progress=progress)
+    log(f"contributions over seeds {list(seeds)}: {gains.noise_summary()}")
+    return space, gains.mean
 
 
 def search_space(job: Job, settings: SearchSettings):
@@ -274,7 +293,7 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
 
 def _context(job: Job, s: SearchSettings, batch: int) -> str:
     return (f"{job.model_name} | {job.data_name} ({len(job.train)} train) | {job.describe_input} | batch {batch} | "
-            f"{s.optimizer} lr {s.lr:g} | {s.steps} steps | {s.score_items} scored | seed {s.seed}")
+            f"{s.optimizer} lr {s.lr:g} | {s.steps} steps | {s.score_items} scored")
 
 
 def _weight_filter(model: torch.nn.Module, pattern: str | None):

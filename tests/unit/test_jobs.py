@@ -100,3 +100,31 @@ def test_the_search_clips_its_batch_to_the_items_left_for_its_short_runs(tmp_pat
     # 10 training items: 5 score the candidates, the short runs train on the other 5.
     assert "note: only 5 training items left for the search's short runs, so the batch is 5 instead of 32" in said
     assert "| batch 5 |" in seen["context"] and 0 <= seen["accuracy"] <= 1
+
+
+def test_a_search_with_two_seeds_averages_their_contributions_and_caches_each_like_a_one_seed_search(
+        tmp_path, monkeypatch):
+    import edgetune.apps.lm_search
+    import edgetune.apps.search
+    from edgetune.apps.search import Contributions
+
+    job = build_job("resnet", str(_image_folder(tmp_path, layout_split=False)), size=16)
+    contexts = []
+
+    def per_seed(space, evaluate, cache, context, progress):  # a made-up gain per seed, no short runs
+        contexts.append(context)
+        seed = int(context.rsplit("seed ", 1)[1])
+        return Contributions(0.5, {0: 0.0, 1: 0.1 * (seed + 1)}, {"fc.weight": {1.0: 0.2 + 0.1 * seed}})
+
+    monkeypatch.setattr(edgetune.apps.search, "contributions", per_seed)
+    monkeypatch.setattr(edgetune.apps.lm_search, "contributions", per_seed)
+    said = []
+    gains = measure_contributions(job, SearchSettings(batch=4, steps=1, seed=3, seeds=2), log=said.append)[1]
+    assert [c.rsplit("| ", 1)[1] for c in contexts] == ["seed 3", "seed 4"]
+    assert gains.bias[1] == pytest.approx((0.4 + 0.5) / 2) and gains.weight["fc.weight"][1.0] == pytest.approx(0.55)
+    assert any(line.startswith("contributions over seeds [3, 4]: median |gain|") for line in said)
+    one_seed = measure_contributions(job, SearchSettings(batch=4, steps=1, seed=3), log=said.append)[1]
+    assert contexts[-1] == contexts[0]  # seed 3 alone reads the same cache entry
+    assert one_seed.bias[1] == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="at least one seed"):
+        measure_contributions(job, SearchSettings(seeds=0))
