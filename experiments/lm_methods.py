@@ -5,6 +5,8 @@ fine-tune, side by side (issue 16): test loss, a task measure, tokens/s and peak
     python -m experiments.lm_methods --measure-peaks        # ... and each row's measured peak
     python -m experiments.lm_methods --report               # only rewrite the RESULTS.md section
     python -m experiments.lm_methods --tiny                 # the tiny random Llama: development, tests
+    python -m experiments.lm_methods --rows "LoRA (q,v)" "searched 0.5x" --tune-seeds 1 \
+        --search bands=3 --search ratios=none               # fewer rows, rates tuned on seed 0 only
 
 SmolLM2-135M-Instruct on lm_quality's data (English two-turn ShareGPT conversations up to 1,024
 characters, 128 tokens, batch 4, AdamW unless the row says otherwise, cosine after 10 warm-up
@@ -393,23 +395,31 @@ def _sweep_row(name: str, spec: dict, results: dict, settings: dict, runner, sav
     row = results.setdefault("rows", {}).setdefault(name, {"grid": [], "extensions": 0, "runs": {}})
     row["grid"] = sorted(set(row["grid"]) | set(spec["lrs"]))
     row["spec"] = {k: v for k, v in spec.items() if k != "lrs"}
+    # The rate is chosen on the first tune_seeds seeds (all by default); the others run at it.
+    tuning_seeds = settings["seeds"][:settings.get("tune_seeds") or len(settings["seeds"])]
+
+    def run(lr: float, seed: int) -> None:
+        key = f"{lr:g}@{seed}"
+        if key not in row["runs"]:
+            print(f"[lm_methods] {name} lr {lr:g} seed {seed} ...", flush=True)
+            row["runs"][key] = runner({"task": "one", "spec": row["spec"], "lr": lr, "seed": seed,
+                                       "settings": settings})
+            save()
+
     while True:
         for lr in row["grid"]:
-            for seed in settings["seeds"]:
-                key = f"{lr:g}@{seed}"
-                if key not in row["runs"]:
-                    print(f"[lm_methods] {name} lr {lr:g} seed {seed} ...", flush=True)
-                    row["runs"][key] = runner({"task": "one", "spec": row["spec"], "lr": lr, "seed": seed,
-                                               "settings": settings})
-                    save()
-        best, extension = choose_lr(row["grid"], mean_val_by_lr(row["runs"], settings["seeds"]))
+            for seed in tuning_seeds:
+                run(lr, seed)
+        best, extension = choose_lr(row["grid"], mean_val_by_lr(row["runs"], tuning_seeds))
         row["best_lr"], row["at_edge"] = best, extension is not None
         if extension is None or row["extensions"] >= settings["max_extensions"]:
-            save()
-            return
+            break
         row["grid"] = sorted(row["grid"] + [extension])
         row["extensions"] += 1
         save()
+    for seed in settings["seeds"]:
+        run(row["best_lr"], seed)
+    save()
 
 
 def load(path: str = RESULTS_JSON) -> dict:
@@ -588,6 +598,31 @@ def write_section(results: dict, path: str) -> None:
     write_marked_section(path, MARKERS, section(results))
 
 
+def chosen_rows(rows: dict, names: list[str]) -> dict:
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}: the rows are {', '.join(map(repr, rows))}")
+    return {n: rows[n] for n in names}
+
+
+def search_settings(search: dict, changes: list[str]) -> dict:
+    """`search` with KEY=VALUE changes: lists (kinds, ratios, lora_ranks, seeds) comma-separated
+    ("none": empty; kinds "all": every linear), numbers as the setting's type."""
+    out = dict(search)
+    for change in changes:
+        key, eq, value = change.partition("=")
+        if not eq or key not in search:
+            raise SystemExit(f"--search {change!r}: expected KEY=VALUE with KEY one of {', '.join(search)}")
+        if key == "kinds":
+            out[key] = None if value == "all" else value.split(",")
+        elif isinstance(search[key], list):
+            kind = float if key == "ratios" else int
+            out[key] = [] if value == "none" else [kind(v) for v in value.split(",")]
+        else:
+            out[key] = type(search[key])(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", help=argparse.SUPPRESS)  # a child's measurement, as JSON
@@ -598,6 +633,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", help="the results JSON (default experiments/results/lm_methods.json)")
     p.add_argument("--results-md", help="the markdown file whose section is rewritten (default RESULTS.md; --tiny: none)")
     p.add_argument("--report", action="store_true", help="only rewrite the section from the results")
+    p.add_argument("--rows", nargs="+", metavar="NAME", help="only these rows (names as in the table)")
+    p.add_argument("--tune-seeds", type=int, help="choose each row's rate on its first N seeds only; the other "
+                   "seeds run at that rate (default: every seed runs every rate)")
+    p.add_argument("--search", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"change one setting of the searched rows' search, e.g. bands=3, kinds=self_attn.q_proj,"
+                        f"mlp.up_proj, ratios=none; keys: {', '.join(SEARCH)}")
     args = p.parse_args(argv)
     if args.job:
         print(json.dumps(dispatch(json.loads(args.job))))
@@ -608,6 +649,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.questions:
         settings["questions"] = args.questions
     settings["measure_peaks"] = args.measure_peaks
+    if args.rows:
+        settings["rows"] = chosen_rows(settings["rows"], args.rows)
+    if args.tune_seeds:
+        settings["tune_seeds"] = args.tune_seeds
+    if args.search:
+        settings["search"] = search_settings(settings["search"], args.search)
     paths = Paths(args.results or (TINY_JSON if args.tiny else RESULTS_JSON),
                   args.results_md or (None if args.tiny else RESULTS_MD))
     results = load(paths.results) if args.report else sweep(settings, paths)

@@ -178,6 +178,29 @@ def test_the_sweep_extends_the_grid_until_the_best_is_inside_or_the_limit(tmp_pa
     assert sum(job["task"] == "one" for job in ran) == len(grid) * len(SETTINGS["seeds"])
 
 
+def test_with_tune_seeds_the_rate_is_chosen_on_the_first_seeds_and_the_others_run_at_it_only(tmp_path):
+    settings = dict(SETTINGS, rows={"A": dict(scheme="lm-sparse:2", lrs=[3e-3, 1e-2, 3e-2])}, seeds=[0, 1, 2],
+                    tune_seeds=1)
+    ran = []
+    results = exp.sweep(settings, exp.Paths(str(tmp_path / "r.json"), None), _fake_runner(1e-2, ran))
+    runs = sorted((job["lr"], job["seed"]) for job in ran if job["task"] == "one")
+    assert runs == [(3e-3, 0), (1e-2, 0), (1e-2, 1), (1e-2, 2), (3e-2, 0)]
+    assert results["rows"]["A"]["best_lr"] == 1e-2
+
+
+def test_rows_and_search_settings_can_be_narrowed_from_the_command_line():
+    assert list(exp.chosen_rows(exp.ROWS, ["full", exp.REFERENCE])) == ["full", exp.REFERENCE]
+    with pytest.raises(SystemExit, match="unknown rows \\['LoRA'\\]"):
+        exp.chosen_rows(exp.ROWS, ["LoRA"])
+    search = exp.search_settings(exp.SEARCH, ["bands=3", "kinds=self_attn.q_proj,mlp.up_proj", "ratios=none",
+                                              "lr=3e-3", "seeds=0,1,2"])
+    assert search == dict(exp.SEARCH, bands=3, kinds=["self_attn.q_proj", "mlp.up_proj"], ratios=[], lr=3e-3,
+                          seeds=[0, 1, 2])
+    assert exp.search_settings(search, ["kinds=all"])["kinds"] is None
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        exp.search_settings(exp.SEARCH, ["band=3"])
+
+
 def test_rows_build_the_trainer_they_name():
     assert exp.optimizer_of(exp.ROWS["GaLore"], 1e-3) == et.GaLore(lr=1e-3, rank=128, update_gap=200, scale=0.25)
     assert isinstance(exp.optimizer_of(exp.ROWS[exp.REFERENCE], 1e-3), et.AdamW)
