@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 import edgetune as et
-from edgetune.apps.finetune import evaluate, finetune
+from edgetune.apps.finetune import finetune
 from edgetune.apps.jobs import build_job
 from edgetune.compiler.optim import by_name
 from edgetune.files import write_json
@@ -64,7 +64,7 @@ class Task:
     search_lora: tuple = ()
     search_seeds: int = 1  # contribution runs per candidate (their mean gain is searched)
     seeds: tuple = (0,)  # the final training's seeds
-    max_extensions: int = 2  # how often the rate grid may grow past an edge best
+    max_extensions: int = 4  # how often the rate grid may grow past an edge best
 
 
 TASKS = {
@@ -149,7 +149,9 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
     accuracies, per_epoch, seconds = [], [], []
     for seed in task.seeds:
         job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False, seed=seed)
-        accuracies.append(evaluate(job.model, job.val, job.prepare).accuracy)
+        # the run's last evaluation is on the test split, with LoRA adapters folded in
+        # (evaluating job.model itself would score the bare weights)
+        accuracies.append(history.final["accuracy"])
         per_epoch.append([e["accuracy"] for e in history.evals])
         seconds.append(history.seconds)
         print(f"  {spec}: seed {seed} -> {100 * accuracies[-1]:.2f}% (test split)", flush=True)

@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+import edgetune as et
+
 from experiments import report
 from experiments.finetune_table import TASKS, Task, searched_row, tune_lr
 
@@ -50,3 +52,22 @@ def test_the_report_prints_the_seeds_spread_and_the_rates_tried_beyond_the_grid(
     assert report._rate(row, [1e-4, 3e-4, 1e-3]) == "0.003 (grid grown by 0.003, 0.009)"
     assert report._row_name("auto:0.25", {"budget_bytes": 2**20, "search_space": "blocks"}) == \
         "searched (blocks space), budget 1.0 MB"
+
+
+
+def test_a_lora_rows_accuracy_is_its_trained_adapters_not_the_bare_weights():
+    """Each seed is scored with the adapters folded in; scoring job.model after training
+    would see the pretrained weights plus a trained head (what the first text table did)."""
+    from edgetune.apps.finetune import evaluate
+    from edgetune.apps.peft import adapters_merged
+    from experiments.finetune_table import run_row, train_once
+
+    task = Task("vit", "digits", "adamw", [3e-2], [], epochs=1, batch=16, size=16, train_limit=64, test_limit=64,
+                seeds=(0,), max_extensions=0)
+    row = run_row(task, "lora:4:qkv,fc1,alpha=8", None, args=None)
+    job, trainer, _ = train_once(task, et.schemes.parse("lora:4:qkv,fc1,alpha=8"), 3e-2, epochs=1, tuning=False)
+    with adapters_merged(trainer) as model:
+        folded = evaluate(model, job.val, job.prepare)
+    bare = evaluate(job.model, job.val, job.prepare)
+    assert row["accuracies"] == [folded.accuracy]
+    assert bare.loss != pytest.approx(folded.loss, abs=1e-6)  # the adapters did change the model
