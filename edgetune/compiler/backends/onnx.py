@@ -31,7 +31,7 @@ import torch
 
 from edgetune.compiler.backends.onnx_parts import partial_weights, split_parts
 from edgetune.compiler.inputs import KINDS, Bindings, StepInput, step_inputs
-from edgetune.compiler.ir.builder import claim_unique
+from edgetune.compiler.ir.builder import UniqueNames
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
 
@@ -64,11 +64,11 @@ class LoweringContext:
         self.onnx = onnx
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
-        self._names: set[str] = set()
+        self._names = UniqueNames()
         self.base = "v"  # the IR node being lowered: its values are named after it
 
     def fresh(self, base: str | None = None) -> str:
-        return claim_unique(base or self.base, self._names)
+        return self._names.claim(base or self.base)
 
     def reserve(self, name: str) -> str:
         """Claim an exact name (a graph input or output); it must still be free."""
