@@ -54,7 +54,6 @@ def test_the_report_prints_the_seeds_spread_and_the_rates_tried_beyond_the_grid(
         "searched (blocks space), budget 1.0 MB"
 
 
-
 def test_a_lora_rows_accuracy_is_its_trained_adapters_not_the_bare_weights():
     """Each seed is scored with the adapters folded in; scoring job.model after training
     would see the pretrained weights plus a trained head (what the first text table did)."""

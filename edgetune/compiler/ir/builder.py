@@ -80,7 +80,7 @@ class Builder:
 class UniqueNames:
     """Names handed out once each. A graph names thousands of nodes after a few bases ("mul",
     "add", ...), so each base remembers where its count stopped: counting from 1 every time
-    made naming quadratic (a quarter of a SmolLM2 compile's graph building)."""
+    made naming quadratic (a SmolLM2 peak prediction took 1.65 s with it, 1.46 s without)."""
 
     def __init__(self, taken=()) -> None:
         self.taken: set[str] = set(taken)
