@@ -353,6 +353,8 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
                           f"weights, over the budget of {budget_bytes / MB:.2f} MB: the smallest achievable peak")
     limit, checks, over = budget_bytes - max(0, floor - floor_predicted), [], []
     for _ in range(rounds):
+        if limit < floor_predicted:
+            break  # only the head could fit the lowered limit, and it has measured within the budget
         result = search(space, gains, predictor, budget_bytes, overhead_bytes=budget_bytes - limit, exclude=over,
                         **options)
         result.measured_peak_bytes = predictor.measure(result.scheme, steps)

@@ -185,3 +185,25 @@ def test_a_space_no_larger_than_the_evolution_would_try_is_searched_whole(estima
     result = search(space, gains, predictor, budget, population=10, generations=space.size // 10)
     assert result.history[0]["exhaustive"] and result.predicted_peak_bytes <= budget
     assert result.predicted_gain == pytest.approx(max(gain for gain, peak in genomes if peak <= budget))
+
+
+class NoisyPredictor:
+    """Predicts every scheme's peak as the head's; measures the head within the budget and any
+    other scheme far over it, as a loaded machine may."""
+
+    def __init__(self, predictor, head_scheme, budget):
+        self.predicted, self.head_scheme, self.budget = predictor.predict(head_scheme), head_scheme, budget
+
+    def predict(self, scheme):
+        return self.predicted
+
+    def measure(self, scheme, steps=2):
+        return self.predicted if scheme == self.head_scheme else 10 * self.budget
+
+
+def test_when_every_other_scheme_measures_over_the_budget_the_head_alone_is_returned(estimated):
+    space, predictor, gains = estimated
+    budget = 2 * predictor.predict(space.scheme(0))
+    noisy = NoisyPredictor(predictor, space.scheme(0), budget)
+    result = search_verified(space, gains, noisy, budget, population=6, generations=2)
+    assert result.scheme == space.scheme(0) and result.measured_peak_bytes <= budget
