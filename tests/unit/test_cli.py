@@ -56,9 +56,10 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
               "--search-steps", "2", "--search-ratios", "0,1", "--search-cache", str(tmp_path / "cache.json")]
     assert main(["search", *common, "--budget", "64MB", "--out", str(tmp_path / "a.json")]) == 0
     first = capsys.readouterr().out
-    # A tight budget from this machine's own measurement: a little above the head alone.
+    # A tight budget from this machine's own measurement: above the head alone by more than its
+    # measurements spread (2.42-2.67 MB in six runs on a quiet machine; CI's load spreads them further).
     head_only = json.loads((tmp_path / "a.search.json").read_text())["history"][-1]["head_only_measured_bytes"]
-    assert main(["search", *common, "--budget", str(int(head_only * 1.2)), "--out", str(tmp_path / "b.json")]) == 0
+    assert main(["search", *common, "--budget", str(int(head_only * 1.5)), "--out", str(tmp_path / "b.json")]) == 0
     second = capsys.readouterr().out
     assert "(cached)" not in first and second.count("(cached)") == first.count("accuracy")
     for name in ("a", "b"):
