@@ -40,13 +40,22 @@ def _chain(v: Node, saved: set[Node], depth: int) -> list[Node] | None:
         return None
     chain: list[Node] = []
     for i in v.inputs:
-        if i.op in ("input", "const") or (i in saved and i.op not in CHEAP and storage_of(i) is i):
+        if _kept_anyway(i, saved):
             continue
-        sub = None if i in saved else _chain(i, saved, depth - 1)
+        # A cheap input is redone too, even where the backward reads it: it may be recomputed
+        # itself rather than kept (SiLU's x * sigmoid(x) reads a sigmoid its backward keeps).
+        sub = _chain(i, saved, depth - 1)
         if sub is None:
             return None
         chain += [n for n in sub if n not in chain]
     return chain + [v]
+
+
+def _kept_anyway(i: Node, saved: set[Node]) -> bool:
+    """A leaf, or a value (or a view of one: a reshaped projection) that the backward keeps
+    and that no recompute replaces."""
+    base = storage_of(i)
+    return i.op in ("input", "const") or (base in saved and base.op not in CHEAP)
 
 
 def _read_through_views(graph: Graph) -> set[Node]:
