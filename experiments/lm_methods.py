@@ -73,6 +73,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -283,8 +284,19 @@ def measured_peak(spec: dict, settings: dict) -> dict:
         scheme = scheme_for(model, lm_always(model) + lm_blocks(model)[:spec["lisa"]["layers"]])
     else:
         scheme = scheme_of(spec)
-    return {"measured_peak": measure_peak(model, causal_lm_loss, (ids, mask), (labels,), scheme,
-                                          optimizer_of(spec, lr))}
+    measured = measure_peak(model, causal_lm_loss, (ids, mask), (labels,), scheme, optimizer_of(spec, lr))
+    # The plan's prediction beside it, from the same code: a row's runs predicted with the
+    # code they ran, which a later change to the passes leaves behind.
+    predicted = build_trainer(model, spec, lr, 0, settings).report().predicted_peak_bytes
+    return {"measured_peak": measured, "predicted_peak": predicted, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with '+' when edgetune/ has uncommitted changes), or None."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD")
+    return (head + ("+" if git("status", "--porcelain", "--", "edgetune") else "")) if head else None
 
 
 def searched_scheme(fraction: float, budget: int, settings: dict, cache: str) -> dict:
@@ -385,7 +397,11 @@ def _measure_peak(name: str, spec: dict, results: dict, settings: dict, runner, 
     peaks = results.setdefault("peaks", {})
     if name not in peaks:
         print(f"[lm_methods] {name}: measured peak ...", flush=True)
-        peaks[name] = runner({"task": "peak", "spec": spec, "settings": settings})["measured_peak"]
+        found = runner({"task": "peak", "spec": spec, "settings": settings})
+        peaks[name] = found["measured_peak"]
+        if "predicted_peak" in found:
+            results.setdefault("predicted_peaks", {})[name] = found["predicted_peak"]
+            results.setdefault("peaks_commit", {})[name] = found["commit"]
         save()
 
 
@@ -442,6 +458,8 @@ def summary(results: dict) -> dict[str, dict]:
     for name, row in results.get("rows", {}).items():
         s = out[name]
         s["measured_peak"] = results.get("peaks", {}).get(name) or _searched_peak(results, row)
+        # Measured again after the runs (--measure-peaks): the prediction of the same code.
+        s["predicted_peak"] = results.get("predicted_peaks", {}).get(name, s["predicted_peak"])
         if s["runs"] and budget is not None:
             at = [_val_at(run, budget) for run in s["runs"]]
             s["val_at_reference_time"] = [v for v, _ in at]
@@ -491,7 +509,7 @@ def section(results: dict) -> str:
              f"best (at most {s['max_extensions']} times). Values: mean ± standard deviation over the seeds at that "
              f"rate. Questions: {s['questions']} packaged questions answered greedily, the share whose reply says "
              f"the answer and no distractor. Tokens/s: real tokens over the seconds of every step (in brackets: at the "
-             f"median step). Loss at LoRA's time: validation loss at each seed's last evaluation (every "
+             f"median step). " + _peaks_note(results) + f"Loss at LoRA's time: validation loss at each seed's last evaluation (every "
              f"{s['eval_every']} steps) within {reference}'s mean training time"
              + (f" ({lora['training_seconds']:.1f} s)" if lora and lora["training_seconds"] else "")
              + f". {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
@@ -501,6 +519,14 @@ def section(results: dict) -> str:
     lines += [_table_row(name, r, lora) for name, r in rows.items()]
     lines += ["", *_searches(results), *goals(rows, reference)]
     return "\n".join(lines)
+
+
+def _peaks_note(results: dict) -> str:
+    commits = sorted({c for c in results.get("peaks_commit", {}).values() if c})
+    if not commits:
+        return "Peaks: predicted by each row's runs; measured with --measure-peaks (one batch, a fresh process). "
+    return (f"Peaks: one batch in a fresh process (--measure-peaks), predicted and measured by edgetune/ at "
+            f"{', '.join(commits)}; the losses and tokens/s are the runs'. ")
 
 
 def mean_pm(values: list[float], digits: int = 4, scale: float = 1.0) -> str:
