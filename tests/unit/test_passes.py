@@ -221,21 +221,26 @@ class GatedMLPs(torch.nn.Module):
         return self.head(self.blocks(self.inp(x)).mean(1))
 
 
-def trained_mlp(passes, steps=2):
+# Only what comes before the MLPs (and the head) trains: the backward crosses their frozen
+# projections and reads the SiLUs' saved values. Or LoRA on the gate projections: the SiLU then
+# reads a sum (projection + adapter), which the backward keeps in place of the projection.
+MLP_SCHEMES = {"frozen MLPs": {"inp.*": "full", "head.*": "full"}, "LoRA on gate": et.schemes.lora(4, ("gate",))}
+
+
+def trained_mlp(passes, scheme, steps=2):
     torch.manual_seed(0)
     model = GatedMLPs()
     x, y = torch.randn(4, 32, 16), torch.tensor([0, 1, 2, 1])
-    # Only what comes before the MLPs (and the head) trains: the backward crosses their frozen
-    # projections and reads the SiLUs' saved values.
-    trainer = et.compile(model, F.cross_entropy, (x,), (y,), scheme={"inp.*": "full", "head.*": "full"},
+    trainer = et.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
                          optimizer=et.SGD(lr=0.1, momentum=0.9), passes=passes)
     losses = [trainer.step((x + s,), (y,)) for s in range(steps)]
     return trainer, model, losses
 
 
-def test_recompute_redoes_silu_from_the_kept_projection_behind_a_reshape():
-    before, before_model, before_losses = trained_mlp(without("recompute"))
-    after, after_model, after_losses = trained_mlp(None)
+@pytest.mark.parametrize("scheme", MLP_SCHEMES.values(), ids=MLP_SCHEMES.keys())
+def test_recompute_redoes_silu_from_what_the_backward_keeps(scheme):
+    before, before_model, before_losses = trained_mlp(without("recompute"), scheme)
+    after, after_model, after_losses = trained_mlp(None, scheme)
     redone = {n.op.removesuffix("_inplace") for n in after.graph.nodes if "recompute_of" in n.meta}
     assert redone == {"sigmoid", "mul"}
     saved = lambda t: sum(n.nbytes for n in saved_for_backward(t.graph.nodes))  # noqa: E731
@@ -244,6 +249,8 @@ def test_recompute_redoes_silu_from_the_kept_projection_behind_a_reshape():
     assert after_losses == before_losses
     for (k, a), b in zip(after_model.state_dict().items(), before_model.state_dict().values()):
         assert torch.equal(a, b), k
+    for name, adapter in after.adapters.items():
+        assert torch.equal(adapter, before.adapters[name]), name
 
 
 def test_recompute_does_nothing_where_the_backward_keeps_no_activation():

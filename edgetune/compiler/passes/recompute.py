@@ -28,7 +28,12 @@ MAX_CHAIN = 3
 def recompute_cheap(graph: Graph) -> Graph:
     saved = saved_for_backward(graph.nodes)
     viewed = _read_through_views(graph)
-    chains = {v: c for v in saved if v not in viewed and (c := _chain(v, saved, MAX_CHAIN))}
+    # In graph order, so that whether a kept input could be recomputed itself is known before
+    # its readers ask.
+    chains: dict[Node, list[Node]] = {}
+    for v in graph.nodes:
+        if v in saved and v not in viewed and (c := _chain(v, saved, chains, MAX_CHAIN)):
+            chains[v] = c
 
     def recomputed(values: set[Node]) -> Graph:
         return _with_recompute(graph, {v: chains[v] for v in values})
@@ -37,29 +42,30 @@ def recompute_cheap(graph: Graph) -> Graph:
     return recomputed(chosen) if chosen else graph
 
 
-def _chain(v: Node, saved: set[Node], depth: int) -> list[Node] | None:
+def _chain(v: Node, saved: set[Node], chains: dict[Node, list[Node]], depth: int) -> list[Node] | None:
     """The forward nodes that recompute `v` (inputs first), or None. Their inputs are leaves,
-    or values the backward keeps anyway that are not themselves recomputed."""
+    or values the backward keeps anyway that no recompute can replace."""
     if depth == 0 or v.op not in CHEAP or is_backward(v):
         return None
     chain: list[Node] = []
     for i in v.inputs:
-        if _kept_anyway(i, saved):
+        if _kept_anyway(i, saved, chains):
             continue
-        # A cheap input is redone too, even where the backward reads it: it may be recomputed
-        # itself rather than kept (SiLU's x * sigmoid(x) reads a sigmoid its backward keeps).
-        sub = _chain(i, saved, depth - 1)
+        # An input that may be recomputed is redone too (SiLU's x * sigmoid(x) reads a sigmoid
+        # its backward keeps), and so is one that nothing keeps.
+        sub = _chain(i, saved, chains, depth - 1)
         if sub is None:
             return None
         chain += [n for n in sub if n not in chain]
     return chain + [v]
 
 
-def _kept_anyway(i: Node, saved: set[Node]) -> bool:
-    """A leaf, or a value (or a view of one: a reshaped projection) that the backward keeps
-    and that no recompute replaces."""
+def _kept_anyway(i: Node, saved: set[Node], chains: dict[Node, list[Node]]) -> bool:
+    """A leaf, or a value (or a view of one: a reshaped projection) that the backward keeps and
+    that cannot be recomputed (not cheap, or cheap on inputs nothing keeps: a LoRA-adapted
+    projection's sum)."""
     base = storage_of(i)
-    return i.op in ("input", "const") or (base in saved and base.op not in CHEAP)
+    return i.op in ("input", "const") or (base in saved and base not in chains)
 
 
 def _read_through_views(graph: Graph) -> set[Node]:
