@@ -19,7 +19,10 @@ import torch
 from edgetune.compiler.ir.ops.registry import ChannelSlice, register
 from edgetune.compiler.ir.ops.nn import take_channels
 
-SLICE_BYTES = 16 * 2 ** 20  # one [N, chunk] block of logits; big enough for an efficient matmul
+# One [N, chunk] block of logits, the op's scratch. 4 MB is big enough for an efficient matmul:
+# SmolLM2's head (512 rows, 49,152 words) took as long in slices of 2,048 words as of 8,192
+# (forward 388 / 386 ms, weight gradient 405 / 431 ms, one thread; alike at two).
+SLICE_BYTES = 4 * 2 ** 20
 
 
 def vocab_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
@@ -40,6 +43,7 @@ def _vocab_log_prob(h, w, target, *, chunk):
         total = total * rescale + p.sum(1, keepdim=True)
         weighted = weighted * rescale + p @ w_slice
         running_max = new_max
+        del logits, p  # else they live on while the next slice is allocated: two slices, not one
     target_rows = w[target[:, 0]]
     out = torch.empty((n, 1 + d), dtype=h.dtype, device=h.device)
     out[:, :1] = (h * target_rows).sum(1, keepdim=True) - running_max - total.log()
@@ -71,7 +75,8 @@ def _grad_w(g, h, w, target, packed, extra=None, *, chunk, rows=False):
         at = torch.searchsorted(chunk_ids, target).clamp_(max=len(chunk_ids) - 1)  # each row's target column
         hit = chunk_ids[at] == target
         g_logits[positions[hit], at[hit]] += g[hit, 0]
-        grad[start:start + chunk] = g_logits.T @ h_out
+        torch.matmul(g_logits.T, h_out, out=grad[start:start + chunk])  # rows of grad: no [chunk, D] temporary
+        del g_logits  # one slice at a time, as in the forward
     return grad
 
 
@@ -90,9 +95,18 @@ def _vjp(b, n, g, want):
 
 
 def _scratch(n) -> int:
-    """The kernel's live logits slice, its exponentials (in place) and a product of a slice."""
+    """The kernel's live logits slice (its exponentials are taken in place) and the products
+    of a slice and its running sums, each of h's size."""
     h = n.inputs[0]
-    return 2 * h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + 2 * h.nbytes
+    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + 2 * h.nbytes
+
+
+def _grad_w_scratch(n) -> int:
+    """One slice of logits, their gradient in place; under a rows rule also the chosen rows'
+    slice of the weight, gathered."""
+    h, w = n.inputs[1], n.inputs[2]
+    rows = w.shape[1] * n.attrs["chunk"] * w.dtype.itemsize if n.attrs.get("rows") else 0
+    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + rows
 
 
 def _shape(h, w, target, *, chunk):
@@ -185,4 +199,4 @@ register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0],
 register("vocab_log_prob_grad_w", _grad_w,
          shape=lambda g, h, w, target, packed, extra=None, chunk=0, rows=False: (
              (extra.shape[0], h.shape[1]) if rows else (w.shape[0], (h if extra is None else extra).shape[1]), w.dtype),
-         scratch=lambda n: 2 * n.inputs[1].shape[0] * n.attrs["chunk"] * n.dtype.itemsize, onnx=_grad_w_onnx)
+         scratch=_grad_w_scratch, onnx=_grad_w_onnx)
