@@ -253,6 +253,24 @@ def test_recompute_redoes_silu_from_what_the_backward_keeps(scheme):
         assert torch.equal(adapter, before.adapters[name]), name
 
 
+def test_recompute_chosen_at_a_glance_keeps_the_peak_within_the_slack(monkeypatch):
+    """Above GLANCE_ABOVE (a language model's graph) the recomputes are chosen from two plans
+    instead of two a candidate: the peak stays within PEAK_SLACK of the lowest, the numbers
+    are those of no recompute at all."""
+    from edgetune.compiler.passes import rewrite
+
+    scheme = MLP_SCHEMES["LoRA on gate"]
+    exact, _, _ = trained_mlp(None, scheme)
+    monkeypatch.setattr(rewrite, "GLANCE_ABOVE", 0)
+    glance, glance_model, glance_losses = trained_mlp(None, scheme)
+    _, plain_model, plain_losses = trained_mlp(without("recompute"), scheme)
+    assert any("recompute_of" in n.meta for n in glance.graph.nodes)
+    assert estimated_peak(glance) <= estimated_peak(exact) * (1 + rewrite.PEAK_SLACK)
+    assert glance_losses == plain_losses
+    for (k, a), b in zip(glance_model.state_dict().items(), plain_model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_recompute_does_nothing_where_the_backward_keeps_no_activation():
     trainer, _, _ = trained(None, et.schemes.bias_only())
     assert not any("recompute_of" in n.meta for n in trainer.graph.nodes)

@@ -38,7 +38,7 @@ def recompute_cheap(graph: Graph) -> Graph:
     def recomputed(values: set[Node]) -> Graph:
         return _with_recompute(graph, {v: chains[v] for v in values})
 
-    chosen = fewest_for_lowest_peak(graph, set(chains), recomputed)
+    chosen = fewest_for_lowest_peak(graph, set(chains), recomputed, copy_of=lambda n: n.meta.get("recompute_of"))
     return recomputed(chosen) if chosen else graph
 
 
