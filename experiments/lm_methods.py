@@ -624,10 +624,14 @@ def write_section(results: dict, path: str) -> None:
     write_marked_section(path, MARKERS, section(results))
 
 
-def chosen_rows(rows: dict, names: list[str]) -> dict:
+def chosen_rows(rows: dict, names: list[str], reference: str) -> dict:
+    """The rows named; a searched row brings the reference along first (its budget is a
+    fraction of the reference's peak; the reference's finished runs are not run again)."""
     unknown = [n for n in names if n not in rows]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}: the rows are {', '.join(map(repr, rows))}")
+    if any("searched" in rows[n] for n in names) and reference not in names:
+        names = [reference, *names]
     return {n: rows[n] for n in names}
 
 
@@ -676,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
         settings["questions"] = args.questions
     settings["measure_peaks"] = args.measure_peaks
     if args.rows:
-        settings["rows"] = chosen_rows(settings["rows"], args.rows)
+        settings["rows"] = chosen_rows(settings["rows"], args.rows, settings["reference"])
     if args.tune_seeds:
         settings["tune_seeds"] = args.tune_seeds
     if args.search:

@@ -189,9 +189,11 @@ def test_with_tune_seeds_the_rate_is_chosen_on_the_first_seeds_and_the_others_ru
 
 
 def test_rows_and_search_settings_can_be_narrowed_from_the_command_line():
-    assert list(exp.chosen_rows(exp.ROWS, ["full", exp.REFERENCE])) == ["full", exp.REFERENCE]
+    assert list(exp.chosen_rows(exp.ROWS, ["full", exp.REFERENCE], exp.REFERENCE)) == ["full", exp.REFERENCE]
+    # A searched row's budget is a fraction of the reference's peak: the reference comes along.
+    assert list(exp.chosen_rows(exp.ROWS, ["searched 1x"], exp.REFERENCE)) == [exp.REFERENCE, "searched 1x"]
     with pytest.raises(SystemExit, match="unknown rows \\['LoRA'\\]"):
-        exp.chosen_rows(exp.ROWS, ["LoRA"])
+        exp.chosen_rows(exp.ROWS, ["LoRA"], exp.REFERENCE)
     search = exp.search_settings(exp.SEARCH, ["bands=3", "kinds=self_attn.q_proj,mlp.up_proj", "ratios=none",
                                               "lr=3e-3", "seeds=0,1,2"])
     assert search == dict(exp.SEARCH, bands=3, kinds=["self_attn.q_proj", "mlp.up_proj"], ratios=[], lr=3e-3,
