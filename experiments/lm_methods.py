@@ -292,10 +292,10 @@ def measured_peak(spec: dict, settings: dict) -> dict:
 
 
 def _commit() -> str | None:
-    """The checkout's commit (with '+' when edgetune/ has uncommitted changes), or None."""
+    """The last commit that changed edgetune/ (with '+' when it has uncommitted changes), or None."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD")
+    head = git("log", "-1", "--format=%h", "--", "edgetune")
     return (head + ("+" if git("status", "--porcelain", "--", "edgetune") else "")) if head else None
 
 
