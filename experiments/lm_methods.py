@@ -73,12 +73,12 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from bench.sections import edgetune_revision
 from edgetune.files import write_json
 from experiments.children import choose_lr, load_json, run_child, write_marked_section
 
@@ -288,15 +288,7 @@ def measured_peak(spec: dict, settings: dict) -> dict:
     # The plan's prediction beside it, from the same code: a row's runs predicted with the
     # code they ran, which a later change to the passes leaves behind.
     predicted = build_trainer(model, spec, lr, 0, settings).report().predicted_peak_bytes
-    return {"measured_peak": measured, "predicted_peak": predicted, "commit": _commit()}
-
-
-def _commit() -> str | None:
-    """The last commit that changed edgetune/ (with '+' when it has uncommitted changes), or None."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    head = git("log", "-1", "--format=%h", "--", "edgetune")
-    return (head + ("+" if git("status", "--porcelain", "--", "edgetune") else "")) if head else None
+    return {"measured_peak": measured, "predicted_peak": predicted, "commit": edgetune_revision()}
 
 
 def searched_scheme(fraction: float, budget: int, settings: dict, cache: str) -> dict:
