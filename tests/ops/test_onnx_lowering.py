@@ -626,10 +626,12 @@ def _attention_cases(a):
                               ("bool-mask", [keep], attention), ("float-mask", [a.r(3, 5)], attention)):
         packed = _sdpa(q, k, v, *mask, **attrs)
         cases.append((f"sdpa-{name}", "sdpa", [q, k, v, *mask], attrs))
-        cases.append((f"sdpa_grad-{name}", "sdpa_grad", [a.r(2, 2, 3, 5), q, k, v, *mask, packed], attrs))
+        cases.append((f"sdpa_grad-{name}", "sdpa_grad", [a.r(packed.numel()), q, k, v, *mask, packed], attrs))
+        # the output's gradient alone (the log-sum-exp's part left out, as the backward hands it)
+        cases.append((f"sdpa_grad-{name}-output-only", "sdpa_grad", [a.r(2 * 2 * 3 * 4), q, k, v, *mask, packed], attrs))
     bias = a.r(2, 1, 3, 5)  # a trained mask, broadcast over the heads
     packed = _sdpa(q, k, v, bias, **attention)
-    cases.append(("sdpa_grad_mask", "sdpa_grad_mask", [a.r(2, 2, 3, 5), q, k, v, bias, packed], attention))
+    cases.append(("sdpa_grad_mask", "sdpa_grad_mask", [a.r(packed.numel()), q, k, v, bias, packed], attention))
     return cases
 
 

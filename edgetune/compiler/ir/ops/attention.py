@@ -6,8 +6,10 @@ log-sum-exp per query row, and the backward recomputes the probabilities block b
 The frontend keeps the op whole where this kernel applies (CPU, 4-D, float32/64, no dropout, as
 many key as query heads: `fused_attention_applies`) and lets torch decompose it elsewhere.
 
-`sdpa` returns [..., T, Dv + 1]: the output, then the log-sum-exp, so one node carries both.
-A trained float mask (Swin's and T5's relative position biases) gets its gradient from
+`sdpa` returns one flat buffer: the output, then the log-sum-exp, so one node carries both. Both
+are laid out token-major ([N, T, H, ...]), as the kernel writes them: the [N, H, T, Dv] output a
+model reads is a view of it, and the output and its gradient reach the backward kernel in the
+layout it works in, without copies. `sdpa_grad` packs dq, dk, dv the same way. A trained float mask (Swin's and T5's relative position biases) gets its gradient from
 `sdpa_grad_mask`, the scores' gradient, which holds the [..., T, S] scores once.
 """
 from __future__ import annotations
@@ -40,26 +42,49 @@ def _float_mask(mask, dtype):
 def _sdpa(q, k, v, mask=None, *, is_causal, scale):
     out, lse = A._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
                                                               attn_mask=_float_mask(mask, q.dtype), scale=scale)
-    return torch.cat([out, lse.unsqueeze(-1).to(out.dtype)], dim=-1)
+    return torch.cat([token_major(out), token_major(lse).to(out.dtype)])
+
+
+def token_major(t):
+    """A head-major [N, H, T, ...] tensor flattened in [N, T, H, ...] order (a view of what the
+    CPU kernel returns: it allocates token-major and hands out transposed views)."""
+    return t.transpose(1, 2).reshape(-1)
+
+
+def head_major(flat, n, h, t, d=None):
+    """The inverse of token_major: [N, H, T(, D)] viewed from the front of `flat`."""
+    shape = (n, t, h) if d is None else (n, t, h, d)
+    return flat[:math.prod(shape)].view(shape).transpose(1, 2)
+
+
+def _unpacked(packed, q, v):
+    """The forward's output [N, H, T, Dv] and log-sum-exp [N, H, T], views of its buffer."""
+    n, h, t = q.shape[:3]
+    size = n * h * t * v.shape[-1]
+    return head_major(packed, n, h, t, v.shape[-1]), head_major(packed[size:], n, h, t)
+
+
+def _output_grad(g, q, v):
+    """The output's gradient as [N, H, T, Dv]: g is packed like the forward's buffer (or holds
+    only its first part, the output's)."""
+    return head_major(g.reshape(-1), *q.shape[:3], v.shape[-1])
 
 
 def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
-    """dq, dk, dv flattened into one buffer (one kernel computes all three). g: the gradient of
-    the packed output, or of its first Dv columns alone."""
+    """dq, dk, dv packed into one buffer (one kernel computes all three), each token-major."""
     mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
-    d = v.shape[-1]
-    out, lse = packed[..., :d], packed[..., d].contiguous()
+    out, lse = _unpacked(packed, q, v)
     dq, dk, dv = A._scaled_dot_product_flash_attention_for_cpu_backward(
-        g[..., :d].contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
-    return torch.cat([dq.reshape(-1), dk.reshape(-1), dv.reshape(-1)])
+        _output_grad(g, q, v), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
+    return torch.cat([token_major(dq), token_major(dk), token_major(dv)])
 
 
 def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
     """The gradient of the (additive, float) mask: that of the scores, ds = p * (g v^T -
     rowsum(g * out)) with p = exp(s - lse), over the broadcast [..., T, S]. A row that sees
     no key (lse = -inf) has no gradient, as in the kernel's backward."""
-    d = v.shape[-1]
-    g, out, lse = g[..., :d], packed[..., :d], packed[..., d:]
+    out, lse = _unpacked(packed, q, v)
+    g, lse = _output_grad(g, q, v), lse.unsqueeze(-1)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale + mask
     if is_causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
@@ -67,25 +92,36 @@ def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
     return p * (torch.matmul(g, v.transpose(-2, -1)) - (g * out).sum(-1, keepdim=True))
 
 
+def _output_size(q, v) -> int:
+    return math.prod(q.shape[:3]) * v.shape[-1]
+
+
 def _sdpa_vjp(b, n, g, want):
     q, k, v = n.inputs[:3]
-    d = v.shape[-1]
-    if g.op == "slice_grad" and (g.attrs["dim"], g.attrs["start"], g.attrs["end"], g.attrs["step"]) == \
-            (len(n.shape) - 1, 0, d, 1):
+    if g.op == "slice_grad" and (g.attrs["start"], g.attrs["end"], g.attrs["step"]) == (0, _output_size(q, v), 1):
         # The output's gradient, padded with zeros where the log-sum-exp sits: the kernel reads
-        # only the first Dv columns, so it takes the unpadded one (the padding is never made).
+        # only the output's part, so it takes the unpadded one (the padding is never made).
         g = g.inputs[0]
     flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs) if any(want[:3]) else None
     grads, start = [], 0
     for x, w in zip((q, k, v), want[:3]):
         size = math.prod(x.shape)
-        piece = b.emit("slice", flat, dim=0, start=start, end=start + size, step=1) if w else None
-        grads.append(b.emit("reshape", piece, shape=tuple(x.shape)) if w else None)
+        if w:
+            piece = b.emit("slice", flat, dim=0, start=start, end=start + size, step=1)
+            grads.append(_head_major_node(b, piece, x.shape))
+        else:
+            grads.append(None)
         start += size
     if len(n.inputs) == 4:
         mask = n.inputs[3]
         grads.append(grad_like(b, b.emit("sdpa_grad_mask", g, *n.inputs, n, **n.attrs), mask) if want[3] else None)
     return tuple(grads)
+
+
+def _head_major_node(b, flat, shape):
+    """head_major in the graph: [N, H, T, D] from a token-major flat node."""
+    nb, h, t, d = shape
+    return b.emit("permute", b.emit("reshape", flat, shape=(nb, t, h, d)), dims=(0, 2, 1, 3))
 
 
 # ONNX: the same packing, computed without blocks (the runtime holds the [..., T, S] scores).
@@ -112,12 +148,23 @@ def _onnx_scores(ctx, attrs, operands, q, k, mask):
     return scores
 
 
+def _onnx_token_major(ctx, x):
+    return ctx.op("Reshape", ctx.op("Transpose", x, perm=[0, 2, 1, 3]), ctx.ints([-1]))
+
+
+def _onnx_head_major(ctx, flat, start, shape):
+    """[N, H, T, X] from the token-major values of `flat` from `start` on."""
+    nb, h, t, x = shape
+    part = ctx.op("Slice", flat, ctx.ints([start]), ctx.ints([start + nb * h * t * x]), ctx.ints([0]))
+    return ctx.op("Transpose", ctx.op("Reshape", part, ctx.ints([nb, t, h, x])), perm=[0, 2, 1, 3])
+
+
 def _sdpa_onnx(ctx, n, xs):
     q, k, v, *mask = xs
     scores = _onnx_scores(ctx, n.attrs, n.inputs, q, k, mask[0] if mask else None)
     lse = ctx.reduce("ReduceLogSumExp", scores, [-1], keepdims=True)
     out = ctx.op("MatMul", ctx.op("Exp", ctx.op("Sub", scores, lse)), v)
-    return ctx.op("Concat", out, lse, axis=-1)
+    return ctx.op("Concat", _onnx_token_major(ctx, out), _onnx_token_major(ctx, lse), axis=0)
 
 
 def _onnx_score_grad(ctx, n, xs):
@@ -126,9 +173,11 @@ def _onnx_score_grad(ctx, n, xs):
     g, q, k, v, *rest = xs
     mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
     qn, vn = n.inputs[1], n.inputs[3]
-    rank, d = len(qn.shape), vn.shape[-1]
-    last = lambda x, start, end: ctx.op("Slice", x, ctx.ints([start]), ctx.ints([end]), ctx.ints([-1]))  # noqa: E731
-    gout, out, lse = last(g, 0, d), last(packed, 0, d), last(packed, d, d + 1)
+    rank, heads = len(qn.shape), tuple(qn.shape[:3])
+    size = _output_size(qn, vn)
+    gout = _onnx_head_major(ctx, ctx.op("Reshape", g, ctx.ints([-1])), 0, (*heads, vn.shape[-1]))
+    out = _onnx_head_major(ctx, packed, 0, (*heads, vn.shape[-1]))
+    lse = _onnx_head_major(ctx, packed, size, (*heads, 1))
     p = ctx.op("Exp", ctx.op("Sub", _onnx_scores(ctx, n.attrs, n.inputs[1:-1], q, k, mask), lse))
     row = ctx.reduce("ReduceSum", ctx.op("Mul", gout, out), [-1], keepdims=True)
     ds = ctx.op("Mul", p, ctx.op("Sub", ctx.op("MatMul", gout, _onnx_transposed(ctx, v, rank)), row))
@@ -146,12 +195,12 @@ def _sdpa_grad_onnx(ctx, n, xs):
     scale = ctx.scalar(n.attrs["scale"], qn.dtype)
     dq = ctx.op("Mul", ctx.op("MatMul", ds, k), scale)
     dk = ctx.op("Mul", ctx.op("MatMul", _onnx_transposed(ctx, ds, rank), q), scale)
-    flat = lambda x: ctx.op("Reshape", x, ctx.ints([-1]))  # noqa: E731
-    return ctx.op("Concat", flat(dq), flat(dk), flat(dv), axis=0)
+    return ctx.op("Concat", *(_onnx_token_major(ctx, x) for x in (dq, dk, dv)), axis=0)
 
 
 register("sdpa", _sdpa, _sdpa_vjp,
-         shape=lambda q, k, v, *mask, is_causal, scale: ((*q.shape[:-1], v.shape[-1] + 1), q.dtype), onnx=_sdpa_onnx)
+         shape=lambda q, k, v, *mask, is_causal, scale: ((math.prod(q.shape[:-1]) * (v.shape[-1] + 1),), q.dtype),
+         onnx=_sdpa_onnx)
 register("sdpa_grad_mask", _sdpa_grad_mask,
          shape=lambda g, q, k, v, mask, packed, is_causal, scale: (
              tuple(torch.broadcast_shapes((*q.shape[:-1], k.shape[-2]), mask.shape)), q.dtype),
@@ -168,4 +217,5 @@ def _(b, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, en
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     inputs = (q, k, v) + ((attn_mask,) if attn_mask is not None else ())
     packed = b.emit("sdpa", *inputs, is_causal=bool(is_causal), scale=float(scale))
-    return b.emit("slice", packed, dim=len(packed.shape) - 1, start=0, end=v.shape[-1], step=1)
+    out = b.emit("slice", packed, dim=0, start=0, end=_output_size(q, v), step=1)
+    return _head_major_node(b, out, (*q.shape[:3], v.shape[-1]))
