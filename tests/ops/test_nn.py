@@ -1,4 +1,6 @@
 """Convolution, normalization, pooling, embedding: gradients vs torch.autograd."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -227,14 +229,40 @@ def test_layer_norm(affine, shape, normalized):
     check_grads(lambda x, w, b: F.layer_norm(x, normalized, w, b, eps=1e-5), t(*shape), w, b)
 
 
-def test_layer_norm_gradients_share_one_statistics_op():
+@pytest.mark.parametrize("scheme", ["full", "bias-only"])
+def test_layer_norm_gradients_take_the_statistics_from_the_forward(scheme):
+    """The forward's kernel keeps each row's mean and 1/std (passes/ln_stats.py): the backward
+    computes them neither once for both gradients nor inside each."""
     import edgetune as et
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6))
-    trainer = et.compile(model, F.mse_loss, (torch.randn(3, 4),), (torch.randn(3, 6),), scheme=et.schemes.full(),
-                         optimizer=et.SGD(0.1))
-    ops = [n.op for n in trainer.graph.nodes]
-    assert ops.count("ln_stats") == 1 and "ln_grad_input" in ops and "ln_grad_weight" in ops
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.Linear(6, 2))
+    trainer = et.compile(model, F.mse_loss, (torch.randn(3, 4),), (torch.randn(3, 2),),
+                         scheme=et.schemes.full() if scheme == "full" else et.schemes.bias_only(), optimizer=et.SGD(0.1))
+    nodes = trainer.graph.nodes
+    ops = [n.op for n in nodes]
+    assert "ln_stats" not in ops and "layer_norm" not in ops and ops.count("layer_norm_stats") == 1
+    grads = [n for n in nodes if n.op in ("ln_grad_input", "ln_grad_weight")]
+    assert {n.op for n in grads} == ({"ln_grad_input", "ln_grad_weight"} if scheme == "full" else {"ln_grad_input"})
+    stats = {n.inputs[-1] for n in grads}
+    assert len(stats) == 1 and stats.pop().op == "copy"
+
+
+def test_layer_norm_statistics_kept_from_the_forward_match_eager():
+    import edgetune as et
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.LayerNorm(6), torch.nn.GELU(), torch.nn.Linear(6, 2))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    trainer = et.compile(model, F.mse_loss, (x,), (y,), scheme=et.schemes.full(), optimizer=et.SGD(0.1))
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(3):
+        trainer.step((x,), (y,))
+        opt.zero_grad()
+        F.mse_loss(reference(x), y).backward()
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m: f"{name}: {m}")
 
 
 def test_layer_norm_of_transposed_input():

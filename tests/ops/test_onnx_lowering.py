@@ -447,6 +447,9 @@ def _norm_cases(a):
         ("fold_bn_bias", "fold_bn_bias", [a.r(c), a.r(c), a.r(c), a.pos(c)], dict(eps=1e-5)),
         ("layer_norm", "layer_norm", [a.r(2, 3, 4), a.r(4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("layer_norm-2d", "layer_norm", [a.r(2, 3, 4), a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-6)),
+        ("layer_norm_stats", "layer_norm_stats", [a.r(2, 3, 4), a.r(4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
+        ("layer_norm_stats-2d", "layer_norm_stats", [a.r(2, 3, 4), a.r(3, 4), a.r(3, 4)],
+         dict(normalized_shape=(3, 4), eps=1e-6)),
         ("ln_grad_input", "ln_grad_input", [a.r(2, 3, 4), a.r(2, 3, 4), a.r(4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight", "ln_grad_weight", [a.r(2, 3, 4), a.r(2, 3, 4)], dict(normalized_shape=(4,), eps=1e-5)),
         ("ln_grad_weight-all", "ln_grad_weight", [a.r(3, 4), a.r(3, 4)], dict(normalized_shape=(3, 4), eps=1e-5)),
@@ -626,9 +629,10 @@ def _attention_cases(a):
                               ("bool-mask", [keep], attention), ("float-mask", [a.r(3, 5)], attention)):
         packed = _sdpa(q, k, v, *mask, **attrs)
         cases.append((f"sdpa-{name}", "sdpa", [q, k, v, *mask], attrs))
-        cases.append((f"sdpa_grad-{name}", "sdpa_grad", [a.r(packed.numel()), q, k, v, *mask, packed], attrs))
+        g = a.r(packed.numel())  # one draw per case, as before: the later families' values stay
+        cases.append((f"sdpa_grad-{name}", "sdpa_grad", [g, q, k, v, *mask, packed], attrs))
         # the output's gradient alone (the log-sum-exp's part left out, as the backward hands it)
-        cases.append((f"sdpa_grad-{name}-output-only", "sdpa_grad", [a.r(2 * 2 * 3 * 4), q, k, v, *mask, packed], attrs))
+        cases.append((f"sdpa_grad-{name}-output-only", "sdpa_grad", [g[:2 * 2 * 3 * 4], q, k, v, *mask, packed], attrs))
     bias = a.r(2, 1, 3, 5)  # a trained mask, broadcast over the heads
     packed = _sdpa(q, k, v, bias, **attention)
     cases.append(("sdpa_grad_mask", "sdpa_grad_mask", [a.r(packed.numel()), q, k, v, bias, packed], attention))

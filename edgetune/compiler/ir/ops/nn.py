@@ -505,13 +505,34 @@ def _ln_grad_weight(g, x, stats=None, *, normalized_shape, eps):
     return A.native_layer_norm_backward(g, x, normalized_shape, mean, rstd, ones, None, [False, True, False])[1]
 
 
+def _layer_norm_stats(x, w, bias, *, normalized_shape, eps):
+    """layer_norm's output and then each row's mean and 1/std, in one flat buffer: the kernel
+    computes the statistics on its way and writes them there instead of dropping them
+    (passes/ln_stats.py keeps them for the backward)."""
+    n, rows = x.numel(), x.numel() // math.prod(normalized_shape)
+    kept = x.shape[: x.dim() - len(normalized_shape)] + (1,) * len(normalized_shape)
+    out = torch.empty(n + 2 * rows, dtype=x.dtype, device=x.device)
+    A.native_layer_norm.out(x, normalized_shape, w, bias, eps, out0=out[:n].view(x.shape),
+                            out1=out[n:n + rows].view(kept), out2=out[n + rows:].view(kept))
+    return out
+
+
+def _layer_norm_stats_onnx(ctx, n, xs):
+    x, w, bias = xs
+    xhat, rstd, axes = _onnx_ln_normalized(ctx, x, n.inputs[0], n.attrs["normalized_shape"], n.attrs["eps"])
+    mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
+    flat = lambda v: ctx.op("Reshape", v, ctx.ints([-1]))  # noqa: E731
+    return ctx.op("Concat", flat(ctx.op("Add", ctx.op("Mul", xhat, w), bias)), flat(mean), flat(rstd), axis=0)
+
+
 def _ln_vjp(b, n, g, want):
     x, w, _ = n.inputs
     ln = dict(n.attrs)
     lead = tuple(range(len(x.shape) - len(ln["normalized_shape"])))
-    # Both gradients need the statistics: one op computes them for both (ViT full backprop: the
-    # two gradients took 5.8 ms a step recomputing them each, eager's fused backward 1.4 ms).
-    stats = (b.emit("ln_stats", x, **ln),) if want[0] and want[1] else ()
+    # The gradients need the statistics: one op computes them for both (ViT full backprop: the
+    # two gradients took 5.8 ms a step recomputing them each, eager's fused backward 1.4 ms),
+    # and passes/ln_stats.py takes them from the forward where it can.
+    stats = (b.emit("ln_stats", x, **ln),) if want[0] or want[1] else ()
     return (
         b.emit("ln_grad_input", g, x, w, *stats, **ln) if want[0] else None,
         b.emit("ln_grad_weight", g, x, *stats, **ln) if want[1] else None,
@@ -579,6 +600,10 @@ def _ln_grad_weight_onnx(ctx, n, xs):
 register("layer_norm", _ln, _ln_vjp, onnx=_ln_onnx)
 # native_layer_norm writes the normalized rows too, a buffer of x's size, dropped at once
 register("ln_stats", _ln_stats_packed, scratch=lambda n: n.inputs[0].nbytes, onnx=_onnx_ln_stats)
+register("layer_norm_stats", _layer_norm_stats,
+         shape=lambda x, w, bias, normalized_shape, eps: (
+             (math.prod(x.shape) + 2 * math.prod(x.shape) // math.prod(normalized_shape),), x.dtype),
+         onnx=_layer_norm_stats_onnx)
 register("ln_grad_input", _ln_grad_input, onnx=_ln_grad_input_onnx)
 register("ln_grad_weight", _ln_grad_weight, onnx=_ln_grad_weight_onnx)
 
