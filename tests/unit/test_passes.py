@@ -274,3 +274,24 @@ def test_recompute_chosen_at_a_glance_keeps_the_peak_within_the_slack(monkeypatc
 def test_recompute_does_nothing_where_the_backward_keeps_no_activation():
     trainer, _, _ = trained(None, et.schemes.bias_only())
     assert not any("recompute_of" in n.meta for n in trainer.graph.nodes)
+
+
+@pytest.mark.parametrize("scheme", [et.schemes.full(), et.schemes.bias_only()], ids=["full", "bias-only"])
+def test_ln_stats_changes_no_number_and_computes_the_statistics_once(scheme):
+    """The row statistics the forward's kernel keeps are the ones the backward computed again."""
+    def run(passes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.GELU(),
+                                    torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+        x, y = torch.randn(5, 7, 8), torch.randint(0, 3, (5, 7))
+        loss = lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+        trainer = et.compile(model, loss, (x,), (y,), scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9),
+                             passes=passes)
+        return trainer, [trainer.step((x,), (y,)) for _ in range(3)], model
+    with_pass, with_losses, with_model = run(None)
+    without_pass, ref_losses, ref_model = run(without("ln_stats"))
+    assert with_losses == ref_losses
+    for (k, a), b in zip(with_model.state_dict().items(), ref_model.state_dict().values()):
+        assert torch.equal(a, b), f"{k} differs with pass 'ln_stats'"
+    assert ops(without_pass).count("ln_stats") == 2 and "ln_stats" not in ops(with_pass)
+    assert ops(with_pass).count("layer_norm_stats") == 2
