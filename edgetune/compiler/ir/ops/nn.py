@@ -507,14 +507,12 @@ def _ln_grad_weight(g, x, stats=None, *, normalized_shape, eps):
 
 def _layer_norm_stats(x, w, bias, *, normalized_shape, eps):
     """layer_norm's output and then each row's mean and 1/std, in one flat buffer: the kernel
-    computes the statistics on its way and writes them there instead of dropping them
-    (passes/ln_stats.py keeps them for the backward)."""
-    n, rows = x.numel(), x.numel() // math.prod(normalized_shape)
-    kept = x.shape[: x.dim() - len(normalized_shape)] + (1,) * len(normalized_shape)
-    out = torch.empty(n + 2 * rows, dtype=x.dtype, device=x.device)
-    A.native_layer_norm.out(x, normalized_shape, w, bias, eps, out0=out[:n].view(x.shape),
-                            out1=out[n:n + rows].view(kept), out2=out[n + rows:].view(kept))
-    return out
+    computes the statistics on its way, and they are kept instead of dropped (passes/ln_stats.py
+    gives them to the backward). Packed by a cat: ATen's `out=` form of the kernel copies its
+    output inside as well, and takes longer (ViT's [8, 257, 64]: 112 us against 100; 28
+    against 17 at batch 1)."""
+    y, mean, rstd = A.native_layer_norm(x, normalized_shape, w, bias, eps)
+    return torch.cat([y.reshape(-1), mean.reshape(-1), rstd.reshape(-1)])
 
 
 def _layer_norm_stats_onnx(ctx, n, xs):
