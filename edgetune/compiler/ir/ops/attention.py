@@ -9,8 +9,9 @@ many key as query heads: `fused_attention_applies`) and lets torch decompose it 
 `sdpa` returns one flat buffer: the output, then the log-sum-exp, so one node carries both. Both
 are laid out token-major ([N, T, H, ...]), as the kernel writes them: the [N, H, T, Dv] output a
 model reads is a view of it, and the output and its gradient reach the backward kernel in the
-layout it works in, without copies. `sdpa_grad` packs dq, dk, dv the same way. A trained float mask (Swin's and T5's relative position biases) gets its gradient from
-`sdpa_grad_mask`, the scores' gradient, which holds the [..., T, S] scores once.
+layout it works in, without copies. `sdpa_grad` packs dq, dk, dv the same way. A trained float
+mask (Swin's and T5's relative position biases) gets its gradient from `sdpa_grad_mask`, the
+scores' gradient, which holds the [..., T, S] scores once.
 """
 from __future__ import annotations
 
@@ -42,17 +43,17 @@ def _float_mask(mask, dtype):
 def _sdpa(q, k, v, mask=None, *, is_causal, scale):
     out, lse = A._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
                                                               attn_mask=_float_mask(mask, q.dtype), scale=scale)
-    return torch.cat([token_major(out), token_major(lse).to(out.dtype)])
+    return torch.cat([_token_major(out), _token_major(lse).to(out.dtype)])
 
 
-def token_major(t):
+def _token_major(t):
     """A head-major [N, H, T, ...] tensor flattened in [N, T, H, ...] order (a view of what the
     CPU kernel returns: it allocates token-major and hands out transposed views)."""
     return t.transpose(1, 2).reshape(-1)
 
 
-def head_major(flat, n, h, t, d=None):
-    """The inverse of token_major: [N, H, T(, D)] viewed from the front of `flat`."""
+def _head_major(flat, n, h, t, d=None):
+    """The inverse of _token_major: [N, H, T(, D)] viewed from the front of `flat`."""
     shape = (n, t, h) if d is None else (n, t, h, d)
     return flat[:math.prod(shape)].view(shape).transpose(1, 2)
 
@@ -61,13 +62,13 @@ def _unpacked(packed, q, v):
     """The forward's output [N, H, T, Dv] and log-sum-exp [N, H, T], views of its buffer."""
     n, h, t = q.shape[:3]
     size = n * h * t * v.shape[-1]
-    return head_major(packed, n, h, t, v.shape[-1]), head_major(packed[size:], n, h, t)
+    return _head_major(packed, n, h, t, v.shape[-1]), _head_major(packed[size:], n, h, t)
 
 
 def _output_grad(g, q, v):
     """The output's gradient as [N, H, T, Dv]: g is packed like the forward's buffer (or holds
     only its first part, the output's)."""
-    return head_major(g.reshape(-1), *q.shape[:3], v.shape[-1])
+    return _head_major(g.reshape(-1), *q.shape[:3], v.shape[-1])
 
 
 def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
@@ -76,7 +77,7 @@ def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
     out, lse = _unpacked(packed, q, v)
     dq, dk, dv = A._scaled_dot_product_flash_attention_for_cpu_backward(
         _output_grad(g, q, v), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
-    return torch.cat([token_major(dq), token_major(dk), token_major(dv)])
+    return torch.cat([_token_major(dq), _token_major(dk), _token_major(dv)])
 
 
 def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
