@@ -28,6 +28,9 @@ import edgetune.compiler.zo  # noqa: E402,F401  (registers MeZO's ops)
 # The operands are O(1): atol covers a float32 sum of a few dozen of them that cancels to near 0,
 # which onnxruntime adds up in another order.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+# Log-probabilities of logits near 1000 (logit - logsumexp) carry float32's rounding at that
+# magnitude, 6.1e-5 a step, whatever their own size: an absolute tolerance of a few steps.
+CASE_TOLERANCE = {("vocab_log_prob-large-logits", torch.float32): dict(rtol=1e-5, atol=2.5e-4)}
 # Cases the reference evaluator gets wrong itself (checked by onnxruntime in float32 only).
 _ERF = "onnxruntime has no float64 Erf, and onnx.reference's is accurate to float32 only"
 _GROUPED_CONV_TRANSPOSE = "onnx.reference's ConvTranspose mis-slices a grouped weight (1<groups<C)"
@@ -698,7 +701,8 @@ def test_lowering_matches_kernel(case, dtype):
     for w, g in zip(want, got):
         w = torch.as_tensor(w)
         assert g.dtype == w.dtype and tuple(g.shape) == tuple(w.shape), f"{case}: {g.dtype}{list(g.shape)}"
-        torch.testing.assert_close(g, w, **TOLERANCE[dtype] if w.is_floating_point() else dict(rtol=0, atol=0))
+        tolerance = CASE_TOLERANCE.get((case, dtype), TOLERANCE[dtype])
+        torch.testing.assert_close(g, w, **tolerance if w.is_floating_point() else dict(rtol=0, atol=0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
