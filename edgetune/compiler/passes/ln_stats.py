@@ -3,10 +3,10 @@
 A layer norm's backward needs each row's mean and 1/std (`ln_stats`). ATen's forward kernel
 computes them on its way to the output and drops them; computed again in the backward, they
 cost another pass over the input and an output-sized buffer (ViT's norms at batch 8: 241 us a
-norm for the output and the statistics again, 118 us kept this way; 41 and 31 at batch 1). Here the forward's `layer_norm` becomes `layer_norm_stats`,
-whose buffer holds the output and then the statistics: the output is a view of it, and the
-statistics (two numbers a row) are copied out at once, so that the output's memory is freed
-when the output dies, as before.
+norm for the output and the statistics again, 118 us kept this way; 41 and 31 at batch 1).
+Here the forward's `layer_norm` becomes `layer_norm_stats`, whose buffer holds the output and
+then the statistics: the output is a view of it, and the statistics (two numbers a row) are
+copied out at once, so that the output's memory is freed when the output dies, as before.
 """
 from __future__ import annotations
 

@@ -58,11 +58,14 @@ def _head_major(flat, n, h, t, d=None):
     return flat[:math.prod(shape)].view(shape).transpose(1, 2)
 
 
+def _output_size(q, v) -> int:
+    return math.prod(q.shape[:3]) * v.shape[-1]
+
+
 def _unpacked(packed, q, v):
     """The forward's output [N, H, T, Dv] and log-sum-exp [N, H, T], views of its buffer."""
     n, h, t = q.shape[:3]
-    size = n * h * t * v.shape[-1]
-    return _head_major(packed, n, h, t, v.shape[-1]), _head_major(packed[size:], n, h, t)
+    return _head_major(packed, n, h, t, v.shape[-1]), _head_major(packed[_output_size(q, v):], n, h, t)
 
 
 def _output_grad(g, q, v):
@@ -91,10 +94,6 @@ def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
     p = torch.where(torch.isneginf(lse), 0.0, torch.exp(s - lse))
     return p * (torch.matmul(g, v.transpose(-2, -1)) - (g * out).sum(-1, keepdim=True))
-
-
-def _output_size(q, v) -> int:
-    return math.prod(q.shape[:3]) * v.shape[-1]
 
 
 def _sdpa_vjp(b, n, g, want):

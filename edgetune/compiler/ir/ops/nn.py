@@ -517,10 +517,10 @@ def _layer_norm_stats(x, w, bias, *, normalized_shape, eps):
 
 def _layer_norm_stats_onnx(ctx, n, xs):
     x, w, bias = xs
-    xhat, rstd, axes = _onnx_ln_normalized(ctx, x, n.inputs[0], n.attrs["normalized_shape"], n.attrs["eps"])
-    mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
+    mean, centered, rstd, _ = _onnx_ln_moments(ctx, x, n.inputs[0], n.attrs["normalized_shape"], n.attrs["eps"])
+    y = ctx.op("Add", ctx.op("Mul", ctx.op("Mul", centered, rstd), w), bias)
     flat = lambda v: ctx.op("Reshape", v, ctx.ints([-1]))  # noqa: E731
-    return ctx.op("Concat", flat(ctx.op("Add", ctx.op("Mul", xhat, w), bias)), flat(mean), flat(rstd), axis=0)
+    return ctx.op("Concat", flat(y), flat(mean), flat(rstd), axis=0)
 
 
 def _ln_vjp(b, n, g, want):
@@ -538,12 +538,18 @@ def _ln_vjp(b, n, g, want):
     )
 
 
+def _onnx_ln_moments(ctx, x, x_node, normalized_shape, eps):
+    """(mean, x - mean, rstd, axes) over the trailing dims (mean and rstd with kept dims)."""
+    axes = list(range(len(x_node.shape) - len(normalized_shape), len(x_node.shape)))
+    mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
+    centered = ctx.op("Sub", x, mean)
+    var = ctx.reduce("ReduceMean", ctx.op("Mul", centered, centered), axes, keepdims=True)
+    return mean, centered, _onnx_rsqrt(ctx, var, eps, x_node.dtype), axes
+
+
 def _onnx_ln_normalized(ctx, x, x_node, normalized_shape, eps):
     """(x - mean) * rstd over the trailing dims, and rstd (kept dims)."""
-    axes = list(range(len(x_node.shape) - len(normalized_shape), len(x_node.shape)))
-    centered = ctx.op("Sub", x, ctx.reduce("ReduceMean", x, axes, keepdims=True))
-    var = ctx.reduce("ReduceMean", ctx.op("Mul", centered, centered), axes, keepdims=True)
-    rstd = _onnx_rsqrt(ctx, var, eps, x_node.dtype)
+    _, centered, rstd, axes = _onnx_ln_moments(ctx, x, x_node, normalized_shape, eps)
     return ctx.op("Mul", centered, rstd), rstd, axes
 
 
@@ -555,12 +561,7 @@ def _ln_onnx(ctx, n, xs):
 
 
 def _onnx_ln_stats(ctx, n, xs):
-    x = xs[0]
-    axes = list(range(len(n.inputs[0].shape) - len(n.attrs["normalized_shape"]), len(n.inputs[0].shape)))
-    mean = ctx.reduce("ReduceMean", x, axes, keepdims=True)
-    centered = ctx.op("Sub", x, mean)
-    rstd = _onnx_rsqrt(ctx, ctx.reduce("ReduceMean", ctx.op("Mul", centered, centered), axes, keepdims=True),
-                       n.attrs["eps"], n.inputs[0].dtype)
+    mean, _, rstd, _ = _onnx_ln_moments(ctx, xs[0], n.inputs[0], n.attrs["normalized_shape"], n.attrs["eps"])
     row = lambda v: ctx.op("Reshape", v, ctx.ints([1, -1]))  # noqa: E731
     return ctx.op("Concat", row(mean), row(rstd), axis=0)
 
