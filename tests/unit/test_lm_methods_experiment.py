@@ -115,10 +115,32 @@ def test_the_goal_line_follows_the_numbers(swept):
     for key, run in searched.items():  # the same loss as LoRA's, twice its rate, a quarter of its peak
         run.update(test=lora[key]["test"], tokens_per_s=2 * lora[key]["tokens_per_s"])
     r["peaks"][exp.REFERENCE] = 4 * r["searches"]["1.5"]["measured_peak"]
-    assert "tokens/s 2.00x — **met**" in exp.section(r)
+    assert "tokens/s 2.00x (the runs') — **met**" in exp.section(r)
     for run in searched.values():
         run["test"] *= 1.02
     assert "missed (within 1%)" in exp.section(r)
+
+
+def test_speed_times_the_rows_side_by_side_on_the_same_batches_and_the_goal_uses_it(swept, tmp_path):
+    results, paths, _ = swept
+    copied = exp.Paths(str(tmp_path / "lm_methods.json"), None)
+    open(copied.results, "w").write(open(paths.results).read())  # the shared sweep stays as it is
+    rows = [exp.REFERENCE, "searched 1.5x"]
+    timed = exp.speed(dict(SETTINGS, rows={n: SETTINGS["rows"][n] for n in rows}), copied, steps=3, threads=1)
+    speed = json.loads(open(copied.results).read())["speed"]
+    assert list(speed["rows"]) == rows and speed["threads"] == 1 and speed["steps"] == 3
+    first = speed["rows"][exp.REFERENCE]
+    for name in rows:
+        row = speed["rows"][name]
+        assert row["ok"] and len(row["times_s"]) == 3 and row["lr"] == results["rows"][name]["best_lr"]
+        assert row["real_tokens"] == first["real_tokens"]  # every row steps through the same batches
+        assert row["tokens_per_s"] == pytest.approx(sum(row["real_tokens"]) / sum(row["times_s"]))
+        assert all(math.isfinite(loss) for loss in row["losses"])
+    # The goal line takes the side-by-side ratio, not the runs' (made on other days).
+    timed["speed"]["rows"]["searched 1.5x"]["tokens_per_s"] = 2 * first["tokens_per_s"]
+    text = exp.section(timed)
+    assert "tokens/s 2.00x (side by side)" in text and "Side by side (`--speed`" in text
+    assert "| searched 1.5x |" in text and f"| {2 * first['tokens_per_s']:.0f} (2.00x) |" in text
 
 
 def test_the_loss_at_loras_time_is_the_last_evaluation_within_it():
