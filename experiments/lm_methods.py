@@ -75,14 +75,13 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from bench.sections import edgetune_revision
+from bench.sections import cpu_model, edgetune_revision
 from edgetune.files import write_json
 from experiments.children import choose_lr, load_json, run_child, write_marked_section
 
@@ -257,7 +256,7 @@ def run_one(spec: dict, lr: float, seed: int, settings: dict) -> dict:
     return {"lr": lr, "seed": seed, "val": evals[-1]["val"], "evals": evals, **scores, **clock.rates(),
             "training_seconds": clock.elapsed(len(clock.seconds)), "compile_seconds": compile_seconds,
             "step_seconds": [round(s, 4) for s in clock.seconds], "real_tokens": sum(clock.tokens),
-            "predicted_peak": predicted, "trainable": trainer.trainable_params,
+            "predicted_peak": predicted, "trainable": trainer.trainable_params, "cpu": cpu_model(),
             "examples": {"train": len(train), "val": len(val), "test": len(test)}}
 
 
@@ -357,7 +356,7 @@ def mean_val_by_lr(runs: dict, seeds: list[int]) -> dict[float, float]:
 def sweep(settings: dict, paths: Paths, runner: Callable[[dict], dict] = child_runner) -> dict:
     """Every row x rate x seed not yet in the results, the grids extended where needed."""
     results = load(paths.results)
-    results.setdefault("meta", {}).update(settings=settings, cpu=platform.processor() or platform.machine())
+    results.setdefault("meta", {}).update(settings=settings, cpu=cpu_model())
     save = lambda: write_json(paths.results, results)  # noqa: E731 -- after every measurement: resumable
     if "base" not in results:
         print("[lm_methods] the pretrained model ...", flush=True)
@@ -504,8 +503,8 @@ def time_side_by_side(results: dict, settings: dict, steps: int, threads: int) -
         out[name] = {"lr": lr, **t}
         if t["ok"]:
             out[name]["tokens_per_s"] = sum(t["real_tokens"]) / sum(t["times_s"])
-    return {"date": datetime.date.today().isoformat(), "commit": edgetune_revision(), "threads": threads,
-            "steps": steps, "rows": out}
+    return {"date": datetime.date.today().isoformat(), "commit": edgetune_revision(), "cpu": cpu_model(),
+            "threads": threads, "steps": steps, "rows": out}
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -520,7 +519,6 @@ def summary(results: dict) -> dict[str, dict]:
     at LoRA's training time."""
     seeds, reference = results["meta"]["settings"]["seeds"], results["meta"]["settings"]["reference"]
     out = {name: _row_summary(row, seeds) for name, row in results.get("rows", {}).items()}
-    budget = out.get(reference, {}).get("training_seconds")
     for name, row in results.get("rows", {}).items():
         s = out[name]
         s["measured_peak"] = results.get("peaks", {}).get(name) or _searched_peak(results, row)
@@ -528,11 +526,24 @@ def summary(results: dict) -> dict[str, dict]:
         s["predicted_peak"] = results.get("predicted_peaks", {}).get(name, s["predicted_peak"])
         timed = results.get("speed", {}).get("rows", {}).get(name, {})
         s["side_by_side_tokens_per_s"] = timed.get("tokens_per_s")
-        if s["runs"] and budget is not None:
-            at = [_val_at(run, budget) for run in s["runs"]]
+    lora = out.get(reference)
+    for s in out.values():
+        if s["runs"] and lora and lora["runs"]:
+            at = [_at_reference_time(run, s, lora) for run in s["runs"]]
             s["val_at_reference_time"] = [v for v, _ in at]
             s["steps_at_reference_time"] = [n for _, n in at]
     return out
+
+
+def _at_reference_time(run: dict, row: dict, lora: dict) -> tuple[float, int]:
+    """(validation loss, step) of the run's last evaluation within the reference's training
+    time. Where both rows were timed side by side, that time is counted in steps at their
+    side-by-side speeds (the runs may come from different machines); else in the run's seconds."""
+    if row["side_by_side_tokens_per_s"] and lora["side_by_side_tokens_per_s"]:
+        steps = statistics.fmean(len(r["step_seconds"]) for r in lora["runs"])
+        limit = steps * row["side_by_side_tokens_per_s"] / lora["side_by_side_tokens_per_s"]
+        return _last_eval_within(run, "step", limit)
+    return _last_eval_within(run, "seconds", lora["training_seconds"])
 
 
 def _searched_peak(results: dict, row: dict) -> int | None:
@@ -555,9 +566,9 @@ def _row_summary(row: dict, seeds: list[int]) -> dict:
     return s
 
 
-def _val_at(run: dict, seconds: float) -> tuple[float, int]:
-    """The validation loss of the run's last evaluation within `seconds` of training, and its step."""
-    within = [e for e in run["evals"] if e["seconds"] <= seconds]
+def _last_eval_within(run: dict, key: str, limit: float) -> tuple[float, int]:
+    """The validation loss of the run's last evaluation with e[key] <= limit, and its step."""
+    within = [e for e in run["evals"] if e[key] <= limit]
     return within[-1]["val"], within[-1]["step"]
 
 
@@ -577,10 +588,8 @@ def section(results: dict) -> str:
              f"best (at most {s['max_extensions']} times). Values: mean ± standard deviation over the seeds at that "
              f"rate. Questions: {s['questions']} packaged questions answered greedily, the share whose reply says "
              f"the answer and no distractor. Tokens/s: real tokens over the seconds of every step (in brackets: at the "
-             f"median step). " + _speed_note(results) + _peaks_note(results) + f"Loss at LoRA's time: validation loss at each seed's last evaluation (every "
-             f"{s['eval_every']} steps) within {reference}'s mean training time"
-             + (f" ({lora['training_seconds']:.1f} s)" if lora and lora["training_seconds"] else "")
-             + f". {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
+             f"median step). " + _speed_note(results) + _peaks_note(results)
+             + _reference_time_note(results, lora, s["eval_every"]) + f" {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
              f"{100 * base['test_token_accuracy']:.1f}%, questions {100 * base['contained']:.0f}%.", "",
              "| row | test loss | vs LoRA | token accuracy | questions | tokens/s | side by side | "
              "predicted / measured peak | best lr (grid) | loss at LoRA's time |",
@@ -590,12 +599,23 @@ def section(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _reference_time_note(results: dict, lora: dict | None, eval_every: int) -> str:
+    reference = results["meta"]["settings"]["reference"]
+    seconds = f"{lora['training_seconds']:.1f} s" if lora and lora["training_seconds"] else "?"
+    how = (f"counted in steps at the side-by-side speeds (a row timed at 1.5x {reference}'s tokens/s gets 1.5x its "
+           f"steps); a row not timed so: its runs' own seconds, {seconds} for {reference}"
+           if results.get("speed") else seconds)
+    return (f"Loss at LoRA's time: validation loss at each seed's last evaluation (every {eval_every} steps) within "
+            f"{reference}'s mean training time ({how}).")
+
+
 def _speed_note(results: dict) -> str:
     speed = results.get("speed")
     if not speed:
         return ("Side by side: not measured (`--speed`); the runs' tokens/s come from the days they ran on, "
                 "and this machine's steps differ up to 2x between days. ")
-    return (f"Side by side (`--speed`, {speed['date']}, edgetune/ at {speed['commit']}): every row's step at its "
+    return (f"Side by side (`--speed`, {speed['date']}, {speed.get('cpu', '?')}, edgetune/ at {speed['commit']}): "
+            f"every row's step at its "
             f"best rate, each in a process of its own, all in turns over the same {speed['steps']} training "
             f"batches, {speed['threads']} thread{'s' if speed['threads'] > 1 else ''}: tokens/s over the timed steps and the ratio to "
             f"{results['meta']['settings']['reference']}'s, from one sitting; the goal lines use it. ")

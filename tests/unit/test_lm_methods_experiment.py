@@ -146,9 +146,16 @@ def test_speed_times_the_rows_side_by_side_on_the_same_batches_and_the_goal_uses
 def test_the_loss_at_loras_time_is_the_last_evaluation_within_it():
     run = {"evals": [{"step": 0, "val": 3.0, "seconds": 0.0}, {"step": 5, "val": 2.0, "seconds": 4.0},
                      {"step": 10, "val": 1.0, "seconds": 9.0}]}
-    assert exp._val_at(run, 8.0) == (2.0, 5)
-    assert exp._val_at(run, 9.0) == (1.0, 10)
-    assert exp._val_at(run, 1.0) == (3.0, 0)
+    assert exp._last_eval_within(run, "seconds", 8.0) == (2.0, 5)
+    assert exp._last_eval_within(run, "seconds", 9.0) == (1.0, 10)
+    assert exp._last_eval_within(run, "seconds", 1.0) == (3.0, 0)
+    # LoRA's runs took 10 steps in 12 s: untimed side by side, a row gets 12 s of its own run;
+    # timed side by side at 0.6x LoRA's tokens/s, 6 of its steps (its seconds may be another machine's).
+    lora = {"runs": [{"step_seconds": [1.2] * 10}], "training_seconds": 12.0, "side_by_side_tokens_per_s": None}
+    row = {"side_by_side_tokens_per_s": None}
+    assert exp._at_reference_time(run, row, lora) == (1.0, 10)
+    lora["side_by_side_tokens_per_s"], row["side_by_side_tokens_per_s"] = 100.0, 60.0
+    assert exp._at_reference_time(run, row, lora) == (2.0, 5)
 
 
 def test_a_resumed_sweep_reruns_nothing(swept):
