@@ -35,10 +35,12 @@ compiles happen inside its steps and count); the rate at the median step time is
 Seconds of training = the summed step times (the evaluations and the first compile are left
 out); "equal wall time" compares each row's validation loss at its last evaluation within
 LoRA (q,v)'s mean training time. On a machine shared with other work those seconds carry its
-load: every step's time is kept in the results, and --speed times every row's step again side
-by side (each row in a process of its own, at its best rate, over the same training batches,
-in turns: bench.interleave), so that the rows' speeds compare within one sitting. Peaks: the predicted peak of the compiled
-step (LISA: a period's), and with --measure-peaks the measured one (edgetune.apps.measure, one
+load: every step's time is kept in the results. The runs of different rows may also come from
+different machines (this project's VMs change CPU between sessions, and with it the step time
+up to 3x), so --speed times every row's step again side by side: each row in a process of its
+own, at its best rate, over the same training batches, in turns (bench.interleave); the
+table's side-by-side column and the goals' speed ratios come from that one sitting. Peaks:
+the predicted peak of the compiled step (LISA: a period's), and with --measure-peaks the measured one (edgetune.apps.measure, one
 batch, once per row); LoRA's is measured whenever a searched row needs its budget.
 
 The goal lines are computed from the table: a searched scheme at <= 0.5x LoRA's peak meets
@@ -589,7 +591,8 @@ def section(results: dict) -> str:
              f"rate. Questions: {s['questions']} packaged questions answered greedily, the share whose reply says "
              f"the answer and no distractor. Tokens/s: real tokens over the seconds of every step (in brackets: at the "
              f"median step). " + _speed_note(results) + _peaks_note(results)
-             + _reference_time_note(results, lora, s["eval_every"]) + f" {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
+             + _reference_time_note(results, lora, s["eval_every"])
+             + f" {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
              f"{100 * base['test_token_accuracy']:.1f}%, questions {100 * base['contained']:.0f}%.", "",
              "| row | test loss | vs LoRA | token accuracy | questions | tokens/s | side by side | "
              "predicted / measured peak | best lr (grid) | loss at LoRA's time |",
@@ -612,12 +615,12 @@ def _reference_time_note(results: dict, lora: dict | None, eval_every: int) -> s
 def _speed_note(results: dict) -> str:
     speed = results.get("speed")
     if not speed:
-        return ("Side by side: not measured (`--speed`); the runs' tokens/s come from the days they ran on, "
-                "and this machine's steps differ up to 2x between days. ")
+        return ("Side by side: not measured (`--speed`); the runs' tokens/s come from the days (and machines) "
+                "they ran on. ")
+    threads = f"{speed['threads']} thread{'s' if speed['threads'] > 1 else ''}"
     return (f"Side by side (`--speed`, {speed['date']}, {speed.get('cpu', '?')}, edgetune/ at {speed['commit']}): "
-            f"every row's step at its "
-            f"best rate, each in a process of its own, all in turns over the same {speed['steps']} training "
-            f"batches, {speed['threads']} thread{'s' if speed['threads'] > 1 else ''}: tokens/s over the timed steps and the ratio to "
+            f"every row's step at its best rate, each in a process of its own, all in turns over the same "
+            f"{speed['steps']} training batches, {threads}: tokens/s over the timed steps and the ratio to "
             f"{results['meta']['settings']['reference']}'s, from one sitting; the goal lines use it. ")
 
 
@@ -649,7 +652,8 @@ def _side_by_side(r: dict, lora: dict | None) -> str:
     if not r["side_by_side_tokens_per_s"]:
         return "-"
     ratio = speed_ratio(r, lora) if lora else None
-    return f"{r['side_by_side_tokens_per_s']:.0f}" + (f" ({ratio[0]:.2f}x)" if ratio and ratio[1] == "side by side" else "")
+    shown = f" ({ratio[0]:.2f}x)" if ratio and ratio[1] == "side by side" else ""
+    return f"{r['side_by_side_tokens_per_s']:.0f}{shown}"
 
 
 def mb(n: float) -> str:
