@@ -592,7 +592,7 @@ def section(results: dict) -> str:
              f"the answer and no distractor. Tokens/s: real tokens over the seconds of every step (in brackets: at the "
              f"median step). " + _speed_note(results) + _peaks_note(results)
              + _reference_time_note(results, lora, s["eval_every"])
-             + f" {meta.get('date', '?')}, {meta['cpu']}. Pretrained: test loss {base['test']:.4f}, token accuracy "
+             + f" Last sweep {meta.get('date', '?')}. {_cpus_note(results)} Pretrained: test loss {base['test']:.4f}, token accuracy "
              f"{100 * base['test_token_accuracy']:.1f}%, questions {100 * base['contained']:.0f}%.", "",
              "| row | test loss | vs LoRA | token accuracy | questions | tokens/s | side by side | "
              "predicted / measured peak | best lr (grid) | loss at LoRA's time |",
@@ -600,6 +600,15 @@ def section(results: dict) -> str:
     lines += [_table_row(name, r, lora) for name, r in rows.items()]
     lines += ["", *_searches(results), *goals(rows, reference)]
     return "\n".join(lines)
+
+
+def _cpus_note(results: dict) -> str:
+    """Which CPU each row's runs were made on: sessions draw different machines."""
+    rows_by_cpu: dict[str, list[str]] = {}
+    for name, row in results.get("rows", {}).items():
+        for cpu in sorted({run.get("cpu", "not recorded") for run in row["runs"].values()}):
+            rows_by_cpu.setdefault(cpu, []).append(name)
+    return "Runs' CPUs: " + "; ".join(f"{cpu} ({', '.join(names)})" for cpu, names in rows_by_cpu.items()) + "."
 
 
 def _reference_time_note(results: dict, lora: dict | None, eval_every: int) -> str:
