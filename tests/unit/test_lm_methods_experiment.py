@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import edgetune as et
+from bench.sections import cpu_model
 from experiments import lm_methods as exp
 
 SETTINGS = dict(exp.TINY)
@@ -100,6 +101,7 @@ def test_the_table_shows_each_row_as_mean_and_spread_of_its_seeds(swept):
         assert f"{100 * (statistics.fmean(tests) / statistics.fmean(lora) - 1):+.2f}%" in line
         assert "0.01 (0.01; best at the grid's edge, extensions used up)" in line  # a one-rate grid, no extension
     assert "Goal, `searched 1.5x` against LoRA (q,v)" in text
+    assert f"Runs' CPUs: {cpu_model()} ({', '.join(SETTINGS['rows'])})." in text  # every run says where it ran
     assert "LISA against LoRA (q,v)" in text and "GaLore against LoRA (q,v)" in text
 
 
