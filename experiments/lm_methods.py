@@ -557,9 +557,13 @@ def _searched_peak(results: dict, row: dict) -> int | None:
 def _row_summary(row: dict, seeds: list[int]) -> dict:
     best = row.get("best_lr")
     runs = [row["runs"][f"{best:g}@{seed}"] for seed in seeds if f"{best:g}@{seed}" in row["runs"]] if best else []
-    runs = [r for r in runs if r.get("val") is not None]
+    # A sweep stopped midway (a rate of the grid not run, or seeds left at the best one): its
+    # runs so far are listed, not averaged, and no goal reads them.
+    pending = [lr for lr in row["grid"] if not any(key.startswith(f"{lr:g}@") for key in row["runs"])]
+    partial = list(row["runs"].values()) if pending or len(runs) < len(seeds) else []
+    runs = [] if partial else [r for r in runs if r.get("val") is not None]
     s = {"best_lr": best, "grid": row["grid"], "at_edge": row.get("at_edge", False), "extensions": row["extensions"],
-         "runs": runs, "spec": row.get("spec", {})}
+         "runs": runs, "partial": partial, "pending": pending, "spec": row.get("spec", {})}
     for key in ("test", "test_token_accuracy", "contained", "exact", "tokens_per_s", "tokens_per_s_median_step",
                 "training_seconds", "predicted_peak"):
         values = [r[key] for r in runs]
@@ -646,6 +650,13 @@ def mean_pm(values: list[float], digits: int = 4, scale: float = 1.0) -> str:
 
 
 def _table_row(name: str, r: dict, lora: dict | None) -> str:
+    if r["partial"]:
+        done = ", ".join(f"lr {run['lr']:g} seed {run['seed']}: {run['test']:.4f}" for run in r["partial"]
+                         if run.get("test") is not None)
+        waiting = f"; not run yet: lr {', '.join(f'{lr:g}' for lr in r['pending'])}" if r["pending"] else ""
+        measured = mb(r["measured_peak"]) if r["measured_peak"] else "-"
+        return (f"| {name} | in progress (test loss {done}{waiting}) | | | | | | | {measured} measured | "
+                f"{', '.join(f'{lr:g}' for lr in r['grid'])} | |")
     if not r["runs"]:
         return f"| {name} | no finished run | | | | | | | {_grid(r)} | |"
     vs = f"{100 * (r['test'] / lora['test'] - 1):+.2f}%" if lora and lora["test"] else "-"

@@ -241,3 +241,16 @@ def test_rows_build_the_trainer_they_name():
         if "scheme" in row:
             exp.scheme_of(row)  # every spelling parses
         assert row["lrs"] == sorted(row["lrs"]) and len(row["lrs"]) >= 3, name
+
+
+def test_a_row_whose_sweep_stopped_midway_is_listed_not_averaged():
+    keys = ("test", "test_token_accuracy", "contained", "exact", "tokens_per_s", "tokens_per_s_median_step",
+            "training_seconds", "predicted_peak")
+    run = lambda lr, seed, test: {"lr": lr, "seed": seed, "val": test, **dict.fromkeys(keys, test)}  # noqa: E731
+    row = {"grid": [1e-4, 3e-4], "extensions": 1, "best_lr": 1e-4, "at_edge": True,
+           "runs": {"0.0001@0": run(1e-4, 0, 1.5)}}  # 3e-4 not run yet, seeds 1 and 2 neither
+    s = exp._row_summary(row, [0, 1, 2])
+    assert s["runs"] == [] and s["partial"] == [row["runs"]["0.0001@0"]] and s["pending"] == [3e-4]
+    row["runs"].update({"0.0003@0": run(3e-4, 0, 1.6), "0.0001@1": run(1e-4, 1, 1.4), "0.0001@2": run(1e-4, 2, 1.3)})
+    s = exp._row_summary(row, [0, 1, 2])
+    assert s["partial"] == [] and s["test"] == pytest.approx(1.4)
