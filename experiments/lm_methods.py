@@ -73,7 +73,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import math
 import os
@@ -452,6 +451,7 @@ def serve_row(job: dict) -> None:
     their step times compare on equal work."""
     import torch
     from bench.interleave import serve_steps
+    from edgetune.apps.lm import _endless
 
     settings, steps = job["settings"], SPEED_WARMUP + job["steps"]
     torch.set_num_threads(job["threads"])
@@ -460,8 +460,8 @@ def serve_row(job: dict) -> None:
     started = time.perf_counter()
     trainer = build_trainer(lm.model, job["spec"], job["lr"], 0, settings)
     compile_seconds = time.perf_counter() - started
-    batches = itertools.islice(_repeated(train, settings["batch"]), steps)
-    batches = [((ids, mask), (labels,)) for ids, mask, labels in batches]
+    # finetune_lm's batches at seed 0: shuffled each pass, the last one filled up
+    batches = [((ids, mask), (labels,)) for ids, mask, labels in _endless(train, settings["batch"], 0, steps, None)]
     queue = iter(batches)
 
     def step() -> float:
@@ -473,12 +473,6 @@ def serve_row(job: dict) -> None:
     timed = batches[SPEED_WARMUP:]
     serve_steps(step, {"compile_seconds": compile_seconds, "threads": torch.get_num_threads(),
                        "real_tokens": [real_tokens(inputs[1], targets[0]) for inputs, targets in timed]})
-
-
-def _repeated(train, batch: int):
-    """Training batches as a run draws them (shuffled, the last one filled up), pass after pass."""
-    for epoch in itertools.count(1):
-        yield from train.batches(batch, shuffle=True, seed=epoch, fill=True)
 
 
 def time_side_by_side(results: dict, settings: dict, steps: int, threads: int) -> dict:
@@ -650,17 +644,16 @@ def mean_pm(values: list[float], digits: int = 4, scale: float = 1.0) -> str:
 
 
 def _table_row(name: str, r: dict, lora: dict | None) -> str:
+    measured = mb(r["measured_peak"]) if r["measured_peak"] else "-"
     if r["partial"]:
         done = ", ".join(f"lr {run['lr']:g} seed {run['seed']}: {run['test']:.4f}" for run in r["partial"]
                          if run.get("test") is not None)
         waiting = f"; not run yet: lr {', '.join(f'{lr:g}' for lr in r['pending'])}" if r["pending"] else ""
-        measured = mb(r["measured_peak"]) if r["measured_peak"] else "-"
         return (f"| {name} | in progress (test loss {done}{waiting}) | | | | | | | {measured} measured | "
                 f"{', '.join(f'{lr:g}' for lr in r['grid'])} | |")
     if not r["runs"]:
         return f"| {name} | no finished run | | | | | | | {_grid(r)} | |"
     vs = f"{100 * (r['test'] / lora['test'] - 1):+.2f}%" if lora and lora["test"] else "-"
-    measured = mb(r["measured_peak"]) if r["measured_peak"] else "-"
     at_time = (f"{mean_pm(r['val_at_reference_time'])} (step {_span(r['steps_at_reference_time'])})"
                if r.get("val_at_reference_time") else "-")
     return (f"| {name} | {mean_pm(r['test_values'])} | {vs} | {mean_pm(r['test_token_accuracy_values'], 1, 100)}% | "
@@ -669,11 +662,10 @@ def _table_row(name: str, r: dict, lora: dict | None) -> str:
 
 
 def _side_by_side(r: dict, lora: dict | None) -> str:
-    if not r["side_by_side_tokens_per_s"]:
+    mine, theirs = r["side_by_side_tokens_per_s"], lora and lora["side_by_side_tokens_per_s"]
+    if not mine:
         return "-"
-    ratio = speed_ratio(r, lora) if lora else None
-    shown = f" ({ratio[0]:.2f}x)" if ratio and ratio[1] == "side by side" else ""
-    return f"{r['side_by_side_tokens_per_s']:.0f}{shown}"
+    return f"{mine:.0f}" + (f" ({mine / theirs:.2f}x)" if theirs else "")
 
 
 def mb(n: float) -> str:
