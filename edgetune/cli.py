@@ -243,6 +243,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                    "draw and order of the training items; the search uses their mean gain and logs their spread")
     p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
                    help="contributions measured once, reused by later searches with other budgets")
+    p.add_argument("--search-recompute", action="store_true",
+                   help="let a scheme fit the budget by recomputing transformer blocks in the backward (a "
+                        "forward of each such block more per step): deeper schemes fit, at some time")
 
 
 def _search_lm_parser(sub) -> None:
@@ -452,8 +455,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     args.out = args.out or _default_out(f"{args.model}-{os.path.basename(args.data.rstrip('/'))}")
     scheme_file = os.path.join(args.out, "scheme.json")
     # A resumed run trains the scheme it started with, searched (--scheme auto) or given.
-    scheme = et.schemes.from_file(scheme_file) if resumed and os.path.isfile(scheme_file) else _job_scheme(args, job)
-    trainer = _compile_job(job, scheme, args)
+    if resumed and os.path.isfile(scheme_file):
+        # (a searched scheme that recomputes blocks is compiled under --budget itself: at most
+        # a few MB above the limit the search fitted it to, which it measured under)
+        scheme, budget = et.schemes.from_file(scheme_file), _given_budget(args)
+    else:
+        scheme, budget = _job_scheme(args, job)
+    trainer = _compile_job(job, scheme, args, budget)
     _record_settings(args, given, resumed)
     write_json(scheme_file, et.schemes.as_mapping(trainer.rules))  # reloadable with --scheme FILE
     print(f"{args.model} on {args.data} ({len(job.train)} train / {len(job.val)} held-out, {job.describe_input}), "
@@ -502,14 +510,22 @@ def _checkpoints(args: argparse.Namespace, trainer: et.Trainer, generators: dict
     return checkpoints
 
 
-def _job_scheme(args: argparse.Namespace, job) -> et.schemes.SchemeLike:
+def _job_scheme(args: argparse.Namespace, job) -> tuple[et.schemes.SchemeLike, int | str | None]:
+    """(the scheme, the memory_budget to compile it under)."""
     if args.scheme != "auto":
-        return et.schemes.parse(args.scheme)  # with --budget, compile holds it to the budget
+        return et.schemes.parse(args.scheme), args.budget  # compile fits it to --budget or refuses it
     if not args.budget:
         raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
     from edgetune.apps.jobs import search_job
 
-    return search_job(job, parse_bytes(args.budget), _search_settings(args)).scheme
+    # A searched scheme has been measured within the budget already; one that needs its blocks
+    # recomputed gets the budget the search fitted it to.
+    result = search_job(job, parse_bytes(args.budget), _search_settings(args))
+    return result.scheme, result.memory_budget
+
+
+def _given_budget(args: argparse.Namespace) -> int | str | None:
+    return args.budget if args.scheme != "auto" or args.search_recompute else None
 
 
 def _search_settings(args: argparse.Namespace):
@@ -518,7 +534,7 @@ def _search_settings(args: argparse.Namespace):
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
                           seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios),
                           space=args.search_space, bands=args.search_bands, lora_ranks=_lora_ranks(args.search_lora),
-                          seeds=args.search_seeds)
+                          seeds=args.search_seeds, recompute_blocks=args.search_recompute)
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -556,15 +572,17 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"\nscheme for {args.budget}: {trained}\npredicted gain {100 * result.predicted_gain:+.2f} points over "
           f"the head alone; peak {result.measured_peak_bytes / 2**20:.1f} MB measured "
           f"({result.predicted_peak_bytes / 2**20:.1f} MB predicted)\nwritten to {args.out} (details: {side}); "
-          f"use it with: edgetune finetune --scheme {args.out} ...")
+          f"use it with: edgetune finetune --scheme {args.out}{_budget_flag(result)} ...")
     return 0
 
 
-def _compile_job(job, scheme, args: argparse.Namespace) -> et.Trainer:
+def _budget_flag(result) -> str:
+    """The --budget a searched scheme that recomputes blocks must be trained under (rounded down)."""
+    return f" --budget {int(result.memory_budget / 2**10)}KB" if result.memory_budget else ""
+
+
+def _compile_job(job, scheme, args: argparse.Namespace, budget: int | str | None) -> et.Trainer:
     inputs, targets = job.example(args.batch)
-    # A given scheme is held to --budget by the plan's prediction; a searched one (--scheme
-    # auto) has been measured under it already.
-    budget = args.budget if args.scheme != "auto" else None
     # max_shapes=2: the last partial batch of an epoch trains (edgetune.apps.finetune).
     return et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
                       optimizer=by_name(args.optimizer, args.lr, args.weight_decay), memory_budget=budget,

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,7 +46,9 @@ class Task:
     data: str
     optimizer: str
     lrs: list[float]
-    rows: list[str]  # scheme specs; "auto:<fraction of full's peak>" is a searched scheme
+    # scheme specs; "auto:<fraction of full's peak>[:<space>][:recompute]" is a searched scheme
+    # (recompute: it may fit by recomputing transformer blocks in the backward)
+    rows: list[str]
     epochs: int = 3
     batch: int = 32
     size: int | None = None
@@ -75,7 +77,7 @@ TASKS = {
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "experiments/schemes/minilm-frozen-word-embeddings.json", "lora:8:query,value,alpha=16",
                   "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25:layers", "auto:0.25",
-                  "auto:0.5"], epochs=2, max_len=32, train_limit=2000,
+                  "auto:0.5", "auto:0.25:blocks:recompute"], epochs=2, max_len=32, train_limit=2000,
                  test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
                  search_steps=30, search_space="blocks", search_bands=6, search_lora=(8,), search_seeds=2,
                  seeds=(0, 1, 2)),
@@ -89,26 +91,29 @@ def job_for(task: Task, seed: int = 0):
 
 def scheme_for(task: Task, spec: str, full_peak: int | None, args):
     """A scheme spec: a preset or file (see `edgetune finetune --scheme`), or
-    auto:<fraction of full's peak>[:<search space>]."""
+    auto:<fraction of full's peak>[:<search space>][:recompute]."""
     if not spec.startswith("auto:"):
         return et.schemes.parse(spec), {}
     if full_peak is None:
         raise ValueError("a searched row needs the full row's measured peak first: run the 'full' row")
     from edgetune.apps.jobs import search_job
 
-    fraction, space = searched_row(task, spec)
+    fraction, space, recompute = searched_row(task, spec)
     budget = int(fraction * full_peak)
-    found = search_job(job_for(task), budget, search_settings(task, args, space))
-    return found.scheme, {"budget_bytes": budget, "search_space": space,
+    found = search_job(job_for(task), budget, replace(search_settings(task, args, space), recompute_blocks=recompute))
+    return found.scheme, {"budget_bytes": budget, "search_space": space, "memory_budget": found.memory_budget,
                           "search_predicted_peak_bytes": found.predicted_peak_bytes,
                           "search_measured_peak_bytes": found.measured_peak_bytes,
                           "search_predicted_gain": found.predicted_gain}
 
 
-def searched_row(task: Task, spec: str) -> tuple[float, str]:
-    """"auto:0.25" -> (0.25, the task's search space); "auto:0.25:layers" -> (0.25, "layers")."""
-    _, fraction, *space = spec.split(":")
-    return float(fraction), space[0] if space else task.search_space
+def searched_row(task: Task, spec: str) -> tuple[float, str, bool]:
+    """"auto:0.25" -> (0.25, the task's search space, False); "auto:0.25:layers" -> (0.25,
+    "layers", False); "auto:0.25:blocks:recompute" -> (0.25, "blocks", True)."""
+    _, fraction, *rest = spec.split(":")
+    recompute = rest[-1:] == ["recompute"]
+    space = rest[:-1] if recompute else rest
+    return float(fraction), space[0] if space else task.search_space, recompute
 
 
 def search_settings(task: Task, args, space: str | None = None):
@@ -120,16 +125,16 @@ def search_settings(task: Task, args, space: str | None = None):
                           lora_ranks=task.search_lora, seeds=task.search_seeds, cache=os.path.join(RESULTS, "search-cache.json"))
 
 
-def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool, seed: int = 0):
+def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool, seed: int = 0, memory_budget=None):
     """Fresh pretrained weights, one run (seed: the head's draw and the batches' order);
-    returns (job, trainer, history)."""
+    returns (job, trainer, history). `memory_budget`: a searched scheme's (its blocks recomputed)."""
     torch.manual_seed(seed)
     job = job_for(task)
     if tuning:  # choose the rate on part of the training data, never on the test split
         job.train, job.val = job.train.split(0.2, seed=1)
     inputs, targets = job.example(task.batch)
     trainer = et.compile(job.model, job.loss_fn, inputs, targets, scheme=et.schemes.with_head(scheme, job.head),
-                         optimizer=by_name(task.optimizer, lr))
+                         optimizer=by_name(task.optimizer, lr), memory_budget=memory_budget)
     history = finetune(trainer, job.train, job.val, job.prepare, epochs=epochs, batch_size=task.batch, lr=lr,
                        seed=seed, evaluate_before=False, log=lambda line: None, progress=False)
     return job, trainer, history
@@ -144,12 +149,14 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
     scheme, info = scheme_for(task, spec, full_peak, args)
     job = job_for(task)
     inputs, targets = job.example(task.batch)
+    budget = info.get("memory_budget")
     peak = measure_peak(job.model, job.loss_fn, inputs, targets, et.schemes.with_head(scheme, job.head),
-                        by_name(task.optimizer, task.lrs[0]))
-    lr, tuning = tune_lr(task, lambda rate: _tuning_accuracy(task, scheme, rate, spec))
+                        by_name(task.optimizer, task.lrs[0]), memory_budget=budget)
+    lr, tuning = tune_lr(task, lambda rate: _tuning_accuracy(task, scheme, rate, spec, budget))
     accuracies, per_epoch, seconds = [], [], []
     for seed in task.seeds:
-        job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False, seed=seed)
+        job, trainer, history = train_once(task, scheme, lr, epochs=task.epochs, tuning=False, seed=seed,
+                                           memory_budget=budget)
         # the run's last evaluation is on the test split, with LoRA adapters folded in
         # (evaluating job.model itself would score the bare weights)
         accuracies.append(history.final["accuracy"])
@@ -178,9 +185,9 @@ def tune_lr(task: Task, accuracy_at) -> tuple[float, dict[float, float]]:
         tuning[extra] = accuracy_at(extra)
 
 
-def _tuning_accuracy(task: Task, scheme, lr: float, spec: str) -> float:
+def _tuning_accuracy(task: Task, scheme, lr: float, spec: str, memory_budget=None) -> float:
     try:
-        accuracy = train_once(task, scheme, lr, epochs=1, tuning=True)[2].final["accuracy"]
+        accuracy = train_once(task, scheme, lr, epochs=1, tuning=True, memory_budget=memory_budget)[2].final["accuracy"]
     except FloatingPointError:
         accuracy = float("nan")
     print(f"  {spec}: lr {lr:g} -> {100 * accuracy:.2f}% (tuning split)", flush=True)
@@ -282,7 +289,8 @@ def remeasure(args) -> int:
             continue
         scheme = {name: rule for name, rule in row["rules"].items()}  # resolved: names, "full" or a ratio
         row["measured_peak_bytes"] = measure_peak(job.model, job.loss_fn, inputs, targets, scheme,
-                                                  by_name(task.optimizer, row["lr"]))
+                                                  by_name(task.optimizer, row["lr"]),
+                                                  memory_budget=row.get("memory_budget"))
         print(f"{spec}: {row['measured_peak_bytes'] / 2**20:.1f} MB", flush=True)
         write_json(path, data)
     return 0

@@ -59,7 +59,8 @@ def _row_name(spec: str, r: dict) -> str:
     if not spec.startswith("auto:"):
         return spec
     space = f" ({r['search_space']} space)" if "search_space" in r else ""
-    return f"searched{space}, budget {r['budget_bytes'] / MB:.1f} MB"
+    recompute = ", blocks recomputed to fit" if r.get("memory_budget") else ""
+    return f"searched{space}, budget {r['budget_bytes'] / MB:.1f} MB{recompute}"
 
 
 def _accuracy(r: dict) -> str:

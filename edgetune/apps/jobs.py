@@ -183,6 +183,9 @@ class SearchSettings:
     # Contribution runs per candidate, each with another draw and order of the training items
     # (seeds seed, seed+1, ...): the search uses their mean gain and logs their spread.
     seeds: int = 1
+    # Schemes may fit the budget by recomputing transformer blocks in the backward (compiled
+    # under SearchResult.memory_budget): deeper schemes fit, each recomputed block costing a forward.
+    recompute_blocks: bool = False
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
@@ -197,8 +200,10 @@ def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = No
     # The peak is predicted for the batch fine-tuning will use: the whole training split at most.
     inputs, targets = job.example(fit_batch(s.batch, len(job.train), log=log))
     # The predictor loads torch.export; a forked child keeps it out of the training process.
+    fit_to = budget_bytes if s.recompute_blocks else None
     return run_isolated(lambda: search_verified(space, gains, PeakPredictor(job.model, job.loss_fn, inputs, targets,
-                                                                            optimizer), budget_bytes),
+                                                                            optimizer, memory_budget=fit_to),
+                                                budget_bytes),
                         torch.device("cpu"))
 
 

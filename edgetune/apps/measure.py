@@ -44,12 +44,13 @@ from edgetune.procmem import (MMAP_THRESHOLD, release_free_heap, reset_hwm, rss_
 
 
 def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, scheme,
-                 optimizer, steps: int = 3, engine: str = "edgetune") -> int:
+                 optimizer, steps: int = 3, engine: str = "edgetune", memory_budget: int | None = None) -> int:
     """Bytes above the loaded model that compiling `scheme` and running `steps` steps peaked at.
 
     `inputs`/`targets` are one batch (tuples of tensors, as for edgetune.compile); the model and
     the optimizer object of the caller are left untouched. `engine="eager"` measures the same
-    job in plain PyTorch (edgetune.apps.baseline) instead.
+    job in plain PyTorch (edgetune.apps.baseline) instead. `memory_budget`: compile under it, as
+    edgetune.compile does (transformer blocks recomputed in the backward as it needs).
 
     Measured in a fresh Python process (the job is pickled over): a fork of a process that has
     trained already inherits its fragmented heap, and what the step allocates then lands
@@ -58,7 +59,7 @@ def measure_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targe
     process measures instead."""
     _check_supported(model)
     plain = schemes.as_mapping(schemes.resolve(scheme, model))  # a Scheme object holds a closure
-    job = (engine, model, loss_fn, tuple(inputs), tuple(targets), plain, optimizer, steps)
+    job = (engine, model, loss_fn, tuple(inputs), tuple(targets), plain, optimizer, memory_budget, steps)
     try:
         payload = pickle.dumps(job)
     except (pickle.PicklingError, AttributeError, TypeError):
@@ -72,10 +73,11 @@ def measure_eager_peak(model: torch.nn.Module, loss_fn: Callable, inputs: tuple,
     return measure_peak(model, loss_fn, inputs, targets, scheme, optimizer, steps, engine="eager")
 
 
-def _setup(engine: str, model, loss_fn, inputs, targets, scheme, optimizer) -> Callable[[], Any]:
+def _setup(engine: str, model, loss_fn, inputs, targets, scheme, optimizer, memory_budget=None) -> Callable[[], Any]:
     if engine == "eager":
         return eager_step(model, loss_fn, inputs, targets, scheme, optimizer)
-    trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer)
+    trainer = compile_step(model, loss_fn, inputs, targets, scheme=scheme, optimizer=optimizer,
+                           memory_budget=memory_budget)
     return lambda: trainer.step(inputs, targets)
 
 
@@ -96,8 +98,9 @@ def _in_fresh_process(payload: bytes) -> int:
 def _main(job_file: str) -> None:
     """The fresh process: load the job, then measure it as the fork would."""
     with open(job_file, "rb") as f:
-        engine, model, loss_fn, inputs, targets, scheme, optimizer, steps = pickle.load(f)
-    print(_peak_in_this_process(lambda: _setup(engine, model, loss_fn, inputs, targets, scheme, optimizer), steps))
+        engine, model, loss_fn, inputs, targets, scheme, optimizer, memory_budget, steps = pickle.load(f)
+    print(_peak_in_this_process(lambda: _setup(engine, model, loss_fn, inputs, targets, scheme, optimizer,
+                                               memory_budget), steps))
 
 
 def peak_of(model: torch.nn.Module, setup: Callable[[], Callable[[], Any]], steps: int = 3) -> int:

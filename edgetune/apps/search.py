@@ -253,13 +253,16 @@ class _Cache:
 class PeakPredictor:
     """The memory plan's predicted peak of a scheme, without a whole compile per scheme: the
     model is exported once; each scheme only differentiates, optimizes and plans (tens of ms
-    for MobileNetV2). Equals edgetune.compile(...).report().predicted_peak_bytes."""
+    for MobileNetV2). Equals edgetune.compile(...).report().predicted_peak_bytes, with the same
+    `memory_budget`: under one, a scheme's transformer blocks are recomputed in the backward as
+    far as it needs (edgetune.compiler.passes.blocks), so a deeper scheme may fit at some time."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple, optimizer,
-                 passes: list | None = None) -> None:
+                 passes: list | None = None, memory_budget: int | None = None) -> None:
         from edgetune.compiler.frontend.torch import export  # loads torch.export
 
         self.model, self.loss_fn, self.optimizer, self.passes = model, loss_fn, optimizer, passes
+        self.memory_budget = memory_budget
         self.examples = (_as_tuple(inputs, "inputs"), _as_tuple(targets, "targets"))
         self.forward = export(model, loss_fn, *self.examples)
         self.device = _device_of(model, self.examples[0])
@@ -267,9 +270,10 @@ class PeakPredictor:
 
     def predict(self, scheme: schemes.SchemeLike) -> int:
         rules = schemes.resolve(scheme, self.model)
-        key = tuple(rules.items())  # Rule is hashable: ratio, selection and LoRA rank all count
+        key = (tuple(rules.items()), self.memory_budget)  # Rule is hashable: ratio, selection, LoRA rank count
         if key not in self._peaks:
-            graph, _ = training_graph(self.forward, self.model, rules, self.optimizer, self.passes)
+            graph, _ = training_graph(self.forward, self.model, rules, self.optimizer, self.passes,
+                                      memory_budget=self.memory_budget)
             self._peaks[key] = plan(graph, measure_scratch(graph, self.device)).peak_bytes
         return self._peaks[key]
 
@@ -277,7 +281,8 @@ class PeakPredictor:
         """The measured peak of the same step (edgetune.apps.measure.measure_peak), in bytes."""
         from edgetune.apps.measure import measure_peak
 
-        return measure_peak(self.model, self.loss_fn, *self.examples, scheme, self.optimizer, steps=steps)
+        return measure_peak(self.model, self.loss_fn, *self.examples, scheme, self.optimizer, steps=steps,
+                            memory_budget=self.memory_budget)
 
 
 # -- evolutionary search ------------------------------------------------------------------------
@@ -290,6 +295,9 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)  # per generation: best gain, its peak, predictions so far
     budget_bytes: int = 0
     measured_peak_bytes: int | None = None  # set by search_verified
+    # Where set, the peaks are those of the step compiled with this memory_budget (its blocks
+    # recomputed as far as it needs): train the scheme so (search_verified with a fitting predictor).
+    memory_budget: int | None = None
 
     def save(self, path: str) -> str:
         """Write the scheme to `path` as the plain pattern dict that `edgetune finetune --scheme
@@ -299,7 +307,8 @@ class SearchResult:
         side = os.path.splitext(path)[0] + ".search.json"
         meta = {"scheme_file": os.path.basename(path), "budget_bytes": self.budget_bytes,
                 "predicted_gain": self.predicted_gain, "predicted_peak_bytes": self.predicted_peak_bytes,
-                "measured_peak_bytes": self.measured_peak_bytes, "history": self.history}
+                "measured_peak_bytes": self.measured_peak_bytes, "memory_budget": self.memory_budget,
+                "history": self.history}
         write_json(side, meta)
         return side
 
@@ -345,19 +354,25 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
 
     The plan counts tensors and kernel scratch, not what else a running step adds (allocator
     slack, library caches, generated code): a few MB that vary from scheme to scheme. The head alone gives the first
-    estimate; each scheme measured over the budget is excluded and lowers the limit."""
+    estimate; each scheme measured over the budget is excluded and lowers the limit. A predictor
+    with a memory_budget recomputes blocks to fit the limit of each round, and the result says
+    which budget to compile it with."""
     head_only = space.scheme(0)
     floor, floor_predicted = predictor.measure(head_only, steps), predictor.predict(head_only)
     if floor > budget_bytes:
         raise BudgetError(f"even training only the head measures {floor / MB:.2f} MB ({floor} bytes) above the "
                           f"weights, over the budget of {budget_bytes / MB:.2f} MB: the smallest achievable peak")
     limit, checks, over = budget_bytes - max(0, floor - floor_predicted), [], []
+    fitting = predictor.memory_budget is not None
     for _ in range(rounds):
         if limit < floor_predicted:
             break  # only the head could fit the lowered limit, and it has measured within the budget
+        if fitting:
+            predictor.memory_budget = limit
         result = search(space, gains, predictor, budget_bytes, overhead_bytes=budget_bytes - limit, exclude=over,
                         **options)
         result.measured_peak_bytes = predictor.measure(result.scheme, steps)
+        result.memory_budget = limit if fitting else None
         checks.append({"limit_bytes": limit, "predicted_peak_bytes": result.predicted_peak_bytes,
                        "measured_peak_bytes": result.measured_peak_bytes})
         if result.measured_peak_bytes <= budget_bytes:

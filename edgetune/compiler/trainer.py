@@ -33,7 +33,8 @@ from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
 from edgetune.compiler.optim import SGD, AdamW, GaLore, MeZO
-from edgetune.compiler.passes import PIPELINE, run_forward_pipeline, run_pipeline, split_passes
+from edgetune.compiler.passes import (PIPELINE, run_forward_pipeline, run_pipeline, split_passes,
+                                      with_blocks_recomputed_to_fit)
 from edgetune.compiler.passes.int8 import int8_frozen_linears
 from edgetune.compiler.report import Report, build_report
 
@@ -170,7 +171,7 @@ class Trainer:
         # LoRA adapters by name ("<layer>.lora_A.weight"); updated in place like parameters.
         self.adapters = lora.init_adapters(model, self.rules)
         self.device = _device_of(model, examples[0])
-        self._compile_options = dict(passes=passes, int8=int8, on_nonfinite=on_nonfinite)
+        self._compile_options = dict(passes=passes, int8=int8, on_nonfinite=on_nonfinite, memory_budget=memory_budget)
         self.memory_budget, self.max_shapes, self.on_nonfinite = memory_budget, max_shapes, on_nonfinite
         self._channels: dict[str, torch.Tensor] | None = None  # set by the first compile, kept by the rest
         # Compiled steps by batch shape, the one used last at the end (edgetune's shape buckets).
@@ -562,7 +563,7 @@ def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.T
 # -- building the training graph ------------------------------------------------------------
 
 def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, int8=False, on_nonfinite="skip",
-                    channels=None, input_names=None) -> tuple[Graph, list[Update], dict[str, float]]:
+                    channels=None, input_names=None, memory_budget=None) -> tuple[Graph, list[Update], dict[str, float]]:
     """Trace, differentiate under the scheme, add the updates, optimize: the whole compile,
     with the seconds its two phases took (export, graph)."""
     from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
@@ -570,26 +571,32 @@ def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, in
     started = time.perf_counter()
     forward = export(model, loss_fn, *examples, input_names=input_names)
     traced = time.perf_counter()
-    graph, updates = training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels)
+    graph, updates = training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels,
+                                    memory_budget)
     return graph, updates, {"export": traced - started, "graph": time.perf_counter() - traced}
 
 
 def training_graph(forward: "ForwardGraph", model, rules: dict, optimizer, passes=None,
                    int8: bool = False, on_nonfinite: str = "skip",
-                   channels: dict[str, torch.Tensor] | None = None) -> tuple[Graph, list[Update]]:
+                   channels: dict[str, torch.Tensor] | None = None,
+                   memory_budget: int | None = None) -> tuple[Graph, list[Update]]:
     """Everything after the trace: differentiate under `rules`, add the updates, optimize.
 
     `forward` is only read, so one export serves many schemes (edgetune.apps.search does that).
     LoRA rules first rewrite their linears to run the adapters, which then train instead.
     `on_nonfinite`: see `compile`. `channels`: the channels each partial rule trains, by
     parameter name, where an earlier compile chose them (a magnitude choice made again on
-    trained weights could differ); else chosen here."""
+    trained weights could differ); else chosen here. `memory_budget`: where the optimized
+    step's predicted peak is over it, transformer blocks are recomputed in the backward until it
+    fits (edgetune.compiler.passes.blocks)."""
     params = dict(model.named_parameters())
     if isinstance(optimizer, MeZO):
         return _zo_training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels)
     before_autodiff, after_autodiff = split_passes(passes)
     if on_nonfinite == "raise":  # every gradient is checked before the first update changes anything
         after_autodiff = [p for p in after_autodiff if p[0] != "reorder"]
+    if memory_budget is not None:
+        after_autodiff = with_blocks_recomputed_to_fit(after_autodiff, memory_budget)
     graph, adapters = _prepared_forward(forward, rules, int8, before_autodiff)
     b = Builder(graph.nodes)
     loss = graph.outputs["loss"]

@@ -40,8 +40,10 @@ def test_a_diverged_rate_counts_as_the_worst():
 
 def test_searched_rows_name_their_fraction_and_space():
     text = TASKS["text"]
-    assert searched_row(text, "auto:0.25") == (0.25, text.search_space)
-    assert searched_row(text, "auto:0.5:layers") == (0.5, "layers")
+    assert searched_row(text, "auto:0.25") == (0.25, text.search_space, False)
+    assert searched_row(text, "auto:0.5:layers") == (0.5, "layers", False)
+    assert searched_row(text, "auto:0.25:blocks:recompute") == (0.25, "blocks", True)
+    assert searched_row(text, "auto:0.25:recompute") == (0.25, text.search_space, True)
 
 
 def test_the_report_prints_the_seeds_spread_and_the_rates_tried_beyond_the_grid():
@@ -52,6 +54,9 @@ def test_the_report_prints_the_seeds_spread_and_the_rates_tried_beyond_the_grid(
     assert report._rate(row, [1e-4, 3e-4, 1e-3]) == "0.003 (grid grown by 0.003, 0.009)"
     assert report._row_name("auto:0.25", {"budget_bytes": 2**20, "search_space": "blocks"}) == \
         "searched (blocks space), budget 1.0 MB"
+    assert report._row_name("auto:0.25:blocks:recompute", {"budget_bytes": 2**20, "search_space": "blocks",
+                                                          "memory_budget": 2**20 - 10}) == \
+        "searched (blocks space), budget 1.0 MB, blocks recomputed to fit"
 
 
 def test_a_lora_rows_accuracy_is_its_trained_adapters_not_the_bare_weights():

@@ -14,6 +14,7 @@ from typing import Callable
 
 from edgetune.compiler.ir.graph import Graph
 from edgetune.compiler.ir.verify import checks_enabled, verify
+from edgetune.compiler.passes.blocks import recompute_blocks_to_fit
 from edgetune.compiler.passes.dce import dce
 from edgetune.compiler.passes.fold_bn import fold_frozen_batchnorm
 from edgetune.compiler.passes.inplace import inplace_elementwise
@@ -37,6 +38,16 @@ PIPELINE: list[tuple[str, Pass, str]] = [
     ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
     ("inplace", inplace_elementwise, "an elementwise op writes over an input that dies with it: one buffer, not two"),
 ]
+
+
+def with_blocks_recomputed_to_fit(pipeline: list, budget: int) -> list:
+    """`pipeline` with the block recompute (passes/blocks.py) under `budget` before its in-place
+    pass (which must see the recompute's reads of the blocks' inputs), or last."""
+    entry = ("blocks", partial(recompute_blocks_to_fit, budget=budget),
+             "recompute the first transformer blocks in the backward, as few as bring the peak within the budget")
+    names = [name for name, _, _ in pipeline]
+    at = names.index("inplace") if "inplace" in names else len(pipeline)
+    return pipeline[:at] + [entry] + pipeline[at:]
 
 
 def split_passes(passes: list | None) -> tuple[list, list]:

@@ -36,7 +36,7 @@ def recompute_cheap(graph: Graph) -> Graph:
             chains[v] = c
 
     def recomputed(values: set[Node]) -> Graph:
-        return _with_recompute(graph, {v: chains[v] for v in values})
+        return with_recompute(graph, {v: chains[v] for v in values})
 
     chosen = fewest_for_lowest_peak(graph, set(chains), recomputed, copy_of=lambda n: n.meta.get("recompute_of"))
     return recomputed(chosen) if chosen else graph
@@ -74,8 +74,9 @@ def _read_through_views(graph: Graph) -> set[Node]:
             if storage_of(i) is not i and not is_backward(i)}
 
 
-def _with_recompute(graph: Graph, chains: dict[Node, list[Node]]) -> Graph:
-    """Each backward reader of a chosen value reads a copy recomputed before the first of them."""
+def with_recompute(graph: Graph, chains: dict[Node, list[Node]], mark: dict | None = None) -> Graph:
+    """Each backward reader of a chosen value reads a copy recomputed before the first of them;
+    `mark`: {forward node: meta its copy gets besides recompute_of}."""
     again: dict[Node, Node] = {}
 
     def visit(b, n, inputs):
@@ -84,7 +85,7 @@ def _with_recompute(graph: Graph, chains: dict[Node, list[Node]]) -> Graph:
         for v in (i for i in inputs if i in chains and i not in again):
             for m in chains[v]:
                 if m not in again:
-                    b.meta = {**n.meta, "recompute_of": m.name}
+                    b.meta = {**n.meta, "recompute_of": m.name, **(mark or {}).get(m, {})}
                     again[m] = b.redo(m, tuple(again.get(i, i) for i in m.inputs), name=f"{m.name}_again")
         b.meta = dict(n.meta)
         return keep(b, n, tuple(again.get(i, i) if i in chains else i for i in inputs))
