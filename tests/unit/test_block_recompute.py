@@ -37,18 +37,30 @@ def recomputed_blocks(trainer) -> set[int]:
             if "recomputed_block" in n.meta}
 
 
-def peaks(model):
-    """(the step's predicted peak as it is, with every block recomputed)."""
-    every = with_blocks_recomputed_to_fit(FORWARD_PIPELINE + PIPELINE, 0)  # 0 B: every block it can
-    return compiled(model).report().predicted_peak_bytes, compiled(model, passes=every).report().predicted_peak_bytes
+EVERY_BLOCK = with_blocks_recomputed_to_fit(FORWARD_PIPELINE + PIPELINE, 0)  # 0 B: every block it can
 
 
-def test_a_budget_recomputes_the_fewest_first_blocks_and_changes_no_number():
+def predictor(model, batch, **options):
+    from edgetune.apps.search import PeakPredictor
+
+    return PeakPredictor(model, causal_lm_loss, *batch, et.AdamW(lr=1e-2), **options)
+
+
+@pytest.fixture(scope="module")
+def bounds():
+    """(the step's predicted peak as it is, with every block recomputed): one export for both."""
+    model = lm()
+    batch = lm_batch(model)
+    return predictor(model, batch).predict(SCHEME), predictor(model, batch, passes=EVERY_BLOCK).predict(SCHEME)
+
+
+def test_a_budget_recomputes_the_fewest_first_blocks_and_changes_no_number(bounds):
     plain_model, fitted_model = lm(), lm()
-    high, low = peaks(lm())
+    high, low = bounds
     assert low < 0.8 * high  # what the backward keeps of a block is most of this step's peak
     budget = (high + low) // 2
     plain, fitted = compiled(plain_model), compiled(fitted_model, budget)
+    assert plain.report().predicted_peak_bytes == high
     assert fitted.report().predicted_peak_bytes <= budget
     blocks = recomputed_blocks(fitted)
     assert blocks and blocks == set(range(len(blocks))) and len(blocks) < LAYERS  # the first k, not all
@@ -60,53 +72,56 @@ def test_a_budget_recomputes_the_fewest_first_blocks_and_changes_no_number():
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     for name, a in plain.adapters.items():
         torch.testing.assert_close(fitted.adapters[name], a, rtol=0, atol=0, msg=name)
+    # the search's predictor fits a scheme as compile does
+    assert predictor(plain_model, lm_batch(plain_model), memory_budget=budget).predict(SCHEME) == \
+        fitted.report().predicted_peak_bytes
 
 
-def test_a_step_that_fits_its_budget_is_left_as_it_is():
-    high, _ = peaks(lm())
+def test_a_step_that_fits_its_budget_is_left_as_it_is_and_one_that_cannot_fit_is_refused(bounds):
+    high, low = bounds
     trainer = compiled(lm(), budget=high)
     assert not recomputed_blocks(trainer)
     assert trainer.report().predicted_peak_bytes == high
-
-
-def test_a_budget_below_every_block_recomputed_is_refused():
-    _, low = peaks(lm())
     with pytest.raises(BudgetError, match="over the memory budget"):
         compiled(lm(), budget=low // 2)
 
 
 def test_recomputed_blocks_lower_the_measured_peak():
     """Measured in fresh processes (edgetune.apps.measure), a model whose blocks keep a few MB."""
+    from edgetune.apps.measure import measure_peak
+
     model = lm(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4)
-    batch = lm_batch(model, size=8, length=128)
-    every = with_blocks_recomputed_to_fit(FORWARD_PIPELINE + PIPELINE, 0)
-    low = et.compile(model, causal_lm_loss, *batch, scheme=SCHEME, optimizer=et.AdamW(lr=1e-2),
-                     passes=every).report().predicted_peak_bytes
-    plain_peak, plain_predicted = _measured(model, batch, None)
+    batch, optimizer = lm_batch(model, size=8, length=128), et.AdamW(lr=1e-2)
+    plain = predictor(model, batch)
+    plain_predicted, low = plain.predict(SCHEME), predictor(model, batch, passes=EVERY_BLOCK).predict(SCHEME)
     budget = (plain_predicted + low) // 2
-    fitted_peak, fitted_predicted = _measured(model, batch, budget)
+    fitted_predicted = predictor(model, batch, memory_budget=budget).predict(SCHEME)
     assert fitted_predicted <= budget < plain_predicted
+    plain_peak = measure_peak(model, causal_lm_loss, *batch, SCHEME, optimizer)
+    fitted_peak = measure_peak(model, causal_lm_loss, *batch, SCHEME, optimizer, memory_budget=budget)
     # the drop the plan predicts shows in the process, within a fifth
     assert plain_peak - fitted_peak >= 0.8 * (plain_predicted - fitted_predicted), (plain_peak, fitted_peak)
 
 
-def _measured(model, batch, budget):
-    """(measured, predicted) peak of the step compiled under `budget`."""
-    from edgetune.apps.measure import measure_peak
-
-    optimizer = et.AdamW(lr=1e-2)
-    predicted = et.compile(model, causal_lm_loss, *batch, scheme=SCHEME, optimizer=optimizer,
-                           memory_budget=budget).report().predicted_peak_bytes
-    return measure_peak(model, causal_lm_loss, *batch, SCHEME, optimizer, memory_budget=budget), predicted
-
-
-def test_the_peak_predictor_fits_a_scheme_to_its_budget_as_compile_does():
-    from edgetune.apps.search import PeakPredictor
+def test_the_search_reaches_the_first_blocks_when_it_may_recompute_blocks():
+    """LoRA on the q of blocks 0-1 gains most, but its backward crosses every block: over the budget as
+    the step is, within it with blocks recomputed, so only a fitting predictor lets it be chosen."""
+    from edgetune.apps.lm_search import LMSearchSpace, seeded_contributions
+    from edgetune.apps.search import search
+    from tests.unit.test_lm_search import additive_score
 
     model = lm()
-    high, low = peaks(model)
-    budget = (high + low) // 2
-    inputs, targets = lm_batch(model)
-    assert PeakPredictor(model, causal_lm_loss, inputs, targets, et.AdamW(lr=1e-2)).predict(SCHEME) == high
-    fitting = PeakPredictor(model, causal_lm_loss, inputs, targets, et.AdamW(lr=1e-2), memory_budget=budget)
-    assert fitting.predict(SCHEME) == compiled(model, budget).report().predicted_peak_bytes <= budget
+    space = LMSearchSpace.from_model(model, bands=2, ratios=(1,), lora_ranks=(4,), kinds=["self_attn.q_proj"])
+    first, *later = space.weight_units
+    gains = {first: {1.0: 0.0, "lora:4": 0.1}, **{u: {1.0: 0.0, "lora:4": 0.01} for u in later}}
+    seeded = seeded_contributions(space, additive_score(space, gains), (0,), cache=None, context="fake")
+    batch = lm_batch(model)
+    deep = space.scheme(0, {first: "lora:4"})
+    plain = predictor(model, batch)
+    budget = (plain.predict(deep) + predictor(model, batch, passes=EVERY_BLOCK).predict(deep)) // 2
+    fitting = predictor(model, batch, memory_budget=budget)
+    block0_q = space.members[first][0]
+    assert block0_q == "model.layers.0.self_attn.q_proj.weight"
+    assert block0_q not in search(space, seeded.mean, plain, budget).scheme
+    chosen = search(space, seeded.mean, fitting, budget)
+    assert chosen.scheme[block0_q] == {"lora": 4, "alpha": 8} and chosen.predicted_peak_bytes <= budget
