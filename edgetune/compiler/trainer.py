@@ -91,8 +91,10 @@ def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, ex
     releases its float storage; `with trainer.dequantized():` lends the model float weights
     back for plain PyTorch use (evaluation, generation).
     `memory_budget` (bytes, or text like "64MB"): a contract on the predicted peak of one step
-    (`report().predicted_peak_bytes`); a scheme over it is refused with a BudgetError that
-    names the layers making the peak, before the step's memory is allocated.
+    (`report().predicted_peak_bytes`). A step over it first has its first transformer blocks
+    recomputed in the backward, as few as bring it within (edgetune.compiler.passes.blocks:
+    the same numbers, a forward of each such block more); one still over it is refused with a
+    BudgetError that names the layers making the peak, before the step's memory is allocated.
     `on_nonfinite`: what a step does when its loss or a gradient is NaN or infinite. "skip"
     (default): each update runs only where the loss and its own gradient are finite (so do
     buffer writes, where the loss is); a skipped one leaves its parameter and optimizer state
