@@ -363,7 +363,7 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
         raise BudgetError(f"even training only the head measures {floor / MB:.2f} MB ({floor} bytes) above the "
                           f"weights, over the budget of {budget_bytes / MB:.2f} MB: the smallest achievable peak")
     limit, checks, over = budget_bytes - max(0, floor - floor_predicted), [], []
-    fitting = predictor.memory_budget is not None
+    fitting = getattr(predictor, "memory_budget", None) is not None  # a stand-in may have none
     for _ in range(rounds):
         if limit < floor_predicted:
             break  # only the head could fit the lowered limit, and it has measured within the budget

@@ -72,9 +72,10 @@ def test_a_budget_recomputes_the_fewest_first_blocks_and_changes_no_number(bound
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
     for name, a in plain.adapters.items():
         torch.testing.assert_close(fitted.adapters[name], a, rtol=0, atol=0, msg=name)
-    # the search's predictor fits a scheme as compile does
-    assert predictor(plain_model, lm_batch(plain_model), memory_budget=budget).predict(SCHEME) == \
-        fitted.report().predicted_peak_bytes
+    # the search's predictor fits a scheme to the budget as compile does (the kernels' measured
+    # scratch, which both plans count, may differ a little between two measurements)
+    predicted = predictor(plain_model, lm_batch(plain_model), memory_budget=budget).predict(SCHEME)
+    assert predicted <= budget and predicted == pytest.approx(fitted.report().predicted_peak_bytes, rel=0.05)
 
 
 def test_a_step_that_fits_its_budget_is_left_as_it_is_and_one_that_cannot_fit_is_refused(bounds):
