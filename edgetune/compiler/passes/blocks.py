@@ -62,8 +62,8 @@ def recomputed(graph: Graph, blocks: dict[str, dict[Node, list[Node]]]) -> Graph
 
 
 def block_chains(graph: Graph) -> dict[str, dict[Node, list[Node]]]:
-    """{block: {value the backward reads: the block's forward nodes that
-    recompute it, inputs first}}, blocks in forward order. Chains stop at values from outside the block (its input,
+    """{block: {value the backward reads: the block's forward nodes that recompute it, inputs
+    first}}, blocks in forward order. Chains stop at values from outside the block (its input,
     parameters, constants), which the recompute then reads: those are kept instead."""
     saved = saved_for_backward(graph.nodes)
     block = {n: m.group(1) for n in graph.nodes
@@ -83,6 +83,7 @@ def block_chains(graph: Graph) -> dict[str, dict[Node, list[Node]]]:
 
 
 def _chain(v: Node, members: set[Node], position: dict[Node, int]) -> list[Node]:
+    """`v` and the block members it depends on, in graph order."""
     found, todo = set(), [v]
     while todo:
         n = todo.pop()
