@@ -466,6 +466,13 @@ def _check_k(what: str, k: Any) -> None:
         raise SchemeError(f"{what} needs a number of blocks >= 1, got {k!r}")
 
 
+def block_of(name: str) -> str | None:
+    """The transformer block a parameter or module is in ('model.layers.3.mlp.up_proj' ->
+    'model.layers.3'), or None."""
+    m = _BLOCK.match(name + ".")
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
 def transformer_blocks(model: torch.nn.Module, what: str) -> list[str]:
     """The transformer blocks' module paths in order, e.g. ['model.layers.0', ...]. Where names
     match in several containers (encoder and decoder), the one with the most blocks wins."""

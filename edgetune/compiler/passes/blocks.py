@@ -17,16 +17,13 @@ this one is its expensive sibling and reuses its rewrite.
 """
 from __future__ import annotations
 
-import re
+from functools import cache
 
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.memory import plan, saved_for_backward, storage_of
 from edgetune.compiler.passes.recompute import with_recompute
 from edgetune.compiler.passes.rewrite import is_backward
-
-# A value's block, from the module it was computed in: the scheme presets' block names
-# ('model.layers.N' of HF decoders, 'encoder.layer.N' of BERT, 'h.N', 'blocks.N').
-_BLOCK = re.compile(r"^((?:.*\.)?(?:layers|layer|h|blocks)\.\d+)(?:\.|$)")
+from edgetune.compiler.scheme import block_of
 
 
 def recompute_blocks_to_fit(graph: Graph, budget: int) -> Graph:
@@ -40,6 +37,7 @@ def recompute_blocks_to_fit(graph: Graph, budget: int) -> Graph:
         return graph
     names = list(blocks)
 
+    @cache  # the bisection's last answer is the graph returned
     def first(k: int) -> Graph:
         return recomputed(graph, {name: blocks[name] for name in names[:k]})
 
@@ -66,8 +64,12 @@ def block_chains(graph: Graph) -> dict[str, dict[Node, list[Node]]]:
     first}}, blocks in forward order. Chains stop at values from outside the block (its input,
     parameters, constants), which the recompute then reads: those are kept instead."""
     saved = saved_for_backward(graph.nodes)
-    block = {n: m.group(1) for n in graph.nodes
-             if not is_backward(n) and n.op not in ("input", "const") and (m := _BLOCK.match(n.meta.get("module", "")))}
+    # A value's block, from the module it was computed in (the scheme presets' block names).
+    block = {n: b for n in graph.nodes
+             if not is_backward(n) and n.op not in ("input", "const") and (b := block_of(n.meta.get("module", "")))}
+    members: dict[str, set[Node]] = {}
+    for n, b in block.items():
+        members.setdefault(b, set()).add(n)
     read: dict[str, dict[Node, None]] = {}
     for n in graph.nodes:
         if is_backward(n):
@@ -77,8 +79,7 @@ def block_chains(graph: Graph) -> dict[str, dict[Node, list[Node]]]:
     position = {n: k for k, n in enumerate(graph.nodes)}
     chains = {}
     for name in sorted(read, key=lambda b: min(position[v] for v in read[b])):
-        members = {v for v, b in block.items() if b == name}
-        chains[name] = {v: _chain(v, members, position) for v in read[name]}
+        chains[name] = {v: _chain(v, members[name], position) for v in read[name]}
     return chains
 
 
