@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -62,6 +62,9 @@ class Task:
     # (every transformer block, in search_bands bands, LoRA ranks search_lora as options too).
     # A row "auto:<fraction>:<space>" overrides it.
     search_space: str = "layers"
+    # Named spaces a row may pick instead ("auto:0.25:<name>"): SearchSettings fields that
+    # differ from the task's (e.g. more kinds of weights or channel ratios).
+    search_variants: dict = field(default_factory=dict)
     search_bands: int = 3
     search_lora: tuple = ()
     search_seeds: int = 1  # contribution runs per candidate (their mean gain is searched)
@@ -77,10 +80,12 @@ TASKS = {
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "experiments/schemes/minilm-frozen-word-embeddings.json", "lora:8:query,value,alpha=16",
                   "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25:layers", "auto:0.25",
-                  "auto:0.5", "auto:0.25:blocks:recompute"], epochs=2, max_len=32, train_limit=2000,
-                 test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
+                  "auto:0.5", "auto:0.25:blocks:recompute", "auto:0.25:blocks-ratios:recompute"], epochs=2, max_len=32,
+                 train_limit=2000, test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
                  search_steps=30, search_space="blocks", search_bands=6, search_lora=(8,), search_seeds=2,
-                 seeds=(0, 1, 2)),
+                 seeds=(0, 1, 2),
+                 # the blocks space (every linear of every block) at the issue's four channel ratios
+                 search_variants={"blocks-ratios": {"space": "blocks", "ratios": (0.0, 0.125, 0.25, 0.5, 1.0)}}),
 }
 
 
@@ -117,12 +122,15 @@ def searched_row(task: Task, spec: str) -> tuple[float, str, bool]:
 
 
 def search_settings(task: Task, args, space: str | None = None):
+    """The task's search settings; `space`: a SearchSettings.space or one of task.search_variants."""
     from edgetune.apps.jobs import SearchSettings
 
-    return SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
-                          steps=20 if args.quick else task.search_steps, ratios=task.search_ratios,
-                          weights=task.search_weights, space=space or task.search_space, bands=task.search_bands,
-                          lora_ranks=task.search_lora, seeds=task.search_seeds, cache=os.path.join(RESULTS, "search-cache.json"))
+    settings = SearchSettings(batch=task.batch, lr=task.lrs[len(task.lrs) // 2], optimizer=task.optimizer,
+                              steps=20 if args.quick else task.search_steps, ratios=task.search_ratios,
+                              weights=task.search_weights, space=space or task.search_space, bands=task.search_bands,
+                              lora_ranks=task.search_lora, seeds=task.search_seeds,
+                              cache=os.path.join(RESULTS, "search-cache.json"))
+    return replace(settings, **task.search_variants.get(space, {}))
 
 
 def train_once(task: Task, scheme, lr: float, epochs: int, tuning: bool, seed: int = 0, memory_budget=None):
@@ -210,6 +218,7 @@ def main(argv=None) -> int:
                    help="measure the peak of every stored row again (its resolved scheme), nothing else")
     p.add_argument("--row-process", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--contributions-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--search-space", help=argparse.SUPPRESS)  # the space --contributions-only measures
     args = p.parse_args(argv)
     task = TASKS[args.task]
     if args.quick:
@@ -220,7 +229,7 @@ def main(argv=None) -> int:
     if args.contributions_only:
         from edgetune.apps.jobs import measure_contributions
 
-        measure_contributions(job_for(task), search_settings(task, args))
+        measure_contributions(job_for(task), search_settings(task, args, args.search_space))
         return 0
     path = os.path.join(RESULTS, f"{args.task}{'-quick' if args.quick else ''}.json")
     results = _load(path)
@@ -231,7 +240,7 @@ def main(argv=None) -> int:
         (spec,) = specs
         full_peak = results.get("full", {}).get("measured_peak_bytes")
         if spec.startswith("auto:"):
-            _fill_contribution_cache(args)
+            _fill_contribution_cache(args, searched_row(task, spec)[1])
         print(json.dumps(run_row(task, spec, full_peak, args)))
         return 0
     for spec in specs:
@@ -267,10 +276,10 @@ def _in_fresh_process(args, spec: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _fill_contribution_cache(args) -> None:
+def _fill_contribution_cache(args, space: str) -> None:
     """Contribution runs train (and fragment the heap) for minutes; do them in another process
     so that this one, which measures, only reads their cached results."""
-    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--contributions-only"]
+    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--contributions-only", "--search-space", space]
     subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=sys.stderr)
 
 
