@@ -2,6 +2,9 @@ import os
 
 # Verify graph invariants after every pass in tests; set before edgetune is imported.
 os.environ.setdefault("EDGETUNE_CHECK", "1")
+# Ray runs the Simulation Engine's virtual clients at niceness 15 by default; beside the other
+# xdist worker's test they then wait for a core for minutes. They are the test's work here.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

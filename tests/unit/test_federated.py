@@ -429,7 +429,9 @@ task = Task(model=build, loss=F.cross_entropy, train_data=lambda p, n: toy(100 +
             test_data=lambda p, n: toy(200 + p, 64), central_test_data=lambda: toy(999, 128),
             scheme={scheme!r}, optimizer={optimizer}, local_steps={steps}, batch_size=16)
 client = client_app(task)
-server = server_app(task, num_rounds=2, history_path=os.environ["EDGEFED_HISTORY"]{options})
+# No evaluation on the nodes (the simulation tests cover it): each message starts a ClientApp
+# process here, and evaluate rounds would double them.
+server = server_app(task, num_rounds=2, fraction_evaluate=0.0, history_path=os.environ["EDGEFED_HISTORY"]{options})
 '''
 
 DEPLOY_PYPROJECT = '''
