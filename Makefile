@@ -32,7 +32,7 @@ web-demo: $(VENV)/.installed $(WEB)
 	$(BIN)/edgetune web-demo
 
 test: $(VENV)/.installed $(WEB)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench

@@ -35,6 +35,11 @@ def one_timed_step(engine: str) -> dict:
             "cpu_median_s": wall, "tokens_per_s": ready["tokens"] / wall, "load_before": 0.0, "load_after": 0.0}
 
 
+# One xdist worker runs this module (make test: --dist loadgroup), so that its module fixture
+# (timed, the costly part) runs once, not once a worker.
+pytestmark = pytest.mark.xdist_group("test_bench_lm")
+
+
 @pytest.fixture(scope="module")
 def timed():
     """Every engine in this process: 2 warm-ups + 1 timed step each."""

@@ -46,6 +46,11 @@ def predictor(model, batch, **options):
     return PeakPredictor(model, causal_lm_loss, *batch, et.AdamW(lr=1e-2), **options)
 
 
+# One xdist worker runs this module (make test: --dist loadgroup), so that its module fixture
+# (bounds, the costly part) runs once, not once a worker.
+pytestmark = pytest.mark.xdist_group("test_block_recompute")
+
+
 @pytest.fixture(scope="module")
 def bounds():
     """(the step's predicted peak as it is, with every block recomputed): one export for both."""

@@ -18,6 +18,11 @@ from experiments import lm_methods as exp
 SETTINGS = dict(exp.TINY)
 
 
+# One xdist worker runs this module (make test: --dist loadgroup), so that its module fixture
+# (swept, the costly part) runs once, not once a worker.
+pytestmark = pytest.mark.xdist_group("test_lm_methods_experiment")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def compile_in_process():
     with pytest.MonkeyPatch.context() as patch:

@@ -11,6 +11,11 @@ TINY = dict(exp.SETTINGS, model="tiny-llama", scheme="lm-sparse:2", max_chars=25
             timing_rounds=3, timing_warmup=1, mezo_lrs=[1e-2], budget_steps=4, memory_steps=1)
 
 
+# One xdist worker runs this module (make test: --dist loadgroup), so that its module fixture
+# (results, the costly part) runs once, not once a worker.
+pytestmark = pytest.mark.xdist_group("test_mezo_vs_backprop_experiment")
+
+
 @pytest.fixture(scope="module")
 def results():
     threads = torch.get_num_threads()
