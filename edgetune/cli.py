@@ -124,7 +124,9 @@ def _lm_parsers(sub) -> None:
                     "({messages: [...]}, {conversations: [...]} or {text: ...} a line) | FILE.json (a list) | FILE.txt")
     lm.add_argument("--scheme", help=f"{DEFAULT_LM_SCHEME} (default) | lm-last:K | norms | lora:R | full | last:K | "
                     "a JSON file of patterns | auto (searched under --budget, edgetune.apps.lm_search)")
-    lm.add_argument("--budget", help="with --scheme auto: memory for training on top of the weights, e.g. 300MB")
+    lm.add_argument("--budget", help="memory for training on top of the weights, e.g. 300MB: with --scheme auto, "
+                    "the search's; with a given scheme, the step is fitted to it (transformer blocks recomputed in "
+                    "the backward) or refused")
     _lm_search_args(lm)
     length = lm.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (default 100)")
@@ -288,6 +290,9 @@ def _lm_search_args(p: argparse.ArgumentParser) -> None:
                    help="training examples set aside to score the contribution runs")
     p.add_argument("--search-cache", default=os.path.join("runs", "search-cache.json"),
                    help="contributions measured once, reused by later searches with other budgets")
+    p.add_argument("--search-recompute", action="store_true",
+                   help="schemes may fit the budget by recomputing transformer blocks in the backward (each costs "
+                        "one more forward of the block): deeper schemes fit")
 
 
 def _lm_search_settings(args: argparse.Namespace):
@@ -296,7 +301,7 @@ def _lm_search_settings(args: argparse.Namespace):
     return LMSearchSettings(steps=args.search_steps, batch=args.batch, seq_len=args.seq_len, optimizer=args.optimizer,
                             lr=args.lr, score_items=args.search_score_items, seeds=tuple(range(args.search_seeds)),
                             bands=args.search_bands, ratios=_ratios(args.search_ratios), lora_ranks=_lora_ranks(args.search_lora),
-                            cache=args.search_cache,
+                            cache=args.search_cache, recompute_blocks=args.search_recompute,
                             kinds=tuple(k.strip() for k in args.search_kinds.split(",")) if args.search_kinds else None)
 
 
@@ -325,7 +330,7 @@ def run_search_lm(args: argparse.Namespace) -> int:
     result = _searched_lm_scheme(args, lm, train)
     side = result.save(args.out)
     print(f"written to {args.out} (every gain with its spread: {side}); use it with: edgetune finetune-lm "
-          f"--model {args.model} --scheme {args.out} ...")
+          f"--model {args.model} --scheme {args.out}{_budget_flag(result)} ...")
     return 0
 
 
@@ -719,9 +724,8 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     _check_lisa(args)  # before the model loads
     torch.manual_seed(args.seed)
     auto = args.scheme == "auto"
-    if bool(args.budget) != auto:
-        raise ValueError("--scheme auto needs --budget, e.g. --budget 300MB" if auto else
-                         "--budget is the search's limit: it goes with --scheme auto")
+    if auto and not args.budget:
+        raise ValueError("--scheme auto needs --budget, e.g. --budget 300MB")
     if auto and args.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"the search scores schemes by short AdamW or SGD runs; --scheme auto does not take "
                          f"--optimizer {args.optimizer}: search with adamw (edgetune search-lm), then pass the "
@@ -731,12 +735,13 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     train, val, lm = _lm_data(args)
     args.batch = fit_batch(args.batch, len(train), "training examples")
     args.out = args.out or _default_out(f"lm-{args.model}")
+    budget = args.budget  # a given scheme is fitted to it or refused
     if auto:
-        scheme = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
+        scheme, budget = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
     buckets = length_ladder(args.buckets, args.seq_len)
     trainer = _lisa_trainer(args, lm, buckets, optimizer) if args.lisa_layers else compile_lm(
         lm.model, scheme, args.batch, args.seq_len, optimizer, frozen_weights="int8" if args.int8 else "float",
-        buckets=buckets)
+        buckets=buckets, memory_budget=budget)
     _record_settings(args, given, resumed)
     print(f"{args.model}, scheme {_lm_scheme_name(args)}: {trainer.trainable_params:,} trainable "
           f"parameters, predicted peak {trainer.report().predicted_peak_bytes / 2**20:.1f} MB above the weights")
@@ -776,15 +781,20 @@ def _write_answer_scores(args: argparse.Namespace, questions, before: dict, afte
 
 
 def _resumed_or_searched_lm_scheme(args: argparse.Namespace, resumed: bool, lm, train):
-    """A resumed run trains the scheme its search found (OUT/scheme.json); a new one searches
-    and writes it there."""
+    """(scheme, memory_budget to compile it under): a resumed run's are those its search found
+    (OUT/scheme.json and its side file OUT/scheme.search.json); a new run searches and writes them there."""
     path = os.path.join(args.out, "scheme.json")
+    side = os.path.splitext(path)[0] + ".search.json"
     if resumed and os.path.isfile(path):
-        return et.schemes.from_file(path)
-    scheme = _searched_lm_scheme(args, lm, train).scheme
+        memory_budget = None  # a run from before the side file: its search recomputed no blocks
+        if os.path.isfile(side):
+            with open(side) as f:
+                memory_budget = json.load(f).get("memory_budget")
+        return et.schemes.from_file(path), memory_budget
+    result = _searched_lm_scheme(args, lm, train)
     os.makedirs(args.out, exist_ok=True)
-    write_json(path, scheme)
-    return scheme
+    result.save(path)
+    return result.scheme, result.memory_budget
 
 
 def _lisa_args(p: argparse.ArgumentParser) -> None:
@@ -813,6 +823,8 @@ def _check_lisa(args: argparse.Namespace) -> None:
     if args.scheme:
         raise ValueError(f"LISA chooses what trains each period (the embedding, the LM head and "
                          f"{args.lisa_layers} sampled blocks): drop --scheme {args.scheme}")
+    if args.budget:
+        raise ValueError(f"LISA's steps are not fitted to a memory budget: drop --budget {args.budget}")
     if args.optimizer == "mezo":
         raise ValueError(_NOT_MEZO)
     if args.int8:

@@ -74,15 +74,16 @@ def tiny_chat_tokenizer():
 
 
 def compile_lm(model: torch.nn.Module, scheme, batch_size: int, seq_len: int, optimizer,
-               frozen_weights: str = "float", buckets: Sequence[int] = ()) -> et.Trainer:
+               frozen_weights: str = "float", buckets: Sequence[int] = (), memory_budget=None) -> et.Trainer:
     """A compiled step for batches of [batch_size, seq_len] token ids, mask and labels. The
     example's values do not matter, only its shapes (padding masks are honoured either way).
     `buckets`: the shorter lengths batches may be cut to (LMData.batches), each compiled on
-    first use; the step for seq_len, the longest, is compiled now and held to any budget.
-    `frozen_weights="int8"`: see et.compile."""
+    first use; the step for seq_len, the longest, is compiled now. Each is held to
+    `memory_budget` (see et.compile). `frozen_weights="int8"`: see et.compile."""
     inputs, targets = lm_example(batch_size, seq_len)
     return et.compile(model, causal_lm_loss, inputs, targets, scheme=scheme, optimizer=optimizer,
-                      frozen_weights=frozen_weights, max_shapes=len(set(buckets) | {seq_len}))
+                      frozen_weights=frozen_weights, max_shapes=len(set(buckets) | {seq_len}),
+                      memory_budget=memory_budget)
 
 
 def lm_example(batch_size: int, seq_len: int) -> tuple[tuple, tuple]:

@@ -265,6 +265,9 @@ class LMSearchSettings:
     lora_ranks: tuple[int, ...] = LORA_RANKS
     kinds: tuple[str, ...] | None = None
     cache: str | None = None
+    # Schemes may fit the budget by recomputing transformer blocks in the backward (compiled
+    # under SearchResult.memory_budget): deeper schemes fit, each recomputed block costing a forward.
+    recompute_blocks: bool = False
 
     def context(self, model_name: str, data: str) -> str:
         return (f"lm {model_name} | {data} | batch {self.batch} x {self.seq_len} | {self.optimizer} lr {self.lr:g} "
@@ -328,8 +331,11 @@ def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, bu
     inputs, targets = lm_example(s.batch, s.seq_len)
     optimizer = by_name(s.optimizer, s.lr)
     # The predictor loads torch.export; a forked child keeps it out of the training process.
+    fit_to = budget_bytes if s.recompute_blocks else None
     result = run_isolated(lambda: search_verified(space, gains.mean, PeakPredictor(model, causal_lm_loss, inputs,
-                                                                                   targets, optimizer), budget_bytes),
+                                                                                   targets, optimizer,
+                                                                                   memory_budget=fit_to),
+                                                  budget_bytes),
                           torch.device("cpu"))
     result.history.append({"contributions": gains.table(), "seeds": list(gains.seeds),
                            "noise": gains.noise_summary()})
