@@ -783,8 +783,10 @@ def _write_answer_scores(args: argparse.Namespace, questions, before: dict, afte
 def _resumed_or_searched_lm_scheme(args: argparse.Namespace, resumed: bool, lm, train):
     """(scheme, memory_budget to compile it under): a resumed run's are those its search found
     (OUT/scheme.json and its side file OUT/scheme.search.json); a new run searches and writes them there."""
+    from edgetune.apps.search import side_file
+
     path = os.path.join(args.out, "scheme.json")
-    side = os.path.splitext(path)[0] + ".search.json"
+    side = side_file(path)
     if resumed and os.path.isfile(path):
         memory_budget = None  # a run from before the side file: its search recomputed no blocks
         if os.path.isfile(side):

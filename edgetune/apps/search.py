@@ -304,13 +304,18 @@ class SearchResult:
         FILE` loads, and the search's figures to a side file (returned): the scheme file may
         hold nothing else, since every key of it must name parameters."""
         write_json(path, self.scheme)
-        side = os.path.splitext(path)[0] + ".search.json"
+        side = side_file(path)
         meta = {"scheme_file": os.path.basename(path), "budget_bytes": self.budget_bytes,
                 "predicted_gain": self.predicted_gain, "predicted_peak_bytes": self.predicted_peak_bytes,
                 "measured_peak_bytes": self.measured_peak_bytes, "memory_budget": self.memory_budget,
                 "history": self.history}
         write_json(side, meta)
         return side
+
+
+def side_file(scheme_path: str) -> str:
+    """Where SearchResult.save puts the search's figures beside the scheme file it writes."""
+    return os.path.splitext(scheme_path)[0] + ".search.json"
 
 
 def search(space: SearchSpace, gains: Contributions, predictor: PeakPredictor, budget_bytes: int, *,
