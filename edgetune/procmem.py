@@ -101,3 +101,38 @@ def _mallopt(param: int, value: int) -> bool:
         return bool(_libc().mallopt(param, value))
     except (OSError, AttributeError):
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def occupy_free_heap(smallest: int = MMAP_THRESHOLD) -> bool:
+    """Take every free chunk of `smallest` bytes or more out of this thread's malloc arena, so
+    that from now on each large allocation is a fresh mmap, as in a fresh process.
+
+    glibc serves an allocation from a free chunk of its heap before it considers the mmap
+    threshold. In a fork of a process that trained (its freed tensors kept in the heap), a
+    step's 20 MB tensor then lands in a free chunk whose pages release_free_heap gave back, and
+    the next step's in another one: measured, twice the step's need. The chunks taken here are
+    never touched past their header, so they cost no resident memory; the process keeps them
+    until it exits (call this only in a process made to measure). False without glibc's
+    mallinfo2 (glibc < 2.33), where nothing is done."""
+    try:
+        libc = _libc()
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return False
+    mallinfo2.restype, libc.malloc.restype = _MallInfo2, ctypes.c_void_p
+    libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+    size = 1 << max(mallinfo2().fordblks, smallest).bit_length()
+    while size >= smallest:
+        mapped_before = mallinfo2().hblks
+        chunk = libc.malloc(size)
+        if chunk and mallinfo2().hblks == mapped_before:
+            continue  # served from a free chunk: keep it, and look for another of this size
+        libc.free(chunk)  # a fresh mapping (or nothing): no free chunk this large is left
+        size //= 2
+    return True

@@ -13,7 +13,9 @@ staying in the heap. It resets the kernel's high-water mark, reads its resident 
 baseline, compiles the step and runs a few steps, and prints the high-water mark minus the
 baseline. edgetune compiles in a forked grandchild (edgetune.compiler.isolate), so torch.export's
 memory is not counted, as in the benchmarks. A job that does not pickle is measured in a fork
-of the calling process instead, which is exact only while that process has not trained yet.
+of the calling process instead: there, the free heap chunks the process kept are taken out of
+play first (procmem.occupy_free_heap), so the step's large tensors are fresh mappings as in a
+fresh process; small allocations still land in whatever the process left free.
 
 One difference from BENCHMARKS.md: shared library code that the step runs for the first time
 (file-backed, clean, shared with every process using torch; about 20 MB for MobileNetV2 on
@@ -38,8 +40,8 @@ from edgetune.apps.baseline import eager_step
 from edgetune.compiler import scheme as schemes
 from edgetune.compiler.isolate import in_child
 from edgetune.compiler.trainer import compile as compile_step
-from edgetune.procmem import (MMAP_THRESHOLD, release_free_heap, reset_hwm, rss_file_bytes, set_mmap_threshold,
-                              vm_hwm_bytes, vm_rss_bytes)
+from edgetune.procmem import (MMAP_THRESHOLD, occupy_free_heap, release_free_heap, reset_hwm, rss_file_bytes,
+                              set_mmap_threshold, vm_hwm_bytes, vm_rss_bytes)
 
 
 
@@ -126,6 +128,7 @@ def _peak_in_this_process(setup: Callable[[], Callable[[], Any]], steps: int) ->
     # Free heap memory the parent left resident (its earlier steps) would be reused here without
     # raising the resident set, hiding what this step needs: hand it back to the OS first.
     release_free_heap()
+    occupy_free_heap()  # and make what it left free serve no large allocation: each is a fresh mmap
     reset_hwm()
     baseline, library_pages = vm_rss_bytes(), rss_file_bytes()
     step = setup()

@@ -1,4 +1,6 @@
 import copy
+import os
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +13,7 @@ from tests.unit.nets import ConvNet, batch
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures through Linux's /proc")
 MB = 2 ** 20
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def peak(model, scheme, data):
@@ -47,6 +50,27 @@ def test_peak_of_any_step_counts_what_it_allocates_and_frees():
         return lambda: torch.ones(5 * MB).sum()  # 20 MB, freed at once
 
     assert 19 * MB < peak_of(ConvNet(), setup, steps=2) < 40 * MB
+
+
+def test_a_fork_of_a_process_that_kept_freed_tensors_measures_each_one_once():
+    # The torch backend makes glibc keep freed memory (procmem.keep_freed_memory); a fork of such
+    # a process has free heap chunks larger than a step's tensor, and glibc serves from those
+    # before it maps fresh pages. Without occupy_free_heap each step's 20 MB tensor landed in
+    # another released chunk: 40 MB measured. Run in a fresh interpreter: this worker's heap is
+    # whatever the tests before left it.
+    script = """
+import torch
+from edgetune import procmem
+from edgetune.apps.measure import peak_of
+from tests.unit.nets import ConvNet
+procmem.keep_freed_memory()
+kept = [torch.ones(n * 2 ** 20) for n in (9, 7, 6, 5, 8)]  # touched, then freed: free chunks of 20-36 MB
+del kept
+print(max(peak_of(ConvNet(), lambda: (lambda: torch.ones(5 * 2 ** 20).sum()), steps=2) for _ in range(3)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert 19 * MB < int(done.stdout.split()[-1]) < 22 * MB
 
 
 def test_a_trained_heap_does_not_change_the_measurement():
