@@ -248,6 +248,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-recompute", action="store_true",
                    help="let a scheme fit the budget by recomputing transformer blocks in the backward (a "
                         "forward of each such block more per step): deeper schemes fit, at some time")
+    p.add_argument("--search-score", choices=["accuracy", "loss"], default="accuracy",
+                   help="what a contribution run is scored by on its held-back items: accuracy, or minus the "
+                        "cross-entropy (finer-grained where short runs barely change the accuracy)")
 
 
 def _search_lm_parser(sub) -> None:
@@ -539,7 +542,7 @@ def _search_settings(args: argparse.Namespace):
     return SearchSettings(batch=args.batch, lr=args.lr, optimizer=args.optimizer, steps=args.search_steps,
                           seed=args.seed, cache=args.search_cache, ratios=_ratios(args.search_ratios),
                           space=args.search_space, bands=args.search_bands, lora_ranks=_lora_ranks(args.search_lora),
-                          seeds=args.search_seeds, recompute_blocks=args.search_recompute)
+                          seeds=args.search_seeds, recompute_blocks=args.search_recompute, score=args.search_score)
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -574,8 +577,10 @@ def run_search(args: argparse.Namespace) -> int:
     result = search_job(job, parse_bytes(args.budget), _search_settings(args))
     side = result.save(args.out)
     trained = ", ".join(f"{k}={v}" for k, v in result.scheme.items())
-    print(f"\nscheme for {args.budget}: {trained}\npredicted gain {100 * result.predicted_gain:+.2f} points over "
-          f"the head alone; peak {result.measured_peak_bytes / 2**20:.1f} MB measured "
+    gain = (f"gain {100 * result.predicted_gain:+.2f} points" if args.search_score == "accuracy"
+            else f"change {-result.predicted_gain:+.4f} in the held-back loss")
+    print(f"\nscheme for {args.budget}: {trained}\npredicted {gain} over the head alone; peak "
+          f"{result.measured_peak_bytes / 2**20:.1f} MB measured "
           f"({result.predicted_peak_bytes / 2**20:.1f} MB predicted)\nwritten to {args.out} (details: {side}); "
           f"use it with: edgetune finetune --scheme {args.out}{_budget_flag(result)} ...")
     return 0

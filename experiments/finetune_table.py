@@ -80,12 +80,15 @@ TASKS = {
     "text": Task("minilm-l6", "rotten-tomatoes", "adamw", [1e-4, 3e-4, 1e-3],
                  ["full", "experiments/schemes/minilm-frozen-word-embeddings.json", "lora:8:query,value,alpha=16",
                   "last:8", "bias_only", "experiments/schemes/bert-sparse.json", "auto:0.25:layers", "auto:0.25",
-                  "auto:0.5", "auto:0.25:blocks:recompute", "auto:0.25:blocks-ratios:recompute"], epochs=2, max_len=32,
+                  "auto:0.5", "auto:0.25:blocks:recompute", "auto:0.25:blocks-ratios:recompute",
+                  "auto:0.25:blocks-loss:recompute"], epochs=2, max_len=32,
                  train_limit=2000, test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
                  search_steps=30, search_space="blocks", search_bands=6, search_lora=(8,), search_seeds=2,
                  seeds=(0, 1, 2),
-                 # the blocks space (every linear of every block) at the four channel ratios
-                 search_variants={"blocks-ratios": {"space": "blocks", "ratios": (0.0, 0.125, 0.25, 0.5, 1.0)}}),
+                 # the blocks space (every linear of every block) at the four channel ratios; the
+                 # blocks space with contributions scored by held-back loss instead of accuracy
+                 search_variants={"blocks-ratios": {"space": "blocks", "ratios": (0.0, 0.125, 0.25, 0.5, 1.0)},
+                                  "blocks-loss": {"space": "blocks", "score": "loss"}}),
 }
 
 

@@ -186,6 +186,12 @@ class SearchSettings:
     # Schemes may fit the budget by recomputing transformer blocks in the backward (compiled
     # under SearchResult.memory_budget): deeper schemes fit, each recomputed block costing a forward.
     recompute_blocks: bool = False
+    # What a contribution run is scored by on its scoring items: "accuracy", or "loss" (minus the
+    # mean cross-entropy; finer-grained where short runs barely move the accuracy).
+    score: str = "accuracy"
+
+
+SCORES = ("accuracy", "loss")
 
 
 def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = None, log=print):
@@ -216,6 +222,8 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     s = settings
     if s.seeds < 1:
         raise ValueError(f"the search needs at least one seed of contribution runs, got {s.seeds}")
+    if s.score not in SCORES:
+        raise ValueError(f"unknown contribution score {s.score!r}: use one of {', '.join(SCORES)}")
     space = search_space(job, s)
     log(f"search space: {space.describe()}")
     rest, score = _scoring_split(job, s)  # the same scoring items for every seed
@@ -243,14 +251,16 @@ def search_space(job: Job, settings: SearchSettings):
 
     if settings.space not in ("auto", "layers", "blocks"):
         raise ValueError(f"unknown search space {settings.space!r}: use auto, layers or blocks")
+    metric = "accuracy" if settings.score == "accuracy" else "score (minus the loss)"
     if settings.space == "layers" or (settings.space == "auto" and not _has_blocks(job.model)):
-        return SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
-                                      weight_filter=_weight_filter(job.model, settings.weights))
+        space = SearchSpace.from_model(job.model, head=job.head, ratios=settings.ratios,
+                                       weight_filter=_weight_filter(job.model, settings.weights))
+        return replace(space, metric=metric)
     from edgetune.apps.lm_search import LMSearchSpace
 
     head = [n for n, _ in job.model.named_parameters() if n.startswith(job.head + ".")]
     return LMSearchSpace.from_model(job.model, bands=settings.bands, ratios=settings.ratios,
-                                    lora_ranks=settings.lora_ranks, floor=head, metric="accuracy")
+                                    lora_ranks=settings.lora_ranks, floor=head, metric=metric)
 
 
 def _has_blocks(model: torch.nn.Module) -> bool:
@@ -274,6 +284,7 @@ def _scoring_split(job: Job, s: SearchSettings):
 def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callable[[dict], float]:
     """evaluate(scheme) -> accuracy after a short run, weights restored afterwards."""
     from edgetune.apps.finetune import evaluate, finetune
+    from edgetune.apps.lm_search import WORST_LOSS
     from edgetune.apps.peft import adapters_merged
     from edgetune.compiler.trainer import compile as compile_step
 
@@ -287,9 +298,13 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
             finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr, schedule="constant",
                      seed=s.seed, progress=False, evaluate_before=False, log=lambda line: None)
             with adapters_merged(trainer) as model:  # a LoRA candidate's adapters live in the trainer
-                return evaluate(model, score, job.prepare).accuracy
+                scored = evaluate(model, score, job.prepare)
+            if s.score == "accuracy":
+                return scored.accuracy
+            return -(scored.loss if scored.loss < WORST_LOSS else WORST_LOSS)  # nan too
         except FloatingPointError:
-            return 0.0  # diverged: this candidate gains nothing at this learning rate
+            # diverged: this candidate gains nothing at this learning rate
+            return 0.0 if s.score == "accuracy" else -WORST_LOSS
         finally:
             job.model.load_state_dict(initial)
 
@@ -297,8 +312,9 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
 
 
 def _context(job: Job, s: SearchSettings, batch: int) -> str:
+    scored = f"{s.score_items} scored" + ("" if s.score == "accuracy" else " by minus the loss")
     return (f"{job.model_name} | {job.data_name} ({len(job.train)} train) | {job.describe_input} | batch {batch} | "
-            f"{s.optimizer} lr {s.lr:g} | {s.steps} steps | {s.score_items} scored")
+            f"{s.optimizer} lr {s.lr:g} | {s.steps} steps | {scored}")
 
 
 def _weight_filter(model: torch.nn.Module, pattern: str | None):

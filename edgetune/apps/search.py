@@ -60,6 +60,7 @@ class SearchSpace:
     bias_choices: tuple[int, ...]  # the k that are analysed and searched, 0 and len(bias_units) included
     weight_units: tuple[str, ...]  # weight parameters of conv/linear layers
     ratios: tuple[float, ...] = RATIOS
+    metric: str = "accuracy"  # what the contribution runs score, for the log
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, *, head: str | None = None, ratios: Iterable[float] = RATIOS,
@@ -95,7 +96,6 @@ class SearchSpace:
 
     # How the contribution runs are named in the log (edgetune.apps.lm_search's space names its own).
     floor_label = "head only"
-    metric = "accuracy"
 
     @staticmethod
     def bias_label(k: int) -> str:

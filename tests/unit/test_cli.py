@@ -73,6 +73,26 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_search_score_loss_reaches_the_search_and_its_gain_is_printed_as_a_loss(tmp_path, capsys, monkeypatch):
+    import edgetune.apps.jobs
+    from edgetune.apps.search import SearchResult
+
+    given = {}
+
+    def found(job, budget_bytes, settings):  # the search's result, without its short runs
+        given["score"] = settings.score
+        return SearchResult({"fc.*": "full"}, predicted_gain=0.25, predicted_peak_bytes=2**20,
+                            budget_bytes=budget_bytes, measured_peak_bytes=2**21)
+
+    monkeypatch.setattr(edgetune.apps.jobs, "search_job", found)
+    common = ["search", "--model", "resnet", "--data", "digits", "--size", "16", "--train-limit", "40",
+              "--budget", "64MB", "--out", str(tmp_path / "s.json")]
+    assert main([*common, "--search-score", "loss"]) == 0
+    assert given["score"] == "loss" and "predicted change -0.2500 in the held-back loss" in capsys.readouterr().out
+    assert main(common) == 0
+    assert given["score"] == "accuracy" and "predicted gain +25.00 points" in capsys.readouterr().out
+
+
 def test_plan_builds_token_inputs_for_a_text_classifier(capsys):
     assert main(["plan", "--model", "bert-tiny", "--size", "12", "--batch", "2", "--classes", "2",
                  "--scheme", "last:2"]) == 0

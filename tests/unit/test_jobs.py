@@ -48,6 +48,34 @@ def test_a_short_run_restores_the_weights_it_trained(tmp_path):
         assert torch.equal(v, before[k]), k
 
 
+def test_a_short_run_scored_by_loss_returns_minus_the_held_back_cross_entropy(tmp_path, monkeypatch):
+    import edgetune.apps.finetune
+    import edgetune.apps.search
+    from edgetune.apps.finetune import evaluate
+
+    job = build_job("resnet", "digits", size=16, train_limit=200)
+    by_loss = SearchSettings(batch=16, steps=3, score_items=50, lr=0.05, score="loss")
+    train, score = _scoring_split(job, by_loss)
+    # The trained model's metrics on the scoring items, kept as the run computes them.
+    scored = []
+    monkeypatch.setattr(edgetune.apps.finetune, "evaluate",
+                        lambda model, data, prepare, **kw: scored.append(evaluate(model, data, prepare, **kw)) or scored[-1])
+    loss_run = _short_run(job, by_loss, train.take(48), score, batch=16)({"fc.*": "full", "*.bias": "full"})
+    assert len(score) == 50 and loss_run == -scored[-1].loss and loss_run < 0
+    # Loss scores are cached apart from accuracies, and the log names what they are.
+    seen = {}
+
+    def one_candidate(space, evaluate, cache, context, progress):
+        seen["context"], seen["metric"] = context, space.metric
+        return "gains"
+
+    monkeypatch.setattr(edgetune.apps.search, "contributions", one_candidate)
+    measure_contributions(job, by_loss, log=lambda line: None)
+    assert seen["context"].endswith("50 scored by minus the loss | seed 0") and seen["metric"].startswith("score")
+    with pytest.raises(ValueError, match="unknown contribution score 'f1'"):
+        measure_contributions(job, SearchSettings(score="f1"))
+
+
 def test_a_batch_larger_than_the_training_split_is_a_clear_error_not_stop_iteration(tmp_path):
     job = build_job("resnet", str(_image_folder(tmp_path, layout_split=True)), size=16)
     with pytest.raises(ValueError, match="a batch of 32 needs that many training items, and there are 12"):
