@@ -462,13 +462,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     args.batch = fit_batch(args.batch, len(job.train))
     args.out = args.out or _default_out(f"{args.model}-{os.path.basename(args.data.rstrip('/'))}")
     scheme_file = os.path.join(args.out, "scheme.json")
-    # A resumed run trains the scheme it started with, searched (--scheme auto) or given.
-    if resumed and os.path.isfile(scheme_file):
-        # (a searched scheme that recomputes blocks is compiled under --budget itself: at most
-        # a few MB above the limit the search fitted it to, which it measured under)
-        scheme, budget = et.schemes.from_file(scheme_file), _given_budget(args)
-    else:
-        scheme, budget = _job_scheme(args, job)
+    scheme, budget = _job_scheme(args, job, resumed)
     trainer = _compile_job(job, scheme, args, budget)
     _record_settings(args, given, resumed)
     write_json(scheme_file, et.schemes.as_mapping(trainer.rules))  # reloadable with --scheme FILE
@@ -518,17 +512,37 @@ def _checkpoints(args: argparse.Namespace, trainer: et.Trainer, generators: dict
     return checkpoints
 
 
-def _job_scheme(args: argparse.Namespace, job) -> tuple[et.schemes.SchemeLike, int | str | None]:
-    """(the scheme, the memory_budget to compile it under)."""
-    if args.scheme != "auto":
-        return et.schemes.parse(args.scheme), args.budget  # compile fits it to --budget or refuses it
-    if not args.budget:
-        raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
+def _job_scheme(args: argparse.Namespace, job, resumed: bool) -> tuple[et.schemes.SchemeLike, int | str | None]:
+    """(the scheme, the memory_budget to compile it under). A resumed run trains the scheme it
+    started with, searched (--scheme auto) or given."""
     from edgetune.apps.jobs import search_job
 
-    # A searched scheme has been measured within the budget already; one that needs its blocks
-    # recomputed gets the budget the search fitted it to.
-    result = search_job(job, parse_bytes(args.budget), _search_settings(args))
+    if args.scheme == "auto" and not args.budget:
+        raise ValueError("--scheme auto needs --budget, e.g. --budget 40MB")
+    if args.scheme == "auto" or (resumed and os.path.isfile(os.path.join(args.out, "scheme.json"))):
+        return _resumed_or_searched_scheme(args, resumed, _given_budget(args),
+                                           lambda: search_job(job, parse_bytes(args.budget), _search_settings(args)))
+    return et.schemes.parse(args.scheme), args.budget  # compile fits it to --budget or refuses it
+
+
+def _resumed_or_searched_scheme(args: argparse.Namespace, resumed: bool, given_budget, search):
+    """(scheme, memory_budget to compile it under). A resumed run's are those it started with:
+    OUT/scheme.json, under the budget its search fitted it to (the side file
+    OUT/scheme.search.json: a searched scheme that recomputes blocks measured within the budget
+    under that limit), else `given_budget`. A new run calls search() and writes both there."""
+    from edgetune.apps.search import side_file
+
+    path = os.path.join(args.out, "scheme.json")
+    side = side_file(path)
+    if resumed and os.path.isfile(path):
+        memory_budget = given_budget
+        if os.path.isfile(side):
+            with open(side) as f:
+                memory_budget = json.load(f).get("memory_budget")
+        return et.schemes.from_file(path), memory_budget
+    result = search()
+    os.makedirs(args.out, exist_ok=True)
+    result.save(path)
     return result.scheme, result.memory_budget
 
 
@@ -570,6 +584,9 @@ def run_search(args: argparse.Namespace) -> int:
     from edgetune.apps.jobs import build_job, search_job
 
     _default_lr(args)
+    # The new head (or a model without pretrained weights) is drawn as `finetune --seed` draws it:
+    # contributions cached by one search are those of the model another search builds.
+    torch.manual_seed(args.seed)
     job = build_job(args.model, args.data, size=args.size, max_len=args.max_len, val_data=args.val_data,
                     val_fraction=args.val_fraction, train_limit=args.train_limit, val_limit=args.val_limit,
                     seed=args.seed, augment=not args.no_augment, strict=args.strict)
@@ -742,7 +759,8 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     args.out = args.out or _default_out(f"lm-{args.model}")
     budget = args.budget  # a given scheme is fitted to it or refused
     if auto:
-        scheme, budget = _resumed_or_searched_lm_scheme(args, resumed, lm, train)
+        # (a run from before the side file: its search recomputed no blocks)
+        scheme, budget = _resumed_or_searched_scheme(args, resumed, None, lambda: _searched_lm_scheme(args, lm, train))
     buckets = length_ladder(args.buckets, args.seq_len)
     trainer = _lisa_trainer(args, lm, buckets, optimizer) if args.lisa_layers else compile_lm(
         lm.model, scheme, args.batch, args.seq_len, optimizer, frozen_weights="int8" if args.int8 else "float",
@@ -785,23 +803,6 @@ def _write_answer_scores(args: argparse.Namespace, questions, before: dict, afte
           f"replies in {args.out}/answers.json")
 
 
-def _resumed_or_searched_lm_scheme(args: argparse.Namespace, resumed: bool, lm, train):
-    """(scheme, memory_budget to compile it under): a resumed run's are those its search found
-    (OUT/scheme.json and its side file OUT/scheme.search.json); a new run searches and writes them there."""
-    from edgetune.apps.search import side_file
-
-    path = os.path.join(args.out, "scheme.json")
-    side = side_file(path)
-    if resumed and os.path.isfile(path):
-        memory_budget = None  # a run from before the side file: its search recomputed no blocks
-        if os.path.isfile(side):
-            with open(side) as f:
-                memory_budget = json.load(f).get("memory_budget")
-        return et.schemes.from_file(path), memory_budget
-    result = _searched_lm_scheme(args, lm, train)
-    os.makedirs(args.out, exist_ok=True)
-    result.save(path)
-    return result.scheme, result.memory_budget
 
 
 def _lisa_args(p: argparse.ArgumentParser) -> None:

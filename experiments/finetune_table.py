@@ -108,6 +108,7 @@ def scheme_for(task: Task, spec: str, full_peak: int | None, args):
 
     fraction, space, recompute = searched_row(task, spec)
     budget = int(fraction * full_peak)
+    torch.manual_seed(0)  # the new head as a seed-0 row draws it, in whichever process searches
     found = search_job(job_for(task), budget, replace(search_settings(task, args, space), recompute_blocks=recompute))
     return found.scheme, {"budget_bytes": budget, "search_space": space, "memory_budget": found.memory_budget,
                           "search_predicted_peak_bytes": found.predicted_peak_bytes,

@@ -215,9 +215,9 @@ def search_job(job: Job, budget_bytes: int, settings: SearchSettings | None = No
 
 def measure_contributions(job: Job, settings: SearchSettings, log=print):
     """(search space, contributions) of `job`: one short run per candidate, or the cache's."""
-    from edgetune.apps.search import contributions
-
     from edgetune.apps.lm_search import seeded_contributions
+    from edgetune.apps.search import contributions
+    from edgetune.compiler.isolate import warm_forked_compiles
 
     s = settings
     if s.seeds < 1:
@@ -228,6 +228,7 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     log(f"search space: {space.describe()}")
     rest, score = _scoring_split(job, s)  # the same scoring items for every seed
     batch = fit_batch(s.batch, len(rest), "training items left for the search's short runs", log)
+    warm_forked_compiles(job.model, job.loss_fn, *job.example(batch))  # one compile a candidate follows
 
     def run_with_seed(seed: int):
         train = rest.take(min(len(rest), s.steps * batch), seed=seed)
@@ -286,11 +287,17 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
     from edgetune.apps.finetune import evaluate, finetune
     from edgetune.apps.lm_search import WORST_LOSS
     from edgetune.apps.peft import adapters_merged
+    from edgetune.apps.search import seeded_run
     from edgetune.compiler.trainer import compile as compile_step
 
     initial = {k: v.clone() for k, v in job.model.state_dict().items()}
+    generators = getattr(job.prepare, "generators", {}).values()
 
     def run(scheme: dict) -> float:
+        with seeded_run(s.seed, generators):
+            return _scored(scheme)
+
+    def _scored(scheme: dict) -> float:
         try:
             inputs, targets = job.example(batch)
             trainer = compile_step(job.model, job.loss_fn, inputs, targets, scheme=scheme,

@@ -314,7 +314,7 @@ def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, bu
     or from settings.cache."""
     from edgetune.apps.lm import causal_lm_loss, lm_example
     from edgetune.apps.search import PeakPredictor, search_verified
-    from edgetune.compiler.isolate import run_isolated
+    from edgetune.compiler.isolate import run_isolated, warm_forked_compiles
     from edgetune.compiler.optim import by_name
 
     s = settings
@@ -324,6 +324,7 @@ def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, bu
     space = LMSearchSpace.from_model(model, bands=s.bands, ratios=s.ratios, lora_ranks=s.lora_ranks, kinds=s.kinds)
     log(f"search space: {space.describe()}")
     rest, score = train.split(val_count=min(s.score_items, len(train) - s.batch), seed=s.seeds[0] + 1)
+    warm_forked_compiles(model, causal_lm_loss, *lm_example(s.batch, s.seq_len))  # one compile a candidate follows
     gains = seeded_contributions(space, lambda seed: short_lm_run(model, rest, score, s, seed), s.seeds,
                                  cache=s.cache, context=s.context(model_name, f"{data_name} ({len(train)} train)"),
                                  progress=lambda line: log(f"  {line}"))

@@ -28,6 +28,7 @@ that out of a training process, run the search through edgetune.compiler.isolate
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -177,6 +178,23 @@ class Contributions:
     def total(self, k: int, weights: Mapping[str, float]) -> float:
         """The predicted gain of a scheme, assuming the gains add up (as the paper does)."""
         return self.bias[k] + sum(self.weight[name][r] for name, r in weights.items() if r)
+
+
+@contextlib.contextmanager
+def seeded_run(seed: int, generators: Iterable[torch.Generator] = ()):
+    """Inside: torch's default generator (dropout) and `generators` (a job's augmentation)
+    seeded with `seed`; afterwards, each back in the state it was in. A
+    contribution run is then a function of its scheme and seed alone, not of the runs before
+    it (which a cache may skip), and the job's random state is as the search found it."""
+    everything = [torch.default_generator, *generators]
+    states = [g.get_state() for g in everything]
+    try:
+        for g in everything:
+            g.manual_seed(seed)
+        yield
+    finally:
+        for g, state in zip(everything, states):
+            g.set_state(state)
 
 
 def contributions(space: SearchSpace, evaluate: Callable[[dict], float], *, cache: str | None = None,

@@ -1,6 +1,8 @@
 import json
 import os
 
+import torch
+
 from edgetune.cli import main
 
 
@@ -56,21 +58,21 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
               "--search-steps", "2", "--search-ratios", "0,1", "--search-cache", str(tmp_path / "cache.json")]
     assert main(["search", *common, "--budget", "64MB", "--out", str(tmp_path / "a.json")]) == 0
     first = capsys.readouterr().out
-    # A tight budget from this machine's own measurement: above the head alone by more than its
+    # finetune --scheme auto searches the same way, from the same cache, then trains. A tight
+    # budget from this machine's own measurement: above the head alone by more than its
     # measurements spread (2.42-2.67 MB in six runs on a quiet machine; CI's load spreads them further).
     head_only = json.loads((tmp_path / "a.search.json").read_text())["history"][-1]["head_only_measured_bytes"]
-    assert main(["search", *common, "--budget", str(int(head_only * 1.5)), "--out", str(tmp_path / "b.json")]) == 0
+    run = tmp_path / "run"
+    assert main(["finetune", *common, "--scheme", "auto", "--budget", str(int(head_only * 1.5)), "--epochs", "1",
+                 "--val-limit", "40", "--no-progress", "--out", str(run)]) == 0
     second = capsys.readouterr().out
     assert "(cached)" not in first and second.count("(cached)") == first.count("accuracy")
-    for name in ("a", "b"):
-        meta = json.loads((tmp_path / f"{name}.search.json").read_text())
+    for scheme_file in (tmp_path / "a.json", run / "scheme.json"):  # the run keeps its search's figures beside
+        meta = json.loads(scheme_file.with_suffix(".search.json").read_text())
         assert meta["measured_peak_bytes"] <= meta["budget_bytes"]
-        assert json.loads((tmp_path / f"{name}.json").read_text())["fc.*"] == "full"  # the head always trains
-    # finetune --scheme auto searches the same way, from the same cache, then trains
-    assert main(["finetune", *common, "--scheme", "auto", "--budget", "64MB", "--epochs", "1", "--val-limit", "40",
-                 "--no-progress", "--out", str(tmp_path / "run")]) == 0
-    assert capsys.readouterr().out.count("(cached)") == first.count("accuracy")
-    assert (tmp_path / "run" / "model.safetensors").exists()
+        trained = json.loads(scheme_file.read_text())  # the run writes each rule as it resolved
+        assert trained.get("fc.*", trained.get("fc.weight")) == "full"  # the head always trains
+    assert (run / "model.safetensors").exists()
 
 
 def test_search_score_loss_reaches_the_search_and_its_gain_is_printed_as_a_loss(tmp_path, capsys, monkeypatch):
@@ -80,7 +82,7 @@ def test_search_score_loss_reaches_the_search_and_its_gain_is_printed_as_a_loss(
     given = {}
 
     def found(job, budget_bytes, settings):  # the search's result, without its short runs
-        given["score"] = settings.score
+        given["score"], given["head"] = settings.score, job.model.fc.weight.detach().clone()
         return SearchResult({"fc.*": "full"}, predicted_gain=0.25, predicted_peak_bytes=2**20,
                             budget_bytes=budget_bytes, measured_peak_bytes=2**21)
 
@@ -89,8 +91,11 @@ def test_search_score_loss_reaches_the_search_and_its_gain_is_printed_as_a_loss(
               "--budget", "64MB", "--out", str(tmp_path / "s.json")]
     assert main([*common, "--search-score", "loss"]) == 0
     assert given["score"] == "loss" and "predicted change -0.2500 in the held-back loss" in capsys.readouterr().out
+    first_head = given["head"]
+    torch.rand(10)  # whatever this process drew before, a search builds the same model for its seed
     assert main(common) == 0
     assert given["score"] == "accuracy" and "predicted gain +25.00 points" in capsys.readouterr().out
+    assert torch.equal(given["head"], first_head)
 
 
 def test_plan_builds_token_inputs_for_a_text_classifier(capsys):

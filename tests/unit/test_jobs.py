@@ -76,6 +76,22 @@ def test_a_short_run_scored_by_loss_returns_minus_the_held_back_cross_entropy(tm
         measure_contributions(job, SearchSettings(score="f1"))
 
 
+def test_a_short_runs_score_depends_on_its_scheme_and_seed_not_on_the_runs_before_it():
+    job = build_job("resnet", "digits", size=16, train_limit=200)  # augmented: its generator draws
+    settings = SearchSettings(batch=16, steps=3, score_items=50, lr=0.05, score="loss")
+    train, score = _scoring_split(job, settings)
+    run = _short_run(job, settings, train.take(48), score, batch=16)
+    augment = job.prepare.generators["augment"]
+    states = (augment.get_state(), torch.get_rng_state())
+    biases, lora = {"fc.*": "full", "*.bias": "full"}, {"fc.bias": "full", "fc.weight": {"lora": 4}}
+    alone = run(lora)
+    after_another = (run(biases), run(lora))[1]
+    assert after_another == alone  # its augmentation drawn the same way
+    assert torch.equal(augment.get_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])
+    other_seed = _short_run(job, SearchSettings(**{**settings.__dict__, "seed": 1}), train.take(48), score, batch=16)
+    assert other_seed(lora) != alone
+
+
 def test_a_batch_larger_than_the_training_split_is_a_clear_error_not_stop_iteration(tmp_path):
     job = build_job("resnet", str(_image_folder(tmp_path, layout_split=True)), size=16)
     with pytest.raises(ValueError, match="a batch of 32 needs that many training items, and there are 12"):
