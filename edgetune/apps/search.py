@@ -183,9 +183,9 @@ class Contributions:
 @contextlib.contextmanager
 def seeded_run(seed: int, generators: Iterable[torch.Generator] = ()):
     """Inside: torch's default generator (dropout) and `generators` (a job's augmentation)
-    seeded with `seed`; afterwards, each back in the state it was in. A
-    contribution run is then a function of its scheme and seed alone, not of the runs before
-    it (which a cache may skip), and the job's random state is as the search found it."""
+    seeded with `seed`; afterwards, each back in the state it was in. A contribution run is
+    then a function of its scheme and seed alone, not of the runs before it (which a cache may
+    skip), and the job's random state is as the search found it."""
     everything = [torch.default_generator, *generators]
     states = [g.get_state() for g in everything]
     try:
