@@ -61,7 +61,9 @@ def warm_forked_compiles(model: torch.nn.Module, loss_fn: Callable, inputs: tupl
     child would build them again. Measured on the search's contribution runs: a forked compile
     about 3x faster for the small ResNet, 1.6x for MiniLM. It costs this process about 100 MB
     (the export's modules and caches), so only a process that compiles many steps calls it: a
-    search's contribution runs. Where compiles run in-process anyway, the first one warms them."""
+    search's contribution runs. (`finetune --scheme auto` then trains in a process that holds
+    them; where those MB matter, search with `edgetune search` and train the scheme file.)
+    Where compiles run in-process anyway, the first one warms them."""
     if not can_fork(next((p.device for p in model.parameters()), torch.device("cpu"))):
         return
     from edgetune.compiler.frontend.torch import export
