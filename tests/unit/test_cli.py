@@ -98,6 +98,28 @@ def test_search_score_loss_reaches_the_search_and_its_gain_is_printed_as_a_loss(
     assert torch.equal(given["head"], first_head)
 
 
+def test_a_resumed_searched_run_trains_its_scheme_under_the_budget_its_search_fitted(tmp_path):
+    import argparse
+
+    from edgetune.apps.search import SearchResult
+    from edgetune.cli import _resumed_or_searched_scheme
+
+    args = argparse.Namespace(out=str(tmp_path / "run"))
+    searches = []
+
+    def search():
+        searches.append(1)
+        return SearchResult({"fc.*": "full"}, 0.1, 2**20, budget_bytes=2**22, measured_peak_bytes=2**21,
+                            memory_budget=123456)
+
+    assert _resumed_or_searched_scheme(args, False, "4MB", search) == ({"fc.*": "full"}, 123456)
+    # resumed: the scheme file and the side file's budget, no search
+    assert _resumed_or_searched_scheme(args, True, "4MB", search) == ({"fc.*": "full"}, 123456)
+    assert len(searches) == 1
+    os.remove(tmp_path / "run" / "scheme.search.json")  # a run from before the side file
+    assert _resumed_or_searched_scheme(args, True, "4MB", search)[1] == "4MB" and len(searches) == 1
+
+
 def test_plan_builds_token_inputs_for_a_text_classifier(capsys):
     assert main(["plan", "--model", "bert-tiny", "--size", "12", "--batch", "2", "--classes", "2",
                  "--scheme", "last:2"]) == 0
