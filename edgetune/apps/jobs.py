@@ -217,7 +217,6 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     """(search space, contributions) of `job`: one short run per candidate, or the cache's."""
     from edgetune.apps.lm_search import seeded_contributions
     from edgetune.apps.search import contributions
-    from edgetune.compiler.isolate import warm_forked_compiles
 
     s = settings
     if s.seeds < 1:
@@ -228,7 +227,6 @@ def measure_contributions(job: Job, settings: SearchSettings, log=print):
     log(f"search space: {space.describe()}")
     rest, score = _scoring_split(job, s)  # the same scoring items for every seed
     batch = fit_batch(s.batch, len(rest), "training items left for the search's short runs", log)
-    warm_forked_compiles(job.model, job.loss_fn, *job.example(batch))  # one compile a candidate follows
 
     def run_with_seed(seed: int):
         train = rest.take(min(len(rest), s.steps * batch), seed=seed)
@@ -283,11 +281,13 @@ def _scoring_split(job: Job, s: SearchSettings):
 
 
 def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callable[[dict], float]:
-    """evaluate(scheme) -> accuracy after a short run, weights restored afterwards."""
+    """evaluate(scheme) -> its score after a short run (s.score: accuracy, or minus the loss),
+    the weights and random state restored afterwards."""
     from edgetune.apps.finetune import evaluate, finetune
     from edgetune.apps.lm_search import WORST_LOSS
     from edgetune.apps.peft import adapters_merged
     from edgetune.apps.search import seeded_run
+    from edgetune.compiler.isolate import warm_forked_compiles
     from edgetune.compiler.trainer import compile as compile_step
 
     initial = {k: v.clone() for k, v in job.model.state_dict().items()}
@@ -300,6 +300,7 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
     def _scored(scheme: dict) -> float:
         try:
             inputs, targets = job.example(batch)
+            warm_forked_compiles(job.model, job.loss_fn, inputs, targets)  # once: every candidate compiles
             trainer = compile_step(job.model, job.loss_fn, inputs, targets, scheme=scheme,
                                    optimizer=by_name(s.optimizer, s.lr))
             finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr, schedule="constant",

@@ -282,13 +282,15 @@ def short_lm_run(model: torch.nn.Module, train, score, settings: LMSearchSetting
                  ) -> Callable[[dict], float]:
     """evaluate(scheme) -> minus the held-out loss after a short run; the weights restored after."""
     from edgetune.apps.finetune import learning_rate
-    from edgetune.apps.lm import _endless, compile_lm, evaluate_lm, trained_names
+    from edgetune.apps.lm import _endless, causal_lm_loss, compile_lm, evaluate_lm, lm_example, trained_names
     from edgetune.apps.peft import adapters_merged
+    from edgetune.compiler.isolate import warm_forked_compiles
     from edgetune.compiler.optim import by_name
 
     params = dict(model.named_parameters())
 
     def run(scheme: dict) -> float:
+        warm_forked_compiles(model, causal_lm_loss, *lm_example(settings.batch, settings.seq_len))  # once: each compiles
         trainer = compile_lm(model, scheme, settings.batch, settings.seq_len, by_name(settings.optimizer, settings.lr))
         before = {n: params[n].detach().clone() for n in trained_names(trainer)}
         try:
@@ -314,7 +316,7 @@ def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, bu
     or from settings.cache."""
     from edgetune.apps.lm import causal_lm_loss, lm_example
     from edgetune.apps.search import PeakPredictor, search_verified
-    from edgetune.compiler.isolate import run_isolated, warm_forked_compiles
+    from edgetune.compiler.isolate import run_isolated
     from edgetune.compiler.optim import by_name
 
     s = settings
@@ -324,7 +326,6 @@ def search_lm(model: torch.nn.Module, model_name: str, data_name: str, train, bu
     space = LMSearchSpace.from_model(model, bands=s.bands, ratios=s.ratios, lora_ranks=s.lora_ranks, kinds=s.kinds)
     log(f"search space: {space.describe()}")
     rest, score = train.split(val_count=min(s.score_items, len(train) - s.batch), seed=s.seeds[0] + 1)
-    warm_forked_compiles(model, causal_lm_loss, *lm_example(s.batch, s.seq_len))  # one compile a candidate follows
     gains = seeded_contributions(space, lambda seed: short_lm_run(model, rest, score, s, seed), s.seeds,
                                  cache=s.cache, context=s.context(model_name, f"{data_name} ({len(train)} train)"),
                                  progress=lambda line: log(f"  {line}"))

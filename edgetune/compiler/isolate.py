@@ -55,20 +55,26 @@ def run_isolated(fn: Callable[[], T], device: torch.device) -> T:
     return in_child(fn) if can_fork(device) else fn()
 
 
+_warmed = False  # this process (or the one it was forked from) has exported once
+
+
 def warm_forked_compiles(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple) -> None:
-    """Export `model` once in this process, so that the compiles forked from it afterwards
-    start warm: torch.export builds its tables and caches on its first trace, and each forked
-    child would build them again. Measured on the search's contribution runs: a forked compile
-    about 3x faster for the small ResNet, 1.6x for MiniLM. It costs this process about 100 MB
-    (the export's modules and caches), so only a process that compiles many steps calls it: a
-    search's contribution runs. (`finetune --scheme auto` then trains in a process that holds
-    them; where those MB matter, search with `edgetune search` and train the scheme file.)
-    Where compiles run in-process anyway, the first one warms them."""
-    if not can_fork(next((p.device for p in model.parameters()), torch.device("cpu"))):
+    """Export `model` in this process, once (later calls return at once), so that the compiles
+    forked from it afterwards start warm: torch.export builds its tables and caches on its first
+    trace, and each forked child would build them again. Measured on the search's contribution
+    runs: a forked compile about 3x faster for the small ResNet, 1.6x for MiniLM. It costs this
+    process about 100 MB (the export's modules and caches), so only a process that compiles many
+    steps calls it: a search's contribution runs, at the first one that is not cached.
+    (`finetune --scheme auto` then trains in a process that holds them; where those MB matter,
+    search with `edgetune search` and train the scheme file.) Where compiles run in-process
+    anyway, the first one warms them."""
+    global _warmed
+    if _warmed or not can_fork(next((p.device for p in model.parameters()), torch.device("cpu"))):
         return
     from edgetune.compiler.frontend.torch import export
 
     export(model, loss_fn, inputs, targets)
+    _warmed = True
 
 
 def in_child(fn: Callable[[], T]) -> T:
