@@ -133,8 +133,10 @@ def index_uses(graph: Graph) -> list[IndexUse]:
             operand, size = INDEX_OPERANDS[n.op]
             source = _batch_source(n.inputs[operand])
             if source is not None:
-                rows = size(n)
-                uses.add(IndexUse(source[0].attrs["index"], rows, source[1], _table_name(n, rows)))
+                rows, ignored = size(n), source[1]
+                if n.attrs.get("ignore") is not None:  # the fused head reads its labels unmasked
+                    ignored = ignored | {n.attrs["ignore"]}
+                uses.add(IndexUse(source[0].attrs["index"], rows, ignored, _table_name(n, rows)))
     return sorted(uses, key=lambda u: (u.position, u.size))
 
 
@@ -147,17 +149,22 @@ def _batch_source(node: Node) -> tuple[Node, frozenset[int]] | None:
             return (node, frozenset(ignored)) if node.attrs.get("kind") in ("input", "target") else None
         if node.op in MOVES_VALUES and not (node.op == "cast" and node.dtype.is_floating_point):
             node = node.inputs[0]
-        elif node.op == "where" and _ignore_mask(node) is not None:
-            ignored.add(_ignore_mask(node))
+        elif node.op == "where" and ignore_mask(node) is not None:
+            ignored.add(ignore_mask(node))
             node = node.inputs[1]
         else:
             return None
 
 
-def _ignore_mask(where: Node) -> int | None:
+def ignore_mask(where: Node) -> int | None:
     """c where `where` is where(ne(t, c), t, constant), as cross-entropy's ignore_index lowers."""
     cond, kept, other = where.inputs
-    if cond.op == "ne" and cond.inputs[0] is kept and cond.inputs[1].op == "const" and other.op == "const":
+    return not_equal_to(cond, kept) if other.op == "const" else None
+
+
+def not_equal_to(cond: Node, labels: Node) -> int | None:
+    """c where `cond` is ne(labels, c) for a constant c, else None."""
+    if cond.op == "ne" and cond.inputs[0] is labels and cond.inputs[1].op == "const":
         return int(cond.inputs[1].attrs["value"])
     return None
 

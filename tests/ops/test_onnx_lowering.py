@@ -654,6 +654,12 @@ def _vocab_cases(a):
                    dict(chunk=chunk)),
                   (f"vocab_log_prob_grad_w-rows-chunk{chunk}", "vocab_log_prob_grad_w",  # rows of a rows rule
                    [a.r(6, 6), h, w, target, packed, Const(torch.tensor([0, 3, 4, 7, 10]))], dict(chunk=chunk, rows=True))]
+    labels = target.clone()
+    labels[[1, 4]] = -100  # rows a chat's loss ignores (its prompt): left out, zeros in the output
+    packed = _vocab_log_prob(h, w, labels, chunk=3, ignore=-100)
+    cases += [("vocab_log_prob-ignore", "vocab_log_prob", [h, w, labels], dict(chunk=3, ignore=-100)),
+              ("vocab_log_prob_grad_w-ignore", "vocab_log_prob_grad_w", [a.r(6, 6), h, w, labels, packed],
+               dict(chunk=3, ignore=-100))]
     big = h * 300  # logits of ~1000: the online log-sum-exp rescales earlier slices
     return cases + [
         ("vocab_log_prob-large-logits", "vocab_log_prob", [big, w, target], dict(chunk=4)),

@@ -8,15 +8,23 @@ fused, they are computed a vocabulary slice at a time and never saved.
 
 It fires only where the logits feed nothing but that loss, and the vocabulary axis is
 never merged or cut on the way; anything else is left as it was.
+
+Cross-entropy's ignore_index lowers to `where(ne(labels, c), labels, k)` for the target and
+`where(ne(labels, c), -log_prob, 0)` for the loss. Where both are there, the op reads the
+labels themselves with `ignore=c` and leaves those rows out of the head: on chat data (prompt
+and padding ignored) about half the rows.
 """
 from __future__ import annotations
 
 import os
 
+import torch
+
+from edgetune.compiler.inputs import ignore_mask, not_equal_to
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops.vocab import vocab_chunk
 from edgetune.compiler.passes.dce import dce
-from edgetune.compiler.passes.rewrite import rewrite
+from edgetune.compiler.passes.rewrite import keep, rewrite
 
 
 def fuse_vocab_log_prob(graph: Graph) -> Graph:
@@ -24,10 +32,20 @@ def fuse_vocab_log_prob(graph: Graph) -> Graph:
     fusions = {n: match for n in graph.nodes if n.op == "gather" and (match := _match(n, users))}
     if not fusions:
         return graph
+    ignored = {n: rule for n in fusions if (rule := _ignored_label(n, users))}
+    labels = {rule[0] for rule in ignored.values()}
+    new_labels: dict[Node, Node] = {}
 
     def visit(b, n, inputs):
+        if n in labels:
+            new_labels[n] = keep(b, n, inputs)
+            return new_labels[n]
         if n not in fusions:
             return None
+        target, rule = inputs[1], {}
+        if n in ignored:
+            label, c = ignored[n]
+            target, rule = b.emit("reshape", new_labels[label], shape=tuple(target.shape)), {"ignore": c}
         linear, chain = fusions[n]
         h, w = linear.inputs
         for step in chain:  # the logits' reshapes and slices, applied to h instead
@@ -36,7 +54,8 @@ def fuse_vocab_log_prob(graph: Graph) -> Graph:
             else:
                 h = b.emit("slice", h, **step.attrs)
         b.meta = dict(linear.meta)
-        packed = b.emit("vocab_log_prob", h, w, inputs[1], chunk=vocab_chunk(h.shape[0], w.shape[0], h.dtype.itemsize))
+        packed = b.emit("vocab_log_prob", h, w, target, chunk=vocab_chunk(h.shape[0], w.shape[0], h.dtype.itemsize),
+                        **rule)
         b.meta = dict(n.meta)
         return b.emit("slice", packed, dim=1, start=0, end=1, step=1)
 
@@ -64,6 +83,30 @@ def _match(gather: Node, users: dict[Node, list[Node]]):
     if not all(_keeps_vocab_axis(step, vocab) for step in chain):
         return None
     return x, chain[::-1]
+
+
+def _ignored_label(gather: Node, users: dict[Node, list[Node]]) -> tuple[Node, int] | None:
+    """(labels, c) where the gather's target is where(ne(labels, c), labels, k) through reshapes,
+    and its value is read only through reshapes and a negation, by where(ne(labels, c), ., 0):
+    the rows labelled c count for nothing in the loss. Else None."""
+    target = gather.inputs[1]
+    while target.op == "reshape":
+        target = target.inputs[0]
+    if target.op != "where" or (c := ignore_mask(target)) is None:
+        return None
+    labels, value = target.inputs[1], gather
+    while len(users[value]) == 1 and users[value][0].op in ("reshape", "neg"):
+        value = users[value][0]
+    if len(users[value]) != 1 or tuple(value.shape) != tuple(labels.shape):
+        return None
+    mask = users[value][0]
+    if mask.op != "where" or mask.inputs[1] is not value or not_equal_to(mask.inputs[0], labels) != c:
+        return None
+    return (labels, c) if _is_zero(mask.inputs[2]) and tuple(mask.shape) == tuple(value.shape) else None
+
+
+def _is_zero(n: Node) -> bool:
+    return n.op == "const" and torch.as_tensor(n.attrs["value"]).eq(0).all().item()
 
 
 def _keeps_vocab_axis(step: Node, vocab: int) -> bool:

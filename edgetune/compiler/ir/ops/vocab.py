@@ -10,7 +10,11 @@ at a time, so that neither the logits [N, V] nor their gradient ever exist whole
 The weight's gradient (a tied embedding trained as the head) recomputes the logits slice
 by slice; the log-sum-exp comes back from column 0 and a dot product.
 
-Built by edgetune/compiler/passes/vocab_loss.py from `linear -> log_softmax -> gather`.
+Built by edgetune/compiler/passes/vocab_loss.py from `linear -> log_softmax -> gather`. Where
+the loss masks out the rows of one label (cross-entropy's ignore_index: a chat's prompt and
+padding, about half its tokens), the op gets the labels unmasked and `ignore=c`: those rows are
+never computed, and read 0 in every column (the loss multiplies them by nothing). The torch
+kernels take the learned rows out first, so the head's matmuls run on those rows alone.
 """
 from __future__ import annotations
 
@@ -29,7 +33,25 @@ def vocab_chunk(n_rows: int, vocab: int, itemsize: int) -> int:
     return max(1, min(vocab, SLICE_BYTES // max(1, n_rows * itemsize)))
 
 
-def _vocab_log_prob(h, w, target, *, chunk):
+def _vocab_log_prob(h, w, target, *, chunk, ignore=None):
+    learned = _learned_rows(target, ignore)
+    if learned is None:
+        return _log_prob_rows(h, w, target, chunk)
+    out = h.new_zeros((h.shape[0], 1 + h.shape[1]))
+    if len(learned):
+        out[learned] = _log_prob_rows(h[learned], w, target[learned], chunk)
+    return out
+
+
+def _learned_rows(target, ignore):
+    """The indices of the rows whose target is not `ignore`, or None where every row is learned."""
+    if ignore is None:
+        return None
+    learned = target[:, 0] != ignore
+    return None if bool(learned.all()) else learned.nonzero()[:, 0]
+
+
+def _log_prob_rows(h, w, target, chunk):
     n, d = h.shape
     running_max = h.new_full((n, 1), float("-inf"))
     total = h.new_zeros((n, 1))
@@ -55,12 +77,18 @@ def _grad_h(g, packed):
     return g[:, :1] * packed[:, 1:]
 
 
-def _grad_w(g, h, w, target, packed, extra=None, *, chunk, rows=False):
+def _grad_w(g, h, w, target, packed, extra=None, *, chunk, rows=False, ignore=None):
     """The weight's gradient. `extra` is h_part (h's chosen columns: a ratio rule on the
     weight's hidden axis), giving only those columns of it, [V, k] (the logits still need all
     of h); or, where `rows`, the sorted ids of the chosen rows (a rows rule on a tied table),
-    giving only those rows, [k, D]."""
+    giving only those rows, [k, D]. Rows of label `ignore` give nothing (their g is 0, and
+    their packed column 0 is not a log-probability to take the log-sum-exp from)."""
     g = g[:, :1]
+    learned = _learned_rows(target, ignore)
+    if learned is not None:
+        g, h, target, packed = g[learned], h[learned], target[learned], packed[learned]
+        if extra is not None and not rows:
+            extra = extra[learned]
     target = target[:, 0]
     log_sum_exp = (h * w[target]).sum(1, keepdim=True) - packed[:, :1]
     h_out = extra if extra is not None and not rows else h
@@ -87,29 +115,33 @@ def _vjp(b, n, g, want):
     if want[1]:
         part = want[1] if isinstance(want[1], ChannelSlice) else None
         if part is not None and part.axis == 0:  # chosen rows (tokens) of a tied table
-            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, part.index, chunk=n.attrs["chunk"], rows=True)
+            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, part.index, rows=True, **n.attrs)
         else:
             h_part = [take_channels(b, h, part, dim=1)] if part is not None else []
-            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, *h_part, chunk=n.attrs["chunk"])
+            gw = b.emit("vocab_log_prob_grad_w", g, h, w, target, n, *h_part, **n.attrs)
     return gh, gw, None
 
 
 def _scratch(n) -> int:
     """The kernel's live logits slice (its exponentials are taken in place) and the products
-    of a slice and its running sums, each of h's size."""
+    of a slice and its running sums, each of h's size; under `ignore`, also the learned rows
+    of h and their packed result, before it is written into the output."""
     h = n.inputs[0]
-    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + 2 * h.nbytes
+    rows = h.nbytes + n.nbytes if n.attrs.get("ignore") is not None else 0
+    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + 2 * h.nbytes + rows
 
 
 def _grad_w_scratch(n) -> int:
     """One slice of logits, their gradient in place; under a rows rule also the chosen rows'
-    slice of the weight, gathered."""
-    h, w = n.inputs[1], n.inputs[2]
+    slice of the weight, gathered; under `ignore`, the learned rows of h and of the packed
+    forward, taken out."""
+    h, w, packed = n.inputs[1], n.inputs[2], n.inputs[4]
     rows = w.shape[1] * n.attrs["chunk"] * w.dtype.itemsize if n.attrs.get("rows") else 0
-    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + rows
+    learned = h.nbytes + packed.nbytes if n.attrs.get("ignore") is not None else 0
+    return h.shape[0] * n.attrs["chunk"] * h.dtype.itemsize + rows + learned
 
 
-def _shape(h, w, target, *, chunk):
+def _shape(h, w, target, *, chunk, ignore=None):
     return (h.shape[0], 1 + h.shape[1]), h.dtype
 
 
@@ -134,8 +166,21 @@ def _onnx_target_rows(ctx, w, target):
     return ctx.op("Gather", w, ctx.op("Reshape", target, ctx.ints([-1])), axis=0)
 
 
+def _onnx_learned(ctx, n, target):
+    """(target with `ignore` read as word 0, the [N, 1] learned rows), or (target, None). The
+    lowerings compute every row, then give the ignored ones the kernels' zeros."""
+    ignore = n.attrs.get("ignore")
+    if ignore is None:
+        return target, None
+    label_type = (n.inputs[2] if n.op == "vocab_log_prob" else n.inputs[3]).dtype
+    word = lambda v: ctx.scalar(v, label_type)  # noqa: E731
+    learned = ctx.op("Not", ctx.op("Equal", target, word(ignore)))
+    return ctx.op("Where", learned, target, word(0)), learned
+
+
 def _vocab_log_prob_onnx(ctx, n, xs):
     h, w, target = xs
+    target, learned = _onnx_learned(ctx, n, target)
     running_max = total = weighted = None
     for start, stop in _onnx_slices(n.inputs[1].shape[0], n.attrs["chunk"]):
         w_slice = _onnx_rows(ctx, w, start, stop)
@@ -155,7 +200,8 @@ def _vocab_log_prob_onnx(ctx, n, xs):
     dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, target_rows), [1], keepdims=True)
     value = ctx.op("Sub", ctx.op("Sub", dot, running_max), ctx.op("Log", total))
     direction = ctx.op("Sub", target_rows, ctx.op("Div", weighted, total))
-    return ctx.op("Concat", value, direction, axis=1)
+    packed = ctx.op("Concat", value, direction, axis=1)
+    return packed if learned is None else ctx.op("Where", learned, packed, ctx.scalar(0, n.dtype))
 
 
 def _grad_h_onnx(ctx, n, xs):
@@ -174,6 +220,9 @@ def _grad_w_onnx(ctx, n, xs):
     ids = xs[5] if rows else None  # the chosen rows, under a rows rule
     first = lambda v: ctx.op("Slice", v, ctx.ints([0]), ctx.ints([1]), ctx.ints([1]))  # noqa: E731  (column 0)
     g = first(g)
+    target, learned = _onnx_learned(ctx, n, target)
+    if learned is not None:  # as the kernel, which takes the learned rows alone
+        g = ctx.op("Where", learned, g, ctx.scalar(0, n.dtype))
     dot = ctx.reduce("ReduceSum", ctx.op("Mul", h, _onnx_target_rows(ctx, w, target)), [1], keepdims=True)
     log_sum_exp, minus_g, grads = ctx.op("Sub", dot, first(packed)), ctx.op("Neg", g), []
     word = lambda v: ctx.scalar(v, torch.int64)  # noqa: E731
@@ -186,6 +235,8 @@ def _grad_w_onnx(ctx, n, xs):
             w_slice = _onnx_rows(ctx, w, start, stop)
         logits = ctx.op("MatMul", h, ctx.op("Transpose", w_slice, perm=[1, 0]))
         g_logits = ctx.op("Mul", ctx.op("Exp", ctx.op("Sub", logits, log_sum_exp)), minus_g)
+        if learned is not None:  # an ignored row's log-sum-exp is not one: its exp may overflow
+            g_logits = ctx.op("Where", learned, g_logits, ctx.scalar(0, n.dtype))
         words = ctx.op("Reshape", chunk_ids, ctx.ints([1, -1]))
         at_target = ctx.op("Where", ctx.op("Equal", target, words), g, ctx.scalar(0, n.dtype))  # [N, slice]
         g_logits = ctx.op("Add", g_logits, at_target)
@@ -197,6 +248,6 @@ register("vocab_log_prob", _vocab_log_prob, _vjp, shape=_shape, scratch=_scratch
 register("vocab_log_prob_grad_h", _grad_h, shape=lambda g, packed: ((g.shape[0], packed.shape[1] - 1), g.dtype),
          onnx=_grad_h_onnx)
 register("vocab_log_prob_grad_w", _grad_w,
-         shape=lambda g, h, w, target, packed, extra=None, chunk=0, rows=False: (
+         shape=lambda g, h, w, target, packed, extra=None, chunk=0, rows=False, ignore=None: (
              (extra.shape[0], h.shape[1]) if rows else (w.shape[0], (h if extra is None else extra).shape[1]), w.dtype),
          scratch=_grad_w_scratch, onnx=_grad_w_onnx)
