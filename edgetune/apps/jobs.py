@@ -283,9 +283,8 @@ def _scoring_split(job: Job, s: SearchSettings):
 def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callable[[dict], float]:
     """evaluate(scheme) -> its score after a short run (s.score: accuracy, or minus the loss),
     the weights and random state restored afterwards."""
-    from edgetune.apps.finetune import evaluate, finetune
+    from edgetune.apps.finetune import finetune
     from edgetune.apps.lm_search import WORST_LOSS
-    from edgetune.apps.peft import adapters_merged
     from edgetune.apps.search import seeded_run
     from edgetune.compiler.isolate import warm_forked_compiles
     from edgetune.compiler.trainer import compile as compile_step
@@ -303,13 +302,13 @@ def _short_run(job: Job, s: SearchSettings, train, score, batch: int) -> Callabl
             warm_forked_compiles(job.model, job.loss_fn, inputs, targets)  # once: every candidate compiles
             trainer = compile_step(job.model, job.loss_fn, inputs, targets, scheme=scheme,
                                    optimizer=by_name(s.optimizer, s.lr))
-            finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr, schedule="constant",
-                     seed=s.seed, progress=False, evaluate_before=False, log=lambda line: None)
-            with adapters_merged(trainer) as model:  # a LoRA candidate's adapters live in the trainer
-                scored = evaluate(model, score, job.prepare)
+            history = finetune(trainer, train, score, job.prepare, epochs=1, batch_size=batch, lr=s.lr,
+                               schedule="constant", seed=s.seed, progress=False, evaluate_before=False,
+                               log=lambda line: None)
+            scored = history.evals[-1]  # the epoch's end, on the scoring items, adapters merged
             if s.score == "accuracy":
-                return scored.accuracy
-            return -(scored.loss if scored.loss < WORST_LOSS else WORST_LOSS)  # nan too
+                return scored["accuracy"]
+            return -(scored["loss"] if scored["loss"] < WORST_LOSS else WORST_LOSS)  # nan too
         except FloatingPointError:
             # diverged: this candidate gains nothing at this learning rate
             return 0.0 if s.score == "accuracy" else -WORST_LOSS

@@ -62,6 +62,7 @@ def test_a_short_run_scored_by_loss_returns_minus_the_held_back_cross_entropy(tm
                         lambda model, data, prepare, **kw: scored.append(evaluate(model, data, prepare, **kw)) or scored[-1])
     loss_run = _short_run(job, by_loss, train.take(48), score, batch=16)({"fc.*": "full", "*.bias": "full"})
     assert len(score) == 50 and loss_run == -scored[-1].loss and loss_run < 0
+    assert len(scored) == 1  # the epoch's end evaluation is the score: the items are run through once
     # Loss scores are cached apart from accuracies, and the log names what they are.
     seen = {}
 
