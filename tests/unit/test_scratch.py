@@ -38,7 +38,9 @@ def test_a_kernels_temporary_is_measured_and_counted_by_the_plan(copying_op, mon
     graph, y = _graph_of(copying_op, (4 * MB,))  # 16 MB operand, 16 MB temporary
     assert plan(graph).live_bytes[graph.nodes.index(y)] == y.nbytes  # no estimate: nothing counted
     measured = scratch.measure_scratch(graph, torch.device("cpu"))
-    assert 15.5 * MB < measured[y] < 17 * MB
+    # The temporary's 16 MB, not twice it nor nothing. The resident set can also take in a page
+    # or two of anything else the child touches: under a loaded parallel suite 18.2 MB was seen.
+    assert 15.5 * MB < measured[y] < 20 * MB
     assert plan(graph, measured).live_bytes[graph.nodes.index(y)] == y.nbytes + measured[y]
 
 
