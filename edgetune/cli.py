@@ -803,8 +803,6 @@ def _write_answer_scores(args: argparse.Namespace, questions, before: dict, afte
           f"replies in {args.out}/answers.json")
 
 
-
-
 def _lisa_args(p: argparse.ArgumentParser) -> None:
     from edgetune.apps.lisa import DEFAULT_INTERVAL
 
