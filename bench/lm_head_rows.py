@@ -11,11 +11,9 @@ losses (the rows left out count for nothing in the loss).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime
-import json
 import statistics
 import time
 
@@ -93,17 +91,9 @@ def report(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--out", default="bench/results-lm-head-rows.json")
-    args = p.parse_args(argv)
-    result = run(args.threads, args.steps)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"{result['date']}, {result['cpu']}, {args.threads} thread(s), edgetune/ at {result['commit']}")
-    print(report(result))
-    return 0
+    from bench.sections import one_process_main
+
+    return one_process_main(__doc__, run, report, steps=12, out="bench/results-lm-head-rows.json", argv=argv)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 markers, and the facts every section states (which CPU, which commit of edgetune/)."""
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 # The vision report (python -m bench) rewrites the file up to the LM section and keeps the rest.
@@ -55,3 +57,22 @@ def compared(threads: int | None) -> tuple[str, str]:
     """Which median the ratios compare: CPU time with one thread (the step's own work, whatever
     the load), wall time with more (CPU time then counts every thread, spinning ones too)."""
     return ("cpu_median_s", "CPU") if threads in (1, None) else ("median_s", "wall")
+
+
+def one_process_main(doc: str, run: Callable[[int, int], dict], report: Callable[[dict], str], *,
+                     steps: int, out: str, argv=None) -> int:
+    """The command line of a benchmark whose variants take turns in one process: `run(threads,
+    steps)` measures (its results name their date, cpu and commit), the results go to --out as
+    JSON, and `report(results)` is printed under the line that says where they were measured."""
+    from edgetune.files import write_json
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--out", default=out)
+    args = p.parse_args(argv)
+    result = run(args.threads, args.steps)
+    write_json(args.out, result)
+    print(f"{result['date']}, {result['cpu']}, {args.threads} thread(s), edgetune/ at {result['commit']}")
+    print(report(result))
+    return 0
