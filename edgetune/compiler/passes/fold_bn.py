@@ -39,7 +39,7 @@ def _folded_at_peak(p: MemoryPlan) -> list[Node]:
     """The folded weights and biases live when the forward peaks."""
     peak = max(range(len(p.live_bytes)), key=p.live_bytes.__getitem__)
     return [n for pos, n in enumerate(p.order)
-            if n.op in ("fold_bn_weight", "fold_bn_bias") and pos <= peak <= p.last_use[n]]
+            if n.op in ("bn_scale", "fold_bn_weight", "fold_bn_bias") and pos <= peak <= p.last_use[n]]
 
 
 def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, Node]]:
@@ -57,9 +57,10 @@ def _folded(graph: Graph, convs: dict[Node, Node]) -> tuple[Graph, dict[Node, No
             _, mean, var, gamma, beta = inputs
             eps = n.attrs["eps"]
             b.meta = dict(conv.meta)
-            weight = b.emit("fold_bn_weight", w, gamma, var, eps=eps, name=f"{w.name}_folded")
-            bias = b.emit("fold_bn_bias", beta, mean, gamma, var, eps=eps, name=f"{beta.name}_folded")
-            weights[weight] = weights[bias] = conv
+            scale = b.emit("bn_scale", gamma, var, eps=eps, name=f"{gamma.name}_scale")
+            weight = b.emit("fold_bn_weight", w, scale, name=f"{w.name}_folded")
+            bias = b.emit("fold_bn_bias", beta, mean, scale, name=f"{beta.name}_folded")
+            weights[weight] = weights[bias] = weights[scale] = conv
             return b.emit("conv", x, weight, bias, **conv.attrs)
         return None
 

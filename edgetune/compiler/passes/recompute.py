@@ -21,7 +21,7 @@ from edgetune.compiler.passes.rewrite import fewest_for_lowest_peak, is_backward
 
 # Elementwise (or per-channel affine) ops: redoing one costs a pass over its output.
 CHEAP = {"batch_norm", "hardtanh", "relu", "silu", "sigmoid", "tanh", "gelu", "add", "sub", "mul", "neg",
-         "fold_bn_weight", "fold_bn_bias"}
+         "bn_scale", "fold_bn_weight", "fold_bn_bias"}
 MAX_CHAIN = 3
 
 

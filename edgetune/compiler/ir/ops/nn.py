@@ -290,12 +290,18 @@ def _bn(x, mean, var, w, bias, *, eps):
     return torch.nn.functional.batch_norm(x, mean, var, w, bias, training=False, eps=eps)
 
 
-def _bn_grad_input(g, w, var, *, eps):
-    return g * (w * torch.rsqrt(var + eps)).view(_bn_shape(g))
+def _bn_scale(w, var, *, eps):
+    # The per-channel factor of the normalization, w / sqrt(var + eps): its own node, so that
+    # a frozen BN's is computed once, not in every op that reads it (backends/torch.py).
+    return w * torch.rsqrt(var + eps)
 
 
-def _bn_grad_input_inplace(g, w, var, *, eps):
-    return g.mul_((w * torch.rsqrt(var + eps)).view(_bn_shape(g)))
+def _bn_grad_input(g, scale):
+    return g * scale.view(_bn_shape(g))
+
+
+def _bn_grad_input_inplace(g, scale):
+    return g.mul_(scale.view(_bn_shape(g)))
 
 
 def _bn_grad_weight(g, x, mean, var, *, eps):
@@ -304,8 +310,8 @@ def _bn_grad_weight(g, x, mean, var, *, eps):
     return A.native_batch_norm_backward(g, x, None, mean, var, None, None, False, eps, [False, True, False])[1]
 
 
-def _bn_grad_mean(g, w, var, *, eps):
-    return -g.sum(_bn_dims(g.dim())) * w * torch.rsqrt(var + eps)
+def _bn_grad_mean(g, scale):
+    return -g.sum(_bn_dims(g.dim())) * scale
 
 
 def _bn_grad_var(g, x, mean, w, var, *, eps):
@@ -320,9 +326,10 @@ def _bn_dims(ndim):
 def _bn_vjp(b, n, g, want):
     x, mean, var, w, _ = n.inputs
     eps = n.attrs["eps"]
+    scale = b.emit("bn_scale", w, var, eps=eps) if want[0] or want[1] else None
     return (
-        b.emit("bn_grad_input", g, w, var, eps=eps) if want[0] else None,
-        b.emit("bn_grad_mean", g, w, var, eps=eps) if want[1] else None,
+        b.emit("bn_grad_input", g, scale) if want[0] else None,
+        b.emit("bn_grad_mean", g, scale) if want[1] else None,
         b.emit("bn_grad_var", g, x, mean, w, var, eps=eps) if want[2] else None,
         b.emit("bn_grad_weight", g, x, mean, var, eps=eps) if want[3] else None,
         b.emit("sum", g, dims=_bn_dims(len(g.shape)), keepdim=False) if want[4] else None,
@@ -354,9 +361,13 @@ def _bn_onnx(ctx, n, xs):
     return ctx.op("BatchNormalization", x, w, bias, mean, var_eps, epsilon=0.0)
 
 
+def _bn_scale_onnx(ctx, n, xs):
+    w, var = xs
+    return ctx.op("Mul", w, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+
+
 def _bn_grad_input_onnx(ctx, n, xs):
-    g, w, var = xs
-    scale = ctx.op("Mul", w, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    g, scale = xs
     return ctx.op("Mul", g, _onnx_channels(ctx, scale, len(n.shape)))
 
 
@@ -366,9 +377,9 @@ def _bn_grad_weight_onnx(ctx, n, xs):
 
 
 def _bn_grad_mean_onnx(ctx, n, xs):
-    g, w, var = xs
+    g, scale = xs
     total = ctx.op("Neg", ctx.reduce("ReduceSum", g, _bn_dims(len(n.inputs[0].shape)), keepdims=False))
-    return ctx.op("Mul", ctx.op("Mul", total, w), _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    return ctx.op("Mul", total, scale)
 
 
 def _bn_grad_var_onnx(ctx, n, xs):
@@ -379,6 +390,7 @@ def _bn_grad_var_onnx(ctx, n, xs):
 
 
 register("batch_norm", _bn, _bn_vjp, onnx=_bn_onnx)
+register("bn_scale", _bn_scale, onnx=_bn_scale_onnx)
 register("bn_grad_input", _bn_grad_input, inplace=_bn_grad_input_inplace, onnx=_bn_grad_input_onnx)
 register("bn_grad_weight", _bn_grad_weight, onnx=_bn_grad_weight_onnx)
 register("bn_grad_mean", _bn_grad_mean, onnx=_bn_grad_mean_onnx)
@@ -386,37 +398,32 @@ register("bn_grad_var", _bn_grad_var, onnx=_bn_grad_var_onnx)
 
 
 # -- an eval-mode BN folded into the frozen conv before it (passes/fold_bn.py) ----------------
-# conv(x, w) then BN = conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps): the
-# BN's pass over the activation becomes a pass over the (often much smaller) weight.
+# conv(x, w) then BN = conv(x, w * s) + (beta - mean * s), s = gamma / sqrt(var + eps) (a
+# bn_scale node): the BN's pass over the activation becomes a pass over the (often much
+# smaller) weight.
 
-def _bn_scale(gamma, var, eps):
-    return gamma * torch.rsqrt(var + eps)
-
-
-def _fold_bn_weight(w, gamma, var, *, eps):
-    return w * _bn_scale(gamma, var, eps).view((-1,) + (1,) * (w.dim() - 1))
+def _fold_bn_weight(w, scale):
+    return w * scale.view((-1,) + (1,) * (w.dim() - 1))
 
 
-def _fold_bn_bias(beta, mean, gamma, var, *, eps):
-    return beta - mean * _bn_scale(gamma, var, eps)
+def _fold_bn_bias(beta, mean, scale):
+    return torch.addcmul(beta, mean, scale, value=-1)
 
 
 def _fold_bn_bias_vjp(b, n, g, want):
     # The pass folds only frozen scales and statistics: the BN bias alone can train through it.
     if any(want[1:]):
         raise AssertionError(f"{n.name}: a folded BN's scale or statistics cannot train")
-    return (g if want[0] else None, None, None, None)
+    return (g if want[0] else None, None, None)
 
 
 def _fold_bn_weight_onnx(ctx, n, xs):
-    w, gamma, var = xs
-    scale = ctx.op("Mul", gamma, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    w, scale = xs
     return ctx.op("Mul", w, ctx.op("Reshape", scale, ctx.ints([-1] + [1] * (len(n.shape) - 1))))
 
 
 def _fold_bn_bias_onnx(ctx, n, xs):
-    beta, mean, gamma, var = xs
-    scale = ctx.op("Mul", gamma, _onnx_rsqrt(ctx, var, n.attrs["eps"], n.dtype))
+    beta, mean, scale = xs
     return ctx.op("Sub", beta, ctx.op("Mul", mean, scale))
 
 
