@@ -12,8 +12,9 @@ The pipeline, in the order a step is built (`compile` in trainer.py drives it):
     passes/     Graph -> Graph optimizations, each with why it runs (a new pass goes here)
     memory.py   lifetimes and the predicted peak of one step
     inputs.py   what every input of the step is (parameter, optimizer state, batch, ...)
-    backends/   running the graph: torch.py generates Python calling torch kernels;
-                onnx.py writes the whole step as one plain ONNX graph (run by
+    backends/   running the graph: torch.py generates Python calling torch kernels
+                (invariants.py hoists what every step computes alike out of it, grouped.py
+                runs small updates as multi-tensor ops); onnx.py writes the whole step as one plain ONNX graph (run by
                 edgetune.runtime without torch); ort.py runs that graph in an
                 onnxruntime session behind the Trainer; choice.py picks the backend
                 (`compile(backend=...)`, "auto" times them); scratch.py measures what

@@ -291,6 +291,47 @@ def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, 
     write_state()
 
 
+# -- many small whole tensors at once (the torch backend groups their updates, backends/grouped.py)
+# The same arithmetic as the kernels above, in torch's multi-tensor (_foreach_) ops: at batch 1 a
+# bias's update is a few kernel calls on a few hundred numbers, and the calls are the cost.
+
+def _sgd_update_many(ps, gs, lr, step, states, *, momentum, dampening, weight_decay, nesterov):
+    ds = gs if weight_decay == 0 else torch._foreach_add(gs, ps, alpha=weight_decay)
+    if momentum:
+        bufs = states[0]
+        if step == 1:
+            torch._foreach_copy_(bufs, ds)
+        else:
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, ds, alpha=1 - dampening)
+        ds = torch._foreach_add(ds, bufs, alpha=momentum) if nesterov else bufs
+    torch._foreach_add_(ps, ds, alpha=-lr)
+
+
+def _adamw_update_many(ps, gs, lr, step, states, *, beta1, beta2, eps, weight_decay):
+    ms, vs = states
+    torch._foreach_mul_(ps, 1 - lr * weight_decay)
+    torch._foreach_lerp_(ms, gs, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+    step_size = lr / (1 - beta1 ** step)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, math.sqrt(1 - beta2 ** step))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+
+
+# Update op -> its kernel over lists of whole tensors (state as one list per state tensor).
+MANY = {"sgd_update": _sgd_update_many, "adamw_update": _adamw_update_many}
+
+
+def finite_each(loss_ok: bool, gs: list) -> list[bool]:
+    """update_ok of each gradient (the loss finite, the gradient's norm finite), in one reduction."""
+    if not loss_ok:
+        return [False] * len(gs)
+    return torch.stack(torch._foreach_norm(gs)).isfinite().tolist()
+
+
 def _galore_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, update_gap, scale, part, n_state):
     (m, v, projector), index = _split_state(rest, n_state)
     w, write_back = _trained_part(p, part, index)

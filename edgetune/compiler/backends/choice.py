@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from edgetune.compiler.backends.invariants import budget_for
 from edgetune.compiler.backends.torch import CompiledStep, NonFiniteError
 from edgetune.compiler.ir.ops import is_effect, mutated_inputs, storage_of
 from edgetune import procmem
@@ -46,12 +47,16 @@ class BackendChoice:
         return f"{self.name} ({chosen}{'; '.join(notes)})" if notes else self.name
 
 
+def _torch_step(trainer: Any) -> CompiledStep:
+    return CompiledStep(trainer.graph, trainer.device, keep_bytes=budget_for(trainer.plan.peak_bytes))
+
+
 def choose_backend(trainer: Any, name: str) -> BackendChoice:
     if name == "torch":
-        return BackendChoice("torch", CompiledStep(trainer.graph, trainer.device))
+        return BackendChoice("torch", _torch_step(trainer))
     if name == "onnxruntime":
         return BackendChoice("onnxruntime", _ort_step(trainer))  # errors say what is missing
-    steps: dict[str, Callable] = {"torch": CompiledStep(trainer.graph, trainer.device)}
+    steps: dict[str, Callable] = {"torch": _torch_step(trainer)}
     unavailable = {}
     why = _onnxruntime_missing(trainer.device)
     if why:

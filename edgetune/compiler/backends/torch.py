@@ -1,7 +1,9 @@
 """Torch backend: the scheduled graph as straight-line Python calling torch kernels.
 
 Each node is one line; each value is deleted right after its last use, so peak memory
-follows the memory plan. Constants are moved to the step's device once, at compile time.
+follows the memory plan. Constants are moved to the step's device once, at compile time;
+small values computed from held tensors that no step writes are computed once and kept
+(backends/invariants.py).
 The generated source is readable (`EDGETUNE_DEBUG=2` prints it, `CompiledStep.source`).
 
 A guarded effect (an update whose `attrs["guarded"]` is "skip" or "raise") takes a bool
@@ -16,9 +18,17 @@ from typing import Any
 
 import torch
 
+from edgetune.compiler.backends.grouped import UpdateGroup, group_updates, run_group
+from edgetune.compiler.backends.invariants import MIN_BUDGET, Hoisted, Invariants, hoist
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect
 from edgetune import procmem
+
+# Values every step computes the same (a frozen BN's scale) are computed once, before the
+# step, and again only when what they read changes (backends/invariants.py).
+HOIST_INVARIANTS = True
+# The updates of small tensors (biases, norms) run together, as multi-tensor ops (backends/grouped.py).
+GROUP_UPDATES = True
 
 
 class NonFiniteError(FloatingPointError):
@@ -60,15 +70,22 @@ class FaultWatch:
 
 
 class CompiledStep:
-    def __init__(self, graph: Graph, device: torch.device) -> None:
+    """`keep_bytes`: memory the values hoisted out of the step may hold between steps, and the
+    gradients of a group of small updates until it runs."""
+
+    def __init__(self, graph: Graph, device: torch.device, keep_bytes: int = MIN_BUDGET) -> None:
         self.inputs = graph.inputs
         self.watch = FaultWatch() if device.type == "cpu" and procmem.minor_faults() is not None else None
-        self.source = generate(graph)
+        hoisted = hoist(graph, keep_bytes) if HOIST_INVARIANTS else Hoisted()
+        self.source = generate(graph, hoisted, keep_bytes if GROUP_UPDATES else 0)
         namespace: dict[str, Any] = {"torch": torch, "device": torch.device, "NonFiniteError": NonFiniteError}
         namespace.update({f"_op_{name}": op.kernel for name, op in OPS.items()})
+        namespace["_op_update_group"] = run_group
         namespace.update({n.name: n.attrs["value"].to(device) for n in graph.nodes if n.op == "const"})
         exec(compile(self.source, "<edgetune step>", "exec"), namespace)
         self.fn = namespace["_edgetune_step"]
+        if hoisted:
+            namespace["_edgetune_invariants"] = self.invariants = Invariants(namespace["_edgetune_prologue"])
         if int(os.environ.get("EDGETUNE_DEBUG", "0") or 0) >= 2:
             print(self.source)
 
@@ -83,20 +100,42 @@ class CompiledStep:
         return out
 
 
-def generate(graph: Graph) -> str:
-    last = _last_use_by_name(graph)
+def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0) -> str:
+    """The step's source: `_edgetune_step` and, where values are hoisted out of it
+    (backends/invariants.py), `_edgetune_prologue`, which computes them. With `group_bytes`,
+    the small updates run in groups whose gradients hold at most that (backends/grouped.py)."""
+    hoisted = hoisted or Hoisted()
+    prologue = set(hoisted.prologue)
     params = ", ".join(n.name for n in graph.inputs)
     lines = [f"def _edgetune_step({params}):", "    _skipped = 0"]
-    for pos, n in enumerate(graph.nodes):
-        if n.op in ("input", "const"):
-            continue
-        lines += ["    " + line for line in _lines(n)]
-        dead = [m.name for m in last.get(pos, []) if m.op not in ("input", "const") and not is_effect(m)]
-        if dead:
-            lines.append(f"    del {', '.join(dead)}")
+    if hoisted:
+        kept, reads = _names(hoisted.kept), _names(hoisted.reads)
+        lines.append(f"    {kept}, = _edgetune_invariants({reads})")
+    step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in prologue]
+    if group_bytes:
+        step = group_updates(step, group_bytes)
+    lines += _body(step, keep=set(graph.outputs.values()))
     outputs = [f"{k!r}: {v.name}" for k, v in graph.outputs.items()] + ["'skipped': _skipped"]
     lines.append(f"    return {{{', '.join(outputs)}}}")
+    if hoisted:
+        lines = ([f"def _edgetune_prologue({reads}):"] + _body(hoisted.prologue, keep=set(hoisted.kept))
+                 + [f"    return ({kept},)", ""] + lines)
     return "\n".join(lines) + "\n"
+
+
+def _names(nodes: list[Node]) -> str:
+    return ", ".join(n.name for n in nodes)
+
+
+def _body(nodes: list[Node | UpdateGroup], keep: set[Node]) -> list[str]:
+    """One line per node, each value deleted right after its last use unless `keep` has it."""
+    last = _last_uses(nodes, keep)
+    lines = []
+    for pos, n in enumerate(nodes):
+        lines += ["    " + line for line in ([n.line()] if isinstance(n, UpdateGroup) else _lines(n))]
+        if last.get(pos):
+            lines.append(f"    del {', '.join(m.name for m in last[pos])}")
+    return lines
 
 
 def _lines(n: Node) -> list[str]:
@@ -119,16 +158,15 @@ def _literal(v: Any) -> str:
     return repr(v)
 
 
-def _last_use_by_name(graph: Graph) -> dict[int, list[Node]]:
-    """Position -> the values whose last reader (or definition, if unread) is there."""
+def _last_uses(nodes: list[Node | UpdateGroup], keep: set[Node]) -> dict[int, list[Node]]:
+    """Position in `nodes` -> the values whose last reader (or definition, if unread) is there:
+    the values `nodes` define or read, but graph inputs, constants, effects and `keep`."""
     last: dict[Node, int] = {}
-    for pos, n in enumerate(graph.nodes):
-        last[n] = pos
-        for i in n.inputs:
-            last[i] = pos
-    for out in graph.outputs.values():
-        last.pop(out, None)
+    for pos, n in enumerate(nodes):
+        for v in (*n.inputs, *([] if isinstance(n, UpdateGroup) else [n])):
+            last[v] = pos
     by_pos: dict[int, list[Node]] = {}
-    for n, pos in last.items():
-        by_pos.setdefault(pos, []).append(n)
+    for v, pos in last.items():
+        if v.op not in ("input", "const") and not is_effect(v) and v not in keep:
+            by_pos.setdefault(pos, []).append(v)
     return by_pos
