@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import edgetune as et
 from edgetune.compiler.backends import torch as torch_backend
 from edgetune.compiler.backends.invariants import Invariants, hoist
+from edgetune.compiler.backends.torch import CompiledStep
 from edgetune.compiler.ir.builder import Builder
 
 from tests.unit.nets import ConvNet, batch
@@ -106,3 +107,21 @@ def test_the_kept_values_fit_their_budget_the_smallest_first(monkeypatch, budget
         assert kinds == {"bn_scale"}  # two scales of 8 floats; the folded weights are larger
     if budget == 1 << 20:
         assert {"bn_scale", "fold_bn_weight"} <= kinds
+
+
+def test_a_large_value_both_the_step_and_a_kept_one_read_is_computed_in_both():
+    b = Builder()
+    frozen = b.input("frozen", (1024,), torch.float32, kind="param", target="frozen")
+    x = b.input("x", (1024,), torch.float32, kind="input", index=0)
+    large = b.emit("mul", frozen, b.const(2.0))                    # 4 KB: over the budget
+    small = b.emit("sum", large, dims=(0,), keepdim=False)         # 4 bytes: kept
+    out = b.emit("add", b.emit("mul", x, large), small)
+    graph = b.graph({"loss": b.emit("sum", out, dims=(0,), keepdim=False)})
+    hoisted = hoist(graph, budget=64)
+    assert hoisted.kept == [small] and large in hoisted.prologue and large not in hoisted.only_once
+    args = (torch.randn(1024), torch.randn(1024))
+    by_input = {"frozen": args[0], "x": args[1]}
+    call = [by_input[n.name] for n in graph.inputs]
+    want = (args[1] * args[0] * 2 + (args[0] * 2).sum()).sum()
+    step = CompiledStep(graph, torch.device("cpu"), keep_bytes=64)
+    assert torch.allclose(step(*call)["loss"], want) and torch.allclose(step(*call)["loss"], want)

@@ -38,11 +38,13 @@ def budget_for(peak_bytes: int) -> int:
 
 @dataclass
 class Hoisted:
-    """The invariant part of a step: `kept` (values the step reads, in graph order) and
-    `prologue` (the nodes that compute them, in graph order)."""
+    """The invariant part of a step: `kept` (values the step reads, in graph order),
+    `prologue` (the nodes that compute them, in graph order) and `only_once` (the nodes the
+    step itself need not compute: the prologue's, but those the step reads too)."""
 
     kept: list[Node] = field(default_factory=list)
     prologue: list[Node] = field(default_factory=list)
+    only_once: set[Node] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.kept)
@@ -59,20 +61,23 @@ def hoist(graph: Graph, budget: int = MIN_BUDGET) -> Hoisted:
     invariant = _invariant_nodes(graph)
     users = graph.users()
     sizes = sorted({_new_bytes(n) for n in invariant})
-    kept, low, high = set(), 0, len(sizes) - 1
+    (kept, in_step), low, high = (set(), set()), 0, len(sizes) - 1
     while low <= high:  # the largest size limit under which the kept values fit
         mid = (low + high) // 2
         candidate = _kept_under(graph, users, invariant, sizes[mid])
-        if sum(map(_new_bytes, candidate)) <= budget:
-            kept, low = candidate, mid + 1
+        if sum(map(_new_bytes, candidate[0])) <= budget:
+            (kept, in_step), low = candidate, mid + 1
         else:
             high = mid - 1
-    return Hoisted([n for n in graph.nodes if n in kept], _needed(graph, kept, invariant))
+    prologue = _needed(graph, kept, invariant)
+    return Hoisted([n for n in graph.nodes if n in kept], prologue, set(prologue) - in_step)
 
 
-def _kept_under(graph: Graph, users: dict[Node, list[Node]], invariant: set[Node], limit: int) -> set[Node]:
-    """The invariant values the step reads, each kept if it holds at most `limit` bytes, else
-    computed in the step from its own inputs (which the step then reads, and so on)."""
+def _kept_under(graph: Graph, users: dict[Node, list[Node]], invariant: set[Node],
+                limit: int) -> tuple[set[Node], set[Node]]:
+    """(kept, computed in the step): the invariant values the step reads, each kept if it holds
+    at most `limit` bytes, else computed in the step from its own inputs (which the step then
+    reads, and so on)."""
     outputs = set(graph.outputs.values())
     in_step = {n for n in graph.nodes if n not in invariant} | outputs
     kept = set()
@@ -83,7 +88,7 @@ def _kept_under(graph: Graph, users: dict[Node, list[Node]], invariant: set[Node
             kept.add(n)
         else:
             in_step.add(n)
-    return kept
+    return kept, in_step
 
 
 def _invariant_nodes(graph: Graph) -> set[Node]:

@@ -105,13 +105,12 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0)
     (backends/invariants.py), `_edgetune_prologue`, which computes them. With `group_bytes`,
     the small updates run in groups whose gradients hold at most that (backends/grouped.py)."""
     hoisted = hoisted or Hoisted()
-    prologue = set(hoisted.prologue)
     params = ", ".join(n.name for n in graph.inputs)
     lines = [f"def _edgetune_step({params}):", "    _skipped = 0"]
     if hoisted:
         kept, reads = _names(hoisted.kept), _names(hoisted.reads)
         lines.append(f"    {kept}, = _edgetune_invariants({reads})")
-    step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in prologue]
+    step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in hoisted.only_once]
     if group_bytes:
         step = group_updates(step, group_bytes)
     lines += _body(step, keep=set(graph.outputs.values()))
