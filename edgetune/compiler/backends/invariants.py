@@ -6,7 +6,8 @@ small kernels per BN, about 150 calls a step on MobileNetV2 at batch 1, where ea
 overhead is the cost. The torch backend computes such values in a prologue of their own and
 keeps them between steps (`Invariants`), recomputing them when a tensor they read has changed
 in place (a loaded checkpoint, a user's edit: torch's version counter moves) or is another
-tensor than last time.
+tensor than last time. A write through `.data` bypasses the version counter and goes unseen:
+write frozen tensors under `torch.no_grad()` instead (as `load_state_dict` does).
 
 Kept values stay in memory between steps, which the memory plan does not count, so they are
 held to 1% of the step's planned peak (64 KiB at least; a view of a held tensor costs
@@ -20,8 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 from edgetune.compiler.inputs import KINDS
 from edgetune.compiler.ir.graph import Graph, Node
