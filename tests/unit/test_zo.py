@@ -96,7 +96,10 @@ def test_lora_adapters_move_and_the_weight_does_not():
     assert all(not torch.equal(trainer.adapters[k], before[k]) for k in before)
 
 
-def test_the_step_is_forward_only_and_peaks_as_one_forward():
+def test_the_step_is_forward_only_and_peaks_as_one_forward(monkeypatch):
+    # The plan's own estimates of kernel scratch: measured ones vary by tens of KB between
+    # processes (a CI run saw 241,668 against 205,696 bytes), as much as this 200 KB step's margin.
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
     torch.manual_seed(0)
     model = ConvNet().eval()
     b = batch(n=8, size=16)
