@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgetune.compiler.ir.graph import Node
-from edgetune.compiler.ir.ops import is_effect, mutated_inputs, storage_of
+from edgetune.compiler.ir.ops import storage_of, written_storages
 from edgetune.compiler.optim import MANY, finite_each
 
 SMALL_ELEMENTS = 1 << 14
@@ -139,16 +139,11 @@ def _delayable(group: UpdateGroup, nodes: list[Node]) -> UpdateGroup | None:
         touched = {storage_of(i) for i in _operands(m)}
         held = touched - {storage_of(m.inputs[1])}  # the gradient may be read, not written
         between = nodes[position[m] + 1:end + 1]
-        if not any(_writes(n) & touched or (n not in group.members and {storage_of(i) for i in n.inputs} & held)
+        if not any(written_storages(n) & touched or (n not in group.members and {storage_of(i) for i in n.inputs} & held)
                    for n in between if n is not m.inputs[-1]):
             members.append(m)
     group.members = members
     return group if len(members) > 1 else None
-
-
-def _writes(n: Node) -> set[Node]:
-    targets = mutated_inputs(n) if is_effect(n) else (0,) if n.op.endswith("_inplace") and n.inputs else ()
-    return {storage_of(n.inputs[k]) for k in targets}
 
 
 def _scheduled(nodes: list[Node], groups: list[UpdateGroup]) -> list[Node | UpdateGroup]:

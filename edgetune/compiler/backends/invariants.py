@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from edgetune.compiler.inputs import KINDS
 from edgetune.compiler.ir.graph import Graph, Node
-from edgetune.compiler.ir.ops import is_effect, mutated_inputs, storage_of
+from edgetune.compiler.ir.ops import is_effect, storage_of, written_storages
 
 MIN_BUDGET = 64 << 10
 PEAK_SHARE = 0.01
@@ -110,12 +110,8 @@ def _invariant_nodes(graph: Graph) -> set[Node]:
 
 
 def _written(graph: Graph) -> set[Node]:
-    """The storages some op writes: an effect's targets, an in-place op's first input."""
-    written = set()
-    for n in graph.nodes:
-        targets = mutated_inputs(n) if is_effect(n) else (0,) if n.op.endswith("_inplace") and n.inputs else ()
-        written.update(storage_of(n.inputs[k]) for k in targets)
-    return written
+    """The storages some op of the step writes."""
+    return set().union(*map(written_storages, graph.nodes))
 
 
 def _new_bytes(n: Node) -> int:

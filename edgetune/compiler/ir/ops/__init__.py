@@ -23,8 +23,9 @@ The registry itself is registry.py; the families live in sibling modules and are
 here, so that importing edgetune.compiler.ir.ops registers every op.
 """
 from edgetune.compiler.ir.ops.registry import (ATEN, ATEN_NAMED, OPS, VJP, ChannelSlice, OpDef, aten, aten_named,
-                                                infer, is_effect, mutated_inputs, register, storage_of)
+                                                infer, is_effect, mutated_inputs, register, storage_of,
+                                                written_storages)
 from edgetune.compiler.ir.ops import attention, core, linalg, masks, moe, nn, quant, shape, vocab  # noqa: E402,F401  (registration)
 
 __all__ = ["ATEN", "ATEN_NAMED", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "aten_named", "infer", "is_effect",
-           "mutated_inputs", "register", "storage_of"]
+           "mutated_inputs", "register", "storage_of", "written_storages"]

@@ -39,6 +39,12 @@ def is_effect(node: Node) -> bool:
     return bool(OPS[node.op].mutates)
 
 
+def written_storages(node: Node) -> set[Node]:
+    """The allocations `node` writes: an effect's targets, an in-place op's first input."""
+    targets = mutated_inputs(node) if is_effect(node) else (0,) if node.op.endswith("_inplace") and node.inputs else ()
+    return {storage_of(node.inputs[k]) for k in targets}
+
+
 def storage_of(node: Node) -> Node:
     """The node whose allocation `node` lives in (itself unless it is a view)."""
     while OPS[node.op].view:
