@@ -91,9 +91,11 @@ def group_updates(nodes: list[Node], budget: int) -> list[Node | UpdateGroup]:
             group = groups.setdefault(key, UpdateGroup(n.op, _attrs(n), _checked_by(n)))
         group.members.append(n)
         bytes_of[id(group)] = bytes_of.get(id(group), 0) + size
-    groups_ = [g for g in closed + list(groups.values()) if len(g.members) > 1]
-    groups_ = [g for g in (_delayable(g, nodes) for g in groups_) if g is not None]
-    return _scheduled(nodes, groups_)
+    candidates = [g for g in closed + list(groups.values()) if len(g.members) > 1]
+    if not candidates:
+        return nodes
+    schedule = _Schedule(nodes)
+    return _scheduled(nodes, [g for g in (_delayable(g, schedule) for g in candidates) if g is not None])
 
 
 def _group_key(n: Node, readers: dict[Node, int]) -> tuple | None:
@@ -129,18 +131,27 @@ def _checked_by(n: Node) -> Node | None:
     return n.inputs[-1].inputs[0] if n.attrs.get("guarded") == "skip" else None
 
 
-def _delayable(group: UpdateGroup, nodes: list[Node]) -> UpdateGroup | None:
+class _Schedule:
+    """Each node's position, and the storages it reads and writes, worked out once."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.position = {n: k for k, n in enumerate(nodes)}
+        self.reads = [{storage_of(i) for i in n.inputs} for n in nodes]
+        self.writes = [written_storages(n) for n in nodes]
+
+
+def _delayable(group: UpdateGroup, schedule: _Schedule) -> UpdateGroup | None:
     """The group without the members that cannot wait until its last member's place: a node in
     between reads or writes their parameter or state, or writes their gradient."""
-    position = {n: k for k, n in enumerate(nodes)}
-    end = max(position[m] for m in group.members)
+    end = max(schedule.position[m] for m in group.members)
+    others = set(group.members)
     members = []
     for m in group.members:
         touched = {storage_of(i) for i in _operands(m)}
         held = touched - {storage_of(m.inputs[1])}  # the gradient may be read, not written
-        between = nodes[position[m] + 1:end + 1]
-        if not any(written_storages(n) & touched or (n not in group.members and {storage_of(i) for i in n.inputs} & held)
-                   for n in between if n is not m.inputs[-1]):
+        if not any(schedule.writes[k] & touched or (schedule.nodes[k] not in others and schedule.reads[k] & held)
+                   for k in range(schedule.position[m] + 1, end + 1)):
             members.append(m)
     group.members = members
     return group if len(members) > 1 else None
