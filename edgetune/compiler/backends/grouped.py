@@ -33,6 +33,7 @@ class UpdateGroup:
     attrs: dict
     checked_by: Node | None  # "skip": the loss's finiteness; None: unguarded
     members: list[Node] = field(default_factory=list)
+    grad_bytes: int = 0  # the members' gradients, held until the group runs
 
     @property
     def inputs(self) -> tuple[Node, ...]:
@@ -78,19 +79,16 @@ def group_updates(nodes: list[Node], budget: int) -> list[Node | UpdateGroup]:
             readers[i] = readers.get(i, 0) + 1
     groups: dict[tuple, UpdateGroup] = {}
     closed: list[UpdateGroup] = []
-    bytes_of: dict[int, int] = {}
     for n in nodes:
         key = _group_key(n, readers)
         if key is None:
             continue
-        group = groups.setdefault(key, UpdateGroup(n.op, _attrs(n), _checked_by(n)))
-        grad = n.inputs[1]
-        size = math.prod(grad.shape) * grad.dtype.itemsize
-        if group.members and bytes_of[id(group)] + size > budget:
-            closed.append(groups.pop(key))
-            group = groups.setdefault(key, UpdateGroup(n.op, _attrs(n), _checked_by(n)))
+        group = groups.get(key)
+        if group is None or group.grad_bytes + n.inputs[1].nbytes > budget:
+            closed += [group] if group is not None else []
+            group = groups[key] = UpdateGroup(n.op, _attrs(n), _checked_by(n))
         group.members.append(n)
-        bytes_of[id(group)] = bytes_of.get(id(group), 0) + size
+        group.grad_bytes += n.inputs[1].nbytes
     candidates = [g for g in closed + list(groups.values()) if len(g.members) > 1]
     if not candidates:
         return nodes
