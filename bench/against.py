@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from bench import configs
-from bench.interleave import ROOT, Server, time_in_turns
+from bench.interleave import ROOT, STEPS_PER_TURN, Server, time_in_turns
 from bench.sections import compared, cpu_model, edgetune_revision
 from edgetune.files import write_json
 
@@ -83,7 +83,7 @@ def _line(row: dict, ref: str) -> str:
 def _per_turn_ratio(old: dict, new: dict, key: str) -> tuple[float, float]:
     """Quartiles of new/old over the turns (each turn's median step of each)."""
     times = "cpu_times_s" if key == "cpu_median_s" else "times_s"
-    per = 3
+    per = STEPS_PER_TURN
     ratios = [statistics.median(new[times][k:k + per]) / statistics.median(old[times][k:k + per])
               for k in range(0, min(len(old[times]), len(new[times])), per)]
     if len(ratios) < 2:
