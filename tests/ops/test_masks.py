@@ -24,8 +24,16 @@ def activation_output(rule: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
-@pytest.fixture(params=["numpy", "generic"])
+@pytest.fixture(params=["numpy", "numpy-multiply", "generic"])
 def route(request, monkeypatch):
+    """numpy packs and unpacks, torch or numpy multiplies (numpy only where its dtypes allow);
+    or the generic route, torch throughout."""
+    if request.param == "numpy-multiply":
+        monkeypatch.setattr(masks, "_NUMPY_MULTIPLY_DTYPES", (torch.float32, torch.float64, torch.float16))
+        monkeypatch.setattr(masks, "_TORCH_SPLITS_ABOVE", 1 << 62)
+    else:
+        monkeypatch.setattr(masks, "_TORCH_SPLITS_ABOVE", -1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     if request.param == "generic":
         monkeypatch.setattr(masks, "_numpy_pack", lambda *a: None)
         monkeypatch.setattr(masks, "_numpy_unpack", lambda *a: None)
