@@ -13,6 +13,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+import torch  # noqa: E402
+
 from bench import lm, lm_one  # noqa: E402
 from edgetune.models.hf import tiny_causal_lm  # noqa: E402
 from edgetune.compiler.scheme import as_mapping, resolve  # noqa: E402
@@ -137,3 +139,20 @@ def test_driver_writes_json_and_section(timed, tmp_path, monkeypatch):
     assert text.startswith(lm.BEGIN) and text.rstrip().endswith(lm.END)
     assert "| eager-full [^1] | — |" in text and "did not answer within 300 s" in text
     assert "peak <= 0.5x PEFT LoRA: 1.00x — **missed**" in text
+
+
+def test_flop_counts_cover_every_product_of_the_step():
+    """bench.lm_flops: the floor's count is the tiny Llama's linears and attention worked out by
+    hand; a step does more; edgetune's step no more than eager's, which forms the partially
+    trained weights' whole gradients."""
+    from bench import lm_flops
+
+    batch, seq = 2, 16
+    counts = lm_flops.count_flops(tiny=True, batch=batch, seq=seq)
+    model = lm_one.load_model(tiny=True)
+    c = model.config
+    linears = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = c.hidden_size // c.num_attention_heads
+    attention = c.num_hidden_layers * 2 * (2 * batch * c.num_attention_heads * seq * seq * head_dim)
+    assert counts["forward"] == 2 * batch * seq * linears + attention
+    assert counts["forward"] < counts["edgetune-sparse"] < counts["eager-sparse"]
