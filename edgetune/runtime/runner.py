@@ -204,13 +204,20 @@ def trained_weights(folder: str | os.PathLike, state: str | os.PathLike,
 
 def lean_session_options(ort: Any) -> Any:
     """onnxruntime's defaults less its CPU arena and memory patterns, which raise a training
-    step's peak by 13-37% (BENCHMARKS.md, the onnxruntime section). Where a step's large
+    step's peak by 13-37% (BENCHMARKS.md, the onnxruntime section), and less its workers'
+    spinning between runs. Where a step's large
     intermediates page-fault at every step (MobileNetV2 128x128 from batch 4 on), the arena
     makes it 1.4-1.9x faster: pass StepRunner options with `enable_cpu_mem_arena = True`
     there (edgetune's onnxruntime backend measures the faults and does so itself)."""
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
+    # onnxruntime's workers spin-wait for work for a while after each run by default: 27-30 ms
+    # of a core within the 50 ms after every step here, taken from whatever runs next in the
+    # process or on the machine (torch's own threads in edgetune's onnxruntime backend, where
+    # MobileNetV2-0.35 TTE at batch 1 and 2 threads took 7.9-11.9 ms a step instead of 4.2).
+    # Spinning within a run, where it pays, is kept.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 

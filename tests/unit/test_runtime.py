@@ -281,3 +281,16 @@ def test_trained_weights_put_a_runner_state_back_into_the_model(exported, tmp_pa
             np.testing.assert_allclose(got[key], want.numpy(), atol=1e-5, rtol=1e-4, err_msg=key)
     with pytest.raises(RunnerError, match="the model has no 'head.weight'"):
         trained_weights(folder, tmp_path / "after.safetensors", {k: v for k, v in start.items() if k != "head.weight"})
+
+
+def test_sessions_stop_their_workers_spinning_when_a_run_returns():
+    """The runner's and the onnxruntime backend's sessions: onnxruntime's workers would spin on
+    a core for tens of milliseconds after each step, against the process's next work (torch's
+    threads in the backend, a data pipeline) and the machine's."""
+    import onnxruntime as ort
+
+    from edgetune.compiler.backends.ort import session_options
+    from edgetune.runtime.runner import lean_session_options
+
+    for options in (lean_session_options(ort), session_options(ort, threads=2)):
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
