@@ -205,10 +205,10 @@ def trained_weights(folder: str | os.PathLike, state: str | os.PathLike,
 def lean_session_options(ort: Any) -> Any:
     """onnxruntime's defaults less its CPU arena and memory patterns, which raise a training
     step's peak by 13-37% (BENCHMARKS.md, the onnxruntime section), and less its workers'
-    spinning between runs. Where a step's large
-    intermediates page-fault at every step (MobileNetV2 128x128 from batch 4 on), the arena
-    makes it 1.4-1.9x faster: pass StepRunner options with `enable_cpu_mem_arena = True`
-    there (edgetune's onnxruntime backend measures the faults and does so itself)."""
+    spinning between runs. Where a step's large intermediates page-fault at every step
+    (MobileNetV2 128x128 from batch 4 on), the arena makes it 1.4-1.9x faster: pass
+    StepRunner options with `enable_cpu_mem_arena = True` there (edgetune's onnxruntime
+    backend measures the faults and does so itself)."""
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = False
