@@ -48,7 +48,12 @@ def _numpy_unpack(packed: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Ten
     """The first n bits as uint8 0/1 (a multiply promotes them to the gradient's dtype)."""
     if packed.device.type != "cpu" or dtype not in _NUMPY_DTYPES:
         return None
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little"))
+    return torch.from_numpy(_unpacked_bytes(packed, n))
+
+
+def _unpacked_bytes(packed: torch.Tensor, n: int) -> np.ndarray:
+    """The first n bits of a CPU mask, one uint8 0/1 each."""
+    return np.unpackbits(packed.numpy(), count=n, bitorder="little")
 
 
 # Elsewhere (CUDA, bfloat16, other rules): the 0/1 mask, viewed as rows of eight, times
@@ -148,8 +153,7 @@ def _multiply_in_numpy(g: torch.Tensor) -> bool:
 def _multiply_by_bits(out: torch.Tensor, g: torch.Tensor, packed: torch.Tensor) -> None:
     """out = g * (the first g.numel() bits of `packed`); flat tensors, `out` may be `g`."""
     if _multiply_in_numpy(g):
-        bits = np.unpackbits(packed.numpy(), count=g.numel(), bitorder="little")
-        np.multiply(g.numpy(), bits, out=out.numpy())
+        np.multiply(g.numpy(), _unpacked_bytes(packed, g.numel()), out=out.numpy())
     else:
         torch.mul(g, _bits(packed, g.numel(), g.dtype), out=out)
 

@@ -292,7 +292,7 @@ def _bn(x, mean, var, w, bias, *, eps):
 
 def _bn_scale(w, var, *, eps):
     # The per-channel factor of the normalization, w / sqrt(var + eps): its own node, so that
-    # a frozen BN's is computed once, not in every op that reads it (backends/torch.py).
+    # a frozen BN's is computed once, not in every op that reads it (backends/invariants.py).
     return w * torch.rsqrt(var + eps)
 
 
