@@ -22,7 +22,7 @@ from edgetune.version import __version__
 # onnxruntime but no PyTorch must not import the compiler, which needs torch.
 _API = {"compile": "edgetune.compiler.trainer", "Trainer": "edgetune.compiler.trainer",
         "SGD": "edgetune.compiler.optim", "AdamW": "edgetune.compiler.optim", "MeZO": "edgetune.compiler.optim",
-        "GaLore": "edgetune.compiler.optim",
+        "GaLore": "edgetune.compiler.optim", "Adafactor": "edgetune.compiler.optim",
         "Scheme": "edgetune.compiler.scheme",
         "NonFiniteError": "edgetune.compiler.backends.torch", "BatchError": "edgetune.compiler.inputs"}
 __all__ = [*_API, "schemes", "__version__"]

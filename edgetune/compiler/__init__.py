@@ -8,7 +8,7 @@ The pipeline, in the order a step is built (`compile` in trainer.py drives it):
     scheme.py   what trains: whole tensors, channel ratios, LoRA ranks (`edgetune.schemes`)
     lora.py     LoRA rules rewrite their linears to run adapters, before autodiff
     autodiff.py the backward, pruned to what the scheme trains
-    optim.py    SGD, AdamW and GaLore as update ops in the graph, MeZO's settings (a new optimizer goes here)
+    optim.py    SGD, AdamW, Adafactor and GaLore as update ops in the graph, MeZO's settings (a new optimizer goes here)
     passes/     Graph -> Graph optimizations, each with why it runs (a new pass goes here)
     memory.py   lifetimes and the predicted peak of one step
     inputs.py   what every input of the step is (parameter, optimizer state, batch, ...)

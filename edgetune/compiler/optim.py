@@ -90,6 +90,51 @@ class AdamW:
 
 
 @dataclass
+class Adafactor:
+    """Adafactor (Shazeer & Stern 2018), numerically as torch.optim.Adafactor on the trained
+    entries: no first moment, and the second moment of a tensor of 2 or more dimensions kept as
+    the means of its squared gradient over rows and over columns (its last two dimensions), so
+    an m x n weight keeps m + n numbers where AdamW keeps 2mn. Each step moves a tensor by
+    lr_t * max(eps[1], RMS(tensor)) times its gradient over the estimated RMS, that update clipped
+    to RMS d, with lr_t = min(lr, 1/sqrt(step)) and the moment's decay 1 - step**beta2_decay.
+    `eps[0]` None: the dtype's machine epsilon. Weight decay as AdamW's: p *= 1 - lr * weight_decay.
+    A partially trained tensor's RMS and factors are those of its trained slice."""
+
+    lr: float = 1e-2
+    beta2_decay: float = -0.8
+    eps: tuple[float | None, float] = (None, 1e-3)
+    d: float = 1.0
+    weight_decay: float = 0.0
+    op: str = field(default="adafactor_update", init=False)
+
+    def __post_init__(self) -> None:
+        _check(self.lr >= 0, f"Adafactor lr must be >= 0, got {self.lr}")
+        _check(self.beta2_decay <= 0, f"Adafactor beta2_decay must be <= 0, got {self.beta2_decay}")
+        _check(len(self.eps) == 2 and (self.eps[0] is None or self.eps[0] >= 0) and self.eps[1] >= 0,
+               f"Adafactor eps must be (None or >= 0, >= 0), got {self.eps!r}")
+        _check(self.d >= 1, f"Adafactor d (the update's RMS clip) must be >= 1, got {self.d}")
+        _check(self.weight_decay >= 0, f"Adafactor weight_decay must be >= 0, got {self.weight_decay}")
+        self.eps = tuple(self.eps)
+
+    def attrs(self) -> dict:
+        return dict(beta2_decay=self.beta2_decay, eps1=self.eps[0], eps2=self.eps[1], d=self.d,
+                    weight_decay=self.weight_decay)
+
+    def update_for(self, name: str, shape: Sequence[int], *, table: bool = False, touched: bool = False) -> UpdateRule:
+        """The update of trained tensor `name`, whose gradient has `shape`: factored state for 2+
+        dimensions (torch's row_var [..., m, 1] and col_var [..., 1, n]), else one variance."""
+        if touched:
+            raise SchemeError(f"Adafactor cannot train {name!r} by its 'touched' rows: its factored moment "
+                              "averages over all rows, and the rows a batch reads change from batch to batch; "
+                              "train chosen rows ({'rows': [ids]}), the whole table, or use AdamW")
+        shape = tuple(shape)
+        if len(shape) < 2:
+            return UpdateRule(self.op, (("variance", shape),), self.attrs())
+        rows, cols = shape[:-1] + (1,), shape[:-2] + (1, shape[-1])
+        return UpdateRule(self.op, (("row_var", rows), ("col_var", cols)), self.attrs())
+
+
+@dataclass
 class GaLore:
     """GaLore (Zhao et al. 2024): Adam on a low-rank projection of each targeted weight's
     gradient, numerically as galore-torch's GaLoreAdamW with proj_type "std".
@@ -194,7 +239,7 @@ class MeZO:
         return seeds_for(step, self.seed, self.directions, self.seeds)
 
 
-OPTIMIZERS = ("sgd", "adamw", "mezo")  # what every command offers
+OPTIMIZERS = ("sgd", "adamw", "adafactor", "mezo")  # what every command offers
 # What by_name knows: GaLore is offered only where its rank, gap and scale can be given
 # (finetune-lm); ONNX export cannot run it.
 ALL_OPTIMIZERS = OPTIMIZERS + ("galore",)
@@ -202,7 +247,7 @@ ALL_OPTIMIZERS = OPTIMIZERS + ("galore",)
 
 def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
     """The optimizer a command line or a settings file names: "sgd" (with momentum 0.9, as
-    every edgetune run uses it), "adamw", "mezo" (zeroth-order, forward passes only:
+    every edgetune run uses it), "adamw", "adafactor" (torch's defaults but the rate), "mezo" (zeroth-order, forward passes only:
     edgetune.compiler.zo), or "galore" (`galore`: its rank, update_gap, scale; each None or
     left out takes GaLore's default); weight decay defaults to each one's own default."""
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
@@ -215,6 +260,8 @@ def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
         return SGD(lr=lr, momentum=0.9, **decay)
     if name == "adamw":
         return AdamW(lr=lr, **decay)
+    if name == "adafactor":
+        return Adafactor(lr=lr, **decay)
     if name == "mezo":
         return MeZO(lr=lr, **decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {', '.join(ALL_OPTIMIZERS)}")
@@ -289,6 +336,38 @@ def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, 
     w.addcdiv_(m, denom, value=-step_size)
     write_back(w)
     write_state()
+
+
+def _adafactor_update(p, g, lr, step, *rest, beta2_decay, eps1, eps2, d, weight_decay, part, n_state):
+    state, index = _split_state(rest, n_state)
+    w, write_back = _trained_part(p, part, index)
+    eps1 = torch.finfo(w.dtype).eps if eps1 is None else eps1
+    decay = step ** beta2_decay  # the moment's weight on this step's squares (1 at step 1)
+    alpha = max(eps2, float(torch.linalg.vector_norm(w)) / math.sqrt(w.numel())) * min(lr, step ** -0.5)
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
+    if g.dim() > 1:
+        row_var, col_var = state
+        # the mean squares over each row and column, from norms: no temporary of g's size
+        row_var.lerp_(torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(g.shape[-1]), decay)
+        col_var.lerp_(torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_().div_(g.shape[-2]), decay)
+        variance = (row_var @ col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+    else:
+        (moment,) = state
+        moment.lerp_(g * g, decay)
+        variance = moment.clone()
+    update = variance.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+    clip = max(1.0, float(torch.linalg.vector_norm(update)) / (math.sqrt(update.numel()) * d))
+    w.add_(update, alpha=-alpha / clip)
+    write_back(w)
+
+
+def _adafactor_scratch(n) -> int:
+    """The update (the variance estimate, rewritten in place), and a gathered slice's copy."""
+    g = n.inputs[1]
+    guard = 1 if n.attrs.get("guarded") else 0  # the condition an update runs under comes last
+    gathered = n.attrs["part"] is not None and len(n.inputs) > 4 + n.attrs["n_state"] + guard
+    return g.nbytes * (2 if gathered else 1)
 
 
 # -- many small whole tensors at once (the torch backend groups their updates, backends/grouped.py)
@@ -506,6 +585,52 @@ def _adamw_update_onnx(ctx, n, xs):
     return _onnx_write_part(ctx, n, p, new_w, index), *_onnx_new_state(ctx, n, whole_state, (m, v), index)
 
 
+def _onnx_lerp_by(ctx, start, end, weight, dtype, shape):
+    """torch.lerp's formula for a weight known only at run time (a scalar of `dtype`)."""
+    diff = ctx.op("Sub", end, start)
+    low = ctx.op("Add", start, ctx.op("Mul", weight, diff))
+    high = ctx.op("Sub", end, ctx.op("Mul", diff, ctx.op("Sub", ctx.scalar(1.0, dtype), weight)))
+    return ctx.choose(ctx.op("Less", weight, ctx.scalar(0.5, dtype)), low, high, dtype, shape)
+
+
+def _onnx_rms(ctx, x, count: int):
+    """The root mean square of all of x's entries, as a float64 scalar (the kernel's Python float)."""
+    norm = ctx.op("Sqrt", ctx.reduce("ReduceSumSquare", x, [], keepdims=False))
+    return ctx.op("Div", ctx.cast(norm, torch.float64), ctx.scalar(math.sqrt(count), torch.float64))
+
+
+def _adafactor_update_onnx(ctx, n, xs):
+    a, dtype, shape = n.attrs, n.inputs[0].dtype, tuple(n.inputs[1].shape)
+    p, g, lr, step, state, index = _onnx_update_operands(n, xs)
+    eps1 = torch.finfo(dtype).eps if a["eps1"] is None else a["eps1"]
+    f64 = lambda v: ctx.scalar(v, torch.float64)  # noqa: E731
+    count = math.prod(shape)
+    w = _onnx_read_part(ctx, n, p, index)
+    steps = ctx.cast(step, torch.float64)
+    decay = ctx.cast(ctx.op("Pow", steps, f64(a["beta2_decay"])), dtype)
+    rate = ctx.op("Min", lr, ctx.op("Pow", steps, f64(-0.5)))
+    alpha = ctx.op("Mul", ctx.op("Max", _onnx_rms(ctx, w, count), f64(a["eps2"])), rate)
+    if a["weight_decay"]:
+        w = ctx.op("Mul", w, ctx.cast(ctx.op("Sub", f64(1.0), ctx.op("Mul", lr, f64(a["weight_decay"]))), dtype))
+    squares = ctx.op("Mul", g, g)
+    if len(shape) > 1:
+        row_var = _onnx_lerp_by(ctx, state[0], ctx.reduce("ReduceMean", squares, [-1], keepdims=True), decay, dtype,
+                                shape[:-1] + (1,))
+        col_var = _onnx_lerp_by(ctx, state[1], ctx.reduce("ReduceMean", squares, [-2], keepdims=True), decay, dtype,
+                                shape[:-2] + (1, shape[-1]))
+        row_scale = ctx.op("Max", ctx.reduce("ReduceMean", row_var, [-2], keepdims=True), ctx.scalar(eps1, dtype))
+        variance = ctx.op("Div", ctx.op("MatMul", row_var, col_var), row_scale)
+        new_state = (row_var, col_var)
+    else:
+        variance = _onnx_lerp_by(ctx, state[0], squares, decay, dtype, shape)
+        new_state = (variance,)
+    root = ctx.op("Sqrt", ctx.op("Max", variance, ctx.scalar(eps1 * eps1, dtype)))
+    update = ctx.op("Mul", ctx.op("Reciprocal", root), g)
+    clip = ctx.op("Max", ctx.op("Div", _onnx_rms(ctx, update, count), f64(a["d"])), f64(1.0))
+    new_w = ctx.op("Sub", w, ctx.op("Mul", update, ctx.cast(ctx.op("Div", alpha, clip), dtype)))
+    return (_onnx_write_part(ctx, n, p, new_w, index), *new_state)
+
+
 def _galore_update_onnx(ctx, n, xs):
     raise NotImplementedError("GaLore recomputes its projector by an SVD, which ONNX has no operator for: run "
                               "GaLore with backend='torch', or export a step with another optimizer (et.AdamW)")
@@ -517,6 +642,8 @@ register("update_ok", _update_ok, shape=_bool_scalar,
 register("all_of", lambda *conditions: all(conditions), shape=_bool_scalar, onnx=_onnx_all)
 register("sgd_update", _sgd_update, shape=_bool_scalar, mutates=_param_and_state, onnx=_sgd_update_onnx)
 register("adamw_update", _adamw_update, shape=_bool_scalar, mutates=_param_and_state, onnx=_adamw_update_onnx)
+register("adafactor_update", _adafactor_update, shape=_bool_scalar, mutates=_param_and_state,
+         scratch=_adafactor_scratch, onnx=_adafactor_update_onnx)
 register("galore_update", _galore_update, shape=_bool_scalar, mutates=_param_and_state, scratch=_galore_scratch,
          onnx=_galore_update_onnx)
 register("assign", lambda dst, src: dst.copy_(src), shape=_bool_scalar, mutates=(0,),

@@ -32,7 +32,7 @@ from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
-from edgetune.compiler.optim import SGD, AdamW, GaLore, MeZO
+from edgetune.compiler.optim import SGD, Adafactor, AdamW, GaLore, MeZO
 from edgetune.compiler.passes import (PIPELINE, run_forward_pipeline, run_pipeline, split_passes,
                                       with_blocks_recomputed_to_fit)
 from edgetune.compiler.passes.int8 import int8_frozen_linears
@@ -74,7 +74,7 @@ class Update:
 
 
 def compile(model: torch.nn.Module, loss_fn: Callable, example_inputs: tuple, example_targets: tuple,
-            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | GaLore | MeZO | None = None,
+            scheme: schemes.SchemeLike | None = None, optimizer: SGD | AdamW | Adafactor | GaLore | MeZO | None = None,
             *, passes: list | None = None, frozen_weights: str = "float",
             memory_budget: int | str | None = None, on_nonfinite: str = "skip",
             backend: str = "torch", max_shapes: int = 1) -> "Trainer":

@@ -585,6 +585,7 @@ def _repeated(rows):
 def _optimizer_cases(a):
     sgd = dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, part=None, n_state=1)
     adamw = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, part=None, n_state=2)
+    adafactor = dict(beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0, part=None, n_state=1)
     chosen = Const(torch.tensor([0, 2]))
     touched = torch.tensor([4, 1, 4, 0, 1])  # the rows a batch looked up, in lookup order
     cases = [
@@ -608,6 +609,18 @@ def _optimizer_cases(a):
          dict(sgd, touched=True)),
         ("adamw-touched-rows", "adamw_update", [a.r(6, 3), _repeated(a.r(3, 3)), 0.01, 2, a.r(6, 3), a.pos(6, 3),
                                                 touched], dict(adamw, touched=True)),
+        # Adafactor: factored (a matrix; a conv weight's gathered output channels) and not (a
+        # vector); its moment's decay step**-0.8 is >= 0.5 at step 2 and < 0.5 from step 3
+        # (torch's lerp switches form there); lr 0.3 > 1/sqrt(step) at step 4
+        ("adafactor-step1", "adafactor_update", [a.r(4, 3), a.r(4, 3), 0.01, 1, torch.zeros(4, 1, dtype=a.dtype),
+                                                 torch.zeros(1, 3, dtype=a.dtype)], dict(adafactor, n_state=2)),
+        ("adafactor-matrix", "adafactor_update", [a.r(4, 3), a.r(4, 3), 0.01, 3, a.pos(4, 1), a.pos(1, 3)],
+         dict(adafactor, n_state=2)),
+        ("adafactor-vector-decay", "adafactor_update", [a.r(5), a.r(5), 0.01, 2, a.pos(5)],
+         dict(adafactor, weight_decay=0.1)),
+        ("adafactor-partial-index", "adafactor_update", [a.r(3, 2, 3, 3), a.r(2, 2, 3, 3), 0.3, 4, a.pos(2, 2, 3, 1),
+                                                         a.pos(2, 2, 1, 3), chosen],
+         dict(adafactor, n_state=2, part=(0, 2), eps1=1e-30)),
         ("assign", "assign", [a.r(3), a.r(3)], {}),
         ("assign-int64", "assign", [torch.tensor(4), torch.tensor(5)], {}),
     ]

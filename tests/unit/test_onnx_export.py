@@ -64,6 +64,8 @@ CASES = {  # name: (model, train mode, scheme, optimizer, dtype, on_nonfinite)
     "convnet-train-bias-adamw": (ConvNet, True, et.schemes.bias_only(), et.AdamW(lr=0.01), torch.float32, "skip"),
     "convnet-train-partial-sgd": (ConvNet, True, CONV_PARTIAL, et.SGD(lr=0.1, momentum=0.9), torch.float32, "skip"),
     "convnet-eval-partial-adamw": (ConvNet, False, CONV_PARTIAL, et.AdamW(lr=0.01), torch.float32, "skip"),
+    "convnet-train-partial-adafactor": (ConvNet, True, CONV_PARTIAL, et.Adafactor(lr=0.01, weight_decay=0.1),
+                                        torch.float32, "skip"),
     "mlp-full-adamw-f64": (MLP, True, et.schemes.full(), et.AdamW(lr=0.01, weight_decay=0.1), torch.float64,
                            "raise"),
     "mlp-partial-first-sgd": (MLP, True, {"fc1.weight": {"ratio": 0.5, "select": "first"}, "*.bias": "full"},
