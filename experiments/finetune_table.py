@@ -5,6 +5,7 @@ its measured peak memory.
     python -m experiments.finetune_table vision            # MobileNetV2-ImageNet -> Fashion-MNIST
     python -m experiments.finetune_table text              # MiniLM-L6 -> Rotten Tomatoes
     python -m experiments.finetune_table vision --rows full bias_only --quick
+    python -m experiments.finetune_table text --rows full@adafactor   # a row with another optimizer
 
 Protocol, the same for every row of a task: the learning rate is chosen from the task's grid
 by a short run (1 epoch) on 80% of the training subset, scored on the other 20% (never on the
@@ -47,7 +48,9 @@ class Task:
     optimizer: str
     lrs: list[float]
     # scheme specs; "auto:<fraction of full's peak>[:<space>][:recompute]" is a searched scheme
-    # (recompute: it may fit by recomputing transformer blocks in the backward)
+    # (recompute: it may fit by recomputing transformer blocks in the backward). A spec may end
+    # in "@<optimizer>": that row (its search's short runs too) trains with it, over its grid
+    # in optimizer_lrs; a searched row's budget is still a fraction of the "full" row's peak.
     rows: list[str]
     epochs: int = 3
     batch: int = 32
@@ -70,6 +73,7 @@ class Task:
     search_seeds: int = 1  # contribution runs per candidate (their mean gain is searched)
     seeds: tuple = (0,)  # the final training's seeds
     max_extensions: int = 4  # how often the rate grid may grow past an edge best
+    optimizer_lrs: dict = field(default_factory=dict)  # the rate grid of a row's other optimizer
 
 
 TASKS = {
@@ -85,11 +89,25 @@ TASKS = {
                  train_limit=2000, test_limit=2000, search_ratios=(0.0, 0.25, 1.0), search_weights="encoder.layer.*.[qvi]*",
                  search_steps=30, search_space="blocks", search_bands=6, search_lora=(8,), search_seeds=2,
                  seeds=(0, 1, 2),
+                 # Adafactor's rate is relative to each tensor's RMS (about 0.04 for these weights)
+                 optimizer_lrs={"adafactor": [1e-3, 3e-3, 1e-2]},
                  # the blocks space (every linear of every block) at the issue's four channel ratios; the
                  # blocks space with contributions scored by held-back loss instead of accuracy
                  search_variants={"blocks-ratios": {"space": "blocks", "ratios": (0.0, 0.125, 0.25, 0.5, 1.0)},
                                   "blocks-loss": {"space": "blocks", "score": "loss"}}),
 }
+
+
+def row_task(task: Task, spec: str) -> tuple[Task, str]:
+    """(the task as row `spec` runs it, the spec's scheme): "<scheme>@<optimizer>" trains with
+    that optimizer over its own rate grid; a plain spec with the task's."""
+    scheme, at, optimizer = spec.partition("@")
+    if not at:
+        return task, spec
+    by_name(optimizer, 1e-3)  # an unknown name fails here, before any run
+    if optimizer not in task.optimizer_lrs:
+        raise ValueError(f"row {spec!r}: the task has no rate grid for {optimizer!r} (Task.optimizer_lrs)")
+    return replace(task, optimizer=optimizer, lrs=list(task.optimizer_lrs[optimizer])), scheme
 
 
 def job_for(task: Task, seed: int = 0):
@@ -158,7 +176,8 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
     from edgetune.apps.measure import measure_peak
 
     start = time.perf_counter()
-    scheme, info = scheme_for(task, spec, full_peak, args)
+    task, scheme_spec = row_task(task, spec)
+    scheme, info = scheme_for(task, scheme_spec, full_peak, args)
     job = job_for(task)
     inputs, targets = job.example(task.batch)
     budget = info.get("memory_budget")
@@ -182,7 +201,8 @@ def run_row(task: Task, spec: str, full_peak: int | None, args) -> dict:
             "seeds": list(task.seeds), "per_epoch": per_epoch, "measured_peak_bytes": peak,
             "predicted_peak_bytes": report.predicted_peak_bytes, "trainable_params": trainer.trainable_params,
             "total_params": sum(p.numel() for p in job.model.parameters()), "train_seconds": statistics.fmean(seconds),
-            "row_seconds": time.perf_counter() - start, "rules": _rules(trainer), **info}
+            "row_seconds": time.perf_counter() - start, "rules": _rules(trainer), "optimizer": task.optimizer,
+            **info}
 
 
 def tune_lr(task: Task, accuracy_at) -> tuple[float, dict[float, float]]:
@@ -228,12 +248,14 @@ def main(argv=None) -> int:
     if args.quick:
         task.train_limit, task.test_limit, task.epochs, task.lrs = 320, 200, 1, task.lrs[1:2]
         task.seeds, task.max_extensions = task.seeds[:1], 0
+        task.optimizer_lrs = {name: grid[1:2] for name, grid in task.optimizer_lrs.items()}
     if args.remeasure:
         return remeasure(args)
     if args.contributions_only:
         from edgetune.apps.jobs import measure_contributions
 
-        measure_contributions(job_for(task), search_settings(task, args, args.search_space))
+        row, _ = row_task(task, args.rows[0])
+        measure_contributions(job_for(row), search_settings(row, args, args.search_space))
         return 0
     path = os.path.join(RESULTS, f"{args.task}{'-quick' if args.quick else ''}.json")
     results = _load(path)
@@ -244,7 +266,7 @@ def main(argv=None) -> int:
         (spec,) = specs
         full_peak = results.get("full", {}).get("measured_peak_bytes")
         if spec.startswith("auto:"):
-            _fill_contribution_cache(args, searched_row(task, spec)[1])
+            _fill_contribution_cache(args, spec, searched_row(task, row_task(task, spec)[1])[1])
         print(json.dumps(run_row(task, spec, full_peak, args)))
         return 0
     for spec in specs:
@@ -280,10 +302,11 @@ def _in_fresh_process(args, spec: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _fill_contribution_cache(args, space: str) -> None:
+def _fill_contribution_cache(args, spec: str, space: str) -> None:
     """Contribution runs train (and fragment the heap) for minutes; do them in another process
-    so that this one, which measures, only reads their cached results."""
-    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--contributions-only", "--search-space", space]
+    so that this one, which measures, only reads their cached results (row `spec`'s optimizer's)."""
+    cmd = [sys.executable, "-m", "experiments.finetune_table", args.task, "--rows", spec, "--contributions-only",
+           "--search-space", space]
     subprocess.run(cmd + (["--quick"] if args.quick else []), check=True, stdout=sys.stderr)
 
 
@@ -302,7 +325,7 @@ def remeasure(args) -> int:
             continue
         scheme = {name: rule for name, rule in row["rules"].items()}  # resolved: names, "full" or a ratio
         row["measured_peak_bytes"] = measure_peak(job.model, job.loss_fn, inputs, targets, scheme,
-                                                  by_name(task.optimizer, row["lr"]),
+                                                  by_name(row.get("optimizer", task.optimizer), row["lr"]),
                                                   memory_budget=row.get("memory_budget"))
         print(f"{spec}: {row['measured_peak_bytes'] / 2**20:.1f} MB", flush=True)
         write_json(path, data)

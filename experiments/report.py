@@ -37,6 +37,8 @@ def table(task: str, data: dict) -> list[str]:
              + (f", {t['size']}x{t['size']} px" if t.get("size") else f", {t['max_len']} tokens")
              + f", {t['optimizer']} with its rate tuned per row over {t['lrs']}"
              + (" (grown 3x past a best at its edge)" if t.get("max_extensions") else "")
+             + "".join(f"; rows ending in @{name}: {name} over {grid}" for name, grid in t.get("optimizer_lrs", {}).items()
+                       if any(spec.endswith("@" + name) for spec in t["rows"]))
              + (f"; test accuracy: mean ± standard deviation over seeds {t['seeds']}" if len(t.get("seeds", ())) > 1
                 else "") + f"; {meta['date']}, {meta['cpu']}.", "",
              "| scheme | test accuracy | vs full | peak above weights (measured) | vs full | predicted peak "
@@ -51,16 +53,18 @@ def table(task: str, data: dict) -> list[str]:
         d_mem = f"{r['measured_peak_bytes'] / full['measured_peak_bytes']:.2f}x" if full else ""
         lines.append(f"| {_row_name(spec, r)} | {_accuracy(r)} | {d_acc} | {r['measured_peak_bytes'] / MB:.1f} MB "
                      f"| {d_mem} | {r['predicted_peak_bytes'] / MB:.1f} MB | {r['trainable_params']:,} "
-                     f"| {_rate(r, t['lrs'])} |")
+                     f"| {_rate(r, t.get('optimizer_lrs', {}).get(r.get('optimizer'), t['lrs']))} |")
     return lines + [""]
 
 
 def _row_name(spec: str, r: dict) -> str:
-    if not spec.startswith("auto:"):
-        return spec
+    scheme, _, optimizer = spec.partition("@")
+    trained_by = f", {optimizer}" if optimizer else ""
+    if not scheme.startswith("auto:"):
+        return scheme + trained_by
     space = f" ({r['search_space']} space)" if "search_space" in r else ""
     recompute = ", blocks recomputed to fit" if r.get("memory_budget") else ""
-    return f"searched{space}, budget {r['budget_bytes'] / MB:.1f} MB{recompute}"
+    return f"searched{space}, budget {r['budget_bytes'] / MB:.1f} MB{recompute}{trained_by}"
 
 
 def _accuracy(r: dict) -> str:

@@ -7,7 +7,7 @@ import pytest
 import edgetune as et
 
 from experiments import report
-from experiments.finetune_table import TASKS, Task, searched_row, tune_lr
+from experiments.finetune_table import TASKS, Task, row_task, searched_row, tune_lr
 
 
 def _task(lrs, max_extensions=2) -> Task:
@@ -44,6 +44,21 @@ def test_searched_rows_name_their_fraction_and_space():
     assert searched_row(text, "auto:0.5:layers") == (0.5, "layers", False)
     assert searched_row(text, "auto:0.25:blocks:recompute") == (0.25, "blocks", True)
     assert searched_row(text, "auto:0.25:recompute") == (0.25, text.search_space, True)
+
+
+def test_a_row_may_name_its_own_optimizer_and_trains_over_that_ones_grid():
+    text = TASKS["text"]
+    task, scheme = row_task(text, "auto:0.25:blocks:recompute@adafactor")
+    assert scheme == "auto:0.25:blocks:recompute" and searched_row(task, scheme) == (0.25, "blocks", True)
+    assert task.optimizer == "adafactor" and task.lrs == text.optimizer_lrs["adafactor"]
+    assert text.optimizer == "adamw"  # the task itself is unchanged
+    assert row_task(text, "full") == (text, "full")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        row_task(text, "full@adam")
+    with pytest.raises(ValueError, match="no rate grid for 'sgd'"):
+        row_task(text, "full@sgd")
+    assert report._row_name("full@adafactor", {}) == "full, adafactor"
+    assert report._row_name("auto:0.25@adafactor", {"budget_bytes": 2**20}) == "searched, budget 1.0 MB, adafactor"
 
 
 def test_the_report_prints_the_seeds_spread_and_the_rates_tried_beyond_the_grid():
