@@ -16,7 +16,7 @@ made once (split_seed) and is the same in every run; a run's seed changes the or
 training batches, LoRA's initial adapters and LISA's blocks.
 
 Rows (ROWS) are data: a scheme string, a LISA setting (blocks a period, steps a period), a
-GaLore optimizer over a scheme, or "searched" at a fraction of LoRA (q,v)'s measured peak
+GaLore optimizer (or optimizer="adafactor") over a scheme, or "searched" at a fraction of LoRA (q,v)'s measured peak
 (search_lm, once per fraction: its contributions are cached in the search cache beside the
 results file, and the scheme found is stored in the results, so every run of the row trains
 it). Each row has a learning-rate grid; per row the rate with the lowest validation loss
@@ -182,6 +182,8 @@ def optimizer_of(spec: dict, lr: float):
 
     if "galore" in spec:
         return et.GaLore(lr=lr, **spec["galore"])
+    if spec.get("optimizer") == "adafactor":  # its rate is relative to each tensor's RMS
+        return et.Adafactor(lr=lr)
     return et.AdamW(lr=lr, weight_decay=0.0)  # as lm_quality: no decay on a 150-step fine-tune
 
 
