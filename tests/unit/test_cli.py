@@ -48,6 +48,19 @@ def test_finetune_writes_a_checkpoint_history_plot_and_reusable_scheme(tmp_path,
     assert main(again) == 0  # the saved scheme loads as --scheme FILE
 
 
+def test_finetune_with_adafactor_trains_at_its_own_default_rate(tmp_path, capsys):
+    args = ["finetune", "--model", "mobilenetv2-imagenet", "--data", "digits", "--size", "32", "--batch", "16",
+            "--train-limit", "32", "--val-limit", "20", "--epochs", "1", "--scheme", "bias_only", "--optimizer",
+            "adafactor", "--no-progress", "--out", str(tmp_path)]
+    assert main(args) == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert max(history["lrs"]) == 0.003  # not AdamW's or SGD's default
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "checkpoint" / "state.safetensors"), "pt") as checkpoint:
+        assert any(key.endswith(":variance") for key in checkpoint.keys())  # the biases' second moments
+
+
 def test_finetune_rejects_text_data_for_an_image_model(capsys):
     assert main(["finetune", "--model", "mobilenetv2-imagenet", "--data", "rotten-tomatoes"]) == 2
     assert "takes images but data 'rotten-tomatoes' holds text" in capsys.readouterr().err
