@@ -5,9 +5,10 @@ rate and the step count are runtime inputs (`hyper`), so `trainer.lr` can change
 steps without recompiling. A partially trained parameter is updated only on its chosen
 channels; its optimizer state has the shape of that slice. MeZO, the zeroth-order one, is
 specified here too; its step is no update op but a graph of its own (edgetune.compiler.zo).
-GaLore keeps its Adam moments in a low-rank projection of each targeted weight's gradient, so
-its state has other shapes than the gradient's: each optimizer says, per trained tensor, which
-op updates it and the shape of each state tensor (`update_for`, an UpdateRule).
+GaLore keeps its Adam moments in a low-rank projection of each targeted weight's gradient, and
+Adafactor a matrix's second moment as row and column means, so their state has other shapes
+than the gradient's: each optimizer says, per trained tensor, which op updates it and the shape
+of each state tensor (`update_for`, an UpdateRule).
 """
 from __future__ import annotations
 
@@ -247,8 +248,8 @@ ALL_OPTIMIZERS = OPTIMIZERS + ("galore",)
 
 def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
     """The optimizer a command line or a settings file names: "sgd" (with momentum 0.9, as
-    every edgetune run uses it), "adamw", "adafactor" (torch's defaults but the rate), "mezo" (zeroth-order, forward passes only:
-    edgetune.compiler.zo), or "galore" (`galore`: its rank, update_gap, scale; each None or
+    every edgetune run uses it), "adamw", "adafactor" (torch's defaults but the rate), "mezo"
+    (zeroth-order, forward passes only: edgetune.compiler.zo), or "galore" (`galore`: its rank, update_gap, scale; each None or
     left out takes GaLore's default); weight decay defaults to each one's own default."""
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     galore = {k: v for k, v in galore.items() if v is not None}
