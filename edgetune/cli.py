@@ -146,9 +146,7 @@ def _lm_parsers(sub) -> None:
                     "smaller side is not above it get AdamW)")
     lm.add_argument("--galore-gap", type=int, help="galore: steps between recomputing each projection (default 200)")
     lm.add_argument("--galore-scale", type=float, help="galore: the projected update's scale (default 0.25)")
-    # 1e-4 suits MeZO too: on SmolLM2 lm-sparse:6 it was the best of 1e-5..1e-3 by validation
-    # loss (experiments.mezo_vs_backprop); at 1e-3 the loss ended above the pretrained model's.
-    lm.add_argument("--lr", type=float, default=1e-4)
+    lm.add_argument("--lr", type=float, help="learning rate (default: 3e-3 for adafactor, 1e-4 for the others)")
     lm.add_argument("--weight-decay", type=float, default=0.0)
     lm.add_argument("--int8", action="store_true", help="hold frozen linear weights as int8 (a quarter of their "
                     "memory; the step uses them dequantized, so the numbers change by the rounding)")
@@ -749,6 +747,7 @@ def run_finetune_lm(args: argparse.Namespace) -> int:
     from edgetune.data.tasks import instruction_questions
 
     given, resumed = _resume_settings(args)
+    _default_lm_lr(args)
     _check_lisa(args)  # before the model loads
     torch.manual_seed(args.seed)
     auto = args.scheme == "auto"
@@ -869,6 +868,15 @@ def _lm_scheme_name(args: argparse.Namespace) -> str:
     if args.lisa_layers:
         return f"lisa:layers={args.lisa_layers},interval={args.lisa_interval or DEFAULT_INTERVAL}"
     return args.scheme or DEFAULT_LM_SCHEME
+
+
+def _default_lm_lr(args: argparse.Namespace) -> None:
+    # 1e-4 suits MeZO too: on SmolLM2 lm-sparse:6 it was the best of 1e-5..1e-3 by validation
+    # loss (experiments.mezo_vs_backprop); at 1e-3 the loss ended above the pretrained model's.
+    # Adafactor's rate is relative to each tensor's RMS: 3e-3 was its best on SmolLM2's last
+    # blocks (experiments/lm_notes.md), as on MiniLM.
+    if args.lr is None:
+        args.lr = 3e-3 if args.optimizer == "adafactor" else 1e-4
 
 
 def _lm_optimizer(args: argparse.Namespace):

@@ -311,3 +311,15 @@ def test_the_length_ladder_ends_at_the_sequence_length():
     for bad, why in [("x", "comma-separated token counts"), ("256", "between 2 and --seq-len"), ("1", "between 2")]:
         with pytest.raises(ValueError, match=why):
             length_ladder(bad, 128)
+
+
+def test_cli_finetune_lm_takes_each_optimizers_default_rate(tmp_path):
+    from edgetune.cli import main
+
+    data = write_chats(tmp_path / "c.jsonl")
+    for optimizer, rate in (("adafactor", 3e-3), ("adamw", 1e-4)):
+        out = tmp_path / optimizer
+        assert main(["finetune-lm", "--model", "tiny-llama", "--data", data, "--scheme", "lm-sparse:1", "--optimizer",
+                     optimizer, "--steps", "2", "--batch", "2", "--seq-len", "32", "--val-count", "4",
+                     "--no-progress", "--out", str(out)]) == 0
+        assert max(json.loads((out / "history.json").read_text())["lrs"]) == rate
