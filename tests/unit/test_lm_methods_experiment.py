@@ -242,6 +242,7 @@ def test_rows_and_search_settings_can_be_narrowed_from_the_command_line():
 def test_rows_build_the_trainer_they_name():
     assert exp.optimizer_of(exp.ROWS["GaLore"], 1e-3) == et.GaLore(lr=1e-3, rank=128, update_gap=200, scale=0.25)
     assert isinstance(exp.optimizer_of(exp.ROWS[exp.REFERENCE], 1e-3), et.AdamW)
+    assert exp.optimizer_of({"scheme": "lm-sparse:6", "optimizer": "adafactor"}, 3e-3) == et.Adafactor(lr=3e-3)
     for name, row in exp.ROWS.items():
         if "scheme" in row:
             exp.scheme_of(row)  # every spelling parses
