@@ -266,8 +266,9 @@ def main(argv=None) -> int:
     if args.row_process:  # the child of the loop below: one row, result as JSON on the last line
         (spec,) = specs
         full_peak = results.get("full", {}).get("measured_peak_bytes")
-        if spec.startswith("auto:"):
-            _fill_contribution_cache(args, spec, searched_row(task, row_task(task, spec)[1])[1])
+        row, scheme_spec = row_task(task, spec)
+        if scheme_spec.startswith("auto:"):
+            _fill_contribution_cache(args, spec, searched_row(row, scheme_spec)[1])
         print(json.dumps(run_row(task, spec, full_peak, args)))
         return 0
     for spec in specs:

@@ -66,6 +66,32 @@ def assert_models_match(got, want, rtol=1e-4, atol=1e-6):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+class TrainedSlices:
+    """Leaves holding exactly what a compiled trainer trains, for an eager reference of an
+    optimizer whose state is shaped by the slice (a partially trained weight's slice is a leaf of
+    its own, not the weight with a gradient mask). `weights()`: the model's trained parameters
+    with the leaves written in, for torch.func.functional_call."""
+
+    def __init__(self, model, trainer) -> None:
+        self.params = dict(model.named_parameters())
+        # name -> (axis, trained channels), or None for a whole tensor
+        self.parts = {u.name: (u.part.axis, u.part.index.attrs["value"]) if u.part else None for u in trainer.updates}
+        self.leaves = {n: (self.params[n].detach().index_select(*s) if s else self.params[n].detach())
+                       .clone().requires_grad_() for n, s in self.parts.items()}
+
+    def weights(self) -> dict:
+        return {n: self.params[n].detach().index_copy(s[0], s[1], self.leaves[n]) if s else self.leaves[n]
+                for n, s in self.parts.items()}
+
+
+def assert_untrained_channels_kept(got, before, part) -> None:
+    """The channels of a partially trained weight outside `part` (axis, trained channels) are
+    bitwise as `before`: weight decay included, nothing moved them."""
+    axis, trained = part
+    untrained = torch.ones(got.shape[axis], dtype=torch.bool).index_fill_(0, trained, False).nonzero().flatten()
+    assert torch.equal(got.index_select(axis, untrained), before.index_select(axis, untrained))
+
+
 def padded_classifier_batches(vocab: int = 100, n: int = 3, t: int = 10, labels: int = 3, low: int = 0) -> list:
     """3 seeded ((input_ids, attention_mask), (labels,)) batches for a sequence classifier:
     token ids in [low, vocab), the first row padded after 6 tokens."""

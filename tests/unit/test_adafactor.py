@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import edgetune as et
 from edgetune.compiler.optim import by_name
 from edgetune.compiler.scheme import SchemeError
+from tests.reference import TrainedSlices, assert_untrained_channels_kept
 
 # 0: a conv weight (4-D, factored over its last two dims), 2 of its 3 input channels by
 # magnitude (gathered); 3: a linear's first 5 input channels; 5: whole; biases whole (1-D).
@@ -33,19 +34,14 @@ def batches(n: int = 6) -> list:
 def train_eager(model, data, trainer, **hyper) -> dict:
     """torch.optim.Adafactor on leaves holding exactly what `trainer` trains (a slice is a leaf
     of its own, written into its weight for each forward): {name: (slice or None, leaf, optimizer)}."""
-    params = dict(model.named_parameters())
-    slices = {u.name: (u.part.axis, u.part.index.attrs["value"]) if u.part else None for u in trainer.updates}
-    leaves = {n: (params[n].detach().index_select(*s) if s else params[n].detach()).clone().requires_grad_()
-              for n, s in slices.items()}
-    optimizer = torch.optim.Adafactor(list(leaves.values()), foreach=False, **hyper)
+    trained = TrainedSlices(model, trainer)
+    optimizer = torch.optim.Adafactor(list(trained.leaves.values()), foreach=False, **hyper)
     for inputs, targets in data:
-        weights = {n: params[n].detach().index_copy(s[0], s[1], leaves[n]) if s else leaves[n]
-                   for n, s in slices.items()}
-        loss = F.cross_entropy(torch.func.functional_call(model, weights, inputs), *targets)
+        loss = F.cross_entropy(torch.func.functional_call(model, trained.weights(), inputs), *targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {n: (slices[n], leaves[n], optimizer) for n in leaves}
+    return {n: (trained.parts[n], leaf, optimizer) for n, leaf in trained.leaves.items()}
 
 
 @pytest.mark.parametrize("scheme, hyper", [
@@ -69,10 +65,8 @@ def test_parameters_and_state_match_torch_adafactor(scheme, hyper):
         for key in keys:
             torch.testing.assert_close(trainer.state[f"{name}:{key}"], optimizer.state[leaf][key], rtol=1e-9,
                                        atol=1e-15, msg=lambda m: f"{name}:{key}: {m}")
-        if part:  # the untrained channels did not move, weight decay included
-            untrained = torch.ones(got.shape[part[0]], dtype=torch.bool).index_fill_(0, part[1], False)
-            kept = untrained.nonzero().flatten()
-            assert torch.equal(got.index_select(part[0], kept), before[name].index_select(part[0], kept))
+        if part:
+            assert_untrained_channels_kept(got, before[name], part)
 
 
 def test_the_state_is_factored_over_the_last_two_dims():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import edgetune as et
 from edgetune.compiler.backends.onnx import ExportError
 from edgetune.compiler.scheme import SchemeError
-from tests.reference import GaLoreAdamWReference
+from tests.reference import GaLoreAdamWReference, TrainedSlices, assert_untrained_channels_kept
 
 HYPER = dict(lr=0.05, rank=4, update_gap=3, scale=0.25, weight_decay=0.1)  # refreshes at steps 1, 4, 7
 # 0.weight: 16x12, its first 6 input channels (16x6, rows >= columns); 2.weight: 10x16 whole
@@ -37,23 +37,19 @@ def train_eager(model, data, trainer, projected: set[str], lr, rank, update_gap,
     """Train `model` eagerly on the slices `trainer` trains: each trained slice is a leaf of its
     own, written into its weight for the forward; the projected ones step with the GaLore
     reference, the rest with torch.optim.AdamW. Returns {name: (slice or None, leaf, optimizer)}."""
-    params = dict(model.named_parameters())
-    slices = {u.name: (u.part.axis, u.part.index.attrs["value"]) if u.part else None for u in trainer.updates}
-    leaves = {n: (params[n].detach().index_select(*s) if s else params[n].detach()).clone().requires_grad_()
-              for n, s in slices.items()}
+    trained = TrainedSlices(model, trainer)
+    leaves = trained.leaves
     galore = GaLoreAdamWReference([leaves[n] for n in projected], lr=lr, rank=rank, update_gap=update_gap,
                                   scale=scale, weight_decay=weight_decay)
     adamw = torch.optim.AdamW([leaves[n] for n in leaves if n not in projected], lr=lr, weight_decay=weight_decay)
     for inputs, targets in data:
-        weights = {n: params[n].detach().index_copy(s[0], s[1], leaves[n]) if s else leaves[n]
-                   for n, s in slices.items()}
-        loss = loss_fn(torch.func.functional_call(model, weights, inputs), *targets)
+        loss = loss_fn(torch.func.functional_call(model, trained.weights(), inputs), *targets)
         galore.zero_grad()
         adamw.zero_grad()
         loss.backward()
         galore.step()
         adamw.step()
-    return {n: (slices[n], leaves[n], galore if n in projected else adamw) for n in leaves}
+    return {n: (trained.parts[n], leaves[n], galore if n in projected else adamw) for n in leaves}
 
 
 def projected_names(trainer) -> set[str]:
@@ -84,10 +80,8 @@ def assert_matches_eager(trainer, model, eager, before, projected, rtol=1e-7, at
     for name, (part, leaf, optimizer) in eager.items():
         got = params[name].detach()
         assert_close(got.index_select(*part) if part else got, leaf.detach(), name)
-        if part:  # the untrained channels did not move, weight decay included
-            untrained = torch.ones(got.shape[part[0]], dtype=torch.bool).index_fill_(0, part[1], False)
-            assert torch.equal(got.index_select(part[0], untrained.nonzero().flatten()),
-                               before[name].index_select(part[0], untrained.nonzero().flatten()))
+        if part:
+            assert_untrained_channels_kept(got, before[name], part)
         keys = ("exp_avg", "exp_avg_sq", "projector") if name in projected else ("exp_avg", "exp_avg_sq")
         for key in keys:
             assert_close(trainer.state[f"{name}:{key}"], optimizer.state[leaf][key], f"{name}:{key}")
