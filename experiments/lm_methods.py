@@ -17,13 +17,13 @@ training batches, LoRA's initial adapters and LISA's blocks.
 
 Rows (ROWS) are data: a scheme string, a LISA setting (blocks a period, steps a period), a
 GaLore optimizer (or optimizer="adafactor") over a scheme, or "searched" at a fraction of LoRA
-(q,v)'s measured peak (search_lm, once per fraction: its contributions are cached in the
-search cache beside the results file, and the scheme found is stored in the results, so every
-run of the row trains it). Each row has a learning-rate grid; per row the rate with the lowest validation loss
-(mean over the seeds; a seed that diverged makes its rate the worst) is chosen. Where that
-rate is the lowest or highest of the grid, one more rate 3x beyond that edge is added and its
-seeds run, until the best is inside the grid or `max_extensions` is reached (the report says
-which rows stopped at an edge).
+(q,v)'s measured peak (search_lm, once per fraction: its contributions are cached in the search
+cache beside the results file, and the scheme found is stored in the results, so every run of
+the row trains it). Each row has a learning-rate grid; per row the rate with the lowest
+validation loss (mean over the seeds; a seed that diverged makes its rate the worst) is chosen.
+Where that rate is the lowest or highest of the grid, one more rate 3x beyond that edge is
+added and its seeds run, until the best is inside the grid or `max_extensions` is reached (the
+report says which rows stopped at an edge).
 
 One run = one fresh process: `steps` steps, the held-out (validation) loss and next-token
 accuracy every `eval_every` steps with the seconds of training so far, then on the test split
