@@ -3,14 +3,18 @@ and summed by op, the Python between kernels, at each thread count.
 
     python -m bench.profile --scheme bias-only --batch 8 --threads 1,2
     python -m bench.profile --model resnet --scheme tte --batch 1
+    python -m bench.profile --model smollm2-135m --scheme lm-sparse:6 --batch 4 --threads 2
 
 One process per thread count (torch's thread pool is sized once per process). In each, the
 step is compiled (torch backend), then run --steps times as compiled and --steps times with
 each kernel call wrapped in a timer, alternating, after warm-ups. "kernels" is the sum of the
 wrapped calls' wall times, less the wrapper's own cost (calibrated on a call that does
 nothing); "between kernels" is the rest of the step's wall time as compiled: the generated
-Python's lines, `del`s, guards and calls. Eager (PyTorch on the same scheme) runs beside it
-for scale. Ops are the IR's (conv, conv_grad_input, pack_mask, ...): the passes' own ops
+Python's lines, `del`s, guards and calls. A reference runs beside it for scale: PyTorch eager
+on the same scheme for the vision models; for the language models (SmolLM2-135M, or the tiny
+random Llama) the forward-only floor of issue 18's goal, HF's forward and loss without
+gradients, on bench.lm's batch (random ids, --seq tokens, every row learned). Ops are the
+IR's (conv, conv_grad_input, pack_mask, ...): the passes' own ops
 (pack_mask / masked_grad from the bit-mask pass, copy / index_select from the slices pass)
 show up under their names.
 """
@@ -67,16 +71,16 @@ def wrapper_cost() -> float:
     return statistics.median(runs)
 
 
-def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: int) -> dict:
+# Language models: bench.lm's model, batch and schemes (lm_one), profiled against the forward floor.
+LM_MODELS = {"smollm2-135m": False, "tiny-llama": True}  # name -> tiny
+LM_SCHEMES = ["lm-sparse:6", "lora"]
+
+
+def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: int, seq: int = 128) -> dict:
     torch.set_num_threads(threads)
-    model, (x, y) = configs.build_model(model_name), configs.build_batch(batch)
-    scheme = configs.scheme(model_name, scheme_name)
-    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
-                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
-    args = lambda: trainer._arguments([x, y], step=trainer.steps + 1)  # noqa: E731
+    case = _lm_case if model_name in LM_MODELS else _vision_case
+    trainer, args, reference = case(model_name, scheme_name, batch, seq)
     fn, seconds, calls = timed_step(trainer.compiled)
-    # after the compile: eager_step sets requires_grad, which the compile has read
-    eager = eager_step(model, F.cross_entropy, (x,), (y,), scheme, edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
 
     def as_compiled():
         with torch.no_grad():
@@ -88,10 +92,10 @@ def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: 
 
     runs = {"eager": [], "step": [], "wrapped": []}
     for _ in range(3):  # warm-up
-        eager(), as_compiled(), wrapped()
+        reference(), as_compiled(), wrapped()
     seconds.clear(), calls.clear()
     for _ in range(steps):
-        for name, f in (("eager", eager), ("step", as_compiled), ("wrapped", wrapped)):
+        for name, f in (("eager", reference), ("step", as_compiled), ("wrapped", wrapped)):
             start = time.perf_counter()
             f()
             runs[name].append(time.perf_counter() - start)
@@ -105,8 +109,36 @@ def profile(model_name: str, scheme_name: str, batch: int, threads: int, steps: 
             "ops": {op: {"s": s, "calls": calls[op] // steps} for op, s in per_step.items()}}
 
 
+def _vision_case(model_name: str, scheme_name: str, batch: int, _seq: int):
+    """(trainer, its step's arguments, PyTorch eager's step on the same scheme)."""
+    model, (x, y) = configs.build_model(model_name), configs.build_batch(batch)
+    scheme = configs.scheme(model_name, scheme_name)
+    trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
+                               optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
+    args = lambda: trainer._arguments([x, y], step=trainer.steps + 1)  # noqa: E731
+    # after the compile: eager_step sets requires_grad, which the compile has read
+    eager = eager_step(model, F.cross_entropy, (x,), (y,), scheme, edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
+    return trainer, args, eager
+
+
+def _lm_case(model_name: str, scheme_name: str, batch: int, seq: int):
+    """(trainer, its step's arguments, the forward floor): bench.lm's engines edgetune-sparse
+    (lm-sparse:6) or edgetune-lora, and forward."""
+    from bench import lm_one
+    from edgetune.models.hf import causal_lm_loss
+
+    model = lm_one.load_model(LM_MODELS[model_name])
+    ids, mask = lm_one.make_batch(model, batch, seq)
+    scheme = (lm_one.sparse_scheme(model.config.num_hidden_layers) if scheme_name == "lm-sparse:6"
+              else dict(lm_one.EDGETUNE_LORA))
+    trainer = edgetune.compile(model, causal_lm_loss, (ids, mask), (ids,), scheme=scheme, optimizer=lm_one.adamw())
+    args = lambda: trainer._arguments([ids, mask, ids], step=trainer.steps + 1)  # noqa: E731
+    forward, _ = lm_one.setup_forward(model, (ids, mask), None)
+    return trainer, args, forward
+
+
 def report(results: list[dict], top: int) -> str:
-    lines = ["| model | scheme | batch | threads | eager ms | step ms | kernels ms | between kernels ms (share) "
+    lines = ["| model | scheme | batch | threads | reference ms | step ms | kernels ms | between kernels ms (share) "
              "| kernel calls |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         ms = lambda k: f"{r[k] * 1e3:.1f}"  # noqa: E731
@@ -130,27 +162,34 @@ def report(results: list[dict], top: int) -> str:
                 last = runs[counts[-1]]["ops"].get(op, {"s": 0})["s"]
                 scale = f" | {first['ops'][op]['s'] / last:.2f}x" if last > 0 else " | -"
             lines.append(f"| {op} | {first['ops'][op]['calls']} | {cells}{scale} |")
+    lines += ["", "reference: PyTorch eager on the same scheme (vision models); the forward and loss without "
+              "gradients (language models)."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mobilenetv2", choices=list(configs.MODELS))
-    p.add_argument("--scheme", default="bias-only", choices=list(configs.SCHEMES))
+    p.add_argument("--model", default="mobilenetv2", choices=[*configs.MODELS, *LM_MODELS])
+    p.add_argument("--scheme", default="bias-only", choices=[*configs.SCHEMES, *LM_SCHEMES],
+                   help="a vision scheme, or for the language models lm-sparse:6 or lora (q, v; r8)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (language models)")
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts, a process each")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=12, help="ops listed per configuration")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one thread count, JSON to stdout
     args = p.parse_args(argv)
+    if (args.model in LM_MODELS) != (args.scheme in LM_SCHEMES):
+        p.error(f"--scheme {args.scheme} does not go with --model {args.model}: the vision models take "
+                f"{', '.join(configs.SCHEMES)}; the language models {', '.join(LM_SCHEMES)}")
     if args.child:
-        print(json.dumps(profile(args.model, args.scheme, args.batch, args.child, args.steps)))
+        print(json.dumps(profile(args.model, args.scheme, args.batch, args.child, args.steps, args.seq)))
         return
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         cmd = [sys.executable, "-m", "bench.profile", "--model", args.model, "--scheme", args.scheme,
-               "--batch", str(args.batch), "--steps", str(args.steps), "--child", str(threads)]
+               "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--child", str(threads)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(report(results, args.top))

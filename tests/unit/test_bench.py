@@ -2,6 +2,8 @@
 import json
 import sys
 
+import pytest
+
 from bench import __main__ as bench_main
 from bench.goals import goals_section
 
@@ -105,6 +107,24 @@ def test_the_profile_times_every_kernel_call_of_the_same_step(monkeypatch):
     result = {"model": "m", "scheme": "s", "batch": 4, "threads": 1, "eager_s": 0.002, "step_s": 0.001,
               "kernels_s": 0.0008, "between_s": 0.0002, "calls": 3, "ops": {"conv": {"s": 0.0008, "calls": 3}}}
     assert "| m | s | 4 | 1 | 2.0 | 1.0 | 0.8 | 0.2 (20%) | 3 |" in report([result], top=5)
+
+
+def test_the_profile_of_a_language_model_times_its_step_beside_the_forward_floor():
+    """bench/profile.py on the tiny random Llama: the lm-sparse scheme's step, its fused head
+    among its kernels, the forward floor as the reference; a vision scheme is refused for it."""
+    import torch
+
+    from bench.profile import main, profile
+
+    threads = torch.get_num_threads()
+    try:
+        result = profile("tiny-llama", "lm-sparse:6", batch=2, threads=1, steps=1, seq=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["calls"] > 0 and result["eager_s"] > 0 and result["step_s"] > 0
+    assert "vocab_log_prob" in result["ops"] and "adamw_update" in result["ops"]
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny-llama", "--scheme", "tte"])
 
 
 def test_engines_take_turns_and_each_runs_its_steps():
