@@ -127,6 +127,20 @@ def test_the_profile_of_a_language_model_times_its_step_beside_the_forward_floor
         main(["--model", "tiny-llama", "--scheme", "tte"])
 
 
+def test_kernel_choices_time_only_alternatives_that_compute_the_same_values():
+    """bench/kernel_choices.py: each pair is checked for equal values before it is timed."""
+    import torch
+
+    from bench import kernel_choices
+
+    rows = kernel_choices.measure(["norm"], repeats=1)
+    assert [r["what"] for r in rows][:2] == ["RMSNorm forward, ATen fused", "RMSNorm forward, torch.rms_norm"]
+    assert all(r["now_ms"] > 0 and r["alternative_ms"] > 0 for r in rows)
+    assert "| eval BN, addcmul with its scale precomputed | [1, 96, 8, 8] |" in kernel_choices.report(rows, 1)
+    with pytest.raises(AssertionError):
+        kernel_choices._same(torch.zeros(3), torch.ones(3), tol=1e-3)
+
+
 def test_engines_take_turns_and_each_runs_its_steps():
     """bench/interleave.py: every engine of a group runs the asked number of steps, a few per
     turn, each turn starting with the next engine; a failing engine is reported, not fatal."""
