@@ -194,6 +194,52 @@ def test_frozen_weights_grow_no_weight_gradient():
     assert ops.count("conv_grad_input") == 2  # back through pw and dw to reach bn's bias; never into stem
 
 
+class _Teacher(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.fc(x)
+
+
+class _WithFrozenBranches(nn.Module):
+    """Branches whose values must pass no gradient: a no_grad block, set_grad_enabled(False),
+    and a submodule whose forward is decorated with no_grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 3), nn.Linear(6, 3), nn.Linear(6, 3)
+        self.teacher = _Teacher()
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self.b(x)
+        with torch.set_grad_enabled(False):
+            w = torch.tanh(self.c(x))
+        return self.a(x) * (1 + w) + z + self.teacher(x)
+
+
+def test_values_computed_without_grad_in_the_forward_pass_no_gradient():
+    torch.manual_seed(0)
+    model = _WithFrozenBranches().double()
+    ref = copy.deepcopy(model)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    batches = [((x + s,), (torch.randint(0, 3, (5,)),)) for s in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=et.schemes.full(),
+                         optimizer=et.SGD(lr=0.1, momentum=0.9))
+    assert sorted(trainer.trained_masks()) == ["a.bias", "a.weight"]  # nothing else gets a gradient
+    before = copy.deepcopy(model.state_dict())
+    losses = [trainer.step(*b) for b in batches]
+    ref_losses = train_eager(ref, F.cross_entropy, batches, trainer.trained_masks(),
+                             lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    assert losses == pytest.approx(ref_losses, rel=1e-12)
+    assert_models_match(model, ref, rtol=1e-12, atol=1e-12)
+    for name in ("b.weight", "c.weight", "teacher.fc.bias"):
+        assert torch.equal(model.state_dict()[name], before[name])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runs_on_cuda_when_model_and_batch_are_there():
     model = ConvNet().cuda().train()

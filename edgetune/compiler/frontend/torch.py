@@ -64,9 +64,28 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
+        _detach_no_grad_regions(program)
         device = _device_of(inputs)
         program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
     return _Converter(program, len(inputs), device, _param_aliases(model), prediction).run()
+
+
+def _detach_no_grad_regions(program: Any) -> None:
+    """A `with torch.no_grad():` (or `set_grad_enabled(False)`) block of the forward is one
+    call of wrap_with_set_grad_enabled(False, ...) in torch.export's graph; decomposing inlines
+    it into plain ops, whose values would then pass gradient. Each of its results is detached
+    first, as eager's no_grad leaves it (detach survives the decompositions)."""
+    graph = program.graph_module.graph
+    regions = [n for n in graph.nodes if n.op == "call_function" and n.args and n.args[0] is False
+               and n.target is torch.ops.higher_order.wrap_with_set_grad_enabled]
+    for region in regions:
+        for result in [u for u in region.users if u.target is operator.getitem]:
+            with graph.inserting_after(result):
+                detached = graph.call_function(torch.ops.aten.detach.default, (result,))
+            detached.meta = dict(result.meta)
+            result.replace_all_uses_with(detached, delete_user_cb=lambda user, d=detached: user is not d)
+    if regions:
+        program.graph_module.recompile()
 
 
 def _unaliased(inputs: tuple, targets: tuple) -> tuple:
