@@ -120,8 +120,16 @@ def _child(fn: Callable, read: int, write: int) -> None:
 
 
 def _pickled_error(err: BaseException) -> bytes:
+    """The child's exception as the parent will raise it: itself where it pickles back with its
+    type and message (some, torch's tracing errors among them, come back with an empty
+    message), else a RuntimeError that starts with its type and message."""
     try:
-        return pickle.dumps((False, err))
-    except Exception:  # noqa: BLE001 -- an unpicklable exception still reports its text
-        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        return pickle.dumps((False, RuntimeError(f"compilation failed:\n{text}")))
+        payload = pickle.dumps((False, err))
+        back = pickle.loads(payload)[1]
+        if type(back) is type(err) and str(back) == str(err):
+            return payload
+    except Exception:  # noqa: BLE001 -- an exception that does not pickle is described instead
+        pass
+    described = RuntimeError(f"{type(err).__name__}: {err}")
+    described.add_note("in the forked compile:\n" + "".join(traceback.format_exception(err)).rstrip())
+    return pickle.dumps((False, described))

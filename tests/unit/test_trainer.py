@@ -95,6 +95,65 @@ def test_unsupported_op_names_op_and_module():
         et.compile(model, lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
 
 
+class _BranchesOnData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+
+class _ReadsData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + x @ self.b.weight.data.t()
+
+
+@pytest.mark.parametrize("in_process", ["0", "1"])
+@pytest.mark.parametrize("model, says", [
+    (_BranchesOnData(), r"reads a tensor's value to decide something in Python.*torch\.where"),
+    (_ReadsData(), r"through `\.data`.*use `\.detach\(\)` instead"),
+    (nn.BatchNorm1d(4, momentum=None).train(), r"BatchNorm with momentum=None"),
+])
+def test_a_model_torch_export_cannot_trace_gets_an_error_that_says_what_to_change(model, says, in_process,
+                                                                                  monkeypatch):
+    from edgetune.compiler.frontend.torch import TraceError
+
+    monkeypatch.setenv("EDGETUNE_COMPILE_IN_PROCESS", in_process)  # forked (the default) or not, the same error
+    with pytest.raises(TraceError, match=f"(?s)could not trace the model and its loss.*{says}.*torch.export said"):
+        et.compile(model, lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
+
+
+def test_a_loss_that_is_a_python_number_is_an_error():
+    with pytest.raises(ValueError, match="loss_fn must return a scalar floating-point tensor, got 1.0"):
+        et.compile(ConvNet(), lambda out, y: 1.0, *batch())
+
+
+def test_a_forked_error_whose_message_does_not_pickle_keeps_it():
+    from edgetune.compiler.isolate import in_child
+
+    class NeedsCondition(Exception):  # as torch's GuardOnDataDependentSymNode: rebuilt empty by pickle
+        def __init__(self, cond, *args):
+            super().__init__(*args)
+            self.cond = cond
+
+        def __str__(self):
+            return f"could not guard on {self.cond}"
+
+    def fail():
+        raise NeedsCondition("Eq(u0, 1)")
+
+    with pytest.raises(RuntimeError, match=r"^NeedsCondition: could not guard on Eq\(u0, 1\)\n") as caught:
+        in_child(fail)
+    assert "in the forked compile" in caught.value.__notes__[0] and "fail" in caught.value.__notes__[0]
+    with pytest.raises(ValueError, match="^plain$"):  # one that pickles comes back as itself
+        in_child(lambda: (_ for _ in ()).throw(ValueError("plain")))
+
+
 def test_ratio_on_a_non_conv_weight_is_an_error():
     with pytest.raises(SchemeError, match="'bn.weight' is used by op 'batch_norm'"):
         et.compile(ConvNet(), F.cross_entropy, *batch(), scheme={"bn.weight": 0.5})

@@ -29,6 +29,10 @@ class UnsupportedOpError(NotImplementedError):
     """An ATen op (or a variant of one) that edgetune cannot compile."""
 
 
+class TraceError(RuntimeError):
+    """torch.export could not trace the model and its loss: what it said, and what to change."""
+
+
 @dataclass
 class ForwardGraph:
     graph: Graph
@@ -60,14 +64,43 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
     `input_names`: the model takes `inputs` by these keywords."""
     wrapped = _WithLoss(model, loss_fn, len(inputs), input_names)
     targets = _unaliased(inputs, targets)
+    device = _device_of(inputs)
     with warnings.catch_warnings():
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
-        _detach_no_grad_regions(program)
-        device = _device_of(inputs)
-        program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
+        try:
+            program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
+            _detach_no_grad_regions(program)
+            program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
+        except Exception as err:  # noqa: BLE001 -- torch's tracing errors, said in the user's terms
+            raise TraceError(_trace_failure(err)) from err
     return _Converter(program, len(inputs), device, _param_aliases(model), prediction).run()
+
+
+# What a trace failure usually means in a model's code, by what torch.export raised.
+_TRACE_HINTS = (
+    (("GuardOnDataDependentSymNode", "data-dependent"),
+     "The model or the loss reads a tensor's value to decide something in Python (an `if` on a "
+     "tensor, float(t) or t.item(), a BatchNorm with momentum=None, which divides by its batch "
+     "counter), and a step compiled ahead of time has no values to read. Compute it with tensor "
+     "ops (torch.where instead of the `if`) or give it a fixed setting (BatchNorm momentum=0.1)."),
+    (("fake tensor in the exported program",),
+     "The forward reads a parameter or buffer through `.data`, which hides it from the trace: "
+     "use `.detach()` instead (the same values, no gradient)."),
+    (("DynamicOutputShapeException", "dynamic output shape"),
+     "An op's output shape depends on the data (ctc_loss, nonzero, boolean-mask indexing): "
+     "edgetune compiles steps of fixed shapes. Use an op of fixed shape (a mask multiplied in, "
+     "torch.where) where one exists."),
+)
+
+
+def _trace_failure(err: Exception) -> str:
+    said = f"{type(err).__name__}: {err}".strip()
+    lines = said.splitlines()
+    shown = "\n".join(lines[:6]) + ("\n..." if len(lines) > 6 else "")
+    hint = next((h for keys, h in _TRACE_HINTS if any(k in said for k in keys)), None)
+    return ("torch.export could not trace the model and its loss, and edgetune compiles what it traces.\n"
+            + (hint + "\n" if hint else "") + f"torch.export said: {shown}")
 
 
 def _detach_no_grad_regions(program: Any) -> None:
@@ -234,7 +267,7 @@ class _Converter:
     def _outputs(self, fx: Any) -> dict[str, Node]:
         outputs: dict[str, Node] = {}
         for spec, arg in zip(self.program.graph_signature.output_specs, fx.args[0]):
-            value = self.env[arg]
+            value = self.env[arg] if isinstance(arg, torch.fx.Node) else arg  # a constant: a Python number
             if spec.kind == OutputKind.USER_OUTPUT and self.prediction:
                 outputs.setdefault("output", value)
             elif spec.kind == OutputKind.USER_OUTPUT:
