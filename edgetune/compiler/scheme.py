@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import glob
 import json
 import math
 import os
@@ -231,9 +232,23 @@ def full() -> dict[str, Any]:
     return {"*": "full"}
 
 
-def bias_only() -> dict[str, Any]:
-    """Every bias (conv, linear and norm biases), nothing else."""
-    return {"*.bias": "full"}
+def bias_only() -> Scheme:
+    """Every bias, nothing else: conv, linear and norm biases, and those named `*_bias`
+    (nn.MultiheadAttention's packed `in_proj_bias`), at any depth (a bare nn.Linear's `bias`)."""
+
+    def build(model: torch.nn.Module) -> dict[str, Any]:
+        biases = [name for name, _ in model.named_parameters() if _is_bias(name)]
+        if not biases:
+            raise SchemeError("bias_only(): the model has no bias (no parameter named 'bias' or '*_bias'); "
+                              "train its norms (norms_only()) or its last layers (last(k)) instead")
+        return {glob.escape(name): "full" for name in biases}
+
+    return Scheme(build, "bias_only()")
+
+
+def _is_bias(name: str) -> bool:
+    leaf = name.rpartition(".")[2]
+    return leaf == "bias" or leaf.endswith("_bias")
 
 
 def last(k: int) -> Scheme:

@@ -48,6 +48,14 @@ def test_presets():
     assert set(resolve(schemes.last(2), model)) == {"pw.weight", "pw.bias", "head.weight", "head.bias"}
 
 
+def test_bias_only_finds_every_bias_at_any_depth_and_refuses_a_model_without_one():
+    attention = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2), torch.nn.LayerNorm(8))
+    assert set(resolve(schemes.bias_only(), attention)) == {"0.in_proj_bias", "0.out_proj.bias", "1.bias"}
+    assert set(resolve(schemes.bias_only(), torch.nn.Linear(3, 2))) == {"bias"}  # a bare layer's
+    with pytest.raises(SchemeError, match=r"the model has no bias.*norms_only\(\)"):
+        resolve(schemes.bias_only(), torch.nn.Linear(3, 2, bias=False))
+
+
 def test_tte_keys_map_onto_convs_and_norm_biases():
     scheme = schemes.tte(n_bias_update=2, manual_weight_idx=[1, 2], weight_update_ratio="0.5-1",
                          weight_select_criteria="first")
