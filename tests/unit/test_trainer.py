@@ -128,6 +128,22 @@ def test_a_model_torch_export_cannot_trace_gets_an_error_that_says_what_to_chang
         et.compile(model, lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
 
 
+class _Refuses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[1] != 5:
+            raise ValueError("this model wants 5 features")
+        return self.fc(x)
+
+
+def test_the_models_own_error_under_the_trace_reaches_the_caller_as_it_is():
+    with pytest.raises(ValueError, match="^this model wants 5 features$"):
+        et.compile(_Refuses(), lambda o, t: F.mse_loss(o, t), (torch.randn(2, 4),), (torch.randn(2, 4),))
+
+
 def test_a_loss_that_is_a_python_number_is_an_error():
     with pytest.raises(ValueError, match="loss_fn must return a scalar floating-point tensor, got 1.0"):
         et.compile(ConvNet(), lambda out, y: 1.0, *batch())

@@ -73,6 +73,8 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
             _detach_no_grad_regions(program)
             program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
         except Exception as err:  # noqa: BLE001 -- torch's tracing errors, said in the user's terms
+            if not _is_trace_failure(err):
+                raise  # the model's or the loss's own error (a shape mismatch, a ValueError): as eager raises it
             raise TraceError(_trace_failure(err)) from err
     return _Converter(program, len(inputs), device, _param_aliases(model), prediction).run()
 
@@ -94,11 +96,21 @@ _TRACE_HINTS = (
 )
 
 
+def _is_trace_failure(err: Exception) -> bool:
+    """Raised by torch's tracing machinery (or matching a known failure of it), not by the
+    model's code running under the trace."""
+    return type(err).__module__.startswith("torch") or _hint(f"{type(err).__name__}: {err}") is not None
+
+
+def _hint(said: str) -> str | None:
+    return next((h for keys, h in _TRACE_HINTS if any(k in said for k in keys)), None)
+
+
 def _trace_failure(err: Exception) -> str:
     said = f"{type(err).__name__}: {err}".strip()
     lines = said.splitlines()
     shown = "\n".join(lines[:6]) + ("\n..." if len(lines) > 6 else "")
-    hint = next((h for keys, h in _TRACE_HINTS if any(k in said for k in keys)), None)
+    hint = _hint(said)
     return ("torch.export could not trace the model and its loss, and edgetune compiles what it traces.\n"
             + (hint + "\n" if hint else "") + f"torch.export said: {shown}")
 
