@@ -51,8 +51,10 @@ class StepRunner:
         """One training step on `batch` (inputs then targets, shaped as at export); returns the
         loss. Under on_nonfinite="raise", a step whose loss or a gradient is not finite raises
         FloatingPointError and keeps the previous state."""
+        arrays = _checked(batch, self.batch_inputs, "step() takes inputs, then targets")
+        _refuse_bad_values(arrays, self.batch_inputs, finite=self.manifest["on_nonfinite"] != "apply")
         binding = self.session.io_binding()
-        for spec, array in zip(self.batch_inputs, _checked(batch, self.batch_inputs, "step() takes inputs, then targets")):
+        for spec, array in zip(self.batch_inputs, arrays):
             binding.bind_cpu_input(spec["name"], array)
         binding.bind_cpu_input("lr", np.asarray(self.lr, dtype=np.float64))
         for name, value in self._hyper(self.steps + 1).items():
@@ -95,6 +97,7 @@ class StepRunner:
             self._predict_session = self._session(spec["model"])
         batch = [i for i in spec["inputs"] if i["kind"] == "input"]
         arrays, rows = _rows(inputs, batch, "predict() takes the model's inputs")
+        _refuse_bad_values(arrays, batch, finite=False)
         size = batch[0]["shape"][0]
         if rows != size and spec["output"]["shape"][:1] != [size]:
             raise RunnerError(f"this model's output {spec['output']['shape']} does not have the batch first: "
@@ -233,6 +236,36 @@ def _checked(batch: tuple, specs: list[dict], what: str) -> list[np.ndarray]:
                               f"{spec['dtype']}{spec['shape']}: export again with an example batch of this shape")
         arrays.append(array)
     return arrays
+
+
+def _refuse_bad_values(arrays: list[np.ndarray], specs: list[dict], finite: bool) -> None:
+    """RunnerError before anything runs, as the Trainer refuses such a batch: an index outside
+    the table it indexes (the exported Gather would read a negative one from the end, and
+    onnxruntime checks no bound on some paths), or, where `finite`, a NaN or inf in a float
+    array (the step's guard would skip its updates but count the step)."""
+    for position, (spec, array) in enumerate(zip(specs, arrays)):
+        what = f"array {position} ({spec['kind']} {spec['name']})"
+        for table in spec.get("indexes", ()):
+            _refuse_out_of_range(array, what, table)
+        if finite and array.dtype.kind == "f" and not np.isfinite(array.sum(dtype=np.float64)):
+            bad = ~np.isfinite(array)
+            if bad.any():  # else only the sum overflowed
+                raise RunnerError(f"{what} has {int(bad.sum())} NaN or infinite entries of {array.size}, the "
+                                  f"first at {np.argwhere(bad)[0].tolist()}; nothing was run: clean the batch "
+                                  "(a step exported with on_nonfinite='apply' lets it through)")
+
+
+def _refuse_out_of_range(array: np.ndarray, what: str, table: dict) -> None:
+    if array.size == 0 or (array.min() >= 0 and array.max() < table["size"]):
+        return
+    bad = (array < 0) | (array >= table["size"])
+    for value in table["ignored"]:
+        bad &= array != value
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        ignored = "".join(f" or {v} (ignored)" for v in table["ignored"])
+        raise RunnerError(f"{what} holds {array[tuple(where)]} at {where.tolist()}, out of range for {table['table']}: "
+                          f"values must be in [0, {table['size']}){ignored}; nothing was run")
 
 
 def _rows(inputs: tuple, specs: list[dict], what: str) -> tuple[list[np.ndarray], int]:

@@ -294,6 +294,46 @@ def test_js_seeds_and_safetensors_match_python(tmp_path):
         np.testing.assert_array_equal(back[key], value)
 
 
+JS_REFUSALS = """
+import { refuseBadValues } from %s;
+const specs = [{ name: "args_0", kind: "input", dtype: "float32" },
+               { name: "args_1", kind: "target", dtype: "int64",
+                 indexes: [{ size: 4, ignored: [-100], table: "the loss's 4 classes" }] }];
+const cases = {
+  fine: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, 3n, -100n)],
+  negative: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, -1n, 2n)],
+  beyond: [Float32Array.of(0.5, -2), BigInt64Array.of(4n, 1n, 2n)],
+  nan: [Float32Array.of(0.5, NaN), BigInt64Array.of(0n, 1n, 2n)],
+};
+const out = {};
+for (const [name, arrays] of Object.entries(cases)) {
+  for (const finite of [true, false]) {
+    try { refuseBadValues(arrays, specs, finite); out[`${name}/${finite}`] = "ok"; }
+    catch (e) { out[`${name}/${finite}`] = e.message; }
+  }
+}
+process.stdout.write(JSON.stringify(out));
+"""
+
+
+@pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
+def test_js_trainer_refuses_the_batches_the_python_runner_refuses(tmp_path):
+    """edgetune-web.js checks a batch as runtime/runner.py does, from the manifest's "indexes":
+    labels outside the classes (not the ignore_index), and NaN unless on_nonfinite is 'apply'."""
+    script = tmp_path / "refusals.mjs"
+    script.write_text(JS_REFUSALS % json.dumps((REPO / "edgetune" / "web" / "static" / "edgetune-web.js").as_uri()))
+    run = subprocess.run(["node", "--experimental-detect-module", str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert got["fine/true"] == got["fine/false"] == got["nan/false"] == "ok"
+    for finite in ("true", "false"):
+        assert got[f"negative/{finite}"] == ("array 1 (target args_1) holds -1 at flat position 1, out of range for the "
+                                             "loss's 4 classes: values must be in [0, 4) or -100 (ignored); nothing was run")
+        assert got[f"beyond/{finite}"].startswith("array 1 (target args_1) holds 4 at flat position 0")
+    assert got["nan/true"].startswith("array 0 (input args_0) has a NaN or infinite value at flat position 1")
+
+
 def test_export_web_says_how_to_install_onnxruntime_web(monkeypatch, tmp_path, capsys):
     from edgetune.cli import main
     from edgetune.web import WebExportError, onnxruntime_web_dist

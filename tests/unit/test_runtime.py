@@ -169,6 +169,52 @@ def test_state_saves_and_loads_and_bad_input_changes_nothing(exported, tmp_path)
         StepRunner(tmp_path / "nowhere")
 
 
+def test_the_runner_refuses_what_the_trainer_refuses_and_runs_nothing(tmp_path, monkeypatch):
+    """Token ids and labels outside their tables (ONNX's Gather would take -1 as the last row)
+    and a batch with NaN: refused before the session runs, the step count and state as they
+    were; an ignore_index label passes, and so do token ids at the table's edges."""
+    from edgetune.runtime import RunnerError, StepRunner
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(20, 8), torch.nn.Flatten(), torch.nn.Linear(40, 4))
+    ids, labels = torch.randint(0, 20, (3, 5)), torch.tensor([0, 1, 2])
+    et.compile(model, F.cross_entropy, (ids,), (labels,), optimizer=et.AdamW(lr=0.01)).export_onnx(tmp_path)
+    runner = StepRunner(tmp_path)
+    runner.step(ids.numpy(), labels.numpy())
+    before = runner.state()
+    bad_label, bad_ids, far_ids = labels.numpy().copy(), ids.numpy().copy(), ids.numpy().copy()
+    bad_label[1], bad_ids[0, 2], far_ids[2, 4] = -1, -1, 20
+    for batch_, says in (((ids.numpy(), bad_label), r"array 1 \(target \w+\) holds -1 at \[1\], out of range for "
+                                                    r"the loss's 4 classes: values must be in \[0, 4\) or -100"),
+                         ((bad_ids, labels.numpy()), r"array 0 \(input \w+\) holds -1 at \[0, 2\], out of range for "
+                                                    r"embedding '0' of 20 rows"),
+                         ((far_ids, labels.numpy()), r"holds 20 at \[2, 4\]")):
+        with pytest.raises(RunnerError, match=says):
+            runner.step(*batch_)
+    assert runner.steps == 1 and all(np.array_equal(v, before[k]) for k, v in runner.state().items())
+    with pytest.raises(RunnerError, match=r"holds -1 at \[0, 2\]"):
+        runner.predict(bad_ids)
+    edges = ids.numpy().copy()
+    edges[0, :2] = 0, 19
+    runner.step(edges, np.array([0, -100, 3]))  # the loss's ignore_index, and the table's first and last rows
+    assert runner.steps == 2
+
+
+def test_the_runner_refuses_a_non_finite_batch_and_counts_no_step(exported):
+    from edgetune.runtime import RunnerError, StepRunner
+
+    folder, _, _, batches = exported
+    x, y = batches[0][0][0].numpy().copy(), batches[0][1][0].numpy()
+    runner = StepRunner(folder)
+    before = runner.state()
+    x[1, 2, 3, 4] = np.nan
+    with pytest.raises(RunnerError, match=r"array 0 \(input \w+\) has 1 NaN or infinite entries of 768, the first "
+                                          r"at \[1, 2, 3, 4\]; nothing was run"):
+        runner.step(x, y)
+    assert runner.steps == 0 and all(np.array_equal(v, before[k]) for k, v in runner.state().items())
+
+
 def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch, capsys):
     from edgetune.cli import main
     from edgetune.runtime import StepRunner

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from edgetune.compiler.backends.onnx_parts import partial_weights, split_parts
-from edgetune.compiler.inputs import KINDS, Bindings, StepInput, step_inputs
+from edgetune.compiler.inputs import KINDS, Bindings, StepInput, index_uses, step_inputs
 from edgetune.compiler.ir.builder import UniqueNames
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
@@ -192,6 +192,7 @@ def to_onnx(graph: Graph, values: dict[str, torch.Tensor] | None = None, outside
     model = _without_unused_initializers(_same_rank_scalars(onnx, _model(onnx, ctx, inputs, outputs)))
     kept = {t.name for t in model.graph.initializer}
     manifest = _io_manifest(inputs, [i for i in frozen if i.name in kept], outputs, guards.mode)
+    _describe_indexes(manifest["inputs"], graph)
     carried = {i.name: values[i.name] for i in inputs if i.name in values and not i.per_step}
     return Exported(model, manifest, carried)
 
@@ -392,6 +393,20 @@ def _as_rank(onnx: Any, model: Any, name: str, rank: int, constants: dict, nodes
     return new
 
 
+def _describe_indexes(entries: list[dict[str, Any]], graph: Graph) -> None:
+    """Each batch tensor that indexes a table (token ids, class labels) gets "indexes": the
+    table's size and the values it may also hold (an ignore_index). ONNX's Gather takes a
+    negative index from the end and the runtimes do not check the rest, so a runner checks the
+    values itself before a step (runtime/runner.py), as the Trainer does."""
+    uses: dict[int, list[dict[str, Any]]] = {}
+    for use in index_uses(graph):
+        uses.setdefault(use.position, []).append({"size": use.size, "ignored": sorted(use.ignored),
+                                                  "table": use.table})
+    for entry in entries:
+        if entry["kind"] in ("input", "target") and entry["key"] in uses:
+            entry["indexes"] = uses[entry["key"]]
+
+
 def _io_manifest(inputs: list[StepInput], frozen: list[StepInput], outputs: list[_Output], mode: str) -> dict[str, Any]:
     dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     return {
@@ -568,9 +583,10 @@ def export_predict(trainer: Any, step_manifest: dict[str, Any], folder: str | os
     _save_model(model, os.path.join(folder, PREDICT_FILE), PREDICT_DATA_FILE, external_data_bytes)
     dtype = lambda d: str(d).removeprefix("torch.")  # noqa: E731
     out = graph.outputs["output"]
+    indexes = {e["name"]: {"indexes": e["indexes"]} for e in exported.manifest["inputs"] if "indexes" in e}
     return {"model": PREDICT_FILE,
             "inputs": [{"name": i.name, "kind": i.kind, "key": i.key, "shape": list(i.shape), "dtype": dtype(i.dtype),
-                        "carried_as": carried.get((i.kind, i.key))}
+                        "carried_as": carried.get((i.kind, i.key)), **indexes.get(i.name, {})}
                        for i in specs if i.per_step or (i.kind, i.key) in carried],
             "output": {"name": "output", "shape": list(out.shape), "dtype": dtype(out.dtype)}}
 

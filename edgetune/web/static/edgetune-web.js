@@ -83,6 +83,8 @@ export class Trainer {
 
   async _step(batch) {
     const feeds = this._batchFeeds(batch, this.batchInputs, "step() takes inputs, then targets");
+    refuseBadValues(this.batchInputs.map((spec) => feeds[spec.name].data), this.batchInputs,
+      this.manifest.on_nonfinite !== "apply");
     feeds.lr = new this.ort.Tensor("float64", Float64Array.of(this.lr), []);
     for (const [name, value] of Object.entries(this._hyper(this.steps + 1))) {
       feeds[name] = new this.ort.Tensor("int64", BigInt64Array.of(BigInt(value)), []);
@@ -282,6 +284,36 @@ function makeTensor(ort, spec, array) {
     data = spec.dtype === "int64" ? BigInt64Array.from(array, (v) => BigInt(v)) : Type.from(array);
   }
   return new ort.Tensor(spec.dtype, data, spec.shape);
+}
+
+// Refuses a batch before the session runs, as the Python runner and the Trainer do: an index
+// outside the table it indexes (ONNX's Gather takes -1 as the last row), and, where `finite`, a
+// NaN or infinite value in a float array (the step's guard would skip its updates and still
+// count the step). `arrays`: the batch's flat data, in the order of `specs`.
+export function refuseBadValues(arrays, specs, finite) {
+  specs.forEach((spec, position) => {
+    const data = arrays[position];
+    const what = `array ${position} (${spec.kind} ${spec.name})`;
+    for (const table of spec.indexes || []) {
+      const ignored = new Set(table.ignored.map(Number));
+      for (let k = 0; k < data.length; k++) {
+        const v = Number(data[k]);
+        if ((v < 0 || v >= table.size) && !ignored.has(v)) {
+          const also = table.ignored.map((i) => ` or ${i} (ignored)`).join("");
+          throw new TrainerError(`${what} holds ${v} at flat position ${k}, out of range for ${table.table}: ` +
+            `values must be in [0, ${table.size})${also}; nothing was run`);
+        }
+      }
+    }
+    if (finite && spec.dtype.startsWith("float") && spec.dtype !== "float16") {
+      for (let k = 0; k < data.length; k++) {
+        if (!Number.isFinite(data[k])) {
+          throw new TrainerError(`${what} has a NaN or infinite value at flat position ${k}; nothing was run: ` +
+            "clean the batch (a step exported with on_nonfinite 'apply' lets it through)");
+        }
+      }
+    }
+  });
 }
 
 function checkTensor(name, t, spec) {
