@@ -123,7 +123,13 @@ class StepRunner:
         import onnxruntime as ort
 
         options, providers = self._session_args
-        return ort.InferenceSession(os.path.join(self.folder, model_file), options, providers=providers)
+        try:
+            return ort.InferenceSession(os.path.join(self.folder, model_file), options, providers=providers)
+        except Exception as err:  # onnxruntime's own classes: a kernel it lacks, a file it cannot read
+            said = str(err).strip()
+            hint = (": its CPU kernels are mostly float32 (float64 Conv or Erf have none), so export the step from "
+                    "a float32 model (model.float())" if "NOT_IMPLEMENTED" in said else "")
+            raise RunnerError(f"onnxruntime cannot run {model_file} of {self.folder}{hint}. It said: {said}") from None
 
     # -- state --------------------------------------------------------------------------------
 

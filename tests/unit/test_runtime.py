@@ -215,6 +215,17 @@ def test_the_runner_refuses_a_non_finite_batch_and_counts_no_step(exported):
     assert runner.steps == 0 and all(np.array_equal(v, before[k]) for k, v in runner.state().items())
 
 
+def test_a_step_onnxruntime_has_no_kernels_for_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    from edgetune.runtime import RunnerError, StepRunner
+
+    monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(36, 3)).double()
+    x, y = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.tensor([0, 2])
+    et.compile(model, F.cross_entropy, (x,), (y,), optimizer=et.SGD(lr=0.05)).export_onnx(tmp_path)
+    with pytest.raises(RunnerError, match=r"onnxruntime cannot run step.onnx .*mostly float32.*model.float\(\)"):
+        StepRunner(tmp_path)  # onnxruntime has no float64 Conv on the CPU
+
+
 def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch, capsys):
     from edgetune.cli import main
     from edgetune.runtime import StepRunner
