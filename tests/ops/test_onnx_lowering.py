@@ -388,6 +388,10 @@ def _shape_cases(a):
         ("select", "select", [x], dict(dim=1, index=2)),
         ("cat", "cat", [a.r(2, 1, 4), x], dict(dim=1)),
         ("slice_grad", "slice_grad", [a.r(2, 2, 4)], dict(input_shape=(2, 3, 4), dim=1, start=1, end=3, step=1)),
+        # strided: entries 0, 2, 4 of 6; 1 and 4 of 7; 1 and 3 of 4 (the spread-out g cut at the input's end)
+        ("slice_grad-step2", "slice_grad", [a.r(2, 3, 4)], dict(input_shape=(2, 6, 4), dim=1, start=0, end=6, step=2)),
+        ("slice_grad-step3", "slice_grad", [a.r(2, 2, 4)], dict(input_shape=(2, 7, 4), dim=1, start=1, end=7, step=3)),
+        ("slice_grad-last", "slice_grad", [a.r(2, 3, 2)], dict(input_shape=(2, 3, 4), dim=2, start=1, end=4, step=2)),
         ("select_grad", "select_grad", [a.r(2, 4)], dict(input_shape=(2, 3, 4), dim=1, index=1)),
         ("pad", "pad", [x], dict(pad=(1, 2, 0, 1), value=0.5)),
         ("pad-crop", "pad", [x], dict(pad=(-1, 0, 1, -1), value=0.0)),

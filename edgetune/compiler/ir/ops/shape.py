@@ -58,14 +58,26 @@ def _slice_onnx(ctx, n, xs):
 
 
 def _slice_grad_onnx(ctx, n, xs):
-    """g put back where the slice came from, zeros elsewhere: a pad for a contiguous slice."""
+    """g put back where the slice came from, zeros elsewhere: a pad for a contiguous slice. A
+    strided one (x[:, ::2], a space-to-depth or an interleaved rotary embedding) first spreads g
+    out: each entry followed by step - 1 zeros (a new axis after `dim`, padded, merged back),
+    cut to the length the slice spans."""
     a = n.attrs
-    if a["step"] != 1:
-        raise NotImplementedError("the gradient of a strided slice")
-    rank, size = len(a["input_shape"]), a["input_shape"][a["dim"]]
+    dim, step, start = a["dim"], a["step"], a["start"]
+    rank, size = len(a["input_shape"]), a["input_shape"][dim]
+    g, spanned = xs[0], n.inputs[0].shape[dim]
+    if step != 1:
+        spread_pads = [0] * (2 * (rank + 1))
+        spread_pads[rank + 1 + dim + 1] = step - 1
+        spread = ctx.op("Pad", ctx.op("Unsqueeze", g, ctx.ints([dim + 1])), ctx.ints(spread_pads))
+        shape = list(n.inputs[0].shape)
+        shape[dim] = spanned * step
+        spanned = min(spanned * step, size - start)
+        g = ctx.op("Slice", ctx.op("Reshape", spread, ctx.ints(shape)), ctx.ints([0]), ctx.ints([spanned]),
+                   ctx.ints([dim]))
     pads = [0] * (2 * rank)
-    pads[a["dim"]], pads[rank + a["dim"]] = a["start"], size - a["end"]
-    return ctx.op("Pad", xs[0], ctx.ints(pads))
+    pads[dim], pads[rank + dim] = start, size - start - spanned
+    return ctx.op("Pad", g, ctx.ints(pads))
 
 
 def _select_grad_onnx(ctx, n, xs):
