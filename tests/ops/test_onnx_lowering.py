@@ -473,6 +473,12 @@ def _norm_cases(a):
         ("adaptive_avg_pool2d_grad", "adaptive_avg_pool2d_grad", [a.r(2, 3, 1, 1)], dict(input_shape=(2, 3, 4, 6))),
         ("adaptive_avg_pool2d_grad-2x3", "adaptive_avg_pool2d_grad", [a.r(2, 3, 2, 3)],
          dict(input_shape=(2, 3, 4, 6))),
+        # cells that do not tile the input: overlapping (7 -> 3, 5 -> 2) and repeating (2 -> 4)
+        ("adaptive_avg_pool2d-uneven", "adaptive_avg_pool2d", [a.r(2, 3, 7, 5)], dict(output_size=(3, 2))),
+        ("adaptive_avg_pool2d-up", "adaptive_avg_pool2d", [a.r(1, 2, 2, 3)], dict(output_size=(4, 3))),
+        ("adaptive_avg_pool2d_grad-uneven", "adaptive_avg_pool2d_grad", [a.r(2, 3, 3, 2)],
+         dict(input_shape=(2, 3, 7, 5))),
+        ("adaptive_avg_pool2d_grad-up", "adaptive_avg_pool2d_grad", [a.r(1, 2, 4, 3)], dict(input_shape=(1, 2, 2, 3))),
     ]
 
 

@@ -56,6 +56,10 @@ class ExportError(ValueError):
     """The step cannot be written as standard ONNX; the message names the op and its module."""
 
 
+NOT_EXPORTED = ("the step runs on the torch backend (compile(..., backend='torch')) but not as ONNX; a model "
+                "without that layer exports")
+
+
 class LoweringContext:
     """What an op's `onnx` lowering writes through: ONNX nodes with fresh value names, and
     constants (initializers). Lowerings never import onnx themselves."""
@@ -215,14 +219,15 @@ def _written_inputs(graph: Graph) -> set[Node]:
 def _lower(ctx: LoweringContext, n: Node, current: dict[Node, str], guards: "_Guards") -> None:
     lowering = OPS[n.op].onnx
     if lowering is None:
-        raise ExportError(f"op '{n.op}'{_where(n)} has no ONNX lowering (add `onnx=` to its register call)")
+        raise ExportError(f"op '{n.op}'{_where(n)} has no ONNX lowering: {NOT_EXPORTED} (to edgetune's developers: "
+                          "add `onnx=` to its register call)")
     guarded = n.attrs.get("guarded")
     operands = n.inputs[:-1] if guarded else n.inputs
     names = [current[i] for i in operands]
     try:
         out = lowering(ctx, n, names)
     except NotImplementedError as e:
-        raise ExportError(f"op '{n.op}'{_where(n)}: {e}") from None
+        raise ExportError(f"op '{n.op}'{_where(n)}: {e}: {NOT_EXPORTED}") from None
     if not is_effect(n):
         current[n] = out
         return

@@ -838,21 +838,43 @@ def _adaptive_avg_pool_grad(g, *, input_shape):
 
 
 def _pool_cells(input_hw, output_hw):
-    """The (rows, cols) of input per output cell, where they tile the input evenly."""
+    """The (rows, cols) of input per output cell where they tile the input evenly, else None."""
     if any(i % o for i, o in zip(input_hw, output_hw)):
-        raise NotImplementedError(f"adaptive average pooling of {list(input_hw)} to {list(output_hw)} (uneven cells)")
+        return None
     return [i // o for i, o in zip(input_hw, output_hw)]
 
 
+def _averaging(size: int, out: int, dtype) -> torch.Tensor:
+    """[out, size]: row i averages the cells adaptive pooling gives output i, [floor(i*size/out),
+    ceil((i+1)*size/out)), as ATen does (cells may overlap, or repeat an input when out > size)."""
+    m = torch.zeros(out, size, dtype=torch.float64)
+    for i in range(out):
+        start, end = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m.to(dtype)
+
+
 def _adaptive_avg_pool_onnx(ctx, n, xs):
+    """An AveragePool where the cells tile the input; else, exactly, two products with constant
+    averaging matrices (the pooling is separable): rows then columns."""
     cells = _pool_cells(n.inputs[0].shape[2:], n.shape[2:])
-    return ctx.op("AveragePool", xs[0], kernel_shape=cells, strides=cells)
+    if cells is not None:
+        return ctx.op("AveragePool", xs[0], kernel_shape=cells, strides=cells)
+    (h, w), (oh, ow) = n.inputs[0].shape[2:], n.shape[2:]
+    cols = ctx.op("MatMul", xs[0], ctx.const(_averaging(w, ow, n.dtype).T))
+    return ctx.op("MatMul", ctx.const(_averaging(h, oh, n.dtype)), cols)
 
 
 def _adaptive_avg_pool_grad_onnx(ctx, n, xs):
-    """Each output cell's gradient, divided by the cell's size, spread over the cell."""
+    """Each output cell's gradient, divided by the cell's size, spread over the cell (the
+    transposed products where the cells do not tile the input)."""
     batch, channels, oh, ow = n.inputs[0].shape
-    kh, kw = _pool_cells(n.attrs["input_shape"][2:], (oh, ow))
+    h, w = n.attrs["input_shape"][2:]
+    cells = _pool_cells((h, w), (oh, ow))
+    if cells is None:
+        cols = ctx.op("MatMul", xs[0], ctx.const(_averaging(w, ow, n.dtype)))
+        return ctx.op("MatMul", ctx.const(_averaging(h, oh, n.dtype).T), cols)
+    kh, kw = cells
     spread = ctx.op("Expand", ctx.op("Reshape", xs[0], ctx.ints([batch, channels, oh, 1, ow, 1])),
                     ctx.ints([batch, channels, oh, kh, ow, kw]))
     share = ctx.op("Div", spread, ctx.scalar(kh * kw, n.dtype))
