@@ -235,15 +235,15 @@ def full() -> dict[str, Any]:
 def bias_only() -> Scheme:
     """Every bias, nothing else: conv, linear and norm biases, and those named `*_bias`
     (nn.MultiheadAttention's packed `in_proj_bias`), at any depth (a bare nn.Linear's `bias`)."""
+    return Scheme(_every_bias, "bias_only()")  # a module-level function: the scheme pickles (apps.measure)
 
-    def build(model: torch.nn.Module) -> dict[str, Any]:
-        biases = [name for name, _ in model.named_parameters() if _is_bias(name)]
-        if not biases:
-            raise SchemeError("bias_only(): the model has no bias (no parameter named 'bias' or '*_bias'); "
-                              "train its norms (norms_only()) or its last layers (last(k)) instead")
-        return {glob.escape(name): "full" for name in biases}
 
-    return Scheme(build, "bias_only()")
+def _every_bias(model: torch.nn.Module) -> dict[str, Any]:
+    biases = [name for name, _ in model.named_parameters() if _is_bias(name)]
+    if not biases:
+        raise SchemeError("bias_only(): the model has no bias (no parameter named 'bias' or '*_bias'); "
+                          "train its norms (norms_only()) or its last layers (last(k)) instead")
+    return {glob.escape(name): "full" for name in biases}
 
 
 def _is_bias(name: str) -> bool:

@@ -84,6 +84,8 @@ def scheme_for(model, model_name, kind):
         return scheme, scheme
     if kind == "last3":
         return et.schemes.last(3), {n: "full" for n in last_layers(model, 3)}
+    if kind == "bias" and isinstance(bias, et.Scheme):  # bias_only(): every parameter named as a bias
+        return bias, {n: "full" for n, _ in model.named_parameters() if n.split(".")[-1] == "bias"}
     return {"full": et.schemes.full(), "bias": bias}[kind], {"full": {"*": "full"}, "bias": bias}[kind]
 
 
