@@ -15,6 +15,14 @@ adapters. The frozen rest stays where the model was built, on every node and on 
 Flower is imported here and nowhere else in edgetune; `import edgetune` never imports it.
 """
 import importlib
+import os
+
+# Nothing here reaches the internet unless asked: Flower reports usage events (read when flwr is
+# first imported) and Ray, which runs Flower's Simulation Engine, its usage statistics with a
+# cloud-provider probe (169.254.169.254), each unless told not to. A user who sets either
+# variable keeps their choice.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 _API = {"Task": "client", "client_app": "client", "evaluate": "client",
         "server_app": "server", "run_simulation": "server", "History": "server", "SparseFedAvg": "server",

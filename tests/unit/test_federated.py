@@ -1,6 +1,8 @@
 """edgetune as Flower's client trainer (edgetune.federated): only the trained slices travel,
 a bad record is refused whole, and FedAvg over the slices on Flower's Simulation Engine."""
 import os
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reports usage events unless told not to
@@ -409,6 +411,8 @@ def test_a_train_message_sets_lr_and_local_steps_for_its_round_only():
 
 DEPLOY_APP = '''
 import os
+import subprocess
+import sys
 import torch, torch.nn as nn, torch.nn.functional as F
 import edgetune as et
 from {apps} import client_app, server_app
@@ -526,3 +530,16 @@ def test_the_apps_run_on_flowers_deployment_engine(tmp_path, strategy):
         assert all(c["bytes-down"] == down and c["bytes-up"] == up for c in r["clients"])
     central = [r["central"]["eval-loss"] for r in h["rounds"]]
     assert central[2] < central[1] < central[0]
+
+
+def test_flower_and_ray_are_told_not_to_report_usage_unless_the_user_says_otherwise():
+    """Flower's telemetry (read when flwr is first imported) and Ray's usage statistics are off
+    once edgetune.federated is imported; a user's own setting is kept."""
+    code = ("import os, edgetune.federated.server, flwr.supercore.telemetry as t; "
+            "print(t.FLWR_TELEMETRY_ENABLED, os.environ['RAY_USAGE_STATS_ENABLED'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["0", "0"], run.stderr
+    run = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_USAGE_STATS_ENABLED": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["0", "1"], run.stderr
