@@ -32,10 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_numbers(args)
+        _check_out_folder(args)
         return args.run(args)
-    except (SchemeError, ValueError, NotImplementedError, FileNotFoundError) as err:
+    except (SchemeError, ValueError, NotImplementedError, OSError) as err:
         print(f"edgetune: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the run's last checkpoint is whole (files.py): say how to go on from it
+        out = getattr(args, "resume", None) or getattr(args, "out", None)  # the run's folder, once it has one
+        again = f"; go on with: edgetune {args.command} --resume {out}" if hasattr(args, "resume") and out else ""
+        print(f"edgetune: interrupted{again}", file=sys.stderr)
+        return 130
+
+
+def _check_out_folder(args: argparse.Namespace) -> None:
+    """A command that writes a folder refuses an --out that is a file, before any work."""
+    out = getattr(args, "out", None)
+    if args.command in ("export", "finetune", "finetune-lm", "federate") and out and os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file, and {args.command} writes a folder there: give a folder's path")
 
 
 # The least value of each numeric flag (whichever the command has). Checked before any model

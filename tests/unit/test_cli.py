@@ -25,6 +25,26 @@ def test_bad_scheme_is_a_clear_error(capsys):
     assert "unknown scheme" in capsys.readouterr().err
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for command in (["finetune", "--data", "digits"], ["export"], ["finetune-lm", "--data", "sharegpt"]):
+        assert main([*command, "--out", str(taken)]) == 2
+        assert f"--out {taken} is a file, and {command[0]} writes a folder there" in capsys.readouterr().err
+    assert taken.read_text() == "mine"
+
+
+def test_ctrl_c_says_how_to_go_on_in_one_line(tmp_path, capsys, monkeypatch):
+    import edgetune.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_finetune", interrupted)
+    assert main(["finetune", "--data", "digits", "--out", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == f"edgetune: interrupted; go on with: edgetune finetune --resume {tmp_path / 'run'}\n"
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--size", "32", "--batch", "16", "--train-limit", "64",
                  "--val-limit", "50", "--out", str(tmp_path)]) == 0
