@@ -212,7 +212,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad's) is not text
     except UnicodeDecodeError as err:  # its own message names neither the file nor the fix
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8") from None
 

@@ -57,7 +57,8 @@ def load_text_csv(path: str | os.PathLike, text_column: str = "text", label_colu
 def _read_rows(path, text_column: str, label_column: str) -> list[tuple[str, str, int]]:
     """(text, label, line number) of every row; the line is where the row ends in the file."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) is not part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in (text_column, label_column) if c not in (reader.fieldnames or [])]
             if missing:

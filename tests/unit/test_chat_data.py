@@ -91,6 +91,9 @@ def test_jsonl_accepts_messages_sharegpt_and_text_records(tok, tmp_path):
     as_list.write_text(json.dumps(lines))
     assert torch.equal(load_lm_data(str(as_list), tok, seq_len=40).labels, data.labels)
     assert len(load_lm_data(str(path), tok, seq_len=40, limit=2)) == 2
+    with_mark = tmp_path / "notepad.jsonl"  # a byte-order mark before the first record
+    with_mark.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert read_records(with_mark) == read_records(path)
 
 
 def test_plain_text_file_becomes_windows_of_one_token_stream(tok, tmp_path):

@@ -199,6 +199,9 @@ def test_text_csv(tmp_path):
     assert d.labels.tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match=r"no column\(s\) \['text', 'label'\]"):
         load_data(str(path))
+    with_mark = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    with_mark.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert load_text_csv(with_mark, "review", "sentiment").items == d.items
 
 
 def test_load_data_dispatch_and_unknown():
