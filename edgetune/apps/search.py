@@ -252,8 +252,7 @@ class _Cache:
         self.path, self.context = path, context
         self.data: dict = {"version": 1, "measurements": {}}
         if path and os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
+            self.data = _read_cache(path)
         self.entries = self.data["measurements"].setdefault(context, {})
 
     def get(self, key: str) -> float | None:
@@ -264,6 +263,20 @@ class _Cache:
         if self.path:
             write_json(self.path, self.data)
         return value
+
+
+def _read_cache(path: str) -> dict:
+    """A search cache's contents, or a ValueError that names the file and what to do."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a search cache (not JSON: {err}); give another --search-cache path, "
+                         "or delete this file to measure again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("measurements"), dict):
+        raise ValueError(f"{path} is not a search cache (a JSON object with 'measurements'; a scheme file, say); "
+                         "give another --search-cache path")
+    return data
 
 
 # -- memory ---------------------------------------------------------------------------------------

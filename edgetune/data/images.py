@@ -233,7 +233,7 @@ def load_numpy(path: str | os.PathLike) -> LabeledData:
         missing = {"x", "y"} - set(z.files)
         if missing:
             raise ValueError(f"{path}: needs arrays 'x' and 'y', lacks {sorted(missing)} (has {z.files})")
-        x, y = _images_nchw(path, torch.from_numpy(z["x"])), torch.from_numpy(z["y"])
+        x, y = _images_nchw(path, _tensor(path, "x", z["x"])), _tensor(path, "y", z["y"])
         classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
     if len(x) == 0:
         raise ValueError(f"{path}: holds no images (x and y are empty)")
@@ -248,6 +248,16 @@ def load_numpy(path: str | os.PathLike) -> LabeledData:
     if len(y) and int(y.max()) >= len(classes):
         raise ValueError(f"{path}: label {int(y.max())} but only {len(classes)} class names")
     return LabeledData(x, y.long(), classes)
+
+
+def _tensor(path, name: str, array):
+    """The array as a tensor, or what it holds and what the file needs (torch takes numbers only:
+    class names as strings go in `classes`, with y their indices)."""
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: '{name}' holds {array.dtype} values; it must hold numbers "
+                         + ("(y: integer labels 0..K-1, with the class names in an array 'classes')" if name == "y"
+                            else "(uint8 0..255 or float in [0, 1])"))
+    return torch.from_numpy(array)
 
 
 def _open_npz(path):

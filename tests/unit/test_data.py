@@ -184,6 +184,8 @@ def test_npz_layouts(tmp_path):
     (dict(x=np.full((4, 8, 8), 300), y=np.zeros(4, int)), r"0\.\.255"),
     (dict(x=np.zeros((2, 8, 8), np.uint8), y=np.array([0, 2]), classes=np.array(["a", "b"])),
      "label 2 but only 2 class names"),
+    (dict(x=np.zeros((2, 8, 8), np.uint8), y=np.array(["cat", "dog"])),
+     r"'y' holds <U3 values; it must hold numbers \(y: integer labels 0..K-1, with the class names in an array"),
 ])
 def test_npz_validation(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)

@@ -207,3 +207,17 @@ def test_when_every_other_scheme_measures_over_the_budget_the_head_alone_is_retu
     noisy = NoisyPredictor(predictor, space.scheme(0), budget)
     result = search_verified(space, gains, noisy, budget, population=6, generations=2)
     assert result.scheme == space.scheme(0) and result.measured_peak_bytes <= budget
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"fc.*": "full"}', r"is not a search cache \(a JSON object with 'measurements'; a scheme file, say\)"),
+    ("{\"version\": 1, \"meas", r"is not a search cache \(not JSON: .*delete this file to measure again"),
+])
+def test_a_file_that_is_not_a_search_cache_is_refused_by_name(tmp_path, content, says):
+    from edgetune.apps.search import _Cache
+
+    path = tmp_path / "cache.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"{path} {says}"):
+        _Cache(str(path), "any")
+    assert path.read_text() == content  # left as it was
