@@ -53,13 +53,15 @@ class BudgetError(ValueError):
 
 def parse_bytes(budget: str | int) -> int:
     """'40MB' -> bytes (an int passes through). MB means 2**20 bytes, as in every report
-    edgetune prints."""
+    edgetune prints. A string needs its unit: '12' could mean bytes or MB."""
     if isinstance(budget, int) and not isinstance(budget, bool):
         value = budget
     else:
-        units = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+        units = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
         text = str(budget).strip().upper()
         number = text.rstrip("BIGKM") or "x"
+        if text == number:
+            raise ValueError(f"the budget {budget!r} has no unit: write {text}MB (or KB, GB; B for bytes)")
         try:
             value = int(float(number) * units[text[len(number):]])
         except (ValueError, KeyError):

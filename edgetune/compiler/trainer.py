@@ -546,8 +546,14 @@ def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]
     drop = f"train fewer of these layers (the scheme trains {', '.join(trained)} there), " if trained else ""
     raise BudgetError(f"the step's predicted peak is {mb(plan_.peak_bytes)} (batch shapes {shapes}), over the "
                       f"memory budget of {mb(budget)}; "
-                      f"most of it is held by {layers}. To fit: {drop}use a smaller batch, or run "
-                      f"`edgetune search --budget {budget / 2**20:.0f}MB` for a scheme that fits")
+                      f"most of it is held by {layers}. To fit: {drop}use a smaller batch, or search for a "
+                      f"scheme that fits: `edgetune search --budget {_budget_text(budget)}` (`search-lm` for a "
+                      "language model)")
+
+
+def _budget_text(budget: int) -> str:
+    """A budget as the CLI reads it back: MB, or KB below one MB (never '0MB')."""
+    return f"{budget / 2**20:.4g}MB" if budget >= 2**20 else f"{math.ceil(budget / 2**10)}KB"
 
 
 def _check_same(what: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:

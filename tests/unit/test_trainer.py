@@ -406,6 +406,17 @@ def test_budgets_are_read_in_mb_of_two_to_the_twentieth():
     for bad in ("lots", "-1MB", 0):
         with pytest.raises(ValueError, match="budget"):
             parse_bytes(bad)
+    with pytest.raises(ValueError, match=r"the budget '12' has no unit: write 12MB \(or KB, GB; B for bytes\)"):
+        parse_bytes("12")
+    assert parse_bytes("12B") == 12
+
+
+def test_the_budget_hint_is_a_budget_the_cli_reads_back():
+    from edgetune.compiler.trainer import _budget_text
+
+    for budget in (12, 3000, 2**20, 40 * 2**20 + 12345, 3 * 2**30):
+        assert parse_bytes(_budget_text(budget)) >= budget * 0.999  # never rounded to 0MB
+    assert _budget_text(12) == "1KB" and _budget_text(64 * 2**20) == "64MB"
 
 
 def test_a_checkpoint_is_safetensors_and_loads_without_unpickling(tmp_path, monkeypatch):
