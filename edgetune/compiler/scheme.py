@@ -592,7 +592,12 @@ def _options(text: str, convert: Callable[[str], Any]) -> dict[str, Any]:
 def parse(spec: str) -> SchemeLike:
     """A scheme as a user gives it on the command line: a JSON file, or a short spelling
     (`from_string`)."""
-    return from_file(spec) if os.path.exists(spec) else from_string(spec)
+    if os.path.exists(spec):
+        return from_file(spec)
+    if spec.lower().endswith(".json"):  # meant as a file: say so, not "unknown scheme"
+        raise SchemeError(f"scheme file {spec} does not exist (a scheme is a JSON file or a short spelling such "
+                          "as full, bias_only, last:3)")
+    return from_string(spec)
 
 
 def from_file(path: str) -> SchemeLike:

@@ -23,6 +23,8 @@ def test_plan_reads_a_json_scheme_file(tmp_path, capsys):
 def test_bad_scheme_is_a_clear_error(capsys):
     assert main(["plan", "--model", "resnet", "--scheme", "{'oops'"]) == 2
     assert "unknown scheme" in capsys.readouterr().err
+    assert main(["plan", "--model", "resnet", "--scheme", "no/such/scheme.json"]) == 2
+    assert "scheme file no/such/scheme.json does not exist" in capsys.readouterr().err
 
 
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
