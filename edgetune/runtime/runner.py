@@ -246,9 +246,9 @@ def _checked(batch: tuple, specs: list[dict], what: str) -> list[np.ndarray]:
 
 def _refuse_bad_values(arrays: list[np.ndarray], specs: list[dict], finite: bool) -> None:
     """RunnerError before anything runs, as the Trainer refuses such a batch: an index outside
-    the table it indexes (the exported Gather would read a negative one from the end, and
-    onnxruntime checks no bound on some paths), or, where `finite`, a NaN or inf in a float
-    array (the step's guard would skip its updates but count the step)."""
+    the table it indexes (the exported Gather reads a negative one from the end: label -1
+    would train as the last class), or, where `finite`, a NaN or inf in a float array (the
+    step's guard would skip its updates but count the step)."""
     for position, (spec, array) in enumerate(zip(specs, arrays)):
         what = f"array {position} ({spec['kind']} {spec['name']})"
         for table in spec.get("indexes", ()):
