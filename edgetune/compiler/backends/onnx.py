@@ -401,8 +401,9 @@ def _as_rank(onnx: Any, model: Any, name: str, rank: int, constants: dict, nodes
 def _describe_indexes(entries: list[dict[str, Any]], graph: Graph) -> None:
     """Each batch tensor that indexes a table (token ids, class labels) gets "indexes": the
     table's size and the values it may also hold (an ignore_index). ONNX's Gather takes a
-    negative index from the end and the runtimes do not check the rest, so a runner checks the
-    values itself before a step (runtime/runner.py), as the Trainer does."""
+    negative index from the end (label -1 would train as the last class), so a runner checks
+    the values itself before a step (runtime/runner.py, web/static/edgetune-web.js), as the
+    Trainer does."""
     uses: dict[int, list[dict[str, Any]]] = {}
     for use in index_uses(graph):
         uses.setdefault(use.position, []).append({"size": use.size, "ignored": sorted(use.ignored),
