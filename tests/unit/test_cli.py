@@ -98,7 +98,7 @@ def test_search_reuses_measured_contributions_and_fits_the_budget(tmp_path, caps
     # measurements spread (2.42-2.67 MB in six runs on a quiet machine; CI's load spreads them further).
     head_only = json.loads((tmp_path / "a.search.json").read_text())["history"][-1]["head_only_measured_bytes"]
     run = tmp_path / "run"
-    assert main(["finetune", *common, "--scheme", "auto", "--budget", str(int(head_only * 1.5)), "--epochs", "1",
+    assert main(["finetune", *common, "--scheme", "auto", "--budget", f"{int(head_only * 1.5)}B", "--epochs", "1",
                  "--val-limit", "40", "--no-progress", "--out", str(run)]) == 0
     second = capsys.readouterr().out
     assert "(cached)" not in first and second.count("(cached)") == first.count("accuracy")

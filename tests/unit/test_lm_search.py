@@ -199,7 +199,7 @@ def test_finetune_lm_fits_a_given_scheme_to_its_budget_or_refuses_it(tmp_path, c
     common = ["finetune-lm", "--model", "tiny-llama", "--data", write_chats(tmp_path / "c.jsonl", 8), "--seq-len", "24",
               "--batch", "2", "--scheme", "lora:4", "--steps", "1", "--no-progress"]
     # a byte under the step as it is: only recomputed blocks make it fit
-    assert main([*common, "--budget", str(plain - 1), "--out", str(tmp_path / "fitted")]) == 0
+    assert main([*common, "--budget", f"{plain - 1}B", "--out", str(tmp_path / "fitted")]) == 0
     assert (tmp_path / "fitted" / "adapter").is_dir()
     assert main([*common, "--budget", "1KB", "--out", str(tmp_path / "refused")]) == 2
     assert "over the memory budget of 0.00 MB" in capsys.readouterr().err
