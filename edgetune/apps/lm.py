@@ -311,7 +311,8 @@ def load_trained(model: torch.nn.Module, path: str) -> dict[str, str]:
     wrong = [n for n, t in tensors.items() if n not in own or own[n].shape != t.shape]
     if wrong:
         raise ValueError(f"{path} does not fit this model: {wrong[:3]} (of {len(wrong)}) are not its weights "
-                         "or have other shapes; load it into the model it was trained from (--model)")
+                         "or have other shapes; load it into the model it was trained from (the same --model, "
+                         "and for a classifier the same --classes)")
     model.load_state_dict(tensors, strict=False)
     with safe_open(path, "pt") as f:
         return f.metadata() or {}

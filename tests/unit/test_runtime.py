@@ -240,6 +240,15 @@ def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch
     losses = [runner.step(x, np.array([1, 3])) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # one batch, fitted a little more each step
     assert main(["export", "--model", "nope", "--out", str(out)]) == 2
+    from safetensors.torch import save_file
+
+    from edgetune.models import build
+
+    save_file(build("resnet", num_classes=10).state_dict(), tmp_path / "ten.safetensors")
+    capsys.readouterr()
+    assert main(["export", "--model", "resnet", "--size", "16", "--classes", "3", "--weights",
+                 str(tmp_path / "ten.safetensors"), "--out", str(tmp_path / "three")]) == 2
+    assert "the same --model, and for a classifier the same --classes" in capsys.readouterr().err
 
 
 def test_the_export_command_takes_a_language_model_with_its_weights(tmp_path, monkeypatch, capsys):
