@@ -249,8 +249,9 @@ ALL_OPTIMIZERS = OPTIMIZERS + ("galore",)
 def by_name(name: str, lr: float, weight_decay: float | None = None, **galore):
     """The optimizer a command line or a settings file names: "sgd" (with momentum 0.9, as
     every edgetune run uses it), "adamw", "adafactor" (torch's defaults but the rate), "mezo"
-    (zeroth-order, forward passes only: edgetune.compiler.zo), or "galore" (`galore`: its rank, update_gap, scale; each None or
-    left out takes GaLore's default); weight decay defaults to each one's own default."""
+    (zeroth-order, forward passes only: edgetune.compiler.zo), or "galore" (`galore`: its rank,
+    update_gap, scale; each None or left out takes GaLore's default); weight decay defaults to
+    each one's own default."""
     decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     galore = {k: v for k, v in galore.items() if v is not None}
     if galore and name != "galore":

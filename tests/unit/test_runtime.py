@@ -227,7 +227,10 @@ def test_a_step_onnxruntime_has_no_kernels_for_is_refused_with_what_to_do(tmp_pa
 
 
 def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
     from edgetune.cli import main
+    from edgetune.models import build
     from edgetune.runtime import StepRunner
 
     monkeypatch.setenv("EDGETUNE_MEASURE_SCRATCH", "0")
@@ -240,10 +243,6 @@ def test_the_export_command_writes_a_step_the_runner_takes(tmp_path, monkeypatch
     losses = [runner.step(x, np.array([1, 3])) for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # one batch, fitted a little more each step
     assert main(["export", "--model", "nope", "--out", str(out)]) == 2
-    from safetensors.torch import save_file
-
-    from edgetune.models import build
-
     save_file(build("resnet", num_classes=10).state_dict(), tmp_path / "ten.safetensors")
     capsys.readouterr()
     assert main(["export", "--model", "resnet", "--size", "16", "--classes", "3", "--weights",
