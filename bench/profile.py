@@ -42,9 +42,8 @@ def timed_step(compiled) -> tuple[types.FunctionType, Counter, Counter]:
     """The compiled step's function again, its kernels wrapped: (fn, seconds by op, calls by op)."""
     seconds, calls = Counter(), Counter()
     namespace = dict(compiled.fn.__globals__)
-    for name, kernel in list(namespace.items()):
-        if name.startswith("_op_"):
-            namespace[name] = _timed(name.removeprefix("_op_"), kernel, seconds, calls)
+    for name, op in compiled.kernel_ops.items():  # the generic kernels and those bound to one node
+        namespace[name] = _timed(op, namespace[name], seconds, calls)
     return types.FunctionType(compiled.fn.__code__, namespace), seconds, calls
 
 

@@ -151,6 +151,46 @@ def test_conv_kernels_give_channels_last_on_the_cpu(layout):
         assert gx.is_contiguous(memory_format=torch.channels_last) == cl
 
 
+@pytest.mark.parametrize("kw, shapes", [
+    (dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1), ((2, 4, 5, 3), (6, 4, 1, 1))),  # 1x1
+    (dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=4), ((1, 4, 7, 6), (4, 1, 3, 3))),  # depthwise
+    (dict(stride=(1, 1), padding=(1, 1), dilation=(2, 2), groups=2), ((2, 4, 6, 6), (6, 2, 3, 3))),  # grouped
+    (dict(stride=(2, 1), padding=(0, 0), dilation=(1, 1), groups=1), ((1, 3, 5, 5), (2, 3, 2, 2))),  # strided
+], ids=["pointwise", "depthwise", "grouped", "strided"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_kernels_bound_at_compile_time_give_the_generic_kernels_bits(layout, kw, shapes, bias):
+    """OpDef.bind: the torch backend calls these instead of the generic kernels on the CPU."""
+    from edgetune.compiler.ir.graph import Node
+    from edgetune.compiler.ir.ops.registry import OPS
+
+    x, w = torch.randn(shapes[0]), torch.randn(shapes[1])
+    b = torch.randn(w.shape[0]) if bias else None
+    leaf = lambda v: Node("input", (), {}, tuple(v.shape), v.dtype)  # noqa: E731
+    cpu = torch.device("cpu")
+    for x_in in (x, x.contiguous(memory_format=torch.channels_last)):  # as the frontend gives it, or NHWC
+        y = OPS["conv"].kernel(x_in, w, b, **kw)
+        g = torch.randn(y.shape).contiguous(memory_format=torch.channels_last)
+        ins = (leaf(x), leaf(w)) + ((leaf(b),) if bias else ())
+        conv = Node("conv", ins, kw, tuple(y.shape), y.dtype)
+        grad_input = Node("conv_grad_input", (leaf(g), leaf(w)), {**kw, "input_shape": tuple(x.shape)}, tuple(x.shape),
+                          x.dtype)
+        grad_weight = Node("conv_grad_weight", (leaf(x), leaf(g)), {**kw, "weight_shape": tuple(w.shape)},
+                           tuple(w.shape), w.dtype)
+        generic = (y, OPS["conv_grad_input"].kernel(g, w, **grad_input.attrs),
+                   OPS["conv_grad_weight"].kernel(x_in, g, **grad_weight.attrs))
+        args = ((x_in, w) + ((b,) if bias else ()), (g, w), (x_in, g))
+        for node, want, got_args in zip((conv, grad_input, grad_weight), generic, args):
+            kernel = OPS[node.op].bind(node, cpu)
+            if layout == "nchw":
+                assert kernel is None  # the generic kernels serve
+                continue
+            if kernel is None:  # bound only where it saves work (a 1x1 weight gradient)
+                assert node.op == "conv_grad_weight"
+                continue
+            got = kernel(*got_args)
+            assert torch.equal(got, want) and got.stride() == want.stride(), node.op
+
+
 def test_conv_padding_same():
     check_grads(lambda x, w: F.conv2d(x, w, padding="same"), t(1, 2, 6, 5), t(3, 2, 3, 3))
     check_grads(lambda x, w: F.conv1d(x, w, padding="same", dilation=2), t(2, 2, 7), t(3, 2, 4))

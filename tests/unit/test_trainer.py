@@ -470,17 +470,24 @@ def test_a_checkpoint_of_another_model_is_refused_before_anything_loads(tmp_path
 
 # -- non-finite steps ---------------------------------------------------------------------------
 
-def _nan_in(trainer, kernel):
-    """Make one kernel of the compiled step return NaN in its first entry (an injected fault)."""
+def _nan_in(trainer, op):
+    """Make every call of one op in the compiled step return NaN in its first entry (an
+    injected fault), through its generic kernel and those bound to one node. Returns the
+    real kernels by name, for putting back."""
     namespace = trainer.compiled.fn.__globals__
-    real = namespace[f"_op_{kernel}"]
+    names = [name for name, of in trainer.compiled.kernel_ops.items() if of == op]
+    real = {name: namespace[name] for name in names}
+    assert any(name in trainer.compiled.source for name in names), f"the step calls no {op}"
 
-    def faulty(*args, **kwargs):
-        out = real(*args, **kwargs)
-        out[(0,) * out.dim()] = float("nan")  # the first entry, whatever the layout
-        return out
+    def faulty(kernel):
+        def call(*args, **kwargs):
+            out = kernel(*args, **kwargs)
+            out[(0,) * out.dim()] = float("nan")  # the first entry, whatever the layout
+            return out
+        return call
 
-    namespace[f"_op_{kernel}"] = faulty
+    namespace.update({name: faulty(kernel) for name, kernel in real.items()})
+    return real
 
 
 def _guarded(on_nonfinite="skip", mode="eval", optimizer=None):
@@ -495,10 +502,9 @@ def _guarded(on_nonfinite="skip", mode="eval", optimizer=None):
 def test_a_nan_loss_skips_every_update_and_buffer_write():
     model, trainer = _guarded(mode="train")
     before = snapshot(model, trainer)
-    real = trainer.compiled.fn.__globals__["_op_conv"]
-    _nan_in(trainer, "conv")  # a NaN in the forward (a batch with one is refused before the step)
+    real = _nan_in(trainer, "conv")  # a NaN in the forward (a batch with one is refused before the step)
     loss = trainer.step(*batch(seed=2))
-    trainer.compiled.fn.__globals__["_op_conv"] = real
+    trainer.compiled.fn.__globals__.update(real)
     assert loss != loss and trainer.last_step.skipped == trainer.last_step.writes == 4 + 6  # 6 BN buffers
     after = snapshot(model, trainer)
     assert all(torch.equal(v, after[0][k]) for k, v in before[0].items())  # BN running stats too

@@ -3,7 +3,8 @@
 Each node is one line; each value is deleted right after its last use, so peak memory
 follows the memory plan. Constants are moved to the step's device once, at compile time;
 small values computed from held tensors that no step writes are computed once and kept
-(backends/invariants.py).
+(backends/invariants.py). A kernel whose op binds one per node (OpDef.bind: a convolution on the
+CPU) is called with the node's inputs alone, its choices made here once.
 The generated source is readable (`EDGETUNE_DEBUG=2` prints it, `CompiledStep.source`).
 
 A guarded effect (an update whose `attrs["guarded"]` is "skip" or "raise") takes a bool
@@ -29,6 +30,9 @@ from edgetune import procmem
 HOIST_INVARIANTS = True
 # The updates of small tensors (biases, norms) run together, as multi-tensor ops (backends/grouped.py).
 GROUP_UPDATES = True
+# Kernels with choices of their own (a 1x1 conv as a matrix product, the layout) make them
+# once, at compile time, for each node (OpDef.bind).
+BIND_KERNELS = True
 
 
 class NonFiniteError(FloatingPointError):
@@ -77,10 +81,16 @@ class CompiledStep:
         self.inputs = graph.inputs
         self.watch = FaultWatch() if device.type == "cpu" and procmem.minor_faults() is not None else None
         hoisted = hoist(graph, keep_bytes) if HOIST_INVARIANTS else Hoisted()
-        self.source = generate(graph, hoisted, keep_bytes if GROUP_UPDATES else 0)
+        bound = bind_kernels(graph, device) if BIND_KERNELS else {}
+        self.source = generate(graph, hoisted, keep_bytes if GROUP_UPDATES else 0, set(bound))
         namespace: dict[str, Any] = {"torch": torch, "device": torch.device, "NonFiniteError": NonFiniteError}
         namespace.update({f"_op_{name}": op.kernel for name, op in OPS.items()})
         namespace["_op_update_group"] = run_group
+        namespace.update({_bound_name(n): kernel for n, kernel in bound.items()})
+        # The name in the step's namespace of each kernel it calls -> its op (for bench.profile,
+        # and for tests that put a fault into one op's calls).
+        self.kernel_ops = {f"_op_{name}": name for name in OPS} | {"_op_update_group": "update_group"} \
+            | {_bound_name(n): n.op for n in bound}
         namespace.update({n.name: n.attrs["value"].to(device) for n in graph.nodes if n.op == "const"})
         exec(compile(self.source, "<edgetune step>", "exec"), namespace)
         self.fn = namespace["_edgetune_step"]
@@ -100,10 +110,11 @@ class CompiledStep:
         return out
 
 
-def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0) -> str:
+def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0, bound: set[Node] = frozenset()) -> str:
     """The step's source: `_edgetune_step` and, where values are hoisted out of it
     (backends/invariants.py), `_edgetune_prologue`, which computes them. With `group_bytes`,
-    the small updates run in groups whose gradients hold at most that (backends/grouped.py)."""
+    the small updates run in groups whose gradients hold at most that (backends/grouped.py).
+    The nodes in `bound` call their own kernel (`bind_kernels`) with their inputs alone."""
     hoisted = hoisted or Hoisted()
     params = ", ".join(n.name for n in graph.inputs)
     lines = [f"def _edgetune_step({params}):", "    _skipped = 0"]
@@ -113,11 +124,11 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0)
     step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in hoisted.only_once]
     if group_bytes:
         step = group_updates(step, group_bytes)
-    lines += _body(step, keep=set(graph.outputs.values()))
+    lines += _body(step, keep=set(graph.outputs.values()), bound=bound)
     outputs = [f"{k!r}: {v.name}" for k, v in graph.outputs.items()] + ["'skipped': _skipped"]
     lines.append(f"    return {{{', '.join(outputs)}}}")
     if hoisted:
-        lines = ([f"def _edgetune_prologue({reads}):"] + _body(hoisted.prologue, keep=set(hoisted.kept))
+        lines = ([f"def _edgetune_prologue({reads}):"] + _body(hoisted.prologue, keep=set(hoisted.kept), bound=bound)
                  + [f"    return ({kept},)", ""] + lines)
     return "\n".join(lines) + "\n"
 
@@ -126,22 +137,25 @@ def _names(nodes: list[Node]) -> str:
     return ", ".join(n.name for n in nodes)
 
 
-def _body(nodes: list[Node | UpdateGroup], keep: set[Node]) -> list[str]:
+def _body(nodes: list[Node | UpdateGroup], keep: set[Node], bound: set[Node]) -> list[str]:
     """One line per node, each value deleted right after its last use unless `keep` has it."""
     last = _last_uses(nodes, keep)
     lines = []
     for pos, n in enumerate(nodes):
-        lines += ["    " + line for line in ([n.line()] if isinstance(n, UpdateGroup) else _lines(n))]
+        lines += ["    " + line for line in ([n.line()] if isinstance(n, UpdateGroup) else _lines(n, n in bound))]
         if last.get(pos):
             lines.append(f"    del {', '.join(m.name for m in last[pos])}")
     return lines
 
 
-def _lines(n: Node) -> list[str]:
+def _lines(n: Node, bound: bool = False) -> list[str]:
     guard = n.attrs.get("guarded")
     inputs, attrs = (n.inputs[:-1], {k: v for k, v in n.attrs.items() if k != "guarded"}) if guard else (n.inputs, n.attrs)
-    args = [i.name for i in inputs] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
-    call = f"_op_{n.op}({', '.join(args)})"
+    if bound:  # its attributes are in the kernel
+        call = f"{_bound_name(n)}({', '.join(i.name for i in inputs)})"
+    else:
+        args = [i.name for i in inputs] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
+        call = f"_op_{n.op}({', '.join(args)})"
     where = f"  # {n.meta['module']}" if n.meta.get("module") else ""
     line = (call if is_effect(n) else f"{n.name} = {call}") + where
     if guard == "skip":
@@ -149,6 +163,21 @@ def _lines(n: Node) -> list[str]:
     if guard == "raise":
         return [f"if not {n.inputs[-1].name}:", "    raise NonFiniteError('the loss or a gradient is not finite')", line]
     return [line]
+
+
+def bind_kernels(graph: Graph, device: torch.device) -> dict[Node, Any]:
+    """Node -> its own kernel, where its op binds one (OpDef.bind) and the node is not guarded."""
+    bound = {}
+    for n in graph.nodes:
+        bind = getattr(OPS.get(n.op), "bind", None)
+        kernel = bind(n, device) if bind is not None and "guarded" not in n.attrs else None
+        if kernel is not None:
+            bound[n] = kernel
+    return bound
+
+
+def _bound_name(n: Node) -> str:
+    return f"_bound_{n.name}"
 
 
 def _literal(v: Any) -> str:

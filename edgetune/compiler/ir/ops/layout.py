@@ -24,6 +24,11 @@ def channels_last_here(t: torch.Tensor) -> bool:
     return CPU_CHANNELS_LAST and t.dim() == 4 and t.device.type == "cpu"
 
 
+def channels_last_on(device: torch.device, shape: tuple) -> bool:
+    """The same for a tensor of this shape on this device, known at compile time."""
+    return CPU_CHANNELS_LAST and len(shape) == 4 and device.type == "cpu"
+
+
 def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     """t itself when already in NHWC memory, else an NHWC copy."""
     return t.contiguous(memory_format=torch.channels_last)

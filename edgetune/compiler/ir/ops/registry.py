@@ -27,6 +27,12 @@ class OpDef:
     # context (edgetune.compiler.backends.onnx.LoweringContext) and returns the output's name;
     # an effect returns the new value of each input it mutates, in `mutated_inputs` order.
     onnx: Callable[..., Any] | None = None
+    # `bind(node, device) -> kernel or None`: a kernel for this one node, its attributes and its
+    # inputs' shapes fixed at compile time, called with the node's inputs alone; the torch
+    # backend calls it instead of `kernel(*inputs, **attrs)`. For a kernel whose own choices
+    # (layout, a matrix product for a 1x1 conv) cost more than the arithmetic at batch 1. It
+    # must give `kernel`'s values bit for bit; None where the generic kernel serves.
+    bind: Callable[[Node, torch.device], Callable[..., Any] | None] | None = None
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:
