@@ -3,6 +3,8 @@ element, on either packing route (numpy on the CPU, the generic one elsewhere), 
 rule's bounds, across chunk edges, and written over its input."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -92,3 +94,51 @@ def test_image_masks_whatever_the_layouts(monkeypatch, channels_last, y_layout, 
     assert torch.equal(out, expected)
     # written over the gradient wherever its memory is in the bits' order
     assert (out.data_ptr() == into.data_ptr()) == (not channels_last and g_layout == "nchw" or channels_last and g_layout == "cl")
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("y_layout, g_layout", [("cl", "cl"), ("nchw", "cl"), ("cl", "nchw")])
+@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_kernels_bound_at_compile_time_give_the_generic_kernels_bits(monkeypatch, channels_last, y_layout,
+                                                                         g_layout, rule, dtype):
+    """OpDef.bind: the torch backend calls these on the CPU for a mask of one chunk; a gradient
+    whose memory is not in the bits' order gets a fresh result, as from the generic kernel."""
+    from edgetune.compiler.ir.graph import Node
+    from edgetune.compiler.ir.ops import layout
+
+    monkeypatch.setattr(layout, "CPU_CHANNELS_LAST", channels_last)
+
+    def laid_out(t, name):
+        return t.contiguous(memory_format=torch.channels_last if name == "cl" else torch.contiguous_format)
+
+    y = laid_out(activation_output(rule, 2 * 5 * 7 * 3, dtype).view(2, 5, 7, 3), y_layout)
+    g = laid_out(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype), g_layout)
+    attrs = RULES[rule][1]
+    y_node = Node("input", (), {}, tuple(y.shape), dtype)
+    pack = Node("pack_mask", (y_node,), dict(rule=rule, rule_attrs=attrs), (math.ceil(y.numel() / 8),), torch.uint8)
+    packed = masks._pack_mask(y, rule=rule, rule_attrs=attrs)
+    assert torch.equal(OPS["pack_mask"].bind(pack, torch.device("cpu"))(y), packed)
+
+    g_node = Node("input", (), {}, tuple(g.shape), dtype)
+    masked = Node("masked_grad_inplace", (g_node, pack), {}, tuple(g.shape), dtype)
+    bound = OPS["masked_grad_inplace"].bind(masked, torch.device("cpu"))
+    want_into, got_into = g.clone(memory_format=torch.preserve_format), g.clone(memory_format=torch.preserve_format)
+    want, got = masks._masked_grad_inplace(want_into, packed), bound(got_into, packed)
+    assert torch.equal(got, want) and got.stride() == want.stride()
+    assert (got.data_ptr() == got_into.data_ptr()) == (want.data_ptr() == want_into.data_ptr())
+
+
+def test_masks_larger_than_a_chunk_or_not_in_numpy_keep_the_generic_kernels():
+    from edgetune.compiler.ir.graph import Node
+
+    def pack_of(shape, dtype, device="cpu"):
+        y = Node("input", (), {}, shape, dtype)
+        node = Node("pack_mask", (y,), dict(rule="relu_grad", rule_attrs={}), (math.ceil(math.prod(shape) / 8),),
+                    torch.uint8)
+        return OPS["pack_mask"].bind(node, torch.device(device))
+
+    assert pack_of((4, 8), torch.float32) is not None
+    assert pack_of((masks._CHUNK + 8,), torch.float32) is None
+    assert pack_of((4, 8), torch.bfloat16) is None
+    assert pack_of((4, 8), torch.float32, "meta") is None

@@ -18,7 +18,8 @@
 - `inplace`: the same kernel writing its result over input 0; registers `<name>_inplace`, a
   view of input 0, which passes/inplace.py uses where input 0 dies at this op;
 - `bind`: `bind(node, device) -> kernel or None`, that node's kernel with its choices made
-  once at compile time (the torch backend calls it with the node's inputs alone);
+  once at compile time (the torch backend calls it with the node's inputs alone;
+  `inplace_bind` is the same for `<name>_inplace`);
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.
 
 The registry itself is registry.py; the families live in sibling modules and are imported

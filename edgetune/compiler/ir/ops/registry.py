@@ -83,14 +83,14 @@ ATEN_NAMED: dict[str, Callable[..., Any]] = {}
 
 
 def register(name: str, kernel: Callable, vjp: VJP | None = None, *, inplace: Callable | None = None,
-             **kw: Any) -> OpDef:
+             inplace_bind: Callable | None = None, **kw: Any) -> OpDef:
     if name in OPS:
         raise ValueError(f"op {name!r} is registered twice")
     OPS[name] = OpDef(name, kernel, vjp, **kw)
     if inplace is not None:
         # Writing over input 0 is a memory matter: as a value it is the same op.
         register(f"{name}_inplace", inplace, shape=kw.get("shape"), scratch=kw.get("scratch"), view=True,
-                 onnx=kw.get("onnx"))
+                 onnx=kw.get("onnx"), bind=inplace_bind)
     return OPS[name]
 
 
