@@ -335,6 +335,35 @@ def test_max_pool2d():
                lambda: t(2, 3, 7, 8))
 
 
+def test_max_pool1d_and_plain_layout_pools_with_many_channels():
+    # The kernels take other routes for these (ATen's 1-D kernel; a channels-last copy).
+    check_each(_variants(F.max_pool1d, dict(kernel_size=4), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                         dict(kernel_size=2, dilation=2)), lambda: t(2, 17, 11))
+    check_each(_variants(F.max_pool2d, dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+               lambda: t(2, 16, 7, 8))
+
+
+@pytest.mark.parametrize("shape, pool", [
+    ((2, 32, 1, 50), dict(kernel_size=(1, 4), stride=(1, 4), padding=(0, 0), dilation=(1, 1), ceil_mode=False)),
+    ((2, 32, 1, 51), dict(kernel_size=(1, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 2), ceil_mode=True)),
+    ((2, 16, 9, 9), dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), ceil_mode=True)),
+    ((1, 3, 8, 8), dict(kernel_size=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), ceil_mode=False)),
+], ids=["1d", "1d-dilated-ceil", "16-channels", "3-channels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_pool_kernels_give_atens_values_and_argmax_on_ties_and_nan(shape, pool, dtype):
+    from edgetune.compiler.ir.ops.registry import OPS
+
+    A = torch.ops.aten
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).relu()  # ties at zero
+    x.view(-1)[5] = float("nan")
+    want, argmax = A.max_pool2d_with_indices(x, *pool.values())
+    g = torch.randn(want.shape, dtype=dtype)
+    got = OPS["max_pool2d"].kernel(x, **pool)
+    assert torch.equal(got.nan_to_num(-1.0), want.nan_to_num(-1.0)) and got.stride() == want.stride()
+    grad = OPS["max_pool2d_grad"].kernel(g, x, **pool)
+    assert torch.equal(grad, A.max_pool2d_with_indices_backward(g, x, *pool.values(), argmax))
+
+
 def test_avg_pool2d():
     check_each(_variants(F.avg_pool2d, dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1),
                          dict(kernel_size=3, stride=2, padding=1, count_include_pad=False),
