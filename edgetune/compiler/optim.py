@@ -330,7 +330,8 @@ def _adamw_update(p, g, lr, step, *rest, beta1, beta2, eps, weight_decay, part, 
     whole_state, index = _split_state(rest, n_state)
     w, write_back = _trained_part(p, part, index, touched)
     (m, v), write_state = _touched_state(whole_state, index, touched)
-    w.mul_(1 - lr * weight_decay)
+    if weight_decay:  # (a multiply by 1.0 changes no bit: without decay it is a pass over w for nothing)
+        w.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     step_size = lr / (1 - beta1 ** step)
@@ -391,7 +392,8 @@ def _sgd_update_many(ps, gs, lr, step, states, *, momentum, dampening, weight_de
 
 def _adamw_update_many(ps, gs, lr, step, states, *, beta1, beta2, eps, weight_decay):
     ms, vs = states
-    torch._foreach_mul_(ps, 1 - lr * weight_decay)
+    if weight_decay:
+        torch._foreach_mul_(ps, 1 - lr * weight_decay)
     torch._foreach_lerp_(ms, gs, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)

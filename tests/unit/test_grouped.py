@@ -20,6 +20,7 @@ OPTIMIZERS = {
     "sgd-nesterov": lambda: et.SGD(0.1, momentum=0.9, nesterov=True),
     "sgd-plain": lambda: et.SGD(0.1),
     "adamw": lambda: et.AdamW(0.01, weight_decay=0.1),
+    "adamw-no-decay": lambda: et.AdamW(0.01, weight_decay=0.0),
 }
 
 

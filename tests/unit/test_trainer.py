@@ -43,6 +43,21 @@ def test_partial_channels_match_eager_with_gradient_masks():
     assert trainer.report().trainable_params == sum(int(m.sum()) for m in masks.values())
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_adamw_matches_torch_with_and_without_weight_decay(decay):
+    model = ConvNet().eval()
+    ref = copy.deepcopy(model)
+    batches = [batch(seed=s) for s in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme={"*": "full"},
+                         optimizer=et.AdamW(lr=0.01, weight_decay=decay))
+    losses = [trainer.step(*b) for b in batches]
+    everything = {name: torch.ones_like(p, dtype=torch.bool) for name, p in ref.named_parameters()}
+    ref_losses = train_eager(ref, F.cross_entropy, batches, everything,
+                             lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=decay))
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_models_match(model, ref)
+
+
 def test_lr_changes_between_steps_without_recompiling():
     model = ConvNet()
     ref = copy.deepcopy(model)
