@@ -126,7 +126,8 @@ def layout(request, monkeypatch):
     (dict(stride=2, padding=1, groups=4), ((2, 4, 7, 6), (4, 1, 3, 3))),  # depthwise, strided
     (dict(padding=1, dilation=2, groups=2), ((2, 4, 6, 6), (6, 2, 3, 3))),
     (dict(stride=(2, 1)), ((1, 3, 5, 5), (2, 3, 2, 2))),
-], ids=["pointwise", "depthwise", "grouped", "strided"])
+    (dict(padding=1), ((1, 6, 2, 2), (8, 6, 3, 3))),  # a weight 12x its input: run in the plain layout
+], ids=["pointwise", "depthwise", "grouped", "strided", "weight-heavy"])
 def test_conv_in_both_layouts(layout, kw, shapes):
     x, w = (t(*s) for s in shapes)
     check_grads(lambda x, w, b: F.conv2d(x, w, b, **kw), x, w, t(w.shape[0]))
@@ -138,9 +139,10 @@ def test_conv_kernels_give_channels_last_on_the_cpu(layout):
     from edgetune.compiler.ir.ops.registry import OPS
 
     x, w = torch.randn(2, 4, 6, 6), torch.randn(4, 1, 3, 3)
-    for kw in (dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4),
-               dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)):
-        weight = w if kw["groups"] == 4 else torch.randn(5, 4, 1, 1)
+    heavy = torch.randn(40, 4, 3, 3)  # 1440 weight entries over a 288-entry input: the plain layout inside
+    for kw, weight in ((dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=4), w),
+                       (dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1), torch.randn(5, 4, 1, 1)),
+                       (dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), heavy)):
         y = OPS["conv"].kernel(x, weight, **kw)
         g = torch.randn(y.shape)
         gx = OPS["conv_grad_input"].kernel(g, weight, input_shape=tuple(x.shape), **kw)
@@ -156,7 +158,8 @@ def test_conv_kernels_give_channels_last_on_the_cpu(layout):
     (dict(stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=4), ((1, 4, 7, 6), (4, 1, 3, 3))),  # depthwise
     (dict(stride=(1, 1), padding=(1, 1), dilation=(2, 2), groups=2), ((2, 4, 6, 6), (6, 2, 3, 3))),  # grouped
     (dict(stride=(2, 1), padding=(0, 0), dilation=(1, 1), groups=1), ((1, 3, 5, 5), (2, 3, 2, 2))),  # strided
-], ids=["pointwise", "depthwise", "grouped", "strided"])
+    (dict(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1), ((1, 6, 2, 2), (8, 6, 3, 3))),  # weight-heavy
+], ids=["pointwise", "depthwise", "grouped", "strided", "weight-heavy"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_conv_kernels_bound_at_compile_time_give_the_generic_kernels_bits(layout, kw, shapes, bias):
     """OpDef.bind: the torch backend calls these instead of the generic kernels on the CPU."""
