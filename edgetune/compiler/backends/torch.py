@@ -151,12 +151,14 @@ def _body(nodes: list[Node | UpdateGroup], keep: set[Node], bound: set[Node]) ->
 def _lines(n: Node, bound: bool = False) -> list[str]:
     guard = n.attrs.get("guarded")
     inputs, attrs = (n.inputs[:-1], {k: v for k, v in n.attrs.items() if k != "guarded"}) if guard else (n.inputs, n.attrs)
-    if bound:  # its attributes are in the kernel
+    if bound:  # its attributes are in the kernel; the comment keeps them for the reader
         call = f"{_bound_name(n)}({', '.join(i.name for i in inputs)})"
+        facts = [n.op] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
+        where = f"  # {n.meta.get('module') or ''} {' '.join(facts)}".rstrip()
     else:
         args = [i.name for i in inputs] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
         call = f"_op_{n.op}({', '.join(args)})"
-    where = f"  # {n.meta['module']}" if n.meta.get("module") else ""
+        where = f"  # {n.meta['module']}" if n.meta.get("module") else ""
     line = (call if is_effect(n) else f"{n.name} = {call}") + where
     if guard == "skip":
         return [f"if {n.inputs[-1].name}:", f"    {line}", "else:", "    _skipped += 1"]
