@@ -127,7 +127,8 @@ def layout(request, monkeypatch):
     (dict(padding=1, dilation=2, groups=2), ((2, 4, 6, 6), (6, 2, 3, 3))),
     (dict(stride=(2, 1)), ((1, 3, 5, 5), (2, 3, 2, 2))),
     (dict(padding=1), ((1, 6, 2, 2), (8, 6, 3, 3))),  # a weight 12x its input: run in the plain layout
-], ids=["pointwise", "depthwise", "grouped", "strided", "weight-heavy"])
+    (dict(padding=2, groups=6), ((2, 6, 3, 3), (6, 1, 5, 5))),  # a 5x5 depthwise weight gradient over few pixels
+], ids=["pointwise", "depthwise", "grouped", "strided", "weight-heavy", "small-5x5-depthwise"])
 def test_conv_in_both_layouts(layout, kw, shapes):
     x, w = (t(*s) for s in shapes)
     check_grads(lambda x, w, b: F.conv2d(x, w, b, **kw), x, w, t(w.shape[0]))

@@ -39,6 +39,20 @@ def _weight_heavy(x_shape, w_shape) -> bool:
     return math.prod(w_shape) >= WEIGHT_HEAVY * math.prod(x_shape)
 
 
+# oneDNN's channels-last weight gradient of a grouped conv with a kernel larger than 3x3 is
+# slow over few pixels (EfficientNet's 5x5 depthwise convs in its last stages): measured one
+# call at a time, one thread, plain against channels-last, [1, 1152, 3, 3] 0.62-0.76 against
+# 1.7-3.5 ms, [1, 672, 6, 6] stride 2 0.37-0.47 against 1.0, stride 1 0.77-0.87 against 1.1-1.8;
+# from [1, 240, 12, 12] (144 output pixels) channels-last is the faster (0.63-0.71 against
+# 0.76-0.83), and for 3x3 kernels it is at every size measured.
+SMALL_GROUPED_GRAD_PIXELS = 64  # output pixels, the batch's together
+
+
+def _small_grouped_weight_grad(g_shape, w_shape, groups) -> bool:
+    return (groups > 1 and math.prod(w_shape[2:]) > 9
+            and g_shape[0] * math.prod(g_shape[2:]) <= SMALL_GROUPED_GRAD_PIXELS)
+
+
 def _conv(x, w, b=None, *, stride, padding, dilation, groups):
     pointwise = is_pointwise(w.shape, stride, padding, groups)
     if channels_last_here(x):  # layout.py: oneDNN's NHWC kernels, one product for a 1x1 conv
@@ -82,8 +96,8 @@ def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
     if channels_last_here(x):
         if pointwise:  # [Co, pixels] times [pixels, Ci]: one product over the whole batch
             return (pixel_major(g).t() @ pixel_major(x)).view(weight_shape)
-        x, g = (x.contiguous(), g.contiguous()) if _weight_heavy(x.shape, weight_shape) else \
-            (to_channels_last(x), to_channels_last(g))
+        plain = _weight_heavy(x.shape, weight_shape) or _small_grouped_weight_grad(g.shape, weight_shape, groups)
+        x, g = (x.contiguous(), g.contiguous()) if plain else (to_channels_last(x), to_channels_last(g))
     elif x.shape[0] == 1 and pointwise:
         # One sample: g [Co, pixels] times x [pixels, Ci], a single BLAS product without
         # copies, 1.2-1.9x faster than ATen's at MobileNetV2's 1x1 shapes (with more samples
