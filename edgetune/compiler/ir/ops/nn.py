@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from edgetune.compiler.ir.ops.registry import ChannelSlice, aten, register
 from edgetune.compiler.ir.ops.core import scalar
-from edgetune.compiler.ir.ops.layout import (channels_last_here, channels_last_on, empty_channels_last, from_pixel_major,
-                                             memory_format_of, pixel_major, to_channels_last)
+from edgetune.compiler.ir.ops.layout import (channels_last_here, channels_last_on, empty_channels_last,
+                                             from_pixel_major, memory_format_of, pixel_major, to_channels_last)
 
 A = torch.ops.aten
 
@@ -831,7 +831,7 @@ def _(b, x, w, bias, n, c, hw, groups, eps):
 _COPY_TO_CHANNELS_LAST_FROM = 16  # channels
 
 
-def _pools_along_width_only(x, kernel_size, stride, padding, dilation) -> bool:
+def _pools_along_width_only(x, kernel_size, stride, padding) -> bool:
     """A MaxPool1d as torch.export gives it: [N, C, 1, L], windows along L."""
     return x.dim() == 4 and x.shape[2] == 1 and kernel_size[0] == stride[0] == 1 and padding[0] == 0
 
@@ -842,8 +842,9 @@ def _channels_last_pays(x) -> bool:
 
 
 def _max_pool(x, *, kernel_size, stride, padding, dilation, ceil_mode):
-    if x.device.type == "cpu" and _pools_along_width_only(x, kernel_size, stride, padding, dilation):
-        return A.max_pool1d(x.squeeze(2), kernel_size[1:], stride[1:], padding[1:], dilation[1:], ceil_mode).unsqueeze(2)
+    if x.device.type == "cpu" and _pools_along_width_only(x, kernel_size, stride, padding):
+        along_width = A.max_pool1d(x.squeeze(2), kernel_size[1:], stride[1:], padding[1:], dilation[1:], ceil_mode)
+        return along_width.unsqueeze(2)
     if _channels_last_pays(x):
         pooled = A.max_pool2d_with_indices(to_channels_last(x), kernel_size, stride, padding, dilation, ceil_mode)[0]
         return pooled.contiguous()  # the layout it came in
