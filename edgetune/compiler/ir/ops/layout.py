@@ -40,12 +40,6 @@ def pixel_major(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
-def from_pixel_major(rows: torch.Tensor, shape: tuple) -> torch.Tensor:
-    """[N*H*W, C] rows back to a channels-last [N, C, H, W] view."""
-    n, c, h, w = shape
-    return rows.view(n, h, w, c).permute(0, 3, 1, 2)
-
-
 def empty_channels_last(shape: tuple, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
 

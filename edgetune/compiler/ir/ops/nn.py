@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from edgetune.compiler.ir.ops.registry import ChannelSlice, aten, register
 from edgetune.compiler.ir.ops.core import scalar
-from edgetune.compiler.ir.ops.layout import (channels_last_here, channels_last_on, empty_channels_last,
-                                             from_pixel_major, memory_format_of, pixel_major, to_channels_last)
+from edgetune.compiler.ir.ops.layout import channels_last_here, channels_last_on, memory_format_of, to_channels_last
 
 A = torch.ops.aten
 
@@ -54,51 +53,32 @@ def _small_grouped_weight_grad(g_shape, w_shape, groups) -> bool:
 
 
 def _conv(x, w, b=None, *, stride, padding, dilation, groups):
-    pointwise = is_pointwise(w.shape, stride, padding, groups)
     if channels_last_here(x):  # layout.py: oneDNN's NHWC kernels, one product for a 1x1 conv
-        if pointwise:
-            rows = pixel_major(x)
-            y = rows @ w.flatten(1).t() if b is None else torch.addmm(b, rows, w.flatten(1).t())
-            return from_pixel_major(y, (x.shape[0], w.shape[0], *x.shape[2:]))
-        if _weight_heavy(x.shape, w.shape):
-            y = A.convolution(x.contiguous(), w, b, stride, padding, dilation, False, [0] * len(stride), groups)
-            return to_channels_last(y)
-        x = to_channels_last(x)
-    elif pointwise:
+        return _channels_last_conv(tuple(x.shape), tuple(w.shape), stride, padding, dilation, groups)(x, w, b)
+    if is_pointwise(w.shape, stride, padding, groups):
         y = torch.matmul(w.flatten(1), x.flatten(2)).view(x.shape[0], w.shape[0], *x.shape[2:])
         return y if b is None else y.add_(b.view(-1, *[1] * (x.dim() - 2)))
     return A.convolution(x, w, b, stride, padding, dilation, False, [0] * len(stride), groups)
 
 
 def _conv_grad_input(g, w, *, input_shape, stride, padding, dilation, groups):
-    pointwise = is_pointwise(w.shape, stride, padding, groups)
     if channels_last_here(g):
-        if pointwise:
-            return from_pixel_major(pixel_major(g) @ w.flatten(1), input_shape)
-        if _weight_heavy(input_shape, w.shape):
-            return to_channels_last(A.convolution_backward(g.contiguous(), g.new_empty(input_shape), w, None, stride,
-                                                           padding, dilation, False, [0] * len(stride), groups,
-                                                           [True, False, False])[0])
-        g, fake_x = to_channels_last(g), empty_channels_last(input_shape, g)
-    elif pointwise:
+        return _channels_last_conv_grad_input(tuple(input_shape), tuple(w.shape), stride, padding, dilation,
+                                              groups)(g, w)
+    if is_pointwise(w.shape, stride, padding, groups):
         return torch.matmul(w.flatten(1).t(), g.flatten(2)).view(input_shape)
-    else:
-        # Only the input's shape is needed. An uninitialized stand-in is never read, so its
-        # pages are never touched; a zero-stride expand would be copied to contiguous memory
-        # in full.
-        fake_x = g.new_empty(input_shape)
+    # Only the input's shape is needed. An uninitialized stand-in is never read, so its pages
+    # are never touched; a zero-stride expand would be copied to contiguous memory in full.
+    fake_x = g.new_empty(input_shape)
     return A.convolution_backward(g, fake_x, w, None, stride, padding, dilation, False,
                                   [0] * len(stride), groups, [True, False, False])[0]
 
 
 def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
-    pointwise = is_pointwise(weight_shape, stride, padding, groups)
     if channels_last_here(x):
-        if pointwise:  # [Co, pixels] times [pixels, Ci]: one product over the whole batch
-            return (pixel_major(g).t() @ pixel_major(x)).view(weight_shape)
-        plain = _weight_heavy(x.shape, weight_shape) or _small_grouped_weight_grad(g.shape, weight_shape, groups)
-        x, g = (x.contiguous(), g.contiguous()) if plain else (to_channels_last(x), to_channels_last(g))
-    elif x.shape[0] == 1 and pointwise:
+        return _channels_last_conv_grad_weight(tuple(x.shape), tuple(g.shape), tuple(weight_shape), stride, padding,
+                                               dilation, groups)(x, g)
+    if x.shape[0] == 1 and is_pointwise(weight_shape, stride, padding, groups):
         # One sample: g [Co, pixels] times x [pixels, Ci], a single BLAS product without
         # copies, 1.2-1.9x faster than ATen's at MobileNetV2's 1x1 shapes (with more samples
         # the product needs a transposed copy or a sum of products and is not faster).
@@ -108,28 +88,25 @@ def _conv_grad_weight(x, g, *, weight_shape, stride, padding, dilation, groups):
                                   [0] * len(stride), groups, [False, True, False])[1]
 
 
-# -- the same three kernels, bound to one node at compile time (OpDef.bind) ------------------
-# At batch 1 a step makes about a hundred convolution calls, and the generic kernels' own
-# choices (is it 1x1? which layout?) and views cost as much as a small 1x1 product: MobileNetV2's
-# 1x1 convs at batch 1, one thread, 15 us bound against 19-26 us generic. The bound kernels make
-# the same calls in the same order, so their values are the generic kernels' bit for bit.
+# -- on the CPU, channels-last: each kernel chosen from the shapes -----------------------------
+# The three functions below make a convolution's choices (a 1x1 conv as a matrix product, the
+# plain layout for a weight-heavy conv) from its shapes and return the kernel that carries
+# them out. The generic kernels above call them at each call; the torch backend calls them
+# once per node at compile time (OpDef.bind) and then calls only what they return: at batch 1
+# a step makes about a hundred convolution calls, and the choices and their views cost as much
+# as a small 1x1 product (MobileNetV2's 1x1 convs at batch 1, one thread: 15 us bound against
+# 19-26 us generic). One function for both keeps their values the same, bit for bit.
 
-def _bind_conv(n, device):
-    x, w = n.inputs[:2]
-    if not channels_last_on(device, x.shape):
-        return None
-    a = n.attrs
-    if is_pointwise(w.shape, a["stride"], a["padding"], a["groups"]):
-        batch, cin, h, wd = x.shape
-        cout = w.shape[0]
-
+def _channels_last_conv(x_shape, w_shape, stride, padding, dilation, groups):
+    batch, cin, h, wd = x_shape
+    cout = w_shape[0]
+    if is_pointwise(w_shape, stride, padding, groups):
         def conv_1x1(x, w, b=None):  # pixel rows times the weight, back to an NHWC view
             rows = F.linear(x.permute(0, 2, 3, 1).reshape(-1, cin), w.reshape(cout, cin), b)
             return rows.view(batch, h, wd, cout).permute(0, 3, 1, 2)
         return conv_1x1
-    stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
     no_output_padding = [0] * len(stride)
-    if _weight_heavy(x.shape, w.shape):
+    if _weight_heavy(x_shape, w_shape):
         def conv_plain(x, w, b=None):
             return A.convolution(x.contiguous(), w, b, stride, padding, dilation, False, no_output_padding,
                                  groups).contiguous(memory_format=torch.channels_last)
@@ -141,22 +118,16 @@ def _bind_conv(n, device):
     return conv_nhwc
 
 
-def _bind_conv_grad_input(n, device):
-    g, w = n.inputs
-    if not channels_last_on(device, g.shape):
-        return None
-    a = n.attrs
-    batch, cin, h, wd = a["input_shape"]
-    if is_pointwise(w.shape, a["stride"], a["padding"], a["groups"]):
-        cout = w.shape[0]
-
+def _channels_last_conv_grad_input(input_shape, w_shape, stride, padding, dilation, groups):
+    batch, cin, h, wd = input_shape
+    cout = w_shape[0]
+    if is_pointwise(w_shape, stride, padding, groups):
         def conv_1x1_grad_input(g, w):
             rows = torch.mm(g.permute(0, 2, 3, 1).reshape(-1, cout), w.reshape(cout, cin))
             return rows.view(batch, h, wd, cin).permute(0, 3, 1, 2)
         return conv_1x1_grad_input
-    stride, padding, dilation, groups = a["stride"], a["padding"], a["dilation"], a["groups"]
-    input_shape, mask, no_output_padding = a["input_shape"], [True, False, False], [0] * len(stride)
-    if _weight_heavy(input_shape, w.shape):
+    mask, no_output_padding = [True, False, False], [0] * len(stride)
+    if _weight_heavy(input_shape, w_shape):
         def conv_plain_grad_input(g, w):
             return A.convolution_backward(g.contiguous(), g.new_empty(input_shape), w, None, stride, padding,
                                           dilation, False, no_output_padding, groups,
@@ -170,19 +141,45 @@ def _bind_conv_grad_input(n, device):
     return conv_nhwc_grad_input
 
 
+def _channels_last_conv_grad_weight(x_shape, g_shape, weight_shape, stride, padding, dilation, groups):
+    cout, cin = weight_shape[:2]
+    if is_pointwise(weight_shape, stride, padding, groups):
+        def conv_1x1_grad_weight(x, g):  # [Co, pixels] times [pixels, Ci]: one product over the whole batch
+            g_rows, x_rows = g.permute(0, 2, 3, 1).reshape(-1, cout), x.permute(0, 2, 3, 1).reshape(-1, cin)
+            return torch.mm(g_rows.t(), x_rows).view(weight_shape)
+        return conv_1x1_grad_weight
+    mask, no_output_padding = [False, True, False], [0] * len(stride)
+    layout = (torch.contiguous_format if _weight_heavy(x_shape, weight_shape)
+              or _small_grouped_weight_grad(g_shape, weight_shape, groups) else torch.channels_last)
+
+    def conv_grad_weight(x, g):
+        fake_w = g.new_empty(weight_shape)  # shape only
+        return A.convolution_backward(g.contiguous(memory_format=layout), x.contiguous(memory_format=layout),
+                                      fake_w, None, stride, padding, dilation, False, no_output_padding, groups,
+                                      mask)[1]
+    return conv_grad_weight
+
+
+def _conv_attrs(n) -> tuple:
+    a = n.attrs
+    return a["stride"], a["padding"], a["dilation"], a["groups"]
+
+
+def _bind_conv(n, device):
+    x, w = n.inputs[:2]
+    return _channels_last_conv(x.shape, w.shape, *_conv_attrs(n)) if channels_last_on(device, x.shape) else None
+
+
+def _bind_conv_grad_input(n, device):
+    g, w = n.inputs
+    return (_channels_last_conv_grad_input(n.attrs["input_shape"], w.shape, *_conv_attrs(n))
+            if channels_last_on(device, g.shape) else None)
+
+
 def _bind_conv_grad_weight(n, device):
     x, g = n.inputs
-    a = n.attrs
-    if not channels_last_on(device, x.shape) or not is_pointwise(a["weight_shape"], a["stride"], a["padding"],
-                                                                       a["groups"]):
-        return None
-    cout, cin = a["weight_shape"][:2]
-    weight_shape = a["weight_shape"]
-
-    def conv_1x1_grad_weight(x, g):  # [Co, pixels] times [pixels, Ci]
-        g_rows, x_rows = g.permute(0, 2, 3, 1).reshape(-1, cout), x.permute(0, 2, 3, 1).reshape(-1, cin)
-        return torch.mm(g_rows.t(), x_rows).view(weight_shape)
-    return conv_1x1_grad_weight
+    return (_channels_last_conv_grad_weight(x.shape, g.shape, n.attrs["weight_shape"], *_conv_attrs(n))
+            if channels_last_on(device, x.shape) else None)
 
 
 def _conv_vjp(b, n, g, want):
