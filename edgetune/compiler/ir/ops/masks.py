@@ -220,7 +220,7 @@ def _bind_masked_grad_inplace(n, device):
         if not g.is_contiguous(memory_format=layout):
             return _masked_grad(g, packed)
         values = flat(g).numpy()  # a view of g
-        np.multiply(values, np.unpackbits(packed.numpy(), count=count, bitorder="little"), out=values)
+        np.multiply(values, _unpacked_bytes(packed, count), out=values)
         return g
     return masked_grad_inplace
 
