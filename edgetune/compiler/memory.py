@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from edgetune.compiler.ir.graph import Graph, Node
-from edgetune.compiler.ir.ops import OPS, is_effect, storage_of
+from edgetune.compiler.ir.ops import OPS, carried_bytes, is_effect, storage_of
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MemoryPlan:
             for pos, n in enumerate(self.order[:at + 1]):
                 if allocates(n) and self.last_use.get(n, pos) >= at:
                     layer = n.meta.get("module", "?")
-                    layers[layer] = layers.get(layer, 0) + n.nbytes
+                    layers[layer] = layers.get(layer, 0) + value_bytes(n)
             running = self.order[at].meta.get("module", "?")
             layers[running] = layers.get(running, 0) + self.scratch_bytes[at]
         return sorted(((k, v) for k, v in layers.items() if v), key=lambda kv: -kv[1])
@@ -71,6 +71,11 @@ def parse_bytes(budget: str | int) -> int:
     return value
 
 
+def value_bytes(node: Node) -> int:
+    """The memory a node's value holds while it lives: its entries and what it carries."""
+    return node.nbytes + carried_bytes(node)
+
+
 def allocates(node: Node) -> bool:
     return node.op not in ("input", "const") and not OPS[node.op].view and not is_effect(node)
 
@@ -98,9 +103,9 @@ def plan(graph: Graph, measured: Mapping[Node, int] | None = None) -> MemoryPlan
     scratch = [scratch_bytes(n, measured) for n in graph.nodes]
     for pos, n in enumerate(graph.nodes):
         if allocates(n):
-            live += n.nbytes
+            live += value_bytes(n)
         live_bytes.append(live + scratch[pos])
-        live -= sum(m.nbytes for m in frees.get(pos, []) if allocates(m))
+        live -= sum(value_bytes(m) for m in frees.get(pos, []) if allocates(m))
     state = sum(n.nbytes for n in graph.nodes if n.op == "input" and n.attrs.get("kind") == "state")
     return MemoryPlan(list(graph.nodes), last, live_bytes, state, scratch)
 

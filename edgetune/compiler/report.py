@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgetune.compiler.ir.graph import Node
-from edgetune.compiler.memory import saved_for_backward
+from edgetune.compiler.memory import saved_for_backward, value_bytes
 
 
 @dataclass
@@ -79,7 +79,7 @@ def build_report(trainer) -> Report:
             r.live_bytes = max(r.live_bytes, plan.live_bytes[pos])
     for n in saved_for_backward(graph.nodes):
         if n.meta.get("module") in row_of:
-            rows[row_of[n.meta["module"]]].saved_bytes += n.nbytes
+            rows[row_of[n.meta["module"]]].saved_bytes += value_bytes(n)
     # LoRA adapters count as parameters, as PEFT's print_trainable_parameters counts them.
     # Weights held as int8 have released their float storage: count them by their int8 copy.
     int8 = trainer.int8.values()

@@ -760,7 +760,7 @@ def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlic
 
 
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:
-    """Input channels of the op that consumes the weight: axis 1 of a conv/linear weight,
+    """Input channels of the op that consumes the weight: axis 1 of a conv/linear/LSTM weight,
     axis 0 of a depthwise conv's and of a transposed linear's (x @ W, transformers' Conv1D);
     the hidden axis (1) of an embedding table and of the LM head in the fused vocabulary loss
     (a tied embedding is both)."""
@@ -777,6 +777,8 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
             axes.add(1)
         elif u.op == "mm" and u.inputs[1] is node and u.inputs[0] is not node:
             axes.add(0)
+        elif u.op == "lstm_layer" and node in u.inputs[3:5] and node not in u.inputs[:3]:
+            axes.add(1)  # an LSTM's input or hidden-state weight: its input features, as a linear's
         else:
             raise schemes.SchemeError(f"a ratio rule needs the weight of a conv, linear or embedding layer, but "
                                       f"{name!r} is used by op '{u.op}' (module '{u.meta.get('module', '?')}')")

@@ -666,6 +666,20 @@ def _attention_cases(a):
     return cases
 
 
+def _recurrent_cases(a):
+    from edgetune.compiler.ir.ops.recurrent import _lstm_layer
+
+    x, h0, c0 = a.r(5, 2, 3), a.r(2, 4), a.r(2, 4)
+    weights = [a.r(16, 3), a.r(16, 4), a.r(16), a.r(16)]
+    cases = []
+    for reverse in (False, True):
+        name, attrs = ("reverse" if reverse else "forward"), dict(reverse=reverse)
+        packed = _lstm_layer(x, h0, c0, *weights, **attrs)
+        cases += [(f"lstm_layer-{name}", "lstm_layer", [x, h0, c0, *weights], attrs),
+                  (f"lstm_layer_grad-{name}", "lstm_layer_grad", [a.r(packed.numel()), packed, x, h0, c0, *weights], attrs)]
+    return cases
+
+
 def _vocab_cases(a):
     from edgetune.compiler.ir.ops.vocab import _vocab_log_prob
 
@@ -709,7 +723,7 @@ def _zo_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
             _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
-            _optimizer_cases, _vocab_cases, _zo_cases]
+            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases]
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.ops.attention import fused_attention_applies
+from edgetune.compiler.ir.ops.recurrent import fused_lstm_applies
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import ATEN, ATEN_NAMED
 from edgetune.compiler.passes.dce import dce
@@ -68,10 +69,13 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
     with warnings.catch_warnings():
         # torch.export's own notice about its pytree internals: not ours to fix, noise to users.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        # nn.LSTM/GRU set their _flat_weights list in forward; torch.export warns of it, and the
+        # list holds the module's own parameters, which it traces as parameters all the same.
+        warnings.filterwarnings("ignore", message=".*_flat_weights.*were assigned during export")
         try:
             program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
             _detach_no_grad_regions(program)
-            program = program.run_decompositions(_decompositions(_keeps_fused_attention(program, device)))
+            program = program.run_decompositions(_decompositions(_kept_whole(program, device)))
         except Exception as err:  # noqa: BLE001 -- torch's tracing errors, said in the user's terms
             if not _is_trace_failure(err):
                 raise  # the model's or the loss's own error (a shape mismatch, a ValueError): as eager raises it
@@ -147,25 +151,33 @@ def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
     return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _decompositions(keep_attention: bool = False) -> dict:
+def _decompositions(kept_whole: tuple = ()) -> dict:
     """Core ATen, except ops whose decomposition changes their meaning for training:
     detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
-    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. Attention stays one
-    op where edgetune's fused kernel runs it (edgetune/compiler/ir/ops/attention.py)."""
+    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. `kept_whole`: ops
+    that stay one op, as edgetune's fused kernels run them (attention.py, recurrent.py)."""
     table = torch.export.default_decompositions()
-    kept = [torch.ops.aten.detach.default, torch.ops.aten.hardswish.default]
-    if keep_attention:
-        kept.append(torch.ops.aten.scaled_dot_product_attention.default)
-    for op in kept:
+    for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default, *kept_whole):
         table.pop(op, None)
     return table
 
 
-def _keeps_fused_attention(program: Any, device: torch.device) -> bool:
-    """True where every attention call of the program fits the fused kernel (all or none: the
+def _kept_whole(program: Any, device: torch.device) -> tuple:
+    """The fused ops every call of which fits edgetune's kernel (all or none for each op: the
     decomposition table is one for the whole program)."""
-    calls = [n for n in program.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
-    return bool(calls) and all(_fits_fused_attention(n, device) for n in calls)
+    fits = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
+            torch.ops.aten.lstm.input: _fits_fused_lstm}
+    kept = []
+    for op, fit in fits.items():
+        calls = [n for n in program.graph.nodes if n.target is op]
+        if calls and all(fit(n, device) for n in calls):
+            kept.append(op)
+    return tuple(kept)
+
+
+def _fits_fused_lstm(node: Any, device: torch.device) -> bool:
+    x, _, params, has_biases, num_layers, dropout, train, bidirectional = node.args[:8]
+    return fused_lstm_applies(x.meta["val"], params, has_biases, num_layers, dropout, train, bidirectional, device)
 
 
 def _fits_fused_attention(node: Any, device: torch.device) -> bool:

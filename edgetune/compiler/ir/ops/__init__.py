@@ -20,15 +20,17 @@
 - `bind`: `bind(node, device) -> kernel or None`, that node's kernel with its choices made
   once at compile time (the torch backend calls it with the node's inputs alone;
   `inplace_bind` is the same for `<name>_inplace`);
+- `carries`: bytes the output holds beside its own values for as long as it lives (a
+  workspace the kernel attaches for the backward), counted by the memory plan;
 - `aten`: the torch.export ATen overloads this op is built from, with their converter.
 
 The registry itself is registry.py; the families live in sibling modules and are imported
 here, so that importing edgetune.compiler.ir.ops registers every op.
 """
 from edgetune.compiler.ir.ops.registry import (ATEN, ATEN_NAMED, OPS, VJP, ChannelSlice, OpDef, aten, aten_named,
-                                                infer, is_effect, mutated_inputs, register, storage_of,
+                                                carried_bytes, infer, is_effect, mutated_inputs, register, storage_of,
                                                 written_storages)
-from edgetune.compiler.ir.ops import attention, core, linalg, masks, moe, nn, quant, shape, vocab  # noqa: E402,F401  (registration)
+from edgetune.compiler.ir.ops import attention, core, linalg, masks, moe, nn, quant, recurrent, shape, vocab  # noqa: E402,F401  (registration)
 
-__all__ = ["ATEN", "ATEN_NAMED", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "aten_named", "infer", "is_effect",
+__all__ = ["ATEN", "ATEN_NAMED", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "aten_named", "carried_bytes", "infer", "is_effect",
            "mutated_inputs", "register", "storage_of", "written_storages"]

@@ -33,6 +33,9 @@ class OpDef:
     # (layout, a matrix product for a 1x1 conv) cost more than the arithmetic at batch 1. It
     # must give `kernel`'s values bit for bit; None where the generic kernel serves.
     bind: Callable[[Node, torch.device], Callable[..., Any] | None] | None = None
+    # `carries(node) -> bytes`: memory the kernel's output holds beside its own values, alive as
+    # long as the output (an LSTM layer's oneDNN workspace, attached for its backward).
+    carries: Callable[[Node], int] | None = None
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:
@@ -49,6 +52,12 @@ def written_storages(node: Node) -> set[Node]:
     """The allocations `node` writes: an effect's targets, an in-place op's first input."""
     targets = mutated_inputs(node) if is_effect(node) else (0,) if node.op.endswith("_inplace") and node.inputs else ()
     return {storage_of(node.inputs[k]) for k in targets}
+
+
+def carried_bytes(node: Node) -> int:
+    """What `node`'s value holds in memory beside its own entries (OpDef.carries)."""
+    carries = OPS[node.op].carries if node.op in OPS else None
+    return carries(node) if carries else 0
 
 
 def storage_of(node: Node) -> Node:

@@ -1,0 +1,144 @@
+"""LSTM layers as one op (edgetune/compiler/ir/ops/recurrent.py): the looped kernels in float64
+against autograd, oneDNN's in float32 against eager nn.LSTM step by step, and which calls the
+frontend keeps whole."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import edgetune as et
+from edgetune.compiler.frontend.torch import export
+from tests.ops.harness import check_grads, t
+from tests.reference import assert_models_match, train_eager
+
+
+def _lstm(num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
+    """torch.lstm with its weights as separate arguments, for check_grads."""
+    def fn(x, h0, c0, *params):
+        out, hy, cy = torch.lstm(x, (h0, c0), params, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
+        return torch.cat([out.reshape(-1), hy.reshape(-1), cy.reshape(-1)])
+    return fn
+
+
+def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True):
+    params = []
+    for layer in range(num_layers):
+        for _ in range(directions):
+            width = input_size if layer == 0 else hidden * directions
+            params += [t(4 * hidden, width), t(4 * hidden, hidden)] + ([t(4 * hidden), t(4 * hidden)] if has_biases else [])
+    return params
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
+    (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
+def test_lstm_gradients_against_autograd(num_layers, bidirectional, batch_first, has_biases):
+    """Every input's gradient, the initial states' included, through outputs, last h and last c."""
+    directions = 2 if bidirectional else 1
+    x = t(2, 5, 3) if batch_first else t(5, 2, 3)
+    check_grads(_lstm(num_layers, bidirectional, batch_first, has_biases), x, t(num_layers * directions, 2, 4),
+                t(num_layers * directions, 2, 4), *_weights(3, 4, num_layers, directions, has_biases))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_the_kept_workspace_gives_the_gradients_of_a_forward_run_again(reverse):
+    """oneDNN's backward from the workspace the forward attached, and from a second forward
+    (a value without it: a copy of the output): the same bits."""
+    from edgetune.compiler.ir.ops.recurrent import _lstm_layer, _lstm_layer_grad, workspace_bytes
+
+    g = torch.Generator().manual_seed(0)
+    x, h0, c0 = (torch.randn(shape, generator=g) for shape in ((6, 3, 5), (3, 7), (3, 7)))
+    weights = [torch.randn(shape, generator=g) for shape in ((28, 5), (28, 7), (28,), (28,))]
+    size = workspace_bytes(x, weights[1], reverse)
+    assert size > 0
+    packed = _lstm_layer(x, h0, c0, *weights, reverse=reverse, workspace=size)
+    assert torch.equal(packed, _lstm_layer(x, h0, c0, *weights, reverse=reverse))
+    grad_out = torch.randn(packed.shape, generator=g)
+    kept = _lstm_layer_grad(grad_out, packed, x, h0, c0, *weights, reverse=reverse)
+    again = _lstm_layer_grad(grad_out, packed.clone(), x, h0, c0, *weights, reverse=reverse)
+    assert torch.equal(kept, again)
+
+
+def _ops_of(model, x):
+    graph = export(model, lambda out: out[0].sum() + out[1][0].sum(), (x,), ()).graph
+    return {n.op for n in graph.nodes}
+
+
+def test_the_frontend_keeps_an_lstm_whole_where_the_op_applies():
+    x = torch.randn(5, 2, 3)
+    assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, bidirectional=True), x)
+    assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).eval(), x)
+    # dropout between layers in train mode, a projection: torch's decomposition, step by step
+    assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).train(), x)
+    assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4, proj_size=2), x)
+    assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4).to(torch.bfloat16), x.to(torch.bfloat16))
+
+
+class _Tagger(nn.Module):
+    """Embedding -> LSTM -> a head on each token's output and on the last state: every output
+    of the layer reaches the loss."""
+
+    def __init__(self, **lstm):
+        super().__init__()
+        self.emb = nn.Embedding(50, 6)
+        self.lstm = nn.LSTM(6, 8, batch_first=True, **lstm)
+        width = 8 * (2 if lstm.get("bidirectional") else 1)
+        self.head = nn.Linear(width, 5)
+        self.last = nn.Linear(8, 5)
+
+    def forward(self, ids):
+        out, (h, c) = self.lstm(self.emb(ids))
+        return self.head(out).mean(1) + self.last(h[-1] + c[0])
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(3)
+    return [((torch.randint(0, 50, (4, 7), generator=g),), (torch.randint(0, 5, (4,), generator=g),)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("lstm,scheme", [
+    (dict(), {"*": "full"}),
+    (dict(num_layers=2, bidirectional=True), {"*": "full"}),
+    (dict(num_layers=2), {"lstm.*bias*": "full", "head.*": "full"}),
+    (dict(bias=False), {"lstm.weight_hh_l0": 0.5, "last.*": "full"}),
+], ids=["one-layer-full", "two-layer-bidirectional-full", "biases", "no-bias-partial-channels"])
+def test_lstm_models_train_as_eager_does(lstm, scheme):
+    """oneDNN's kernels (float32), three SGD steps: parameters and losses as eager's."""
+    torch.manual_seed(0)
+    model = _Tagger(**lstm)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    assert any(n.op == "lstm_layer" for n in trainer.graph.nodes)
+    got = [trainer.step(*b) for b in batches]
+    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
+    want = train_eager(reference, F.cross_entropy, batches, masks,
+                       lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_an_lstm_step_runs_on_onnxruntime_as_eager_does():
+    """The exported step: ONNX's LSTM op forward, the backward step by step."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _Tagger(bidirectional=True)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
+                         backend="onnxruntime")
+    got = [trainer.step(*b) for b in batches]
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+
+
+def _mask_of(model, update):
+    p = dict(model.named_parameters())[update.name]
+    if update.part is None:
+        return torch.ones_like(p, dtype=torch.bool)
+    mask = torch.zeros(p.shape[update.part.axis], dtype=torch.bool)
+    mask[update.part.index.attrs["value"]] = True
+    return mask.reshape([-1 if k == update.part.axis else 1 for k in range(p.dim())])
