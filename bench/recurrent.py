@@ -149,7 +149,7 @@ def render(rows: list[dict], header: bool = True) -> str:
     for other in others:
         cols += [f"{other} ms", f"eager / {other}"]
     if "peak_bytes" in rows[0]["eager"]:
-        cols += ["eager peak MB", "edgetune peak MB", "edgetune predicted MB"]
+        cols += ["eager peak MB", "edgetune peak MB", "edgetune predicted MB"] + [f"{o} peak MB" for o in others]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] if header else []
     for r in rows:
         eager = r["eager"]["median_s"]
@@ -160,7 +160,7 @@ def render(rows: list[dict], header: bool = True) -> str:
         if "peak_bytes" in r["eager"]:
             mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
             cells += [mb(r["eager"]["peak_bytes"]), mb(r["edgetune"]["peak_bytes"]),
-                      mb(r["edgetune"]["predicted_peak_bytes"])]
+                      mb(r["edgetune"]["predicted_peak_bytes"])] + [mb(r[o]["peak_bytes"]) for o in others]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -53,12 +53,12 @@ def _dims(x, w_hh):
 
 
 def _onednn_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train):
-    """y, hy, cy and, if `train`, the workspace the backward reads. ATen returns that only
-    with grad mode on (the step runs under no_grad); its inputs are detached, so that no
-    autograd graph is recorded all the same."""
+    """y, hy, cy and, if `train`, the workspace the backward reads. ATen makes a workspace
+    only with grad mode on (the step runs under no_grad), and then even when not `train`: it
+    is on for `train` alone, the inputs detached, so that no autograd graph is recorded."""
     _, _, hidden = _dims(x, w_hh)
     inputs = [t.detach().contiguous() for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0)]
-    with torch.enable_grad():
+    with torch.set_grad_enabled(train):
         return A.mkldnn_rnn_layer(*inputs, reverse, [], _MKLDNN_LSTM, hidden, 1, True, False, False, train)
 
 
@@ -192,17 +192,26 @@ def _layer_sizes(x, w_hh):
     return steps * batch * hidden, batch * hidden
 
 
+# Scratch, measured (tests' shapes to SmolLM-sized layers, oneDNN on an x86 CPU): oneDNN lays
+# the weights out in its own blocked format at every call (a copy of w_ih and w_hh), the
+# backward holds the gates' gradients of every step, and both hold their results before
+# they are packed. The workspace is carried (counted with the output), not scratch.
+
+def _weight_bytes(w_ih, w_hh, dtype) -> int:
+    return (math.prod(w_ih.shape) + math.prod(w_hh.shape)) * dtype.itemsize
+
+
 def _forward_scratch(n) -> int:
-    # y, hy and cy before they are packed (the workspace is carried, not scratch).
-    return n.nbytes
+    return _weight_bytes(n.inputs[3], n.inputs[4], n.dtype) + n.nbytes
 
 
 def _grad_scratch(n) -> int:
-    # The gradients before they are packed, and where the forward kept no workspace, the
-    # forward run again: its workspace and outputs.
-    packed, x, w_hh = n.inputs[1], n.inputs[2], n.inputs[6]
+    # Where the forward kept no workspace, the forward runs again: its workspace and output too.
+    packed, x, w_ih, w_hh = n.inputs[1], n.inputs[2], n.inputs[5], n.inputs[6]
+    steps, batch, _ = _dims(x, w_hh)
+    gate_grads = steps * batch * w_hh.shape[0] * n.dtype.itemsize
     again = 0 if packed.attrs.get("workspace") else workspace_bytes(x, w_hh, n.attrs["reverse"]) + packed.nbytes
-    return n.nbytes + again
+    return n.nbytes + _weight_bytes(w_ih, w_hh, n.dtype) + gate_grads + again
 
 
 # -- ONNX: the forward as ONNX's LSTM op; the backward as _looped_layer_grad, step by step --
