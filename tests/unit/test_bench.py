@@ -204,3 +204,20 @@ def test_a_time_table_per_thread_count(tmp_path, monkeypatch):
     two = text[text.index("at 2 threads, ms"):]
     assert "edgetune / eager (wall)" in two and "| tte | 8 | 40.5 (81.0) | 90.0 (90.0) |" in two
     assert "| 0.45 |" in two.splitlines()[6]  # 40.5 / 90.0, in the tte row
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_the_recurrent_benchmark_trains_the_same_scheme_in_both_engines(kind):
+    """bench/recurrent.py: eager and edgetune start from the same model and batch and update the
+    same parameters, so their losses agree step after step; the table names both."""
+    from bench import recurrent
+
+    steps = {engine: recurrent.setup(kind, 1, "bias-only", 2, engine)[0] for engine in ("eager", "edgetune")}
+    losses = {engine: [step() for _ in range(3)] for engine, step in steps.items()}
+    assert losses["eager"][0] != losses["eager"][2]  # the steps train
+    assert losses["edgetune"] == pytest.approx(losses["eager"], rel=1e-5)
+    timed = {"median_s": 0.002, "times_s": [0.002], "peak_bytes": MB, "predicted_peak_bytes": MB}
+    row = {"kind": kind, "layers": 1, "scheme": "bias-only", "batch": 2, "threads": 1,
+           "eager": dict(timed, median_s=0.003), "edgetune": timed, "edgetune@abc": timed}
+    table = recurrent.render([row])
+    assert f"| {kind} | bias-only | 2 | 3.00 | 2.00 | 1.50x | 2.00 | 1.50x | 1.0 | 1.0 | 1.0 | 1.0 |" in table
