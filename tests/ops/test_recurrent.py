@@ -142,3 +142,56 @@ def _mask_of(model, update):
     mask = torch.zeros(p.shape[update.part.axis], dtype=torch.bool)
     mask[update.part.index.attrs["value"]] = True
     return mask.reshape([-1 if k == update.part.axis else 1 for k in range(p.dim())])
+
+
+class _Projected(nn.Module):
+    """An LSTM with a projection, which lstm_layer does not cover, after one that it does,
+    batch-second, on a state the caller passes: the frontend keeps an op whole only where every
+    call of it fits (one decomposition table per program), so both run step by step."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 6)
+        self.first = nn.LSTM(6, 8)
+        self.second = nn.LSTM(8, 8, proj_size=4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, ids, h0, c0):
+        out, _ = self.first(self.emb(ids).transpose(0, 1), (h0, c0))
+        out, _ = self.second(out)
+        return self.head(out[-1])
+
+
+@pytest.mark.parametrize("model_class,fused", [(_Projected, False), (_Tagger, True)], ids=["decomposed", "fused"])
+def test_the_gradient_through_a_frozen_lstm_trains_what_is_before_it_as_eager(model_class, fused):
+    """The embedding's gradient goes back through the LSTMs, which learn nothing themselves."""
+    torch.manual_seed(0)
+    model = model_class()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    state = (torch.randn(1, 4, 8, generator=g), torch.randn(1, 4, 8, generator=g)) if model_class is _Projected else ()
+    batches = [((ids, *state), (labels,)) for ids, labels in
+               ((torch.randint(0, 50, (4, 7), generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3))]
+    scheme = {"emb.*": "full", "head.*": "full"}
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=0.01))
+    assert any(n.op == "lstm_layer_grad" for n in trainer.graph.nodes) == fused
+    got = [trainer.step(*b) for b in batches]
+    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.AdamW(ps, lr=0.01))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_an_lstm_step_compiles_again_for_another_sequence_length():
+    torch.manual_seed(0)
+    model = _Tagger()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    batches = [((torch.randint(0, 50, (4, length), generator=g),), (torch.randint(0, 5, (4,), generator=g),))
+               for length in (7, 11, 7)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1), max_shapes=2)
+    got = [trainer.step(*b) for b in batches]
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
