@@ -37,6 +37,7 @@ CALLS = {
                        dict(stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, output_padding=(0, 0))),
     "batch_norm": ([image(), vector(1), vector(2), vector(3), vector(4)], dict(eps=1e-5)),
     "bn_grad_weight": ([image(seed=2), image(), vector(1), vector(2)], dict(eps=1e-5)),
+    "bn_grad_affine": ([image(seed=2), image(), vector(1), vector(2)], dict(eps=1e-5)),
     "group_norm": ([image(), vector(1), vector(2)], dict(groups=2, eps=1e-5)),
     "gn_grad_input": ([image(seed=2), image(), vector(1)], dict(groups=2, eps=1e-5)),
     "gn_grad_weight": ([image(seed=2), image(), vector(1)], dict(groups=2, eps=1e-5)),

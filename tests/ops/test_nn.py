@@ -235,6 +235,16 @@ def test_batch_norm_eval(shape):
                 t(*shape), rm, rv, t(3), t(3))
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batch_norm_weight_and_bias_gradients_from_one_kernel(training):
+    """From AFFINE_GRAD_TOGETHER entries on, one kernel gives both (bn_grad_affine)."""
+    from edgetune.compiler.ir.ops.nn import AFFINE_GRAD_TOGETHER
+
+    rm, rv = (None, None) if training else _stats(4)  # train: the batch's statistics
+    shape = (2, 4, 8, AFFINE_GRAD_TOGETHER // 64)
+    check_grads(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, training=training), t(*shape, grad=False), t(4), t(4))
+
+
 def test_batch_norm_eval_running_stats_as_buffers_and_no_affine():
     rm, rv = _stats(3)
     check_grads(lambda x, rm, rv: F.batch_norm(x, rm, rv, training=False), t(2, 3, 4, 4), Buffer(rm), Buffer(rv))

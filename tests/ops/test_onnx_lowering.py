@@ -442,7 +442,7 @@ def _ln_with_stats_cases(a):
 
 def _norm_cases(a):
     x, g, c = a.r(2, 3, 4, 4), a.r(2, 3, 4, 4), 3
-    return [
+    cases = [
         ("batch_norm", "batch_norm", [x, a.r(c), a.pos(c), a.r(c), a.r(c)], dict(eps=1e-5)),
         ("batch_norm-2d", "batch_norm", [a.r(4, c), a.r(c), a.pos(c), a.r(c), a.r(c)], dict(eps=1e-3)),
         ("bn_scale", "bn_scale", [a.r(c), a.pos(c)], dict(eps=1e-5)),
@@ -480,6 +480,9 @@ def _norm_cases(a):
          dict(input_shape=(2, 3, 7, 5))),
         ("adaptive_avg_pool2d_grad-up", "adaptive_avg_pool2d_grad", [a.r(1, 2, 4, 3)], dict(input_shape=(1, 2, 2, 3))),
     ]
+    # bn_grad_affine on bn_grad_weight's operands (no new draws: the later cases keep their values)
+    weight_case = next(case for case in cases if case[0] == "bn_grad_weight")
+    return cases + [("bn_grad_affine", "bn_grad_affine", *weight_case[2:])]
 
 
 AVG_POOL = dict(stride=None, padding=(0, 0), ceil_mode=False, count_include_pad=True, divisor_override=None)
