@@ -119,6 +119,24 @@ def test_lstm_models_train_as_eager_does(lstm, scheme):
     assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
+    """A torch build whose oneDNN has no LSTM kernel: the float32 step loops over the steps."""
+    from edgetune.compiler.ir.ops import recurrent
+
+    monkeypatch.setattr(recurrent, "_onednn_runs_lstm", lambda: False)
+    torch.manual_seed(0)
+    model = _Tagger(bidirectional=True)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9))
+    assert not any(n.attrs.get("workspace") for n in trainer.graph.nodes if n.op == "lstm_layer")
+    got = [trainer.step(*b) for b in batches]
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+
+
 def test_an_lstm_step_runs_on_onnxruntime_as_eager_does():
     """The exported step: ONNX's LSTM op forward, the backward step by step."""
     pytest.importorskip("onnxruntime")

@@ -12,14 +12,14 @@ buffer's gradient, the buffer and the layer's inputs, and returns dx, dh0, dc0, 
 and the bias gradient (the same for both biases), packed likewise.
 
 On the CPU in float32 both kernels are oneDNN's (`mkldnn_rnn_layer`, the kernel eager's
-nn.LSTM calls: the same bits). Its backward reads a workspace of the forward's (the gates and
-states of every step, ~15x the output y). Where a backward follows, the pass
-`keep_lstm_workspace` gives the forward node its size (`workspace` bytes): the kernel then
-attaches the workspace to its output (`WORKSPACE`), the memory plan counts it with the output
-(`carries`), and the backward uses it. Without one (a value that lost the attribute) the
-backward runs the layer again: the same values, one forward more. In float64 (oneDNN's
-kernel is float32 only) both kernels loop over the steps in torch ops; the ONNX lowering
-spells the backward the same way, and the forward as ONNX's LSTM op.
+nn.LSTM calls: the same bits), where this torch build's oneDNN runs them (`_onednn_runs_lstm`).
+Its backward reads a workspace of the forward's (the gates and states of every step, ~15x the
+output y). Where a backward follows, the pass `keep_lstm_workspace` gives the forward node its
+size (`workspace` bytes): the kernel then attaches the workspace to its output (`WORKSPACE`),
+the memory plan counts it with the output (`carries`), and the backward uses it. Without one
+(a value that lost the attribute) the backward runs the layer again: the same values, one
+forward more. Otherwise (float64, or no oneDNN LSTM) both kernels loop over the steps in torch
+ops; the ONNX lowering spells the backward the same way, and the forward as ONNX's LSTM op.
 """
 from __future__ import annotations
 
@@ -45,7 +45,24 @@ def fused_lstm_applies(x, params, has_biases, num_layers, dropout, train, bidire
 
 
 def _onednn(x) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return x.dtype == torch.float32 and x.device.type == "cpu" and _onednn_runs_lstm()
+
+
+@functools.cache
+def _onednn_runs_lstm() -> bool:
+    """Whether this torch build's oneDNN runs an LSTM layer forward and backward (a build
+    without oneDNN, or a CPU it has no RNN kernel for, takes the loop instead): tried once on a
+    layer of one step."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, states, w, bias = torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(4, 1), torch.zeros(4)
+    try:
+        y, hy, cy, workspace = _onednn_layer(x, states, states, w, w, bias, bias, False, train=True)
+        A.mkldnn_rnn_layer_backward(x, w, w, bias, bias, states, states, y, hy, cy, y, hy, cy, False, _MKLDNN_LSTM,
+                                    1, 1, True, True, False, [], False, workspace)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _dims(x, w_hh):
