@@ -5,6 +5,8 @@ state is persistent for the trainer's life and is. A view costs nothing but keep
 value it views alive (as the runtime does, through references). A kernel's own scratch
 memory counts while it runs: what edgetune.compiler.backends.scratch measured on this machine where
 the caller passes it (`plan(graph, measured)`: the compiled step's plan), else the op's estimate.
+What a value carries beside its entries (OpDef.carries: an LSTM layer's oneDNN workspace) lives
+and counts with it (`value_bytes`).
 """
 from __future__ import annotations
 
