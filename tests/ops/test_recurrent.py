@@ -45,7 +45,7 @@ def test_lstm_gradients_against_autograd(num_layers, bidirectional, batch_first,
 def test_the_kept_workspace_gives_the_gradients_of_a_forward_run_again(reverse):
     """oneDNN's backward from the workspace the forward attached, and from a second forward
     (a value without it: a copy of the output): the same bits."""
-    from edgetune.compiler.ir.ops.recurrent import _lstm_layer, _lstm_layer_grad, workspace_bytes
+    from edgetune.compiler.ir.ops.recurrent import WORKSPACE, _lstm_layer, _lstm_layer_grad, workspace_bytes
 
     g = torch.Generator().manual_seed(0)
     x, h0, c0 = (torch.randn(shape, generator=g) for shape in ((6, 3, 5), (3, 7), (3, 7)))
@@ -53,6 +53,7 @@ def test_the_kept_workspace_gives_the_gradients_of_a_forward_run_again(reverse):
     size = workspace_bytes(x, weights[1], reverse)
     assert size > 0
     packed = _lstm_layer(x, h0, c0, *weights, reverse=reverse, workspace=size)
+    assert getattr(packed, WORKSPACE).nbytes == size and not hasattr(packed.clone(), WORKSPACE)
     assert torch.equal(packed, _lstm_layer(x, h0, c0, *weights, reverse=reverse))
     grad_out = torch.randn(packed.shape, generator=g)
     kept = _lstm_layer_grad(grad_out, packed, x, h0, c0, *weights, reverse=reverse)
