@@ -44,9 +44,8 @@ class Classifier(torch.nn.Module):
 
 def setup(kind: str, layers: int, scheme: str, batch: int, engine: str):
     """(step, facts) for one engine: the step returns the loss."""
-    import fnmatch
-
     import edgetune as et
+    from edgetune.apps.baseline import freeze_to
 
     torch.manual_seed(0)
     model = Classifier(kind, layers)
@@ -56,10 +55,8 @@ def setup(kind: str, layers: int, scheme: str, batch: int, engine: str):
         trainer = et.compile(model, F.cross_entropy, (ids,), (labels,), scheme=SCHEMES[scheme],
                              optimizer=et.SGD(lr=LR, momentum=MOMENTUM))
         return (lambda: trainer.step((ids,), (labels,))), {"predicted_peak_bytes": trainer.report().predicted_peak_bytes}
-    trained = [p for name, p in model.named_parameters() if any(fnmatch.fnmatch(name, k) for k in SCHEMES[scheme])]
-    for p in model.parameters():
-        p.requires_grad_(any(p is q for q in trained))
-    opt = torch.optim.SGD(trained, lr=LR, momentum=MOMENTUM)
+    freeze_to(model, SCHEMES[scheme])  # requires_grad on what edgetune's scheme trains (no partial rules here)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR, momentum=MOMENTUM)
 
     def step() -> float:
         loss = F.cross_entropy(model(ids), labels)
@@ -118,7 +115,7 @@ def compare(kinds, layers, schemes, batches, threads, steps, memory, against) ->
             for kind in kinds:
                 for scheme in schemes:
                     for batch in batches:
-                        group = [(name, checkout) for name, checkout in members.items()]
+                        group = list(members.items())
 
                         def start(member, threads, env, timeout, kind=kind, scheme=scheme, batch=batch):
                             name, checkout = member

@@ -18,9 +18,7 @@ from edgetune.compiler.passes.rewrite import rewrite
 
 def keep_lstm_workspace(graph: Graph) -> Graph:
     backward_of = {n.inputs[1] for n in graph.nodes if n.op == "lstm_layer_grad"}
-    sizes = {n: workspace_bytes(n.inputs[0], n.inputs[4], n.attrs["reverse"]) for n in backward_of
-             if not n.attrs.get("workspace")}
-    sizes = {n: size for n, size in sizes.items() if size}
+    sizes = {n: size for n in backward_of if (size := workspace_bytes(n.inputs[0], n.inputs[4], n.attrs["reverse"]))}
     if not sizes:
         return graph
 

@@ -136,12 +136,19 @@ def _probed_workspace(x_shape, w_hh_shape, reverse) -> int:
     return _onednn_layer(x, states, states, w_ih, w_hh, bias, bias, reverse, train=True)[3].nbytes
 
 
+def _packed_parts(steps, batch, hidden) -> tuple:
+    """(start, size, shape) of y, hy and cy in a lstm_layer buffer (and in its gradient)."""
+    ny, nh = steps * batch * hidden, batch * hidden
+    return (0, ny, (steps, batch, hidden)), (ny, nh, (batch, hidden)), (ny + nh, nh, (batch, hidden))
+
+
+def _packed_size(x, w_hh) -> int:
+    return sum(size for _, size, _ in _packed_parts(*_dims(x, w_hh)))
+
+
 def _parts(packed, x, w_hh):
     """y, hy and cy (or their gradients) as views of a lstm_layer buffer (or of its gradient)."""
-    steps, batch, hidden = _dims(x, w_hh)
-    ny, nh = steps * batch * hidden, batch * hidden
-    return (packed[:ny].view(steps, batch, hidden), packed[ny:ny + nh].view(batch, hidden),
-            packed[ny + nh:ny + 2 * nh].view(batch, hidden))
+    return tuple(packed[start:start + size].view(shape) for start, size, shape in _packed_parts(*_dims(x, w_hh)))
 
 
 def _looped_layer_grad(gy, ghy, gcy, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
@@ -202,11 +209,6 @@ def _piece(b, flat, start, shape, want):
     piece = b.emit("reshape", b.emit("slice", flat, dim=0, start=start, end=start + math.prod(shape), step=1),
                    shape=tuple(shape))
     return take_channels(b, piece, want, dim=want.axis) if isinstance(want, ChannelSlice) else piece
-
-
-def _layer_sizes(x, w_hh):
-    steps, batch, hidden = _dims(x, w_hh)
-    return steps * batch * hidden, batch * hidden
 
 
 # Scratch, measured (tests' shapes to SmolLM-sized layers, oneDNN on an x86 CPU): oneDNN lays
@@ -295,10 +297,9 @@ def _onnx_lstm_layer_grad(ctx, n, xs):
     minus_from_one = lambda t: ctx.op("Sub", one, t)  # noqa: E731
     _, _, saved = _onnx_steps(ctx, steps, hidden, n.attrs["reverse"], xs[2:])
 
-    ny, nh = steps * batch * hidden, batch * hidden
     part = lambda start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
         "Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
-    gy, dh, dc = part(0, ny, [steps, batch, hidden]), part(ny, nh, [batch, hidden]), part(ny + nh, nh, [batch, hidden])
+    gy, dh, dc = (part(*where) for where in _packed_parts(steps, batch, hidden))
     gate_grads = {}
     for t in reversed(_steps(steps, n.attrs["reverse"])):
         i, f, gate, o, c, tanh_c, _, _ = saved[t]
@@ -328,8 +329,7 @@ def _onnx_product(ctx, factors):
 
 
 register("lstm_layer", _lstm_layer, _lstm_layer_vjp,
-         shape=lambda x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, workspace=0: (
-             (sum(_layer_sizes(x, w_hh)) + _layer_sizes(x, w_hh)[1],), x.dtype),
+         shape=lambda x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, workspace=0: ((_packed_size(x, w_hh),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_lstm_layer)
 register("lstm_layer_grad", _lstm_layer_grad,
          shape=lambda g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: (
@@ -365,9 +365,8 @@ def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, b
 
 def _unpacked(b, packed, x_shape, hidden):
     """y [T, N, H], hy and cy [1, N, H], views of a lstm_layer's buffer."""
-    steps, batch = x_shape[0], x_shape[1]
-    ny, nh = steps * batch * hidden, batch * hidden
-    view = lambda start, size, shape: b.emit("reshape", b.emit(  # noqa: E731
-        "slice", packed, dim=0, start=start, end=start + size, step=1), shape=shape)
-    return (view(0, ny, (steps, batch, hidden)), view(ny, nh, (1, batch, hidden)),
-            view(ny + nh, nh, (1, batch, hidden)))
+    views = []
+    for start, size, shape in _packed_parts(x_shape[0], x_shape[1], hidden):
+        piece = b.emit("slice", packed, dim=0, start=start, end=start + size, step=1)
+        views.append(b.emit("reshape", piece, shape=shape if len(shape) == 3 else (1, *shape)))
+    return tuple(views)
