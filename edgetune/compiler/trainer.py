@@ -759,6 +759,10 @@ def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlic
     return ChannelSlice(0, b.emit("reshape", ids, shape=(math.prod(ids.shape),)), first=False, touched=True)
 
 
+# Where a recurrent layer op's input and hidden-state weights sit among its inputs.
+_RNN_WEIGHTS = {"lstm_layer": slice(3, 5), "gru_layer": slice(2, 4)}
+
+
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:
     """Input channels of the op that consumes the weight: axis 1 of a conv/linear/LSTM weight,
     axis 0 of a depthwise conv's and of a transposed linear's (x @ W, transformers' Conv1D);
@@ -777,8 +781,8 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
             axes.add(1)
         elif u.op == "mm" and u.inputs[1] is node and u.inputs[0] is not node:
             axes.add(0)
-        elif u.op == "lstm_layer" and node in u.inputs[3:5] and node not in u.inputs[:3]:
-            axes.add(1)  # an LSTM's input or hidden-state weight: its input features, as a linear's
+        elif u.op in _RNN_WEIGHTS and node in u.inputs[_RNN_WEIGHTS[u.op]] and node not in u.inputs[:_RNN_WEIGHTS[u.op].start]:
+            axes.add(1)  # an LSTM's or GRU's input or hidden-state weight: its input features, as a linear's
         else:
             raise schemes.SchemeError(f"a ratio rule needs the weight of a conv, linear or embedding layer, but "
                                       f"{name!r} is used by op '{u.op}' (module '{u.meta.get('module', '?')}')")

@@ -683,6 +683,20 @@ def _recurrent_cases(a):
     return cases
 
 
+def _gru_cases(a):
+    from edgetune.compiler.ir.ops.gru import _gru_layer
+
+    x, h0 = a.r(5, 2, 3), a.r(2, 4)
+    weights = [a.r(12, 3), a.r(12, 4), a.r(12), a.r(12)]
+    cases = []
+    for reverse in (False, True):
+        name, attrs = ("reverse" if reverse else "forward"), dict(reverse=reverse)
+        packed = _gru_layer(x, h0, *weights, **attrs)
+        cases += [(f"gru_layer-{name}", "gru_layer", [x, h0, *weights], attrs),
+                  (f"gru_layer_grad-{name}", "gru_layer_grad", [a.r(packed.numel()), packed, x, h0, *weights], attrs)]
+    return cases
+
+
 def _vocab_cases(a):
     from edgetune.compiler.ir.ops.vocab import _vocab_log_prob
 
@@ -726,7 +740,7 @@ def _zo_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
             _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
-            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases]
+            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases, _gru_cases]
 
 
 @functools.cache

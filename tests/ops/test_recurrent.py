@@ -1,6 +1,6 @@
-"""LSTM layers as one op (edgetune/compiler/ir/ops/recurrent.py): the looped kernels in float64
-against autograd, oneDNN's in float32 against eager nn.LSTM step by step, and which calls the
-frontend keeps whole."""
+"""LSTM and GRU layers as one op (edgetune/compiler/ir/ops/recurrent.py, gru.py): the looped
+kernels in float64 against autograd, oneDNN's LSTM and the GRU loop in float32 against eager
+nn.LSTM / nn.GRU step by step, and which calls the frontend keeps whole."""
 import copy
 
 import pytest
@@ -77,20 +77,22 @@ def test_the_frontend_keeps_an_lstm_whole_where_the_op_applies():
 
 
 class _Tagger(nn.Module):
-    """Embedding -> LSTM -> a head on each token's output and on the last state: every output
-    of the layer reaches the loss."""
+    """Embedding -> LSTM (GRU) -> a head on each token's output and on the last state(s): every
+    output of the layer reaches the loss."""
 
-    def __init__(self, **lstm):
+    def __init__(self, kind="lstm", **rnn):
         super().__init__()
         self.emb = nn.Embedding(50, 6)
-        self.lstm = nn.LSTM(6, 8, batch_first=True, **lstm)
-        width = 8 * (2 if lstm.get("bidirectional") else 1)
+        setattr(self, kind, {"lstm": nn.LSTM, "gru": nn.GRU}[kind](6, 8, batch_first=True, **rnn))
+        self.kind = kind
+        width = 8 * (2 if rnn.get("bidirectional") else 1)
         self.head = nn.Linear(width, 5)
         self.last = nn.Linear(8, 5)
 
     def forward(self, ids):
-        out, (h, c) = self.lstm(self.emb(ids))
-        return self.head(out).mean(1) + self.last(h[-1] + c[0])
+        out, state = getattr(self, self.kind)(self.emb(ids))
+        last = state[0][-1] + state[1][0] if self.kind == "lstm" else state[-1] + state[0]
+        return self.head(out).mean(1) + self.last(last)
 
 
 def _batches(n=3):
@@ -214,3 +216,109 @@ def test_an_lstm_step_compiles_again_for_another_sequence_length():
     want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
     assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
+
+
+# -- GRU (edgetune/compiler/ir/ops/gru.py) --
+
+def _gru(num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
+    """torch.gru with its weights as separate arguments, for check_grads."""
+    def fn(x, h0, *params):
+        out, hy = torch.gru(x, h0, params, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
+        return torch.cat([out.reshape(-1), hy.reshape(-1)])
+    return fn
+
+
+def _gru_weights(input_size, hidden, num_layers=1, directions=1, has_biases=True):
+    params = []
+    for layer in range(num_layers):
+        for _ in range(directions):
+            width = input_size if layer == 0 else hidden * directions
+            params += [t(3 * hidden, width), t(3 * hidden, hidden)] + ([t(3 * hidden), t(3 * hidden)] if has_biases else [])
+    return params
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
+    (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
+def test_gru_gradients_against_autograd(num_layers, bidirectional, batch_first, has_biases):
+    """Every input's gradient, the initial state's included, through the outputs and the last h."""
+    directions = 2 if bidirectional else 1
+    x = t(2, 5, 3) if batch_first else t(5, 2, 3)
+    check_grads(_gru(num_layers, bidirectional, batch_first, has_biases), x, t(num_layers * directions, 2, 4),
+                *_gru_weights(3, 4, num_layers, directions, has_biases))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_gru_backward_from_the_kept_gates_equals_one_that_runs_the_forward_again(reverse):
+    from edgetune.compiler.ir.ops.gru import _gru_layer, _gru_layer_grad, workspace_bytes
+    from edgetune.compiler.ir.ops.recurrent import WORKSPACE
+
+    g = torch.Generator().manual_seed(0)
+    x, h0 = torch.randn(6, 3, 5, generator=g), torch.randn(3, 7, generator=g)
+    weights = [torch.randn(shape, generator=g) for shape in ((21, 5), (21, 7), (21,), (21,))]
+    size = workspace_bytes(x, weights[1])
+    packed = _gru_layer(x, h0, *weights, reverse=reverse, workspace=size)
+    assert getattr(packed, WORKSPACE).nbytes == size and not hasattr(packed.clone(), WORKSPACE)
+    assert torch.equal(packed, _gru_layer(x, h0, *weights, reverse=reverse))
+    grad_out = torch.randn(packed.shape, generator=g)
+    kept = _gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=reverse)
+    assert torch.equal(kept, _gru_layer_grad(grad_out, packed.clone(), x, h0, *weights, reverse=reverse))
+
+
+def test_the_frontend_keeps_a_gru_whole_where_the_op_applies():
+    x = torch.randn(5, 2, 3)
+    assert "gru_layer" in _ops_of(nn.GRU(3, 4, num_layers=2, bidirectional=True), x)
+    assert "gru_layer" in _ops_of(nn.GRU(3, 4, num_layers=2, dropout=0.5).eval(), x)
+    assert "gru_layer" not in _ops_of(nn.GRU(3, 4, num_layers=2, dropout=0.5).train(), x)
+    assert "gru_layer" not in _ops_of(nn.GRU(3, 4).to(torch.bfloat16), x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("gru,scheme", [
+    (dict(), {"*": "full"}),
+    (dict(num_layers=2, bidirectional=True), {"*": "full"}),
+    (dict(num_layers=2), {"gru.*bias*": "full", "head.*": "full"}),
+    (dict(bias=False), {"gru.weight_hh_l0": 0.5, "gru.weight_ih_l0": 0.5, "last.*": "full"}),
+], ids=["one-layer-full", "two-layer-bidirectional-full", "biases", "no-bias-partial-channels"])
+def test_gru_models_train_as_eager_does(gru, scheme):
+    """Three SGD steps: parameters and losses as eager's."""
+    torch.manual_seed(0)
+    model = _Tagger("gru", **gru)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    assert any(n.attrs.get("workspace") for n in trainer.graph.nodes if n.op == "gru_layer")
+    got = [trainer.step(*b) for b in batches]
+    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
+    want = train_eager(reference, F.cross_entropy, batches, masks,
+                       lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
+    torch.manual_seed(0)
+    model = _Tagger("gru", num_layers=2)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme={"emb.*": "full"}, optimizer=et.AdamW(lr=0.01))
+    assert any(n.op == "gru_layer_grad" for n in trainer.graph.nodes)
+    got = [trainer.step(*b) for b in batches]
+    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.AdamW(ps, lr=0.01))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+
+
+def test_a_gru_step_runs_on_onnxruntime_as_eager_does():
+    """The exported step: ONNX's GRU op forward, the backward step by step."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _Tagger("gru", bidirectional=True)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
+                         backend="onnxruntime")
+    got = [trainer.step(*b) for b in batches]
+    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
+    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)

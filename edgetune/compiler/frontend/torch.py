@@ -17,7 +17,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.ops.attention import fused_attention_applies
-from edgetune.compiler.ir.ops.recurrent import fused_lstm_applies
+from edgetune.compiler.ir.ops.recurrent import fused_rnn_applies
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import ATEN, ATEN_NAMED
 from edgetune.compiler.passes.dce import dce
@@ -166,7 +166,7 @@ def _kept_whole(program: Any, device: torch.device) -> tuple:
     """The fused ops every call of which fits edgetune's kernel (all or none for each op: the
     decomposition table is one for the whole program)."""
     fits = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
-            torch.ops.aten.lstm.input: _fits_fused_lstm}
+            torch.ops.aten.lstm.input: _fits_fused_rnn, torch.ops.aten.gru.input: _fits_fused_rnn}
     kept = []
     for op, fit in fits.items():
         calls = [n for n in program.graph.nodes if n.target is op]
@@ -175,9 +175,9 @@ def _kept_whole(program: Any, device: torch.device) -> tuple:
     return tuple(kept)
 
 
-def _fits_fused_lstm(node: Any, device: torch.device) -> bool:
-    x, _, params, has_biases, num_layers, dropout, train, bidirectional = node.args[:8]
-    return fused_lstm_applies(x.meta["val"], params, has_biases, num_layers, dropout, train, bidirectional, device)
+def _fits_fused_rnn(node: Any, device: torch.device) -> bool:
+    x, _, params, has_biases, num_layers, dropout, train, bidirectional = node.args[:8]  # aten.lstm's and aten.gru's
+    return fused_rnn_applies(x.meta["val"], params, has_biases, num_layers, dropout, train, bidirectional, device)
 
 
 def _fits_fused_attention(node: Any, device: torch.device) -> bool:

@@ -19,10 +19,10 @@ from edgetune.compiler.passes.dce import dce
 from edgetune.compiler.passes.fold_bn import fold_frozen_batchnorm
 from edgetune.compiler.passes.inplace import inplace_elementwise
 from edgetune.compiler.passes.ln_stats import keep_ln_stats
-from edgetune.compiler.passes.lstm_workspace import keep_lstm_workspace
 from edgetune.compiler.passes.masks import bitmask_activations
 from edgetune.compiler.passes.recompute import recompute_cheap
 from edgetune.compiler.passes.reorder import update_early
+from edgetune.compiler.passes.rnn_workspace import keep_rnn_workspace
 from edgetune.compiler.passes.slices import save_channel_slices
 
 Pass = Callable[[Graph], Graph]
@@ -32,7 +32,7 @@ FORWARD_PIPELINE: list[tuple[str, Callable, str]] = [
 ]
 PIPELINE: list[tuple[str, Pass, str]] = [
     ("dce", dce, "drop values that neither the loss nor an update needs (the pruned backward's leftovers)"),
-    ("lstm_workspace", keep_lstm_workspace, "an LSTM layer keeps oneDNN's workspace for its backward, which need not run it again"),
+    ("rnn_workspace", keep_rnn_workspace, "an LSTM/GRU layer keeps what its backward reads, which need not run it again"),
     ("ln_stats", keep_ln_stats, "a layer norm's backward takes its row statistics from the forward's kernel"),
     ("slices", save_channel_slices, "a partially trained weight's gradient keeps only its k input channels"),
     ("recompute", recompute_cheap, "redo a BN/activation from the kept conv output in backward instead of keeping both"),

@@ -14,7 +14,7 @@ and the bias gradient (the same for both biases), packed likewise.
 On the CPU in float32 both kernels are oneDNN's (`mkldnn_rnn_layer`, the kernel eager's
 nn.LSTM calls: the same bits), where this torch build's oneDNN runs them (`_onednn_runs_lstm`).
 Its backward reads a workspace of the forward's (the gates and states of every step, ~15x the
-output y). Where a backward follows, the pass `keep_lstm_workspace` gives the forward node its
+output y). Where a backward follows, the pass `keep_rnn_workspace` gives the forward node its
 size (`workspace` bytes): the kernel then attaches the workspace to its output (`WORKSPACE`),
 the memory plan counts it with the output (`carries`), and the backward uses it. Without one
 (a value that lost the attribute) the backward runs the layer again: the same values, one
@@ -35,9 +35,10 @@ A = torch.ops.aten
 _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 
-def fused_lstm_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
-    """Whether `lstm_layer` can stand for this aten.lstm call (torch.export's fake tensors):
-    a 3-D input on the CPU in float32/64, no projection (`proj_size`), no dropout between layers."""
+def fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
+    """Whether `lstm_layer` (`gru_layer`) can stand for this aten.lstm (aten.gru) call
+    (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no LSTM projection
+    (`proj_size`: more weights a layer), no dropout between layers."""
     per_layer = 4 if has_biases else 2
     return (device.type == "cpu" and x.dim() == 3 and x.dtype in (torch.float32, torch.float64)
             and len(params) == num_layers * (2 if bidirectional else 1) * per_layer
@@ -106,8 +107,8 @@ def _pack(*tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-# The attribute of a lstm_layer output that holds oneDNN's workspace for its backward.
-WORKSPACE = "edgetune_lstm_workspace"
+# The attribute of a lstm_layer (gru_layer) output that holds the workspace its backward reads.
+WORKSPACE = "edgetune_rnn_workspace"
 
 
 def _lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, *, reverse, workspace=0):
@@ -339,12 +340,19 @@ register("lstm_layer_grad", _lstm_layer_grad,
 
 @aten(A.lstm.input)
 def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    """nn.LSTM: one lstm_layer per layer and direction, time-major; a reverse direction's
-    outputs are concatenated after the forward one's, as torch lays them out."""
-    h0, c0 = hx
+    """nn.LSTM: one lstm_layer per layer and direction (rnn_layers)."""
+    return rnn_layers(b, "lstm_layer", _packed_parts, x, hx, params, has_biases, num_layers, bidirectional, batch_first)
+
+
+def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, bidirectional, batch_first):
+    """An nn.LSTM's or nn.GRU's layers as one `op` node per layer and direction, time-major; a
+    reverse direction's outputs are concatenated after the forward one's, as torch lays them
+    out. `states`: the initial states ([h0, c0], or [h0]), each [layers x directions, N, H];
+    `packed_parts(T, N, H)`: where y and the last states sit in the op's buffer.
+    Returns the output and the last states, as the aten op does."""
     directions, per_layer = (2 if bidirectional else 1), (4 if has_biases else 2)
     layer_input = b.emit("permute", x, dims=(1, 0, 2)) if batch_first else x
-    last_h, last_c = [], []
+    last = [[] for _ in states]
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
@@ -352,21 +360,22 @@ def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, b
             weights = list(params[k * per_layer:(k + 1) * per_layer])
             if not has_biases:
                 weights += [b.const(torch.zeros(weights[0].shape[0], dtype=x.dtype))] * 2
-            packed = b.emit("lstm_layer", layer_input, b.emit("select", h0, dim=0, index=k),
-                            b.emit("select", c0, dim=0, index=k), *weights, reverse=direction == 1)
-            y, hy, cy = _unpacked(b, packed, layer_input.shape, weights[1].shape[1])
+            firsts = [b.emit("select", s, dim=0, index=k) for s in states]
+            packed = b.emit(op, layer_input, *firsts, *weights, reverse=direction == 1)
+            steps, batch, _ = layer_input.shape
+            y, *ends = _unpacked(b, packed, packed_parts(steps, batch, weights[1].shape[1]))
             outputs.append(y)
-            last_h.append(hy)
-            last_c.append(cy)
+            for kept, end in zip(last, ends):
+                kept.append(end)
         layer_input = outputs[0] if directions == 1 else b.emit("cat", *outputs, dim=2)
     out = b.emit("permute", layer_input, dims=(1, 0, 2)) if batch_first else layer_input
-    return out, b.emit("cat", *last_h, dim=0), b.emit("cat", *last_c, dim=0)
+    return (out, *(b.emit("cat", *ends, dim=0) for ends in last))
 
 
-def _unpacked(b, packed, x_shape, hidden):
-    """y [T, N, H], hy and cy [1, N, H], views of a lstm_layer's buffer."""
+def _unpacked(b, packed, parts):
+    """y [T, N, H] and the last states [1, N, H], views of a layer's buffer."""
     views = []
-    for start, size, shape in _packed_parts(x_shape[0], x_shape[1], hidden):
+    for start, size, shape in parts:
         piece = b.emit("slice", packed, dim=0, start=start, end=start + size, step=1)
         views.append(b.emit("reshape", piece, shape=shape if len(shape) == 3 else (1, *shape)))
     return tuple(views)
