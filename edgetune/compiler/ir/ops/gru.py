@@ -106,13 +106,20 @@ def _states_before(y, h0, reverse):
 
 
 def _factors(before, saved, hidden):
-    """What each step's gradients are of the gradient dh of its output, [T, N, 5, H]; the
-    slots: the hidden side's n gate (W_hn h + b_hn), the r, z and n gates' pre-activations,
-    and the state before (h' = lerp(n, h, z)). None depends on dh: they are computed for all
-    steps at once, and a step of the backward is one product with dh."""
+    """Each step's gradients as multiples of the gradient dh of its output, [T, N, 5, H]; the
+    slots: W_hn h + b_hn, the r, z and n gates' pre-activations, and the state before, as far
+    as h' = lerp(n, h, z) reads it directly. None depends on dh: they are computed for all
+    steps at once, and a step of the backward is one product with dh. Written slot by slot
+    (a temporary of [T, N, H] at most at a time)."""
     r, z, hidden_n, n = (saved[..., k * hidden:(k + 1) * hidden] for k in range(4))
-    dn = (1 - z) * (1 - n * n)  # tanh's derivative times the output's of n
-    return torch.stack([dn * r, dn * hidden_n * r * (1 - r), (before - n) * z * (1 - z), dn, z], dim=2)
+    out = saved.new_empty(saved.shape[:2] + (5, hidden))
+    n_side, r_side, z_side, dn, direct = out.unbind(2)
+    torch.mul(n, n, out=dn).sub_(1).mul_(z - 1)  # (1 - z): what h' takes of n; 1 - n^2: tanh's derivative
+    torch.mul(dn, r, out=n_side)
+    torch.mul(n_side, hidden_n, out=r_side).mul_(1 - r)  # sigmoid's derivative r (1 - r)
+    torch.sub(before, n, out=z_side).mul_(z).mul_(1 - z)
+    direct.copy_(z)
+    return out
 
 
 def _backward_steps(gy, dh, before, saved, w_hh, reverse):
@@ -121,13 +128,13 @@ def _backward_steps(gy, dh, before, saved, w_hh, reverse):
     grads = _factors(before, saved, hidden)
     w_hh_nrz = torch.cat([w_hh[2 * hidden:], w_hh[:2 * hidden]])  # rows in slots 0:3's gate order
     # each step's views, made before the loop (a view is a call too)
-    step_grads, direct = grads.unbind(0), grads[:, :, 4].unbind(0)
+    step_grads, direct, gy_steps = grads.unbind(0), grads[:, :, 4].unbind(0), gy.unbind(0)
     through_w_hh = grads[:, :, :3].reshape(steps, batch, 3 * hidden).unbind(0)
-    outputs = gy.new_empty(gy.shape)  # each step's output gradient, whole
-    output_grads, widened, gy_steps = outputs.unbind(0), outputs.unsqueeze(2).unbind(0), gy.unbind(0)
+    total = gy.new_empty(batch, hidden)  # a step's output gradient: from the loss and from the next step
+    widened = total.unsqueeze(1)
     for t in reversed(_steps(steps, reverse)):
-        torch.add(dh, gy_steps[t], out=output_grads[t])
-        torch.mul(step_grads[t], widened[t], out=step_grads[t])
+        torch.add(dh, gy_steps[t], out=total)
+        torch.mul(step_grads[t], widened, out=step_grads[t])
         dh = torch.addmm(direct[t], through_w_hh[t], w_hh_nrz)
     return grads, dh
 
@@ -193,7 +200,8 @@ def _grad_scratch(n) -> int:
     packed, x, w_hh = n.inputs[1], n.inputs[2], n.inputs[5]
     steps, batch, hidden = _dims(x, w_hh)
     again = 0 if packed.attrs.get("workspace") else workspace_bytes(x, w_hh) + packed.nbytes
-    # the states before each step, the steps' gradients (5 slots) and their output's; w_hh reordered
+    # the states before each step, the steps' gradients (5 slots), a temporary of the slots'
+    # size while they are made; w_hh reordered
     return (steps * batch * 7 * hidden + 3 * hidden * hidden) * n.dtype.itemsize + again
 
 
