@@ -11,7 +11,7 @@ at once before the loop, and the weights' gradients are one product each after i
 flat buffer: the outputs y [T, N, H], then the last h. Where a backward follows, the pass
 `keep_rnn_workspace` sets `workspace` (bytes) and the forward attaches what its backward reads
 (each step's gates, `_SAVED` wide) to its output (recurrent.WORKSPACE); without it the backward
-runs the forward again. `gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed.
+runs the forward again. Where none follows, the forward is ATen's GRU, eager's kernel. `gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed.
 
 nn.GRU's step (gates r, z, n, in that order in the weights):
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
@@ -90,9 +90,18 @@ def _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, saved=None):
     return out
 
 
+def _aten_layer(x, h0, w_ih, w_hh, b_ih, b_hh, reverse):
+    """The layer's buffer [y, hy] from ATen's GRU, eager's kernel (a loop in C++, 4-10% faster
+    than _run at batch 1-32; it keeps nothing for a backward); a reverse layer runs on the
+    steps flipped."""
+    outputs, last = A.gru.input(x.flip(0) if reverse else x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False,
+                                False, False)
+    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), last.reshape(-1)])
+
+
 def _gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, workspace=0):
-    if not workspace:
-        return _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse)
+    if not workspace:  # no backward follows
+        return _aten_layer(x, h0, w_ih, w_hh, b_ih, b_hh, reverse)
     steps, batch, hidden = _dims(x, w_hh)
     saved = x.new_empty(steps, batch, _SAVED * hidden)
     out = _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, saved)
@@ -193,7 +202,11 @@ def _gru_layer_vjp(b, n, g, want):
 def _forward_scratch(n) -> int:
     x, w_hh = n.inputs[0], n.inputs[3]
     steps, batch, hidden = _dims(x, w_hh)
-    return (steps + (0 if n.attrs.get("workspace") else 1)) * batch * _SAVED * hidden * n.dtype.itemsize
+    if n.attrs.get("workspace"):
+        return steps * batch * 4 * hidden * n.dtype.itemsize  # _input_side
+    # ATen's input side and outputs; a reverse layer's steps flipped, in and out
+    flipped = (math.prod(x.shape) + steps * batch * hidden) if n.attrs["reverse"] else 0
+    return (steps * batch * 4 * hidden + flipped) * n.dtype.itemsize
 
 
 def _grad_scratch(n) -> int:
