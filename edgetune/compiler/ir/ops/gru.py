@@ -306,6 +306,4 @@ register("gru_layer_grad", _gru_layer_grad,
 @aten(A.gru.input)
 def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
     """nn.GRU: one gru_layer per layer and direction (recurrent.rnn_layers)."""
-    out, last = rnn_layers(b, "gru_layer", _packed_parts, x, (hx,), params, has_biases, num_layers, bidirectional,
-                           batch_first)
-    return out, last
+    return rnn_layers(b, "gru_layer", _packed_parts, x, (hx,), params, has_biases, num_layers, bidirectional, batch_first)

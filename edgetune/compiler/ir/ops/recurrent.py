@@ -4,7 +4,8 @@ torch.export decomposes `nn.LSTM` into its time steps, a dozen ops per step forw
 two dozen backward, each a call from the generated Python on a [batch, hidden] tensor: a
 32-token LSTM step made 1424 kernel calls and ran at a third of eager's speed, where eager
 runs oneDNN's fused RNN layer. The frontend keeps `aten.lstm` whole where this op applies
-(`fused_lstm_applies`) and its converter emits one `lstm_layer` per layer and direction.
+(`fused_rnn_applies`) and its converter emits one `lstm_layer` per layer and direction
+(`rnn_layers`, which gru.py's converter shares for `nn.GRU`).
 
 `lstm_layer(x [T, N, I], h0, c0 [N, H], w_ih, w_hh, b_ih, b_hh, reverse, workspace)` returns
 one flat buffer: the outputs y [T, N, H], then the last h and c. `lstm_layer_grad` takes that
