@@ -4,7 +4,8 @@ Each node is one line; each value is deleted right after its last use, so peak m
 follows the memory plan. Constants are moved to the step's device once, at compile time;
 small values computed from held tensors that no step writes are computed once and kept
 (backends/invariants.py). A kernel whose op binds one per node (OpDef.bind: a convolution on the
-CPU) is called with the node's inputs alone, its choices made here once.
+CPU) is called with the node's inputs alone, its choices made here once; a view is written as
+the tensor method itself (OpDef.inline).
 The generated source is readable (`EDGETUNE_DEBUG=2` prints it, `CompiledStep.source`).
 
 A guarded effect (an update whose `attrs["guarded"]` is "skip" or "raise") takes a bool
@@ -151,10 +152,14 @@ def _body(nodes: list[Node | UpdateGroup], keep: set[Node], bound: set[Node]) ->
 def _lines(n: Node, bound: bool = False) -> list[str]:
     guard = n.attrs.get("guarded")
     inputs, attrs = (n.inputs[:-1], {k: v for k, v in n.attrs.items() if k != "guarded"}) if guard else (n.inputs, n.attrs)
+    inline = OPS[n.op].inline
     if bound:  # its attributes are in the kernel; the comment keeps them for the reader
         call = f"{_bound_name(n)}({', '.join(i.name for i in inputs)})"
         facts = [n.op] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
         where = f"  # {n.meta.get('module') or ''} {' '.join(facts)}".rstrip()
+    elif inline is not None and not guard:
+        call = inline(n, [i.name for i in inputs])
+        where = f"  # {n.meta.get('module') or ''} {n.op}".rstrip()
     else:
         args = [i.name for i in inputs] + [f"{k}={_literal(v)}" for k, v in attrs.items()]
         call = f"_op_{n.op}({', '.join(args)})"

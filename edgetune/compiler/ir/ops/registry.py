@@ -36,6 +36,10 @@ class OpDef:
     # `carries(node) -> bytes`: memory the kernel's output holds beside its own values, alive as
     # long as the output (an LSTM layer's oneDNN workspace, attached for its backward).
     carries: Callable[[Node], int] | None = None
+    # `inline(node, input_names) -> str`: a Python expression the torch backend writes into the
+    # step in place of a kernel call (views: a tensor method is a call less than a kernel that
+    # calls it; ViT at batch 1 makes some 80 views a step). The same value as `kernel`.
+    inline: Callable[[Node, list[str]], str] | None = None
 
 
 def mutated_inputs(node: Node) -> tuple[int, ...]:

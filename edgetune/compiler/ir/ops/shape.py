@@ -91,16 +91,30 @@ def _select_grad_onnx(ctx, n, xs):
     return ctx.op("Pad", ctx.op("Reshape", xs[0], ctx.ints(shape)), ctx.ints(pads))
 
 
-register("reshape", lambda x, shape: x.reshape(shape), _reshape_vjp, view=True,
+def _method(name: str, *attrs: str):
+    """`inline` for a view that is a tensor method taking the node's attributes in order."""
+    return lambda n, xs: f"{xs[0]}.{name}({', '.join(repr(n.attrs[a]) for a in attrs)})"
+
+
+def _slice_inline(n, xs):
+    """x[..., start:end:step] as basic indexing (what A.slice does, clamping included; the
+    fastest view call from Python)."""
+    a = n.attrs
+    dim = a["dim"] % len(n.inputs[0].shape)
+    return f"{xs[0]}[{':, ' * dim}{a['start']}:{a['end']}:{a['step']}]"
+
+
+register("reshape", lambda x, shape: x.reshape(shape), _reshape_vjp, view=True, inline=_method("reshape", "shape"),
          onnx=lambda ctx, n, xs: ctx.op("Reshape", xs[0], ctx.ints(n.attrs["shape"])))
-register("permute", lambda x, dims: x.permute(dims), _permute_vjp, view=True,
+register("permute", lambda x, dims: x.permute(dims), _permute_vjp, view=True, inline=_method("permute", "dims"),
          onnx=lambda ctx, n, xs: ctx.op("Transpose", xs[0], perm=list(n.attrs["dims"])))
-register("expand", lambda x, size: x.expand(size), _expand_vjp, view=True,
+register("expand", lambda x, size: x.expand(size), _expand_vjp, view=True, inline=_method("expand", "size"),
          onnx=lambda ctx, n, xs: ctx.op("Expand", xs[0], ctx.ints(n.attrs["size"])))
 register("slice", lambda x, dim, start, end, step: A.slice(x, dim, start, end, step), _slice_vjp, view=True,
-         onnx=_slice_onnx)
+         inline=_slice_inline, onnx=_slice_onnx)
 # A 0-d index drops the dim, as select does.
 register("select", lambda x, dim, index: x.select(dim, index), _select_vjp, view=True,
+         inline=_method("select", "dim", "index"),
          onnx=lambda ctx, n, xs: ctx.op("Gather", xs[0], ctx.scalar(n.attrs["index"], torch.int64),
                                         axis=n.attrs["dim"]))
 register("cat", lambda *xs, dim: torch.cat(xs, dim), _cat_vjp,
