@@ -24,6 +24,7 @@ from edgetune.compiler.passes.recompute import recompute_cheap
 from edgetune.compiler.passes.reorder import update_early
 from edgetune.compiler.passes.rnn_workspace import keep_rnn_workspace
 from edgetune.compiler.passes.slices import save_channel_slices
+from edgetune.compiler.passes.views import fold_views
 
 Pass = Callable[[Graph], Graph]
 
@@ -38,6 +39,7 @@ PIPELINE: list[tuple[str, Pass, str]] = [
     ("recompute", recompute_cheap, "redo a BN/activation from the kept conv output in backward instead of keeping both"),
     ("bitmask", bitmask_activations, "a ReLU/ReLU6 backward keeps 1 bit per element instead of its float output"),
     ("reorder", update_early, "apply each update in place as soon as its gradient exists, so gradients die at once"),
+    ("views", fold_views, "a chain of reshapes (of permutes) is one view; a permute that undoes one is none"),
     ("inplace", inplace_elementwise, "an elementwise op writes over an input that dies with it: one buffer, not two"),
 ]
 
