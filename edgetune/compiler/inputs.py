@@ -13,6 +13,7 @@ on kinds.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -183,8 +184,8 @@ def refuse_out_of_range(t: torch.Tensor, what: str, use: IndexUse) -> None:
     if t.numel() == 0:
         return
     low, high = torch.aminmax(t)
-    if low >= 0 and high < use.size:  # the common case: one pass, no temporaries of t's size
-        return
+    if int(low) >= 0 and int(high) < use.size:  # the common case: one pass, no temporaries of t's size
+        return  # (Python ints: a tensor comparison would be two more kernel calls a step)
     bad = (t < 0) | (t >= use.size)
     for value in use.ignored:
         bad &= t != value
@@ -218,4 +219,4 @@ def _surely_finite(t: torch.Tensor) -> bool:
     sum is one vectorized pass (about 30x faster than isfinite().all() on CPU). A sum can also
     overflow on finite entries, so False only means: look entry by entry."""
     wide = torch.float32 if t.dtype.itemsize < 4 else t.dtype  # float16 sums overflow at 65504
-    return bool(torch.isfinite(t.sum(dtype=wide)))
+    return math.isfinite(t.sum(dtype=wide))  # a Python float: no isfinite kernel
