@@ -10,7 +10,8 @@ step is compiled (torch backend), then run --steps times as compiled and --steps
 each kernel call wrapped in a timer, alternating, after warm-ups. "kernels" is the sum of the
 wrapped calls' wall times, less the wrapper's own cost (calibrated on a call that does
 nothing); "between kernels" is the rest of the step's wall time as compiled: the generated
-Python's lines, `del`s, guards and calls. A reference runs beside it for scale: PyTorch eager
+Python's lines, `del`s, guards and calls, and the views, which the step writes as tensor
+methods rather than kernel calls (OpDef.inline). A reference runs beside it for scale: PyTorch eager
 on the same scheme for the vision models; for the language models (SmolLM2-135M, or the tiny
 random Llama) the forward-only floor of issue 18's goal, HF's forward and loss without
 gradients, on bench.lm's batch (random ids, --seq tokens, every row learned). Ops are the
