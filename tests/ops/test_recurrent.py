@@ -14,31 +14,42 @@ from tests.ops.harness import check_grads, t
 from tests.reference import assert_models_match, train_eager
 
 
-def _lstm(num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
-    """torch.lstm with its weights as separate arguments, for check_grads."""
-    def fn(x, h0, c0, *params):
-        out, hy, cy = torch.lstm(x, (h0, c0), params, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
-        return torch.cat([out.reshape(-1), hy.reshape(-1), cy.reshape(-1)])
+def _rnn(kind, num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
+    """torch.lstm (torch.gru) with its initial states and weights as separate arguments, for
+    check_grads: the outputs and the last states, flat."""
+    states = 2 if kind == "lstm" else 1
+
+    def fn(x, *rest):
+        first, params = rest[:states], rest[states:]
+        op = torch.lstm if kind == "lstm" else torch.gru
+        out, *last = op(x, first if kind == "lstm" else first[0], params, has_biases, num_layers, 0.0, True,
+                        bidirectional, batch_first)
+        return torch.cat([out.reshape(-1), *(s.reshape(-1) for s in last)])
     return fn
 
 
-def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True):
+def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True, gates=4):
+    """A layer's weights and biases for each layer and direction (4 gates: an LSTM's; 3: a GRU's)."""
     params = []
     for layer in range(num_layers):
         for _ in range(directions):
             width = input_size if layer == 0 else hidden * directions
-            params += [t(4 * hidden, width), t(4 * hidden, hidden)] + ([t(4 * hidden), t(4 * hidden)] if has_biases else [])
+            params += [t(gates * hidden, width), t(gates * hidden, hidden)] + (
+                [t(gates * hidden), t(gates * hidden)] if has_biases else [])
     return params
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
     (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
-def test_lstm_gradients_against_autograd(num_layers, bidirectional, batch_first, has_biases):
-    """Every input's gradient, the initial states' included, through outputs, last h and last c."""
+def test_recurrent_gradients_against_autograd(kind, num_layers, bidirectional, batch_first, has_biases):
+    """Every input's gradient, the initial states' included, through the outputs and the last
+    states (h and c of an LSTM, h of a GRU)."""
     directions = 2 if bidirectional else 1
     x = t(2, 5, 3) if batch_first else t(5, 2, 3)
-    check_grads(_lstm(num_layers, bidirectional, batch_first, has_biases), x, t(num_layers * directions, 2, 4),
-                t(num_layers * directions, 2, 4), *_weights(3, 4, num_layers, directions, has_biases))
+    states = [t(num_layers * directions, 2, 4) for _ in range(2 if kind == "lstm" else 1)]
+    check_grads(_rnn(kind, num_layers, bidirectional, batch_first, has_biases), x, *states,
+                *_weights(3, 4, num_layers, directions, has_biases, gates=4 if kind == "lstm" else 3))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -140,11 +151,12 @@ def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
     assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
 
 
-def test_an_lstm_step_runs_on_onnxruntime_as_eager_does():
-    """The exported step: ONNX's LSTM op forward, the backward step by step."""
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_recurrent_step_runs_on_onnxruntime_as_eager_does(kind):
+    """The exported step: ONNX's LSTM (GRU) op forward, the backward step by step."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = _Tagger(bidirectional=True)
+    model = _Tagger(kind, bidirectional=True)
     reference = copy.deepcopy(model)
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
@@ -220,33 +232,6 @@ def test_an_lstm_step_compiles_again_for_another_sequence_length():
 
 # -- GRU (edgetune/compiler/ir/ops/gru.py) --
 
-def _gru(num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
-    """torch.gru with its weights as separate arguments, for check_grads."""
-    def fn(x, h0, *params):
-        out, hy = torch.gru(x, h0, params, has_biases, num_layers, 0.0, True, bidirectional, batch_first)
-        return torch.cat([out.reshape(-1), hy.reshape(-1)])
-    return fn
-
-
-def _gru_weights(input_size, hidden, num_layers=1, directions=1, has_biases=True):
-    params = []
-    for layer in range(num_layers):
-        for _ in range(directions):
-            width = input_size if layer == 0 else hidden * directions
-            params += [t(3 * hidden, width), t(3 * hidden, hidden)] + ([t(3 * hidden), t(3 * hidden)] if has_biases else [])
-    return params
-
-
-@pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
-    (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
-def test_gru_gradients_against_autograd(num_layers, bidirectional, batch_first, has_biases):
-    """Every input's gradient, the initial state's included, through the outputs and the last h."""
-    directions = 2 if bidirectional else 1
-    x = t(2, 5, 3) if batch_first else t(5, 2, 3)
-    check_grads(_gru(num_layers, bidirectional, batch_first, has_biases), x, t(num_layers * directions, 2, 4),
-                *_gru_weights(3, 4, num_layers, directions, has_biases))
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_a_gru_backward_from_the_kept_gates_equals_one_that_runs_the_forward_again(reverse):
     from edgetune.compiler.ir.ops.gru import _gru_layer, _gru_layer_grad, workspace_bytes
@@ -309,21 +294,5 @@ def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
     got = [trainer.step(*b) for b in batches]
     masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
     want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.AdamW(ps, lr=0.01))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
-
-
-def test_a_gru_step_runs_on_onnxruntime_as_eager_does():
-    """The exported step: ONNX's GRU op forward, the backward step by step."""
-    pytest.importorskip("onnxruntime")
-    torch.manual_seed(0)
-    model = _Tagger("gru", bidirectional=True)
-    reference = copy.deepcopy(model)
-    batches = _batches()
-    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
-                         backend="onnxruntime")
-    got = [trainer.step(*b) for b in batches]
-    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
     assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
