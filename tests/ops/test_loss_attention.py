@@ -216,3 +216,19 @@ def test_sdpa_stays_one_op_where_the_fused_kernel_applies(kw, fused):
                      (q,), (k, v))
     ops = [n.op for n in forward.graph.nodes]
     assert ("sdpa" in ops) == fused and ("softmax" in ops) != fused
+
+
+def test_each_sdpa_call_stays_whole_or_is_decomposed_on_its_own():
+    """A grouped-query call, which the fused kernel does not take, beside one it does: the
+    first is decomposed, the second stays one op (the choice is made call by call); the
+    gradients of both against autograd."""
+    from edgetune.compiler.frontend.torch import export
+
+    def both(q, k, v):
+        grouped = F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True)
+        return grouped + F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = _qkv(h=4, h_kv=4)
+    ops = [n.op for n in export(torch.nn.Identity(), lambda *qkv: both(*qkv).sum(), (q,), (k, v)).graph.nodes]
+    assert ops.count("sdpa") == 1 and "softmax" in ops
+    check_grads(both, q, k, v)

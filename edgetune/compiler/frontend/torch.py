@@ -75,7 +75,7 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
         try:
             program = torch.export.export(wrapped, tuple(inputs) + tuple(targets), strict=False)
             _detach_no_grad_regions(program)
-            program = program.run_decompositions(_decompositions(_kept_whole(program, device)))
+            program = program.run_decompositions(_decompositions())
         except Exception as err:  # noqa: BLE001 -- torch's tracing errors, said in the user's terms
             if not _is_trace_failure(err):
                 raise  # the model's or the loss's own error (a shape mismatch, a ValueError): as eager raises it
@@ -151,41 +151,41 @@ def _param_aliases(model: torch.nn.Module) -> dict[str, str]:
     return {name: first.setdefault(id(p), name) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def _decompositions(kept_whole: tuple = ()) -> dict:
+def _decompositions() -> dict:
     """Core ATen, except ops whose decomposition changes their meaning for training:
     detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
-    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. `kept_whole`: ops
-    that stay one op, as edgetune's fused kernels run them (attention.py, recurrent.py)."""
+    whose gradient at the kinks (x = -3, 3) differs from hardswish's own. A call of an op that
+    edgetune runs as one fused kernel (attention.py, recurrent.py, gru.py) stays whole where
+    that kernel applies to it, call by call (a decomposition that returns NotImplemented keeps
+    the call), and is decomposed elsewhere."""
     table = torch.export.default_decompositions()
-    for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default, *kept_whole):
+    for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default):
         table.pop(op, None)
+    for op, fits in _FUSED.items():
+        if op in table:
+            table[op] = _whole_where_it_fits(fits, table[op])
     return table
 
 
-def _kept_whole(program: Any, device: torch.device) -> tuple:
-    """The fused ops every call of which fits edgetune's kernel (all or none for each op: the
-    decomposition table is one for the whole program)."""
-    fits = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
-            torch.ops.aten.lstm.input: _fits_fused_rnn, torch.ops.aten.gru.input: _fits_fused_rnn}
-    kept = []
-    for op, fit in fits.items():
-        calls = [n for n in program.graph.nodes if n.target is op]
-        if calls and all(fit(n, device) for n in calls):
-            kept.append(op)
-    return tuple(kept)
+def _whole_where_it_fits(fits: Callable, decompose: Callable) -> Callable:
+    def decomposition(*args: Any, **kwargs: Any) -> Any:
+        return NotImplemented if fits(*args, **kwargs) else decompose(*args, **kwargs)
+    return decomposition
 
 
-def _fits_fused_rnn(node: Any, device: torch.device) -> bool:
-    x, _, params, has_biases, num_layers, dropout, train, bidirectional = node.args[:8]  # aten.lstm's and aten.gru's
-    return fused_rnn_applies(x.meta["val"], params, has_biases, num_layers, dropout, train, bidirectional, device)
+def _fits_fused_rnn(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first) -> bool:
+    return fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, x.device)
 
 
-def _fits_fused_attention(node: Any, device: torch.device) -> bool:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    args = {**dict(zip(names, node.args)), **node.kwargs}
-    val = lambda a: a.meta["val"] if hasattr(a, "meta") else a  # noqa: E731
-    return fused_attention_applies(val(args["query"]), val(args["key"]), val(args.get("attn_mask")),
-                                   args.get("dropout_p", 0.0), args.get("enable_gqa", False), device)
+def _fits_fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False) -> bool:
+    return fused_attention_applies(query, key, attn_mask, dropout_p, enable_gqa, query.device)
+
+
+# The ops edgetune keeps whole where its fused kernel applies (aten.lstm's and aten.gru's
+# arguments are the same), with the test of a call's (fake) arguments.
+_FUSED = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
+          torch.ops.aten.lstm.input: _fits_fused_rnn, torch.ops.aten.gru.input: _fits_fused_rnn}
 
 
 def _device_of(inputs: tuple) -> torch.device:
