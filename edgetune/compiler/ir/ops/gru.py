@@ -68,15 +68,13 @@ def _columns(t, start, end, hidden):
     return t[..., start * hidden:end * hidden].unbind(0)
 
 
-def _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, saved=None):
-    """The layer's buffer [y, hy]; with `saved` ([T, N, 4H]) each step's r, z, W_hn h + b_hn
-    and n written there (without, into one step's scratch)."""
+def _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, saved):
+    """The layer's buffer [y, hy], each step's r, z, W_hn h + b_hn and n written into `saved`
+    ([T, N, 4H]) for the backward."""
     steps, batch, hidden = _dims(x, w_hh)
     inputs = _input_side(x, w_ih, b_ih, b_hh)
     out = x.new_empty(steps * batch * hidden + batch * hidden)
     y, hy = _parts(out, x, w_hh)
-    if saved is None:
-        saved = x.new_empty(1, batch, _SAVED * hidden).expand(steps, -1, -1)
     before_n, input_n = _columns(inputs, 0, 3, hidden), _columns(inputs, 3, 4, hidden)
     three, rz, n = _columns(saved, 0, 3, hidden), _columns(saved, 0, 2, hidden), _columns(saved, 3, 4, hidden)
     r, z, hidden_n = (_columns(saved, k, k + 1, hidden) for k in range(3))
