@@ -11,7 +11,8 @@ at once before the loop, and the weights' gradients are one product each after i
 flat buffer: the outputs y [T, N, H], then the last h. Where a backward follows, the pass
 `keep_rnn_workspace` sets `workspace` (bytes) and the forward attaches what its backward reads
 (each step's gates, `_SAVED` wide) to its output (recurrent.WORKSPACE); without it the backward
-runs the forward again. Where none follows, the forward is ATen's GRU, eager's kernel. `gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed.
+runs the forward again. Where none follows, the forward is ATen's GRU, eager's kernel.
+`gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed.
 
 nn.GRU's step (gates r, z, n, in that order in the weights):
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
@@ -23,16 +24,13 @@ import math
 
 import torch
 
-from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _piece, _steps,
-                                                rnn_layers)
+from edgetune.compiler.ir.ops import recurrent
+from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
+                                                _onnx_stacked, _piece, _steps, rnn_layers)
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
 _SAVED = 4  # a step's saved values, in hidden widths: r, z, W_hn h + b_hn, n
-
-
-def _dims(x, w_hh):
-    return x.shape[0], x.shape[1], w_hh.shape[1]  # T, N, H
 
 
 def _packed_parts(steps, batch, hidden) -> tuple:
@@ -42,7 +40,7 @@ def _packed_parts(steps, batch, hidden) -> tuple:
 
 
 def _parts(packed, x, w_hh):
-    return tuple(packed[start:start + size].view(shape) for start, size, shape in _packed_parts(*_dims(x, w_hh)))
+    return recurrent._parts(packed, x, w_hh, _packed_parts)
 
 
 def workspace_bytes(x, w_hh) -> int:
@@ -219,10 +217,7 @@ def _grad_scratch(n) -> int:
 # -- ONNX: the forward as ONNX's GRU op (float32; float64, which onnxruntime's GRU lacks, step
 # by step), the backward as _gru_layer_grad spells it, step by step --
 
-def _onnx_gate_rows(ctx, w, hidden):
-    """A weight's (or bias's) gate blocks from torch's order r, z, n to ONNX's z, r, h."""
-    block = lambda k: ctx.op("Slice", w, ctx.ints([k * hidden]), ctx.ints([(k + 1) * hidden]), ctx.ints([0]))  # noqa: E731
-    return ctx.op("Concat", block(1), block(0), block(2), axis=0)
+_ONNX_GRU_GATES = (1, 0, 2)  # torch's r, z, n as ONNX's z, r, h
 
 
 def _onnx_gru_layer(ctx, n, xs):
@@ -233,10 +228,10 @@ def _onnx_gru_layer(ctx, n, xs):
         h, saved = _onnx_steps(ctx, n.inputs[0].shape[0], hidden, n.attrs["reverse"], xs)
         return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[-1] for t, step in saved.items()})), flat(h), axis=0)
     first = lambda t: ctx.op("Unsqueeze", t, ctx.ints([0]))  # noqa: E731  (ONNX's num_directions axis)
-    bias = ctx.op("Concat", _onnx_gate_rows(ctx, b_ih, hidden), _onnx_gate_rows(ctx, b_hh, hidden), axis=0)
-    y, hy = ctx.op("GRU", x, first(_onnx_gate_rows(ctx, w_ih, hidden)), first(_onnx_gate_rows(ctx, w_hh, hidden)),
-                   first(bias), "", first(h0), outputs=2, hidden_size=hidden, linear_before_reset=1,
-                   direction="reverse" if n.attrs["reverse"] else "forward")
+    rows = lambda t: _onnx_gate_rows(ctx, t, hidden, _ONNX_GRU_GATES)  # noqa: E731
+    bias = ctx.op("Concat", rows(b_ih), rows(b_hh), axis=0)
+    y, hy = ctx.op("GRU", x, first(rows(w_ih)), first(rows(w_hh)), first(bias), "", first(h0), outputs=2,
+                   hidden_size=hidden, linear_before_reset=1, direction="reverse" if n.attrs["reverse"] else "forward")
     return ctx.op("Concat", flat(y), flat(hy), axis=0)
 
 
@@ -293,7 +288,7 @@ def _onnx_gru_layer_grad(ctx, n, xs):
 
 register("gru_layer", _gru_layer, _gru_layer_vjp,
          shape=lambda x, h0, w_ih, w_hh, b_ih, b_hh, reverse, workspace=0: (
-             (sum(size for _, size, _ in _packed_parts(*_dims(x, w_hh))),), x.dtype),
+             (recurrent._packed_size(x, w_hh, _packed_parts),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_gru_layer)
 register("gru_layer_grad", _gru_layer_grad,
          shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse: (
@@ -304,4 +299,5 @@ register("gru_layer_grad", _gru_layer_grad,
 @aten(A.gru.input)
 def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
     """nn.GRU: one gru_layer per layer and direction (recurrent.rnn_layers)."""
-    return rnn_layers(b, "gru_layer", _packed_parts, x, (hx,), params, has_biases, num_layers, bidirectional, batch_first)
+    return rnn_layers(b, "gru_layer", _packed_parts, x, (hx,), params, has_biases, num_layers, bidirectional,
+                      batch_first)

@@ -144,13 +144,14 @@ def _packed_parts(steps, batch, hidden) -> tuple:
     return (0, ny, (steps, batch, hidden)), (ny, nh, (batch, hidden)), (ny + nh, nh, (batch, hidden))
 
 
-def _packed_size(x, w_hh) -> int:
-    return sum(size for _, size, _ in _packed_parts(*_dims(x, w_hh)))
+def _packed_size(x, w_hh, packed_parts=_packed_parts) -> int:
+    return sum(size for _, size, _ in packed_parts(*_dims(x, w_hh)))
 
 
-def _parts(packed, x, w_hh):
-    """y, hy and cy (or their gradients) as views of a lstm_layer buffer (or of its gradient)."""
-    return tuple(packed[start:start + size].view(shape) for start, size, shape in _packed_parts(*_dims(x, w_hh)))
+def _parts(packed, x, w_hh, packed_parts=_packed_parts):
+    """y, hy and cy (or their gradients) as views of a lstm_layer buffer (or of its gradient);
+    with gru.py's `packed_parts`, y and hy of a gru_layer buffer."""
+    return tuple(packed[start:start + size].view(shape) for start, size, shape in packed_parts(*_dims(x, w_hh)))
 
 
 def _looped_layer_grad(gy, ghy, gcy, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse):
@@ -237,10 +238,14 @@ def _grad_scratch(n) -> int:
 
 # -- ONNX: the forward as ONNX's LSTM op; the backward as _looped_layer_grad, step by step --
 
-def _onnx_gate_rows(ctx, w, hidden):
-    """A weight's (or bias's) gate blocks from torch's order i, f, g, o to ONNX's i, o, f, c."""
+_ONNX_LSTM_GATES = (0, 3, 1, 2)  # torch's i, f, g, o as ONNX's i, o, f, c
+
+
+def _onnx_gate_rows(ctx, w, hidden, order=_ONNX_LSTM_GATES):
+    """A weight's (or bias's) gate blocks from torch's order to ONNX's: `order` lists, in ONNX's
+    order, the index of each gate in torch's."""
     block = lambda k: ctx.op("Slice", w, ctx.ints([k * hidden]), ctx.ints([(k + 1) * hidden]), ctx.ints([0]))  # noqa: E731
-    return ctx.op("Concat", *(block(k) for k in (0, 3, 1, 2)), axis=0)
+    return ctx.op("Concat", *(block(k) for k in order), axis=0)
 
 
 def _onnx_lstm_layer(ctx, n, xs):
