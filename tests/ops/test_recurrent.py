@@ -125,12 +125,7 @@ def test_lstm_models_train_as_eager_does(lstm, scheme):
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
     assert any(n.op == "lstm_layer" for n in trainer.graph.nodes)
-    got = [trainer.step(*b) for b in batches]
-    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
-    want = train_eager(reference, F.cross_entropy, batches, masks,
-                       lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-5)
 
 
 def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
@@ -144,11 +139,8 @@ def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9))
     assert not any(n.attrs.get("workspace") for n in trainer.graph.nodes if n.op == "lstm_layer")
-    got = [trainer.step(*b) for b in batches]
-    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, masks=_every_parameter(reference),
+                            rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -161,11 +153,26 @@ def test_a_recurrent_step_runs_on_onnxruntime_as_eager_does(kind):
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
                          backend="onnxruntime")
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, masks=_every_parameter(reference),
+                            rtol=1e-4)
+
+
+def _sgd_momentum(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _every_parameter(model):
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+
+
+def _assert_trains_as_eager(trainer, model, reference, batches, optimizer, masks=None, rtol=1e-4):
+    """The trainer's steps over `batches` against eager's (`optimizer(params)`) on `reference`:
+    the losses, then every parameter. `masks`: what eager trains, by default the trainer's updates."""
     got = [trainer.step(*b) for b in batches]
-    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    masks = masks or {u.name: _mask_of(reference, u) for u in trainer.updates}
+    want = train_eager(reference, F.cross_entropy, batches, masks, optimizer)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+    assert_models_match(model, reference, rtol=rtol, atol=1e-6)
 
 
 def _mask_of(model, update):
@@ -209,11 +216,7 @@ def test_the_gradient_through_a_frozen_lstm_trains_what_is_before_it_as_eager(mo
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=0.01))
     # one LSTM layer fused in either model, its backward too (_Projected's second is decomposed)
     assert [n.op for n in trainer.graph.nodes if n.op.startswith("lstm_layer")] == ["lstm_layer", "lstm_layer_grad"]
-    got = [trainer.step(*b) for b in batches]
-    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.AdamW(ps, lr=0.01))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)
 
 
 def test_an_lstm_step_compiles_again_for_another_sequence_length():
@@ -224,11 +227,8 @@ def test_an_lstm_step_compiles_again_for_another_sequence_length():
     batches = [((torch.randint(0, 50, (4, length), generator=g),), (torch.randint(0, 5, (4,), generator=g),))
                for length in (7, 11, 7)]
     trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1), max_shapes=2)
-    got = [trainer.step(*b) for b in batches]
-    masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in reference.named_parameters()}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.SGD(ps, lr=0.1))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-5, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.SGD(ps, lr=0.1),
+                            masks=_every_parameter(reference), rtol=1e-5)
 
 
 # -- GRU (edgetune/compiler/ir/ops/gru.py) --
@@ -277,12 +277,7 @@ def test_gru_models_train_as_eager_does(gru, scheme):
     layers = [n for n in trainer.graph.nodes if n.op == "gru_layer"]
     trained = any(n.op == "gru_layer_grad" for n in trainer.graph.nodes)
     assert layers and all(bool(n.attrs.get("workspace")) == trained for n in layers)
-    got = [trainer.step(*b) for b in batches]
-    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
-    want = train_eager(reference, F.cross_entropy, batches, masks,
-                       lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)
 
 
 def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
@@ -292,8 +287,4 @@ def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme={"emb.*": "full"}, optimizer=et.AdamW(lr=0.01))
     assert any(n.op == "gru_layer_grad" for n in trainer.graph.nodes)
-    got = [trainer.step(*b) for b in batches]
-    masks = {u.name: _mask_of(reference, u) for u in trainer.updates}
-    want = train_eager(reference, F.cross_entropy, batches, masks, lambda ps: torch.optim.AdamW(ps, lr=0.01))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    assert_models_match(model, reference, rtol=1e-4, atol=1e-6)
+    _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)
