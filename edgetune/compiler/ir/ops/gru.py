@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from edgetune.compiler.ir.ops import recurrent
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
-                                                _onnx_stacked, _piece, _steps, rnn_layers)
+                                                _onnx_stacked, _packed_size, _piece, _steps, rnn_layers)
+from edgetune.compiler.ir.ops.recurrent import _parts as _layer_parts
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
@@ -40,7 +40,7 @@ def _packed_parts(steps, batch, hidden) -> tuple:
 
 
 def _parts(packed, x, w_hh):
-    return recurrent._parts(packed, x, w_hh, _packed_parts)
+    return _layer_parts(packed, x, w_hh, _packed_parts)
 
 
 def workspace_bytes(x, w_hh) -> int:
@@ -288,7 +288,7 @@ def _onnx_gru_layer_grad(ctx, n, xs):
 
 register("gru_layer", _gru_layer, _gru_layer_vjp,
          shape=lambda x, h0, w_ih, w_hh, b_ih, b_hh, reverse, workspace=0: (
-             (recurrent._packed_size(x, w_hh, _packed_parts),), x.dtype),
+             (_packed_size(x, w_hh, _packed_parts),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_gru_layer)
 register("gru_layer_grad", _gru_layer_grad,
          shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse: (
