@@ -694,6 +694,9 @@ def _gru_cases(a):
         packed = _gru_layer(x, h0, *weights, **attrs)
         cases += [(f"gru_layer-{name}", "gru_layer", [x, h0, *weights], attrs),
                   (f"gru_layer_grad-{name}", "gru_layer_grad", [a.r(packed.numel()), packed, x, h0, *weights], attrs)]
+    # the input's and the biases' gradients only (a bias-only scheme)
+    cases.append(("gru_layer_grad-biases", "gru_layer_grad", [a.r(packed.numel()), packed, x, h0, *weights],
+                  dict(reverse=True, wanted=(True, False, False, False, True, True))))
     return cases
 
 

@@ -251,6 +251,26 @@ def test_a_gru_backward_from_the_kept_gates_equals_one_that_runs_the_forward_aga
     assert torch.equal(kept, _gru_layer_grad(grad_out, packed.clone(), x, h0, *weights, reverse=reverse))
 
 
+def test_a_gru_backward_computes_the_wanted_gradients_only():
+    """A gru_layer_grad's buffer holds the gradients its `wanted` names, one after the other,
+    each equal to the same gradient of the backward that computes them all."""
+    from edgetune.compiler.ir.ops.gru import _grad_parts, _gru_layer, _gru_layer_grad
+
+    torch.manual_seed(0)
+    x, h0 = torch.randn(5, 2, 3), torch.randn(2, 4)
+    weights = [torch.randn(12, 3), torch.randn(12, 4), torch.randn(12), torch.randn(12)]
+    packed = _gru_layer(x, h0, *weights, reverse=False)
+    grad_out = torch.randn(packed.numel())
+    every = _grad_parts(_gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=False), x, h0, *weights[:2], (True,) * 6)
+    for wanted in [(True, False, False, False, True, True), (False, False, True, True, False, False),
+                   (False, True, False, False, False, True)]:
+        out = _gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=False, wanted=wanted)
+        assert out.numel() == sum(t.numel() for t, w in zip(every, wanted) if w)
+        for got, full in zip(_grad_parts(out, x, h0, *weights[:2], wanted), every):
+            assert (got is None) or torch.equal(got, full)
+        assert [got is not None for got in _grad_parts(out, x, h0, *weights[:2], wanted)] == list(wanted)
+
+
 def test_the_frontend_keeps_a_gru_whole_where_the_op_applies():
     x = torch.randn(5, 2, 3)
     assert "gru_layer" in _ops_of(nn.GRU(3, 4, num_layers=2, bidirectional=True), x)
@@ -286,5 +306,7 @@ def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
     reference = copy.deepcopy(model)
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme={"emb.*": "full"}, optimizer=et.AdamW(lr=0.01))
-    assert any(n.op == "gru_layer_grad" for n in trainer.graph.nodes)
+    backward = [n for n in trainer.graph.nodes if n.op == "gru_layer_grad"]
+    # the input's gradient only: the frozen weights' products are not computed
+    assert backward and all(n.attrs["wanted"] == (True, False, False, False, False, False) for n in backward)
     _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)

@@ -12,7 +12,7 @@ flat buffer: the outputs y [T, N, H], then the last h. Where a backward follows,
 `keep_rnn_workspace` sets `workspace` (bytes) and the forward attaches what its backward reads
 (each step's gates, `_SAVED` wide) to its output (recurrent.WORKSPACE); without it the backward
 runs the forward again. Where none follows, the forward is ATen's GRU, eager's kernel.
-`gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed.
+`gru_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed: those its `wanted` names.
 
 nn.GRU's step (gates r, z, n, in that order in the weights):
     r = sigmoid(W_ir x + b_ir + W_hr h + b_hr),  z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
@@ -144,16 +144,26 @@ def _backward_steps(gy, dh, before, saved, w_hh, reverse):
     return grads, dh
 
 
-def _grad_parts(out, x, h0, w_ih, w_hh):
-    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh as views of a gru_layer_grad buffer."""
+def _grad_shapes(x, h0, w_ih, w_hh):
+    return x.shape, h0.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hh.shape[:1]
+
+
+def _grad_size(x, h0, w_ih, w_hh, wanted) -> int:
+    """Elements of a gru_layer_grad buffer: the wanted gradients only."""
+    return sum(math.prod(shape) for shape, w in zip(_grad_shapes(x, h0, w_ih, w_hh), wanted) if w)
+
+
+def _grad_parts(out, x, h0, w_ih, w_hh, wanted):
+    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh as views of a gru_layer_grad buffer; None where
+    not wanted (the buffer holds the wanted ones, one after the other)."""
     parts, start = [], 0
-    for shape in (x.shape, h0.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hh.shape[:1]):
-        parts.append(out[start:start + math.prod(shape)].view(shape))
-        start += math.prod(shape)
+    for shape, w in zip(_grad_shapes(x, h0, w_ih, w_hh), wanted):
+        parts.append(out[start:start + math.prod(shape)].view(shape) if w else None)
+        start += math.prod(shape) if w else 0
     return parts
 
 
-def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse):
+def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted=(True,) * 6):
     steps, batch, hidden = _dims(x, w_hh)
     saved = getattr(packed, WORKSPACE, None)
     if saved is None:  # a value that lost the workspace: the forward again
@@ -167,27 +177,35 @@ def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse):
     # 0:3), the input side's in r, z, n (slots 1:4).
     hidden_nrz = grads[:, :, :3].reshape(steps * batch, 3 * hidden)
     input_side = grads[:, :, 1:4].reshape(steps * batch, 3 * hidden)
-    out = x.new_empty(sum(math.prod(t.shape) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)))
-    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh)
-    torch.mm(input_side, w_ih, out=dx.view(steps * batch, -1))
-    dh0_out.copy_(dh0)
-    torch.mm(input_side.t(), x.reshape(steps * batch, -1), out=dw_ih)
-    torch.sum(input_side, 0, out=db_ih)
+    out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
+    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
+    if dx is not None:
+        torch.mm(input_side, w_ih, out=dx.view(steps * batch, -1))
+    if dh0_out is not None:
+        dh0_out.copy_(dh0)
+    if dw_ih is not None:
+        torch.mm(input_side.t(), x.reshape(steps * batch, -1), out=dw_ih)
+    if db_ih is not None:
+        torch.sum(input_side, 0, out=db_ih)
     for rows, cols in ((slice(0, 2 * hidden), slice(hidden, 3 * hidden)), (slice(2 * hidden, None), slice(0, hidden))):
-        torch.mm(hidden_nrz[:, cols].t(), before, out=dw_hh[rows])
-        torch.sum(hidden_nrz[:, cols], 0, out=db_hh[rows])
+        if dw_hh is not None:
+            torch.mm(hidden_nrz[:, cols].t(), before, out=dw_hh[rows])
+        if db_hh is not None:
+            torch.sum(hidden_nrz[:, cols], 0, out=db_hh[rows])
     return out
 
 
 def _gru_layer_vjp(b, n, g, want):
+    """One gru_layer_grad for the wanted inputs' gradients (a bias-only scheme, or a frozen GRU
+    under a trained embedding, skips the weights' products)."""
     if not any(want):
         return (None,) * len(n.inputs)
-    flat = b.emit("gru_layer_grad", g, n, *n.inputs, reverse=n.attrs["reverse"])
+    wanted = tuple(bool(w) for w in want)
+    flat = b.emit("gru_layer_grad", g, n, *n.inputs, reverse=n.attrs["reverse"], wanted=wanted)
     grads, start = [], 0
     for x, w in zip(n.inputs, want):  # x, h0, w_ih, w_hh, b_ih, b_hh
-        size = math.prod(x.shape)
         grads.append(_piece(b, flat, start, x.shape, w) if w else None)
-        start += size
+        start += math.prod(x.shape) if w else 0
     return tuple(grads)
 
 
@@ -279,11 +297,13 @@ def _onnx_gru_layer_grad(ctx, n, xs):
     before = rows(_onnx_stacked(ctx, {t: step[4] for t, step in saved.items()}), hidden)
     flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
     transposed = lambda t: ctx.op("Transpose", t, perm=[1, 0])  # noqa: E731
-    return ctx.op("Concat", flat(ctx.op("MatMul", inputs_flat, w_ih)), flat(dh),
-                  flat(ctx.op("MatMul", transposed(inputs_flat), rows(x, n.inputs[2].shape[2]))),
-                  flat(ctx.op("MatMul", transposed(hidden_flat), before)),
-                  ctx.reduce("ReduceSum", inputs_flat, [0], keepdims=False),
-                  ctx.reduce("ReduceSum", hidden_flat, [0], keepdims=False), axis=0)
+    made = (lambda: flat(ctx.op("MatMul", inputs_flat, w_ih)), lambda: flat(dh),
+            lambda: flat(ctx.op("MatMul", transposed(inputs_flat), rows(x, n.inputs[2].shape[2]))),
+            lambda: flat(ctx.op("MatMul", transposed(hidden_flat), before)),
+            lambda: ctx.reduce("ReduceSum", inputs_flat, [0], keepdims=False),
+            lambda: ctx.reduce("ReduceSum", hidden_flat, [0], keepdims=False))
+    wanted = n.attrs.get("wanted", (True,) * 6)
+    return ctx.op("Concat", *(make() for make, w in zip(made, wanted) if w), axis=0)
 
 
 register("gru_layer", _gru_layer, _gru_layer_vjp,
@@ -291,8 +311,8 @@ register("gru_layer", _gru_layer, _gru_layer_vjp,
              (_packed_size(x, w_hh, _packed_parts),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_gru_layer)
 register("gru_layer_grad", _gru_layer_grad,
-         shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse: (
-             (sum(math.prod(t.shape) for t in (x, h0, w_ih, w_hh, b_ih, b_hh)),), x.dtype),
+         shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, wanted=(True,) * 6: (
+             (_grad_size(x, h0, w_ih, w_hh, wanted),), x.dtype),
          scratch=_grad_scratch, onnx=_onnx_gru_layer_grad)
 
 
