@@ -759,8 +759,8 @@ def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlic
     return ChannelSlice(0, b.emit("reshape", ids, shape=(math.prod(ids.shape),)), first=False, touched=True)
 
 
-# Where a recurrent layer op's input and hidden-state weights sit among its inputs.
-_RNN_WEIGHTS = {"lstm_layer": slice(3, 5), "gru_layer": slice(2, 4)}
+# Where a recurrent layer op's weights sit among its inputs: input, hidden-state (and projection).
+_RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3, 4, 7)}
 
 
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:
@@ -781,14 +781,19 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
             axes.add(1)
         elif u.op == "mm" and u.inputs[1] is node and u.inputs[0] is not node:
             axes.add(0)
-        elif u.op in _RNN_WEIGHTS and node in u.inputs[_RNN_WEIGHTS[u.op]] and node not in u.inputs[:_RNN_WEIGHTS[u.op].start]:
-            axes.add(1)  # an LSTM's or GRU's input or hidden-state weight: its input features, as a linear's
+        elif u.op in _RNN_WEIGHTS and _only_a_weight_of(node, u, _RNN_WEIGHTS[u.op]):
+            axes.add(1)  # an LSTM's or GRU's weight: its input features, as a linear's
         else:
             raise schemes.SchemeError(f"a ratio rule needs the weight of a conv, linear or embedding layer, but "
                                       f"{name!r} is used by op '{u.op}' (module '{u.meta.get('module', '?')}')")
     if len(axes) != 1:
         raise schemes.SchemeError(f"cannot tell the channel axis of {name!r}: it is used as {sorted(axes)}")
     return axes.pop()
+
+
+def _only_a_weight_of(node, user, positions: tuple[int, ...]) -> bool:
+    """Whether `node` is among `user`'s inputs at `positions` and at none of its others."""
+    return {k for k, x in enumerate(user.inputs) if x is node} <= set(positions) and node in user.inputs
 
 
 def _as_tuple(x: Any, what: str) -> tuple:

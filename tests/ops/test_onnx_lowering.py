@@ -700,6 +700,24 @@ def _gru_cases(a):
     return cases
 
 
+def _lstm_proj_cases(a):
+    from edgetune.compiler.ir.ops.lstm_proj import _lstm_proj_layer
+
+    x, h0, c0 = a.r(5, 2, 3), a.r(2, 2), a.r(2, 4)
+    weights = [a.r(16, 3), a.r(16, 2), a.r(16), a.r(16), a.r(2, 4)]
+    cases = []
+    for reverse in (False, True):
+        name, attrs = ("reverse" if reverse else "forward"), dict(reverse=reverse)
+        packed = _lstm_proj_layer(x, h0, c0, *weights, **attrs)
+        grad = [a.r(packed.numel()), packed, x, h0, c0, *weights]
+        cases += [(f"lstm_proj_layer-{name}", "lstm_proj_layer", [x, h0, c0, *weights], attrs),
+                  (f"lstm_proj_layer_grad-{name}", "lstm_proj_layer_grad", grad, attrs)]
+    # the input's, the biases' and the projection's gradients only
+    cases.append(("lstm_proj_layer_grad-some", "lstm_proj_layer_grad", grad,
+                  dict(reverse=True, wanted=(True, False, False, False, False, True, True))))
+    return cases
+
+
 def _vocab_cases(a):
     from edgetune.compiler.ir.ops.vocab import _vocab_log_prob
 
@@ -743,7 +761,7 @@ def _zo_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
             _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
-            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases, _gru_cases]
+            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases, _gru_cases, _lstm_proj_cases]
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 kernels in float64 against autograd, oneDNN's LSTM and the GRU loop in float32 against eager
 nn.LSTM / nn.GRU step by step, and which calls the frontend keeps whole."""
 import copy
+import math
 
 import pytest
 import torch
@@ -28,28 +29,29 @@ def _rnn(kind, num_layers=1, bidirectional=False, batch_first=False, has_biases=
     return fn
 
 
-def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True, gates=4):
-    """A layer's weights and biases for each layer and direction (4 gates: an LSTM's; 3: a GRU's)."""
-    params = []
+def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True, gates=4, proj=0):
+    """A layer's weights and biases for each layer and direction (4 gates: an LSTM's; 3: a GRU's),
+    and an LSTM's projection [proj, hidden] where `proj`."""
+    params, out = [], proj or hidden
     for layer in range(num_layers):
         for _ in range(directions):
-            width = input_size if layer == 0 else hidden * directions
-            params += [t(gates * hidden, width), t(gates * hidden, hidden)] + (
-                [t(gates * hidden), t(gates * hidden)] if has_biases else [])
+            width = input_size if layer == 0 else out * directions
+            params += [t(gates * hidden, width), t(gates * hidden, out)] + (
+                [t(gates * hidden), t(gates * hidden)] if has_biases else []) + ([t(proj, hidden)] if proj else [])
     return params
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-proj"])
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
     (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
 def test_recurrent_gradients_against_autograd(kind, num_layers, bidirectional, batch_first, has_biases):
     """Every input's gradient, the initial states' included, through the outputs and the last
-    states (h and c of an LSTM, h of a GRU)."""
-    directions = 2 if bidirectional else 1
+    states (h and c of an LSTM, h of a GRU); lstm-proj: an LSTM with proj_size 2 (h 2 wide, c 4)."""
+    directions, proj = (2 if bidirectional else 1), (2 if kind == "lstm-proj" else 0)
     x = t(2, 5, 3) if batch_first else t(5, 2, 3)
-    states = [t(num_layers * directions, 2, 4) for _ in range(2 if kind == "lstm" else 1)]
-    check_grads(_rnn(kind, num_layers, bidirectional, batch_first, has_biases), x, *states,
-                *_weights(3, 4, num_layers, directions, has_biases, gates=4 if kind == "lstm" else 3))
+    states = [t(num_layers * directions, 2, width) for width in ([proj or 4, 4] if kind != "gru" else [4])]
+    check_grads(_rnn(kind.removesuffix("-proj"), num_layers, bidirectional, batch_first, has_biases), x, *states,
+                *_weights(3, 4, num_layers, directions, has_biases, gates=3 if kind == "gru" else 4, proj=proj))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -81,10 +83,27 @@ def test_the_frontend_keeps_an_lstm_whole_where_the_op_applies():
     x = torch.randn(5, 2, 3)
     assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, bidirectional=True), x)
     assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).eval(), x)
-    # dropout between layers in train mode, a projection: torch's decomposition, step by step
+    assert _ops_of(nn.LSTM(3, 4, num_layers=2, proj_size=2, bias=False), x) >= {"lstm_proj_layer"}
+    # dropout between layers in train mode, bfloat16: torch's decomposition, step by step
     assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).train(), x)
-    assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4, proj_size=2), x)
+    assert "lstm_proj_layer" not in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5, proj_size=2).train(), x)
     assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4).to(torch.bfloat16), x.to(torch.bfloat16))
+
+
+class _TwoLSTMs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fused, self.decomposed = nn.LSTM(3, 4), nn.LSTM(4, 4, num_layers=2, dropout=0.5)
+
+    def forward(self, x):
+        return self.decomposed(self.fused(x)[0])
+
+
+def test_each_lstm_call_stays_whole_or_is_decomposed_on_its_own():
+    """An LSTM that the op cannot stand for (dropout between layers in train mode) leaves the
+    model's other LSTM whole."""
+    ops = _ops_of(_TwoLSTMs().train(), torch.randn(5, 2, 3))
+    assert "lstm_layer" in ops and "sigmoid" in ops
 
 
 class _Tagger(nn.Module):
@@ -96,14 +115,16 @@ class _Tagger(nn.Module):
         self.emb = nn.Embedding(50, 6)
         setattr(self, kind, {"lstm": nn.LSTM, "gru": nn.GRU}[kind](6, 8, batch_first=True, **rnn))
         self.kind = kind
-        width = 8 * (2 if rnn.get("bidirectional") else 1)
-        self.head = nn.Linear(width, 5)
+        out = rnn.get("proj_size") or 8  # an LSTM's h is proj_size wide, its c 8
+        self.head = nn.Linear(out * (2 if rnn.get("bidirectional") else 1), 5)
         self.last = nn.Linear(8, 5)
+        if kind == "lstm":
+            self.last_h = nn.Linear(out, 5)
 
     def forward(self, ids):
         out, state = getattr(self, self.kind)(self.emb(ids))
-        last = state[0][-1] + state[1][0] if self.kind == "lstm" else state[-1] + state[0]
-        return self.head(out).mean(1) + self.last(last)
+        last = self.last_h(state[0][-1]) + self.last(state[1][0]) if self.kind == "lstm" else self.last(state[-1] + state[0])
+        return self.head(out).mean(1) + last
 
 
 def _batches(n=3):
@@ -143,12 +164,14 @@ def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
                             rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_a_recurrent_step_runs_on_onnxruntime_as_eager_does(kind):
-    """The exported step: ONNX's LSTM (GRU) op forward, the backward step by step."""
+@pytest.mark.parametrize("kind,rnn", [("lstm", {}), ("gru", {}), ("lstm", dict(proj_size=3))],
+                         ids=["lstm", "gru", "lstm-proj"])
+def test_a_recurrent_step_runs_on_onnxruntime_as_eager_does(kind, rnn):
+    """The exported step: ONNX's LSTM (GRU) op forward, the backward step by step (a projected
+    LSTM: forward too, ONNX's LSTM has no projection)."""
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = _Tagger(kind, bidirectional=True)
+    model = _Tagger(kind, bidirectional=True, **rnn)
     reference = copy.deepcopy(model)
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9),
@@ -185,9 +208,8 @@ def _mask_of(model, update):
 
 
 class _Projected(nn.Module):
-    """An LSTM with a projection, which lstm_layer does not cover, after one that it does,
-    batch-second, on a state the caller passes: the frontend keeps the first whole and lets
-    torch decompose the second, call by call."""
+    """An LSTM with a projection (lstm_proj_layer) after one without (lstm_layer), batch-second,
+    on a state the caller passes."""
 
     def __init__(self):
         super().__init__()
@@ -202,7 +224,7 @@ class _Projected(nn.Module):
         return self.head(out[-1])
 
 
-@pytest.mark.parametrize("model_class", [_Projected, _Tagger], ids=["one-fused-one-decomposed", "fused"])
+@pytest.mark.parametrize("model_class", [_Projected, _Tagger], ids=["plain-and-projected", "plain"])
 def test_the_gradient_through_a_frozen_lstm_trains_what_is_before_it_as_eager(model_class):
     """The embedding's gradient goes back through the LSTMs, which learn nothing themselves."""
     torch.manual_seed(0)
@@ -214,8 +236,10 @@ def test_the_gradient_through_a_frozen_lstm_trains_what_is_before_it_as_eager(mo
                ((torch.randint(0, 50, (4, 7), generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3))]
     scheme = {"emb.*": "full", "head.*": "full"}
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.AdamW(lr=0.01))
-    # one LSTM layer fused in either model, its backward too (_Projected's second is decomposed)
-    assert [n.op for n in trainer.graph.nodes if n.op.startswith("lstm_layer")] == ["lstm_layer", "lstm_layer_grad"]
+    # one op a layer, forward and backward; the frozen weights' gradients are not computed
+    layers = ["lstm_layer", "lstm_proj_layer", "lstm_proj_layer_grad"] if model_class is _Projected else ["lstm_layer"]
+    assert sorted(n.op for n in trainer.graph.nodes if n.op.startswith("lstm")) == sorted(layers + ["lstm_layer_grad"])
+    assert all(n.attrs["wanted"] == (True,) + (False,) * 6 for n in trainer.graph.nodes if n.op == "lstm_proj_layer_grad")
     _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)
 
 
@@ -310,3 +334,49 @@ def test_the_gradient_through_a_frozen_gru_trains_the_embedding_as_eager():
     # the input's gradient only: the frozen weights' products are not computed
     assert backward and all(n.attrs["wanted"] == (True, False, False, False, False, False) for n in backward)
     _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)
+
+
+# -- LSTM with a projection (edgetune/compiler/ir/ops/lstm_proj.py) --
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_projected_lstm_backward_from_the_kept_gates_equals_one_that_runs_the_forward_again(reverse):
+    from edgetune.compiler.ir.ops.lstm_proj import _lstm_proj_layer, _lstm_proj_layer_grad, workspace_bytes
+    from edgetune.compiler.ir.ops.recurrent import WORKSPACE
+
+    g = torch.Generator().manual_seed(0)
+    x, h0, c0 = (torch.randn(shape, generator=g) for shape in ((6, 3, 5), (3, 2), (3, 7)))
+    weights = [torch.randn(shape, generator=g) for shape in ((28, 5), (28, 2), (28,), (28,), (2, 7))]
+    packed = _lstm_proj_layer(x, h0, c0, *weights, reverse=reverse, workspace=workspace_bytes(x, weights[-1]))
+    assert getattr(packed, WORKSPACE).nbytes == workspace_bytes(x, weights[-1])
+    # without a backward to follow, the forward is ATen's LSTM: the same values, rounded its way
+    torch.testing.assert_close(packed, _lstm_proj_layer(x, h0, c0, *weights, reverse=reverse), rtol=1e-5, atol=1e-6)
+    grad_out = torch.randn(packed.shape, generator=g)
+    kept = _lstm_proj_layer_grad(grad_out, packed, x, h0, c0, *weights, reverse=reverse)
+    assert torch.equal(kept, _lstm_proj_layer_grad(grad_out, packed.clone(), x, h0, c0, *weights, reverse=reverse))
+    # the wanted gradients only: the same values, packed one after the other
+    only = _lstm_proj_layer_grad(grad_out, packed, x, h0, c0, *weights, reverse=reverse,
+                                 wanted=(False, False, True, False, False, True, True))
+    sizes = [math.prod(s) for s in ((6, 3, 5), (3, 2), (3, 7), (28, 5), (28, 2), (28,), (2, 7))]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    assert torch.equal(only, torch.cat([kept[starts[k]:starts[k] + sizes[k]] for k in (2, 5, 6)]))
+
+
+@pytest.mark.parametrize("lstm,scheme", [
+    (dict(), {"*": "full"}),
+    (dict(num_layers=2, bidirectional=True), {"*": "full"}),
+    (dict(num_layers=2), {"lstm.*bias*": "full", "head.*": "full"}),
+    (dict(bias=False), {"lstm.weight_hr_l0": 0.5, "lstm.weight_ih_l0": 0.5, "last.*": "full"}),
+    (dict(bidirectional=True), {"head.*": "full", "last.*": "full"}),
+], ids=["one-layer-full", "two-layer-bidirectional-full", "biases", "no-bias-partial-channels", "frozen"])
+def test_projected_lstm_models_train_as_eager_does(lstm, scheme):
+    """nn.LSTM(proj_size=3), three SGD steps: parameters and losses as eager's. A layer with a
+    backward to follow keeps its gates; a frozen one runs ATen's LSTM (no workspace)."""
+    torch.manual_seed(0)
+    model = _Tagger("lstm", proj_size=3, **lstm)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    layers = [n for n in trainer.graph.nodes if n.op == "lstm_proj_layer"]
+    trained = any(n.op == "lstm_proj_layer_grad" for n in trainer.graph.nodes)
+    assert layers and all(bool(n.attrs.get("workspace")) == trained for n in layers)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)

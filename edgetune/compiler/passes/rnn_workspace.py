@@ -1,5 +1,6 @@
 """A recurrent layer whose backward follows keeps what its backward reads (ir/ops/recurrent.py,
-ir/ops/gru.py): an LSTM layer oneDNN's workspace, a GRU layer its steps' gates.
+ir/ops/gru.py, ir/ops/lstm_proj.py): an LSTM layer oneDNN's workspace, a GRU layer its steps'
+gates, a projected LSTM layer its steps' gates and cells.
 
 Without it the backward runs the layer's forward again: for an LSTM a third of the layer's
 forward + backward. Keeping it does not raise the peak of a step whose peak is the layer's
@@ -13,13 +14,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from edgetune.compiler.ir.graph import Graph, Node
-from edgetune.compiler.ir.ops import gru, recurrent
+from edgetune.compiler.ir.ops import gru, lstm_proj, recurrent
 from edgetune.compiler.passes.rewrite import rewrite
 
 # A layer's backward op -> the size of the workspace its forward node would keep (0: none).
 _WORKSPACE_BYTES = {
     "lstm_layer_grad": lambda n: recurrent.workspace_bytes(n.inputs[0], n.inputs[4], n.attrs["reverse"]),
     "gru_layer_grad": lambda n: gru.workspace_bytes(n.inputs[0], n.inputs[3]),
+    "lstm_proj_layer_grad": lambda n: lstm_proj.workspace_bytes(n.inputs[0], n.inputs[7]),
 }
 
 

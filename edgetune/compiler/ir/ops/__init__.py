@@ -30,7 +30,8 @@ here, so that importing edgetune.compiler.ir.ops registers every op.
 from edgetune.compiler.ir.ops.registry import (ATEN, ATEN_NAMED, OPS, VJP, ChannelSlice, OpDef, aten, aten_named,
                                                 carried_bytes, infer, is_effect, mutated_inputs, register, storage_of,
                                                 written_storages)
-from edgetune.compiler.ir.ops import attention, core, gru, linalg, masks, moe, nn, quant, recurrent, shape, vocab  # noqa: E402,F401  (registration)
+from edgetune.compiler.ir.ops import (attention, core, gru, linalg, lstm_proj, masks, moe, nn, quant,  # noqa: E402,F401
+                                   recurrent, shape, vocab)  # (registration)
 
 __all__ = ["ATEN", "ATEN_NAMED", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "aten_named", "carried_bytes", "infer", "is_effect",
            "mutated_inputs", "register", "storage_of", "written_storages"]

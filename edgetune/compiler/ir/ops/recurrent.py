@@ -37,12 +37,12 @@ _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 
 def fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
-    """Whether `lstm_layer` (`gru_layer`) can stand for this aten.lstm (aten.gru) call
-    (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no LSTM projection
-    (`proj_size`: more weights a layer), no dropout between layers."""
+    """Whether `lstm_layer` (`lstm_proj_layer`, `gru_layer`) can stand for this aten.lstm
+    (aten.gru) call (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no
+    dropout between layers. An LSTM with projections (`proj_size`) has a fifth weight a layer."""
     per_layer = 4 if has_biases else 2
     return (device.type == "cpu" and x.dim() == 3 and x.dtype in (torch.float32, torch.float64)
-            and len(params) == num_layers * (2 if bidirectional else 1) * per_layer
+            and len(params) in [num_layers * (2 if bidirectional else 1) * k for k in (per_layer, per_layer + 1)]
             and (dropout == 0 or not train or num_layers == 1))
 
 
@@ -138,10 +138,11 @@ def _probed_workspace(x_shape, w_hh_shape, reverse) -> int:
     return _onednn_layer(x, states, states, w_ih, w_hh, bias, bias, reverse, train=True)[3].nbytes
 
 
-def _packed_parts(steps, batch, hidden) -> tuple:
-    """(start, size, shape) of y, hy and cy in a lstm_layer buffer (and in its gradient)."""
-    ny, nh = steps * batch * hidden, batch * hidden
-    return (0, ny, (steps, batch, hidden)), (ny, nh, (batch, hidden)), (ny + nh, nh, (batch, hidden))
+def _packed_parts(steps, batch, hidden, cell=None) -> tuple:
+    """(start, size, shape) of y, hy and cy in a lstm_layer buffer (and in its gradient);
+    `cell`: the width of c where it differs from h's (a projected layer, lstm_proj.py)."""
+    ny, nh, nc = steps * batch * hidden, batch * hidden, batch * (hidden if cell is None else cell)
+    return (0, ny, (steps, batch, hidden)), (ny, nh, (batch, hidden)), (ny + nh, nc, (batch, nc // batch))
 
 
 def _packed_size(x, w_hh, packed_parts=_packed_parts) -> int:
@@ -346,17 +347,26 @@ register("lstm_layer_grad", _lstm_layer_grad,
 
 @aten(A.lstm.input)
 def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
-    """nn.LSTM: one lstm_layer per layer and direction (rnn_layers)."""
-    return rnn_layers(b, "lstm_layer", _packed_parts, x, hx, params, has_biases, num_layers, bidirectional, batch_first)
+    """nn.LSTM: one lstm_layer per layer and direction (rnn_layers); with projections
+    (proj_size: a fifth weight a layer), one lstm_proj_layer (lstm_proj.py)."""
+    if len(params) == num_layers * (2 if bidirectional else 1) * (4 if has_biases else 2):
+        return rnn_layers(b, "lstm_layer", _packed_parts, x, hx, params, has_biases, num_layers, bidirectional,
+                          batch_first)
+    return rnn_layers(b, "lstm_proj_layer", _packed_parts, x, hx, params, has_biases, num_layers, bidirectional,
+                      batch_first, widths=lambda weights: (weights[1].shape[1], weights[-1].shape[1]))
 
 
-def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, bidirectional, batch_first):
+def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, bidirectional, batch_first,
+               widths=lambda weights: (weights[1].shape[1],)):
     """An nn.LSTM's or nn.GRU's layers as one `op` node per layer and direction, time-major; a
     reverse direction's outputs are concatenated after the forward one's, as torch lays them
     out. `states`: the initial states ([h0, c0], or [h0]), each [layers x directions, N, H];
-    `packed_parts(T, N, H)`: where y and the last states sit in the op's buffer.
+    `packed_parts(T, N, *widths(weights))`: where y and the last states sit in the op's buffer
+    (the widths: the output's, H, and a projected LSTM's cell's after it). A layer's weights
+    are w_ih, w_hh, the biases (zeros where the layer has none), then any others (w_hr).
     Returns the output and the last states, as the aten op does."""
-    directions, per_layer = (2 if bidirectional else 1), (4 if has_biases else 2)
+    directions = 2 if bidirectional else 1
+    per_layer = len(params) // (num_layers * directions)
     layer_input = b.emit("permute", x, dims=(1, 0, 2)) if batch_first else x
     last = [[] for _ in states]
     for layer in range(num_layers):
@@ -365,11 +375,11 @@ def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, b
             k = layer * directions + direction
             weights = list(params[k * per_layer:(k + 1) * per_layer])
             if not has_biases:
-                weights += [b.const(torch.zeros(weights[0].shape[0], dtype=x.dtype))] * 2
+                weights[2:2] = [b.const(torch.zeros(weights[0].shape[0], dtype=x.dtype))] * 2
             firsts = [b.emit("select", s, dim=0, index=k) for s in states]
             packed = b.emit(op, layer_input, *firsts, *weights, reverse=direction == 1)
             steps, batch, _ = layer_input.shape
-            y, *ends = _unpacked(b, packed, packed_parts(steps, batch, weights[1].shape[1]))
+            y, *ends = _unpacked(b, packed, packed_parts(steps, batch, *widths(weights)))
             outputs.append(y)
             for kept, end in zip(last, ends):
                 kept.append(end)

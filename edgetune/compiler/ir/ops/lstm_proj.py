@@ -1,0 +1,329 @@
+"""LSTM layers with a projection (`nn.LSTM(proj_size=P)`, the LSTMP of streaming speech
+models) as one op each, as gru.py does for GRUs.
+
+oneDNN's LSTM, which recurrent.py runs, has no projection, and torch.export unrolls such a
+layer into its time steps (0.78-0.92x eager's step where it trains). These kernels loop in
+Python with as few calls a step as the recurrence allows: forward eight (the hidden product
+into the step's slot of the saved gates, one sigmoid and one tanh over the gates, the cell in
+two calls and its tanh, the output gate, the projection), backward five (everything that does
+not depend on the next step's gradient is computed for all steps before the loop, and the
+weights' gradients are one or two products each after it). Where no backward follows, the
+forward is ATen's LSTM, eager's kernel.
+
+`lstm_proj_layer(x [T, N, I], h0 [N, P], c0 [N, H], w_ih [4H, I], w_hh [4H, P], b_ih, b_hh,
+w_hr [P, H], reverse, workspace)` returns one flat buffer: y [T, N, P], then the last h [N, P]
+and c [N, H]. With `workspace` set (passes/rnn_workspace.py) the forward attaches each step's
+gates and cell (`_SAVED` hidden widths) to its output (recurrent.WORKSPACE); without it the
+backward runs the forward again. `lstm_proj_layer_grad` returns dx, dh0, dc0, dw_ih, dw_hh,
+the bias gradient (the same for both biases) and dw_hr, packed: those its `wanted` names.
+recurrent.py's converter of aten.lstm emits these where an nn.LSTM has projections.
+
+nn.LSTM's step with a projection (gates i, f, g, o, in that order in the weights' rows):
+    i, f, o = sigmoid(W_i* x + b_i* + W_h* h + b_h*),  g = tanh(W_ig x + b_ig + W_hg h + b_hg)
+    c' = f c + i g,  h' = W_hr (o tanh(c'))
+The kernels hold the gates in the order o, i, f, g ("slots"): the three sigmoids side by side.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.compiler.ir.ops.gru import _columns, _states_before
+from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _packed_parts,
+                                                _piece, _steps)
+from edgetune.compiler.ir.ops.registry import register
+
+A = torch.ops.aten
+_SAVED = 6  # a step's saved values, in hidden widths: o, i, f, g, c after, tanh(c after)
+# The bias gradient stands for both biases: one entry for b_ih and b_hh.
+_GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr")
+
+
+def _dims(x, w_hr):
+    return x.shape[0], x.shape[1], w_hr.shape[0], w_hr.shape[1]  # T, N, P, H
+
+
+def _parts(packed, x, w_hr):
+    return tuple(packed[start:start + size].view(shape) for start, size, shape in _packed_parts(*_dims(x, w_hr)))
+
+
+def _packed_size(x, w_hr) -> int:
+    return sum(size for _, size, _ in _packed_parts(*_dims(x, w_hr)))
+
+
+def workspace_bytes(x, w_hr) -> int:
+    steps, batch, _, hidden = _dims(x, w_hr)
+    return steps * batch * _SAVED * hidden * x.dtype.itemsize
+
+
+def _in_slots(w, hidden):
+    """A weight's (bias's) gate rows from torch's order i, f, g, o to the slots' o, i, f, g."""
+    return torch.cat([w[3 * hidden:], w[:3 * hidden]])
+
+
+def _input_side(x, w_ih, bias, hidden):
+    """Every step's input side at once, [T, N, 4H] in slot order: W_i x + b_i + b_h."""
+    steps, batch, _ = x.shape
+    out, rows = x.new_empty(steps * batch, 4 * hidden), x.reshape(steps * batch, -1)
+    torch.addmm(bias[3 * hidden:], rows, w_ih[3 * hidden:].t(), out=out[:, :hidden])
+    torch.addmm(bias[:3 * hidden], rows, w_ih[:3 * hidden].t(), out=out[:, hidden:])
+    return out.view(steps, batch, 4 * hidden)
+
+
+def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved):
+    """The layer's buffer [y, hy, cy]; each step's gates, cell and tanh(cell) written into
+    `saved` ([T, N, 6H]) for the backward."""
+    steps, batch, _, hidden = _dims(x, w_hr)
+    inputs = _input_side(x, w_ih, b_ih + b_hh, hidden)
+    out = x.new_empty(_packed_size(x, w_hr))
+    y, hy, cy = _parts(out, x, w_hr)
+    gates, sigmoids, g = _columns(saved, 0, 4, hidden), _columns(saved, 0, 3, hidden), _columns(saved, 3, 4, hidden)
+    o, i, f = (_columns(saved, k, k + 1, hidden) for k in range(3))
+    cells, tanh_cells = _columns(saved, 4, 5, hidden), _columns(saved, 5, 6, hidden)
+    w_hh_t, w_hr_t, gated = _in_slots(w_hh, hidden).t(), w_hr.t(), x.new_empty(batch, hidden)
+    outputs, h, c = y.unbind(0), h0, c0
+    for t in _steps(steps, reverse):
+        torch.addmm(inputs[t], h, w_hh_t, out=gates[t])
+        sigmoids[t].sigmoid_()
+        g[t].tanh_()
+        c = torch.mul(f[t], c, out=cells[t]).addcmul_(i[t], g[t])
+        torch.mul(o[t], torch.tanh(c, out=tanh_cells[t]), out=gated)
+        h = torch.mm(gated, w_hr_t, out=outputs[t])
+    hy.copy_(h)
+    cy.copy_(c)
+    return out
+
+
+def _aten_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """The layer's buffer from ATen's LSTM, eager's kernel (it keeps nothing for a backward);
+    a reverse layer runs on the steps flipped."""
+    outputs, hy, cy = A.lstm.input(x.flip(0) if reverse else x, [h0[None], c0[None]], [w_ih, w_hh, b_ih, b_hh, w_hr],
+                                   True, 1, 0.0, False, False, False)
+    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), hy.reshape(-1), cy.reshape(-1)])
+
+
+def _lstm_proj_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse, workspace=0):
+    if not workspace:  # no backward follows
+        return _aten_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    steps, batch, _, hidden = _dims(x, w_hr)
+    saved = x.new_empty(steps, batch, _SAVED * hidden)
+    out = _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved)
+    setattr(out, WORKSPACE, saved)
+    return out
+
+
+def _factors(saved, cells_before, hidden):
+    """Each step's gradients as multiples, [T, N, 5, H] and [T, N, H], none depending on the
+    next step's gradient (so computed for all steps at once):
+    - slot 0: the output gate's pre-activation, of the gradient of o tanh(c') (dh_full);
+    - slots 1-4: the i, f and g gates' pre-activations and the cell before, of the cell's dc;
+    - and what dc takes of dh_full: o (1 - tanh(c')^2)."""
+    o, i, f, g, _, tanh_c = (saved[..., k * hidden:(k + 1) * hidden] for k in range(_SAVED))
+    out = saved.new_empty(saved.shape[:2] + (5, hidden))
+    s_o, s_i, s_f, s_g, s_c = out.unbind(2)
+    torch.mul(o, tanh_c, out=s_o).mul_(1 - o)  # sigmoid's derivative o (1 - o)
+    torch.mul(g, i, out=s_i).mul_(1 - i)
+    torch.mul(cells_before, f, out=s_f).mul_(1 - f)
+    torch.mul(g, g, out=s_g).sub_(1).mul_(i).neg_()  # tanh's derivative 1 - g^2
+    s_c.copy_(f)
+    return out, o * (1 - tanh_c * tanh_c)
+
+
+def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, from_h, reverse):
+    """The steps' gate gradients (the factors' slots 0:4, times dh_full and dc in place), the
+    gradient each step sends to the h before it [T, N, P], and dh0, dc0."""
+    steps, batch, proj = gy.shape
+    w_hh_slots = _in_slots(w_hh, w_hh.shape[0] // 4)
+    loss_side = torch.matmul(gy, w_hr)  # each step's dh_full from the loss, [T, N, H]
+    to_before = gy.new_empty(gy.shape)
+    gated, cell = gy.new_empty(batch, w_hr.shape[1]), gy.new_empty(batch, w_hr.shape[1])
+    # each step's views, made before the loop (a view is a call too)
+    output_gate, cell_side = factors[:, :, 0].unbind(0), factors[:, :, 1:].unbind(0)
+    gates = factors[:, :, :4].reshape(steps, batch, -1).unbind(0)
+    cell_before, loss_steps = factors[:, :, 4].unbind(0), loss_side.unbind(0)
+    for t in reversed(_steps(steps, reverse)):
+        torch.addmm(loss_steps[t], dh, w_hr, out=gated)
+        torch.addcmul(dc, gated, from_h[t], out=cell)
+        output_gate[t].mul_(gated)
+        cell_side[t].mul_(cell.unsqueeze(1))
+        dh, dc = torch.mm(gates[t], w_hh_slots, out=to_before[t]), cell_before[t]
+    return to_before, dh, dc
+
+
+def _grad_shapes(x, h0, c0, w_ih, w_hh, w_hr):
+    return x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hr.shape
+
+
+def _grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted) -> int:
+    return sum(math.prod(shape) for shape, w in zip(_grad_shapes(x, h0, c0, w_ih, w_hh, w_hr), wanted) if w)
+
+
+def _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted):
+    """dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr as views of a lstm_proj_layer_grad buffer; None
+    where not wanted (the buffer holds the wanted ones, one after the other)."""
+    parts, start = [], 0
+    for shape, w in zip(_grad_shapes(x, h0, c0, w_ih, w_hh, w_hr), wanted):
+        parts.append(out[start:start + math.prod(shape)].view(shape) if w else None)
+        start += math.prod(shape) if w else 0
+    return parts
+
+
+def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse,
+                          wanted=(True,) * len(_GRADS)):
+    steps, batch, proj, hidden = _dims(x, w_hr)
+    saved = getattr(packed, WORKSPACE, None)
+    if saved is None:  # a value that lost the workspace: the forward again
+        saved = x.new_empty(steps, batch, _SAVED * hidden)
+        packed = _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved)
+    y, _, _ = _parts(packed, x, w_hr)
+    gy, ghy, gcy = _parts(g, x, w_hr)
+    cells_before = _states_before(saved[..., 4 * hidden:5 * hidden], c0, reverse)
+    factors, from_h = _factors(saved, cells_before, hidden)
+    to_before, dh0, dc0 = _backward_steps(gy, ghy, gcy, w_hh, w_hr, factors, from_h, reverse)
+    gates = factors[:, :, :4].reshape(steps * batch, 4 * hidden)  # slot order o, i, f, g
+    out = x.new_empty(_grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted))
+    dx, dh0_out, dc0_out, dw_ih, dw_hh, db, dw_hr = _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted)
+    if dx is not None:
+        torch.mm(gates[:, hidden:], w_ih[:3 * hidden], out=dx.view(steps * batch, -1))
+        dx.view(steps * batch, -1).addmm_(gates[:, :hidden], w_ih[3 * hidden:])
+    for grad, state in ((dh0_out, dh0), (dc0_out, dc0)):
+        if grad is not None:
+            grad.copy_(state)
+    h_before = _states_before(y, h0, reverse).reshape(steps * batch, proj)
+    for weight, inputs in ((dw_ih, x.reshape(steps * batch, -1)), (dw_hh, h_before)):
+        if weight is not None:  # rows in torch's order: i, f, g from slots 1-3, o from slot 0
+            torch.mm(gates[:, hidden:].t(), inputs, out=weight[:3 * hidden])
+            torch.mm(gates[:, :hidden].t(), inputs, out=weight[3 * hidden:])
+    if db is not None:
+        torch.sum(gates[:, hidden:], 0, out=db[:3 * hidden])
+        torch.sum(gates[:, :hidden], 0, out=db[3 * hidden:])
+    if dw_hr is not None:  # each step's dh: the loss's and what the next step sent back
+        from_next = torch.cat([to_before[1:], ghy[None]]) if not reverse else torch.cat([ghy[None], to_before[:-1]])
+        o, tanh_c = saved[..., :hidden], saved[..., 5 * hidden:]
+        torch.mm((gy + from_next).reshape(steps * batch, proj).t(), (o * tanh_c).reshape(steps * batch, hidden),
+                 out=dw_hr)
+    return out
+
+
+def _lstm_proj_layer_vjp(b, n, g, want):
+    """One lstm_proj_layer_grad for the wanted inputs' gradients."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = want
+    per_grad = (x, h0, c0, w_ih, w_hh, b_ih or b_hh, w_hr)
+    if not any(per_grad):
+        return (None,) * len(n.inputs)
+    wanted = tuple(bool(w) for w in per_grad)
+    flat = b.emit("lstm_proj_layer_grad", g, n, *n.inputs, reverse=n.attrs["reverse"], wanted=wanted)
+    grads, start = {}, 0
+    for name, node, w in zip(_GRADS, _grad_inputs(n), wanted):
+        grads[name] = (start, node.shape) if w else None
+        start += math.prod(node.shape) if w else 0
+    piece = lambda name, w: _piece(b, flat, *grads[name], w) if w else None  # noqa: E731
+    return (piece("x", x), piece("h0", h0), piece("c0", c0), piece("w_ih", w_ih), piece("w_hh", w_hh),
+            piece("bias", b_ih), piece("bias", b_hh), piece("w_hr", w_hr))
+
+
+def _grad_inputs(n):
+    """The inputs of a lstm_proj_layer node whose gradients its grad op packs, in _GRADS order."""
+    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr = n.inputs
+    return x, h0, c0, w_ih, w_hh, b_ih, w_hr
+
+
+# Scratch: the input side of every step ([T, N, 4H], forward); in the backward the factors and
+# the cell's share of each step ([T, N, 6H]), the loss's share, the cells before and a temporary
+# ([T, N, 3H]), the states before and the gradients sent back ([T, N, 3P]), w_hh reordered.
+
+def _forward_scratch(n) -> int:
+    x, w_hr = n.inputs[0], n.inputs[7]
+    steps, batch, proj, hidden = _dims(x, w_hr)
+    if n.attrs.get("workspace"):
+        return steps * batch * 4 * hidden * n.dtype.itemsize  # _input_side
+    # ATen's gates of every step and its outputs; a reverse layer's steps flipped, in and out
+    flipped = (math.prod(x.shape) + steps * batch * proj) if n.attrs["reverse"] else 0
+    return (steps * batch * (4 * hidden + proj) + flipped) * n.dtype.itemsize
+
+
+def _grad_scratch(n) -> int:
+    packed, x, w_hh, w_hr = n.inputs[1], n.inputs[2], n.inputs[6], n.inputs[9]
+    steps, batch, proj, hidden = _dims(x, w_hr)
+    again = 0 if packed.attrs.get("workspace") else workspace_bytes(x, w_hr) + packed.nbytes
+    return (steps * batch * (9 * hidden + 3 * proj) + math.prod(w_hh.shape)) * n.dtype.itemsize + again
+
+
+# -- ONNX: ONNX's LSTM has no projection: forward and backward step by step --
+
+def _onnx_steps(ctx, steps, hidden, reverse, xs):
+    """_run in ONNX: the last h and c, and each step's (o, i, f, g, c before, tanh(c after),
+    o tanh(c after), h before, h after), gates in torch's order."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = xs
+    mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
+    piece = lambda t, k: ctx.op("Slice", t, ctx.ints([k * hidden]), ctx.ints([(k + 1) * hidden]), ctx.ints([1]))  # noqa: E731
+    transposed = lambda t: ctx.op("Transpose", t, perm=[1, 0])  # noqa: E731
+    projected = ctx.op("Add", ctx.op("MatMul", x, transposed(w_ih)), ctx.op("Add", b_ih, b_hh))
+    w_hh_t, w_hr_t = transposed(w_hh), transposed(w_hr)
+    saved = {}
+    for t in _steps(steps, reverse):
+        gates = ctx.op("Add", _onnx_at(ctx, projected, t), ctx.op("MatMul", h, w_hh_t))
+        i, f, o = (ctx.op("Sigmoid", piece(gates, k)) for k in (0, 1, 3))
+        gate = ctx.op("Tanh", piece(gates, 2))
+        c_after = ctx.op("Add", mul(f, c), mul(i, gate))
+        tanh_c = ctx.op("Tanh", c_after)
+        gated = mul(o, tanh_c)
+        h_after = ctx.op("MatMul", gated, w_hr_t)
+        saved[t] = (o, i, f, gate, c, tanh_c, gated, h, h_after)
+        h, c = h_after, c_after
+    return h, c, saved
+
+
+def _onnx_lstm_proj_layer(ctx, n, xs):
+    h, c, saved = _onnx_steps(ctx, n.inputs[0].shape[0], n.inputs[7].shape[1], n.attrs["reverse"], xs)
+    flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
+    return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[-1] for t, step in saved.items()})), flat(h), flat(c),
+                  axis=0)
+
+
+def _onnx_lstm_proj_layer_grad(ctx, n, xs):
+    """_lstm_proj_layer_grad in ONNX: the layer again, then its steps backward."""
+    g, _, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = xs
+    steps, batch, proj, hidden = _dims(n.inputs[2], n.inputs[9])
+    one = ctx.scalar(1.0, n.dtype)
+    mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
+    minus_from_one = lambda t: ctx.op("Sub", one, t)  # noqa: E731
+    _, _, saved = _onnx_steps(ctx, steps, hidden, n.attrs["reverse"], xs[2:])
+    part = lambda start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
+        "Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
+    gy, dh, dc = (part(*where) for where in _packed_parts(steps, batch, proj, hidden))
+    gate_grads, output_grads = {}, {}
+    for t in reversed(_steps(steps, n.attrs["reverse"])):
+        o, i, f, gate, c, tanh_c, _, _, _ = saved[t]
+        output_grads[t] = ctx.op("Add", dh, _onnx_at(ctx, gy, t))
+        gated = ctx.op("MatMul", output_grads[t], w_hr)
+        dc = ctx.op("Add", dc, mul(gated, o, minus_from_one(mul(tanh_c, tanh_c))))
+        gate_grads[t] = ctx.op("Concat", mul(dc, gate, i, minus_from_one(i)), mul(dc, c, f, minus_from_one(f)),
+                               mul(dc, i, minus_from_one(mul(gate, gate))), mul(gated, tanh_c, o, minus_from_one(o)),
+                               axis=1)
+        dh, dc = ctx.op("MatMul", gate_grads[t], w_hh), mul(dc, f)
+    rows = lambda t, width: ctx.op("Reshape", t, ctx.ints([steps * batch, width]))  # noqa: E731
+    flat_grads = rows(_onnx_stacked(ctx, gate_grads), 4 * hidden)
+    flat_grads_t = ctx.op("Transpose", flat_grads, perm=[1, 0])
+    stacked = lambda k, width: rows(_onnx_stacked(ctx, {t: step[k] for t, step in saved.items()}), width)  # noqa: E731
+    flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
+    made = (lambda: flat(ctx.op("MatMul", flat_grads, w_ih)), lambda: flat(dh), lambda: flat(dc),
+            lambda: flat(ctx.op("MatMul", flat_grads_t, rows(x, n.inputs[2].shape[2]))),
+            lambda: flat(ctx.op("MatMul", flat_grads_t, stacked(7, proj))),
+            lambda: ctx.reduce("ReduceSum", flat_grads, [0], keepdims=False),
+            lambda: flat(ctx.op("MatMul", ctx.op("Transpose", rows(_onnx_stacked(ctx, output_grads), proj), perm=[1, 0]),
+                                stacked(6, hidden))))
+    wanted = n.attrs.get("wanted", (True,) * len(_GRADS))
+    return ctx.op("Concat", *(make() for make, w in zip(made, wanted) if w), axis=0)
+
+
+register("lstm_proj_layer", _lstm_proj_layer, _lstm_proj_layer_vjp,
+         shape=lambda x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, workspace=0: (
+             (_packed_size(x, w_hr),), x.dtype),
+         scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_lstm_proj_layer)
+register("lstm_proj_layer_grad", _lstm_proj_layer_grad,
+         shape=lambda g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, wanted=(True,) * len(_GRADS): (
+             (_grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted),), x.dtype),
+         scratch=_grad_scratch, onnx=_onnx_lstm_proj_layer_grad)
+
