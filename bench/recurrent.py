@@ -1,6 +1,7 @@
 """Recurrent text classifiers (nn.LSTM, nn.GRU): edgetune's step against eager's, in turns.
 
     python -m bench.recurrent --kinds lstm,gru --schemes full,bias-only --batches 1,8 --threads 1
+    python -m bench.recurrent --kinds lstm-proj ...   # nn.LSTM(proj_size=64)
     python -m bench.recurrent --against 30a6fda ...   # also that commit's edgetune, side by side
 
 The model: an embedding of 1000 tokens x 64, the recurrent layer (hidden 128, `--layers`),
@@ -28,14 +29,17 @@ import torch.nn.functional as F
 TOKENS, VOCAB, EMBED, HIDDEN, CLASSES = 32, 1000, 64, 128, 4
 LR, MOMENTUM = 0.01, 0.9
 SCHEMES = {"full": {"*": "full"}, "bias-only": {"*bias*": "full"}, "head": {"head.*": "full"}}
+# kind -> (module, its options); lstm-proj: an LSTM whose output is projected to half its width
+KINDS = {"lstm": (torch.nn.LSTM, {}), "gru": (torch.nn.GRU, {}), "lstm-proj": (torch.nn.LSTM, {"proj_size": HIDDEN // 2})}
 
 
 class Classifier(torch.nn.Module):
     def __init__(self, kind: str, layers: int) -> None:
         super().__init__()
         self.emb = torch.nn.Embedding(VOCAB, EMBED)
-        self.rnn = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](EMBED, HIDDEN, num_layers=layers, batch_first=True)
-        self.head = torch.nn.Linear(HIDDEN, CLASSES)
+        rnn, extra = KINDS[kind]
+        self.rnn = rnn(EMBED, HIDDEN, num_layers=layers, batch_first=True, **extra)
+        self.head = torch.nn.Linear(extra.get("proj_size", HIDDEN), CLASSES)
 
     def forward(self, ids):
         out, _ = self.rnn(self.emb(ids))
@@ -164,7 +168,7 @@ def render(rows: list[dict], header: bool = True) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", default="lstm,gru")
+    p.add_argument("--kinds", default="lstm,gru", help=f"comma-separated, of {', '.join(KINDS)}")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--schemes", default="full,bias-only,head")
     p.add_argument("--batches", default="1,8")
