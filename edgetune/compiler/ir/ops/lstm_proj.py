@@ -113,38 +113,55 @@ def _lstm_proj_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse, worksp
     return out
 
 
-def _factors(saved, cells_before, hidden):
-    """Each step's gradients as multiples, [T, N, 5, H] and [T, N, H], none depending on the
-    next step's gradient (so computed for all steps at once):
-    - slot 0: the output gate's pre-activation, of the gradient of o tanh(c') (dh_full);
+def _factors(saved, c0, reverse, hidden):
+    """Each step's gradients as multiples, none depending on the next step's gradient (so
+    computed for all steps at once), written over the saved gates and cells, [T, N, 6, H]:
+    - slot 0: the output gate's pre-activation, of the gradient of o tanh(c') (`gated`);
     - slots 1-4: the i, f and g gates' pre-activations and the cell before, of the cell's dc;
-    - and what dc takes of dh_full: o (1 - tanh(c')^2)."""
-    o, i, f, g, _, tanh_c = (saved[..., k * hidden:(k + 1) * hidden] for k in range(_SAVED))
-    out = saved.new_empty(saved.shape[:2] + (5, hidden))
-    s_o, s_i, s_f, s_g, s_c = out.unbind(2)
-    torch.mul(o, tanh_c, out=s_o).mul_(1 - o)  # sigmoid's derivative o (1 - o)
-    torch.mul(g, i, out=s_i).mul_(1 - i)
-    torch.mul(cells_before, f, out=s_f).mul_(1 - f)
-    torch.mul(g, g, out=s_g).sub_(1).mul_(i).neg_()  # tanh's derivative 1 - g^2
-    s_c.copy_(f)
-    return out, o * (1 - tanh_c * tanh_c)
+    - slot 5: what dc takes of the gradient of o tanh(c'): o (1 - tanh(c')^2).
+    Also returns o tanh(c') of every step, the projection's input (for its gradient). In place,
+    with temporaries of [T, N, H]: the workspace is the backward's largest buffer, not one more."""
+    slots = saved.view(saved.shape[:2] + (_SAVED, hidden))
+    o, i, f, g, c, tanh_c = slots.unbind(2)
+    cells_before = _states_before(c, c0, reverse)
+    gated = o * tanh_c
+    output_side = gated * (1 - o)  # sigmoid's derivative o (1 - o)
+    tanh_c.mul_(tanh_c).neg_().add_(1).mul_(o)
+    o.copy_(output_side)
+    del output_side
+    input_side = i * g
+    g.mul_(g).neg_().add_(1).mul_(i)  # tanh's derivative 1 - g^2
+    i.neg_().add_(1).mul_(input_side)
+    del input_side
+    c.copy_(f)
+    f.mul_(1 - f).mul_(cells_before)
+    return slots, gated
 
 
-def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, from_h, reverse):
-    """The steps' gate gradients (the factors' slots 0:4, times dh_full and dc in place), the
-    gradient each step sends to the h before it [T, N, P], and dh0, dc0."""
+def _taken_workspace(packed):
+    """The gates and cells the forward attached to its output, taken off it: the backward
+    writes over them (a second backward from the same output runs the forward again)."""
+    saved = getattr(packed, WORKSPACE, None)
+    if saved is not None:
+        delattr(packed, WORKSPACE)
+    return saved
+
+
+def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, reverse):
+    """The steps' gate gradients (the factors' slots 0:4, times the gradient of o tanh(c') and
+    dc in place), the gradient each step sends to the h before it [T, N, P], and dh0, dc0."""
     steps, batch, proj = gy.shape
     w_hh_slots = _in_slots(w_hh, w_hh.shape[0] // 4)
-    loss_side = torch.matmul(gy, w_hr)  # each step's dh_full from the loss, [T, N, H]
+    loss_side = torch.matmul(gy, w_hr)  # each step's gradient of o tanh(c') from the loss, [T, N, H]
     to_before = gy.new_empty(gy.shape)
     gated, cell = gy.new_empty(batch, w_hr.shape[1]), gy.new_empty(batch, w_hr.shape[1])
     # each step's views, made before the loop (a view is a call too)
-    output_gate, cell_side = factors[:, :, 0].unbind(0), factors[:, :, 1:].unbind(0)
+    output_gate, cell_side, from_gated = factors[:, :, 0].unbind(0), factors[:, :, 1:5].unbind(0), factors[:, :, 5].unbind(0)
     gates = factors[:, :, :4].reshape(steps, batch, -1).unbind(0)
     cell_before, loss_steps = factors[:, :, 4].unbind(0), loss_side.unbind(0)
     for t in reversed(_steps(steps, reverse)):
         torch.addmm(loss_steps[t], dh, w_hr, out=gated)
-        torch.addcmul(dc, gated, from_h[t], out=cell)
+        torch.addcmul(dc, gated, from_gated[t], out=cell)
         output_gate[t].mul_(gated)
         cell_side[t].mul_(cell.unsqueeze(1))
         dh, dc = torch.mm(gates[t], w_hh_slots, out=to_before[t]), cell_before[t]
@@ -172,15 +189,14 @@ def _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted):
 def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse,
                           wanted=(True,) * len(_GRADS)):
     steps, batch, proj, hidden = _dims(x, w_hr)
-    saved = getattr(packed, WORKSPACE, None)
+    saved = _taken_workspace(packed)
     if saved is None:  # a value that lost the workspace: the forward again
         saved = x.new_empty(steps, batch, _SAVED * hidden)
         packed = _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved)
     y, _, _ = _parts(packed, x, w_hr)
     gy, ghy, gcy = _parts(g, x, w_hr)
-    cells_before = _states_before(saved[..., 4 * hidden:5 * hidden], c0, reverse)
-    factors, from_h = _factors(saved, cells_before, hidden)
-    to_before, dh0, dc0 = _backward_steps(gy, ghy, gcy, w_hh, w_hr, factors, from_h, reverse)
+    factors, gated = _factors(saved, c0, reverse, hidden)
+    to_before, dh0, dc0 = _backward_steps(gy, ghy, gcy, w_hh, w_hr, factors, reverse)
     gates = factors[:, :, :4].reshape(steps * batch, 4 * hidden)  # slot order o, i, f, g
     out = x.new_empty(_grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted))
     dx, dh0_out, dc0_out, dw_ih, dw_hh, db, dw_hr = _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted)
@@ -200,9 +216,7 @@ def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *,
         torch.sum(gates[:, :hidden], 0, out=db[3 * hidden:])
     if dw_hr is not None:  # each step's dh: the loss's and what the next step sent back
         from_next = torch.cat([to_before[1:], ghy[None]]) if not reverse else torch.cat([ghy[None], to_before[:-1]])
-        o, tanh_c = saved[..., :hidden], saved[..., 5 * hidden:]
-        torch.mm((gy + from_next).reshape(steps * batch, proj).t(), (o * tanh_c).reshape(steps * batch, hidden),
-                 out=dw_hr)
+        torch.mm((gy + from_next).reshape(steps * batch, proj).t(), gated.reshape(steps * batch, hidden), out=dw_hr)
     return out
 
 
@@ -229,9 +243,9 @@ def _grad_inputs(n):
     return x, h0, c0, w_ih, w_hh, b_ih, w_hr
 
 
-# Scratch: the input side of every step ([T, N, 4H], forward); in the backward the factors and
-# the cell's share of each step ([T, N, 6H]), the loss's share, the cells before and a temporary
-# ([T, N, 3H]), the states before and the gradients sent back ([T, N, 3P]), w_hh reordered.
+# Scratch: the input side of every step ([T, N, 4H], forward); in the backward the cells before,
+# o tanh(c'), the loss's share and two temporaries ([T, N, 5H]), the states before and the
+# gradients sent back ([T, N, 3P]), w_hh reordered (the factors are written over the workspace).
 
 def _forward_scratch(n) -> int:
     x, w_hr = n.inputs[0], n.inputs[7]
@@ -247,7 +261,7 @@ def _grad_scratch(n) -> int:
     packed, x, w_hh, w_hr = n.inputs[1], n.inputs[2], n.inputs[6], n.inputs[9]
     steps, batch, proj, hidden = _dims(x, w_hr)
     again = 0 if packed.attrs.get("workspace") else workspace_bytes(x, w_hr) + packed.nbytes
-    return (steps * batch * (9 * hidden + 3 * proj) + math.prod(w_hh.shape)) * n.dtype.itemsize + again
+    return (steps * batch * (5 * hidden + 3 * proj) + math.prod(w_hh.shape)) * n.dtype.itemsize + again
 
 
 # -- ONNX: ONNX's LSTM has no projection: forward and backward step by step --
