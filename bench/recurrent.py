@@ -1,7 +1,7 @@
-"""Recurrent text classifiers (nn.LSTM, nn.GRU): edgetune's step against eager's, in turns.
+"""Recurrent text classifiers (nn.LSTM, nn.GRU, nn.RNN): edgetune's step against eager's, in turns.
 
     python -m bench.recurrent --kinds lstm,gru --schemes full,bias-only --batches 1,8 --threads 1
-    python -m bench.recurrent --kinds lstm-proj ...   # nn.LSTM(proj_size=64)
+    python -m bench.recurrent --kinds lstm-proj,rnn ...   # nn.LSTM(proj_size=64), nn.RNN (tanh)
     python -m bench.recurrent --against 30a6fda ...   # also that commit's edgetune, side by side
 
 The model: an embedding of 1000 tokens x 64, the recurrent layer (hidden 128, `--layers`),
@@ -30,7 +30,8 @@ TOKENS, VOCAB, EMBED, HIDDEN, CLASSES = 32, 1000, 64, 128, 4
 LR, MOMENTUM = 0.01, 0.9
 SCHEMES = {"full": {"*": "full"}, "bias-only": {"*bias*": "full"}, "head": {"head.*": "full"}}
 # kind -> (module, its options); lstm-proj: an LSTM whose output is projected to half its width
-KINDS = {"lstm": (torch.nn.LSTM, {}), "gru": (torch.nn.GRU, {}), "lstm-proj": (torch.nn.LSTM, {"proj_size": HIDDEN // 2})}
+KINDS = {"lstm": (torch.nn.LSTM, {}), "gru": (torch.nn.GRU, {}), "lstm-proj": (torch.nn.LSTM, {"proj_size": HIDDEN // 2}),
+         "rnn": (torch.nn.RNN, {})}
 
 
 class Classifier(torch.nn.Module):

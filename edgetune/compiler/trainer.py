@@ -760,7 +760,7 @@ def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlic
 
 
 # Where a recurrent layer op's weights sit among its inputs: input, hidden-state (and projection).
-_RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3, 4, 7)}
+_RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3, 4, 7), "rnn_layer": (2, 3)}
 
 
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:

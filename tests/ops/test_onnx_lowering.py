@@ -718,6 +718,24 @@ def _lstm_proj_cases(a):
     return cases
 
 
+def _simple_rnn_cases(a):
+    from edgetune.compiler.ir.ops.simple_rnn import _rnn_layer
+
+    x, h0 = a.r(5, 2, 3), a.r(2, 4)
+    weights = [a.r(4, 3), a.r(4, 4), a.r(4), a.r(4)]
+    cases = []
+    for nonlinearity in ("tanh", "relu"):
+        for reverse in (False, True):
+            name, attrs = f"{nonlinearity}-{'reverse' if reverse else 'forward'}", dict(reverse=reverse,
+                                                                                         nonlinearity=nonlinearity)
+            packed = _rnn_layer(x, h0, *weights, **attrs)
+            cases += [(f"rnn_layer-{name}", "rnn_layer", [x, h0, *weights], attrs),
+                      (f"rnn_layer_grad-{name}", "rnn_layer_grad", [a.r(packed.numel()), packed, x, h0, *weights], attrs)]
+    cases.append(("rnn_layer_grad-biases", "rnn_layer_grad", [a.r(packed.numel()), packed, x, h0, *weights],
+                  dict(reverse=True, nonlinearity="relu", wanted=(True, False, False, False, True, True))))
+    return cases
+
+
 def _vocab_cases(a):
     from edgetune.compiler.ir.ops.vocab import _vocab_log_prob
 
@@ -761,7 +779,7 @@ def _zo_cases(a):
 
 FAMILIES = [_attention_cases, _elementwise_cases, _more_elementwise_cases, _reduction_cases, _order_cases, _shape_cases,
             _linalg_cases, _norm_cases, _conv_cases, _pool_cases, _indexing_cases, _write_cases, _mask_cases,
-            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases, _gru_cases, _lstm_proj_cases]
+            _optimizer_cases, _recurrent_cases, _vocab_cases, _zo_cases, _gru_cases, _lstm_proj_cases, _simple_rnn_cases]
 
 
 @functools.cache

@@ -16,13 +16,13 @@ from tests.reference import assert_models_match, train_eager
 
 
 def _rnn(kind, num_layers=1, bidirectional=False, batch_first=False, has_biases=True):
-    """torch.lstm (torch.gru) with its initial states and weights as separate arguments, for
-    check_grads: the outputs and the last states, flat."""
+    """torch.lstm (torch.gru, torch.rnn_tanh, torch.rnn_relu) with its initial states and weights
+    as separate arguments, for check_grads: the outputs and the last states, flat."""
     states = 2 if kind == "lstm" else 1
 
     def fn(x, *rest):
         first, params = rest[:states], rest[states:]
-        op = torch.lstm if kind == "lstm" else torch.gru
+        op = {"lstm": torch.lstm, "gru": torch.gru, "rnn-tanh": torch.rnn_tanh, "rnn-relu": torch.rnn_relu}[kind]
         out, *last = op(x, first if kind == "lstm" else first[0], params, has_biases, num_layers, 0.0, True,
                         bidirectional, batch_first)
         return torch.cat([out.reshape(-1), *(s.reshape(-1) for s in last)])
@@ -41,17 +41,19 @@ def _weights(input_size, hidden, num_layers=1, directions=1, has_biases=True, ga
     return params
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-proj"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-proj", "rnn-tanh", "rnn-relu"])
 @pytest.mark.parametrize("num_layers,bidirectional,batch_first,has_biases", [
     (1, False, False, True), (1, True, True, True), (2, False, True, False), (2, True, False, True)])
 def test_recurrent_gradients_against_autograd(kind, num_layers, bidirectional, batch_first, has_biases):
     """Every input's gradient, the initial states' included, through the outputs and the last
-    states (h and c of an LSTM, h of a GRU); lstm-proj: an LSTM with proj_size 2 (h 2 wide, c 4)."""
+    states (h and c of an LSTM, h of a GRU or an RNN); lstm-proj: an LSTM with proj_size 2 (h 2
+    wide, c 4)."""
     directions, proj = (2 if bidirectional else 1), (2 if kind == "lstm-proj" else 0)
     x = t(2, 5, 3) if batch_first else t(5, 2, 3)
-    states = [t(num_layers * directions, 2, width) for width in ([proj or 4, 4] if kind != "gru" else [4])]
+    states = [t(num_layers * directions, 2, width) for width in ([proj or 4, 4] if kind.startswith("lstm") else [4])]
+    gates = {"lstm": 4, "lstm-proj": 4, "gru": 3}.get(kind, 1)
     check_grads(_rnn(kind.removesuffix("-proj"), num_layers, bidirectional, batch_first, has_biases), x, *states,
-                *_weights(3, 4, num_layers, directions, has_biases, gates=3 if kind == "gru" else 4, proj=proj))
+                *_weights(3, 4, num_layers, directions, has_biases, gates=gates, proj=proj))
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -113,7 +115,7 @@ class _Tagger(nn.Module):
     def __init__(self, kind="lstm", **rnn):
         super().__init__()
         self.emb = nn.Embedding(50, 6)
-        setattr(self, kind, {"lstm": nn.LSTM, "gru": nn.GRU}[kind](6, 8, batch_first=True, **rnn))
+        setattr(self, kind, {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](6, 8, batch_first=True, **rnn))
         self.kind = kind
         out = rnn.get("proj_size") or 8  # an LSTM's h is proj_size wide, its c 8
         self.head = nn.Linear(out * (2 if rnn.get("bidirectional") else 1), 5)
@@ -164,8 +166,9 @@ def test_without_onednn_the_loop_trains_an_lstm_as_eager_does(monkeypatch):
                             rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind,rnn", [("lstm", {}), ("gru", {}), ("lstm", dict(proj_size=3))],
-                         ids=["lstm", "gru", "lstm-proj"])
+@pytest.mark.parametrize("kind,rnn", [("lstm", {}), ("gru", {}), ("lstm", dict(proj_size=3)), ("rnn", {}),
+                                      ("rnn", dict(nonlinearity="relu"))],
+                         ids=["lstm", "gru", "lstm-proj", "rnn-tanh", "rnn-relu"])
 def test_a_recurrent_step_runs_on_onnxruntime_as_eager_does(kind, rnn):
     """The exported step: ONNX's LSTM (GRU) op forward, the backward step by step (a projected
     LSTM: forward too, ONNX's LSTM has no projection)."""
@@ -379,4 +382,36 @@ def test_projected_lstm_models_train_as_eager_does(lstm, scheme):
     layers = [n for n in trainer.graph.nodes if n.op == "lstm_proj_layer"]
     trained = any(n.op == "lstm_proj_layer_grad" for n in trainer.graph.nodes)
     assert layers and all(bool(n.attrs.get("workspace")) == trained for n in layers)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)
+
+
+# -- nn.RNN (edgetune/compiler/ir/ops/simple_rnn.py) --
+
+def test_the_frontend_keeps_an_rnn_whole_where_the_op_applies():
+    x = torch.randn(5, 2, 3)
+    assert "rnn_layer" in _ops_of(nn.RNN(3, 4, num_layers=2, bidirectional=True), x)
+    assert "rnn_layer" in _ops_of(nn.RNN(3, 4, nonlinearity="relu", bias=False), x)
+    assert "rnn_layer" not in _ops_of(nn.RNN(3, 4, num_layers=2, dropout=0.5).train(), x)
+
+
+@pytest.mark.parametrize("rnn,scheme", [
+    (dict(), {"*": "full"}),
+    (dict(num_layers=2, bidirectional=True, nonlinearity="relu"), {"*": "full"}),
+    (dict(num_layers=2), {"rnn.*bias*": "full", "head.*": "full"}),
+    (dict(bias=False, nonlinearity="relu"), {"rnn.weight_hh_l0": 0.5, "rnn.weight_ih_l0": 0.5, "last.*": "full"}),
+    (dict(bidirectional=True), {"emb.*": "full"}),
+], ids=["tanh-full", "relu-two-layer-bidirectional-full", "biases", "relu-no-bias-partial-channels",
+        "frozen-under-a-trained-embedding"])
+def test_rnn_models_train_as_eager_does(rnn, scheme):
+    """Three SGD steps: parameters and losses as eager's. The backward computes the wanted
+    gradients only (a frozen layer: its input's)."""
+    torch.manual_seed(0)
+    model = _Tagger("rnn", **rnn)
+    reference = copy.deepcopy(model)
+    batches = _batches()
+    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
+    backward = [n for n in trainer.graph.nodes if n.op == "rnn_layer_grad"]
+    assert backward and any(n.op == "rnn_layer" for n in trainer.graph.nodes)
+    if scheme == {"emb.*": "full"}:
+        assert all(n.attrs["wanted"] == (True, False, False, False, False, False) for n in backward)
     _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)

@@ -206,7 +206,7 @@ def test_a_time_table_per_thread_count(tmp_path, monkeypatch):
     assert "| 0.45 |" in two.splitlines()[6]  # 40.5 / 90.0, in the tte row
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-proj"])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "lstm-proj", "rnn"])
 def test_the_recurrent_benchmark_trains_the_same_scheme_in_both_engines(kind):
     """bench/recurrent.py: eager and edgetune start from the same model and batch and update the
     same parameters, so their losses agree step after step; the table names both."""

@@ -155,9 +155,9 @@ def _decompositions() -> dict:
     """Core ATen, except ops whose decomposition changes their meaning for training:
     detach would become an alias (and pass gradient); hardswish's decomposition uses clamp,
     whose gradient at the kinks (x = -3, 3) differs from hardswish's own. A call of an op that
-    edgetune runs as one fused kernel (attention.py, recurrent.py, gru.py) stays whole where
-    that kernel applies to it, call by call (a decomposition that returns NotImplemented keeps
-    the call), and is decomposed elsewhere."""
+    edgetune runs as one fused kernel (attention.py, recurrent.py, lstm_proj.py, gru.py,
+    simple_rnn.py) stays whole where that kernel applies to it, call by call (a decomposition
+    that returns NotImplemented keeps the call), and is decomposed elsewhere."""
     table = torch.export.default_decompositions()
     for op in (torch.ops.aten.detach.default, torch.ops.aten.hardswish.default):
         table.pop(op, None)
@@ -182,10 +182,11 @@ def _fits_fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     return fused_attention_applies(query, key, attn_mask, dropout_p, enable_gqa, query.device)
 
 
-# The ops edgetune keeps whole where its fused kernel applies (aten.lstm's and aten.gru's
-# arguments are the same), with the test of a call's (fake) arguments.
+# The ops edgetune keeps whole where its fused kernel applies (aten.lstm's, aten.gru's and
+# aten.rnn_*'s arguments are the same), with the test of a call's (fake) arguments.
 _FUSED = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
-          torch.ops.aten.lstm.input: _fits_fused_rnn, torch.ops.aten.gru.input: _fits_fused_rnn}
+          **{op: _fits_fused_rnn for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input,
+                                            torch.ops.aten.rnn_tanh.input, torch.ops.aten.rnn_relu.input)}}
 
 
 def _device_of(inputs: tuple) -> torch.device:

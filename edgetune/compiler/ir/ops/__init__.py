@@ -31,7 +31,7 @@ from edgetune.compiler.ir.ops.registry import (ATEN, ATEN_NAMED, OPS, VJP, Chann
                                                 carried_bytes, infer, is_effect, mutated_inputs, register, storage_of,
                                                 written_storages)
 from edgetune.compiler.ir.ops import (attention, core, gru, linalg, lstm_proj, masks, moe, nn, quant,  # noqa: E402,F401
-                                   recurrent, shape, vocab)  # (registration)
+                                   recurrent, shape, simple_rnn, vocab)  # (registration)
 
 __all__ = ["ATEN", "ATEN_NAMED", "OPS", "VJP", "ChannelSlice", "OpDef", "aten", "aten_named", "carried_bytes", "infer", "is_effect",
            "mutated_inputs", "register", "storage_of", "written_storages"]

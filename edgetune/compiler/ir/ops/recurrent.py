@@ -37,8 +37,8 @@ _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 
 def fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
-    """Whether `lstm_layer` (`lstm_proj_layer`, `gru_layer`) can stand for this aten.lstm
-    (aten.gru) call (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no
+    """Whether `lstm_layer` (`lstm_proj_layer`, `gru_layer`, `rnn_layer`) can stand for this
+    aten.lstm (aten.gru, aten.rnn_tanh, aten.rnn_relu) call (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no
     dropout between layers. An LSTM with projections (`proj_size`) has a fifth weight a layer."""
     per_layer = 4 if has_biases else 2
     return (device.type == "cpu" and x.dim() == 3 and x.dtype in (torch.float32, torch.float64)
@@ -357,13 +357,14 @@ def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, b
 
 
 def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, bidirectional, batch_first,
-               widths=lambda weights: (weights[1].shape[1],)):
+               widths=lambda weights: (weights[1].shape[1],), **attrs):
     """An nn.LSTM's or nn.GRU's layers as one `op` node per layer and direction, time-major; a
     reverse direction's outputs are concatenated after the forward one's, as torch lays them
     out. `states`: the initial states ([h0, c0], or [h0]), each [layers x directions, N, H];
     `packed_parts(T, N, *widths(weights))`: where y and the last states sit in the op's buffer
     (the widths: the output's, H, and a projected LSTM's cell's after it). A layer's weights
-    are w_ih, w_hh, the biases (zeros where the layer has none), then any others (w_hr).
+    are w_ih, w_hh, the biases (zeros where the layer has none), then any others (w_hr);
+    `attrs`: the op's own attributes besides `reverse` (an nn.RNN's nonlinearity).
     Returns the output and the last states, as the aten op does."""
     directions = 2 if bidirectional else 1
     per_layer = len(params) // (num_layers * directions)
@@ -377,7 +378,7 @@ def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, b
             if not has_biases:
                 weights[2:2] = [b.const(torch.zeros(weights[0].shape[0], dtype=x.dtype))] * 2
             firsts = [b.emit("select", s, dim=0, index=k) for s in states]
-            packed = b.emit(op, layer_input, *firsts, *weights, reverse=direction == 1)
+            packed = b.emit(op, layer_input, *firsts, *weights, reverse=direction == 1, **attrs)
             steps, batch, _ = layer_input.shape
             y, *ends = _unpacked(b, packed, packed_parts(steps, batch, *widths(weights)))
             outputs.append(y)

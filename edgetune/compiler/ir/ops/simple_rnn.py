@@ -1,0 +1,185 @@
+"""nn.RNN layers (tanh or ReLU) as one op each, as gru.py does for GRUs.
+
+torch.export decomposes `nn.RNN` into its time steps, each op a call from the generated Python
+(0.70-0.74x eager's step), where eager runs ATen's loop in C++. Here the forward is ATen's
+loop itself (eager's kernel), and the backward reads nothing but the layer's outputs: every
+step's derivative of the nonlinearity is computed from them at once, and a step is then two
+calls (the gradient of the step's pre-activation, in place, and the one it sends to the state
+before, with the loss's gradient of that state added by the same product).
+
+`rnn_layer(x [T, N, I], h0 [N, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh, reverse,
+nonlinearity)` returns one flat buffer, y [T, N, H] then the last h, as gru_layer does;
+`rnn_layer_grad` returns dx, dh0, dw_ih, dw_hh, db_ih, db_hh, packed: those its `wanted` names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from edgetune.compiler.ir.ops.gru import _grad_parts, _grad_size, _packed_parts, _parts, _states_before
+from edgetune.compiler.ir.ops.recurrent import _dims, _onnx_at, _onnx_stacked, _packed_size, _piece, _steps, rnn_layers
+from edgetune.compiler.ir.ops.registry import aten, register
+
+A = torch.ops.aten
+_ATEN = {"tanh": A.rnn_tanh.input, "relu": A.rnn_relu.input}
+_ONNX = {"tanh": "Tanh", "relu": "Relu"}
+
+
+def _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlinearity):
+    """ATen's RNN (eager's kernel); a reverse layer runs on the steps flipped."""
+    outputs, last = _ATEN[nonlinearity](x.flip(0) if reverse else x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1,
+                                        0.0, False, False, False)
+    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), last.reshape(-1)])
+
+
+def _derivatives(y, nonlinearity):
+    """Each step's derivative of the nonlinearity, from its output: 1 - y^2 (tanh), y > 0 (ReLU)."""
+    if nonlinearity == "tanh":
+        return torch.mul(y, y).neg_().add_(1)
+    return (y > 0).to(y.dtype)
+
+
+def _backward_steps(gy, ghy, grads, w_hh, reverse):
+    """The steps' pre-activation gradients, in place over `grads` (the derivatives), and dh0."""
+    order = list(reversed(_steps(gy.shape[0], reverse)))
+    step_grads, gy_steps = grads.unbind(0), gy.unbind(0)
+    total = gy_steps[order[0]] + ghy  # the last step's output gradient: the loss's, y's and hy's
+    for t, before in zip(order, order[1:]):
+        step_grads[t].mul_(total)
+        total = torch.addmm(gy_steps[before], step_grads[t], w_hh)
+    step_grads[order[-1]].mul_(total)
+    return step_grads[order[-1]] @ w_hh
+
+
+def _rnn_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlinearity, wanted=(True,) * 6):
+    steps, batch, hidden = _dims(x, w_hh)
+    y, _ = _parts(packed, x, w_hh)
+    gy, ghy = _parts(g, x, w_hh)
+    grads = _derivatives(y, nonlinearity)
+    dh0 = _backward_steps(gy, ghy, grads, w_hh, reverse)
+    rows = grads.view(steps * batch, hidden)
+    out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
+    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
+    if dx is not None:
+        torch.mm(rows, w_ih, out=dx.view(steps * batch, -1))
+    if dh0_out is not None:
+        dh0_out.copy_(dh0)
+    if dw_ih is not None:
+        torch.mm(rows.t(), x.reshape(steps * batch, -1), out=dw_ih)
+    if dw_hh is not None:
+        torch.mm(rows.t(), _states_before(y, h0, reverse).reshape(steps * batch, hidden), out=dw_hh)
+    for bias in (db_ih, db_hh):
+        if bias is not None:
+            torch.sum(rows, 0, out=bias)
+    return out
+
+
+def _rnn_layer_vjp(b, n, g, want):
+    """One rnn_layer_grad for the wanted inputs' gradients."""
+    if not any(want):
+        return (None,) * len(n.inputs)
+    wanted = tuple(bool(w) for w in want)
+    flat = b.emit("rnn_layer_grad", g, n, *n.inputs, wanted=wanted, **n.attrs)
+    grads, start = [], 0
+    for x, w in zip(n.inputs, want):  # x, h0, w_ih, w_hh, b_ih, b_hh
+        grads.append(_piece(b, flat, start, x.shape, w) if w else None)
+        start += math.prod(x.shape) if w else 0
+    return tuple(grads)
+
+
+def _forward_scratch(n) -> int:
+    """ATen's input side of every step and its outputs; a reverse layer's steps flipped."""
+    x, w_hh = n.inputs[0], n.inputs[3]
+    steps, batch, hidden = _dims(x, w_hh)
+    flipped = (math.prod(x.shape) + steps * batch * hidden) if n.attrs["reverse"] else 0
+    return (2 * steps * batch * hidden + flipped) * n.dtype.itemsize
+
+
+def _grad_scratch(n) -> int:
+    """The steps' gradients and the states before them, [T, N, H] each."""
+    x, w_hh = n.inputs[2], n.inputs[5]
+    steps, batch, hidden = _dims(x, w_hh)
+    return 2 * steps * batch * hidden * n.dtype.itemsize
+
+
+# -- ONNX: the forward as ONNX's RNN op (float32; float64, which onnxruntime's RNN lacks, step by
+# step), the backward from the outputs, step by step --
+
+def _onnx_rnn_layer(ctx, n, xs):
+    x, h0, w_ih, w_hh, b_ih, b_hh = xs
+    steps, hidden = n.inputs[0].shape[0], n.inputs[3].shape[1]
+    flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
+    if n.dtype == torch.float64:
+        outputs = _onnx_steps(ctx, steps, n.attrs["reverse"], n.attrs["nonlinearity"], xs)
+        return ctx.op("Concat", flat(_onnx_stacked(ctx, outputs)), flat(outputs[_steps(steps, n.attrs["reverse"])[-1]]),
+                      axis=0)
+    first = lambda t: ctx.op("Unsqueeze", t, ctx.ints([0]))  # noqa: E731  (ONNX's num_directions axis)
+    y, hy = ctx.op("RNN", x, first(w_ih), first(w_hh), first(ctx.op("Concat", b_ih, b_hh, axis=0)), "", first(h0),
+                   outputs=2, hidden_size=hidden, activations=[_ONNX[n.attrs["nonlinearity"]]],
+                   direction="reverse" if n.attrs["reverse"] else "forward")
+    return ctx.op("Concat", flat(y), flat(hy), axis=0)
+
+
+def _onnx_steps(ctx, steps, reverse, nonlinearity, xs):
+    """The layer in ONNX, step by step: {step: h after it}."""
+    x, h, w_ih, w_hh, b_ih, b_hh = xs
+    transposed = lambda t: ctx.op("Transpose", t, perm=[1, 0])  # noqa: E731
+    projected = ctx.op("Add", ctx.op("MatMul", x, transposed(w_ih)), ctx.op("Add", b_ih, b_hh))
+    w_hh_t, outputs = transposed(w_hh), {}
+    for t in _steps(steps, reverse):
+        h = outputs[t] = ctx.op(_ONNX[nonlinearity], ctx.op("Add", _onnx_at(ctx, projected, t), ctx.op("MatMul", h, w_hh_t)))
+    return outputs
+
+
+def _onnx_rnn_layer_grad(ctx, n, xs):
+    """_rnn_layer_grad in ONNX: from the outputs in `packed`, the steps backward."""
+    g, packed, x, h0, w_ih, w_hh, _, _ = xs
+    steps, batch, hidden = _dims(n.inputs[2], n.inputs[5])
+    part = lambda t, start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
+        "Slice", t, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
+    (gy, dh), (y, _) = ([part(t, *where) for where in _packed_parts(steps, batch, hidden)] for t in (g, packed))
+    if n.attrs["nonlinearity"] == "tanh":
+        derivative = ctx.op("Sub", ctx.scalar(1.0, n.dtype), ctx.op("Mul", y, y))
+    else:
+        derivative = ctx.cast(ctx.op("Greater", y, ctx.scalar(0.0, n.dtype)), n.dtype)
+    grads = {}
+    for t in reversed(_steps(steps, n.attrs["reverse"])):
+        grads[t] = ctx.op("Mul", ctx.op("Add", dh, _onnx_at(ctx, gy, t)), _onnx_at(ctx, derivative, t))
+        dh = ctx.op("MatMul", grads[t], w_hh)
+    rows = lambda t, width: ctx.op("Reshape", t, ctx.ints([steps * batch, width]))  # noqa: E731
+    flat_grads = rows(_onnx_stacked(ctx, grads), hidden)
+    flat_grads_t = ctx.op("Transpose", flat_grads, perm=[1, 0])
+    reverse = n.attrs["reverse"]
+    before = ctx.op("Concat", *((ctx.op("Slice", y, ctx.ints([1]), ctx.ints([steps]), ctx.ints([0])),
+                                 ctx.op("Unsqueeze", h0, ctx.ints([0]))) if reverse else
+                                (ctx.op("Unsqueeze", h0, ctx.ints([0])),
+                                 ctx.op("Slice", y, ctx.ints([0]), ctx.ints([steps - 1]), ctx.ints([0])))), axis=0)
+    flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
+    bias = lambda: ctx.reduce("ReduceSum", flat_grads, [0], keepdims=False)  # noqa: E731
+    made = (lambda: flat(ctx.op("MatMul", flat_grads, w_ih)), lambda: flat(dh),
+            lambda: flat(ctx.op("MatMul", flat_grads_t, rows(x, n.inputs[2].shape[2]))),
+            lambda: flat(ctx.op("MatMul", flat_grads_t, rows(before, hidden))), bias, bias)
+    return ctx.op("Concat", *(make() for make, w in zip(made, n.attrs.get("wanted", (True,) * 6)) if w), axis=0)
+
+
+register("rnn_layer", _rnn_layer, _rnn_layer_vjp,
+         shape=lambda x, h0, w_ih, w_hh, b_ih, b_hh, reverse, nonlinearity: (
+             (_packed_size(x, w_hh, _packed_parts),), x.dtype),
+         scratch=_forward_scratch, onnx=_onnx_rnn_layer)
+register("rnn_layer_grad", _rnn_layer_grad,
+         shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, nonlinearity, wanted=(True,) * 6: (
+             (_grad_size(x, h0, w_ih, w_hh, wanted),), x.dtype),
+         scratch=_grad_scratch, onnx=_onnx_rnn_layer_grad)
+
+
+def _converter(nonlinearity):
+    def convert(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+        """nn.RNN: one rnn_layer per layer and direction (recurrent.rnn_layers)."""
+        return rnn_layers(b, "rnn_layer", _packed_parts, x, (hx,), params, has_biases, num_layers, bidirectional,
+                          batch_first, nonlinearity=nonlinearity)
+    return convert
+
+
+for _name, _overload in _ATEN.items():
+    aten(_overload)(_converter(_name))
