@@ -25,7 +25,8 @@ import math
 import torch
 
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
-                                                _onnx_stacked, _packed_size, _piece, _steps, rnn_layers)
+                                                _onnx_stacked, _onnx_unpacked, _packed_size, _piece, _steps,
+                                                rnn_layers)
 from edgetune.compiler.ir.ops.recurrent import _parts as _layer_parts
 from edgetune.compiler.ir.ops.registry import aten, register
 
@@ -195,18 +196,21 @@ def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted
     return out
 
 
-def _gru_layer_vjp(b, n, g, want):
-    """One gru_layer_grad for the wanted inputs' gradients (a bias-only scheme, or a frozen GRU
-    under a trained embedding, skips the weights' products)."""
-    if not any(want):
-        return (None,) * len(n.inputs)
-    wanted = tuple(bool(w) for w in want)
-    flat = b.emit("gru_layer_grad", g, n, *n.inputs, reverse=n.attrs["reverse"], wanted=wanted)
-    grads, start = [], 0
-    for x, w in zip(n.inputs, want):  # x, h0, w_ih, w_hh, b_ih, b_hh
-        grads.append(_piece(b, flat, start, x.shape, w) if w else None)
-        start += math.prod(x.shape) if w else 0
-    return tuple(grads)
+def wanted_grads_vjp(grad_op: str, *attrs: str):
+    """The vjp of a layer op whose `grad_op` packs the wanted inputs' gradients one after the
+    other (its `wanted` attribute; a bias-only scheme, or a frozen layer under a trained
+    embedding, skips the weights' products). `attrs`: the layer's attributes it passes on."""
+    def vjp(b, n, g, want):
+        if not any(want):
+            return (None,) * len(n.inputs)
+        wanted = tuple(bool(w) for w in want)
+        flat = b.emit(grad_op, g, n, *n.inputs, wanted=wanted, **{k: n.attrs[k] for k in attrs})
+        grads, start = [], 0
+        for x, w in zip(n.inputs, want):
+            grads.append(_piece(b, flat, start, x.shape, w) if w else None)
+            start += math.prod(x.shape) if w else 0
+        return tuple(grads)
+    return vjp
 
 
 # Scratch: the input side of every step ([T, N, 4H], forward) and the steps' gradients with
@@ -279,9 +283,7 @@ def _onnx_gru_layer_grad(ctx, n, xs):
     mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
     minus_from_one = lambda t: ctx.op("Sub", one, t)  # noqa: E731
     _, saved = _onnx_steps(ctx, steps, hidden, n.attrs["reverse"], xs[2:])
-    part = lambda start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
-        "Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
-    gy, dh = (part(*where) for where in _packed_parts(steps, batch, hidden))
+    gy, dh = _onnx_unpacked(ctx, g, _packed_parts(steps, batch, hidden))
     input_grads, hidden_grads = {}, {}
     for t in reversed(_steps(steps, n.attrs["reverse"])):
         r, z, gate, hidden_n, before, _ = saved[t]
@@ -306,7 +308,7 @@ def _onnx_gru_layer_grad(ctx, n, xs):
     return ctx.op("Concat", *(make() for make, w in zip(made, wanted) if w), axis=0)
 
 
-register("gru_layer", _gru_layer, _gru_layer_vjp,
+register("gru_layer", _gru_layer, wanted_grads_vjp("gru_layer_grad", "reverse"),
          shape=lambda x, h0, w_ih, w_hh, b_ih, b_hh, reverse, workspace=0: (
              (_packed_size(x, w_hh, _packed_parts),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_gru_layer)

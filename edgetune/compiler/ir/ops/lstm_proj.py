@@ -30,8 +30,8 @@ import math
 import torch
 
 from edgetune.compiler.ir.ops.gru import _columns, _states_before
-from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _packed_parts,
-                                                _piece, _steps)
+from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _onnx_steps,
+                                                _onnx_unpacked, _packed_parts, _piece, _steps)
 from edgetune.compiler.ir.ops.registry import register
 
 A = torch.ops.aten
@@ -156,7 +156,8 @@ def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, reverse):
     to_before = gy.new_empty(gy.shape)
     gated, cell = gy.new_empty(batch, w_hr.shape[1]), gy.new_empty(batch, w_hr.shape[1])
     # each step's views, made before the loop (a view is a call too)
-    output_gate, cell_side, from_gated = factors[:, :, 0].unbind(0), factors[:, :, 1:5].unbind(0), factors[:, :, 5].unbind(0)
+    output_gate, cell_side = factors[:, :, 0].unbind(0), factors[:, :, 1:5].unbind(0)
+    from_gated = factors[:, :, 5].unbind(0)
     gates = factors[:, :, :4].reshape(steps, batch, -1).unbind(0)
     cell_before, loss_steps = factors[:, :, 4].unbind(0), loss_side.unbind(0)
     for t in reversed(_steps(steps, reverse)):
@@ -264,35 +265,13 @@ def _grad_scratch(n) -> int:
     return (steps * batch * (5 * hidden + 3 * proj) + math.prod(w_hh.shape)) * n.dtype.itemsize + again
 
 
-# -- ONNX: ONNX's LSTM has no projection: forward and backward step by step --
-
-def _onnx_steps(ctx, steps, hidden, reverse, xs):
-    """_run in ONNX: the last h and c, and each step's (o, i, f, g, c before, tanh(c after),
-    o tanh(c after), h before, h after), gates in torch's order."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr = xs
-    mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
-    piece = lambda t, k: ctx.op("Slice", t, ctx.ints([k * hidden]), ctx.ints([(k + 1) * hidden]), ctx.ints([1]))  # noqa: E731
-    transposed = lambda t: ctx.op("Transpose", t, perm=[1, 0])  # noqa: E731
-    projected = ctx.op("Add", ctx.op("MatMul", x, transposed(w_ih)), ctx.op("Add", b_ih, b_hh))
-    w_hh_t, w_hr_t = transposed(w_hh), transposed(w_hr)
-    saved = {}
-    for t in _steps(steps, reverse):
-        gates = ctx.op("Add", _onnx_at(ctx, projected, t), ctx.op("MatMul", h, w_hh_t))
-        i, f, o = (ctx.op("Sigmoid", piece(gates, k)) for k in (0, 1, 3))
-        gate = ctx.op("Tanh", piece(gates, 2))
-        c_after = ctx.op("Add", mul(f, c), mul(i, gate))
-        tanh_c = ctx.op("Tanh", c_after)
-        gated = mul(o, tanh_c)
-        h_after = ctx.op("MatMul", gated, w_hr_t)
-        saved[t] = (o, i, f, gate, c, tanh_c, gated, h, h_after)
-        h, c = h_after, c_after
-    return h, c, saved
-
+# -- ONNX: ONNX's LSTM has no projection: forward and backward step by step (recurrent.py's
+# steps, with the projection) --
 
 def _onnx_lstm_proj_layer(ctx, n, xs):
     h, c, saved = _onnx_steps(ctx, n.inputs[0].shape[0], n.inputs[7].shape[1], n.attrs["reverse"], xs)
     flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
-    return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[-1] for t, step in saved.items()})), flat(h), flat(c),
+    return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[7] for t, step in saved.items()})), flat(h), flat(c),
                   axis=0)
 
 
@@ -304,12 +283,10 @@ def _onnx_lstm_proj_layer_grad(ctx, n, xs):
     mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
     minus_from_one = lambda t: ctx.op("Sub", one, t)  # noqa: E731
     _, _, saved = _onnx_steps(ctx, steps, hidden, n.attrs["reverse"], xs[2:])
-    part = lambda start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
-        "Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
-    gy, dh, dc = (part(*where) for where in _packed_parts(steps, batch, proj, hidden))
+    gy, dh, dc = _onnx_unpacked(ctx, g, _packed_parts(steps, batch, proj, hidden))
     gate_grads, output_grads = {}, {}
     for t in reversed(_steps(steps, n.attrs["reverse"])):
-        o, i, f, gate, c, tanh_c, _, _, _ = saved[t]
+        i, f, gate, o, c, tanh_c, *_ = saved[t]
         output_grads[t] = ctx.op("Add", dh, _onnx_at(ctx, gy, t))
         gated = ctx.op("MatMul", output_grads[t], w_hr)
         dc = ctx.op("Add", dc, mul(gated, o, minus_from_one(mul(tanh_c, tanh_c))))
@@ -324,10 +301,10 @@ def _onnx_lstm_proj_layer_grad(ctx, n, xs):
     flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
     made = (lambda: flat(ctx.op("MatMul", flat_grads, w_ih)), lambda: flat(dh), lambda: flat(dc),
             lambda: flat(ctx.op("MatMul", flat_grads_t, rows(x, n.inputs[2].shape[2]))),
-            lambda: flat(ctx.op("MatMul", flat_grads_t, stacked(7, proj))),
+            lambda: flat(ctx.op("MatMul", flat_grads_t, stacked(6, proj))),
             lambda: ctx.reduce("ReduceSum", flat_grads, [0], keepdims=False),
             lambda: flat(ctx.op("MatMul", ctx.op("Transpose", rows(_onnx_stacked(ctx, output_grads), proj), perm=[1, 0]),
-                                stacked(6, hidden))))
+                                stacked(8, hidden))))
     wanted = n.attrs.get("wanted", (True,) * len(_GRADS))
     return ctx.op("Concat", *(make() for make, w in zip(made, wanted) if w), axis=0)
 

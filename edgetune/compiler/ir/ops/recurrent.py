@@ -256,7 +256,7 @@ def _onnx_lstm_layer(ctx, n, xs):
     flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
     if n.dtype == torch.float64:
         h, c, saved = _onnx_steps(ctx, n.inputs[0].shape[0], hidden, n.attrs["reverse"], xs)
-        return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[-1] for t, step in saved.items()})), flat(h), flat(c),
+        return ctx.op("Concat", flat(_onnx_stacked(ctx, {t: step[7] for t, step in saved.items()})), flat(h), flat(c),
                       axis=0)
     first = lambda t: ctx.op("Unsqueeze", t, ctx.ints([0]))  # noqa: E731  (ONNX's num_directions axis)
     bias = ctx.op("Concat", _onnx_gate_rows(ctx, b_ih, hidden), _onnx_gate_rows(ctx, b_hh, hidden), axis=0)
@@ -268,12 +268,14 @@ def _onnx_lstm_layer(ctx, n, xs):
 
 def _onnx_steps(ctx, steps, hidden, reverse, xs):
     """_looped_layer in ONNX: the last h and c, and each step's (i, f, g, o, c before,
-    tanh(c after), h before, h after)."""
-    x, h, c, w_ih, w_hh, b_ih, b_hh = xs
+    tanh(c after), h before, h after, o tanh(c after)). With an eighth input w_hr (lstm_proj.py),
+    h after is the projection W_hr (o tanh(c after))."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh, *w_hr = xs
     mul = lambda *ts: _onnx_product(ctx, ts)  # noqa: E731
     piece = lambda t, k: ctx.op("Slice", t, ctx.ints([k * hidden]), ctx.ints([(k + 1) * hidden]), ctx.ints([1]))  # noqa: E731
-    projected = ctx.op("Add", ctx.op("MatMul", x, ctx.op("Transpose", w_ih, perm=[1, 0])), ctx.op("Add", b_ih, b_hh))
-    w_hh_t = ctx.op("Transpose", w_hh, perm=[1, 0])
+    transposed = lambda t: ctx.op("Transpose", t, perm=[1, 0])  # noqa: E731
+    projected = ctx.op("Add", ctx.op("MatMul", x, transposed(w_ih)), ctx.op("Add", b_ih, b_hh))
+    w_hh_t, w_hr_t = transposed(w_hh), [transposed(w) for w in w_hr]
     saved = {}
     for t in _steps(steps, reverse):
         gates = ctx.op("Add", _onnx_at(ctx, projected, t), ctx.op("MatMul", h, w_hh_t))
@@ -281,10 +283,17 @@ def _onnx_steps(ctx, steps, hidden, reverse, xs):
         gate = ctx.op("Tanh", piece(gates, 2))
         c_after = ctx.op("Add", mul(f, c), mul(i, gate))
         tanh_c = ctx.op("Tanh", c_after)
-        h_after = mul(o, tanh_c)
-        saved[t] = (i, f, gate, o, c, tanh_c, h, h_after)
+        gated = mul(o, tanh_c)
+        h_after = ctx.op("MatMul", gated, w_hr_t[0]) if w_hr_t else gated
+        saved[t] = (i, f, gate, o, c, tanh_c, h, h_after, gated)
         h, c = h_after, c_after
     return h, c, saved
+
+
+def _onnx_unpacked(ctx, flat, parts):
+    """The pieces of a packed buffer (a packed_parts' (start, size, shape) each) as ONNX values."""
+    return [ctx.op("Reshape", ctx.op("Slice", flat, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])),
+                   ctx.ints(shape)) for start, size, shape in parts]
 
 
 def _onnx_at(ctx, t, step):
@@ -305,12 +314,10 @@ def _onnx_lstm_layer_grad(ctx, n, xs):
     minus_from_one = lambda t: ctx.op("Sub", one, t)  # noqa: E731
     _, _, saved = _onnx_steps(ctx, steps, hidden, n.attrs["reverse"], xs[2:])
 
-    part = lambda start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
-        "Slice", g, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
-    gy, dh, dc = (part(*where) for where in _packed_parts(steps, batch, hidden))
+    gy, dh, dc = _onnx_unpacked(ctx, g, _packed_parts(steps, batch, hidden))
     gate_grads = {}
     for t in reversed(_steps(steps, n.attrs["reverse"])):
-        i, f, gate, o, c, tanh_c, _, _ = saved[t]
+        i, f, gate, o, c, tanh_c, *_ = saved[t]
         dh = ctx.op("Add", dh, _onnx_at(ctx, gy, t))
         dc = ctx.op("Add", dc, mul(dh, o, minus_from_one(mul(tanh_c, tanh_c))))
         gate_grads[t] = ctx.op("Concat", mul(dc, gate, i, minus_from_one(i)), mul(dc, c, f, minus_from_one(f)),

@@ -17,8 +17,9 @@ import math
 
 import torch
 
-from edgetune.compiler.ir.ops.gru import _grad_parts, _grad_size, _packed_parts, _parts, _states_before
-from edgetune.compiler.ir.ops.recurrent import _dims, _onnx_at, _onnx_stacked, _packed_size, _piece, _steps, rnn_layers
+from edgetune.compiler.ir.ops.gru import (_grad_parts, _grad_size, _packed_parts, _parts, _states_before,
+                                          wanted_grads_vjp)
+from edgetune.compiler.ir.ops.recurrent import _dims, _onnx_at, _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
@@ -75,19 +76,6 @@ def _rnn_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlin
     return out
 
 
-def _rnn_layer_vjp(b, n, g, want):
-    """One rnn_layer_grad for the wanted inputs' gradients."""
-    if not any(want):
-        return (None,) * len(n.inputs)
-    wanted = tuple(bool(w) for w in want)
-    flat = b.emit("rnn_layer_grad", g, n, *n.inputs, wanted=wanted, **n.attrs)
-    grads, start = [], 0
-    for x, w in zip(n.inputs, want):  # x, h0, w_ih, w_hh, b_ih, b_hh
-        grads.append(_piece(b, flat, start, x.shape, w) if w else None)
-        start += math.prod(x.shape) if w else 0
-    return tuple(grads)
-
-
 def _forward_scratch(n) -> int:
     """ATen's input side of every step and its outputs; a reverse layer's steps flipped."""
     x, w_hh = n.inputs[0], n.inputs[3]
@@ -136,9 +124,7 @@ def _onnx_rnn_layer_grad(ctx, n, xs):
     """_rnn_layer_grad in ONNX: from the outputs in `packed`, the steps backward."""
     g, packed, x, h0, w_ih, w_hh, _, _ = xs
     steps, batch, hidden = _dims(n.inputs[2], n.inputs[5])
-    part = lambda t, start, size, shape: ctx.op("Reshape", ctx.op(  # noqa: E731
-        "Slice", t, ctx.ints([start]), ctx.ints([start + size]), ctx.ints([0])), ctx.ints(shape))
-    (gy, dh), (y, _) = ([part(t, *where) for where in _packed_parts(steps, batch, hidden)] for t in (g, packed))
+    (gy, dh), (y, _) = (_onnx_unpacked(ctx, t, _packed_parts(steps, batch, hidden)) for t in (g, packed))
     if n.attrs["nonlinearity"] == "tanh":
         derivative = ctx.op("Sub", ctx.scalar(1.0, n.dtype), ctx.op("Mul", y, y))
     else:
@@ -163,7 +149,7 @@ def _onnx_rnn_layer_grad(ctx, n, xs):
     return ctx.op("Concat", *(make() for make, w in zip(made, n.attrs.get("wanted", (True,) * 6)) if w), axis=0)
 
 
-register("rnn_layer", _rnn_layer, _rnn_layer_vjp,
+register("rnn_layer", _rnn_layer, wanted_grads_vjp("rnn_layer_grad", "reverse", "nonlinearity"),
          shape=lambda x, h0, w_ih, w_hh, b_ih, b_hh, reverse, nonlinearity: (
              (_packed_size(x, w_hh, _packed_parts),), x.dtype),
          scratch=_forward_scratch, onnx=_onnx_rnn_layer)
