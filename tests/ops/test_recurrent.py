@@ -314,15 +314,20 @@ def test_the_frontend_keeps_a_gru_whole_where_the_op_applies():
     (dict(bidirectional=True), {"head.*": "full", "last.*": "full"}),
 ], ids=["one-layer-full", "two-layer-bidirectional-full", "biases", "no-bias-partial-channels", "frozen"])
 def test_gru_models_train_as_eager_does(gru, scheme):
-    """Three SGD steps: parameters and losses as eager's. A GRU with a backward to follow runs
-    edgetune's loop and keeps its gates; a frozen one ATen's GRU (no workspace)."""
+    _assert_looped_layers_train_as_eager("gru", "gru_layer", scheme, **gru)
+
+
+def _assert_looped_layers_train_as_eager(kind, op, scheme, **options):
+    """Three SGD steps: parameters and losses as eager's. A layer `op` with a backward to follow
+    runs edgetune's loop and keeps what its backward reads; a frozen one ATen's kernel (no
+    workspace)."""
     torch.manual_seed(0)
-    model = _Tagger("gru", **gru)
+    model = _Tagger(kind, **options)
     reference = copy.deepcopy(model)
     batches = _batches()
     trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
-    layers = [n for n in trainer.graph.nodes if n.op == "gru_layer"]
-    trained = any(n.op == "gru_layer_grad" for n in trainer.graph.nodes)
+    layers = [n for n in trainer.graph.nodes if n.op == op]
+    trained = any(n.op == f"{op}_grad" for n in trainer.graph.nodes)
     assert layers and all(bool(n.attrs.get("workspace")) == trained for n in layers)
     _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)
 
@@ -372,17 +377,7 @@ def test_a_projected_lstm_backward_from_the_kept_gates_equals_one_that_runs_the_
     (dict(bidirectional=True), {"head.*": "full", "last.*": "full"}),
 ], ids=["one-layer-full", "two-layer-bidirectional-full", "biases", "no-bias-partial-channels", "frozen"])
 def test_projected_lstm_models_train_as_eager_does(lstm, scheme):
-    """nn.LSTM(proj_size=3), three SGD steps: parameters and losses as eager's. A layer with a
-    backward to follow keeps its gates; a frozen one runs ATen's LSTM (no workspace)."""
-    torch.manual_seed(0)
-    model = _Tagger("lstm", proj_size=3, **lstm)
-    reference = copy.deepcopy(model)
-    batches = _batches()
-    trainer = et.compile(model, F.cross_entropy, *batches[0], scheme=scheme, optimizer=et.SGD(lr=0.1, momentum=0.9))
-    layers = [n for n in trainer.graph.nodes if n.op == "lstm_proj_layer"]
-    trained = any(n.op == "lstm_proj_layer_grad" for n in trainer.graph.nodes)
-    assert layers and all(bool(n.attrs.get("workspace")) == trained for n in layers)
-    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)
+    _assert_looped_layers_train_as_eager("lstm", "lstm_proj_layer", scheme, proj_size=3, **lstm)
 
 
 # -- nn.RNN (edgetune/compiler/ir/ops/simple_rnn.py) --

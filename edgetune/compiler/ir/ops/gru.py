@@ -180,20 +180,27 @@ def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted
     input_side = grads[:, :, 1:4].reshape(steps * batch, 3 * hidden)
     out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
     dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
-    if dx is not None:
-        torch.mm(input_side, w_ih, out=dx.view(steps * batch, -1))
-    if dh0_out is not None:
-        dh0_out.copy_(dh0)
-    if dw_ih is not None:
-        torch.mm(input_side.t(), x.reshape(steps * batch, -1), out=dw_ih)
-    if db_ih is not None:
-        torch.sum(input_side, 0, out=db_ih)
+    write_input_side_grads(input_side, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih)
     for rows, cols in ((slice(0, 2 * hidden), slice(hidden, 3 * hidden)), (slice(2 * hidden, None), slice(0, hidden))):
         if dw_hh is not None:
             torch.mm(hidden_nrz[:, cols].t(), before, out=dw_hh[rows])
         if db_hh is not None:
             torch.sum(hidden_nrz[:, cols], 0, out=db_hh[rows])
     return out
+
+
+def write_input_side_grads(gates, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih):
+    """dx, dh0, dw_ih and db_ih, those not None (the wanted views of a grad buffer), from every
+    step's gate gradients [T * N, w_ih's rows] (in w_ih's row order) and dh0."""
+    rows = x.shape[0] * x.shape[1]
+    if dx is not None:
+        torch.mm(gates, w_ih, out=dx.view(rows, -1))
+    if dh0_out is not None:
+        dh0_out.copy_(dh0)
+    if dw_ih is not None:
+        torch.mm(gates.t(), x.reshape(rows, -1), out=dw_ih)
+    if db_ih is not None:
+        torch.sum(gates, 0, out=db_ih)
 
 
 def wanted_grads_vjp(grad_op: str, *attrs: str):

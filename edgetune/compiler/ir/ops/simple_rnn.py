@@ -18,7 +18,7 @@ import math
 import torch
 
 from edgetune.compiler.ir.ops.gru import (_grad_parts, _grad_size, _packed_parts, _parts, _states_before,
-                                          wanted_grads_vjp)
+                                          wanted_grads_vjp, write_input_side_grads)
 from edgetune.compiler.ir.ops.recurrent import _dims, _onnx_at, _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers
 from edgetune.compiler.ir.ops.registry import aten, register
 
@@ -62,17 +62,11 @@ def _rnn_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlin
     rows = grads.view(steps * batch, hidden)
     out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
     dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
-    if dx is not None:
-        torch.mm(rows, w_ih, out=dx.view(steps * batch, -1))
-    if dh0_out is not None:
-        dh0_out.copy_(dh0)
-    if dw_ih is not None:
-        torch.mm(rows.t(), x.reshape(steps * batch, -1), out=dw_ih)
+    write_input_side_grads(rows, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih)
     if dw_hh is not None:
         torch.mm(rows.t(), _states_before(y, h0, reverse).reshape(steps * batch, hidden), out=dw_hh)
-    for bias in (db_ih, db_hh):
-        if bias is not None:
-            torch.sum(rows, 0, out=bias)
+    if db_hh is not None:
+        torch.sum(rows, 0, out=db_hh)
     return out
 
 
