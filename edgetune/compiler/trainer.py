@@ -793,7 +793,8 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
 
 def _only_a_weight_of(node, user, positions: tuple[int, ...]) -> bool:
     """Whether `node` is among `user`'s inputs at `positions` and at none of its others."""
-    return {k for k, x in enumerate(user.inputs) if x is node} <= set(positions) and node in user.inputs
+    used_at = {k for k, x in enumerate(user.inputs) if x is node}
+    return bool(used_at) and used_at <= set(positions)
 
 
 def _as_tuple(x: Any, what: str) -> tuple:

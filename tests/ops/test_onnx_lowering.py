@@ -714,7 +714,7 @@ def _lstm_proj_cases(a):
                   (f"lstm_proj_layer_grad-{name}", "lstm_proj_layer_grad", grad, attrs)]
     # the input's, the biases' and the projection's gradients only
     cases.append(("lstm_proj_layer_grad-some", "lstm_proj_layer_grad", grad,
-                  dict(reverse=True, wanted=(True, False, False, False, False, True, True))))
+                  dict(reverse=True, wanted=(True, False, False, False, False, True, True, True))))
     return cases
 
 

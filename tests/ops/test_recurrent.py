@@ -242,7 +242,7 @@ def test_the_gradient_through_a_frozen_lstm_trains_what_is_before_it_as_eager(mo
     # one op a layer, forward and backward; the frozen weights' gradients are not computed
     layers = ["lstm_layer", "lstm_proj_layer", "lstm_proj_layer_grad"] if model_class is _Projected else ["lstm_layer"]
     assert sorted(n.op for n in trainer.graph.nodes if n.op.startswith("lstm")) == sorted(layers + ["lstm_layer_grad"])
-    assert all(n.attrs["wanted"] == (True,) + (False,) * 6 for n in trainer.graph.nodes if n.op == "lstm_proj_layer_grad")
+    assert all(n.attrs["wanted"] == (True,) + (False,) * 7 for n in trainer.graph.nodes if n.op == "lstm_proj_layer_grad")
     _assert_trains_as_eager(trainer, model, reference, batches, lambda ps: torch.optim.AdamW(ps, lr=0.01), rtol=1e-4)
 
 
@@ -281,21 +281,23 @@ def test_a_gru_backward_from_the_kept_gates_equals_one_that_runs_the_forward_aga
 def test_a_gru_backward_computes_the_wanted_gradients_only():
     """A gru_layer_grad's buffer holds the gradients its `wanted` names, one after the other,
     each equal to the same gradient of the backward that computes them all."""
-    from edgetune.compiler.ir.ops.gru import _grad_parts, _gru_layer, _gru_layer_grad
+    from edgetune.compiler.ir.ops.gru import _gru_layer, _gru_layer_grad
+    from edgetune.compiler.ir.ops.recurrent import wanted_parts
 
     torch.manual_seed(0)
     x, h0 = torch.randn(5, 2, 3), torch.randn(2, 4)
     weights = [torch.randn(12, 3), torch.randn(12, 4), torch.randn(12), torch.randn(12)]
     packed = _gru_layer(x, h0, *weights, reverse=False)
     grad_out = torch.randn(packed.numel())
-    every = _grad_parts(_gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=False), x, h0, *weights[:2], (True,) * 6)
+    inputs = (x, h0, *weights)
+    every = wanted_parts(_gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=False), inputs, (True,) * 6)
     for wanted in [(True, False, False, False, True, True), (False, False, True, True, False, False),
                    (False, True, False, False, False, True)]:
         out = _gru_layer_grad(grad_out, packed, x, h0, *weights, reverse=False, wanted=wanted)
         assert out.numel() == sum(t.numel() for t, w in zip(every, wanted) if w)
-        for got, full in zip(_grad_parts(out, x, h0, *weights[:2], wanted), every):
+        for got, full in zip(wanted_parts(out, inputs, wanted), every):
             assert (got is None) or torch.equal(got, full)
-        assert [got is not None for got in _grad_parts(out, x, h0, *weights[:2], wanted)] == list(wanted)
+        assert [got is not None for got in wanted_parts(out, inputs, wanted)] == list(wanted)
 
 
 def test_the_frontend_keeps_a_gru_whole_where_the_op_applies():
@@ -363,10 +365,11 @@ def test_a_projected_lstm_backward_from_the_kept_gates_equals_one_that_runs_the_
     assert torch.equal(kept, _lstm_proj_layer_grad(grad_out, packed.clone(), x, h0, c0, *weights, reverse=reverse))
     # the wanted gradients only: the same values, packed one after the other
     only = _lstm_proj_layer_grad(grad_out, packed, x, h0, c0, *weights, reverse=reverse,
-                                 wanted=(False, False, True, False, False, True, True))
-    sizes = [math.prod(s) for s in ((6, 3, 5), (3, 2), (3, 7), (28, 5), (28, 2), (28,), (2, 7))]
+                                 wanted=(False, False, True, False, False, True, False, True))
+    sizes = [math.prod(s) for s in ((6, 3, 5), (3, 2), (3, 7), (28, 5), (28, 2), (28,), (28,), (2, 7))]
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    assert torch.equal(only, torch.cat([kept[starts[k]:starts[k] + sizes[k]] for k in (2, 5, 6)]))
+    assert torch.equal(only, torch.cat([kept[starts[k]:starts[k] + sizes[k]] for k in (2, 5, 7)]))
+    assert torch.equal(kept[starts[5]:starts[6]], kept[starts[6]:starts[7]])  # both biases' gradients
 
 
 @pytest.mark.parametrize("lstm,scheme", [

@@ -25,8 +25,8 @@ import math
 import torch
 
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
-                                                _onnx_stacked, _onnx_unpacked, _packed_size, _piece, _steps,
-                                                rnn_layers)
+                                                _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers,
+                                                wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.recurrent import _parts as _layer_parts
 from edgetune.compiler.ir.ops.registry import aten, register
 
@@ -145,25 +145,6 @@ def _backward_steps(gy, dh, before, saved, w_hh, reverse):
     return grads, dh
 
 
-def _grad_shapes(x, h0, w_ih, w_hh):
-    return x.shape, h0.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hh.shape[:1]
-
-
-def _grad_size(x, h0, w_ih, w_hh, wanted) -> int:
-    """Elements of a gru_layer_grad buffer: the wanted gradients only."""
-    return sum(math.prod(shape) for shape, w in zip(_grad_shapes(x, h0, w_ih, w_hh), wanted) if w)
-
-
-def _grad_parts(out, x, h0, w_ih, w_hh, wanted):
-    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh as views of a gru_layer_grad buffer; None where
-    not wanted (the buffer holds the wanted ones, one after the other)."""
-    parts, start = [], 0
-    for shape, w in zip(_grad_shapes(x, h0, w_ih, w_hh), wanted):
-        parts.append(out[start:start + math.prod(shape)].view(shape) if w else None)
-        start += math.prod(shape) if w else 0
-    return parts
-
-
 def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted=(True,) * 6):
     steps, batch, hidden = _dims(x, w_hh)
     saved = getattr(packed, WORKSPACE, None)
@@ -178,8 +159,9 @@ def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted
     # 0:3), the input side's in r, z, n (slots 1:4).
     hidden_nrz = grads[:, :, :3].reshape(steps * batch, 3 * hidden)
     input_side = grads[:, :, 1:4].reshape(steps * batch, 3 * hidden)
-    out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
-    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
+    inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    out = x.new_empty(wanted_size(inputs, wanted))
+    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = wanted_parts(out, inputs, wanted)
     write_input_side_grads(input_side, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih)
     for rows, cols in ((slice(0, 2 * hidden), slice(hidden, 3 * hidden)), (slice(2 * hidden, None), slice(0, hidden))):
         if dw_hh is not None:
@@ -201,23 +183,6 @@ def write_input_side_grads(gates, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih):
         torch.mm(gates.t(), x.reshape(rows, -1), out=dw_ih)
     if db_ih is not None:
         torch.sum(gates, 0, out=db_ih)
-
-
-def wanted_grads_vjp(grad_op: str, *attrs: str):
-    """The vjp of a layer op whose `grad_op` packs the wanted inputs' gradients one after the
-    other (its `wanted` attribute; a bias-only scheme, or a frozen layer under a trained
-    embedding, skips the weights' products). `attrs`: the layer's attributes it passes on."""
-    def vjp(b, n, g, want):
-        if not any(want):
-            return (None,) * len(n.inputs)
-        wanted = tuple(bool(w) for w in want)
-        flat = b.emit(grad_op, g, n, *n.inputs, wanted=wanted, **{k: n.attrs[k] for k in attrs})
-        grads, start = [], 0
-        for x, w in zip(n.inputs, want):
-            grads.append(_piece(b, flat, start, x.shape, w) if w else None)
-            start += math.prod(x.shape) if w else 0
-        return tuple(grads)
-    return vjp
 
 
 # Scratch: the input side of every step ([T, N, 4H], forward) and the steps' gradients with
@@ -321,7 +286,7 @@ register("gru_layer", _gru_layer, wanted_grads_vjp("gru_layer_grad", "reverse"),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_gru_layer)
 register("gru_layer_grad", _gru_layer_grad,
          shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, wanted=(True,) * 6: (
-             (_grad_size(x, h0, w_ih, w_hh, wanted),), x.dtype),
+             (wanted_size((x, h0, w_ih, w_hh, b_ih, b_hh), wanted),), x.dtype),
          scratch=_grad_scratch, onnx=_onnx_gru_layer_grad)
 
 

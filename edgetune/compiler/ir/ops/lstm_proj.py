@@ -15,7 +15,7 @@ w_hr [P, H], reverse, workspace)` returns one flat buffer: y [T, N, P], then the
 and c [N, H]. With `workspace` set (passes/rnn_workspace.py) the forward attaches each step's
 gates and cell (`_SAVED` hidden widths) to its output (recurrent.WORKSPACE); without it the
 backward runs the forward again. `lstm_proj_layer_grad` returns dx, dh0, dc0, dw_ih, dw_hh,
-the bias gradient (the same for both biases) and dw_hr, packed: those its `wanted` names.
+db_ih, db_hh (the same) and dw_hr, packed: those its `wanted` names.
 recurrent.py's converter of aten.lstm emits these where an nn.LSTM has projections.
 
 nn.LSTM's step with a projection (gates i, f, g, o, in that order in the weights' rows):
@@ -31,13 +31,12 @@ import torch
 
 from edgetune.compiler.ir.ops.gru import _columns, _states_before
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _onnx_steps,
-                                                _onnx_unpacked, _packed_parts, _piece, _steps)
+                                                _onnx_unpacked, _packed_parts, _steps, wanted_grads_vjp, wanted_parts,
+                                                wanted_size)
 from edgetune.compiler.ir.ops.registry import register
 
 A = torch.ops.aten
 _SAVED = 6  # a step's saved values, in hidden widths: o, i, f, g, c after, tanh(c after)
-# The bias gradient stands for both biases: one entry for b_ih and b_hh.
-_GRADS = ("x", "h0", "c0", "w_ih", "w_hh", "bias", "w_hr")
 
 
 def _dims(x, w_hr):
@@ -169,26 +168,7 @@ def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, reverse):
     return to_before, dh, dc
 
 
-def _grad_shapes(x, h0, c0, w_ih, w_hh, w_hr):
-    return x.shape, h0.shape, c0.shape, w_ih.shape, w_hh.shape, w_hh.shape[:1], w_hr.shape
-
-
-def _grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted) -> int:
-    return sum(math.prod(shape) for shape, w in zip(_grad_shapes(x, h0, c0, w_ih, w_hh, w_hr), wanted) if w)
-
-
-def _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted):
-    """dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr as views of a lstm_proj_layer_grad buffer; None
-    where not wanted (the buffer holds the wanted ones, one after the other)."""
-    parts, start = [], 0
-    for shape, w in zip(_grad_shapes(x, h0, c0, w_ih, w_hh, w_hr), wanted):
-        parts.append(out[start:start + math.prod(shape)].view(shape) if w else None)
-        start += math.prod(shape) if w else 0
-    return parts
-
-
-def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse,
-                          wanted=(True,) * len(_GRADS)):
+def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse, wanted=(True,) * 8):
     steps, batch, proj, hidden = _dims(x, w_hr)
     saved = _taken_workspace(packed)
     if saved is None:  # a value that lost the workspace: the forward again
@@ -199,8 +179,9 @@ def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *,
     factors, gated = _factors(saved, c0, reverse, hidden)
     to_before, dh0, dc0 = _backward_steps(gy, ghy, gcy, w_hh, w_hr, factors, reverse)
     gates = factors[:, :, :4].reshape(steps * batch, 4 * hidden)  # slot order o, i, f, g
-    out = x.new_empty(_grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted))
-    dx, dh0_out, dc0_out, dw_ih, dw_hh, db, dw_hr = _grad_parts(out, x, h0, c0, w_ih, w_hh, w_hr, wanted)
+    inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    out = x.new_empty(wanted_size(inputs, wanted))
+    dx, dh0_out, dc0_out, dw_ih, dw_hh, db_ih, db_hh, dw_hr = wanted_parts(out, inputs, wanted)
     if dx is not None:
         torch.mm(gates[:, hidden:], w_ih[:3 * hidden], out=dx.view(steps * batch, -1))
         dx.view(steps * batch, -1).addmm_(gates[:, :hidden], w_ih[3 * hidden:])
@@ -212,36 +193,16 @@ def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *,
         if weight is not None:  # rows in torch's order: i, f, g from slots 1-3, o from slot 0
             torch.mm(gates[:, hidden:].t(), inputs, out=weight[:3 * hidden])
             torch.mm(gates[:, :hidden].t(), inputs, out=weight[3 * hidden:])
-    if db is not None:
-        torch.sum(gates[:, hidden:], 0, out=db[:3 * hidden])
-        torch.sum(gates[:, :hidden], 0, out=db[3 * hidden:])
+    biases = [db for db in (db_ih, db_hh) if db is not None]  # the same gradient, both
+    if biases:
+        torch.sum(gates[:, hidden:], 0, out=biases[0][:3 * hidden])
+        torch.sum(gates[:, :hidden], 0, out=biases[0][3 * hidden:])
+        for other in biases[1:]:
+            other.copy_(biases[0])
     if dw_hr is not None:  # each step's dh: the loss's and what the next step sent back
         from_next = torch.cat([to_before[1:], ghy[None]]) if not reverse else torch.cat([ghy[None], to_before[:-1]])
         torch.mm((gy + from_next).reshape(steps * batch, proj).t(), gated.reshape(steps * batch, hidden), out=dw_hr)
     return out
-
-
-def _lstm_proj_layer_vjp(b, n, g, want):
-    """One lstm_proj_layer_grad for the wanted inputs' gradients."""
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = want
-    per_grad = (x, h0, c0, w_ih, w_hh, b_ih or b_hh, w_hr)
-    if not any(per_grad):
-        return (None,) * len(n.inputs)
-    wanted = tuple(bool(w) for w in per_grad)
-    flat = b.emit("lstm_proj_layer_grad", g, n, *n.inputs, reverse=n.attrs["reverse"], wanted=wanted)
-    grads, start = {}, 0
-    for name, node, w in zip(_GRADS, _grad_inputs(n), wanted):
-        grads[name] = (start, node.shape) if w else None
-        start += math.prod(node.shape) if w else 0
-    piece = lambda name, w: _piece(b, flat, *grads[name], w) if w else None  # noqa: E731
-    return (piece("x", x), piece("h0", h0), piece("c0", c0), piece("w_ih", w_ih), piece("w_hh", w_hh),
-            piece("bias", b_ih), piece("bias", b_hh), piece("w_hr", w_hr))
-
-
-def _grad_inputs(n):
-    """The inputs of a lstm_proj_layer node whose gradients its grad op packs, in _GRADS order."""
-    x, h0, c0, w_ih, w_hh, b_ih, _, w_hr = n.inputs
-    return x, h0, c0, w_ih, w_hh, b_ih, w_hr
 
 
 # Scratch: the input side of every step ([T, N, 4H], forward); in the backward the cells before,
@@ -299,22 +260,23 @@ def _onnx_lstm_proj_layer_grad(ctx, n, xs):
     flat_grads_t = ctx.op("Transpose", flat_grads, perm=[1, 0])
     stacked = lambda k, width: rows(_onnx_stacked(ctx, {t: step[k] for t, step in saved.items()}), width)  # noqa: E731
     flat = lambda t: ctx.op("Reshape", t, ctx.ints([-1]))  # noqa: E731
+    bias = lambda: ctx.reduce("ReduceSum", flat_grads, [0], keepdims=False)  # noqa: E731
     made = (lambda: flat(ctx.op("MatMul", flat_grads, w_ih)), lambda: flat(dh), lambda: flat(dc),
             lambda: flat(ctx.op("MatMul", flat_grads_t, rows(x, n.inputs[2].shape[2]))),
             lambda: flat(ctx.op("MatMul", flat_grads_t, stacked(6, proj))),
-            lambda: ctx.reduce("ReduceSum", flat_grads, [0], keepdims=False),
+            bias, bias,
             lambda: flat(ctx.op("MatMul", ctx.op("Transpose", rows(_onnx_stacked(ctx, output_grads), proj), perm=[1, 0]),
                                 stacked(8, hidden))))
-    wanted = n.attrs.get("wanted", (True,) * len(_GRADS))
+    wanted = n.attrs.get("wanted", (True,) * 8)
     return ctx.op("Concat", *(make() for make, w in zip(made, wanted) if w), axis=0)
 
 
-register("lstm_proj_layer", _lstm_proj_layer, _lstm_proj_layer_vjp,
+register("lstm_proj_layer", _lstm_proj_layer, wanted_grads_vjp("lstm_proj_layer_grad", "reverse"),
          shape=lambda x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, workspace=0: (
              (_packed_size(x, w_hr),), x.dtype),
          scratch=_forward_scratch, carries=lambda n: n.attrs.get("workspace", 0), onnx=_onnx_lstm_proj_layer)
 register("lstm_proj_layer_grad", _lstm_proj_layer_grad,
-         shape=lambda g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, wanted=(True,) * len(_GRADS): (
-             (_grad_size(x, h0, c0, w_ih, w_hh, w_hr, wanted),), x.dtype),
+         shape=lambda g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, wanted=(True,) * 8: (
+             (wanted_size((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), wanted),), x.dtype),
          scratch=_grad_scratch, onnx=_onnx_lstm_proj_layer_grad)
 

@@ -38,8 +38,9 @@ _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 def fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
     """Whether `lstm_layer` (`lstm_proj_layer`, `gru_layer`, `rnn_layer`) can stand for this
-    aten.lstm (aten.gru, aten.rnn_tanh, aten.rnn_relu) call (torch.export's fake tensors): a 3-D input on the CPU in float32/64, no
-    dropout between layers. An LSTM with projections (`proj_size`) has a fifth weight a layer."""
+    aten.lstm (aten.gru, aten.rnn_tanh, aten.rnn_relu) call (torch.export's fake tensors): a
+    3-D input on the CPU in float32/64, no dropout between layers. An LSTM with projections
+    (`proj_size`) has a fifth weight a layer."""
     per_layer = 4 if has_biases else 2
     return (device.type == "cpu" and x.dim() == 3 and x.dtype in (torch.float32, torch.float64)
             and len(params) in [num_layers * (2 if bidirectional else 1) * k for k in (per_layer, per_layer + 1)]
@@ -207,6 +208,38 @@ def _lstm_layer_vjp(b, n, g, want):
     return tuple(grads)
 
 
+def wanted_grads_vjp(grad_op: str, *attrs: str):
+    """The vjp of a layer op whose `grad_op` packs the wanted inputs' gradients one after the
+    other (its `wanted` attribute; a bias-only scheme, or a frozen layer under a trained
+    embedding, skips the weights' products): gru.py's, lstm_proj.py's, simple_rnn.py's.
+    `attrs`: the layer's attributes it passes on."""
+    def vjp(b, n, g, want):
+        if not any(want):
+            return (None,) * len(n.inputs)
+        wanted = tuple(bool(w) for w in want)
+        flat = b.emit(grad_op, g, n, *n.inputs, wanted=wanted, **{k: n.attrs[k] for k in attrs})
+        grads, start = [], 0
+        for x, w in zip(n.inputs, want):
+            grads.append(_piece(b, flat, start, x.shape, w) if w else None)
+            start += math.prod(x.shape) if w else 0
+        return tuple(grads)
+    return vjp
+
+
+def wanted_size(inputs, wanted) -> int:
+    """Elements of such a grad op's buffer: the wanted inputs' gradients (tensors or nodes)."""
+    return sum(math.prod(t.shape) for t, w in zip(inputs, wanted) if w)
+
+
+def wanted_parts(out, inputs, wanted) -> list:
+    """Each input's gradient as a view of such a buffer; None where not wanted."""
+    parts, start = [], 0
+    for t, w in zip(inputs, wanted):
+        parts.append(out[start:start + t.numel()].view(t.shape) if w else None)
+        start += t.numel() if w else 0
+    return parts
+
+
 def _piece(b, flat, start, shape, want):
     """One input's gradient from the packed ones; a partial-channel rule's channels of it (the
     kernel computes the whole weight's gradient: oneDNN's backward gives all of the layer's at once)."""
@@ -365,9 +398,9 @@ def _(b, x, hx, params, has_biases, num_layers, dropout, train, bidirectional, b
 
 def rnn_layers(b, op, packed_parts, x, states, params, has_biases, num_layers, bidirectional, batch_first,
                widths=lambda weights: (weights[1].shape[1],), **attrs):
-    """An nn.LSTM's or nn.GRU's layers as one `op` node per layer and direction, time-major; a
-    reverse direction's outputs are concatenated after the forward one's, as torch lays them
-    out. `states`: the initial states ([h0, c0], or [h0]), each [layers x directions, N, H];
+    """An nn.LSTM's, nn.GRU's or nn.RNN's layers as one `op` node per layer and direction,
+    time-major; a reverse direction's outputs are concatenated after the forward one's, as
+    torch lays them out. `states`: the initial states ([h0, c0], or [h0]), each [layers x directions, N, H];
     `packed_parts(T, N, *widths(weights))`: where y and the last states sit in the op's buffer
     (the widths: the output's, H, and a projected LSTM's cell's after it). A layer's weights
     are w_ih, w_hh, the biases (zeros where the layer has none), then any others (w_hr);

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from edgetune.compiler.ir.ops.gru import (_grad_parts, _grad_size, _packed_parts, _parts, _states_before,
-                                          wanted_grads_vjp, write_input_side_grads)
-from edgetune.compiler.ir.ops.recurrent import _dims, _onnx_at, _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers
+from edgetune.compiler.ir.ops.gru import _packed_parts, _parts, _states_before, write_input_side_grads
+from edgetune.compiler.ir.ops.recurrent import (_dims, _onnx_at, _onnx_stacked, _onnx_unpacked, _packed_size, _steps,
+                                                rnn_layers, wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
@@ -60,8 +60,9 @@ def _rnn_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlin
     grads = _derivatives(y, nonlinearity)
     dh0 = _backward_steps(gy, ghy, grads, w_hh, reverse)
     rows = grads.view(steps * batch, hidden)
-    out = x.new_empty(_grad_size(x, h0, w_ih, w_hh, wanted))
-    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = _grad_parts(out, x, h0, w_ih, w_hh, wanted)
+    inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
+    out = x.new_empty(wanted_size(inputs, wanted))
+    dx, dh0_out, dw_ih, dw_hh, db_ih, db_hh = wanted_parts(out, inputs, wanted)
     write_input_side_grads(rows, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih)
     if dw_hh is not None:
         torch.mm(rows.t(), _states_before(y, h0, reverse).reshape(steps * batch, hidden), out=dw_hh)
@@ -149,7 +150,7 @@ register("rnn_layer", _rnn_layer, wanted_grads_vjp("rnn_layer_grad", "reverse", 
          scratch=_forward_scratch, onnx=_onnx_rnn_layer)
 register("rnn_layer_grad", _rnn_layer_grad,
          shape=lambda g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, reverse, nonlinearity, wanted=(True,) * 6: (
-             (_grad_size(x, h0, w_ih, w_hh, wanted),), x.dtype),
+             (wanted_size((x, h0, w_ih, w_hh, b_ih, b_hh), wanted),), x.dtype),
          scratch=_grad_scratch, onnx=_onnx_rnn_layer_grad)
 
 
