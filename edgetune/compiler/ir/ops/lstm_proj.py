@@ -2,13 +2,13 @@
 models) as one op each, as gru.py does for GRUs.
 
 oneDNN's LSTM, which recurrent.py runs, has no projection, and torch.export unrolls such a
-layer into its time steps (0.78-0.92x eager's step where it trains). These kernels loop in
-Python with as few calls a step as the recurrence allows: forward eight (the hidden product
-into the step's slot of the saved gates, one sigmoid and one tanh over the gates, the cell in
-two calls and its tanh, the output gate, the projection), backward five (everything that does
-not depend on the next step's gradient is computed for all steps before the loop, and the
-weights' gradients are one or two products each after it). Where no backward follows, the
-forward is ATen's LSTM, eager's kernel.
+layer into its time steps (0.75-1.04x eager's step where it trains, `python -m bench.recurrent
+--kinds lstm-proj`). These kernels loop in Python with as few calls a step as the recurrence
+allows: forward eight (the hidden product into the step's slot of the saved gates, one sigmoid
+and one tanh over the gates, the cell in two calls and its tanh, the output gate, the
+projection), backward five (everything that does not depend on the next step's gradient is
+computed for all steps before the loop, and the weights' gradients are one or two products each
+after it). Where no backward follows, the forward is ATen's LSTM, eager's kernel.
 
 `lstm_proj_layer(x [T, N, I], h0 [N, P], c0 [N, H], w_ih [4H, I], w_hh [4H, P], b_ih, b_hh,
 w_hr [P, H], reverse, workspace)` returns one flat buffer: y [T, N, P], then the last h [N, P]

@@ -1,11 +1,12 @@
 """nn.RNN layers (tanh or ReLU) as one op each, as gru.py does for GRUs.
 
 torch.export decomposes `nn.RNN` into its time steps, each op a call from the generated Python
-(0.70-0.74x eager's step), where eager runs ATen's loop in C++. Here the forward is ATen's
-loop itself (eager's kernel), and the backward reads nothing but the layer's outputs: every
-step's derivative of the nonlinearity is computed from them at once, and a step is then two
-calls (the gradient of the step's pre-activation, in place, and the one it sends to the state
-before, with the loss's gradient of that state added by the same product).
+(0.74-0.88x eager's step where it trains, `python -m bench.recurrent --kinds rnn`), where eager
+runs ATen's loop in C++. Here the forward is ATen's loop itself (eager's kernel), and the
+backward reads nothing but the layer's outputs: every step's derivative of the nonlinearity is
+computed from them at once, and a step is then two calls (the gradient of the step's
+pre-activation, in place, and the one it sends to the state before, with the loss's gradient
+of that state added by the same product).
 
 `rnn_layer(x [T, N, I], h0 [N, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh, reverse,
 nonlinearity)` returns one flat buffer, y [T, N, H] then the last h, as gru_layer does;
