@@ -26,12 +26,14 @@ import torch
 
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
                                                 _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers,
-                                                wanted_grads_vjp, wanted_parts, wanted_size)
+                                                taken_workspace, wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.recurrent import _parts as _layer_parts
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
-_SAVED = 4  # a step's saved values, in hidden widths: r, z, W_hn h + b_hn, n
+# A step's saved values, in hidden widths: r, z, W_hn h + b_hn, n, and a fifth slot the
+# backward writes its fifth factor into (_factors writes over the five).
+_SAVED = 5
 
 
 def _packed_parts(steps, batch, hidden) -> tuple:
@@ -115,17 +117,17 @@ def _factors(before, saved, hidden):
     """Each step's gradients as multiples of the gradient dh of its output, [T, N, 5, H]; the
     slots: W_hn h + b_hn, the r, z and n gates' pre-activations, and the state before, as far
     as h' = lerp(n, h, z) reads it directly. None depends on dh: they are computed for all
-    steps at once, and a step of the backward is one product with dh. Written slot by slot
-    (a temporary of [T, N, H] at most at a time)."""
-    r, z, hidden_n, n = (saved[..., k * hidden:(k + 1) * hidden] for k in range(4))
-    out = saved.new_empty(saved.shape[:2] + (5, hidden))
-    n_side, r_side, z_side, dn, direct = out.unbind(2)
-    torch.mul(n, n, out=dn).sub_(1).mul_(z - 1)  # (1 - z): what h' takes of n; 1 - n^2: tanh's derivative
-    torch.mul(dn, r, out=n_side)
-    torch.mul(n_side, hidden_n, out=r_side).mul_(1 - r)  # sigmoid's derivative r (1 - r)
-    torch.sub(before, n, out=z_side).mul_(z).mul_(1 - z)
+    steps at once, and a step of the backward is one product with dh. Written over the saved
+    gates (r, z, W_hn h + b_hn, n and the empty fifth slot), with temporaries of [T, N, H]."""
+    slots = saved.view(saved.shape[:2] + (_SAVED, hidden))
+    r, z, hidden_n, n, direct = slots.unbind(2)
     direct.copy_(z)
-    return out
+    dn = torch.mul(n, n).sub_(1).mul_(direct - 1)  # (1 - z): what h' takes of n; 1 - n^2: tanh's derivative
+    torch.mul(dn, r, out=z).mul_(hidden_n).mul_(1 - r)  # r's: sigmoid's derivative r (1 - r)
+    torch.sub(before, n, out=hidden_n).mul_(direct).mul_(1 - direct)  # z's
+    r.mul_(dn)  # W_hn h + b_hn's
+    n.copy_(dn)
+    return slots
 
 
 def _backward_steps(gy, dh, before, saved, w_hh, reverse):
@@ -147,7 +149,7 @@ def _backward_steps(gy, dh, before, saved, w_hh, reverse):
 
 def _gru_layer_grad(g, packed, x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, wanted=(True,) * 6):
     steps, batch, hidden = _dims(x, w_hh)
-    saved = getattr(packed, WORKSPACE, None)
+    saved = taken_workspace(packed)
     if saved is None:  # a value that lost the workspace: the forward again
         saved = x.new_empty(steps, batch, _SAVED * hidden)
         packed = _run(x, h0, w_ih, w_hh, b_ih, b_hh, reverse, saved)
@@ -185,9 +187,9 @@ def write_input_side_grads(gates, x, w_ih, dh0, dx, dh0_out, dw_ih, db_ih):
         torch.sum(gates, 0, out=db_ih)
 
 
-# Scratch: the input side of every step ([T, N, 4H], forward) and the steps' gradients with
-# the states before them ([T, N, 7H], backward), beside the results; the forward run again
-# where the workspace was not kept.
+# Scratch: the input side of every step ([T, N, 4H], forward); in the backward the states
+# before each step and two temporaries while the factors are written over the workspace
+# ([T, N, 3H]), beside the results; the forward run again where the workspace was not kept.
 
 def _forward_scratch(n) -> int:
     x, w_hh = n.inputs[0], n.inputs[3]
@@ -203,9 +205,8 @@ def _grad_scratch(n) -> int:
     packed, x, w_hh = n.inputs[1], n.inputs[2], n.inputs[5]
     steps, batch, hidden = _dims(x, w_hh)
     again = 0 if packed.attrs.get("workspace") else workspace_bytes(x, w_hh) + packed.nbytes
-    # the states before each step, the steps' gradients (5 slots), a temporary of the slots'
-    # size while they are made; w_hh reordered
-    return (steps * batch * 7 * hidden + 3 * hidden * hidden) * n.dtype.itemsize + again
+    # the states before each step, two temporaries while the factors are made; w_hh reordered
+    return (steps * batch * 3 * hidden + 3 * hidden * hidden) * n.dtype.itemsize + again
 
 
 # -- ONNX: the forward as ONNX's GRU op (float32; float64, which onnxruntime's GRU lacks, step

@@ -31,8 +31,8 @@ import torch
 
 from edgetune.compiler.ir.ops.gru import _columns, _states_before
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _onnx_steps,
-                                                _onnx_unpacked, _packed_parts, _steps, wanted_grads_vjp, wanted_parts,
-                                                wanted_size)
+                                                _onnx_unpacked, _packed_parts, _steps, taken_workspace,
+                                                wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.registry import register
 
 A = torch.ops.aten
@@ -137,15 +137,6 @@ def _factors(saved, c0, reverse, hidden):
     return slots, gated
 
 
-def _taken_workspace(packed):
-    """The gates and cells the forward attached to its output, taken off it: the backward
-    writes over them (a second backward from the same output runs the forward again)."""
-    saved = getattr(packed, WORKSPACE, None)
-    if saved is not None:
-        delattr(packed, WORKSPACE)
-    return saved
-
-
 def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, reverse):
     """The steps' gate gradients (the factors' slots 0:4, times the gradient of o tanh(c') and
     dc in place), the gradient each step sends to the h before it [T, N, P], and dh0, dc0."""
@@ -170,7 +161,7 @@ def _backward_steps(gy, dh, dc, w_hh, w_hr, factors, reverse):
 
 def _lstm_proj_layer_grad(g, packed, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse, wanted=(True,) * 8):
     steps, batch, proj, hidden = _dims(x, w_hr)
-    saved = _taken_workspace(packed)
+    saved = taken_workspace(packed)
     if saved is None:  # a value that lost the workspace: the forward again
         saved = x.new_empty(steps, batch, _SAVED * hidden)
         packed = _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved)

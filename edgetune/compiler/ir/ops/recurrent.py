@@ -208,6 +208,15 @@ def _lstm_layer_vjp(b, n, g, want):
     return tuple(grads)
 
 
+def taken_workspace(packed):
+    """What a looped layer's forward attached to its output for the backward, taken off it: the
+    backward writes over it (a second backward from the same output runs the forward again)."""
+    saved = getattr(packed, WORKSPACE, None)
+    if saved is not None:
+        delattr(packed, WORKSPACE)
+    return saved
+
+
 def wanted_grads_vjp(grad_op: str, *attrs: str):
     """The vjp of a layer op whose `grad_op` packs the wanted inputs' gradients one after the
     other (its `wanted` attribute; a bias-only scheme, or a frozen layer under a trained
