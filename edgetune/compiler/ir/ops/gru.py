@@ -25,8 +25,9 @@ import math
 import torch
 
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _dims, _onnx_at, _onnx_gate_rows, _onnx_product,
-                                                _onnx_stacked, _onnx_unpacked, _packed_size, _steps, rnn_layers,
-                                                taken_workspace, wanted_grads_vjp, wanted_parts, wanted_size)
+                                                _onnx_stacked, _onnx_unpacked, _packed_size, _steps, aten_layer,
+                                                rnn_layers, taken_workspace, wanted_grads_vjp, wanted_parts,
+                                                wanted_size)
 from edgetune.compiler.ir.ops.recurrent import _parts as _layer_parts
 from edgetune.compiler.ir.ops.registry import aten, register
 
@@ -93,9 +94,7 @@ def _aten_layer(x, h0, w_ih, w_hh, b_ih, b_hh, reverse):
     """The layer's buffer [y, hy] from ATen's GRU, eager's kernel (a loop in C++, 4-10% faster
     than _run at batch 1-32; it keeps nothing for a backward); a reverse layer runs on the
     steps flipped."""
-    outputs, last = A.gru.input(x.flip(0) if reverse else x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False,
-                                False, False)
-    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), last.reshape(-1)])
+    return aten_layer(A.gru.input, x, (h0,), [w_ih, w_hh, b_ih, b_hh], reverse)
 
 
 def _gru_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, workspace=0):

@@ -31,8 +31,8 @@ import torch
 
 from edgetune.compiler.ir.ops.gru import _columns, _states_before
 from edgetune.compiler.ir.ops.recurrent import (WORKSPACE, _onnx_at, _onnx_product, _onnx_stacked, _onnx_steps,
-                                                _onnx_unpacked, _packed_parts, _steps, taken_workspace,
-                                                wanted_grads_vjp, wanted_parts, wanted_size)
+                                                _onnx_unpacked, _packed_parts, _steps, aten_layer,
+                                                taken_workspace, wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.registry import register
 
 A = torch.ops.aten
@@ -97,9 +97,7 @@ def _run(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, saved):
 def _aten_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
     """The layer's buffer from ATen's LSTM, eager's kernel (it keeps nothing for a backward);
     a reverse layer runs on the steps flipped."""
-    outputs, hy, cy = A.lstm.input(x.flip(0) if reverse else x, [h0[None], c0[None]], [w_ih, w_hh, b_ih, b_hh, w_hr],
-                                   True, 1, 0.0, False, False, False)
-    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), hy.reshape(-1), cy.reshape(-1)])
+    return aten_layer(A.lstm.input, x, (h0, c0), [w_ih, w_hh, b_ih, b_hh, w_hr], reverse)
 
 
 def _lstm_proj_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *, reverse, workspace=0):

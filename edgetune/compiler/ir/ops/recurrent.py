@@ -208,6 +208,16 @@ def _lstm_layer_vjp(b, n, g, want):
     return tuple(grads)
 
 
+def aten_layer(op, x, states, params, reverse):
+    """One layer and direction of ATen's recurrent op `op` (aten.gru, aten.lstm, aten.rnn_*:
+    eager's kernel), as a packed buffer: the outputs, then each last state; a reverse layer
+    runs on the steps flipped. `states`: the initial states, one [N, H] each (aten.lstm takes
+    [h0, c0], the others h0 alone)."""
+    hx = [s[None] for s in states] if len(states) > 1 else states[0][None]
+    outputs, *last = op(x.flip(0) if reverse else x, hx, params, True, 1, 0.0, False, False, False)
+    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), *(s.reshape(-1) for s in last)])
+
+
 def taken_workspace(packed):
     """What a looped layer's forward attached to its output for the backward, taken off it: the
     backward writes over it (a second backward from the same output runs the forward again)."""

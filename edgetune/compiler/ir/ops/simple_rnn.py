@@ -20,7 +20,7 @@ import torch
 
 from edgetune.compiler.ir.ops.gru import _packed_parts, _parts, _states_before, write_input_side_grads
 from edgetune.compiler.ir.ops.recurrent import (_dims, _onnx_at, _onnx_stacked, _onnx_unpacked, _packed_size, _steps,
-                                                rnn_layers, wanted_grads_vjp, wanted_parts, wanted_size)
+                                                aten_layer, rnn_layers, wanted_grads_vjp, wanted_parts, wanted_size)
 from edgetune.compiler.ir.ops.registry import aten, register
 
 A = torch.ops.aten
@@ -30,9 +30,7 @@ _ONNX = {"tanh": "Tanh", "relu": "Relu"}
 
 def _rnn_layer(x, h0, w_ih, w_hh, b_ih, b_hh, *, reverse, nonlinearity):
     """ATen's RNN (eager's kernel); a reverse layer runs on the steps flipped."""
-    outputs, last = _ATEN[nonlinearity](x.flip(0) if reverse else x, h0[None], [w_ih, w_hh, b_ih, b_hh], True, 1,
-                                        0.0, False, False, False)
-    return torch.cat([(outputs.flip(0) if reverse else outputs).reshape(-1), last.reshape(-1)])
+    return aten_layer(_ATEN[nonlinearity], x, (h0,), [w_ih, w_hh, b_ih, b_hh], reverse)
 
 
 def _derivatives(y, nonlinearity):
