@@ -666,6 +666,12 @@ def _attention_cases(a):
     bias = a.r(2, 1, 3, 5)  # a trained mask, broadcast over the heads
     packed = _sdpa(q, k, v, bias, **attention)
     cases.append(("sdpa_grad_mask", "sdpa_grad_mask", [a.r(packed.numel()), q, k, v, bias, packed], attention))
+    # self-attention (q, k, v of one shape): dq, dk, dv interleaved as [N, T, 3, H, D]
+    k, v = a.r(2, 2, 3, 4), a.r(2, 2, 3, 4)
+    for name, attrs in (("plain", attention), ("causal", dict(attention, is_causal=True))):
+        packed = _sdpa(q, k, v, **attrs)
+        cases.append((f"sdpa_grad-interleaved-{name}", "sdpa_grad", [a.r(packed.numel()), q, k, v, packed],
+                      dict(attrs, interleaved=True)))
     return cases
 
 

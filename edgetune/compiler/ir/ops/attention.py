@@ -9,7 +9,10 @@ many key as query heads: `fused_attention_applies`) and lets torch decompose it 
 `sdpa` returns one flat buffer: the output, then the log-sum-exp, so one node carries both. Both
 are laid out token-major ([N, T, H, ...]), as the kernel writes them: the [N, H, T, Dv] output a
 model reads is a view of it, and the output and its gradient reach the backward kernel in the
-layout it works in, without copies. `sdpa_grad` packs dq, dk, dv the same way. A trained float
+layout it works in, without copies. `sdpa_grad` packs dq, dk, dv the same way, one after the
+other, or, where the three have one shape (self-attention), interleaved as [N, T, 3, H, D]: the
+layout of the fused qkv projection that usually made them, whose gradient is then a view of the
+buffer (the views pass sees the pieces' cat through). A trained float
 mask (Swin's and T5's relative position biases) gets its gradient from `sdpa_grad_mask`, the
 scores' gradient, which holds the [..., T, S] scores once.
 """
@@ -74,13 +77,16 @@ def _output_grad(g, q, v):
     return _head_major(g.reshape(-1), *q.shape[:3], v.shape[-1])
 
 
-def _sdpa_grad(g, q, k, v, *rest, is_causal, scale):
-    """dq, dk, dv packed into one buffer (one kernel computes all three), each token-major."""
+def _sdpa_grad(g, q, k, v, *rest, is_causal, scale, interleaved=False):
+    """dq, dk, dv packed into one buffer (one kernel computes all three), token-major: one
+    after the other, or interleaved as [N, T, 3, H, D]."""
     mask, packed = (rest[0], rest[1]) if len(rest) == 2 else (None, rest[0])
     out, lse = _unpacked(packed, q, v)
-    dq, dk, dv = A._scaled_dot_product_flash_attention_for_cpu_backward(
+    grads = A._scaled_dot_product_flash_attention_for_cpu_backward(
         _output_grad(g, q, v), q, k, v, out, lse, 0.0, is_causal, attn_mask=_float_mask(mask, q.dtype), scale=scale)
-    return torch.cat([_token_major(dq), _token_major(dk), _token_major(dv)])
+    if interleaved:
+        return torch.stack([x.transpose(1, 2) for x in grads], dim=2).reshape(-1)
+    return torch.cat([_token_major(x) for x in grads])
 
 
 def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
@@ -102,15 +108,20 @@ def _sdpa_vjp(b, n, g, want):
         # The output's gradient, padded with zeros where the log-sum-exp sits: the kernel reads
         # only the output's part, so it takes the unpadded one (the padding is never made).
         g = g.inputs[0]
-    flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs) if any(want[:3]) else None
+    interleaved = tuple(q.shape) == tuple(k.shape) == tuple(v.shape)
+    flat = b.emit("sdpa_grad", g, *n.inputs, n, **n.attrs, interleaved=interleaved) if any(want[:3]) else None
     grads, start = [], 0
-    for x, w in zip((q, k, v), want[:3]):
+    for i, (x, w) in enumerate(zip((q, k, v), want[:3])):
         size = math.prod(x.shape)
-        if w:
+        if not w:
+            grads.append(None)
+        elif interleaved:
+            nb, h, t, d = x.shape
+            piece = b.emit("select", b.emit("reshape", flat, shape=(nb, t, 3, h, d)), dim=2, index=i)
+            grads.append(b.emit("permute", piece, dims=(0, 2, 1, 3)))
+        else:
             piece = b.emit("slice", flat, dim=0, start=start, end=start + size, step=1)
             grads.append(_head_major_node(b, piece, x.shape))
-        else:
-            grads.append(None)
         start += size
     if len(n.inputs) == 4:
         mask = n.inputs[3]
@@ -199,6 +210,9 @@ def _sdpa_grad_onnx(ctx, n, xs):
     scale = ctx.scalar(n.attrs["scale"], qn.dtype)
     dq = ctx.op("Mul", ctx.op("MatMul", ds, k), scale)
     dk = ctx.op("Mul", ctx.op("MatMul", _onnx_transposed(ctx, ds, rank), q), scale)
+    if n.attrs.get("interleaved"):
+        pieces = [ctx.op("Unsqueeze", ctx.op("Transpose", x, perm=[0, 2, 1, 3]), ctx.ints([2])) for x in (dq, dk, dv)]
+        return ctx.op("Reshape", ctx.op("Concat", *pieces, axis=2), ctx.ints([-1]))
     return ctx.op("Concat", *(_onnx_token_major(ctx, x) for x in (dq, dk, dv)), axis=0)
 
 
@@ -212,7 +226,8 @@ register("sdpa_grad_mask", _sdpa_grad_mask,
          scratch=lambda n: 3 * n.nbytes,
          onnx=lambda ctx, n, xs: _onnx_score_grad(ctx, n, xs)[1])
 register("sdpa_grad", _sdpa_grad,
-         shape=lambda g, q, k, v, *rest, is_causal, scale: ((sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype),
+         shape=lambda g, q, k, v, *rest, is_causal, scale, interleaved=False: (
+             (sum(math.prod(x.shape) for x in (q, k, v)),), q.dtype),
          onnx=_sdpa_grad_onnx)
 
 
