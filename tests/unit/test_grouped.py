@@ -117,3 +117,9 @@ def test_the_gradients_a_group_holds_fit_its_budget():
         nodes += [g, b.emit("sgd_update", w, g, lr, step, **sgd)]
     groups = [n for n in group_updates(nodes, 32) if isinstance(n, UpdateGroup)]  # 2 gradients of 16 bytes
     assert [len(g.members) for g in groups] == [2, 2]
+    # below the step's peak (room beside every node) the group may hold more, as far as the
+    # node with the least room between its members allows
+    room = {n: 32 for n in nodes}
+    assert [len(g.members) for g in group_updates(nodes, 32, room) if isinstance(g, UpdateGroup)] == [4]
+    room[nodes[4]] = 0  # the third gradient's own node: the first two gradients, held across it, fill the budget
+    assert [len(g.members) for g in group_updates(nodes, 32, room) if isinstance(g, UpdateGroup)] == [2, 2]

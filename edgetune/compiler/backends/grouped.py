@@ -8,8 +8,10 @@ last of them, where one call checks every gradient (torch._foreach_norm) and upd
 with torch's multi-tensor ops (optim.MANY: the same arithmetic, the same numbers on the CPU).
 
 Delaying an update is sound where nothing in between reads the old parameter or its state or
-writes them or the gradient; the gradients live until the group runs, at most the budget's
-bytes of them (the backend's `keep_bytes`, 1% of the planned peak: the plan does not count it). Guards keep their meaning: "skip" skips exactly the
+writes them or the gradient; the gradients live until the group runs. Where the step holds less
+than its planned peak (`room`: late in the backward, where the activations are gone) they may
+fill what is left below it; everywhere they may add at most the budget's bytes (the backend's
+`keep_bytes`, 1% of the planned peak: the plan does not count it). Guards keep their meaning: "skip" skips exactly the
 updates whose gradient (or the loss) is not finite and counts them; a "raise" step and any
 update the rules leave out keep their own lines.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from edgetune.compiler.ir.graph import Node
 from edgetune.compiler.ir.ops import storage_of, written_storages
@@ -70,25 +73,31 @@ def run_group(op: str, ps: list, gs: list, lr, step, states: list, checked_by, *
     return skipped
 
 
-def group_updates(nodes: list[Node], budget: int) -> list[Node | UpdateGroup]:
+def group_updates(nodes: list[Node], budget: int, room: Mapping[Node, int] | None = None) -> list[Node | UpdateGroup]:
     """`nodes` (a step's schedule) with the small updates run in groups, each group where its
-    last member was; the guards they no longer need are gone."""
+    last member was; the guards they no longer need are gone. `room`: bytes a node could have
+    live beside its own without the step passing its planned peak (none where not given)."""
     readers: dict[Node, int] = {}
     for n in nodes:
         for i in set(n.inputs):
             readers[i] = readers.get(i, 0) + 1
     groups: dict[tuple, UpdateGroup] = {}
+    least_room: dict[tuple, float] = {}  # each open group's, over the nodes since its last member
     closed: list[UpdateGroup] = []
     for n in nodes:
         key = _group_key(n, readers)
         if key is None:
+            free = room.get(n, 0) if room else 0
+            least_room.update((k, min(r, free)) for k, r in least_room.items())
             continue
         group = groups.get(key)
-        if group is None or group.grad_bytes + n.inputs[1].nbytes > budget:
+        held_elsewhere = sum(g.grad_bytes for k, g in groups.items() if k != key)
+        if group is None or group.grad_bytes + n.inputs[1].nbytes + held_elsewhere > least_room[key] + budget:
             closed += [group] if group is not None else []
             group = groups[key] = UpdateGroup(n.op, _attrs(n), _checked_by(n))
         group.members.append(n)
         group.grad_bytes += n.inputs[1].nbytes
+        least_room[key] = math.inf
     candidates = [g for g in closed + list(groups.values()) if len(g.members) > 1]
     if not candidates:
         return nodes

@@ -24,6 +24,7 @@ from edgetune.compiler.backends.grouped import UpdateGroup, group_updates, run_g
 from edgetune.compiler.backends.invariants import MIN_BUDGET, Hoisted, Invariants, hoist
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect
+from edgetune.compiler.memory import plan
 from edgetune import procmem
 
 # Values every step computes the same (a frozen BN's scale) are computed once, before the
@@ -124,7 +125,7 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0,
         lines.append(f"    {kept}, = _edgetune_invariants({reads})")
     step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in hoisted.only_once]
     if group_bytes:
-        step = group_updates(step, group_bytes)
+        step = group_updates(step, group_bytes, room_below_peak(graph))
     lines += _body(step, keep=set(graph.outputs.values()), bound=bound)
     outputs = [f"{k!r}: {v.name}" for k, v in graph.outputs.items()] + ["'skipped': _skipped"]
     lines.append(f"    return {{{', '.join(outputs)}}}")
@@ -132,6 +133,14 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0,
         lines = ([f"def _edgetune_prologue({reads}):"] + _body(hoisted.prologue, keep=set(hoisted.kept), bound=bound)
                  + [f"    return ({kept},)", ""] + lines)
     return "\n".join(lines) + "\n"
+
+
+def room_below_peak(graph: Graph) -> dict[Node, int]:
+    """Bytes each node could have live beside what the memory plan has live while it runs,
+    without the step passing the plan's peak."""
+    live = plan(graph).live_bytes
+    peak = max(live, default=0)
+    return {n: peak - b for n, b in zip(graph.nodes, live)}
 
 
 def _names(nodes: list[Node]) -> str:
