@@ -233,22 +233,23 @@ def full() -> dict[str, Any]:
 
 
 def bias_only() -> Scheme:
-    """Every bias, nothing else: conv, linear and norm biases, and those named `*_bias`
-    (nn.MultiheadAttention's packed `in_proj_bias`), at any depth (a bare nn.Linear's `bias`)."""
+    """Every bias, nothing else: conv, linear and norm biases, those named `*_bias`
+    (nn.MultiheadAttention's packed `in_proj_bias`) and `bias_*` (nn.LSTM's, nn.GRU's and
+    nn.RNN's `bias_ih_l0`, `bias_hh_l0_reverse`), at any depth (a bare nn.Linear's `bias`)."""
     return Scheme(_every_bias, "bias_only()")  # a module-level function: the scheme pickles (apps.measure)
 
 
 def _every_bias(model: torch.nn.Module) -> dict[str, Any]:
     biases = [name for name, _ in model.named_parameters() if _is_bias(name)]
     if not biases:
-        raise SchemeError("bias_only(): the model has no bias (no parameter named 'bias' or '*_bias'); "
+        raise SchemeError("bias_only(): the model has no bias (no parameter named 'bias', '*_bias' or 'bias_*'); "
                           "train its norms (norms_only()) or its last layers (last(k)) instead")
     return {glob.escape(name): "full" for name in biases}
 
 
 def _is_bias(name: str) -> bool:
     leaf = name.rpartition(".")[2]
-    return leaf == "bias" or leaf.endswith("_bias")
+    return leaf == "bias" or leaf.endswith("_bias") or leaf.startswith("bias_")
 
 
 def last(k: int) -> Scheme:

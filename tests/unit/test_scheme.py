@@ -52,6 +52,9 @@ def test_bias_only_finds_every_bias_at_any_depth_and_refuses_a_model_without_one
     attention = torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2), torch.nn.LayerNorm(8))
     assert set(resolve(schemes.bias_only(), attention)) == {"0.in_proj_bias", "0.out_proj.bias", "1.bias"}
     assert set(resolve(schemes.bias_only(), torch.nn.Linear(3, 2))) == {"bias"}  # a bare layer's
+    recurrent = torch.nn.GRU(3, 4, bidirectional=True)  # the recurrent layers' bias_ih_l0, bias_hh_l0_reverse, ...
+    assert set(resolve(schemes.bias_only(), recurrent)) == {n for n, _ in recurrent.named_parameters() if "bias" in n}
+    assert len(resolve(schemes.bias_only(), recurrent)) == 4
     with pytest.raises(SchemeError, match=r"the model has no bias.*norms_only\(\)"):
         resolve(schemes.bias_only(), torch.nn.Linear(3, 2, bias=False))
 
