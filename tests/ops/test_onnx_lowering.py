@@ -844,6 +844,17 @@ def test_dropout_mask_draws_a_mask_of_the_same_law():
     assert not torch.equal(first, second)
 
 
+def test_dropout_mask_of_p_one_drops_everything_in_both_backends():
+    """torch's dropout(p=1) gives zeros: the kernel and its lowering too (no 0 / 0)."""
+    from edgetune.compiler.ir.ops import OPS
+
+    x = torch.randn(8, 8)
+    assert torch.equal(OPS["dropout_mask"].kernel(x, p=1.0), torch.zeros_like(x))
+    session = ort.InferenceSession(to_onnx(one_op_graph("dropout_mask", [x], dict(p=1.0))).model.SerializeToString(),
+                                   single_threaded(), providers=["CPUExecutionProvider"])
+    assert torch.equal(torch.from_numpy(session.run(["out"], {"x0": x.numpy()})[0]), torch.zeros_like(x))
+
+
 RANDOM_OPS = {"dropout_mask"}  # checked by law above, not against torch's draws
 # Lowerings that refuse with the reason and what to do instead (GaLore's SVD has no ONNX
 # operator), each checked by its own test (tests/unit/test_galore.py).

@@ -86,26 +86,59 @@ def test_the_frontend_keeps_an_lstm_whole_where_the_op_applies():
     assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, bidirectional=True), x)
     assert "lstm_layer" in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).eval(), x)
     assert _ops_of(nn.LSTM(3, 4, num_layers=2, proj_size=2, bias=False), x) >= {"lstm_proj_layer"}
-    # dropout between layers in train mode, bfloat16: torch's decomposition, step by step
-    assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).train(), x)
-    assert "lstm_proj_layer" not in _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5, proj_size=2).train(), x)
+    # dropout between layers in train mode: a call a layer, the dropout between them
+    assert {"lstm_layer", "dropout_mask"} <= _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5).train(), x)
+    assert {"lstm_proj_layer", "dropout_mask"} <= _ops_of(nn.LSTM(3, 4, num_layers=2, dropout=0.5, proj_size=2).train(), x)
+    # bfloat16: torch's decomposition, step by step
     assert "lstm_layer" not in _ops_of(nn.LSTM(3, 4).to(torch.bfloat16), x.to(torch.bfloat16))
 
 
 class _TwoLSTMs(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fused, self.decomposed = nn.LSTM(3, 4), nn.LSTM(4, 4, num_layers=2, dropout=0.5)
+        self.fused, self.decomposed = nn.LSTM(3, 4), nn.LSTM(4, 4, num_layers=2).to(torch.bfloat16)
 
     def forward(self, x):
-        return self.decomposed(self.fused(x)[0])
+        return self.decomposed(self.fused(x)[0].to(torch.bfloat16))
 
 
 def test_each_lstm_call_stays_whole_or_is_decomposed_on_its_own():
-    """An LSTM that the op cannot stand for (dropout between layers in train mode) leaves the
-    model's other LSTM whole."""
-    ops = _ops_of(_TwoLSTMs().train(), torch.randn(5, 2, 3))
+    """An LSTM that the op cannot stand for (bfloat16) leaves the model's other LSTM whole."""
+    ops = _ops_of(_TwoLSTMs(), torch.randn(5, 2, 3))
     assert "lstm_layer" in ops and "sigmoid" in ops
+
+
+class _Stacked(nn.Module):
+    def __init__(self, kind, **rnn):
+        super().__init__()
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](3, 4, num_layers=3, **rnn)
+        self.head = nn.Linear((rnn.get("proj_size") or 4) * (2 if rnn.get("bidirectional") else 1), 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][-1])
+
+
+@pytest.mark.parametrize("kind, rnn", [("lstm", dict(bidirectional=True)), ("lstm", dict(proj_size=2)),
+                                       ("gru", dict()), ("rnn", dict(nonlinearity="relu"))],
+                         ids=["lstm-bidirectional", "lstm-proj", "gru", "rnn-relu"])
+def test_dropout_between_recurrent_layers_in_train_mode_is_applied(kind, rnn):
+    """p = 1 drops every layer's output but the last (eager's layers below it get no gradient):
+    three SGD steps as eager's, parameter by parameter. p = 0.5: the loss changes from step to step
+    though nothing trains (lr 0), as eager's does."""
+    torch.manual_seed(0)
+    model = _Stacked(kind, dropout=1.0, **rnn).train()
+    reference, first_layer = copy.deepcopy(model), model.rnn.weight_ih_l0.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    batches = [((torch.randn(5, 3, 3, generator=g),), (torch.randint(0, 2, (3,), generator=g),)) for _ in range(3)]
+    trainer = et.compile(model, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.1, momentum=0.9))
+    assert sum(n.op.endswith("_layer") for n in trainer.graph.nodes) == 3 * (2 if rnn.get("bidirectional") else 1)
+    _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-5)
+    assert torch.equal(model.rnn.weight_ih_l0.detach(), first_layer)  # its output never reaches the loss
+
+    half = _Stacked(kind, dropout=0.5, **rnn).train()
+    trainer = et.compile(half, F.cross_entropy, *batches[0], optimizer=et.SGD(lr=0.0))
+    losses = {trainer.step(*batches[0]) for _ in range(6)}
+    assert len(losses) > 1
 
 
 class _Tagger(nn.Module):
@@ -304,7 +337,7 @@ def test_the_frontend_keeps_a_gru_whole_where_the_op_applies():
     x = torch.randn(5, 2, 3)
     assert "gru_layer" in _ops_of(nn.GRU(3, 4, num_layers=2, bidirectional=True), x)
     assert "gru_layer" in _ops_of(nn.GRU(3, 4, num_layers=2, dropout=0.5).eval(), x)
-    assert "gru_layer" not in _ops_of(nn.GRU(3, 4, num_layers=2, dropout=0.5).train(), x)
+    assert {"gru_layer", "dropout_mask"} <= _ops_of(nn.GRU(3, 4, num_layers=2, dropout=0.5).train(), x)
     assert "gru_layer" not in _ops_of(nn.GRU(3, 4).to(torch.bfloat16), x.to(torch.bfloat16))
 
 
@@ -389,7 +422,7 @@ def test_the_frontend_keeps_an_rnn_whole_where_the_op_applies():
     x = torch.randn(5, 2, 3)
     assert "rnn_layer" in _ops_of(nn.RNN(3, 4, num_layers=2, bidirectional=True), x)
     assert "rnn_layer" in _ops_of(nn.RNN(3, 4, nonlinearity="relu", bias=False), x)
-    assert "rnn_layer" not in _ops_of(nn.RNN(3, 4, num_layers=2, dropout=0.5).train(), x)
+    assert {"rnn_layer", "dropout_mask"} <= _ops_of(nn.RNN(3, 4, num_layers=2, dropout=0.5).train(), x)
 
 
 @pytest.mark.parametrize("rnn,scheme", [
@@ -413,3 +446,17 @@ def test_rnn_models_train_as_eager_does(rnn, scheme):
     if scheme == {"emb.*": "full"}:
         assert all(n.attrs["wanted"] == (True, False, False, False, False, False) for n in backward)
     _assert_trains_as_eager(trainer, model, reference, batches, _sgd_momentum, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind, scheme, backward_products", [
+    ("lstm", {"*": "full"}, 2),  # the input's and the weights' gradients (oneDNN's backward computes all)
+    ("gru", {"*bias*": "full", "head.*": "full"}, 1),  # biases only: no weight-gradient products
+])
+def test_the_report_counts_a_recurrent_layers_products(kind, scheme, backward_products):
+    torch.manual_seed(0)
+    (ids,), labels = _batches(1)[0]
+    model = _Tagger(kind)
+    trainer = et.compile(model, F.cross_entropy, (ids,), labels, scheme=scheme, optimizer=et.SGD(lr=0.1))
+    weights = getattr(model, kind).weight_ih_l0.numel() + getattr(model, kind).weight_hh_l0.numel()
+    row = next(r for r in trainer.report().layers if r.module == kind)
+    assert row.flops == 2 * ids.numel() * weights * (1 + backward_products)

@@ -128,8 +128,20 @@ class _ReadsData(nn.Module):
         return self.a(x) + x @ self.b.weight.data.t()
 
 
+class _PacksSequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(1, 4, batch_first=True)
+
+    def forward(self, x):
+        lengths = torch.tensor([4, 3])
+        _, h = self.rnn(nn.utils.rnn.pack_padded_sequence(x.unsqueeze(-1), lengths, batch_first=True))
+        return h[-1]
+
+
 @pytest.mark.parametrize("in_process", ["0", "1"])
 @pytest.mark.parametrize("model, says", [
+    (_PacksSequences(), r"pack_padded_sequence reads its lengths.*Pad the sequences"),
     (_BranchesOnData(), r"reads a tensor's value to decide something in Python.*torch\.where"),
     (_ReadsData(), r"through `\.data`.*use `\.detach\(\)` instead"),
     (nn.BatchNorm1d(4, momentum=None).train(), r"BatchNorm with momentum=None"),

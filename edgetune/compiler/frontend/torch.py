@@ -93,6 +93,12 @@ _TRACE_HINTS = (
     (("fake tensor in the exported program",),
      "The forward reads a parameter or buffer through `.data`, which hides it from the trace: "
      "use `.detach()` instead (the same values, no gradient)."),
+    (("FakeTensor",),
+     "The model hands a tensor to Python code that needs a number or a size from its values (a "
+     "packed sequence: nn.utils.rnn.pack_padded_sequence reads its lengths; a shape computed from "
+     "a tensor), and a step compiled ahead of time has no values to read. Pad the sequences to "
+     "one length instead, and leave the padded steps out of the loss with a mask (or read each "
+     "sequence's last valid step with gather)."),
     (("DynamicOutputShapeException", "dynamic output shape"),
      "An op's output shape depends on the data (ctc_loss, nonzero, boolean-mask indexing): "
      "edgetune compiles steps of fixed shapes. Use an op of fixed shape (a mask multiplied in, "
@@ -164,7 +170,33 @@ def _decompositions() -> dict:
     for op, fits in _FUSED.items():
         if op in table:
             table[op] = _whole_where_it_fits(fits, table[op])
+    for op in _RECURRENT:
+        if op in table:
+            table[op] = _dropout_between_layers(op, table[op])
     return table
+
+
+def _dropout_between_layers(op: Any, whole: Callable) -> Callable:
+    """A recurrent call with dropout between its layers in train mode becomes one call a layer
+    with the dropout between them, as ATen's kernels apply it to each layer's output but the
+    last (torch's own decomposition of the whole call leaves the dropout out). Each layer's call
+    is then kept whole where the fused op fits, or decomposed."""
+    def decomposition(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+        if not (train and dropout > 0 and num_layers > 1):
+            return whole(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        several = isinstance(hx, (list, tuple))  # an LSTM's (h, c); one tensor for a GRU or an RNN
+        states = list(hx) if several else [hx]
+        directions, per_layer = (2 if bidirectional else 1), len(params) // num_layers
+        finals: list[list] = [[] for _ in states]
+        for layer in range(num_layers):
+            mine = [s[layer * directions:(layer + 1) * directions] for s in states]
+            out = op(x, mine if several else mine[0], params[layer * per_layer:(layer + 1) * per_layer], has_biases,
+                     1, 0.0, train, bidirectional, batch_first)
+            x = out[0] if layer == num_layers - 1 else torch.nn.functional.dropout(out[0], dropout, training=True)
+            for kept, final in zip(finals, out[1:]):
+                kept.append(final)
+        return (x, *(torch.cat(kept) for kept in finals))
+    return decomposition
 
 
 def _whole_where_it_fits(fits: Callable, decompose: Callable) -> Callable:
@@ -184,9 +216,10 @@ def _fits_fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_c
 
 # The ops edgetune keeps whole where its fused kernel applies (aten.lstm's, aten.gru's and
 # aten.rnn_*'s arguments are the same), with the test of a call's (fake) arguments.
+_RECURRENT = (torch.ops.aten.lstm.input, torch.ops.aten.gru.input, torch.ops.aten.rnn_tanh.input,
+              torch.ops.aten.rnn_relu.input)
 _FUSED = {torch.ops.aten.scaled_dot_product_attention.default: _fits_fused_attention,
-          **{op: _fits_fused_rnn for op in (torch.ops.aten.lstm.input, torch.ops.aten.gru.input,
-                                            torch.ops.aten.rnn_tanh.input, torch.ops.aten.rnn_relu.input)}}
+          **{op: _fits_fused_rnn for op in _RECURRENT}}
 
 
 def _device_of(inputs: tuple) -> torch.device:

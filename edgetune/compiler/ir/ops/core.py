@@ -1089,17 +1089,23 @@ def _(b, *args, dtype=None, device=None, **_):
 
 # -- dropout: a random mask (no gradient) times the input -----------------------------------
 
-# The mask reads x only for its shape: no gradient flows into x through it.
+# The mask reads x only for its shape: no gradient flows into x through it. p = 1 drops all
+# (torch's dropout gives zeros; 0 / 0 would be NaN).
+def _dropout_mask(x, p):
+    return torch.zeros_like(x) if p >= 1 else torch.empty_like(x).bernoulli_(1 - p) / (1 - p)
+
+
 def _dropout_mask_onnx(ctx, n, xs):
     # Its own random stream (the runtime's, not torch's): the same distribution, other draws.
     keep = 1 - n.attrs["p"]
     uniform = ctx.op("RandomUniformLike", xs[0], dtype=ctx.elem_type(n.dtype))
+    if keep <= 0:
+        return ctx.op("Mul", uniform, ctx.scalar(0, n.dtype))
     kept = ctx.cast(ctx.op("Less", uniform, ctx.scalar(keep, n.dtype)), n.dtype)
     return ctx.op("Div", kept, ctx.scalar(keep, n.dtype))
 
 
-register("dropout_mask", lambda x, p: torch.empty_like(x).bernoulli_(1 - p) / (1 - p),
-         lambda b, n, g, want: (None,), onnx=_dropout_mask_onnx)
+register("dropout_mask", _dropout_mask, lambda b, n, g, want: (None,), onnx=_dropout_mask_onnx)
 
 
 @aten(A.native_dropout.default)
