@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
 from edgetune.compiler.ir.graph import Node
+from edgetune.compiler.ir.ops.recurrent import RNN_WEIGHTS
 from edgetune.compiler.memory import saved_for_backward, value_bytes
 
 
@@ -144,4 +147,23 @@ def flops(n: Node) -> int:
         return 2 * math.prod(n.inputs[0].shape) * n.shape[-1]
     if n.op in ("mm", "bmm"):
         return 2 * math.prod(n.shape) * n.inputs[0].shape[-1]
+    if n.op == "sdpa":
+        return sdpa_flop_count(*(x.shape for x in n.inputs[:3]))
+    if n.op == "sdpa_grad":
+        g, q, k, v = n.inputs[:4]
+        return sdpa_backward_flop_count((*q.shape[:3], v.shape[-1]), q.shape, k.shape, v.shape)
+    if n.op in RNN_WEIGHTS:  # a product through each weight at each time step
+        return _recurrent_flops(n.inputs, RNN_WEIGHTS[n.op])
+    layer = n.op.removesuffix("_grad")
+    if layer != n.op and layer in RNN_WEIGHTS:  # its inputs: g, the layer's output, the layer's inputs
+        wanted = n.attrs.get("wanted") or (True,) * (len(n.inputs) - 2)
+        return _recurrent_flops(n.inputs[2:], RNN_WEIGHTS[layer], wanted)
     return 0
+
+
+def _recurrent_flops(inputs, weights, wanted=None) -> int:
+    """A recurrent layer's products: one through each weight at each step for each sample (x's
+    first two axes); in the backward, one more for each weight whose gradient is `wanted`."""
+    steps_and_batch = math.prod(inputs[0].shape[:2])
+    products = [1 + (wanted is not None and bool(wanted[p])) for p in weights]
+    return sum(2 * steps_and_batch * math.prod(inputs[p].shape) * k for p, k in zip(weights, products))

@@ -29,6 +29,7 @@ from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node, leaves_first
 from edgetune.compiler.ir.ops import ChannelSlice, is_effect
 from edgetune.compiler.ir.ops.quant import dequantize, quantize_per_channel
+from edgetune.compiler.ir.ops.recurrent import RNN_WEIGHTS
 from edgetune.compiler.ir.verify import checks_enabled, verify
 from edgetune.compiler.isolate import run_isolated
 from edgetune.compiler.memory import BudgetError, MemoryPlan, parse_bytes, plan
@@ -759,10 +760,6 @@ def _touched_rows(b: Builder, forward: "ForwardGraph", name: str) -> ChannelSlic
     return ChannelSlice(0, b.emit("reshape", ids, shape=(math.prod(ids.shape),)), first=False, touched=True)
 
 
-# Where a recurrent layer op's weights sit among its inputs: input, hidden-state (and projection).
-_RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3, 4, 7), "rnn_layer": (2, 3)}
-
-
 def _channel_axis(forward: "ForwardGraph", name: str) -> int:
     """Input channels of the op that consumes the weight: axis 1 of a conv/linear/LSTM weight,
     axis 0 of a depthwise conv's and of a transposed linear's (x @ W, transformers' Conv1D);
@@ -781,7 +778,7 @@ def _channel_axis(forward: "ForwardGraph", name: str) -> int:
             axes.add(1)
         elif u.op == "mm" and u.inputs[1] is node and u.inputs[0] is not node:
             axes.add(0)
-        elif u.op in _RNN_WEIGHTS and _only_a_weight_of(node, u, _RNN_WEIGHTS[u.op]):
+        elif u.op in RNN_WEIGHTS and _only_a_weight_of(node, u, RNN_WEIGHTS[u.op]):
             axes.add(1)  # an LSTM's or GRU's weight: its input features, as a linear's
         else:
             raise schemes.SchemeError(f"a ratio rule needs the weight of a conv, linear or embedding layer, but "

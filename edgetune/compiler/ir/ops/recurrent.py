@@ -33,6 +33,11 @@ from edgetune.compiler.ir.ops.nn import take_channels
 from edgetune.compiler.ir.ops.registry import ChannelSlice, aten, register
 
 A = torch.ops.aten
+
+# Where each recurrent layer op (this file's and gru.py's, lstm_proj.py's, simple_rnn.py's)
+# takes its weights among its inputs: input, hidden-state (and projection). What a
+# partial-channel rule may cut (trainer.py), and the products the report counts (report.py).
+RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3, 4, 7), "rnn_layer": (2, 3)}
 _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 
