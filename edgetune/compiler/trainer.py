@@ -541,7 +541,7 @@ def _check_budget(plan_: MemoryPlan, budget: int, rules: dict[str, schemes.Rule]
     if plan_.peak_bytes <= budget:
         return
     top = plan_.peak_by_layer()[:3]
-    mb = lambda n: f"{n / 2**20:.2f} MB"  # noqa: E731
+    mb = lambda n: f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"  # noqa: E731  (never '0.00 MB')
     layers = ", ".join(f"{layer or '<model>'} {mb(n)}" for layer, n in top)
     trained = [name for name in rules if any(layer and name.startswith(layer + ".") for layer, _ in top)]
     drop = f"train fewer of these layers (the scheme trains {', '.join(trained)} there), " if trained else ""

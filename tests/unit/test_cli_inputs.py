@@ -105,7 +105,7 @@ def test_files_that_cannot_train_are_one_line_errors(tmp_path, capsys, name, con
     (["--scheme", "last:x"], "last:K needs a whole number K"),
     (["--scheme", "auto", "--budget", "64MB", "--search-ratios", "0,2"], "--search-ratios takes channel ratios"),
     (["--scheme", "auto", "--budget", "64MB", "--search-ratios", "0"], "at least one above 0"),
-    (["--scheme", "full", "--budget", "1KB"], "over the memory budget of 0.00 MB"),
+    (["--scheme", "full", "--budget", "1KB"], "over the memory budget of 1.0 KB"),
 ])
 def test_finetune_flags_that_cannot_work_are_one_line_errors(few_shot, tmp_path, capsys, flags, message):
     argv = ["finetune", *FAST, "--data", few_shot, *flags]

@@ -202,7 +202,7 @@ def test_finetune_lm_fits_a_given_scheme_to_its_budget_or_refuses_it(tmp_path, c
     assert main([*common, "--budget", f"{plain - 1}B", "--out", str(tmp_path / "fitted")]) == 0
     assert (tmp_path / "fitted" / "adapter").is_dir()
     assert main([*common, "--budget", "1KB", "--out", str(tmp_path / "refused")]) == 2
-    assert "over the memory budget of 0.00 MB" in capsys.readouterr().err
+    assert "over the memory budget of 1.0 KB" in capsys.readouterr().err
 
 
 def test_auto_and_budget_go_together(tmp_path, capsys):
