@@ -22,6 +22,7 @@ show up under their names.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -115,7 +116,7 @@ def _vision_case(model_name: str, scheme_name: str, batch: int, _seq: int):
     scheme = configs.scheme(model_name, scheme_name)
     trainer = edgetune.compile(model, F.cross_entropy, (x,), (y,), scheme=scheme,
                                optimizer=edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
-    args = lambda: trainer._arguments([x, y], step=trainer.steps + 1)  # noqa: E731
+    args = _steps_counted(trainer, [x, y])
     # after the compile: eager_step sets requires_grad, which the compile has read
     eager = eager_step(model, F.cross_entropy, (x,), (y,), scheme, edgetune.SGD(configs.LR, momentum=configs.MOMENTUM))
     return trainer, args, eager
@@ -132,9 +133,16 @@ def _lm_case(model_name: str, scheme_name: str, batch: int, seq: int):
     scheme = (lm_one.sparse_scheme(model.config.num_hidden_layers) if scheme_name == "lm-sparse:6"
               else dict(lm_one.EDGETUNE_LORA))
     trainer = edgetune.compile(model, causal_lm_loss, (ids, mask), (ids,), scheme=scheme, optimizer=lm_one.adamw())
-    args = lambda: trainer._arguments([ids, mask, ids], step=trainer.steps + 1)  # noqa: E731
+    args = _steps_counted(trainer, [ids, mask, ids])
     forward, _ = lm_one.setup_forward(model, (ids, mask), None)
     return trainer, args, forward
+
+
+def _steps_counted(trainer, batch: list):
+    """The step function's arguments for each call, its step count rising as a trainer's does
+    (the first step of SGD with momentum copies its gradient where later ones multiply-add)."""
+    steps = itertools.count(trainer.steps + 1)
+    return lambda: trainer._arguments(batch, step=next(steps))
 
 
 def report(results: list[dict], top: int) -> str:
