@@ -129,7 +129,7 @@ def test_sdpa_scale():
     check_grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3), *_qkv(d=4))
 
 
-@pytest.mark.parametrize("mask_shape", [(4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
+@pytest.mark.parametrize("mask_shape", [(4, 6), (2, 4, 6), (1, 4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
 def test_sdpa_bool_mask(mask_shape):
     mask = torch.rand(mask_shape) > 0.4
     mask[..., 0] = True  # every query sees at least one key
@@ -151,7 +151,7 @@ def test_sdpa_float_mask():
     check_grads(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), *_qkv(), bias)
 
 
-@pytest.mark.parametrize("mask_shape", [(4, 6), (1, 2, 4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
+@pytest.mark.parametrize("mask_shape", [(4, 6), (2, 4, 6), (1, 4, 6), (1, 2, 4, 6), (2, 1, 4, 6), (2, 2, 4, 6)], ids=str)
 def test_sdpa_trained_float_mask(mask_shape):
     # A relative position bias trained through the mask (Swin, T5): its gradient is the scores',
     # summed over the dimensions the mask is broadcast along.

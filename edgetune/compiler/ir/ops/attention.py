@@ -37,8 +37,14 @@ def fused_attention_applies(q, k, attn_mask, dropout_p, enable_gqa, device) -> b
 
 
 def _float_mask(mask, dtype):
-    """The kernel takes additive masks in the query's dtype: a boolean one becomes 0 / -inf."""
-    if mask is None or mask.dtype != torch.bool:
+    """The kernel takes additive masks in the query's dtype (a boolean one becomes 0 / -inf) of
+    2 or 4 dimensions: a 3-D one, which broadcasts from the right as [1, H, T, S], gets its
+    leading axis."""
+    if mask is None:
+        return None
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(0)
+    if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
