@@ -200,18 +200,60 @@ def refuse_out_of_range(t: torch.Tensor, what: str, use: IndexUse) -> None:
                      f"[0, {use.size}){ignored}; nothing was updated: check the batch against {hint}")
 
 
-def refuse_nonfinite(t: torch.Tensor, what: str) -> None:
-    """BatchError counting the NaN and infinite entries of a float tensor, if it has any."""
+# Attention masks: an additive mask holds -inf where a query may not look (PyTorch's own
+# encoding: nn.Transformer.generate_square_subsequent_mask, a float key_padding_mask). A batch
+# tensor that reaches the step only as such a mask may hold -inf; NaN and +inf are refused
+# there as anywhere. {op: the position of its mask operand}, where the op has one.
+MASK_OPERANDS = {"sdpa": (4, 3), "sdpa_grad": (6, 4), "sdpa_grad_mask": (6, 4)}  # (inputs with a mask, position)
+# Ops a mask passes through on its way: moved, or added to another mask or to the scores.
+MASK_PATHS = MOVES_VALUES + ("add",)
+SOFTMAX = ("softmax", "log_softmax")
+
+
+def mask_inputs(graph: Graph) -> set[int]:
+    """The positions (in inputs + targets) of the float batch tensors that the step reads only as
+    attention masks: through moves and additions into a fused attention's mask operand, or
+    added to the scores of a softmax."""
+    users = graph.users()
+    return {n.attrs["index"] for n in graph.nodes
+            if n.op == "input" and n.attrs.get("kind") in ("input", "target") and n.dtype.is_floating_point
+            and users.get(n) and _only_a_mask(n, users)}
+
+
+def _only_a_mask(start: Node, users: Mapping[Node, list[Node]]) -> bool:
+    stack, seen = [(start, False)], set()
+    while stack:
+        x, added = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        for u in users.get(x, ()):
+            if u.op in MASK_OPERANDS and len(u.inputs) == MASK_OPERANDS[u.op][0]:
+                if any(i is x for k, i in enumerate(u.inputs) if k != MASK_OPERANDS[u.op][1]):
+                    return False
+            elif u.op in SOFTMAX and added:
+                continue
+            elif u.op in MASK_PATHS:
+                stack.append((u, added or u.op == "add"))
+            else:
+                return False
+    return True
+
+
+def refuse_nonfinite(t: torch.Tensor, what: str, mask: bool = False) -> None:
+    """BatchError counting the NaN and infinite entries of a float tensor, if it has any (an
+    attention mask's -inf entries excepted)."""
     if not t.is_floating_point() or _surely_finite(t):
         return
-    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-    if nan + inf == 0:  # only the sum overflowed: large entries, every one finite
+    nan, inf = int(torch.isnan(t).sum()), int((torch.isposinf(t) if mask else torch.isinf(t)).sum())
+    if nan + inf == 0:  # only the sum overflowed (large entries, every one finite), or a mask's -inf
         return
-    first = torch.nonzero(~torch.isfinite(t))[0].tolist()
+    first = torch.nonzero(torch.isnan(t) | (torch.isposinf(t) if mask else torch.isinf(t)))[0].tolist()
     entries = "entry" if nan + inf == 1 else "entries"
-    raise BatchError(f"{what} has {nan + inf} non-finite {entries} ({nan} NaN, {inf} inf) of {t.numel()}, the first "
-                     f"at {first}; nothing was updated: clean the batch, or compile with on_nonfinite='apply' to "
-                     "let it through")
+    kind = "+inf" if mask else "inf"
+    raise BatchError(f"{what} has {nan + inf} non-finite {entries} ({nan} NaN, {inf} {kind}) of {t.numel()}, the "
+                     f"first at {first}; nothing was updated: clean the batch, or compile with on_nonfinite='apply' "
+                     "to let it through")
 
 
 def _surely_finite(t: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ from edgetune.compiler.backends.choice import BACKENDS, choose_backend
 from edgetune.compiler.backends.scratch import measure_scratch
 from edgetune.compiler.backends.torch import NonFiniteError
 from edgetune.compiler.checkpoint import load_checkpoint, save_checkpoint
-from edgetune.compiler.inputs import (BatchError, Bindings, IndexUse, index_uses, refuse_nonfinite,
+from edgetune.compiler.inputs import (BatchError, Bindings, IndexUse, index_uses, mask_inputs, refuse_nonfinite,
                                       refuse_out_of_range, step_inputs)
 from edgetune.compiler.ir.builder import Builder
 from edgetune.compiler.ir.graph import Graph, Node, leaves_first
@@ -148,6 +148,7 @@ class Variant:
     backend: Any = None     # a BackendChoice, once the Trainer holds what the step binds
     bindings: Any = None
     index_uses: list[IndexUse] | None = None  # the batch tensors that index a table, read once
+    masks: set[int] | None = None  # the batch tensors read only as attention masks (may hold -inf)
     writes: int = 0  # parameter updates and buffer writes of one step (StepResult.writes)
 
     @property
@@ -388,7 +389,8 @@ class Trainer:
         """The batch as the step takes it (inputs, then targets), or a BatchError before anything
         changes (its count, dtype, device and shape were checked by _use_step_for): a value
         outside the table it indexes (a token id beyond an embedding's rows, a class label
-        beyond the loss's classes); a NaN or inf in a float tensor. The last is refused unless
+        beyond the loss's classes); a NaN or inf in a float tensor (an attention mask's -inf
+        excepted: inputs.mask_inputs). The last is refused unless
         on_nonfinite="apply": the step's guard is there for overflows a step makes, whereas a
         non-finite batch is bad data that would come back every epoch, silently skipped; with
         "apply" (no checks) it runs, as asked. The value checks are one reduction per tensor:
@@ -398,8 +400,10 @@ class Trainer:
         for use in self._index_uses:
             refuse_out_of_range(batch[use.position], names[use.position], use)
         if self.on_nonfinite != "apply":
-            for what, t in zip(names, batch):
-                refuse_nonfinite(t, what)
+            if self.active.masks is None:
+                self.active.masks = mask_inputs(self.graph)
+            for position, (what, t) in enumerate(zip(names, batch)):
+                refuse_nonfinite(t, what, mask=position in self.active.masks)
         return batch
 
     @property

@@ -248,14 +248,15 @@ def _refuse_bad_values(arrays: list[np.ndarray], specs: list[dict], finite: bool
     """RunnerError before anything runs, as the Trainer refuses such a batch: an index outside
     the table it indexes (the exported Gather reads a negative one from the end: label -1
     would train as the last class), or, where `finite`, a NaN or inf in a float array (the
-    step's guard would skip its updates but count the step)."""
+    step's guard would skip its updates but count the step; an attention mask's -inf is not)."""
     for position, (spec, array) in enumerate(zip(specs, arrays)):
         what = f"array {position} ({spec['kind']} {spec['name']})"
         for table in spec.get("indexes", ()):
             _refuse_out_of_range(array, what, table)
         if finite and array.dtype.kind == "f" and not np.isfinite(array.sum(dtype=np.float64)):
-            bad = ~np.isfinite(array)
-            if bad.any():  # else only the sum overflowed
+            # an attention mask holds -inf where a query may not look
+            bad = (np.isnan(array) | np.isposinf(array)) if spec.get("attention_mask") else ~np.isfinite(array)
+            if bad.any():  # else only the sum overflowed, or a mask's -inf
                 raise RunnerError(f"{what} has {int(bad.sum())} NaN or infinite entries of {array.size}, the "
                                   f"first at {np.argwhere(bad)[0].tolist()}; nothing was run: clean the batch "
                                   "(a step exported with on_nonfinite='apply' lets it through)")

@@ -298,12 +298,17 @@ JS_REFUSALS = """
 import { refuseBadValues } from %s;
 const specs = [{ name: "args_0", kind: "input", dtype: "float32" },
                { name: "args_1", kind: "target", dtype: "int64",
-                 indexes: [{ size: 4, ignored: [-100], table: "the loss's 4 classes" }] }];
+                 indexes: [{ size: 4, ignored: [-100], table: "the loss's 4 classes" }] },
+               { name: "args_2", kind: "input", dtype: "float32", attention_mask: true }];
+const mask = Float32Array.of(0, -Infinity);
 const cases = {
-  fine: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, 3n, -100n)],
-  negative: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, -1n, 2n)],
-  beyond: [Float32Array.of(0.5, -2), BigInt64Array.of(4n, 1n, 2n)],
-  nan: [Float32Array.of(0.5, NaN), BigInt64Array.of(0n, 1n, 2n)],
+  fine: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, 3n, -100n), mask],
+  negative: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, -1n, 2n), mask],
+  beyond: [Float32Array.of(0.5, -2), BigInt64Array.of(4n, 1n, 2n), mask],
+  nan: [Float32Array.of(0.5, NaN), BigInt64Array.of(0n, 1n, 2n), mask],
+  minus_inf: [Float32Array.of(0.5, -Infinity), BigInt64Array.of(0n, 1n, 2n), mask],
+  mask_nan: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, 1n, 2n), Float32Array.of(NaN, -Infinity)],
+  mask_plus_inf: [Float32Array.of(0.5, -2), BigInt64Array.of(0n, 1n, 2n), Float32Array.of(Infinity, 0)],
 };
 const out = {};
 for (const [name, arrays] of Object.entries(cases)) {
@@ -319,7 +324,8 @@ process.stdout.write(JSON.stringify(out));
 @pytest.mark.skipif(not shutil.which("node"), reason="node is not installed")
 def test_js_trainer_refuses_the_batches_the_python_runner_refuses(tmp_path):
     """edgetune-web.js checks a batch as runtime/runner.py does, from the manifest's "indexes":
-    labels outside the classes (not the ignore_index), and NaN unless on_nonfinite is 'apply'."""
+    labels outside the classes (not the ignore_index), and NaN unless on_nonfinite is 'apply';
+    an attention mask (the manifest's "attention_mask") may hold -inf, not NaN or +inf."""
     script = tmp_path / "refusals.mjs"
     script.write_text(JS_REFUSALS % json.dumps((REPO / "edgetune" / "web" / "static" / "edgetune-web.js").as_uri()))
     run = subprocess.run(["node", "--experimental-detect-module", str(script)], capture_output=True, text=True,
@@ -332,6 +338,10 @@ def test_js_trainer_refuses_the_batches_the_python_runner_refuses(tmp_path):
                                              "loss's 4 classes: values must be in [0, 4) or -100 (ignored); nothing was run")
         assert got[f"beyond/{finite}"].startswith("array 1 (target args_1) holds 4 at flat position 0")
     assert got["nan/true"].startswith("array 0 (input args_0) has a NaN or infinite value at flat position 1")
+    assert got["minus_inf/true"].startswith("array 0 (input args_0) has a NaN or infinite value at flat position 1")
+    assert got["mask_nan/true"].startswith("array 2 (input args_2) has a NaN or infinite value at flat position 0")
+    assert got["mask_plus_inf/true"].startswith("array 2 (input args_2) has a NaN or infinite value at flat position 0")
+    assert got["minus_inf/false"] == got["mask_nan/false"] == "ok"
 
 
 def test_export_web_says_how_to_install_onnxruntime_web(monkeypatch, tmp_path, capsys):

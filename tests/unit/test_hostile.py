@@ -119,6 +119,55 @@ def test_a_batch_with_nan_or_inf_is_refused_before_anything_changes(on_nonfinite
     assert trainer.step((x, ids), (y,)) == trainer.last_step.loss  # the trainer still works
 
 
+class _MaskedEncoder(nn.Module):
+    """An encoder layer under a causal mask given with the batch (PyTorch's 0 / -inf encoding),
+    and a second float input added to the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    def forward(self, x, mask, shift):
+        return self.layer(x + shift, src_mask=mask)
+
+
+def test_an_attention_mask_may_hold_minus_inf_but_no_nan_or_plus_inf(tmp_path):
+    """-inf in an input the step reads only as an attention mask is the mask's meaning, not bad
+    data: the step trains as eager does; NaN and +inf there, and -inf anywhere else, are refused.
+    The exported step's runner reads the same from the manifest."""
+    from edgetune.compiler.inputs import mask_inputs
+    from edgetune.runtime import RunnerError, StepRunner
+
+    torch.manual_seed(0)
+    model = _MaskedEncoder().eval()
+    reference = copy.deepcopy(model)
+    x, shift, y = torch.randn(2, 5, 8), torch.zeros(2, 5, 8), torch.randn(2, 5, 8)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    trainer = et.compile(model, F.mse_loss, (x, mask, shift), (y,), optimizer=et.SGD(0.1))
+    assert mask_inputs(trainer.graph) == {1}
+    assert trainer.step((x, mask, shift), (y,)) == pytest.approx(F.mse_loss(reference(x, mask, shift), y).item(), rel=1e-6)
+    before = snapshot(model, trainer)
+    for bad, says in ((float("nan"), r"input 1 has 1 non-finite entry \(1 NaN, 0 \+inf\)"),
+                      (float("inf"), r"input 1 has 1 non-finite entry \(0 NaN, 1 \+inf\)")):
+        wrong = mask.clone()
+        wrong[0, 0] = bad
+        with pytest.raises(BatchError, match=says):
+            trainer.step((x, wrong, shift), (y,))
+    minus_inf = shift.clone()
+    minus_inf[0, 0, 0] = float("-inf")
+    with pytest.raises(BatchError, match=r"input 2 has 1 non-finite entry \(0 NaN, 1 inf\)"):
+        trainer.step((x, mask, minus_inf), (y,))
+    assert_unchanged(before, model, trainer)
+
+    trainer.export_onnx(tmp_path)
+    runner = StepRunner(tmp_path)
+    runner.step(x.numpy(), mask.numpy(), shift.numpy(), y.numpy())
+    wrong = mask.clone().numpy()
+    wrong[0, 0] = float("nan")
+    with pytest.raises(RunnerError, match=r"args_1\) has 1 NaN or infinite entries"):
+        runner.step(x.numpy(), wrong, shift.numpy(), y.numpy())
+
+
 def test_a_non_finite_float_target_is_refused_too():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)

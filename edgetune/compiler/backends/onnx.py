@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from edgetune.compiler.backends.onnx_parts import partial_weights, split_parts
-from edgetune.compiler.inputs import KINDS, Bindings, StepInput, index_uses, step_inputs
+from edgetune.compiler.inputs import KINDS, Bindings, StepInput, index_uses, mask_inputs, step_inputs
 from edgetune.compiler.ir.builder import UniqueNames
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect, mutated_inputs, storage_of
@@ -403,14 +403,18 @@ def _describe_indexes(entries: list[dict[str, Any]], graph: Graph) -> None:
     table's size and the values it may also hold (an ignore_index). ONNX's Gather takes a
     negative index from the end (label -1 would train as the last class), so a runner checks
     the values itself before a step (runtime/runner.py, web/static/edgetune-web.js), as the
-    Trainer does."""
+    Trainer does. One read only as an attention mask gets "attention_mask": its -inf entries
+    are not refused as bad data."""
     uses: dict[int, list[dict[str, Any]]] = {}
     for use in index_uses(graph):
         uses.setdefault(use.position, []).append({"size": use.size, "ignored": sorted(use.ignored),
                                                   "table": use.table})
+    masks = mask_inputs(graph)
     for entry in entries:
         if entry["kind"] in ("input", "target") and entry["key"] in uses:
             entry["indexes"] = uses[entry["key"]]
+        if entry["kind"] in ("input", "target") and entry["key"] in masks:
+            entry["attention_mask"] = True  # may hold -inf (inputs.mask_inputs)
 
 
 def _io_manifest(inputs: list[StepInput], frozen: list[StepInput], outputs: list[_Output], mode: str) -> dict[str, Any]:

@@ -307,7 +307,8 @@ export function refuseBadValues(arrays, specs, finite) {
     }
     if (finite && spec.dtype.startsWith("float") && spec.dtype !== "float16") {
       for (let k = 0; k < data.length; k++) {
-        if (!Number.isFinite(data[k])) {
+        // an attention mask holds -inf where a query may not look
+        if (!Number.isFinite(data[k]) && !(spec.attention_mask && data[k] === -Infinity)) {
           throw new TrainerError(`${what} has a NaN or infinite value at flat position ${k}; nothing was run: ` +
             "clean the batch (a step exported with on_nonfinite 'apply' lets it through)");
         }
