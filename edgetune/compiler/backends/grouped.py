@@ -85,13 +85,14 @@ def group_updates(nodes: list[Node], budget: int, room: Mapping[Node, int] | Non
     least_room: dict[tuple, float] = {}  # each open group's, over the nodes since its last member
     closed: list[UpdateGroup] = []
     for n in nodes:
+        free = room.get(n, 0) if room else 0
+        least_room.update((k, min(r, free)) for k, r in least_room.items())
         key = _group_key(n, readers)
         if key is None:
-            free = room.get(n, 0) if room else 0
-            least_room.update((k, min(r, free)) for k, r in least_room.items())
             continue
         group = groups.get(key)
         held_elsewhere = sum(g.grad_bytes for k, g in groups.items() if k != key)
+        # held until this member's place: the group's gradients and the other open groups'
         if group is None or group.grad_bytes + n.inputs[1].nbytes + held_elsewhere > least_room[key] + budget:
             closed += [group] if group is not None else []
             group = groups[key] = UpdateGroup(n.op, _attrs(n), _checked_by(n))
