@@ -206,7 +206,7 @@ def refuse_out_of_range(t: torch.Tensor, what: str, use: IndexUse) -> None:
 # there as anywhere. {op: the position of its mask operand}, where the op has one.
 MASK_OPERANDS = {"sdpa": (4, 3), "sdpa_grad": (6, 4), "sdpa_grad_mask": (6, 4)}  # (inputs with a mask, position)
 # Ops a mask passes through on its way: moved, or added to another mask or to the scores.
-MASK_PATHS = MOVES_VALUES + ("add",)
+MASK_PATHS = MOVES_VALUES + ("add", "add_inplace")
 SOFTMAX = ("softmax", "log_softmax")
 
 
@@ -234,7 +234,7 @@ def _only_a_mask(start: Node, users: Mapping[Node, list[Node]]) -> bool:
             elif u.op in SOFTMAX and added:
                 continue
             elif u.op in MASK_PATHS:
-                stack.append((u, added or u.op == "add"))
+                stack.append((u, added or u.op.startswith("add")))
             else:
                 return False
     return True

@@ -168,6 +168,25 @@ def test_an_attention_mask_may_hold_minus_inf_but_no_nan_or_plus_inf(tmp_path):
         runner.step(x.numpy(), wrong, shift.numpy(), y.numpy())
 
 
+class _HandWrittenAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / 8 ** 0.5
+        return torch.softmax(scores + mask, -1) @ self.v(x)
+
+
+def test_a_mask_added_to_hand_written_scores_may_hold_minus_inf_too():
+    torch.manual_seed(0)
+    model = _HandWrittenAttention()
+    reference = copy.deepcopy(model)
+    x, y, mask = torch.randn(2, 5, 8), torch.randn(2, 5, 8), nn.Transformer.generate_square_subsequent_mask(5)
+    trainer = et.compile(model, F.mse_loss, (x, mask), (y,), optimizer=et.SGD(0.1))
+    assert trainer.step((x, mask), (y,)) == pytest.approx(F.mse_loss(reference(x, mask), y).item(), rel=1e-6)
+
+
 def test_a_non_finite_float_target_is_refused_too():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
