@@ -655,8 +655,11 @@ def _attention_cases(a):
     keep[:, 0] = True  # no row masked entirely
     attention = dict(is_causal=False, scale=0.5)
     cases = []
+    blind = keep.clone()
+    blind[1] = False  # a query that sees no key (left padding under a causal mask): zeros, not NaN
     for name, mask, attrs in (("plain", [], attention), ("causal", [], dict(attention, is_causal=True)),
-                              ("bool-mask", [keep], attention), ("float-mask", [a.r(3, 5)], attention)):
+                              ("bool-mask", [keep], attention), ("float-mask", [a.r(3, 5)], attention),
+                              ("bool-mask-a-row-sees-nothing", [blind], attention)):
         packed = _sdpa(q, k, v, *mask, **attrs)
         cases.append((f"sdpa-{name}", "sdpa", [q, k, v, *mask], attrs))
         g = a.r(packed.numel())  # one draw per case, as before: the later families' values stay

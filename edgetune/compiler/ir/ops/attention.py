@@ -98,7 +98,8 @@ def _sdpa_grad(g, q, k, v, *rest, is_causal, scale, interleaved=False):
 def _sdpa_grad_mask(g, q, k, v, mask, packed, *, is_causal, scale):
     """The gradient of the (additive, float) mask: that of the scores, ds = p * (g v^T -
     rowsum(g * out)) with p = exp(s - lse), over the broadcast [..., T, S]. A row that sees
-    no key (lse = -inf) has no gradient, as in the kernel's backward."""
+    no key (its scores all -inf; the kernel writes its lse as 0, or -inf) has no gradient, as
+    in the kernel's backward."""
     out, lse = _unpacked(packed, q, v)
     g, lse = _output_grad(g, q, v), lse.unsqueeze(-1)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale + mask
@@ -182,11 +183,20 @@ def _sdpa_onnx(ctx, n, xs):
     exp(s - lse), took 1.25 ms a call on ViT's [1, 4, 257, 257] scores, 18% of its step.)"""
     q, k, v, *mask = xs
     scores = _onnx_scores(ctx, n.attrs, n.inputs, q, k, mask[0] if mask else None)
-    p = ctx.op("Softmax", scores, axis=-1)
+    p = _onnx_probabilities(ctx, scores, n.inputs[0].dtype, masked=bool(mask))
     out = ctx.op("MatMul", p, v)
     top = ctx.reduce("ReduceMax", scores, [-1], keepdims=True)
     lse = ctx.op("Sub", top, ctx.op("Log", ctx.reduce("ReduceMax", p, [-1], keepdims=True)))
+    if mask:  # a row that sees no key: 0, as the kernel writes it, not -inf - log(0)
+        lse = ctx.op("Where", ctx.op("IsNaN", lse), ctx.scalar(0.0, n.inputs[0].dtype), lse)
     return ctx.op("Concat", _onnx_token_major(ctx, out), _onnx_token_major(ctx, lse), axis=0)
+
+
+def _onnx_probabilities(ctx, scores, dtype, masked: bool):
+    """softmax(scores); under a mask a query row may see no key at all (left padding under a
+    causal mask), whose softmax is 0 / 0: torch's kernel gives it zeros, and so does this."""
+    p = ctx.op("Softmax", scores, axis=-1)
+    return ctx.op("Where", ctx.op("IsNaN", p), ctx.scalar(0.0, dtype), p) if masked else p
 
 
 def _onnx_score_grad(ctx, n, xs):
@@ -199,7 +209,8 @@ def _onnx_score_grad(ctx, n, xs):
     rank, heads = len(qn.shape), tuple(qn.shape[:3])
     gout = _onnx_head_major(ctx, ctx.op("Reshape", g, ctx.ints([-1])), 0, (*heads, vn.shape[-1]))
     out = _onnx_head_major(ctx, packed, 0, (*heads, vn.shape[-1]))
-    p = ctx.op("Softmax", _onnx_scores(ctx, n.attrs, n.inputs[1:-1], q, k, mask), axis=-1)
+    p = _onnx_probabilities(ctx, _onnx_scores(ctx, n.attrs, n.inputs[1:-1], q, k, mask), qn.dtype,
+                            masked=mask is not None)
     row = ctx.reduce("ReduceSum", ctx.op("Mul", gout, out), [-1], keepdims=True)
     ds = ctx.op("Mul", p, ctx.op("Sub", ctx.op("MatMul", gout, _onnx_transposed(ctx, v, rank)), row))
     return p, ds, gout
