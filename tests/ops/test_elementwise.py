@@ -117,6 +117,15 @@ def test_binary_broadcasting(op, shapes):
     check_grads(BINARY[op], t(*a), y)
 
 
+def test_pow_of_two_tensors():
+    """x ** y with both trained (x > 0), and ALiBi's use: a constant base to a tensor power."""
+    check_grads(torch.pow, (t(3, 4).detach().abs() + 0.5).requires_grad_(True), t(1, 4))
+    check_grads(lambda y: torch.pow(torch.tensor(0.5, dtype=y.dtype), y), t(5))
+    # where autograd's rule is not the formula: y == 0 (base), x == 0 with y >= 0 (exponent)
+    x = torch.tensor([0.0, 0.0, 2.0, 1.5], dtype=torch.float64, requires_grad=True)
+    check_grads(torch.pow, x, torch.tensor([0.0, 2.0, 0.0, -1.0], dtype=torch.float64, requires_grad=True))
+
+
 @pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
 def test_binary_one_side_trained(op):
     # Only one operand is a parameter; the other is a (broadcast) input.

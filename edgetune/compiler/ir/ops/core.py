@@ -144,6 +144,48 @@ def _(b, x, y):
     return b.emit("div", *_operands(b, x, y))
 
 
+# x ** y of two tensors (ALiBi's slopes: torch.pow(base, arange)). The gradients as autograd
+# defines them where they are not smooth: 0 for the base where y == 0, 0 for the exponent where
+# x == 0 and y >= 0.
+
+def _pow_tensor_vjp(b, n, g, want):
+    x, y = n.inputs
+    gx = grad_like(b, b.emit("pow_grad_base", g, x, y), x) if want[0] else None
+    gy = grad_like(b, b.emit("pow_grad_exponent", g, x, y, n), y) if want[1] else None
+    return gx, gy
+
+
+def _pow_grad_base(g, x, y):
+    return torch.where(y == 0, 0.0, g * y * torch.pow(x, y - 1))
+
+
+def _pow_grad_exponent(g, x, y, out):
+    return torch.where((x == 0) & (y >= 0), 0.0, g * out * torch.log(x))
+
+
+def _pow_grad_base_onnx(ctx, n, xs):
+    g, x, y = onnx_operands(ctx, n, xs)
+    grad = ctx.op("Mul", ctx.op("Mul", g, y), ctx.op("Pow", x, ctx.op("Sub", y, ctx.scalar(1.0, n.dtype))))
+    return ctx.op("Where", ctx.op("Equal", y, ctx.scalar(0.0, n.dtype)), ctx.scalar(0.0, n.dtype), grad)
+
+
+def _pow_grad_exponent_onnx(ctx, n, xs):
+    g, x, y, out = onnx_operands(ctx, n, xs)
+    zero = ctx.scalar(0.0, n.dtype)
+    flat = ctx.op("And", ctx.op("Equal", x, zero), ctx.op("Not", ctx.op("Less", y, zero)))
+    return ctx.op("Where", flat, zero, ctx.op("Mul", ctx.op("Mul", g, out), ctx.op("Log", x)))
+
+
+register("pow_tensor", torch.pow, _pow_tensor_vjp, onnx=onnx_elementwise("Pow"))
+register("pow_grad_base", _pow_grad_base, onnx=_pow_grad_base_onnx)
+register("pow_grad_exponent", _pow_grad_exponent, onnx=_pow_grad_exponent_onnx)
+
+
+@aten(A.pow.Tensor_Tensor)
+def _(b, x, y):
+    return b.emit("pow_tensor", x, y)
+
+
 # -- unary math -----------------------------------------------------------------------------
 
 def _unary(name, kernel, grad_kernel=None, uses="x", inplace=None, onnx=None, grad_onnx=None):
