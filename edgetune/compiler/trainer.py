@@ -582,7 +582,8 @@ def _training_graph(model, loss_fn, examples, rules: dict, optimizer, passes, in
     from edgetune.compiler.frontend.torch import export  # loads torch.export: only where the compile runs
 
     started = time.perf_counter()
-    forward = export(model, loss_fn, *examples, input_names=input_names)
+    lora_weights = frozenset(name for name, rule in rules.items() if rule.lora)  # a LoRA head stays a linear
+    forward = export(model, loss_fn, *examples, input_names=input_names, linear_kept=lora_weights)
     traced = time.perf_counter()
     graph, updates = training_graph(forward, model, rules, optimizer, passes, int8, on_nonfinite, channels,
                                     memory_budget)

@@ -240,3 +240,15 @@ def test_saving_without_lora_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no LoRA rule"):
         save_peft_adapter(trainer, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_lora_on_an_untied_lm_head_trains_as_peft():
+    """The head keeps its linear (not fused with the loss) where a LoRA rule reads its input."""
+    model, data = tiny_causal_lm("llama", tie_word_embeddings=False).double(), batches()
+    trainer = et.compile(model, causal_lm_loss, *data[0], scheme={"lm_head.weight": {"lora": 4, "alpha": 8}},
+                         optimizer=et.AdamW(lr=LR))
+    assert not any(n.op == "vocab_log_prob" for n in trainer.graph.nodes)
+    twin = peft_twin(model, trainer, targets=("lm_head",))
+    losses = [trainer.step(*b) for b in data]
+    assert losses == pytest.approx(train_eager(twin, causal_lm_loss, data, adapter_masks(twin), peft_adamw), rel=1e-9)
+    assert_adapters_match(trainer, twin)

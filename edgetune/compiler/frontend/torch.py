@@ -59,10 +59,12 @@ class _WithLoss(torch.nn.Module):
 
 
 def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tuple,
-           prediction: bool = False, input_names: tuple[str, ...] | None = None) -> ForwardGraph:
+           prediction: bool = False, input_names: tuple[str, ...] | None = None,
+           linear_kept: frozenset[str] = frozenset()) -> ForwardGraph:
     """Trace model + loss once, in the module's current train()/eval() mode. `prediction`:
     loss_fn picks the model's prediction (any shape) instead, the graph's output "output".
-    `input_names`: the model takes `inputs` by these keywords."""
+    `input_names`: the model takes `inputs` by these keywords. `linear_kept`: weights whose
+    linear must stay one (a LoRA rule's), not fused with the loss (passes/vocab_loss.py)."""
     wrapped = _WithLoss(model, loss_fn, len(inputs), input_names)
     targets = _unaliased(inputs, targets)
     device = _device_of(inputs)
@@ -80,7 +82,9 @@ def export(model: torch.nn.Module, loss_fn: Callable, inputs: tuple, targets: tu
             if not _is_trace_failure(err):
                 raise  # the model's or the loss's own error (a shape mismatch, a ValueError): as eager raises it
             raise TraceError(_trace_failure(err)) from err
-    return _Converter(program, len(inputs), device, _param_aliases(model), prediction).run()
+    aliases = _param_aliases(model)
+    kept = frozenset(aliases.get(name, name) for name in linear_kept)
+    return _Converter(program, len(inputs), device, aliases, prediction).run(kept)
 
 
 # What a trace failure usually means in a model's code, by what torch.export raised.
@@ -238,7 +242,7 @@ class _Converter:
         self.buffers: dict[str, Node] = {}
         self.user: list[Node] = []
 
-    def run(self) -> ForwardGraph:
+    def run(self, linear_kept: frozenset[str] = frozenset()) -> ForwardGraph:
         outputs: dict[str, Node] = {}
         for fx in self.program.graph.nodes:
             if fx.op == "placeholder":
@@ -250,7 +254,8 @@ class _Converter:
         ins = self.user[: self.n_inputs]
         # Conversions leave dead nodes (the transpose that mm -> linear folds away): without
         # them, a parameter's users are its real uses, as a partial-channel rule needs.
-        graph = fuse_vocab_log_prob(dce(self.b.graph(outputs)))
+        graph = fuse_vocab_log_prob(dce(self.b.graph(outputs)),
+                                    kept={self.params[name] for name in linear_kept if name in self.params})
         return ForwardGraph(graph, self.params, self.buffers, ins, self.user[self.n_inputs:])
 
     def _placeholder(self, fx: Any) -> Node:

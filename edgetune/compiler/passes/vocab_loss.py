@@ -27,9 +27,11 @@ from edgetune.compiler.passes.dce import dce
 from edgetune.compiler.passes.rewrite import keep, rewrite
 
 
-def fuse_vocab_log_prob(graph: Graph) -> Graph:
+def fuse_vocab_log_prob(graph: Graph, kept: set[Node] = frozenset()) -> Graph:
+    """`kept`: weights whose linear stays one (a LoRA rule's head: the adapter reads its input)."""
     users = graph.users()
-    fusions = {n: match for n in graph.nodes if n.op == "gather" and (match := _match(n, users))}
+    fusions = {n: match for n in graph.nodes
+               if n.op == "gather" and (match := _match(n, users)) and match[0].inputs[1] not in kept}
     if not fusions:
         return graph
     ignored = {n: rule for n in fusions if (rule := _ignored_label(n, users))}
