@@ -246,7 +246,7 @@ def as_record(item: Any, where: str) -> Record:
         return value
     if not isinstance(value, list) or not value:
         raise ValueError(f"{where}: field {field!r} must be a non-empty list of turns, got {str(value)[:80]!r}")
-    messages = [_message(t, f"{where} turn {i}") for i, t in enumerate(value)]
+    messages = [_message(t, f"{where} turn {i}") for i, t in enumerate(value, start=1)]
     problem = conversation_problem(messages)
     if problem:
         raise ValueError(f"{where}: {problem}")

@@ -110,7 +110,7 @@ def test_plain_text_file_becomes_windows_of_one_token_stream(tok, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "line 2 is not JSON"),
-    ('{"messages": [{"role": "robot", "content": "x"}]}', "line 2 turn 0: a turn needs a role"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "line 2 turn 1: a turn needs a role"),
     ('{"prompt": "x"}', 'expected {"messages"'),
 ])
 def test_bad_records_name_the_line_and_the_fix(tok, tmp_path, line, message):

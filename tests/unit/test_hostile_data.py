@@ -200,12 +200,12 @@ def tok():
 @pytest.mark.parametrize("record, message", [
     ('{"text": 5}', "line 2: field 'text' must be a string, got int"),
     ('{"messages": []}', "line 2: field 'messages' must be a non-empty list of turns"),
-    ('{"messages": [{"content": "hi"}]}', "line 2 turn 0: a turn needs a role (system, user, human, assistant, gpt, "
+    ('{"messages": [{"content": "hi"}]}', "line 2 turn 1: a turn needs a role (system, user, human, assistant, gpt, "
      "chatgpt, bing, bard); found no 'role' (or 'from') field"),
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}',
-     "line 2 turn 1: a turn needs a text content; found no 'content' (or 'value') field"),
-    ('{"conversations": [{"from": "human", "value": ["x"]}]}', "line 2 turn 0: a turn needs a text content; found a list"),
-    ('{"messages": ["hi"]}', "line 2 turn 0: a turn must be an object"),
+     "line 2 turn 2: a turn needs a text content; found no 'content' (or 'value') field"),
+    ('{"conversations": [{"from": "human", "value": ["x"]}]}', "line 2 turn 1: a turn needs a text content; found a list"),
+    ('{"messages": ["hi"]}', "line 2 turn 1: a turn must be an object"),
     ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]}',
      "line 2: a conversation must open with a system or user turn"),
     ('{"messages": [{"role": "user", "content": "q"}]}', "line 2: a conversation without an assistant turn"),
