@@ -358,7 +358,7 @@ def search(space: SearchSpace, gains: Contributions, predictor: PeakPredictor, b
                      {scheme_key(s) for s in exclude})
     smallest = evo.peak(evo.zero)
     if smallest > evo.limit:
-        raise BudgetError(f"even training only the head needs {(smallest + overhead_bytes) / MB:.2f} MB "
+        raise BudgetError(f"even the smallest scheme ({space.floor_label}) needs {(smallest + overhead_bytes) / MB:.2f} MB "
                           f"({smallest + overhead_bytes} bytes) above the weights, over the budget of "
                           f"{budget_bytes / MB:.2f} MB: the smallest achievable peak")
     if space.size <= population * generations:
@@ -396,7 +396,7 @@ def search_verified(space: SearchSpace, gains: Contributions, predictor: PeakPre
     head_only = space.scheme(0)
     floor, floor_predicted = predictor.measure(head_only, steps), predictor.predict(head_only)
     if floor > budget_bytes:
-        raise BudgetError(f"even training only the head measures {floor / MB:.2f} MB ({floor} bytes) above the "
+        raise BudgetError(f"even the smallest scheme ({space.floor_label}) measures {floor / MB:.2f} MB ({floor} bytes) above the "
                           f"weights, over the budget of {budget_bytes / MB:.2f} MB: the smallest achievable peak")
     limit, checks, over = budget_bytes - max(0, floor - floor_predicted), [], []
     fitting = getattr(predictor, "memory_budget", None) is not None  # a stand-in may have none

@@ -53,6 +53,14 @@ class BudgetError(ValueError):
     """A step (or every scheme searched) needs more memory than the budget."""
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_bytes(budget: str | int) -> int:
     """'40MB' -> bytes (an int passes through). MB means 2**20 bytes, as in every report
     edgetune prints. A string needs its unit: '12' could mean bytes or MB."""
@@ -62,7 +70,7 @@ def parse_bytes(budget: str | int) -> int:
         units = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
         text = str(budget).strip().upper()
         number = text.rstrip("BIGKM") or "x"
-        if text == number:
+        if text == number and _is_number(number):
             raise ValueError(f"the budget {budget!r} has no unit: write {text}MB (or KB, GB; B for bytes)")
         try:
             value = int(float(number) * units[text[len(number):]])

@@ -89,7 +89,7 @@ def _grad_w(g, h, w, target, packed, extra=None, *, chunk, rows=False, ignore=No
         g, h, target, packed = g[learned], h[learned], target[learned], packed[learned]
         if extra is not None and not rows:
             extra = extra[learned]
-    target = target[:, 0]
+    target = target[:, 0].contiguous()  # searchsorted below warns on a strided column
     log_sum_exp = (h * w[target]).sum(1, keepdim=True) - packed[:, :1]
     h_out = extra if extra is not None and not rows else h
     ids = extra if rows else torch.arange(w.shape[0], device=w.device)
