@@ -203,8 +203,8 @@ def refuse_out_of_range(t: torch.Tensor, what: str, use: IndexUse) -> None:
 # Attention masks: an additive mask holds -inf where a query may not look (PyTorch's own
 # encoding: nn.Transformer.generate_square_subsequent_mask, a float key_padding_mask). A batch
 # tensor that reaches the step only as such a mask may hold -inf; NaN and +inf are refused
-# there as anywhere. {op: the position of its mask operand}, where the op has one.
-MASK_OPERANDS = {"sdpa": (4, 3), "sdpa_grad": (6, 4), "sdpa_grad_mask": (6, 4)}  # (inputs with a mask, position)
+# there as anywhere. {op: (its number of inputs where it has a mask, the mask's position)}.
+MASK_OPERANDS = {"sdpa": (4, 3), "sdpa_grad": (6, 4), "sdpa_grad_mask": (6, 4)}
 # Ops a mask passes through on its way: moved, or added to another mask or to the scores.
 MASK_PATHS = MOVES_VALUES + ("add", "add_inplace")
 SOFTMAX = ("softmax", "log_softmax")
@@ -245,10 +245,11 @@ def refuse_nonfinite(t: torch.Tensor, what: str, mask: bool = False) -> None:
     attention mask's -inf entries excepted)."""
     if not t.is_floating_point() or _surely_finite(t):
         return
-    nan, inf = int(torch.isnan(t).sum()), int((torch.isposinf(t) if mask else torch.isinf(t)).sum())
+    infinite = torch.isposinf(t) if mask else torch.isinf(t)
+    nan, inf = int(torch.isnan(t).sum()), int(infinite.sum())
     if nan + inf == 0:  # only the sum overflowed (large entries, every one finite), or a mask's -inf
         return
-    first = torch.nonzero(torch.isnan(t) | (torch.isposinf(t) if mask else torch.isinf(t)))[0].tolist()
+    first = torch.nonzero(torch.isnan(t) | infinite)[0].tolist()
     entries = "entry" if nan + inf == 1 else "entries"
     kind = "+inf" if mask else "inf"
     raise BatchError(f"{what} has {nan + inf} non-finite {entries} ({nan} NaN, {inf} {kind}) of {t.numel()}, the "
