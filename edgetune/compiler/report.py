@@ -150,7 +150,7 @@ def flops(n: Node) -> int:
     if n.op == "sdpa":
         return sdpa_flop_count(*(x.shape for x in n.inputs[:3]))
     if n.op == "sdpa_grad":
-        g, q, k, v = n.inputs[:4]
+        q, k, v = n.inputs[1:4]  # after the output's gradient
         return sdpa_backward_flop_count((*q.shape[:3], v.shape[-1]), q.shape, k.shape, v.shape)
     if n.op in RNN_WEIGHTS:  # a product through each weight at each time step
         return _recurrent_flops(n.inputs, RNN_WEIGHTS[n.op])
