@@ -48,7 +48,8 @@ class BackendChoice:
 
 
 def _torch_step(trainer: Any) -> CompiledStep:
-    return CompiledStep(trainer.graph, trainer.device, keep_bytes=budget_for(trainer.plan.peak_bytes))
+    return CompiledStep(trainer.graph, trainer.device, keep_bytes=budget_for(trainer.plan.peak_bytes),
+                        memory=trainer.plan)
 
 
 def choose_backend(trainer: Any, name: str) -> BackendChoice:

@@ -24,7 +24,7 @@ from edgetune.compiler.backends.grouped import UpdateGroup, group_updates, run_g
 from edgetune.compiler.backends.invariants import MIN_BUDGET, Hoisted, Invariants, hoist
 from edgetune.compiler.ir.graph import Graph, Node
 from edgetune.compiler.ir.ops import OPS, is_effect
-from edgetune.compiler.memory import plan
+from edgetune.compiler.memory import MemoryPlan, plan
 from edgetune import procmem
 
 # Values every step computes the same (a frozen BN's scale) are computed once, before the
@@ -79,12 +79,13 @@ class CompiledStep:
     """`keep_bytes`: memory the values hoisted out of the step may hold between steps, and the
     gradients of a group of small updates until it runs."""
 
-    def __init__(self, graph: Graph, device: torch.device, keep_bytes: int = MIN_BUDGET) -> None:
+    def __init__(self, graph: Graph, device: torch.device, keep_bytes: int = MIN_BUDGET,
+                 memory: MemoryPlan | None = None) -> None:
         self.inputs = graph.inputs
         self.watch = FaultWatch() if device.type == "cpu" and procmem.minor_faults() is not None else None
         hoisted = hoist(graph, keep_bytes) if HOIST_INVARIANTS else Hoisted()
         bound = bind_kernels(graph, device) if BIND_KERNELS else {}
-        self.source = generate(graph, hoisted, keep_bytes if GROUP_UPDATES else 0, set(bound))
+        self.source = generate(graph, hoisted, keep_bytes if GROUP_UPDATES else 0, set(bound), memory)
         namespace: dict[str, Any] = {"torch": torch, "device": torch.device, "NonFiniteError": NonFiniteError}
         namespace.update({f"_op_{name}": op.kernel for name, op in OPS.items()})
         namespace["_op_update_group"] = run_group
@@ -112,7 +113,8 @@ class CompiledStep:
         return out
 
 
-def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0, bound: set[Node] = frozenset()) -> str:
+def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0, bound: set[Node] = frozenset(),
+             memory: MemoryPlan | None = None) -> str:
     """The step's source: `_edgetune_step` and, where values are hoisted out of it
     (backends/invariants.py), `_edgetune_prologue`, which computes them. With `group_bytes`,
     the small updates run in groups whose gradients hold at most that (backends/grouped.py).
@@ -125,7 +127,7 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0,
         lines.append(f"    {kept}, = _edgetune_invariants({reads})")
     step = [n for n in graph.nodes if n.op not in ("input", "const") and n not in hoisted.only_once]
     if group_bytes:
-        step = group_updates(step, group_bytes, room_below_peak(graph))
+        step = group_updates(step, group_bytes, room_below_peak(graph, memory))
     lines += _body(step, keep=set(graph.outputs.values()), bound=bound)
     outputs = [f"{k!r}: {v.name}" for k, v in graph.outputs.items()] + ["'skipped': _skipped"]
     lines.append(f"    return {{{', '.join(outputs)}}}")
@@ -135,12 +137,13 @@ def generate(graph: Graph, hoisted: Hoisted | None = None, group_bytes: int = 0,
     return "\n".join(lines) + "\n"
 
 
-def room_below_peak(graph: Graph) -> dict[Node, int]:
-    """Bytes each node could have live beside what the memory plan has live while it runs,
-    without the step passing the plan's peak."""
-    live = plan(graph).live_bytes
-    peak = max(live, default=0)
-    return {n: peak - b for n, b in zip(graph.nodes, live)}
+def room_below_peak(graph: Graph, memory: MemoryPlan | None = None) -> dict[Node, int]:
+    """Bytes each node could have live beside what the memory plan (the trainer's, where given:
+    it has measured the kernels' scratch) has live while it runs, without the step passing the
+    plan's peak."""
+    memory = memory or plan(graph)
+    peak = max(memory.live_bytes, default=0)
+    return {n: peak - b for n, b in zip(memory.order, memory.live_bytes)}
 
 
 def _names(nodes: list[Node]) -> str:

@@ -210,7 +210,7 @@ def _whole_where_it_fits(fits: Callable, decompose: Callable) -> Callable:
 
 
 def _fits_fused_rnn(x, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first) -> bool:
-    return fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, x.device)
+    return fused_rnn_applies(x, params, has_biases, num_layers, bidirectional, x.device)
 
 
 def _fits_fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

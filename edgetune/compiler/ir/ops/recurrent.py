@@ -41,15 +41,15 @@ RNN_WEIGHTS = {"lstm_layer": (3, 4), "gru_layer": (2, 3), "lstm_proj_layer": (3,
 _MKLDNN_LSTM = 2  # the mode number of an LSTM in ATen's mkldnn_rnn_layer
 
 
-def fused_rnn_applies(x, params, has_biases, num_layers, dropout, train, bidirectional, device) -> bool:
+def fused_rnn_applies(x, params, has_biases, num_layers, bidirectional, device) -> bool:
     """Whether `lstm_layer` (`lstm_proj_layer`, `gru_layer`, `rnn_layer`) can stand for this
     aten.lstm (aten.gru, aten.rnn_tanh, aten.rnn_relu) call (torch.export's fake tensors): a
-    3-D input on the CPU in float32/64, no dropout between layers. An LSTM with projections
-    (`proj_size`) has a fifth weight a layer."""
+    3-D input on the CPU in float32/64. An LSTM with projections (`proj_size`) has a fifth
+    weight a layer. (A call with dropout between its layers in train mode never gets here: the
+    frontend splits it into one call a layer first.)"""
     per_layer = 4 if has_biases else 2
     return (device.type == "cpu" and x.dim() == 3 and x.dtype in (torch.float32, torch.float64)
-            and len(params) in [num_layers * (2 if bidirectional else 1) * k for k in (per_layer, per_layer + 1)]
-            and (dropout == 0 or not train or num_layers == 1))
+            and len(params) in [num_layers * (2 if bidirectional else 1) * k for k in (per_layer, per_layer + 1)])
 
 
 def _onednn(x) -> bool:
